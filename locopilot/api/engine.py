@@ -1,0 +1,65 @@
+"""Liveness and engine health."""
+
+from __future__ import annotations
+
+import msgspec
+from litestar import Response, get
+
+from locopilot.api.services import Services
+
+_json = msgspec.json.Encoder()
+
+
+class Liveness(msgspec.Struct):
+    status: str = "ok"
+
+
+class DatabaseHealth(msgspec.Struct):
+    ok: bool
+    path: str
+    error: str | None = None
+
+
+class EngineHealth(msgspec.Struct):
+    ready: bool
+    detail: str
+    llama_cpp_version: str | None
+    devices: list[str]
+    loaded_models: list[str]
+    models_dir: str
+
+
+class Health(msgspec.Struct):
+    status: str
+    database: DatabaseHealth
+    engine: EngineHealth
+
+
+@get("/health", exclude_from_auth=True)
+async def health() -> Response[bytes]:
+    """Liveness: the process answers. Never needs a key."""
+    return Response(_json.encode(Liveness()), media_type="application/json")
+
+
+@get("/v1/engine/health")
+async def engine_health(services: Services) -> Response[bytes]:
+    """Readiness: 200 when the database and llama.cpp work, else 503 with what is wrong."""
+    db_error = services.db.health()
+    engine = services.engine
+    ready = db_error is None and engine.ready
+    body = Health(
+        status="ok" if ready else "unavailable",
+        database=DatabaseHealth(db_error is None, str(services.db.path), db_error),
+        engine=EngineHealth(
+            ready=engine.ready,
+            detail=engine.detail,
+            llama_cpp_version=engine.llama_cpp_version,
+            devices=engine.devices,
+            loaded_models=services.manager.loaded(),
+            models_dir=str(services.settings.models_path),
+        ),
+    )
+    return Response(_json.encode(body), media_type="application/json", status_code=200 if ready else 503)
+
+
+ROUTES = [health, engine_health]

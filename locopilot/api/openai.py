@@ -1,0 +1,343 @@
+"""OpenAI-compatible routes. Each handler reads top to bottom: check, route, stream, record."""
+
+from __future__ import annotations
+
+import array
+import base64
+import json
+import secrets
+import time
+
+import msgspec
+from litestar import Response, get, post
+from litestar.response import Stream
+
+from locopilot.api.services import Services
+from locopilot.engine.protocol import SamplingParams
+from locopilot.errors import InvalidRequest
+from locopilot.gateway.streaming import respond
+from locopilot.gateway.usage import Outcome
+from locopilot.models.catalog import ModelEntry
+from locopilot.providers.base import GenerationRequest
+from locopilot.schemas.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatMessage,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    EmbeddingData,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
+    ImageUrlPart,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    TextPart,
+    Usage,
+)
+
+_json = msgspec.json.Encoder()
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def provider_headers(provider: str, model: str, request_id: str) -> dict[str, str]:
+    return {"X-Locopilot-Provider": provider, "X-Locopilot-Model": model, "X-Request-Id": request_id}
+
+
+# Request → GenerationRequest
+
+
+def sampling_params(body: SamplingFields) -> SamplingParams:
+    defaults = SamplingParams()
+    bias: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        try:
+            bias[int(key)] = value
+        except ValueError:
+            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+    return SamplingParams(
+        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        top_p=defaults.top_p if body.top_p is None else body.top_p,
+        top_k=defaults.top_k if body.top_k is None else body.top_k,
+        min_p=defaults.min_p if body.min_p is None else body.min_p,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repeat_penalty=defaults.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
+        seed=body.seed,
+        logit_bias=bias,
+    )
+
+
+def check_common(body: SamplingFields) -> None:
+    if body.n != 1:
+        raise InvalidRequest("Only n=1 is supported.", param="n")
+    if body.logprobs:
+        raise InvalidRequest("logprobs are not supported.", param="logprobs")
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def message_text(index: int, message: ChatMessage) -> str:
+    match message.content:
+        case None:
+            return ""
+        case str(text):
+            return text
+        case parts:
+            texts: list[str] = []
+            for part in parts:
+                if not isinstance(part, TextPart):
+                    kind = "image" if isinstance(part, ImageUrlPart) else "audio"
+                    raise InvalidRequest(
+                        f"messages[{index}] has {kind} content, which this model cannot read",
+                        param=f"messages[{index}].content",
+                    )
+                texts.append(part.text)
+            return "\n".join(texts)
+
+
+def chat_generation(body: ChatCompletionRequest, model: str) -> GenerationRequest:
+    check_common(body)
+    if body.tools:
+        raise InvalidRequest("tools are not supported yet.", param="tools")
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": message_text(i, m)}
+        for i, m in enumerate(body.messages)
+    ]
+    json_schema = None
+    if body.response_format is not None:
+        match body.response_format.type:
+            case "json_object":
+                json_schema = '{"type": "object"}'
+            case "json_schema":
+                spec = body.response_format.json_schema
+                if spec is None or spec.schema is None:
+                    raise InvalidRequest(
+                        "response_format.json_schema.schema is required", param="response_format.json_schema"
+                    )
+                json_schema = json.dumps(spec.schema)
+    return GenerationRequest(
+        model=model,
+        messages=messages,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        stop=stop_list(body.stop),
+        json_schema=json_schema,
+        sampling=sampling_params(body),
+    )
+
+
+def completion_generation(body: CompletionRequest, model: str) -> GenerationRequest:
+    check_common(body)
+    match body.prompt:
+        case str(text):
+            prompt = text
+        case [str(text)]:
+            prompt = text
+        case [str(), str(), *_]:
+            raise InvalidRequest("Only one prompt per request is supported.", param="prompt")
+        case _:
+            raise InvalidRequest("prompt must be a string; token arrays are not supported.", param="prompt")
+    if body.suffix:
+        raise InvalidRequest("suffix (fill-in-the-middle) is not supported.", param="suffix")
+    if body.best_of not in (None, 1):
+        raise InvalidRequest("best_of is not supported.", param="best_of")
+    return GenerationRequest(
+        model=model,
+        prompt=prompt,
+        max_tokens=body.max_tokens or 16,  # OpenAI's default for text completions
+        stop=stop_list(body.stop),
+        echo=body.echo,
+        sampling=sampling_params(body),
+    )
+
+
+# Wire formatters
+
+
+class ChatFormatter:
+    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self.usage: Usage | msgspec.UnsetType | None = None if include_usage else msgspec.UNSET
+
+    def _chunk(self, delta: ChatDelta, finish: str | None = None) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(0, delta, finish)
+        return ChatCompletionChunk(self.request_id, self.created, self.model, [choice], usage=self.usage)
+
+    def first(self) -> ChatCompletionChunk:
+        return self._chunk(ChatDelta(role="assistant", content=""))
+
+    def delta(self, text: str) -> ChatCompletionChunk:
+        return self._chunk(ChatDelta(content=text))
+
+    def finish(self, reason: str) -> ChatCompletionChunk:
+        return self._chunk(ChatDelta(), reason)
+
+    def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
+        return ChatCompletionChunk(self.request_id, self.created, self.model, [], usage=usage)
+
+    def response(self, text: str, reason: str, usage: Usage) -> ChatCompletion:
+        choice = ChatChoice(0, AssistantMessage(text), reason)
+        return ChatCompletion(self.request_id, self.created, self.model, [choice], usage)
+
+
+class CompletionFormatter:
+    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self.usage: Usage | msgspec.UnsetType | None = None if include_usage else msgspec.UNSET
+
+    def _chunk(self, text: str, finish: str | None = None) -> Completion:
+        choice = CompletionChoice(0, text, finish)
+        return Completion(self.request_id, self.created, self.model, [choice], usage=self.usage)
+
+    def first(self) -> None:
+        return None
+
+    def delta(self, text: str) -> Completion:
+        return self._chunk(text)
+
+    def finish(self, reason: str) -> Completion:
+        return self._chunk("", reason)
+
+    def usage_chunk(self, usage: Usage) -> Completion:
+        return Completion(self.request_id, self.created, self.model, [], usage=usage)
+
+    def response(self, text: str, reason: str, usage: Usage) -> Completion:
+        return Completion(self.request_id, self.created, self.model, [CompletionChoice(0, text, reason)], usage=usage)
+
+
+# Routes
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(data: ChatCompletionRequest, services: Services) -> Response[bytes] | Stream:
+    route = services.router.route(data.model)
+    generation = chat_generation(data, route.model)
+    request_id = new_id("chatcmpl")
+    include_usage = bool(data.stream and data.stream_options and data.stream_options.include_usage)
+    outcome = Outcome(request_id, "chat.completions", route.model, route.provider.name)
+    return await respond(
+        route.provider.stream(generation),
+        ChatFormatter(request_id, data.model, include_usage),
+        stream=data.stream,
+        include_usage=include_usage,
+        outcome=outcome,
+        recorder=services.recorder,
+        headers=provider_headers(route.provider.name, route.model, request_id),
+    )
+
+
+@post("/v1/completions", status_code=200)
+async def completions(data: CompletionRequest, services: Services) -> Response[bytes] | Stream:
+    route = services.router.route(data.model)
+    generation = completion_generation(data, route.model)
+    request_id = new_id("cmpl")
+    include_usage = bool(data.stream and data.stream_options and data.stream_options.include_usage)
+    outcome = Outcome(request_id, "completions", route.model, route.provider.name)
+    return await respond(
+        route.provider.stream(generation),
+        CompletionFormatter(request_id, data.model, include_usage),
+        stream=data.stream,
+        include_usage=include_usage,
+        outcome=outcome,
+        recorder=services.recorder,
+        headers=provider_headers(route.provider.name, route.model, request_id),
+    )
+
+
+def embedding_inputs(body: EmbeddingRequest) -> list[str]:
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    if not inputs:
+        raise InvalidRequest("input must not be empty.", param="input")
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(f"input may have at most {MAX_EMBEDDING_INPUTS} items.", param="input")
+    texts: list[str] = []
+    for index, item in enumerate(inputs):
+        if not isinstance(item, str):
+            raise InvalidRequest("input must be strings; token arrays are not supported.", param="input")
+        if not item:
+            raise InvalidRequest(f"input[{index}] is an empty string.", param="input")
+        texts.append(item)
+    if body.dimensions is not None:
+        raise InvalidRequest("dimensions is not supported.", param="dimensions")
+    return texts
+
+
+@post("/v1/embeddings", status_code=200)
+async def embeddings(data: EmbeddingRequest, services: Services) -> Response[bytes]:
+    route = services.router.route(data.model)
+    inputs = embedding_inputs(data)
+    request_id = new_id("emb")
+    outcome = Outcome(request_id, "embeddings", route.model, route.provider.name)
+    try:
+        result = await route.provider.embed(route.model, inputs)
+    except BaseException as exc:
+        services.recorder.finish(outcome, error=exc)
+        raise
+    outcome.tokens_in = result.prompt_tokens
+    services.recorder.finish(outcome)
+    data_items = [
+        EmbeddingData(i, base64.b64encode(_float32(v)).decode() if data.encoding_format == "base64" else v)
+        for i, v in enumerate(result.vectors)
+    ]
+    body = EmbeddingList(data_items, data.model, EmbeddingUsage(result.prompt_tokens, result.prompt_tokens))
+    return Response(
+        _json.encode(body),
+        media_type="application/json",
+        headers=provider_headers(route.provider.name, route.model, request_id),
+    )
+
+
+def _float32(vector: list[float]) -> bytes:
+    return array.array("f", vector).tobytes()
+
+
+def model_card(entry: ModelEntry, loaded: bool) -> ModelCard:
+    return ModelCard(
+        id=entry.name,
+        created=entry.modified,
+        owned_by="locopilot",
+        size_bytes=entry.size_bytes,
+        architecture=entry.architecture,
+        quantization=entry.quantization,
+        parameter_count=entry.parameter_count,
+        context_length=entry.context_length,
+        chat_template=entry.chat_template,
+        loaded=loaded,
+        error=entry.error,
+    )
+
+
+@get("/v1/models")
+async def list_models(services: Services) -> Response[bytes]:
+    loaded = set(services.manager.loaded())
+    cards = [model_card(entry, entry.name in loaded) for entry in services.catalog.list()]
+    return Response(_json.encode(ModelList(cards)), media_type="application/json")
+
+
+@get("/v1/models/{model_id:str}")
+async def get_model(model_id: str, services: Services) -> Response[bytes]:
+    entry = services.catalog.get(model_id)
+    card = model_card(entry, entry.name in services.manager.loaded())
+    return Response(_json.encode(card), media_type="application/json")
+
+
+ROUTES = [chat_completions, completions, embeddings, list_models, get_model]

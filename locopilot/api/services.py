@@ -1,0 +1,40 @@
+"""The objects a request handler needs, built by the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from litestar.datastructures import State
+
+from locopilot.engine.scheduler import ModelManager
+from locopilot.gateway.router import Router
+from locopilot.gateway.usage import UsageRecorder
+from locopilot.models.catalog import ModelCatalog
+from locopilot.settings import Settings
+from locopilot.store.db import Database
+
+
+@dataclass
+class EngineStatus:
+    """What the startup probe of llama.cpp found; ``ready`` stays False until it ends well."""
+
+    ready: bool = False
+    detail: str = "starting"
+    llama_cpp_version: str | None = None
+    devices: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    catalog: ModelCatalog
+    manager: ModelManager
+    router: Router
+    recorder: UsageRecorder
+    engine: EngineStatus
+
+
+def get_services(state: State) -> Services:
+    services: Services = state.services
+    return services

@@ -1,0 +1,135 @@
+"""create_app(settings): the Litestar application, its lifespan and error handling."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from litestar import Litestar, MediaType, Request, Response
+from litestar.di import Provide
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.config import OpenAPIConfig
+
+from locopilot import __version__
+from locopilot.api import engine as engine_api
+from locopilot.api import openai as openai_api
+from locopilot.api.services import EngineStatus, Services, get_services
+from locopilot.engine.scheduler import ModelManager, runner_command
+from locopilot.errors import InvalidRequest, LocopilotError, error_for_status
+from locopilot.gateway.router import Router
+from locopilot.gateway.usage import UsageRecorder
+from locopilot.models.catalog import ModelCatalog
+from locopilot.providers.embedded import EmbeddedProvider
+from locopilot.schemas.openai import encoder
+from locopilot.settings import Settings
+from locopilot.store.db import Database
+
+log = logging.getLogger("locopilot")
+
+PROBE_TIMEOUT = 120
+
+
+def error_response(exc: LocopilotError) -> Response[bytes]:
+    return Response(
+        encoder.encode(exc.body()),
+        status_code=exc.status_code,
+        media_type=MediaType.JSON,
+        headers=exc.headers(),
+    )
+
+
+def handle_locopilot_error(_: Request[Any, Any, Any], exc: LocopilotError) -> Response[bytes]:
+    return error_response(exc)
+
+
+def handle_validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    if problems:
+        first = problems[0]
+        key = str(first.get("key") or "") if isinstance(first, dict) else ""
+        message = str(first.get("message", exc.detail)) if isinstance(first, dict) else str(first)
+        text = f"Invalid value for '{key}': {message}" if key else message
+        return error_response(InvalidRequest(text, param=key or None))
+    detail = exc.detail if "JSON" not in exc.detail else "The request body is not valid JSON."
+    return error_response(InvalidRequest(detail))
+
+
+def handle_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    return error_response(error_for_status(exc.status_code, exc.detail))
+
+
+def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(LocopilotError("Internal server error."))
+
+
+async def probe_engine(status: EngineStatus) -> None:
+    """Check, in a child process, that llama.cpp loads and finds a backend."""
+    try:
+        with anyio.fail_after(PROBE_TIMEOUT):
+            result = await anyio.run_process([*runner_command(), "--probe"], check=False)
+    except (TimeoutError, OSError) as exc:
+        status.detail = f"llama.cpp probe failed: {exc}"
+        return
+    if result.returncode != 0:
+        tail = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        status.detail = f"llama.cpp does not load (exit code {result.returncode}): {tail[0]}"
+        return
+    found = json.loads(result.stdout)
+    status.llama_cpp_version = found["version"]
+    status.devices = found["devices"]
+    status.ready = True
+    status.detail = "ready"
+
+
+def create_app(settings: Settings) -> Litestar:
+    """The application; nothing starts until its lifespan runs."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        db = await anyio.to_thread.run_sync(Database.open, settings.db_path)
+        try:
+            catalog = ModelCatalog(settings.models_path)
+            async with anyio.create_task_group() as tasks:
+                manager = ModelManager(settings, catalog.path_for, tasks)
+                embedded = EmbeddedProvider(manager, settings.queue_size)
+                engine = EngineStatus()
+                app.state.services = Services(
+                    settings=settings,
+                    db=db,
+                    catalog=catalog,
+                    manager=manager,
+                    router=Router(catalog, embedded, settings.default_model),
+                    recorder=UsageRecorder(db),
+                    engine=engine,
+                )
+                tasks.start_soon(probe_engine, engine)
+                tasks.start_soon(manager.reap_idle)
+                try:
+                    yield
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await manager.aclose()
+                    tasks.cancel_scope.cancel()
+        finally:
+            await anyio.to_thread.run_sync(db.close)
+
+    return Litestar(
+        route_handlers=[*openai_api.ROUTES, *engine_api.ROUTES],
+        lifespan=[lifespan],
+        dependencies={"services": Provide(get_services, sync_to_thread=False)},
+        exception_handlers={
+            LocopilotError: handle_locopilot_error,
+            ValidationException: handle_validation_error,
+            HTTPException: handle_http_error,
+            Exception: handle_unexpected,
+        },
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="locopilot", version=__version__, path="/openapi"),
+        logging_config=None,
+        debug=False,
+    )

@@ -1,0 +1,76 @@
+"""The ``locopilot`` command line. Each command group is its own module."""
+
+from __future__ import annotations
+
+import os
+
+import rich_click as click
+from rich.console import Console
+from rich.table import Table
+
+from locopilot import __version__
+from locopilot.settings import Settings, SettingsError, effective_items, load_settings
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def settings_or_exit() -> Settings:
+    """The settings from the environment; a bad value ends the command with status 2."""
+    try:
+        return load_settings(os.environ)
+    except SettingsError as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        raise SystemExit(2) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="locopilot")
+def cli() -> None:
+    """locopilot: one OpenAI-compatible endpoint for local models.
+
+    Configure with LOCOPILOT_* environment variables (`locopilot config` shows them).
+    """
+
+
+@cli.command()
+def serve() -> None:
+    """Serve the API on LOCOPILOT_HOST:LOCOPILOT_PORT until stopped."""
+    from locopilot.server import serve as run_server
+
+    settings = settings_or_exit()
+    run_server(settings)
+
+
+@cli.command()
+def config() -> None:
+    """Print the effective settings (secrets masked)."""
+    settings = settings_or_exit()
+    table = Table("variable", "value", box=None)
+    for variable, value in effective_items(settings):
+        table.add_row(variable, value)
+    console.print(table)
+
+
+@cli.command()
+def version() -> None:
+    """Print locopilot's version and llama.cpp's, if it loads."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        engine = package_version("llama-cpp-python")
+    except PackageNotFoundError:
+        engine = "not installed"
+    console.print(f"locopilot {__version__}\nllama-cpp-python {engine}", highlight=False)
+
+
+def register() -> None:
+    from locopilot.cli import chat, doctor, models
+
+    cli.add_command(models.models)
+    cli.add_command(chat.chat)
+    cli.add_command(doctor.doctor)
+
+
+register()

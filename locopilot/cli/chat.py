@@ -1,0 +1,105 @@
+"""``locopilot chat``: talk to a running server, streaming to the terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+
+import httpx
+import rich_click as click
+
+from locopilot.cli import console, errors, settings_or_exit
+from locopilot.settings import Settings
+
+
+def base_url(settings: Settings) -> str:
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind is reached on loopback
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}"
+
+
+class ChatError(Exception):
+    """The server answered with an error; the message is the server's."""
+
+
+def stream_reply(client: httpx.Client, model: str, messages: list[dict[str, str]]) -> Iterator[str]:
+    """Yield the reply's text pieces as the server streams them; raises ChatError."""
+    body = {"model": model, "messages": messages, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            response.read()
+            raise ChatError(_error_message(response))
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: ") :]
+            if data == "[DONE]":
+                return
+            event = json.loads(data)
+            if "error" in event:
+                raise ChatError(event["error"].get("message", "stream failed"))
+            for choice in event.get("choices", []):
+                text = choice.get("delta", {}).get("content")
+                if text:
+                    yield text
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}"
+
+
+@click.command()
+@click.argument("prompt", required=False)
+@click.option("--model", "-m", help="Model to chat with (default: LOCOPILOT_DEFAULT_MODEL).")
+@click.option("--url", help="Server address (default: from LOCOPILOT_HOST and LOCOPILOT_PORT).")
+@click.option("--system", help="A system message to start the conversation with.")
+def chat(prompt: str | None, model: str | None, url: str | None, system: str | None) -> None:
+    """Chat with a model on a running server.
+
+    With PROMPT (or text on standard input) it answers once and exits;
+    otherwise it starts an interactive chat (Ctrl-D or /exit to leave).
+    """
+    settings = settings_or_exit()
+    model = model or settings.default_model
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+    try:
+        with httpx.Client(base_url=url or base_url(settings), timeout=httpx.Timeout(10, read=None)) as client:
+            if prompt:
+                _turn(client, model, messages, prompt)
+                return
+            console.print(f"chatting with {model}; Ctrl-D or /exit to leave", style="dim", highlight=False)
+            while True:
+                try:
+                    line = console.input("[bold]> [/]")
+                except EOFError:
+                    console.print()
+                    return
+                if line.strip() in ("/exit", "/quit"):
+                    return
+                if line.strip():
+                    _turn(client, model, messages, line)
+    except ChatError as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise SystemExit(1) from exc
+    except httpx.TransportError as exc:
+        errors.print(f"[bold red]error:[/] cannot reach the server ({exc}); is `locopilot serve` running?")
+        raise SystemExit(1) from exc
+
+
+def _turn(client: httpx.Client, model: str, messages: list[dict[str, str]], text: str) -> None:
+    messages.append({"role": "user", "content": text})
+    parts: list[str] = []
+    for piece in stream_reply(client, model, messages):
+        parts.append(piece)
+        console.out(piece, end="", highlight=False)
+    console.out("")
+    messages.append({"role": "assistant", "content": "".join(parts)})

@@ -1,0 +1,134 @@
+"""``locopilot doctor``: check that everything the server needs is in place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import rich_click as click
+from rich.table import Table
+
+from locopilot.cli import console
+from locopilot.cli.chat import base_url
+from locopilot.engine.scheduler import runner_command
+from locopilot.models.catalog import ModelCatalog
+from locopilot.settings import Settings, SettingsError, load_settings
+from locopilot.store.db import Database, StoreError
+
+MIN_FREE_BYTES = 1_000_000_000
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+
+
+def check_settings() -> tuple[Check, Settings | None]:
+    try:
+        return Check("settings", "ok", "environment is valid"), load_settings(os.environ)
+    except SettingsError as exc:
+        return Check("settings", "fail", str(exc)), None
+
+
+def check_data_dir(settings: Settings) -> Check:
+    try:
+        settings.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tempfile.TemporaryFile(dir=settings.data_path):
+            pass
+    except OSError as exc:
+        return Check("data folder", "fail", f"{settings.data_path} is not writable: {exc.strerror}")
+    return Check("data folder", "ok", f"{settings.data_path} is writable")
+
+
+def check_database(settings: Settings) -> Check:
+    try:
+        db = Database.open(settings.db_path)
+    except (StoreError, OSError) as exc:
+        return Check("database", "fail", f"{settings.db_path}: {exc}")
+    try:
+        problem = db.health()
+    finally:
+        db.close()
+    if problem:
+        return Check("database", "fail", problem)
+    return Check("database", "ok", str(settings.db_path))
+
+
+def check_engine(_: Settings) -> Check:
+    try:
+        result = subprocess.run([*runner_command(), "--probe"], capture_output=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Check("llama.cpp", "fail", str(exc))
+    if result.returncode != 0:
+        lines = result.stderr.decode(errors="replace").strip().splitlines()
+        return Check("llama.cpp", "fail", lines[-1] if lines else f"exit code {result.returncode}")
+    return Check("llama.cpp", "ok", result.stdout.decode().strip())
+
+
+def check_models(settings: Settings) -> Check:
+    if not settings.models_path.is_dir():
+        return Check("models folder", "fail", f"{settings.models_path} does not exist")
+    entries = ModelCatalog(settings.models_path).list()
+    broken = [e.name for e in entries if e.error]
+    if not entries:
+        return Check("models folder", "warn", f"{settings.models_path} has no models")
+    if broken:
+        return Check("models folder", "warn", f"{len(entries)} models; unreadable: {', '.join(broken)}")
+    names = {e.name for e in entries}
+    default = "" if settings.default_model in names else f"; default model {settings.default_model} is missing"
+    return Check("models folder", "warn" if default else "ok", f"{len(entries)} models{default}")
+
+
+def check_disk(settings: Settings) -> Check:
+    path = settings.data_path if settings.data_path.exists() else settings.data_path.parent
+    free = shutil.disk_usage(path).free
+    status = "ok" if free >= MIN_FREE_BYTES else "warn"
+    return Check("free disk", status, f"{free / 1e9:.1f} GB free at {path}")
+
+
+def check_server(settings: Settings) -> Check:
+    url = base_url(settings)
+    try:
+        response = httpx.get(f"{url}/health", timeout=2)
+    except httpx.TransportError:
+        return Check("server", "warn", f"nothing answers at {url} (start it with `locopilot serve`)")
+    if response.status_code == 200:
+        return Check("server", "ok", f"answering at {url}")
+    return Check("server", "fail", f"{url}/health answered {response.status_code}")
+
+
+CHECKS: list[Callable[[Settings], Check]] = [
+    check_data_dir,
+    check_database,
+    check_engine,
+    check_models,
+    check_disk,
+    check_server,
+]
+
+MARKS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+
+
+@click.command()
+def doctor() -> None:
+    """Check settings, data folder, database, llama.cpp, models, disk and the server.
+
+    Exits with status 1 if any check fails.
+    """
+    first, settings = check_settings()
+    results = [first]
+    if settings is not None:
+        results += [check(settings) for check in CHECKS]
+    table = Table("check", "status", "detail", box=None)
+    for result in results:
+        table.add_row(result.name, MARKS[result.status], result.detail)
+    console.print(table, highlight=False)
+    if any(r.status == "fail" for r in results):
+        raise SystemExit(1)

@@ -1,0 +1,110 @@
+"""``locopilot models``: the GGUF files in the models folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import rich_click as click
+from rich.table import Table
+
+from locopilot.cli import console, errors, settings_or_exit
+from locopilot.errors import LocopilotError
+from locopilot.models.catalog import ModelCatalog
+
+
+def catalog() -> ModelCatalog:
+    return ModelCatalog(settings_or_exit().models_path)
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+@click.group()
+def models() -> None:
+    """List, add, remove and inspect local GGUF models."""
+
+
+@models.command("list")
+@click.option("--names", is_flag=True, help="Print only the names, one a line.")
+def list_models(names: bool) -> None:
+    """List the models in LOCOPILOT_MODELS_DIR."""
+    entries = catalog().list()
+    if names:
+        for entry in entries:
+            click.echo(entry.name)
+        return
+    table = Table("name", "size", "arch", "quant", "context", "template", box=None)
+    for entry in entries:
+        table.add_row(
+            entry.name,
+            human_size(entry.size_bytes),
+            entry.architecture or "?",
+            entry.quantization or "?",
+            str(entry.context_length or "?"),
+            entry.chat_template if entry.error is None else f"[red]{entry.error}[/]",
+        )
+    console.print(table if entries else "no models; add one with `locopilot models add PATH`")
+
+
+@models.command("add")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", help="Model name (default: the file name without .gguf).")
+@click.option("--link", is_flag=True, help="Symlink the file instead of copying it.")
+def add_model(path: Path, name: str | None, link: bool) -> None:
+    """Copy (or link) a local GGUF file into the models folder."""
+    try:
+        entry = catalog().add(path, name=name, link=link)
+    except LocopilotError as exc:
+        errors.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        raise SystemExit(1) from exc
+    console.print(f"added {entry.name} ({human_size(entry.size_bytes)}, {entry.quantization})", highlight=False)
+
+
+@models.command("rm")
+@click.argument("name")
+def remove_model(name: str) -> None:
+    """Remove a model from the models folder (a link is removed, not its target)."""
+    try:
+        catalog().remove(name)
+    except LocopilotError as exc:
+        errors.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        raise SystemExit(1) from exc
+    console.print(f"removed {name}", highlight=False)
+
+
+@models.command("show")
+@click.argument("name")
+def show_model(name: str) -> None:
+    """Show a model's metadata."""
+    models_catalog = catalog()
+    try:
+        entry = models_catalog.get(name)
+        header = models_catalog.header(name)
+    except LocopilotError as exc:
+        errors.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        raise SystemExit(1) from exc
+    table = Table("field", "value", box=None)
+    table.add_row("name", entry.name)
+    table.add_row("path", entry.path)
+    table.add_row("size", human_size(entry.size_bytes))
+    table.add_row("architecture", str(entry.architecture))
+    table.add_row("quantization", str(entry.quantization))
+    table.add_row("parameters", "?" if entry.parameter_count is None else f"{entry.parameter_count:,}")
+    table.add_row("context length", str(entry.context_length))
+    table.add_row("chat template", entry.chat_template)
+    for key, value in sorted(header.metadata.items()):
+        if key == "tokenizer.chat_template":
+            continue
+        table.add_row(key, _short(value))
+    console.print(table)
+
+
+def _short(value: object, limit: int = 100) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,183 @@
+"""Messages between the API process and a runner process.
+
+Frames on the runner's stdin/stdout: a 4-byte big-endian length, then one
+msgpack-encoded message from the tagged unions below. The API process sends
+``ToRunner`` messages and reads ``FromRunner`` ones; every request carries an
+``id`` so several can be in flight on one pipe.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import BinaryIO
+
+import msgspec
+
+MAX_FRAME = 256 * 1024 * 1024
+_LEN = struct.Struct(">I")
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    logit_bias: dict[int, float] = {}
+
+
+# API process → runner
+
+
+class Load(msgspec.Struct, tag="load", frozen=True, kw_only=True):
+    model_path: str
+    ctx_size: int
+    threads: int
+    gpu_layers: int
+
+
+class Generate(msgspec.Struct, tag="generate", frozen=True, kw_only=True):
+    """Exactly one of ``prompt`` (text completion) or ``messages`` (chat) is set.
+
+    ``grammar`` is GBNF text; ``json_schema`` is a JSON Schema (as JSON text)
+    the runner turns into a grammar. ``max_tokens`` None means until the
+    context is full.
+    """
+
+    id: int
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    max_tokens: int | None = None
+    stop: list[str] = []
+    echo: bool = False
+    grammar: str | None = None
+    json_schema: str | None = None
+    sampling: SamplingParams = SamplingParams()
+
+
+class Embed(msgspec.Struct, tag="embed", frozen=True, kw_only=True):
+    id: int
+    inputs: list[str]
+
+
+class Cancel(msgspec.Struct, tag="cancel", frozen=True, kw_only=True):
+    id: int
+
+
+ToRunner = Load | Generate | Embed | Cancel
+
+
+# runner → API process
+
+
+class Ready(msgspec.Struct, tag="ready", frozen=True, kw_only=True):
+    n_ctx: int
+    n_ctx_train: int
+    n_vocab: int
+    template: str
+    pid: int
+
+
+class LoadFailed(msgspec.Struct, tag="load_failed", frozen=True, kw_only=True):
+    message: str
+
+
+class Started(msgspec.Struct, tag="started", frozen=True, kw_only=True):
+    """The prompt fit and generation began (sent before the first Delta)."""
+
+    id: int
+    prompt_tokens: int
+
+
+class Delta(msgspec.Struct, tag="delta", frozen=True, kw_only=True):
+    id: int
+    text: str
+    tokens: int
+
+
+class Done(msgspec.Struct, tag="done", frozen=True, kw_only=True):
+    """``finish_reason`` is ``stop``, ``length`` or ``cancelled``."""
+
+    id: int
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Embeddings(msgspec.Struct, tag="embeddings", frozen=True, kw_only=True):
+    id: int
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+class Failed(msgspec.Struct, tag="failed", frozen=True, kw_only=True):
+    """``kind`` is ``context_length``, ``invalid`` (the request) or ``internal``."""
+
+    id: int
+    kind: str
+    message: str
+
+
+FromRunner = Ready | LoadFailed | Started | Delta | Done | Embeddings | Failed
+
+_encoder = msgspec.msgpack.Encoder()
+_to_runner = msgspec.msgpack.Decoder(ToRunner)
+_from_runner = msgspec.msgpack.Decoder(FromRunner)
+
+
+class ProtocolError(Exception):
+    """A frame was malformed or too large; the pipe cannot be trusted after this."""
+
+
+def encode(message: ToRunner | FromRunner) -> bytes:
+    body = _encoder.encode(message)
+    return _LEN.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    (length,) = _LEN.unpack(header)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+    return int(length)
+
+
+def decode_to_runner(body: bytes) -> ToRunner:
+    try:
+        return _to_runner.decode(body)  # type: ignore[no-any-return]
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(str(exc)) from exc
+
+
+def decode_from_runner(body: bytes) -> FromRunner:
+    try:
+        return _from_runner.decode(body)  # type: ignore[no-any-return]
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(str(exc)) from exc
+
+
+def read_frame_sync(stream: BinaryIO) -> bytes | None:
+    """Read one frame body from a blocking stream; None at a clean end of stream."""
+    header = _read_exact(stream, _LEN.size)
+    if header is None:
+        return None
+    body = _read_exact(stream, frame_length(header))
+    if body is None:
+        raise ProtocolError("stream ended inside a frame")
+    return body
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytes | None:
+    chunks: list[bytes] = []
+    remaining = size
+    while remaining:
+        chunk = stream.read(remaining)
+        if not chunk:
+            if chunks:
+                raise ProtocolError("stream ended inside a frame")
+            return None
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,125 @@
+"""The exception tree, and the one place that renders errors as OpenAI JSON.
+
+    LocopilotError                  500 server_error
+    ├── InvalidRequest              400 invalid_request_error
+    │   ├── ContextLengthExceeded   400 code=context_length_exceeded
+    │   └── InvalidModelName        400 code=invalid_model_name
+    ├── NotFound                    404 invalid_request_error
+    │   └── ModelNotFound           404 code=model_not_found
+    ├── MethodNotAllowed            405
+    ├── PayloadTooLarge             413
+    └── Unavailable                 503 (optional Retry-After)
+        ├── EngineUnavailable       503 code=engine_unavailable
+        └── QueueFull               503 code=queue_full, Retry-After
+
+Every error body is ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import msgspec
+
+
+class ErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(msgspec.Struct):
+    error: ErrorDetail
+
+
+class LocopilotError(Exception):
+    status_code: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.retry_after = retry_after
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(ErrorDetail(self.message, self.error_type, self.param, self.code))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+class InvalidRequest(LocopilotError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    default_code = "context_length_exceeded"
+
+
+class InvalidModelName(InvalidRequest):
+    default_code = "invalid_model_name"
+
+
+class NotFound(LocopilotError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    default_code = "model_not_found"
+
+
+class MethodNotAllowed(LocopilotError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLarge(LocopilotError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class Unavailable(LocopilotError):
+    status_code = 503
+    error_type = "server_error"
+    default_code = "unavailable"
+
+
+class EngineUnavailable(Unavailable):
+    default_code = "engine_unavailable"
+
+
+class QueueFull(Unavailable):
+    default_code = "queue_full"
+
+
+def error_for_status(status: int, message: str) -> LocopilotError:
+    """A LocopilotError for a framework-level HTTP status (routing, method, body size)."""
+    match status:
+        case 400 | 422:
+            return InvalidRequest(message)
+        case 404:
+            return NotFound(message)
+        case 405:
+            return MethodNotAllowed(message)
+        case 413:
+            return PayloadTooLarge(message)
+        case 503:
+            return Unavailable(message)
+        case _:
+            return LocopilotError(message)

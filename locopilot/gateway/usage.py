@@ -1,0 +1,80 @@
+"""Recording each request's outcome in the request log, without blocking it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from locopilot.errors import LocopilotError
+from locopilot.store import logs
+from locopilot.store.db import Database, StoreError
+
+log = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499  # nginx's code for a request the client gave up on
+
+
+@dataclass
+class Outcome:
+    """What one request did; filled in as it runs, recorded once at the end."""
+
+    request_id: str
+    endpoint: str
+    model: str
+    provider: str = "embedded"
+    key_id: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    ttfb: float | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    recorded: bool = False
+
+
+class UsageRecorder:
+    def __init__(
+        self,
+        db: Database,
+        clock: Callable[[], float] = time.perf_counter,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.wall_clock = wall_clock
+
+    def finish(self, outcome: Outcome, *, error: BaseException | None = None) -> None:
+        """Queue the log row for ``outcome``; a second call for the same outcome does nothing."""
+        if outcome.recorded:
+            return
+        outcome.recorded = True
+        status: logs.LogStatus
+        if error is None:
+            status, http_status, message = "ok", 200, None
+        elif isinstance(error, anyio.get_cancelled_exc_class() | GeneratorExit):
+            status, http_status, message = "cancelled", CLIENT_CLOSED, "client disconnected"
+        elif isinstance(error, LocopilotError):
+            status, http_status, message = "error", error.status_code, error.message
+        else:
+            status, http_status, message = "error", 500, type(error).__name__
+        row = logs.InferenceLog(
+            request_id=outcome.request_id,
+            key_id=outcome.key_id,
+            endpoint=outcome.endpoint,
+            model=outcome.model,
+            provider=outcome.provider,
+            tokens_in=outcome.tokens_in,
+            tokens_out=outcome.tokens_out,
+            latency_ms=(self.clock() - outcome.started) * 1000,
+            ttfb_ms=None if outcome.ttfb is None else outcome.ttfb * 1000,
+            status=status,
+            http_status=http_status,
+            error=message,
+            created_at=self.wall_clock(),
+        )
+        try:
+            logs.record(self.db, row)
+        except StoreError as exc:
+            log.error("request log unavailable: %s", exc)

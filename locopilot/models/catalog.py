@@ -1,0 +1,238 @@
+"""The models folder: every ``NAME.gguf`` directly in it is the model ``NAME``.
+
+A model file is a regular file or a symlink to one elsewhere (``models add
+--link`` makes those). A model name never addresses a path outside the folder:
+names are checked against :data:`MODEL_NAME_RE` (no ``/``, no leading ``.``),
+and removing a model unlinks the name in the folder, never a link's target.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+import msgspec
+
+from locopilot.engine.templates import choose_template
+from locopilot.errors import InvalidModelName, InvalidRequest, ModelNotFound
+from locopilot.models.gguf import GGUFError, GGUFHeader, read_header
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME_RE = re.compile(r"^[a-zA-Z0-9:._-]+$")
+MAX_MODEL_NAME = 200
+SUFFIX = ".gguf"
+
+
+class ModelEntry(msgspec.Struct, frozen=True):
+    """One model in the folder, as listings show it.
+
+    ``path`` is the file's path in the folder (for a link, the link). ``size_bytes``
+    and ``modified`` (unix seconds) are the target's. A file whose header does
+    not parse has ``error`` set, and None for everything read from the header.
+    ``chat_template`` is ``gguf`` when the file carries its own, else the name of
+    the fallback :func:`choose_template` picks.
+    """
+
+    name: str
+    path: str
+    size_bytes: int
+    modified: int
+    architecture: str | None = None
+    quantization: str | None = None
+    context_length: int | None = None
+    parameter_count: int | None = None
+    chat_template: str | None = None
+    error: str | None = None
+
+
+def validate_model_name(name: str) -> str:
+    """Return ``name`` if it can name a model file in the folder, else raise InvalidModelName."""
+    if (
+        not name
+        or len(name) > MAX_MODEL_NAME
+        or name.startswith(".")
+        # fullmatch: `$` alone would accept a trailing newline.
+        or MODEL_NAME_RE.fullmatch(name) is None
+    ):
+        raise InvalidModelName(
+            f"Invalid model name {name[:MAX_MODEL_NAME]!r}: use up to {MAX_MODEL_NAME} letters, digits and ':._-', "
+            "not starting with '.'",
+            param="model",
+        )
+    return name
+
+
+# (device, inode, size, mtime_ns) of the file a name points to: a replaced or rewritten file misses the cache.
+_Key = tuple[int, int, int, int]
+
+
+def _key(st: os.stat_result) -> _Key:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class ModelCatalog:
+    """The models in one folder. Headers are parsed once per file version and cached.
+
+    Safe to share between threads: the cache is a dict replaced per entry, and
+    the worst a race does is parse one header twice. The folder may be missing
+    until the first :meth:`add`; it then lists as empty.
+    """
+
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = models_dir
+        self._cache: dict[Path, tuple[_Key, GGUFHeader | str]] = {}
+
+    def path_for(self, name: str) -> Path:
+        """The path of model ``name`` in the folder (it may not exist). Raises InvalidModelName."""
+        validate_model_name(name)
+        folder = self.models_dir.resolve()
+        path = folder / f"{name}{SUFFIX}"
+        # The name rules already forbid separators; this guards against a rule change letting one through.
+        # The file itself is not resolved: a link may point outside, by design.
+        if path.parent != folder or not path.is_relative_to(folder):
+            raise InvalidModelName(f"Invalid model name {name!r}", param="model")
+        return path
+
+    def list(self) -> list[ModelEntry]:
+        """All models, sorted by name. Files that fail to parse are listed with ``error`` set."""
+        folder = self.models_dir.resolve()
+        try:
+            children = sorted(folder.iterdir())
+        except FileNotFoundError:
+            return []
+        entries = []
+        for child in children:
+            name = child.name.removesuffix(SUFFIX)
+            # Hidden files include our own partial copies.
+            if not child.name.endswith(SUFFIX) or name.startswith("."):
+                continue
+            try:
+                validate_model_name(name)
+            except InvalidModelName:
+                logger.warning("ignoring %s: %r is not a valid model name", child, name)
+                continue
+            if child.is_symlink() or child.is_file():
+                entries.append(self._entry(name, child))
+        return sorted(entries, key=lambda entry: entry.name)
+
+    def get(self, name: str) -> ModelEntry:
+        """The entry for ``name``. Raises InvalidModelName, or ModelNotFound if there is no such model."""
+        return self._entry(name, self._existing(name))
+
+    def header(self, name: str) -> GGUFHeader:
+        """The parsed header of model ``name``.
+
+        Raises InvalidModelName, ModelNotFound, GGUFError if the file is not a
+        valid GGUF, or OSError if it cannot be read.
+        """
+        path = self._existing(name)
+        key = _key(path.stat())
+        cached = self._cache.get(path)
+        if cached is not None and cached[0] == key and isinstance(cached[1], GGUFHeader):
+            return cached[1]
+        # A cached error is re-raised by reading again, so the caller gets the real exception.
+        header = read_header(path)
+        self._cache[path] = (key, header)
+        return header
+
+    def add(self, source: Path, *, name: str | None = None, link: bool = False) -> ModelEntry:
+        """Add the GGUF at ``source`` as model ``name`` (default: its file name without ``.gguf``).
+
+        Copies it (to a hidden temporary file in the folder, renamed into place
+        once complete) or, with ``link``, symlinks to its absolute path. Creates
+        the folder (mode 0700) if missing. Raises InvalidRequest if the source is
+        missing, not a regular file or not a valid GGUF, or if the model exists;
+        InvalidModelName if the name is not valid.
+        """
+        if name is None:
+            name = source.name[: -len(SUFFIX)] if source.name.lower().endswith(SUFFIX) else source.name
+        target = self.path_for(name)
+        if not source.exists():
+            raise InvalidRequest(f"The file {source} does not exist")
+        if not source.is_file():
+            raise InvalidRequest(f"{source} is not a regular file")
+        try:
+            read_header(source)
+        except (GGUFError, OSError) as exc:
+            raise InvalidRequest(f"{source} is not a usable GGUF file: {exc}") from exc
+        if target.is_symlink() or target.exists():
+            raise InvalidRequest(f"The model '{name}' already exists")
+
+        self.models_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if link:
+            try:
+                # symlink refuses an existing name, so a racing add cannot be overwritten.
+                target.symlink_to(source.resolve())
+            except FileExistsError as exc:
+                raise InvalidRequest(f"The model '{name}' already exists") from exc
+        else:
+            self._copy(source, target)
+        return self.get(name)
+
+    def remove(self, name: str) -> None:
+        """Delete model ``name``: the file, or for a link the link alone. Raises ModelNotFound if absent."""
+        path = self._existing(name)
+        path.unlink()
+        self._cache.pop(path, None)
+
+    def _existing(self, name: str) -> Path:
+        path = self.path_for(name)
+        if not (path.is_symlink() or path.is_file()):
+            raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+        return path
+
+    def _copy(self, source: Path, target: Path) -> None:
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                shutil.copyfileobj(src, out, length=1024 * 1024)
+                out.flush()
+                os.fsync(out.fileno())
+            # Checked again just before the rename, which would replace a model added meanwhile.
+            if target.is_symlink() or target.exists():
+                raise InvalidRequest(f"The model '{target.name.removesuffix(SUFFIX)}' already exists")
+            tmp.rename(target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _entry(self, name: str, path: Path) -> ModelEntry:
+        try:
+            st = path.stat()
+        except OSError as exc:
+            # A dangling link or unreadable file is listed, so that it can be seen and removed.
+            modified = int(path.lstat().st_mtime) if path.is_symlink() else 0
+            return ModelEntry(name, str(path), 0, modified, error=f"cannot read {path}: {exc.strerror or exc}")
+        if not stat.S_ISREG(st.st_mode):
+            return ModelEntry(name, str(path), 0, int(st.st_mtime), error=f"{path} is not a regular file")
+        key = _key(st)
+        cached = self._cache.get(path)
+        if cached is not None and cached[0] == key:
+            result = cached[1]
+        else:
+            try:
+                result = read_header(path)
+            except (GGUFError, OSError) as exc:
+                logger.warning("cannot read the model %s: %s", path, exc)
+                result = str(exc)
+            self._cache[path] = (key, result)
+        if isinstance(result, str):
+            return ModelEntry(name, str(path), st.st_size, int(st.st_mtime), error=result)
+        return ModelEntry(
+            name,
+            str(path),
+            st.st_size,
+            int(st.st_mtime),
+            architecture=result.architecture,
+            quantization=result.quantization,
+            context_length=result.context_length,
+            parameter_count=result.parameter_count,
+            chat_template=choose_template(result.metadata).name,
+        )

@@ -1,0 +1,222 @@
+"""OpenAI wire types.
+
+Requests are tolerant of fields we do not know (clients send many) and strict
+about the ones we act on: ranges and types are checked while decoding, before
+any work. Responses are encoded as they are defined here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TokenCount = Annotated[int, Meta(ge=1, le=1_048_576)]
+StopStrings = str | Annotated[list[Annotated[str, Meta(max_length=512)]], Meta(max_length=16)]
+
+
+# Requests
+
+
+class TextPart(Struct, tag="text", tag_field="type"):
+    text: str
+
+
+class ImageUrlPart(Struct, tag="image_url", tag_field="type"):
+    image_url: dict[str, str]
+
+
+class InputAudioPart(Struct, tag="input_audio", tag_field="type"):
+    input_audio: dict[str, str]
+
+
+ContentPart = TextPart | ImageUrlPart | InputAudioPart
+
+
+class ChatMessage(Struct):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(Struct):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(Struct):
+    name: str = "response"
+    schema: dict[str, object] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(Struct):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class SamplingFields(Struct, kw_only=True):
+    """Fields shared by chat and text completions."""
+
+    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: TokenCount | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    top_k: Annotated[int, Meta(ge=0, le=100_000)] | None = None
+    min_p: Probability | None = None
+    stop: StopStrings | None = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repeat_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
+    logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] = 1
+    logprobs: bool | int | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields, kw_only=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_completion_tokens: TokenCount | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, object]] | None = None
+    tool_choice: str | dict[str, object] | None = None
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(SamplingFields, kw_only=True):
+    # msgspec allows one array type per union, so token arrays are checked by the handler.
+    prompt: str | list[str | int | list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class EmbeddingRequest(Struct, kw_only=True):
+    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    input: str | list[str | int | list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+# Responses
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(Struct):
+    content: str
+    role: str = "assistant"
+
+
+class ChatChoice(Struct):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    object: str = "chat.completion"
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(Struct, omit_defaults=True):
+    role: str | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+
+
+class ChatChunkChoice(Struct):
+    index: int
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(Struct, omit_defaults=True):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    object: str = "chat.completion.chunk"
+    system_fingerprint: str | None = None
+    # Present (as null) on every chunk when the client asked for usage, as OpenAI does.
+    usage: Usage | UnsetType | None = UNSET
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Completion(Struct, omit_defaults=True):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    object: str = "text_completion"
+    system_fingerprint: str | None = None
+    usage: Usage | UnsetType | None = UNSET
+
+
+class EmbeddingData(Struct):
+    index: int
+    embedding: list[float] | str
+    object: str = "embedding"
+
+
+class EmbeddingUsage(Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(Struct):
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+    object: str = "list"
+
+
+class ModelCard(Struct):
+    """One model. Fields after ``owned_by`` are locopilot's own; clients ignore them."""
+
+    id: str
+    created: int
+    owned_by: str
+    object: str = "model"
+    provider: str = "embedded"
+    locality: str = "local"
+    size_bytes: int | None = None
+    architecture: str | None = None
+    quantization: str | None = None
+    parameter_count: int | None = None
+    context_length: int | None = None
+    chat_template: str | None = None
+    loaded: bool = False
+    error: str | None = None
+
+
+class ModelList(Struct):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+encoder = msgspec.json.Encoder()

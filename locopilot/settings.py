@@ -1,0 +1,233 @@
+"""Settings: the only reader of the environment.
+
+Every setting is a field of :class:`Settings`, named after its environment
+variable without the ``LOCOPILOT_`` prefix, and documents itself with
+``Meta(description=...)``. :func:`load_settings` reads a mapping (normally
+``os.environ``) into a frozen Settings or raises :class:`SettingsError` naming
+the variable and what it allows. The README's settings table is generated from
+these fields by :func:`settings_table` and a test keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
+
+import msgspec
+from msgspec import Meta
+
+PREFIX = "LOCOPILOT_"
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    host: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            description="Address to listen on. Keep the loopback default unless clients on other machines need it.",
+        ),
+    ] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=1, le=65535, description="TCP port to listen on.")] = 8080
+    data_dir: Annotated[
+        str,
+        Meta(
+            description=(
+                "Folder for state (the SQLite database). Default: `$STATE_DIRECTORY` under systemd, "
+                "else `~/.local/share/locopilot` (`~/Library/Application Support/locopilot` on macOS)."
+            )
+        ),
+    ] = ""
+    models_dir: Annotated[
+        str, Meta(description="Folder of GGUF models served by the embedded engine. Default: `<DATA_DIR>/models`.")
+    ] = ""
+    default_model: Annotated[
+        str,
+        Meta(
+            pattern=r"^[a-zA-Z0-9:._-]*$",
+            description="Model used by `locopilot chat` and by requests for the model `default`.",
+        ),
+    ] = "smollm2-135m-instruct"
+    ctx_size: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=1_048_576,
+            description="Context window in tokens for each loaded model; 0 uses the model's trained context length.",
+        ),
+    ] = 4096
+    threads: Annotated[
+        int, Meta(ge=0, le=1024, description="CPU threads per loaded model; 0 picks the number of CPU cores.")
+    ] = 0
+    gpu_layers: Annotated[
+        int,
+        Meta(
+            ge=-1,
+            le=10_000,
+            description="Layers to offload to a GPU when the engine was built with one; -1 offloads all, 0 none.",
+        ),
+    ] = -1
+    max_loaded_models: Annotated[
+        int,
+        Meta(ge=1, le=64, description="Models kept loaded at once; loading one more unloads the least recently used."),
+    ] = 2
+    model_idle_ttl: Annotated[
+        int,
+        Meta(
+            ge=-1,
+            description="Seconds a loaded model may sit idle before it is unloaded; -1 keeps models loaded.",
+        ),
+    ] = 300
+    queue_size: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=100_000,
+            description="Requests that may wait for a busy model; one more is refused with 503 and `Retry-After`.",
+        ),
+    ] = 32
+    load_timeout: Annotated[
+        int, Meta(ge=1, le=3600, description="Seconds a model may take to load before the request fails with 503.")
+    ] = 300
+    max_body_bytes: Annotated[
+        int,
+        Meta(ge=1024, le=1 << 30, description="Largest request body accepted, in bytes; larger bodies get 413."),
+    ] = 16 * 1024 * 1024
+    log_level: Annotated[LogLevel, Meta(description="One of debug, info, warning, error.")] = "info"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def models_path(self) -> Path:
+        return Path(self.models_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_path / "locopilot.db"
+
+    def effective_threads(self) -> int:
+        return self.threads or max(1, os.cpu_count() or 1)
+
+
+class SettingsError(ValueError):
+    """A setting has a value it does not allow; the message names the variable."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    variable: str
+    type_name: str
+    default: str
+    description: str
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def default_data_dir(environ: Mapping[str, str]) -> str:
+    state = environ.get("STATE_DIRECTORY")  # set by systemd's StateDirectory=
+    if state:
+        return state.split(":")[0]
+    home = Path(environ.get("HOME") or Path.home())
+    if sys.platform == "darwin":
+        return str(home / "Library" / "Application Support" / "locopilot")
+    xdg = environ.get("XDG_DATA_HOME")
+    return str(Path(xdg) / "locopilot" if xdg else home / ".local" / "share" / "locopilot")
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Read ``LOCOPILOT_*`` variables from ``environ`` into Settings.
+
+    Raises SettingsError for an unknown ``LOCOPILOT_`` variable (a typo would
+    otherwise be silently ignored) or a value a setting does not allow.
+    """
+    known = {env_name(f) for f in Settings.__struct_fields__}
+    raw: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(PREFIX):
+            continue
+        if key not in known:
+            raise SettingsError(key, f"unknown setting; known settings are {', '.join(sorted(known))}")
+        raw[key[len(PREFIX) :].lower()] = value.strip()
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _settings_error(exc) from exc
+    data_dir = settings.data_dir or default_data_dir(environ)
+    models_dir = settings.models_dir or str(Path(data_dir) / "models")
+    return msgspec.structs.replace(
+        settings,
+        data_dir=str(Path(data_dir).expanduser()),
+        models_dir=str(Path(models_dir).expanduser()),
+    )
+
+
+def _settings_error(exc: msgspec.ValidationError) -> SettingsError:
+    # msgspec reports the failing field as "at `$.name`"; map it back to the variable.
+    message = str(exc)
+    match = re.search(r" - at `\$\.(\w+)`$", message)
+    if not match:
+        return SettingsError(PREFIX + "*", message)
+    field = match.group(1)
+    info = {i.variable: i for i in describe()}[env_name(field)]
+    detail = message[: match.start()]
+    allowed = f"allowed: {info.type_name}" + (f"; default {info.default}" if info.default else "")
+    return SettingsError(env_name(field), f"{detail} ({allowed})")
+
+
+def describe() -> Iterator[SettingInfo]:
+    """Each setting's variable, type, default and description, in definition order."""
+    hints = get_type_hints(Settings, include_extras=True)
+    defaults = Settings.__struct_defaults__
+    for name, default in zip(Settings.__struct_fields__, defaults, strict=True):
+        annotated = hints[name]
+        base, *extras = get_args(annotated)
+        meta = next(m for m in extras if isinstance(m, Meta))
+        yield SettingInfo(
+            variable=env_name(name),
+            type_name=_type_name(base, meta),
+            default=str(default),
+            description=meta.description or "",
+        )
+
+
+def _type_name(base: Any, meta: Meta) -> str:
+    if get_origin(base) is Literal:
+        return " \\| ".join(str(a) for a in get_args(base))
+    if base is int:
+        low = "" if meta.ge is None else str(meta.ge)
+        high = "" if meta.le is None else str(meta.le)
+        return f"integer {low}…{high}" if low or high else "integer"
+    return "path" if base is str and meta.pattern is None and meta.min_length is None else "text"
+
+
+def settings_table() -> str:
+    """The README's settings table, as Markdown."""
+    lines = ["| variable | allowed | default | what it does |", "|---|---|---|---|"]
+    for info in describe():
+        default = f"`{info.default}`" if info.default else "(see text)"
+        lines.append(f"| `{info.variable}` | {info.type_name} | {default} | {info.description} |")
+    return "\n".join(lines) + "\n"
+
+
+def effective_items(settings: Settings) -> Iterator[tuple[str, str]]:
+    """(variable, value) pairs for ``locopilot config``; secrets are masked."""
+    for name in Settings.__struct_fields__:
+        value = getattr(settings, name)
+        yield env_name(name), "********" if name in SECRET_FIELDS and value else str(value)
+
+
+SECRET_FIELDS: frozenset[str] = frozenset()

@@ -1,0 +1,108 @@
+"""The request log: one ``inference_logs`` row per inference request, written off the request path.
+
+:func:`record` only enqueues; the response never waits on the disk. Reads block the
+calling thread (run them in a worker thread from async code).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+from typing import Literal
+
+import apsw
+import msgspec
+
+from locopilot.store.db import Database
+
+_log = logging.getLogger(__name__)
+
+LogStatus = Literal["ok", "error", "cancelled"]
+LOG_STATUSES: tuple[LogStatus, ...] = ("ok", "error", "cancelled")
+
+
+class InferenceLog(msgspec.Struct, frozen=True, kw_only=True):
+    """One row of ``inference_logs``; field names and order are the table's columns."""
+
+    id: int | None = None  # None until stored; the database assigns it
+    request_id: str
+    key_id: str | None = None
+    endpoint: str
+    model: str
+    provider: str
+    tokens_in: int
+    tokens_out: int
+    latency_ms: float
+    ttfb_ms: float | None = None
+    status: LogStatus
+    http_status: int
+    error: str | None = None
+    created_at: float  # unix seconds
+
+
+def _columns() -> str:
+    return ", ".join(InferenceLog.__struct_fields__)
+
+
+def record(db: Database, log: InferenceLog) -> Future[int]:
+    """Queue ``log`` for insertion and return at once; the future holds the new row id.
+
+    Callers may drop the future: a failed insert is also logged here, so a lost row is
+    never silent. ``log.id`` is normally None; a given id is inserted as is.
+
+    Raises:
+        StoreError: the database is closed or its writer has stopped (nothing is queued).
+    """
+    params = msgspec.structs.asdict(log)
+    # Column names come from the struct's fields, never from input.
+    sql = f"INSERT INTO inference_logs ({_columns()}) VALUES ({', '.join(':' + name for name in params)})"  # noqa: S608
+
+    def insert(conn: apsw.Connection) -> int:
+        conn.execute(sql, params)
+        return conn.last_insert_rowid()
+
+    future = db.submit(insert)
+    future.add_done_callback(_report_failure)
+    return future
+
+
+def _report_failure(future: Future[int]) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        _log.error("could not record an inference log row: %s", exc, exc_info=exc)
+
+
+def recent(db: Database, *, limit: int = 100, request_id: str | None = None) -> list[InferenceLog]:
+    """The newest ``limit`` rows (by ``created_at``, then id), optionally only ``request_id``'s.
+
+    Raises:
+        ValueError: ``limit`` is negative.
+        StoreError: the read failed.
+    """
+    if limit < 0:
+        raise ValueError(f"limit must be 0 or more, not {limit}")
+    where = "WHERE request_id = :request_id" if request_id is not None else ""
+    sql = f"SELECT {_columns()} FROM inference_logs {where} ORDER BY created_at DESC, id DESC LIMIT :limit"  # noqa: S608
+    names = InferenceLog.__struct_fields__
+
+    def fetch(conn: apsw.Connection) -> list[InferenceLog]:
+        rows = conn.execute(sql, {"request_id": request_id, "limit": limit})
+        # convert() checks each row against the struct, so a bad row fails loudly here.
+        return [msgspec.convert(dict(zip(names, row, strict=True)), InferenceLog) for row in rows]
+
+    return db.read(fetch)
+
+
+def count_by_status(db: Database) -> dict[str, int]:
+    """Rows per status; every status in :data:`LOG_STATUSES` is present, 0 if none.
+
+    Raises:
+        StoreError: the read failed.
+    """
+
+    def fetch(conn: apsw.Connection) -> dict[str, int]:
+        counts: dict[str, int] = dict.fromkeys(LOG_STATUSES, 0)
+        for status, count in conn.execute("SELECT status, count(*) FROM inference_logs GROUP BY status"):
+            counts[status] = count
+        return counts
+
+    return db.read(fetch)

@@ -1,0 +1,87 @@
+"""The schema, as an ordered list of small migrations keyed by ``PRAGMA user_version``.
+
+``MIGRATIONS[n]`` takes a database from version ``n`` to ``n + 1``. Append new steps;
+never edit or reorder a released one, since databases in the field have already run it.
+Tables are STRICT, so a value of the wrong type is refused rather than stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import apsw
+
+from locopilot.store.db import StoreError, write_transaction
+
+
+def _create_inference_logs_and_training_jobs(conn: apsw.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE inference_logs (
+            id          INTEGER PRIMARY KEY,
+            request_id  TEXT NOT NULL,
+            key_id      TEXT,
+            endpoint    TEXT NOT NULL,
+            model       TEXT NOT NULL,
+            provider    TEXT NOT NULL,
+            tokens_in   INTEGER NOT NULL,
+            tokens_out  INTEGER NOT NULL,
+            latency_ms  REAL NOT NULL,
+            ttfb_ms     REAL,
+            status      TEXT NOT NULL CHECK (status IN ('ok', 'error', 'cancelled')),
+            http_status INTEGER NOT NULL,
+            error       TEXT,
+            created_at  REAL NOT NULL  -- unix seconds
+        ) STRICT;
+        CREATE INDEX inference_logs_created_at ON inference_logs (created_at);
+        CREATE INDEX inference_logs_model_created_at ON inference_logs (model, created_at);
+        -- A client reporting a problem quotes its request id; find it without a full scan.
+        CREATE INDEX inference_logs_request_id ON inference_logs (request_id);
+
+        CREATE TABLE training_jobs (
+            id           TEXT PRIMARY KEY,
+            status       TEXT NOT NULL
+                         CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+            base_model   TEXT NOT NULL,
+            dataset_path TEXT NOT NULL,
+            params       TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(params)),
+            output_model TEXT,
+            error        TEXT,
+            progress     REAL NOT NULL DEFAULT 0,
+            created_at   REAL NOT NULL,  -- unix seconds, as are started_at and finished_at
+            started_at   REAL,
+            finished_at  REAL
+        ) STRICT;
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[apsw.Connection], None]] = [
+    _create_inference_logs_and_training_jobs,
+]
+
+
+def migrate(conn: apsw.Connection) -> None:
+    """Apply every migration past the database's ``user_version``, each in its own transaction.
+
+    Each step and its ``user_version`` bump commit together, and the version is re-read
+    under the write lock, so two processes opening the same file at once apply each step
+    exactly once. Safe to call on an up-to-date database (it does nothing).
+
+    Raises:
+        StoreError: the database was written by a newer locopilot (its version is past
+            ``len(MIGRATIONS)``). apsw errors from a failing step propagate untranslated;
+            :meth:`Database.open` translates them.
+    """
+    while True:
+        with write_transaction(conn):
+            version: int = conn.pragma("user_version")
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"database {conn.filename} has schema version {version}, but this locopilot knows "
+                    f"versions up to {len(MIGRATIONS)}; upgrade locopilot or point it at another data folder"
+                )
+            if version == len(MIGRATIONS):
+                return
+            MIGRATIONS[version](conn)
+            conn.pragma("user_version", version + 1)
