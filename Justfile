@@ -43,3 +43,7 @@ bench: setup
 # A one-file executable in dist/ (PyInstaller).
 build: setup
     uv run --frozen --no-sync pyinstaller --noconfirm build/locopilot.spec
+
+# Regenerate the README's settings table from locopilot/settings.py.
+docs:
+    uv run --frozen --no-sync python -c 'import pathlib; from locopilot.settings import with_settings_table as w; p = pathlib.Path("README.md"); p.write_text(w(p.read_text()))'

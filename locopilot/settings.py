@@ -50,7 +50,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     default_model: Annotated[
         str,
         Meta(
-            pattern=r"^[a-zA-Z0-9:._-]*$",
+            pattern=r"^[a-zA-Z0-9:._-]+$",
             description="Model used by `locopilot chat` and by requests for the model `default`.",
         ),
     ] = "smollm2-135m-instruct"
@@ -161,7 +161,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             continue
         if key not in known:
             raise SettingsError(key, f"unknown setting; known settings are {', '.join(sorted(known))}")
-        raw[key[len(PREFIX) :].lower()] = value.strip()
+        field = key[len(PREFIX) :].lower()
+        raw[field] = value.strip().lower() if field == "log_level" else value.strip()
     try:
         settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
@@ -206,7 +207,7 @@ def describe() -> Iterator[SettingInfo]:
 
 def _type_name(base: Any, meta: Meta) -> str:
     if get_origin(base) is Literal:
-        return " \\| ".join(str(a) for a in get_args(base))
+        return " | ".join(str(a) for a in get_args(base))
     if base is int:
         low = "" if meta.ge is None else str(meta.ge)
         high = "" if meta.le is None else str(meta.le)
@@ -219,8 +220,20 @@ def settings_table() -> str:
     lines = ["| variable | allowed | default | what it does |", "|---|---|---|---|"]
     for info in describe():
         default = f"`{info.default}`" if info.default else "(see text)"
-        lines.append(f"| `{info.variable}` | {info.type_name} | {default} | {info.description} |")
+        allowed = info.type_name.replace("|", "\\|")
+        lines.append(f"| `{info.variable}` | {allowed} | {default} | {info.description} |")
     return "\n".join(lines) + "\n"
+
+
+README_START = "<!-- settings:start -->\n"
+README_END = "<!-- settings:end -->"
+
+
+def with_settings_table(readme: str) -> str:
+    """``readme`` with the text between the settings markers replaced by :func:`settings_table`."""
+    head, _, rest = readme.partition(README_START)
+    _, _, tail = rest.partition(README_END)
+    return head + README_START + settings_table() + README_END + tail
 
 
 def effective_items(settings: Settings) -> Iterator[tuple[str, str]]:

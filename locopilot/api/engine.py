@@ -6,6 +6,7 @@ import msgspec
 from litestar import Response, get
 
 from locopilot.api.services import Services
+from locopilot.engine.scheduler import RunnerInfo
 
 _json = msgspec.json.Encoder()
 
@@ -26,6 +27,7 @@ class EngineHealth(msgspec.Struct):
     llama_cpp_version: str | None
     devices: list[str]
     loaded_models: list[str]
+    runners: list[RunnerInfo]
     models_dir: str
 
 
@@ -56,6 +58,7 @@ async def engine_health(services: Services) -> Response[bytes]:
             llama_cpp_version=engine.llama_cpp_version,
             devices=engine.devices,
             loaded_models=services.manager.loaded(),
+            runners=services.manager.describe(),
             models_dir=str(services.settings.models_path),
         ),
     )

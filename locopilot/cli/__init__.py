@@ -6,7 +6,9 @@ import os
 
 import rich_click as click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from locopilot import __version__
 from locopilot.settings import Settings, SettingsError, effective_items, load_settings
@@ -15,12 +17,17 @@ console = Console()
 errors = Console(stderr=True)
 
 
+def print_error(message: str) -> None:
+    """Print ``message`` to standard error as an error; brackets in it (paths, names) are not rich markup."""
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+
+
 def settings_or_exit() -> Settings:
     """The settings from the environment; a bad value ends the command with status 2."""
     try:
         return load_settings(os.environ)
     except SettingsError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        print_error(str(exc))
         raise SystemExit(2) from exc
 
 
@@ -48,7 +55,7 @@ def config() -> None:
     settings = settings_or_exit()
     table = Table("variable", "value", box=None)
     for variable, value in effective_items(settings):
-        table.add_row(variable, value)
+        table.add_row(variable, Text(value))
     console.print(table)
 
 

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 
 import httpx
 import rich_click as click
+from rich.markup import escape
 
-from locopilot.cli import console, errors, settings_or_exit
+from locopilot.cli import console, print_error, settings_or_exit
 from locopilot.settings import Settings
 
 
@@ -26,9 +27,13 @@ class ChatError(Exception):
     """The server answered with an error; the message is the server's."""
 
 
-def stream_reply(client: httpx.Client, model: str, messages: list[dict[str, str]]) -> Iterator[str]:
+def stream_reply(
+    client: httpx.Client, model: str, messages: list[dict[str, str]], temperature: float | None = None
+) -> Iterator[str]:
     """Yield the reply's text pieces as the server streams them; raises ChatError."""
-    body = {"model": model, "messages": messages, "stream": True}
+    body: dict[str, object] = {"model": model, "messages": messages, "stream": True}
+    if temperature is not None:
+        body["temperature"] = temperature
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             response.read()
@@ -60,7 +65,13 @@ def _error_message(response: httpx.Response) -> str:
 @click.option("--model", "-m", help="Model to chat with (default: LOCOPILOT_DEFAULT_MODEL).")
 @click.option("--url", help="Server address (default: from LOCOPILOT_HOST and LOCOPILOT_PORT).")
 @click.option("--system", help="A system message to start the conversation with.")
-def chat(prompt: str | None, model: str | None, url: str | None, system: str | None) -> None:
+@click.option(
+    "--temperature",
+    "-t",
+    type=click.FloatRange(0, 2),
+    help="Sampling temperature, 0 to 2; 0 always picks the likeliest token (default: the server's).",
+)
+def chat(prompt: str | None, model: str | None, url: str | None, system: str | None, temperature: float | None) -> None:
     """Chat with a model on a running server.
 
     With PROMPT (or text on standard input) it answers once and exits;
@@ -74,9 +85,9 @@ def chat(prompt: str | None, model: str | None, url: str | None, system: str | N
     try:
         with httpx.Client(base_url=url or base_url(settings), timeout=httpx.Timeout(10, read=None)) as client:
             if prompt:
-                _turn(client, model, messages, prompt)
+                _turn(client, model, messages, prompt, temperature)
                 return
-            console.print(f"chatting with {model}; Ctrl-D or /exit to leave", style="dim", highlight=False)
+            console.print(f"chatting with {escape(model)}; Ctrl-D or /exit to leave", style="dim", highlight=False)
             while True:
                 try:
                     line = console.input("[bold]> [/]")
@@ -86,19 +97,21 @@ def chat(prompt: str | None, model: str | None, url: str | None, system: str | N
                 if line.strip() in ("/exit", "/quit"):
                     return
                 if line.strip():
-                    _turn(client, model, messages, line)
+                    _turn(client, model, messages, line, temperature)
     except ChatError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        print_error(str(exc))
         raise SystemExit(1) from exc
     except httpx.TransportError as exc:
-        errors.print(f"[bold red]error:[/] cannot reach the server ({exc}); is `locopilot serve` running?")
+        print_error(f"cannot reach the server ({exc}); is `locopilot serve` running?")
         raise SystemExit(1) from exc
 
 
-def _turn(client: httpx.Client, model: str, messages: list[dict[str, str]], text: str) -> None:
+def _turn(
+    client: httpx.Client, model: str, messages: list[dict[str, str]], text: str, temperature: float | None
+) -> None:
     messages.append({"role": "user", "content": text})
     parts: list[str] = []
-    for piece in stream_reply(client, model, messages):
+    for piece in stream_reply(client, model, messages, temperature):
         parts.append(piece)
         console.out(piece, end="", highlight=False)
     console.out("")

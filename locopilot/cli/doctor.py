@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import httpx
 import rich_click as click
 from rich.table import Table
+from rich.text import Text
 
 from locopilot.cli import console
 from locopilot.cli.chat import base_url
@@ -74,7 +75,8 @@ def check_engine(_: Settings) -> Check:
 
 def check_models(settings: Settings) -> Check:
     if not settings.models_path.is_dir():
-        return Check("models folder", "fail", f"{settings.models_path} does not exist")
+        problem = "is not a folder" if settings.models_path.exists() else "does not exist"
+        return Check("models folder", "fail", f"{settings.models_path} {problem}")
     entries = ModelCatalog(settings.models_path).list()
     broken = [e.name for e in entries if e.error]
     if not entries:
@@ -128,7 +130,7 @@ def doctor() -> None:
         results += [check(settings) for check in CHECKS]
     table = Table("check", "status", "detail", box=None)
     for result in results:
-        table.add_row(result.name, MARKS[result.status], result.detail)
+        table.add_row(result.name, MARKS[result.status], Text(result.detail))
     console.print(table, highlight=False)
     if any(r.status == "fail" for r in results):
         raise SystemExit(1)

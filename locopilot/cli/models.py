@@ -6,10 +6,12 @@ from pathlib import Path
 
 import rich_click as click
 from rich.table import Table
+from rich.text import Text
 
-from locopilot.cli import console, errors, settings_or_exit
+from locopilot.cli import console, print_error, settings_or_exit
 from locopilot.errors import LocopilotError
 from locopilot.models.catalog import ModelCatalog
+from locopilot.models.gguf import GGUFError
 
 
 def catalog() -> ModelCatalog:
@@ -34,7 +36,12 @@ def models() -> None:
 @click.option("--names", is_flag=True, help="Print only the names, one a line.")
 def list_models(names: bool) -> None:
     """List the models in LOCOPILOT_MODELS_DIR."""
-    entries = catalog().list()
+    models_catalog = catalog()
+    try:
+        entries = models_catalog.list()
+    except OSError as exc:
+        print_error(f"cannot list {models_catalog.models_dir}: {exc.strerror or exc}")
+        raise SystemExit(1) from exc
     if names:
         for entry in entries:
             click.echo(entry.name)
@@ -47,7 +54,7 @@ def list_models(names: bool) -> None:
             entry.architecture or "?",
             entry.quantization or "?",
             str(entry.context_length or "?"),
-            entry.chat_template if entry.error is None else f"[red]{entry.error}[/]",
+            entry.chat_template if entry.error is None else Text(entry.error, style="red"),
         )
     console.print(table if entries else "no models; add one with `locopilot models add PATH`")
 
@@ -61,7 +68,7 @@ def add_model(path: Path, name: str | None, link: bool) -> None:
     try:
         entry = catalog().add(path, name=name, link=link)
     except LocopilotError as exc:
-        errors.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        print_error(exc.message)
         raise SystemExit(1) from exc
     console.print(f"added {entry.name} ({human_size(entry.size_bytes)}, {entry.quantization})", highlight=False)
 
@@ -73,7 +80,7 @@ def remove_model(name: str) -> None:
     try:
         catalog().remove(name)
     except LocopilotError as exc:
-        errors.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        print_error(exc.message)
         raise SystemExit(1) from exc
     console.print(f"removed {name}", highlight=False)
 
@@ -87,11 +94,14 @@ def show_model(name: str) -> None:
         entry = models_catalog.get(name)
         header = models_catalog.header(name)
     except LocopilotError as exc:
-        errors.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        print_error(exc.message)
+        raise SystemExit(1) from exc
+    except (GGUFError, OSError) as exc:
+        print_error(f"cannot read the model {name}: {exc}")
         raise SystemExit(1) from exc
     table = Table("field", "value", box=None)
     table.add_row("name", entry.name)
-    table.add_row("path", entry.path)
+    table.add_row("path", Text(entry.path))
     table.add_row("size", human_size(entry.size_bytes))
     table.add_row("architecture", str(entry.architecture))
     table.add_row("quantization", str(entry.quantization))
@@ -101,7 +111,7 @@ def show_model(name: str) -> None:
     for key, value in sorted(header.metadata.items()):
         if key == "tokenizer.chat_template":
             continue
-        table.add_row(key, _short(value))
+        table.add_row(Text(key), Text(_short(value)))
     console.print(table)
 
 

@@ -108,6 +108,19 @@ def probe() -> int:
     return 0 if devices else 1
 
 
+def json_grammar(schema: str) -> str:
+    """GBNF for a JSON Schema, with JSON's own rule for characters inside strings.
+
+    llama-cpp-python's converter lets a string hold raw control characters
+    (newlines included), which JSON forbids: a small model then wanders on inside
+    a string and the reply does not parse. llama.cpp's own converter excludes them.
+    """
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    gbnf: str = json_schema_to_gbnf(schema)
+    return gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
+
+
 class StopMatcher:
     """Holds back text that could be the start of a stop string.
 
@@ -214,7 +227,7 @@ class Engine:
         grammar = None
         try:
             if job.json_schema is not None:
-                grammar = LlamaGrammar.from_json_schema(job.json_schema, verbose=False)
+                grammar = LlamaGrammar.from_string(json_grammar(job.json_schema), verbose=False)
             elif job.grammar is not None:
                 grammar = LlamaGrammar.from_string(job.grammar, verbose=False)
         except (ValueError, RuntimeError) as exc:

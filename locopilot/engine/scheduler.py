@@ -26,6 +26,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
 from locopilot.engine import protocol
@@ -67,6 +68,7 @@ class RunnerProcess:
         self.last_used = clock()
         self.in_flight = 0
         self.waiting = 0
+        self.tokens_generated = 0
         self.alive = True
         self.exit_reason = ""
         self._ids = itertools.count(1)
@@ -113,6 +115,9 @@ class RunnerProcess:
         assert self.process.stdout is not None
         try:
             while (message := await _read_message(self.process.stdout)) is not None:
+                if isinstance(message, Done):
+                    # Counted here too for requests whose reader has gone (cancelled ones).
+                    self.tokens_generated += message.completion_tokens
                 sender = self._pending.get(getattr(message, "id", -1))
                 if sender is not None:
                     sender.send_nowait(message)
@@ -230,6 +235,18 @@ async def _kill(process: anyio.abc.Process) -> None:
         await process.wait()
 
 
+class RunnerInfo(msgspec.Struct, frozen=True):
+    model: str
+    pid: int
+    alive: bool
+    n_ctx: int
+    chat_template: str
+    in_flight: int
+    waiting: int
+    tokens_generated: int
+    idle_seconds: float
+
+
 class ModelManager:
     """Loads models into runners on demand and keeps the set within limits.
 
@@ -254,6 +271,22 @@ class ModelManager:
 
     def loaded(self) -> list[str]:
         return [name for name, runner in self.runners.items() if runner.alive]
+
+    def describe(self) -> list[RunnerInfo]:
+        return [
+            RunnerInfo(
+                model=name,
+                pid=runner.ready.pid,
+                alive=runner.alive,
+                n_ctx=runner.ready.n_ctx,
+                chat_template=runner.ready.template,
+                in_flight=runner.in_flight,
+                waiting=runner.waiting,
+                tokens_generated=runner.tokens_generated,
+                idle_seconds=round(self.clock() - runner.last_used, 3),
+            )
+            for name, runner in self.runners.items()
+        ]
 
     async def runner(self, name: str) -> RunnerProcess:
         """The live runner for ``name``, starting one (and evicting another) if needed."""

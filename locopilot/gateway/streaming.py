@@ -129,8 +129,9 @@ def _chain(first: StreamEvent) -> Iterator[StreamEvent]:
 
 def _absorb(event: StreamEvent, parts: list[str], outcome: Outcome) -> Finish | None:
     match event:
-        case TextDelta(text=text):
+        case TextDelta(text=text, tokens=tokens):
             parts.append(text)
+            outcome.tokens_out += tokens
             return None
         case Finish():
             outcome.tokens_in = event.prompt_tokens
@@ -154,7 +155,8 @@ async def _sse_body(
         event: StreamEvent | None = first
         while event is not None:
             match event:
-                case TextDelta(text=text):
+                case TextDelta(text=text, tokens=tokens):
+                    outcome.tokens_out += tokens
                     yield sse(formatter.delta(text))
                 case Finish():
                     outcome.tokens_in = event.prompt_tokens

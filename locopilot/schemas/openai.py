@@ -137,7 +137,7 @@ class ChatCompletion(Struct):
     system_fingerprint: str | None = None
 
 
-class ChatDelta(Struct, omit_defaults=True):
+class ChatDelta(Struct):
     role: str | UnsetType = UNSET
     content: str | UnsetType = UNSET
 
@@ -149,7 +149,7 @@ class ChatChunkChoice(Struct):
     logprobs: None = None
 
 
-class ChatCompletionChunk(Struct, omit_defaults=True):
+class ChatCompletionChunk(Struct):
     id: str
     created: int
     model: str
@@ -167,7 +167,7 @@ class CompletionChoice(Struct):
     logprobs: None = None
 
 
-class Completion(Struct, omit_defaults=True):
+class Completion(Struct):
     id: str
     created: int
     model: str
