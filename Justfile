@@ -32,8 +32,8 @@ test *args: setup
 
 # ruff (lint and format check) and mypy --strict.
 lint:
-    uv run --frozen --no-sync ruff check locopilot tests
-    uv run --frozen --no-sync ruff format --check locopilot tests
+    uv run --frozen --no-sync ruff check locopilot tests bench
+    uv run --frozen --no-sync ruff format --check locopilot tests bench
     uv run --frozen --no-sync mypy
 
 # Engine throughput: locopilot's embedded engine against llama-cpp-python alone.
