@@ -40,9 +40,14 @@ lint:
 bench: setup
     uv run --frozen --no-sync python bench/engine.py
 
-# A one-file executable in dist/ (PyInstaller).
+# A one-file executable in dist/ (PyInstaller). It carries the dev build's one
+# AVX2-level CPU library; the portable all-variants build is not wired in yet.
 build: setup
-    uv run --frozen --no-sync pyinstaller --noconfirm build/locopilot.spec
+    uv run --frozen --no-sync pyinstaller --noconfirm --workpath build/work --distpath dist build/locopilot.spec
+
+# Build, then run the frozen binary end to end (serve, chat, shutdown).
+smoke: build
+    build/smoke_test.sh dist/locopilot
 
 # Regenerate the README's settings table from locopilot/settings.py.
 docs:

@@ -6,8 +6,8 @@
 # Uses SmolLM2-135M-Instruct from .cache/default-model (`just default-model` puts it
 # there), a temporary data folder, a free port on 127.0.0.1 and a temporary TMPDIR
 # (where PyInstaller unpacks the bundle, so leftovers are seen and removed).
-# Needs bash, curl and python3 (for a free port and JSON checks). Exits non-zero
-# on the first failure, printing the server's log.
+# Linux only (/proc, ps --ppid). Needs bash, curl and python3 (for a free port and
+# JSON checks). Exits non-zero on the first failure, printing the server's log.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -69,30 +69,43 @@ export LOCOPILOT_MODELS_DIR="$WORK/models"
 export LOCOPILOT_HOST=127.0.0.1
 export LOCOPILOT_PORT="$PORT"
 export LOCOPILOT_DEFAULT_MODEL="$MODEL_NAME"
+# curl and httpx (doctor's server check) would send 127.0.0.1 to a configured proxy.
+export no_proxy="127.0.0.1,localhost" NO_PROXY="127.0.0.1,localhost"
 BASE="http://127.0.0.1:$PORT"
 
 step "version"
-version="$("$BIN" version)" || fail "version exited with $?"
+code=0
+version="$("$BIN" version)" || code=$?
+((code == 0)) || fail "version exited with $code"
 echo "$version"
 grep -q '^locopilot ' <<<"$version" || fail "version does not name locopilot"
 grep -q '^llama-cpp-python [0-9]' <<<"$version" || fail "version does not name llama-cpp-python's version"
 
 step "doctor"
 # The server check only warns while nothing listens; any failed check exits 1.
-doctor="$("$BIN" doctor)" || { echo "$doctor"; fail "doctor exited with $?"; }
+code=0
+doctor="$("$BIN" doctor)" || code=$?
 echo "$doctor"
+((code == 0)) || fail "doctor exited with $code"
 grep -Eq '^ *llama\.cpp +ok' <<<"$doctor" || fail "doctor's llama.cpp check is not ok (llama_cpp/lib not bundled?)"
 
 step "serve on $BASE"
 "$BIN" serve >"$WORK/serve.log" 2>&1 &
 SERVER_PID=$!
+started=$SECONDS
 deadline=$((SECONDS + HEALTH_TIMEOUT))
 until [[ "$(curl -s -o "$WORK/health.json" -w '%{http_code}' "$BASE/v1/engine/health" || true)" == 200 ]]; do
     kill -0 "$SERVER_PID" 2>/dev/null || fail "the server exited before it was healthy"
     ((SECONDS < deadline)) || fail "GET /v1/engine/health was not 200 within ${HEALTH_TIMEOUT}s: $(cat "$WORK/health.json" 2>/dev/null)"
     sleep 0.5
 done
-echo "healthy after ${SECONDS}s: $(cat "$WORK/health.json")"
+echo "healthy after $((SECONDS - started))s: $(cat "$WORK/health.json")"
+
+step "OpenAPI schema"
+# Rendering it walks litestar's schema generation, which imports more of litestar.
+status="$(curl -sS -o "$WORK/openapi.json" -w '%{http_code}' "$BASE/openapi/openapi.json")" || fail "curl failed"
+[[ "$status" == 200 ]] || fail "GET /openapi/openapi.json answered $status: $(head -c 500 "$WORK/openapi.json")"
+grep -q '"/v1/chat/completions"' "$WORK/openapi.json" || fail "the OpenAPI schema has no /v1/chat/completions"
 
 step "chat completion"
 status="$(curl -sS --max-time 300 -o "$WORK/chat.json" -w '%{http_code}' \
@@ -112,7 +125,17 @@ step "SIGTERM"
 DESCENDANTS=($(descendants_of "$SERVER_PID"))
 runners=0
 for pid in "${DESCENDANTS[@]}"; do
-    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q ' _runner'; then runners=$((runners + 1)); fi
+    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q ' _runner'; then
+        runners=$((runners + 1))
+        # Each of llama.cpp's libraries once, from the bundle's llama_cpp/lib: a second
+        # copy of libggml (say one found through LD_LIBRARY_PATH) would not see the
+        # backends registered in the first.
+        libs="$(awk '$6 ~ /\/lib(ggml|llama)[^\/]*\.so/ {print $6}' "/proc/$pid/maps" | sort -u)"
+        echo "runner $pid maps:" $libs
+        grep -q '/llama_cpp/lib/libllama\.so' <<<"$libs" || fail "the runner has no libllama from llama_cpp/lib"
+        dups="$(sed -E 's#.*/##; s#\.so.*##' <<<"$libs" | sort | uniq -d)"
+        [[ -z "$dups" ]] || fail "the runner maps more than one copy of: $dups"
+    fi
 done
 ((runners > 0)) || fail "no _runner process under the server (pids: ${DESCENDANTS[*]})"
 echo "server pid $SERVER_PID; descendants ${DESCENDANTS[*]} ($runners runner)"
