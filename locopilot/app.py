@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,10 +19,10 @@ from locopilot import __version__
 from locopilot.api import engine as engine_api
 from locopilot.api import openai as openai_api
 from locopilot.api.services import EngineStatus, Services, get_services
-from locopilot.engine.scheduler import ModelManager, runner_command
+from locopilot.engine.scheduler import ModelManager, runner_command, runner_environment
 from locopilot.errors import InvalidRequest, LocopilotError, error_for_status
 from locopilot.gateway.router import Router
-from locopilot.gateway.usage import UsageRecorder
+from locopilot.gateway.usage import Outcome, UsageRecorder
 from locopilot.models.catalog import ModelCatalog
 from locopilot.providers.embedded import EmbeddedProvider
 from locopilot.schemas.openai import encoder
@@ -42,24 +43,43 @@ def error_response(exc: LocopilotError) -> Response[bytes]:
     )
 
 
+# Requests to these are logged even when refused before their handler runs.
+INFERENCE_ENDPOINTS = {
+    "/v1/chat/completions": "chat.completions",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
+
+
+def rejected(request: Request[Any, Any, Any], exc: LocopilotError) -> Response[bytes]:
+    """The error response for a request refused before its handler ran; inference requests are logged."""
+    endpoint = INFERENCE_ENDPOINTS.get(request.url.path)
+    services: Services | None = getattr(request.app.state, "services", None)
+    if endpoint is not None and services is not None:
+        services.recorder.finish(Outcome(f"req-{secrets.token_hex(12)}", endpoint, model=""), error=exc)
+    return error_response(exc)
+
+
 def handle_locopilot_error(_: Request[Any, Any, Any], exc: LocopilotError) -> Response[bytes]:
     return error_response(exc)
 
 
-def handle_validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
+def handle_validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
     problems = exc.extra if isinstance(exc.extra, list) else []
-    if problems:
-        first = problems[0]
-        key = str(first.get("key") or "") if isinstance(first, dict) else ""
-        message = str(first.get("message", exc.detail)) if isinstance(first, dict) else str(first)
-        text = f"Invalid value for '{key}': {message}" if key else message
-        return error_response(InvalidRequest(text, param=key or None))
-    detail = exc.detail if "JSON" not in exc.detail else "The request body is not valid JSON."
-    return error_response(InvalidRequest(detail))
+    first = problems[0] if problems and isinstance(problems[0], dict) else {}
+    key = str(first.get("key") or "")
+    if key == "data":  # Litestar's name for the whole body
+        key = ""
+    message = str(first.get("message") or exc.detail)
+    text = f"Invalid value for '{key}': {message}" if key else f"Invalid request body: {message}"
+    return rejected(request, InvalidRequest(text, param=key or None))
 
 
-def handle_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
-    return error_response(error_for_status(exc.status_code, exc.detail))
+def handle_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    if exc.status_code == 400:
+        # Litestar raises a plain 400 when the body is not JSON at all.
+        return rejected(request, InvalidRequest(f"The request body could not be read: {exc.detail}"))
+    return rejected(request, error_for_status(exc.status_code, exc.detail))
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -67,11 +87,13 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return error_response(LocopilotError("Internal server error."))
 
 
-async def probe_engine(status: EngineStatus) -> None:
+async def probe_engine(status: EngineStatus, settings: Settings) -> None:
     """Check, in a child process, that llama.cpp loads and finds a backend."""
     try:
         with anyio.fail_after(PROBE_TIMEOUT):
-            result = await anyio.run_process([*runner_command(), "--probe"], check=False)
+            result = await anyio.run_process(
+                [*runner_command(), "--probe"], check=False, cwd=settings.data_path, env=runner_environment()
+            )
     except (TimeoutError, OSError) as exc:
         status.detail = f"llama.cpp probe failed: {exc}"
         return
@@ -79,9 +101,13 @@ async def probe_engine(status: EngineStatus) -> None:
         tail = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
         status.detail = f"llama.cpp does not load (exit code {result.returncode}): {tail[0]}"
         return
-    found = json.loads(result.stdout)
-    status.llama_cpp_version = found["version"]
-    status.devices = found["devices"]
+    try:
+        found = json.loads(result.stdout)
+        status.llama_cpp_version = str(found["version"])
+        status.devices = [str(d) for d in found["devices"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        status.detail = f"llama.cpp probe answered something unexpected: {exc!r}"
+        return
     status.ready = True
     status.detail = "ready"
 
@@ -107,7 +133,7 @@ def create_app(settings: Settings) -> Litestar:
                     recorder=UsageRecorder(db),
                     engine=engine,
                 )
-                tasks.start_soon(probe_engine, engine)
+                tasks.start_soon(probe_engine, engine, settings)
                 tasks.start_soon(manager.reap_idle)
                 try:
                     yield

@@ -8,6 +8,7 @@
     │   └── ModelNotFound           404 code=model_not_found
     ├── MethodNotAllowed            405
     ├── PayloadTooLarge             413
+    ├── ClientDisconnected          499 (nginx's code; nobody is left to read it)
     └── Unavailable                 503 (optional Retry-After)
         ├── EngineUnavailable       503 code=engine_unavailable
         └── QueueFull               503 code=queue_full, Retry-After
@@ -92,6 +93,11 @@ class PayloadTooLarge(LocopilotError):
     status_code = 413
     error_type = "invalid_request_error"
     default_code = "payload_too_large"
+
+
+class ClientDisconnected(LocopilotError):
+    status_code = 499
+    error_type = "client_closed_request"
 
 
 class Unavailable(LocopilotError):

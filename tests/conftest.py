@@ -53,8 +53,11 @@ def free_port() -> int:
 class Server:
     """A locopilot process started with ``python -m locopilot serve``."""
 
-    def __init__(self, root: Path, models: dict[str, Path], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, models: dict[str, Path], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.root = root
+        self.cwd = cwd
         self.models_dir = root / "models"
         self.data_dir = root / "data"
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -74,6 +77,7 @@ class Server:
         }
         self.log_path = root / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.clients: list[openai.OpenAI] = []
 
     @property
     def db_path(self) -> Path:
@@ -82,7 +86,11 @@ class Server:
     def start(self, timeout: float = 120) -> Server:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "locopilot", "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "locopilot", "serve"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.cwd,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -100,6 +108,8 @@ class Server:
         return self.log_path.read_text(errors="replace")[-5000:]
 
     def stop(self) -> int:
+        for client in self.clients:
+            client.close()
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0
         self.process.send_signal(signal.SIGTERM)
@@ -111,7 +121,10 @@ class Server:
             raise
 
     def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        """An openai client for this server, closed when the server stops."""
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        self.clients.append(client)
+        return client
 
     def engine_health(self) -> dict[str, object]:
         body: dict[str, object] = httpx.get(f"{self.url}/v1/engine/health", timeout=10).json()

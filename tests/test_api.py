@@ -323,6 +323,9 @@ def test_embeddings_refuse_bad_input(client: openai.OpenAI) -> None:
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         ({"logprobs": True}, "logprobs"),
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"seed": 2**70}, "seed"),
+        ({"seed": -5}, "seed"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -339,6 +342,48 @@ def test_bad_chat_requests_are_400_with_param(server: Server, body: dict[str, ob
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert error["message"]
+
+
+def test_refused_requests_are_logged(server: Server) -> None:
+    marker = "x" * 7 + "-refused-model"
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"model": marker, "messages": CAPITAL, "n": 3}, timeout=30
+    )
+    assert response.status_code == 404
+    assert wait_for_rows(server, "model = ? AND http_status = 404 AND status = 'error'", marker)
+    before = len(log_rows(server, "http_status = 400 AND endpoint = 'completions'"))
+    bad = httpx.post(f"{server.url}/v1/completions", json={"model": SMOL, "prompt": 5}, timeout=30)
+    assert bad.status_code == 400
+    assert wait_for_rows(server, "http_status = 400 AND endpoint = 'completions'", minimum=before + 1)
+
+
+def wait_for_rows(server: Server, where: str, *params: object, minimum: int = 1) -> list[dict[str, object]]:
+    for _ in range(100):
+        rows = log_rows(server, where, *params)
+        if len(rows) >= minimum:
+            return rows
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {minimum} rows where {where}")
+
+
+@pytest.mark.parametrize(
+    ("response_format", "fragment"),
+    [
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "minLength": 10**8}}},
+            "minLength",
+        ),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}, "grammar"),
+        ({"type": "json_schema", "json_schema": {"name": "x"}}, "required"),
+    ],
+)
+def test_unusable_json_schemas_are_400(server: Server, response_format: dict[str, object], fragment: str) -> None:
+    body = {"model": SMOL, "messages": CAPITAL, "max_tokens": 5, "response_format": response_format}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert fragment in error["message"]
+    assert error["param"].startswith("response_format")
 
 
 def test_malformed_json_is_400(server: Server) -> None:

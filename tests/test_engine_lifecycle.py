@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import threading
@@ -17,6 +18,8 @@ from tests.conftest import GEMMA, SMOL, Server, start_server
 from tests.test_api import log_rows
 
 LONG = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
+# SmolLM2's end-of-text and end-of-turn tokens: banned, a reply can only end by cancellation or max_tokens.
+ENDLESS = {"0": -100.0, "2": -100.0}
 
 
 def runners(server: Server) -> list[dict[str, object]]:
@@ -54,7 +57,9 @@ def test_a_killed_runner_costs_one_request_not_the_server(lone: Server) -> None:
 
     def long_request() -> None:
         try:
-            client.chat.completions.create(model=SMOL, messages=LONG, max_tokens=1500, temperature=0)
+            client.chat.completions.create(
+                model=SMOL, messages=LONG, max_tokens=1500, temperature=0, logit_bias=ENDLESS
+            )
         except openai.APIError as exc:
             errors.append(exc)
 
@@ -81,7 +86,14 @@ def test_a_killed_runner_costs_one_request_not_the_server(lone: Server) -> None:
 
 
 def test_client_disconnect_stops_generation(lone: Server) -> None:
-    body = {"model": SMOL, "messages": LONG, "max_tokens": 1500, "temperature": 0, "stream": True}
+    body = {
+        "model": SMOL,
+        "messages": LONG,
+        "max_tokens": 1500,
+        "temperature": 0,
+        "stream": True,
+        "logit_bias": ENDLESS,
+    }
     seen = 0
     with httpx.stream("POST", f"{lone.url}/v1/chat/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
@@ -97,15 +109,29 @@ def test_client_disconnect_stops_generation(lone: Server) -> None:
     wait_until(lambda: log_rows(lone, "request_id = ?", request_id), "the cancelled request is logged")
     (row,) = log_rows(lone, "request_id = ?", request_id)
     assert row["status"] == "cancelled"
-    assert row["http_status"] == 499
+    assert row["http_status"] == 200  # what the client got before it left
     after = runners(lone)[0]["tokens_generated"]
     assert isinstance(after, int)
     # The runner stopped within a few tokens of the last one the client read, far short of 1500.
     assert after - before < seen + 20, (before, after, seen)
 
 
+def test_disconnect_before_the_response_cancels_too(lone: Server) -> None:
+    """A non-streaming client that gives up stops generation; nothing has been sent yet."""
+    before = runners(lone)[0]["tokens_generated"]
+    assert isinstance(before, int)
+    body = {"model": SMOL, "messages": LONG, "max_tokens": 1500, "temperature": 0, "logit_bias": ENDLESS}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{lone.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=1.5))
+    wait_until(lambda: runners(lone)[0]["in_flight"] == 0, "the runner is free again")
+    after = runners(lone)[0]["tokens_generated"]
+    assert isinstance(after, int)
+    assert after - before < 500, (before, after)  # about 1.5 s of generation, far short of 1500
+    wait_until(lambda: log_rows(lone, "status = 'cancelled' AND http_status = 499"), "the request is logged")
+
+
 def test_a_full_queue_answers_503_with_retry_after(lone: Server) -> None:
-    body = {"model": SMOL, "messages": LONG, "max_tokens": 1500, "stream": True}
+    body = {"model": SMOL, "messages": LONG, "max_tokens": 1500, "stream": True, "logit_bias": ENDLESS}
     with httpx.stream("POST", f"{lone.url}/v1/chat/completions", json=body, timeout=60) as busy:
         assert busy.status_code == 200
         # Keep the iterator: dropping it closes the response, which cancels the request.
@@ -164,3 +190,74 @@ def test_shutdown_ends_runner_processes(tmp_path_factory: pytest.TempPathFactory
     assert isinstance(pid, int)
     assert server.stop() == 0
     wait_until(lambda: not _alive(pid), "the runner has exited with the server")
+
+
+def test_code_in_the_working_directory_is_never_imported(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path
+) -> None:
+    """A `llama_cpp/` package where the server was started must not shadow the real one."""
+    workdir = tmp_path_factory.mktemp("workdir")
+    marker = workdir / "imported"
+    (workdir / "llama_cpp").mkdir()
+    (workdir / "llama_cpp" / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise SystemExit('shadowed')\n"
+    )
+    server = Server(tmp_path_factory.mktemp("server"), {SMOL: smollm2_path}, cwd=workdir).start()
+    try:
+        reply = server.client().chat.completions.create(model=SMOL, messages=LONG, max_tokens=2)
+        assert reply.usage is not None
+        assert reply.usage.completion_tokens == 2
+    finally:
+        server.stop()
+    assert not marker.exists()
+
+
+def test_concurrent_loads_respect_max_loaded_models(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, gemma_path: Path
+) -> None:
+    server = start_server(
+        tmp_path_factory, {SMOL: smollm2_path, GEMMA: gemma_path}, {"LOCOPILOT_MAX_LOADED_MODELS": "1"}
+    )
+    try:
+        client = server.client()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            replies = list(
+                pool.map(
+                    lambda model: client.chat.completions.create(model=model, messages=LONG, max_tokens=2),
+                    [SMOL, GEMMA],
+                )
+            )
+        assert [r.usage.completion_tokens for r in replies if r.usage] == [2, 2]
+        assert len(runners(server)) == 1
+        assert len(_runner_processes(server)) == 1
+    finally:
+        server.stop()
+
+
+def _runner_processes(server: Server) -> list[int]:
+    """Live `_runner` processes descended from the server."""
+    assert server.process is not None
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        if b"_runner" in cmdline and "zombie" not in status and _descends_from(int(entry.name), server.process.pid):
+            found.append(int(entry.name))
+    return found
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return False

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import anyio
 import msgspec
 from litestar import Response, get
 
 from locopilot.api.services import Services
 from locopilot.engine.scheduler import RunnerInfo
-
-_json = msgspec.json.Encoder()
+from locopilot.schemas.openai import encoder
 
 
 class Liveness(msgspec.Struct):
@@ -40,13 +40,13 @@ class Health(msgspec.Struct):
 @get("/health", exclude_from_auth=True)
 async def health() -> Response[bytes]:
     """Liveness: the process answers. Never needs a key."""
-    return Response(_json.encode(Liveness()), media_type="application/json")
+    return Response(encoder.encode(Liveness()), media_type="application/json")
 
 
 @get("/v1/engine/health")
 async def engine_health(services: Services) -> Response[bytes]:
     """Readiness: 200 when the database and llama.cpp work, else 503 with what is wrong."""
-    db_error = services.db.health()
+    db_error = await anyio.to_thread.run_sync(services.db.health)
     engine = services.engine
     ready = db_error is None and engine.ready
     body = Health(
@@ -62,7 +62,7 @@ async def engine_health(services: Services) -> Response[bytes]:
             models_dir=str(services.settings.models_path),
         ),
     )
-    return Response(_json.encode(body), media_type="application/json", status_code=200 if ready else 503)
+    return Response(encoder.encode(body), media_type="application/json", status_code=200 if ready else 503)
 
 
 ROUTES = [health, engine_health]

@@ -7,15 +7,17 @@ import base64
 import json
 import secrets
 import time
+from typing import Any
 
+import anyio
 import msgspec
-from litestar import Response, get, post
+from litestar import Request, Response, get, post
 from litestar.response import Stream
 
 from locopilot.api.services import Services
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import InvalidRequest
-from locopilot.gateway.streaming import respond
+from locopilot.gateway.streaming import respond, unless_disconnected
 from locopilot.gateway.usage import Outcome
 from locopilot.models.catalog import ModelEntry
 from locopilot.providers.base import GenerationRequest
@@ -41,9 +43,9 @@ from locopilot.schemas.openai import (
     SamplingFields,
     TextPart,
     Usage,
+    encoder,
 )
 
-_json = msgspec.json.Encoder()
 MAX_EMBEDDING_INPUTS = 2048
 
 
@@ -111,6 +113,29 @@ def message_text(index: int, message: ChatMessage) -> str:
             return "\n".join(texts)
 
 
+SCHEMA_COUNT_KEYS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+MAX_SCHEMA_COUNT = 4096
+MAX_SCHEMA_BYTES = 64 * 1024
+
+
+def check_schema_bounds(schema: dict[str, object]) -> None:
+    """Refuse schemas whose grammar would be huge: a ``minLength`` of 10^8 is a 500 MB grammar."""
+    if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+        raise InvalidRequest(f"json_schema is larger than {MAX_SCHEMA_BYTES} bytes.", param="response_format")
+    stack: list[object] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in SCHEMA_COUNT_KEYS and isinstance(value, int | float) and value > MAX_SCHEMA_COUNT:
+                    raise InvalidRequest(
+                        f"json_schema {key} of {value} exceeds {MAX_SCHEMA_COUNT}.", param="response_format"
+                    )
+                stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def chat_generation(body: ChatCompletionRequest, model: str) -> GenerationRequest:
     check_common(body)
     if body.tools:
@@ -130,6 +155,7 @@ def chat_generation(body: ChatCompletionRequest, model: str) -> GenerationReques
                     raise InvalidRequest(
                         "response_format.json_schema.schema is required", param="response_format.json_schema"
                     )
+                check_schema_bounds(spec.schema)
                 json_schema = json.dumps(spec.schema)
     return GenerationRequest(
         model=model,
@@ -227,40 +253,48 @@ class CompletionFormatter:
 # Routes
 
 
+async def serve_generation(
+    services: Services,
+    request: Request[Any, Any, Any],
+    body: ChatCompletionRequest | CompletionRequest,
+) -> Response[bytes] | Stream:
+    """Route, check, generate and record one chat or text completion."""
+    chat = isinstance(body, ChatCompletionRequest)
+    request_id = new_id("chatcmpl" if chat else "cmpl")
+    outcome = Outcome(request_id, "chat.completions" if chat else "completions", body.model)
+    with services.recorder.recording(outcome):
+        route = await services.router.route(body.model)
+        outcome.model, outcome.provider = route.model, route.provider.name
+        if isinstance(body, ChatCompletionRequest):
+            generation = chat_generation(body, route.model)
+        else:
+            generation = completion_generation(body, route.model)
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        formatter = (ChatFormatter if chat else CompletionFormatter)(request_id, body.model, include_usage)
+        return await respond(
+            route.provider.stream(generation),
+            formatter,
+            stream=body.stream,
+            include_usage=include_usage,
+            outcome=outcome,
+            recorder=services.recorder,
+            headers=provider_headers(route.provider.name, route.model, request_id),
+            receive=request.receive,
+        )
+
+
 @post("/v1/chat/completions", status_code=200)
-async def chat_completions(data: ChatCompletionRequest, services: Services) -> Response[bytes] | Stream:
-    route = services.router.route(data.model)
-    generation = chat_generation(data, route.model)
-    request_id = new_id("chatcmpl")
-    include_usage = bool(data.stream and data.stream_options and data.stream_options.include_usage)
-    outcome = Outcome(request_id, "chat.completions", route.model, route.provider.name)
-    return await respond(
-        route.provider.stream(generation),
-        ChatFormatter(request_id, data.model, include_usage),
-        stream=data.stream,
-        include_usage=include_usage,
-        outcome=outcome,
-        recorder=services.recorder,
-        headers=provider_headers(route.provider.name, route.model, request_id),
-    )
+async def chat_completions(
+    data: ChatCompletionRequest, services: Services, request: Request[Any, Any, Any]
+) -> Response[bytes] | Stream:
+    return await serve_generation(services, request, data)
 
 
 @post("/v1/completions", status_code=200)
-async def completions(data: CompletionRequest, services: Services) -> Response[bytes] | Stream:
-    route = services.router.route(data.model)
-    generation = completion_generation(data, route.model)
-    request_id = new_id("cmpl")
-    include_usage = bool(data.stream and data.stream_options and data.stream_options.include_usage)
-    outcome = Outcome(request_id, "completions", route.model, route.provider.name)
-    return await respond(
-        route.provider.stream(generation),
-        CompletionFormatter(request_id, data.model, include_usage),
-        stream=data.stream,
-        include_usage=include_usage,
-        outcome=outcome,
-        recorder=services.recorder,
-        headers=provider_headers(route.provider.name, route.model, request_id),
-    )
+async def completions(
+    data: CompletionRequest, services: Services, request: Request[Any, Any, Any]
+) -> Response[bytes] | Stream:
+    return await serve_generation(services, request, data)
 
 
 def embedding_inputs(body: EmbeddingRequest) -> list[str]:
@@ -282,16 +316,14 @@ def embedding_inputs(body: EmbeddingRequest) -> list[str]:
 
 
 @post("/v1/embeddings", status_code=200)
-async def embeddings(data: EmbeddingRequest, services: Services) -> Response[bytes]:
-    route = services.router.route(data.model)
-    inputs = embedding_inputs(data)
+async def embeddings(data: EmbeddingRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     request_id = new_id("emb")
-    outcome = Outcome(request_id, "embeddings", route.model, route.provider.name)
-    try:
-        result = await route.provider.embed(route.model, inputs)
-    except BaseException as exc:
-        services.recorder.finish(outcome, error=exc)
-        raise
+    outcome = Outcome(request_id, "embeddings", data.model)
+    with services.recorder.recording(outcome):
+        route = await services.router.route(data.model)
+        outcome.model, outcome.provider = route.model, route.provider.name
+        inputs = embedding_inputs(data)
+        result = await unless_disconnected(request.receive, lambda: route.provider.embed(route.model, inputs))
     outcome.tokens_in = result.prompt_tokens
     services.recorder.finish(outcome)
     data_items = [
@@ -300,7 +332,7 @@ async def embeddings(data: EmbeddingRequest, services: Services) -> Response[byt
     ]
     body = EmbeddingList(data_items, data.model, EmbeddingUsage(result.prompt_tokens, result.prompt_tokens))
     return Response(
-        _json.encode(body),
+        encoder.encode(body),
         media_type="application/json",
         headers=provider_headers(route.provider.name, route.model, request_id),
     )
@@ -329,15 +361,17 @@ def model_card(entry: ModelEntry, loaded: bool) -> ModelCard:
 @get("/v1/models")
 async def list_models(services: Services) -> Response[bytes]:
     loaded = set(services.manager.loaded())
-    cards = [model_card(entry, entry.name in loaded) for entry in services.catalog.list()]
-    return Response(_json.encode(ModelList(cards)), media_type="application/json")
+    # Reading headers touches every model file: not on the event loop.
+    entries = await anyio.to_thread.run_sync(services.catalog.list)
+    cards = [model_card(entry, entry.name in loaded) for entry in entries]
+    return Response(encoder.encode(ModelList(cards)), media_type="application/json")
 
 
 @get("/v1/models/{model_id:str}")
 async def get_model(model_id: str, services: Services) -> Response[bytes]:
-    entry = services.catalog.get(model_id)
+    entry = await anyio.to_thread.run_sync(services.catalog.get, model_id)
     card = model_card(entry, entry.name in services.manager.loaded())
-    return Response(_json.encode(card), media_type="application/json")
+    return Response(encoder.encode(card), media_type="application/json")
 
 
 ROUTES = [chat_completions, completions, embeddings, list_models, get_model]

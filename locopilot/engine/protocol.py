@@ -9,7 +9,7 @@ msgpack-encoded message from the tagged unions below. The API process sends
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import msgspec
 
@@ -99,10 +99,8 @@ class Delta(msgspec.Struct, tag="delta", frozen=True, kw_only=True):
 
 
 class Done(msgspec.Struct, tag="done", frozen=True, kw_only=True):
-    """``finish_reason`` is ``stop``, ``length`` or ``cancelled``."""
-
     id: int
-    finish_reason: str
+    finish_reason: Literal["stop", "length", "cancelled"]
     prompt_tokens: int
     completion_tokens: int
 
@@ -114,11 +112,12 @@ class Embeddings(msgspec.Struct, tag="embeddings", frozen=True, kw_only=True):
 
 
 class Failed(msgspec.Struct, tag="failed", frozen=True, kw_only=True):
-    """``kind`` is ``context_length``, ``invalid`` (the request) or ``internal``."""
+    """The runner refused or failed one request; ``param`` names the field at fault, if one is."""
 
     id: int
-    kind: str
+    kind: Literal["context_length", "invalid", "internal"]
     message: str
+    param: str | None = None
 
 
 FromRunner = Ready | LoadFailed | Started | Delta | Done | Embeddings | Failed

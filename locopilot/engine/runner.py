@@ -26,7 +26,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import numpy as np
 
@@ -54,12 +54,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("locopilot.runner")
 
 
-class RequestError(Exception):
-    """A request the runner refuses; ``kind`` becomes ``Failed.kind``."""
+FailureKind = Literal["context_length", "invalid", "internal"]
 
-    def __init__(self, kind: str, message: str) -> None:
+
+class RequestError(Exception):
+    """A request the runner refuses; ``kind`` and ``param`` go into ``Failed``."""
+
+    def __init__(self, kind: FailureKind, message: str, param: str | None = None) -> None:
         super().__init__(message)
-        self.kind = kind
+        self.kind: FailureKind = kind
+        self.param = param
 
 
 def _ggml() -> ctypes.CDLL:
@@ -230,14 +234,18 @@ class Engine:
                 grammar = LlamaGrammar.from_string(json_grammar(job.json_schema), verbose=False)
             elif job.grammar is not None:
                 grammar = LlamaGrammar.from_string(job.grammar, verbose=False)
-        except (ValueError, RuntimeError) as exc:
-            raise RequestError("invalid", f"response_format could not be turned into a grammar: {exc}") from exc
+        except Exception as exc:
+            raise RequestError(
+                "invalid", f"response_format could not be turned into a grammar: {exc}", "response_format"
+            ) from exc
 
         sampling = job.sampling
         n_vocab = self.llama.n_vocab()
         bad = [t for t in sampling.logit_bias if not 0 <= t < n_vocab]
         if bad:
-            raise RequestError("invalid", f"logit_bias names token {bad[0]}, outside this model's vocabulary")
+            raise RequestError(
+                "invalid", f"logit_bias names token {bad[0]}, outside this model's vocabulary", "logit_bias"
+            )
         processors = None
         if sampling.logit_bias:
             ids = np.array(list(sampling.logit_bias), dtype=np.intc)
@@ -259,7 +267,7 @@ class Engine:
         matcher = StopMatcher(stops)
         generated = 0
         unsent = 0
-        finish = "length"
+        finish: Literal["stop", "length", "cancelled"] = "length"
         for token in self.llama.generate(
             tokens,
             top_k=sampling.top_k,
@@ -374,28 +382,60 @@ def main() -> int:
     channel.send(engine.ready())
 
     jobs: queue.Queue[Generate | Embed | None] = queue.Queue()
-    cancelled: set[int] = set()
+    cancellations = Cancellations()
 
     def read_requests() -> None:
         try:
             while (frame := protocol.read_frame_sync(stdin)) is not None:
                 match protocol.decode_to_runner(frame):
                     case Cancel(id=job_id):
-                        cancelled.add(job_id)
+                        cancellations.cancel(job_id)
                     case Generate() | Embed() as job:
                         jobs.put(job)
                     case Load():
                         log.warning("ignoring a second load message")
         finally:
+            cancellations.close()
             jobs.put(None)
 
     threading.Thread(target=read_requests, name="runner-reader", daemon=True).start()
     while (job := jobs.get()) is not None:
-        serve_one(engine, job, channel, cancelled)
+        serve_one(engine, job, channel, cancellations)
     return 0
 
 
-def serve_one(engine: Engine, job: Generate | Embed, channel: Channel, cancelled: set[int]) -> None:
+class Cancellations:
+    """Which jobs to stop, written by the reader thread and read between tokens.
+
+    Job ids grow and jobs run in order, so a Cancel for a job already finished
+    is dropped instead of kept forever. Once stdin ends (the API process is
+    gone) every job counts as cancelled.
+    """
+
+    def __init__(self) -> None:
+        self._ids: set[int] = set()
+        self._finished_up_to = 0
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def cancel(self, job_id: int) -> None:
+        with self._lock:
+            if job_id > self._finished_up_to:
+                self._ids.add(job_id)
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __contains__(self, job_id: int) -> bool:
+        return self._closed or job_id in self._ids
+
+    def finish(self, job_id: int) -> None:
+        with self._lock:
+            self._ids.discard(job_id)
+            self._finished_up_to = max(self._finished_up_to, job_id)
+
+
+def serve_one(engine: Engine, job: Generate | Embed, channel: Channel, cancelled: Cancellations) -> None:
     job_id = job.id
     try:
         if job_id in cancelled:
@@ -407,11 +447,11 @@ def serve_one(engine: Engine, job: Generate | Embed, channel: Channel, cancelled
         for message in engine.generate(job, lambda: job_id in cancelled):
             channel.send(message)
     except RequestError as exc:
-        channel.send(Failed(id=job_id, kind=exc.kind, message=str(exc)))
+        channel.send(Failed(id=job_id, kind=exc.kind, message=str(exc), param=exc.param))
     except (BrokenPipeError, ProtocolError):
         raise
     except Exception as exc:
         log.exception("request %s failed", job_id)
         channel.send(Failed(id=job_id, kind="internal", message=f"{type(exc).__name__}: {exc}"))
     finally:
-        cancelled.discard(job_id)
+        cancelled.finish(job_id)

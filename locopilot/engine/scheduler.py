@@ -16,12 +16,12 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import subprocess
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 import anyio
@@ -51,17 +51,56 @@ TERMINAL = (Done, Failed, Embeddings)
 
 
 def runner_command() -> list[str]:
-    """How to start a runner: the same program, hidden subcommand ``_runner``."""
+    """How to start a runner: the same program, hidden subcommand ``_runner``.
+
+    ``-P`` keeps the working directory off ``sys.path``: a stray ``llama_cpp/``
+    there would otherwise be imported instead of the real one.
+    """
     if getattr(sys, "frozen", False):
         return [sys.executable, "_runner"]
-    return [sys.executable, "-m", "locopilot", "_runner"]
+    return [sys.executable, "-P", "-m", "locopilot", "_runner"]
+
+
+def runner_environment() -> dict[str, str]:
+    """The runner's environment: ours without locopilot's settings (which will hold keys)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("LOCOPILOT_")}
+
+
+class RunnerGone(EngineUnavailable):
+    """The runner had died before this request was sent; a new runner may serve it."""
+
+
+class _Ticket:
+    """One request's hold on the runner's slot, given back exactly once."""
+
+    def __init__(self, runner: RunnerProcess, send: MemoryObjectSendStream[FromRunner]) -> None:
+        self.runner = runner
+        self.send = send
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.runner.in_flight -= 1
+            self.runner.last_used = self.runner.clock()
+            self.runner._slot.release()
+            if self.runner.in_flight == 0:
+                self.runner.on_idle()
 
 
 class RunnerProcess:
     """One runner child. Created by :meth:`start`; ended by :meth:`stop` or by dying."""
 
-    def __init__(self, name: str, process: anyio.abc.Process, ready: Ready, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        name: str,
+        process: anyio.abc.Process,
+        ready: Ready,
+        clock: Callable[[], float],
+        on_idle: Callable[[], None] = lambda: None,
+    ) -> None:
         self.name = name
+        self.on_idle = on_idle
         self.process = process
         self.ready = ready
         self.clock = clock
@@ -72,13 +111,20 @@ class RunnerProcess:
         self.alive = True
         self.exit_reason = ""
         self._ids = itertools.count(1)
-        self._pending: dict[int, MemoryObjectSendStream[FromRunner]] = {}
+        self._pending: dict[int, _Ticket] = {}
         self._write_lock = anyio.Lock()
         # One request at a time inside the runner for now; the runner's queue is ours.
         self._slot = anyio.Semaphore(1)
 
     @classmethod
-    async def start(cls, name: str, model_path: Path, settings: Settings, clock: Callable[[], float]) -> RunnerProcess:
+    async def start(
+        cls,
+        name: str,
+        model_path: Path,
+        settings: Settings,
+        clock: Callable[[], float],
+        on_idle: Callable[[], None] = lambda: None,
+    ) -> RunnerProcess:
         """Spawn a runner and load the model; raises EngineUnavailable if it cannot."""
         load = Load(
             model_path=str(model_path),
@@ -86,29 +132,40 @@ class RunnerProcess:
             threads=settings.effective_threads(),
             gpu_layers=settings.gpu_layers,
         )
-        process = await anyio.open_process(runner_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
+        process = await anyio.open_process(
+            runner_command(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            cwd=settings.data_path,
+            env=runner_environment(),
+        )
         assert process.stdin is not None
         assert process.stdout is not None
+        failed = f"model '{name}' failed to load; the server log says why"
         try:
             await process.stdin.send(protocol.encode(load))
             with anyio.fail_after(settings.load_timeout):
                 first = await _read_message(process.stdout)
         except (TimeoutError, OSError, anyio.BrokenResourceError, protocol.ProtocolError) as exc:
             await _kill(process)
-            raise EngineUnavailable(f"model '{name}' did not load: {type(exc).__name__} {exc}".strip()) from exc
+            log.error("runner for %s did not load: %r", name, exc)
+            raise EngineUnavailable(failed) from exc
+        except BaseException:
+            await _kill(process)
+            raise
         match first:
             case Ready():
                 log.info("loaded model %s in runner pid %s (n_ctx=%s)", name, first.pid, first.n_ctx)
-                return cls(name, process, first, clock)
+                return cls(name, process, first, clock, on_idle)
             case LoadFailed(message=message):
-                await _kill(process)
-                raise EngineUnavailable(f"model '{name}' failed to load: {message}")
+                log.error("model %s failed to load: %s", name, message)
             case None:
-                code = await process.wait()
-                raise EngineUnavailable(f"model '{name}' failed to load: the runner exited with code {code}")
+                log.error("model %s failed to load: the runner exited with code %s", name, await process.wait())
             case _:
-                await _kill(process)
-                raise EngineUnavailable(f"model '{name}' failed to load: unexpected {type(first).__name__}")
+                log.error("model %s failed to load: the runner sent %s", name, type(first).__name__)
+        await _kill(process)
+        raise EngineUnavailable(failed)
 
     async def read_loop(self) -> None:
         """Route messages to their requests until the child's stdout ends."""
@@ -118,24 +175,34 @@ class RunnerProcess:
                 if isinstance(message, Done):
                     # Counted here too for requests whose reader has gone (cancelled ones).
                     self.tokens_generated += message.completion_tokens
-                sender = self._pending.get(getattr(message, "id", -1))
-                if sender is not None:
-                    sender.send_nowait(message)
+                ticket = self._pending.get(getattr(message, "id", -1))
+                if ticket is not None:
+                    if isinstance(message, TERMINAL):
+                        # The runner is done with it: the next request may go, even
+                        # while this one's client is still reading what was sent.
+                        ticket.release()
+                    ticket.send.send_nowait(message)
         except (OSError, anyio.BrokenResourceError, protocol.ProtocolError) as exc:
             log.warning("runner for %s: %s", self.name, exc)
         finally:
             self.alive = False
-            with anyio.CancelScope(shield=True):
-                code = await self.process.wait()
-            self.exit_reason = f"the runner for model '{self.name}' exited with code {code}"
+            # A runner that sent garbage may still be alive; it is of no use now.
+            await _kill(self.process)
+            self.exit_reason = f"the runner for model '{self.name}' exited with code {self.process.returncode}"
             if self._pending:
                 log.error("%s with %d requests in flight", self.exit_reason, len(self._pending))
-            for sender in list(self._pending.values()):
-                sender.close()
+            for ticket in list(self._pending.values()):
+                ticket.send.close()
 
-    @asynccontextmanager
-    async def admit(self, queue_size: int) -> AsyncIterator[None]:
-        """Hold the runner's slot for one request; QueueFull when too many already wait."""
+    async def request(self, job: Generate | Embed, queue_size: int) -> AsyncGenerator[FromRunner, None]:
+        """Wait for the runner's slot, send one job, yield its messages through the terminal one.
+
+        Raises QueueFull (nothing waits) when ``queue_size`` requests already
+        wait, RunnerGone when the runner died while this one waited, and
+        EngineUnavailable when it dies during the job. Closing the iterator
+        early sends Cancel to the runner. The slot is given back as soon as the
+        runner finishes the job, or at once when the job is abandoned.
+        """
         if self._slot.value == 0 and self.waiting >= queue_size:
             raise QueueFull(
                 f"model '{self.name}' is busy and {self.waiting} requests are already waiting; try again shortly",
@@ -147,23 +214,12 @@ class RunnerProcess:
         finally:
             self.waiting -= 1
         self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            self.last_used = self.clock()
-            self._slot.release()
-
-    async def request(self, job: Generate | Embed) -> AsyncGenerator[FromRunner, None]:
-        """Send one job and yield its messages up to and including the terminal one.
-
-        Closing the iterator early sends Cancel to the runner. Raises
-        EngineUnavailable if the runner dies first.
-        """
-        if not self.alive:
-            raise EngineUnavailable(self.exit_reason or f"the runner for model '{self.name}' has stopped")
         send, receive = anyio.create_memory_object_stream[FromRunner](math.inf)
-        self._pending[job.id] = send
+        ticket = _Ticket(self, send)
+        if not self.alive:
+            ticket.release()
+            raise RunnerGone(self.exit_reason or f"the runner for model '{self.name}' has stopped")
+        self._pending[job.id] = ticket
         finished = False
         try:
             await self._send(job)
@@ -177,6 +233,7 @@ class RunnerProcess:
         finally:
             del self._pending[job.id]
             send.close()
+            ticket.release()
             if not finished and self.alive:
                 with anyio.CancelScope(shield=True):
                     await self._send(Cancel(id=job.id))
@@ -267,7 +324,10 @@ class ModelManager:
         self.task_group = task_group
         self.clock = clock
         self.runners: OrderedDict[str, RunnerProcess] = OrderedDict()
-        self._loading: dict[str, anyio.Lock] = {}
+        # One load at a time: it keeps MAX_LOADED_MODELS true while loads overlap
+        # (a model being loaded is not in `runners` yet), and loads share the CPU anyway.
+        self._loading = anyio.Lock()
+        self._some_idle = anyio.Event()
 
     def loaded(self) -> list[str]:
         return [name for name, runner in self.runners.items() if runner.alive]
@@ -291,15 +351,19 @@ class ModelManager:
     async def runner(self, name: str) -> RunnerProcess:
         """The live runner for ``name``, starting one (and evicting another) if needed."""
         path = self.paths(name)
-        lock = self._loading.setdefault(name, anyio.Lock())
-        async with lock:
+        runner = self.runners.get(name)
+        if runner is not None and runner.alive:
+            self.runners.move_to_end(name)
+            runner.last_used = self.clock()
+            return runner
+        async with self._loading:
             runner = self.runners.get(name)
             if runner is not None and not runner.alive:
                 del self.runners[name]
                 runner = None
             if runner is None:
                 await self._make_room()
-                runner = await RunnerProcess.start(name, path, self.settings, self.clock)
+                runner = await RunnerProcess.start(name, path, self.settings, self.clock, self._runner_idle)
                 self.runners[name] = runner
                 self.task_group.start_soon(runner.read_loop, name=f"runner-reader:{name}")
             self.runners.move_to_end(name)
@@ -307,15 +371,24 @@ class ModelManager:
             return runner
 
     async def _make_room(self) -> None:
+        """Unload the least recently used idle runner until one more fits; waits while all are busy."""
         while len(self.runners) >= self.settings.max_loaded_models:
             idle = [name for name, r in self.runners.items() if r.in_flight == 0 and r.waiting == 0]
-            if not idle:
+            if idle:
+                await self.unload(idle[0])
+                continue
+            self._some_idle = anyio.Event()
+            with anyio.move_on_after(self.settings.load_timeout) as waited:
+                await self._some_idle.wait()
+            if waited.cancelled_caught:
                 raise QueueFull(
-                    f"all {len(self.runners)} loaded models are busy; raise LOCOPILOT_MAX_LOADED_MODELS "
-                    "or try again shortly",
-                    retry_after=2,
+                    f"all {len(self.runners)} loaded models stayed busy for {self.settings.load_timeout} s; "
+                    "raise LOCOPILOT_MAX_LOADED_MODELS or try again later",
+                    retry_after=5,
                 )
-            await self.unload(idle[0])
+
+    def _runner_idle(self) -> None:
+        self._some_idle.set()
 
     async def unload(self, name: str) -> bool:
         runner = self.runners.pop(name, None)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import anyio
+
 from locopilot.models.catalog import ModelCatalog
 from locopilot.providers.base import Provider
 
@@ -25,8 +27,9 @@ class Router:
         self.embedded = embedded
         self.default_model = default_model
 
-    def route(self, model: str) -> Route:
+    async def route(self, model: str) -> Route:
         """Raises InvalidModelName or ModelNotFound."""
         name = self.default_model if model == "default" else model
-        self.catalog.get(name)
+        # The first look at a model parses its header: not on the event loop.
+        await anyio.to_thread.run_sync(self.catalog.get, name)
         return Route(self.embedded, name)

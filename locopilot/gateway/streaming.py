@@ -3,29 +3,32 @@
 The first event is pulled before any status is sent, so an error before the
 first token is a real HTTP error (and, with several providers, failover is
 still possible). After the first byte, an error becomes an SSE ``error`` event
-and the stream ends. Either way the request's outcome is recorded once.
+and the stream ends. A client that disconnects at any point cancels the work:
+while the response is being prepared, :func:`unless_disconnected` watches for
+it; once streaming, Litestar's Stream does. Either way the request's outcome
+is recorded once.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import AsyncGenerator, Callable, Iterator
-from typing import Protocol
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import anyio
 import msgspec
 from litestar import Response
 from litestar.response import Stream
+from litestar.types import Receive
 
-from locopilot.errors import LocopilotError
+from locopilot.errors import ClientDisconnected, LocopilotError
 from locopilot.gateway.usage import Outcome, UsageRecorder
 from locopilot.providers.base import Finish, StreamEvent, TextDelta
-from locopilot.schemas.openai import Usage
+from locopilot.schemas.openai import Usage, encoder
 
 log = logging.getLogger(__name__)
-_json = msgspec.json.Encoder()
 
+T = TypeVar("T")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -46,22 +49,55 @@ class Formatter(Protocol):
 
 
 def sse(payload: msgspec.Struct) -> bytes:
-    return b"data: " + _json.encode(payload) + b"\n\n"
+    return b"data: " + encoder.encode(payload) + b"\n\n"
+
+
+def usage_of(finish: Finish) -> Usage:
+    return Usage(finish.prompt_tokens, finish.completion_tokens, finish.prompt_tokens + finish.completion_tokens)
+
+
+async def unless_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]) -> T:
+    """``await work()``, cancelled if the client disconnects first (then ClientDisconnected).
+
+    Only for use once the request body has been read: the next ASGI message is
+    then ``http.disconnect``.
+    """
+    results: list[T] = []
+    errors: list[Exception] = []
+    async with anyio.create_task_group() as tasks:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            tasks.cancel_scope.cancel()
+
+        async def run() -> None:
+            try:
+                results.append(await work())
+            except Exception as exc:  # noqa: BLE001 - re-raised below, outside the task group
+                errors.append(exc)
+            finally:
+                tasks.cancel_scope.cancel()
+
+        tasks.start_soon(watch)
+        tasks.start_soon(run)
+    if errors:
+        raise errors[0]
+    if not results:
+        raise ClientDisconnected("the client disconnected before the response started")
+    return results[0]
 
 
 async def prime(events: AsyncGenerator[StreamEvent, None]) -> StreamEvent:
-    """Pull the first event; on error the stream is closed and the error raised."""
+    """Pull the first event; on any error or cancellation the stream is closed first."""
     try:
         return await anext(events)
     except StopAsyncIteration:
         raise LocopilotError("the provider ended the stream without a result") from None
     except BaseException:
-        await events.aclose()
+        with anyio.CancelScope(shield=True):
+            await events.aclose()
         raise
-
-
-def usage_of(finish: Finish) -> Usage:
-    return Usage(finish.prompt_tokens, finish.completion_tokens, finish.prompt_tokens + finish.completion_tokens)
 
 
 async def respond(
@@ -73,20 +109,21 @@ async def respond(
     outcome: Outcome,
     recorder: UsageRecorder,
     headers: dict[str, str],
-    clock: Callable[[], float] = time.perf_counter,
+    receive: Receive,
 ) -> Response[bytes] | Stream:
-    """Prime ``events`` and answer with JSON or SSE; records the outcome when done.
+    """Answer with JSON or SSE, recording the outcome when the work ends.
 
-    Raises (after recording) any error that happens before the first event.
+    Raises (after recording) any error that happens before the first byte.
     """
     try:
-        first = await prime(events)
+        if not stream:
+            body = await unless_disconnected(receive, lambda: _collect(events, formatter, outcome, recorder))
+            return Response(encoder.encode(body), media_type="application/json", headers=headers)
+        first = await unless_disconnected(receive, lambda: prime(events))
     except BaseException as exc:
         recorder.finish(outcome, error=exc)
         raise
-    outcome.ttfb = clock() - outcome.started
-    if not stream:
-        return await _collect(first, events, formatter, outcome, recorder, headers)
+    outcome.ttfb = recorder.clock() - outcome.started
     return Stream(
         _sse_body(first, events, formatter, include_usage, outcome, recorder),
         media_type="text/event-stream",
@@ -95,48 +132,28 @@ async def respond(
 
 
 async def _collect(
-    first: StreamEvent,
-    events: AsyncGenerator[StreamEvent, None],
-    formatter: Formatter,
-    outcome: Outcome,
-    recorder: UsageRecorder,
-    headers: dict[str, str],
-) -> Response[bytes]:
+    events: AsyncGenerator[StreamEvent, None], formatter: Formatter, outcome: Outcome, recorder: UsageRecorder
+) -> msgspec.Struct:
     parts: list[str] = []
     finish: Finish | None = None
     try:
-        for event in _chain(first):
-            finish = _absorb(event, parts, outcome)
         async for event in events:
-            finish = _absorb(event, parts, outcome)
-    except BaseException as exc:
-        recorder.finish(outcome, error=exc)
-        raise
+            if outcome.ttfb is None:
+                outcome.ttfb = recorder.clock() - outcome.started
+            match event:
+                case TextDelta(text=text, tokens=tokens):
+                    parts.append(text)
+                    outcome.tokens_out += tokens
+                case Finish():
+                    finish = event
     finally:
-        await events.aclose()
+        with anyio.CancelScope(shield=True):
+            await events.aclose()
     if finish is None:
-        error = LocopilotError("the provider ended the stream without finishing")
-        recorder.finish(outcome, error=error)
-        raise error
+        raise LocopilotError("the provider ended the stream without finishing")
+    outcome.tokens_in, outcome.tokens_out = finish.prompt_tokens, finish.completion_tokens
     recorder.finish(outcome)
-    body = formatter.response("".join(parts), finish.reason, usage_of(finish))
-    return Response(_json.encode(body), media_type="application/json", headers=headers)
-
-
-def _chain(first: StreamEvent) -> Iterator[StreamEvent]:
-    yield first
-
-
-def _absorb(event: StreamEvent, parts: list[str], outcome: Outcome) -> Finish | None:
-    match event:
-        case TextDelta(text=text, tokens=tokens):
-            parts.append(text)
-            outcome.tokens_out += tokens
-            return None
-        case Finish():
-            outcome.tokens_in = event.prompt_tokens
-            outcome.tokens_out = event.completion_tokens
-            return event
+    return formatter.response("".join(parts), finish.reason, usage_of(finish))
 
 
 async def _sse_body(
@@ -148,6 +165,7 @@ async def _sse_body(
     recorder: UsageRecorder,
 ) -> AsyncGenerator[bytes, None]:
     error: BaseException | None = None
+    outcome.streaming = True
     try:
         opening = formatter.first()
         if opening is not None:
@@ -159,8 +177,7 @@ async def _sse_body(
                     outcome.tokens_out += tokens
                     yield sse(formatter.delta(text))
                 case Finish():
-                    outcome.tokens_in = event.prompt_tokens
-                    outcome.tokens_out = event.completion_tokens
+                    outcome.tokens_in, outcome.tokens_out = event.prompt_tokens, event.completion_tokens
                     yield sse(formatter.finish(event.reason))
                     if include_usage:
                         yield sse(formatter.usage_chunk(usage_of(event)))
@@ -172,13 +189,13 @@ async def _sse_body(
         error = exc
         log.warning("stream failed after the first byte: %s", exc.message)
         yield sse(exc.body())
-    except anyio.get_cancelled_exc_class() as exc:
-        error = exc
-        raise
     except Exception as exc:
         error = exc
         log.exception("stream failed after the first byte")
         yield sse(LocopilotError("internal error while streaming").body())
+    except BaseException as exc:  # cancelled, or closed by the server when the client left
+        error = exc
+        raise
     finally:
         with anyio.CancelScope(shield=True):
             await events.aclose()

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import anyio
 
-from locopilot.errors import LocopilotError
+from locopilot.errors import ClientDisconnected, LocopilotError
 from locopilot.store import logs
 from locopilot.store.db import Database, StoreError
 
 log = logging.getLogger(__name__)
-
-CLIENT_CLOSED = 499  # nginx's code for a request the client gave up on
 
 
 @dataclass
@@ -31,6 +30,7 @@ class Outcome:
     ttfb: float | None = None
     tokens_in: int = 0
     tokens_out: int = 0
+    streaming: bool = False  # the 200 and the first bytes have gone out
     recorded: bool = False
 
 
@@ -45,20 +45,35 @@ class UsageRecorder:
         self.clock = clock
         self.wall_clock = wall_clock
 
+    @contextmanager
+    def recording(self, outcome: Outcome) -> Iterator[Outcome]:
+        """Record ``outcome`` as failed if the block raises (and re-raise)."""
+        try:
+            yield outcome
+        except BaseException as exc:
+            self.finish(outcome, error=exc)
+            raise
+
     def finish(self, outcome: Outcome, *, error: BaseException | None = None) -> None:
-        """Queue the log row for ``outcome``; a second call for the same outcome does nothing."""
+        """Queue the log row for ``outcome``; a second call for the same outcome does nothing.
+
+        ``http_status`` is what the client got: once streaming has begun that is
+        200 even if the stream then ended with an error event.
+        """
         if outcome.recorded:
             return
         outcome.recorded = True
         status: logs.LogStatus
         if error is None:
             status, http_status, message = "ok", 200, None
-        elif isinstance(error, anyio.get_cancelled_exc_class() | GeneratorExit):
-            status, http_status, message = "cancelled", CLIENT_CLOSED, "client disconnected"
+        elif isinstance(error, ClientDisconnected | anyio.get_cancelled_exc_class() | GeneratorExit):
+            status, http_status, message = "cancelled", ClientDisconnected.status_code, "client disconnected"
         elif isinstance(error, LocopilotError):
             status, http_status, message = "error", error.status_code, error.message
         else:
             status, http_status, message = "error", 500, type(error).__name__
+        if outcome.streaming:
+            http_status = 200
         row = logs.InferenceLog(
             request_id=outcome.request_id,
             key_id=outcome.key_id,

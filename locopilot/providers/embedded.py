@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 
-from locopilot.engine.protocol import Delta, Done, Embed, Embeddings, Failed, Generate, Started
-from locopilot.engine.scheduler import ModelManager
+import msgspec
+
+from locopilot.engine.protocol import Delta, Done, Embed, Embeddings, Failed, FromRunner, Generate, Started
+from locopilot.engine.scheduler import ModelManager, RunnerGone
 from locopilot.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest, LocopilotError
 from locopilot.providers.base import EmbeddingResult, Finish, GenerationRequest, Locality, StreamEvent, TextDelta
 
 
-def failure_error(failed: Failed) -> LocopilotError:
+def failure_error(failed: Failed, input_param: str) -> LocopilotError:
+    """The API error for a request the runner refused; ``input_param`` names the request's input field."""
     match failed.kind:
         case "context_length":
-            return ContextLengthExceeded(failed.message, param="messages")
+            return ContextLengthExceeded(failed.message, param=input_param)
         case "invalid":
-            return InvalidRequest(failed.message)
+            return InvalidRequest(failed.message, param=failed.param)
         case _:
-            return LocopilotError(f"the engine failed: {failed.message}")
+            return LocopilotError("the engine failed on this request; the server log says why")
 
 
 class EmbeddedProvider:
@@ -28,48 +31,68 @@ class EmbeddedProvider:
         self.manager = manager
         self.queue_size = queue_size
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
-        runner = await self.manager.runner(request.model)
-        async with runner.admit(self.queue_size):
-            job = Generate(
-                id=runner.next_id(),
-                prompt=request.prompt,
-                messages=request.messages,
-                max_tokens=request.max_tokens,
-                stop=request.stop,
-                echo=request.echo,
-                grammar=request.grammar,
-                json_schema=request.json_schema,
-                sampling=request.sampling,
-            )
-            messages = runner.request(job)
+    async def _request(self, model: str, job: Generate | Embed) -> AsyncGenerator[FromRunner, None]:
+        """The job's messages from a live runner; a runner that died while the job waited is replaced once."""
+        for attempt in (1, 2):
+            runner = await self.manager.runner(model)
+            messages = runner.request(msgspec.structs.replace(job, id=runner.next_id()), self.queue_size)
             try:
+                first = await anext(messages)
+            except RunnerGone:
+                await messages.aclose()
+                if attempt == 2:
+                    raise
+                continue
+            except BaseException:
+                await messages.aclose()
+                raise
+            try:
+                yield first
                 async for message in messages:
-                    match message:
-                        case Started():
-                            pass
-                        case Delta(text=text, tokens=tokens):
-                            yield TextDelta(text, tokens)
-                        case Done(finish_reason=reason, prompt_tokens=p, completion_tokens=c):
-                            yield Finish(reason, p, c)
-                        case Failed():
-                            raise failure_error(message)
-                        case _:
-                            raise EngineUnavailable(f"unexpected {type(message).__name__} from the runner")
+                    yield message
             finally:
                 await messages.aclose()
+            return
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
+        job = Generate(
+            id=0,
+            prompt=request.prompt,
+            messages=request.messages,
+            max_tokens=request.max_tokens,
+            stop=request.stop,
+            echo=request.echo,
+            grammar=request.grammar,
+            json_schema=request.json_schema,
+            sampling=request.sampling,
+        )
+        input_param = "messages" if request.messages is not None else "prompt"
+        messages = self._request(request.model, job)
+        try:
+            async for message in messages:
+                match message:
+                    case Started():
+                        pass
+                    case Delta(text=text, tokens=tokens):
+                        yield TextDelta(text, tokens)
+                    case Done(finish_reason=reason, prompt_tokens=p, completion_tokens=c):
+                        yield Finish(reason, p, c)
+                    case Failed():
+                        raise failure_error(message, input_param)
+                    case _:
+                        raise EngineUnavailable(f"unexpected {type(message).__name__} from the runner")
+        finally:
+            await messages.aclose()
 
     async def embed(self, model: str, inputs: list[str]) -> EmbeddingResult:
-        runner = await self.manager.runner(model)
-        async with runner.admit(self.queue_size):
-            messages = runner.request(Embed(id=runner.next_id(), inputs=inputs))
-            try:
-                async for message in messages:
-                    match message:
-                        case Embeddings(vectors=vectors, prompt_tokens=tokens):
-                            return EmbeddingResult(vectors, tokens)
-                        case Failed():
-                            raise failure_error(message)
-            finally:
-                await messages.aclose()
+        messages = self._request(model, Embed(id=0, inputs=inputs))
+        try:
+            async for message in messages:
+                match message:
+                    case Embeddings(vectors=vectors, prompt_tokens=tokens):
+                        return EmbeddingResult(vectors, tokens)
+                    case Failed():
+                        raise failure_error(message, "input")
+        finally:
+            await messages.aclose()
         raise EngineUnavailable("the runner ended the embedding request without a result")

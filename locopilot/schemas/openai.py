@@ -71,7 +71,8 @@ class SamplingFields(Struct, kw_only=True):
     top_k: Annotated[int, Meta(ge=0, le=100_000)] | None = None
     min_p: Probability | None = None
     stop: StopStrings | None = None
-    seed: int | None = None
+    # llama.cpp seeds are 32-bit; 0xFFFFFFFF means "random" there.
+    seed: Annotated[int, Meta(ge=0, le=0xFFFFFFFE)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repeat_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
