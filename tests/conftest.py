@@ -83,7 +83,8 @@ class Server:
     def db_path(self) -> Path:
         return self.data_dir / "locopilot.db"
 
-    def start(self, timeout: float = 120) -> Server:
+    def start(self, timeout: float = 120, path: str = "/v1/engine/health") -> Server:
+        """Start, then wait until ``path`` answers 200."""
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "locopilot", "serve"],
@@ -97,7 +98,7 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/v1/engine/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{path}", timeout=2).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

@@ -457,3 +457,32 @@ def test_health_and_engine_health(server: Server) -> None:
     assert engine["ready"] is True
     assert engine["llama_cpp_version"]
     assert engine["devices"]
+
+
+def test_engine_health_is_503_when_llama_cpp_does_not_load(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path
+) -> None:
+    broken = tmp_path_factory.mktemp("broken")
+    (broken / "llama_cpp").mkdir()
+    (broken / "llama_cpp" / "__init__.py").write_text("raise ImportError('this llama.cpp is broken')\n")
+    server = Server(tmp_path_factory.mktemp("server"), {SMOL: smollm2_path}, {"PYTHONPATH": str(broken)})
+    server.start(path="/health")
+    try:
+        for _ in range(300):
+            health = httpx.get(f"{server.url}/v1/engine/health", timeout=10)
+            if health.json()["engine"]["detail"] != "starting":
+                break
+            time.sleep(0.1)
+        assert health.status_code == 503
+        body = health.json()
+        assert body["status"] == "unavailable"
+        assert body["database"]["ok"] is True
+        assert "this llama.cpp is broken" in body["engine"]["detail"]
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+        response = httpx.post(
+            f"{server.url}/v1/chat/completions", json={"model": SMOL, "messages": CAPITAL}, timeout=60
+        )
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "engine_unavailable"
+    finally:
+        server.stop()
