@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import httpx
 from litestar import Litestar, MediaType, Request, Response
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
@@ -20,13 +21,16 @@ from locopilot.api import engine as engine_api
 from locopilot.api import openai as openai_api
 from locopilot.api.services import EngineStatus, Services, get_services
 from locopilot.engine.scheduler import ModelManager, runner_command, runner_environment
-from locopilot.errors import InvalidRequest, LocopilotError, error_for_status
-from locopilot.gateway.router import Router
+from locopilot.errors import InvalidRequest, LocopilotError, UpstreamError, error_for_status
+from locopilot.gateway.router import ProviderState, Router
 from locopilot.gateway.usage import Outcome, UsageRecorder
 from locopilot.models.catalog import ModelCatalog
+from locopilot.providers.base import Provider
 from locopilot.providers.embedded import EmbeddedProvider
+from locopilot.providers.ollama import OllamaProvider
+from locopilot.providers.openai_compat import OpenAICompatProvider
 from locopilot.schemas.openai import encoder
-from locopilot.settings import Settings
+from locopilot.settings import Settings, UpstreamConfig
 from locopilot.store.db import Database
 
 log = logging.getLogger("locopilot")
@@ -60,7 +64,14 @@ def rejected(request: Request[Any, Any, Any], exc: LocopilotError) -> Response[b
     return error_response(exc)
 
 
+PASSED_THROUGH = (401, 403)
+
+
 def handle_locopilot_error(_: Request[Any, Any, Any], exc: LocopilotError) -> Response[bytes]:
+    if isinstance(exc, UpstreamError) and exc.upstream_status in PASSED_THROUGH and exc.upstream_body is not None:
+        # An upstream's refusal (a key it rejects, a plan it requires, with its upgrade_url)
+        # is the client's to read as the upstream wrote it.
+        return Response(exc.upstream_body, status_code=exc.upstream_status, media_type=MediaType.JSON)
     return error_response(exc)
 
 
@@ -112,6 +123,32 @@ async def probe_engine(status: EngineStatus, settings: Settings) -> None:
     status.detail = "ready"
 
 
+def upstream_timeout(settings: Settings) -> httpx.Timeout:
+    return httpx.Timeout(settings.upstream_timeout, connect=min(5.0, settings.upstream_timeout))
+
+
+PROVIDER_KINDS: dict[str, Callable[[UpstreamConfig, Settings], Provider]] = {
+    "openai": lambda config, settings: OpenAICompatProvider(
+        config.name,
+        config.url,
+        api_key=config.api_key,
+        locality=config.locality,
+        timeout=upstream_timeout(settings),
+    ),
+    "ollama": lambda config, settings: OllamaProvider(
+        config.name,
+        config.url,
+        num_ctx=settings.ctx_size or 4096,
+        locality=config.locality,
+        timeout=upstream_timeout(settings),
+    ),
+}
+
+
+def upstream_states(settings: Settings) -> list[ProviderState]:
+    return [ProviderState(PROVIDER_KINDS[c.kind](c, settings), c.priority, c.models) for c in settings.upstream_configs]
+
+
 def create_app(settings: Settings) -> Litestar:
     """The application; nothing starts until its lifespan runs."""
 
@@ -122,24 +159,31 @@ def create_app(settings: Settings) -> Litestar:
             catalog = ModelCatalog(settings.models_path)
             async with anyio.create_task_group() as tasks:
                 manager = ModelManager(settings, catalog.path_for, tasks)
-                embedded = EmbeddedProvider(manager, settings.queue_size)
+                embedded = EmbeddedProvider(manager, catalog, settings.queue_size)
+                router = Router(
+                    [ProviderState(embedded, 0), *upstream_states(settings)],
+                    settings.default_model,
+                    breaker_cooldown=settings.breaker_cooldown,
+                )
                 engine = EngineStatus()
                 app.state.services = Services(
                     settings=settings,
                     db=db,
                     catalog=catalog,
                     manager=manager,
-                    router=Router(catalog, embedded, settings.default_model),
+                    router=router,
                     recorder=UsageRecorder(db),
                     engine=engine,
                 )
                 tasks.start_soon(probe_engine, engine, settings)
                 tasks.start_soon(manager.reap_idle)
+                if len(router.states) > 1:
+                    tasks.start_soon(router.probe_forever, settings.probe_interval)
                 try:
                     yield
                 finally:
                     with anyio.CancelScope(shield=True):
-                        await manager.aclose()
+                        await router.aclose()
                     tasks.cancel_scope.cancel()
         finally:
             await anyio.to_thread.run_sync(db.close)

@@ -4,11 +4,13 @@
     ├── InvalidRequest              400 invalid_request_error
     │   ├── ContextLengthExceeded   400 code=context_length_exceeded
     │   └── InvalidModelName        400 code=invalid_model_name
+    ├── PolicyForbidden             403 code=privacy_policy
     ├── NotFound                    404 invalid_request_error
     │   └── ModelNotFound           404 code=model_not_found
     ├── MethodNotAllowed            405
     ├── PayloadTooLarge             413
     ├── ClientDisconnected          499 (nginx's code; nobody is left to read it)
+    ├── UpstreamError               502 (an upstream provider failed; ``retryable`` says if failover may help)
     └── Unavailable                 503 (optional Retry-After)
         ├── EngineUnavailable       503 code=engine_unavailable
         └── QueueFull               503 code=queue_full, Retry-After
@@ -73,6 +75,12 @@ class InvalidModelName(InvalidRequest):
     default_code = "invalid_model_name"
 
 
+class PolicyForbidden(LocopilotError):
+    status_code = 403
+    error_type = "invalid_request_error"
+    default_code = "privacy_policy"
+
+
 class NotFound(LocopilotError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -98,6 +106,34 @@ class PayloadTooLarge(LocopilotError):
 class ClientDisconnected(LocopilotError):
     status_code = 499
     error_type = "client_closed_request"
+
+
+class UpstreamError(LocopilotError):
+    """An upstream provider failed or refused.
+
+    ``retryable`` is True for failures another provider might not have
+    (connection refused, timeout, 5xx, 429); False for answers about the request
+    itself. ``upstream_status`` and ``upstream_body`` keep the upstream's own
+    answer so a 401/403 can reach the client unchanged.
+    """
+
+    status_code = 502
+    error_type = "upstream_error"
+    default_code = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        upstream_status: int | None = None,
+        upstream_body: bytes | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.retryable = retryable
+        self.upstream_status = upstream_status
+        self.upstream_body = upstream_body
 
 
 class Unavailable(LocopilotError):

@@ -10,11 +10,12 @@ these fields by :func:`settings_table` and a test keeps the two in sync.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
@@ -24,6 +25,24 @@ from msgspec import Meta
 PREFIX = "LOCOPILOT_"
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+Privacy = Literal["local_only", "local_preferred", "any"]
+PROVIDER_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream provider; ``api_key`` is left out of reprs so it never reaches a log."""
+
+    name: Annotated[str, Meta(pattern=PROVIDER_NAME)]
+    url: Annotated[str, Meta(pattern=r"^https?://")]
+    kind: Literal["openai", "ollama"] = "openai"
+    locality: Literal["local", "remote"] = "remote"
+    priority: Annotated[int, Meta(ge=-1000, le=1000)] = 50
+    models: tuple[str, ...] = ()
+    api_key_env: str | None = None
+    api_key: str | None = field(default=None, repr=False)
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -100,6 +119,66 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         Meta(ge=1024, le=1 << 30, description="Largest request body accepted, in bytes; larger bodies get 413."),
     ] = 16 * 1024 * 1024
     log_level: Annotated[LogLevel, Meta(description="One of debug, info, warning, error.")] = "info"
+    routing_privacy: Annotated[
+        Privacy,
+        Meta(
+            description=(
+                "Privacy policy for requests without an `X-Routing-Privacy` header: "
+                "`local_only` never uses a remote provider, `local_preferred` uses one only when no local one can "
+                "serve, `any` follows priority alone."
+            )
+        ),
+    ] = "local_preferred"
+    ollama_url: Annotated[
+        str, Meta(description="An Ollama server to route to (provider `ollama`, local), e.g. `http://127.0.0.1:11434`.")
+    ] = ""
+    llamacpp_url: Annotated[
+        str,
+        Meta(
+            description="A llama.cpp llama-server to route to (provider `llamacpp`, local), e.g. `http://127.0.0.1:8081`."
+        ),
+    ] = ""
+    remote_url: Annotated[
+        str,
+        Meta(
+            description=(
+                "An OpenAI-compatible cloud used as the fallback (provider `remote`, remote), "
+                "with its `/v1`, e.g. `https://api.example.com/v1`."
+            )
+        ),
+    ] = ""
+    remote_api_key: Annotated[str, Meta(description="API key for `LOCOPILOT_REMOTE_URL`. Never printed.")] = ""
+    upstreams: Annotated[
+        str,
+        Meta(
+            description=(
+                "Any number of upstreams as a JSON list of objects: `name`, `kind` (`openai` or `ollama`), `url`, "
+                "`api_key` or `api_key_env` (the name of a variable holding it), `locality` (`local` or `remote`), "
+                "`priority` (lower goes first; the embedded engine is 0), `models` (optional list)."
+            )
+        ),
+    ] = ""
+    upstream_timeout: Annotated[
+        float,
+        Meta(
+            ge=0.1,
+            le=3600,
+            description="Seconds an upstream may take to answer or to send the next bytes; then it counts as down.",
+        ),
+    ] = 60.0
+    breaker_cooldown: Annotated[
+        float,
+        Meta(
+            ge=0.1,
+            le=3600,
+            description="Seconds a provider is skipped after 3 failures in a row, before one trial request.",
+        ),
+    ] = 30.0
+    probe_interval: Annotated[
+        float, Meta(ge=0.1, le=3600, description="Seconds between health probes of each upstream (its model list).")
+    ] = 15.0
+    # Derived from the upstream settings by load_settings; not an environment variable.
+    upstream_configs: tuple[UpstreamConfig, ...] = ()
 
     @property
     def data_path(self) -> Path:
@@ -115,6 +194,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     def effective_threads(self) -> int:
         return self.threads or max(1, os.cpu_count() or 1)
+
+    def __repr__(self) -> str:
+        # Settings hold API keys: a repr in a log or traceback must not show them.
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in effective_items(self)) + ")"
 
 
 class SettingsError(ValueError):
@@ -154,7 +237,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     Raises SettingsError for an unknown ``LOCOPILOT_`` variable (a typo would
     otherwise be silently ignored) or a value a setting does not allow.
     """
-    known = {env_name(f) for f in Settings.__struct_fields__}
+    known = {info.variable for info in describe()}
     raw: dict[str, Any] = {}
     for key, value in environ.items():
         if not key.startswith(PREFIX):
@@ -173,7 +256,51 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         settings,
         data_dir=str(Path(data_dir).expanduser()),
         models_dir=str(Path(models_dir).expanduser()),
+        upstream_configs=_upstream_configs(settings, environ),
     )
+
+
+def _upstream_configs(settings: Settings, environ: Mapping[str, str]) -> tuple[UpstreamConfig, ...]:
+    """The simple URL settings and LOCOPILOT_UPSTREAMS as one list; names are unique."""
+    configs: list[UpstreamConfig] = []
+    if settings.ollama_url:
+        configs.append(UpstreamConfig("ollama", settings.ollama_url, kind="ollama", locality="local", priority=10))
+    if settings.llamacpp_url:
+        # llama-server is given as its root, as its docs do; its OpenAI API is under /v1.
+        url = settings.llamacpp_url.rstrip("/")
+        url = url if url.endswith("/v1") else url + "/v1"
+        configs.append(UpstreamConfig("llamacpp", url, locality="local", priority=20))
+    if settings.remote_url:
+        api_key = settings.remote_api_key or None
+        configs.append(UpstreamConfig("remote", settings.remote_url, locality="remote", priority=100, api_key=api_key))
+    for variable, value in (
+        ("LOCOPILOT_OLLAMA_URL", settings.ollama_url),
+        ("LOCOPILOT_LLAMACPP_URL", settings.llamacpp_url),
+        ("LOCOPILOT_REMOTE_URL", settings.remote_url),
+    ):
+        if value and not value.startswith(("http://", "https://")):
+            raise SettingsError(variable, "must be an http:// or https:// URL")
+    if settings.upstreams:
+        try:
+            listed = msgspec.json.decode(settings.upstreams, type=list[UpstreamConfig])
+        except msgspec.DecodeError as exc:
+            raise SettingsError("LOCOPILOT_UPSTREAMS", f"{exc} (expected a JSON list of upstream objects)") from exc
+        for config in listed:
+            api_key = config.api_key
+            if config.api_key_env:
+                if config.api_key_env not in environ:
+                    raise SettingsError(
+                        "LOCOPILOT_UPSTREAMS", f"upstream {config.name!r} names {config.api_key_env}, which is not set"
+                    )
+                api_key = environ[config.api_key_env]
+            configs.append(dataclasses.replace(config, api_key=api_key))
+    names = [c.name for c in configs]
+    for name in names:
+        if name == "embedded" or names.count(name) > 1:
+            raise SettingsError(
+                "LOCOPILOT_UPSTREAMS", f"the provider name {name!r} is taken; give each upstream its own"
+            )
+    return tuple(configs)
 
 
 def _settings_error(exc: msgspec.ValidationError) -> SettingsError:
@@ -196,7 +323,9 @@ def describe() -> Iterator[SettingInfo]:
     for name, default in zip(Settings.__struct_fields__, defaults, strict=True):
         annotated = hints[name]
         base, *extras = get_args(annotated)
-        meta = next(m for m in extras if isinstance(m, Meta))
+        meta = next((m for m in extras if isinstance(m, Meta)), None)
+        if meta is None:  # derived, not read from the environment
+            continue
         yield SettingInfo(
             variable=env_name(name),
             type_name=_type_name(base, meta),
@@ -208,6 +337,8 @@ def describe() -> Iterator[SettingInfo]:
 def _type_name(base: Any, meta: Meta) -> str:
     if get_origin(base) is Literal:
         return " | ".join(str(a) for a in get_args(base))
+    if base is float:
+        return f"seconds {meta.ge}…{meta.le}"
     if base is int:
         low = "" if meta.ge is None else str(meta.ge)
         high = "" if meta.le is None else str(meta.le)
@@ -236,11 +367,20 @@ def with_settings_table(readme: str) -> str:
     return head + README_START + settings_table() + README_END + tail
 
 
+MASK = "********"
+
+
 def effective_items(settings: Settings) -> Iterator[tuple[str, str]]:
     """(variable, value) pairs for ``locopilot config``; secrets are masked."""
-    for name in Settings.__struct_fields__:
-        value = getattr(settings, name)
-        yield env_name(name), "********" if name in SECRET_FIELDS and value else str(value)
+    for info in describe():
+        name = info.variable[len(PREFIX) :].lower()
+        value = str(getattr(settings, name))
+        if name in SECRET_FIELDS and value:
+            value = MASK
+        elif name == "upstreams" and value:
+            listed = msgspec.json.decode(value)
+            value = msgspec.json.encode([{**u, "api_key": MASK} if "api_key" in u else u for u in listed]).decode()
+        yield info.variable, value
 
 
-SECRET_FIELDS: frozenset[str] = frozenset()
+SECRET_FIELDS = frozenset({"remote_api_key"})

@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 
 from locopilot import __version__
 from locopilot.cli import cli
-from locopilot.settings import Settings, effective_items, env_name, load_settings
+from locopilot.settings import describe, effective_items, env_name, load_settings
 from tests.conftest import SMOL, Server, free_port
 
 SMOL_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1"
@@ -86,14 +86,14 @@ def config_rows(output: str) -> dict[str, str]:
 def test_config_prints_every_setting(tmp_path: Path) -> None:
     env = make_env(tmp_path, PORT="9123", LOG_LEVEL="debug", MODELS_DIR="")
     rows = config_rows(invoke(env, "config").stdout)
-    assert list(rows) == [env_name(f) for f in Settings.__struct_fields__]
+    assert list(rows) == [info.variable for info in describe()]
     assert rows["LOCOPILOT_PORT"] == "9123"
     assert rows["LOCOPILOT_LOG_LEVEL"] == "debug"
     assert rows["LOCOPILOT_HOST"] == "127.0.0.1"
     assert rows["LOCOPILOT_DATA_DIR"] == str(tmp_path / "data")
     assert rows["LOCOPILOT_MODELS_DIR"] == str(tmp_path / "data" / "models")  # the effective value, not ""
     expected = load_settings({k: v for k, v in env.items() if k.startswith("LOCOPILOT_") and v is not None})
-    assert rows == dict(effective_items(expected))
+    assert rows == {k: v or "(not set)" for k, v in effective_items(expected)}
 
 
 def test_config_prints_brackets_literally(tmp_path: Path) -> None:

@@ -31,10 +31,22 @@ class EngineHealth(msgspec.Struct):
     models_dir: str
 
 
+class ProviderHealth(msgspec.Struct):
+    name: str
+    locality: str
+    priority: int
+    circuit: str
+    consecutive_failures: int
+    last_error: str | None
+    probe_ms: float | None
+    models: list[str] | None
+
+
 class Health(msgspec.Struct):
     status: str
     database: DatabaseHealth
     engine: EngineHealth
+    providers: list[ProviderHealth]
 
 
 @get("/health", exclude_from_auth=True)
@@ -49,6 +61,20 @@ async def engine_health(services: Services) -> Response[bytes]:
     db_error = await anyio.to_thread.run_sync(services.db.health)
     engine = services.engine
     ready = db_error is None and engine.ready
+    router = services.router
+    providers = [
+        ProviderHealth(
+            name=name,
+            locality=state.provider.locality,
+            priority=state.priority,
+            circuit=state.breaker.state(router.clock()),
+            consecutive_failures=state.breaker.failures,
+            last_error=state.last_error,
+            probe_ms=None if state.probe_ms is None else round(state.probe_ms, 3),
+            models=list(state.configured_models) or state.models,
+        )
+        for name, state in router.states.items()
+    ]
     body = Health(
         status="ok" if ready else "unavailable",
         database=DatabaseHealth(db_error is None, str(services.db.path), db_error),
@@ -61,6 +87,7 @@ async def engine_health(services: Services) -> Response[bytes]:
             runners=services.manager.describe(),
             models_dir=str(services.settings.models_path),
         ),
+        providers=providers,
     )
     return Response(encoder.encode(body), media_type="application/json", status_code=200 if ready else 503)
 

@@ -7,6 +7,7 @@ import base64
 import json
 import secrets
 import time
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import anyio
@@ -16,11 +17,13 @@ from litestar.response import Stream
 
 from locopilot.api.services import Services
 from locopilot.engine.protocol import SamplingParams
-from locopilot.errors import InvalidRequest
-from locopilot.gateway.streaming import respond, unless_disconnected
+from locopilot.errors import InvalidRequest, ModelNotFound
+from locopilot.gateway.failover import first_success, open_stream
+from locopilot.gateway.router import PRIVACY_LEVELS, Route
+from locopilot.gateway.streaming import collect, sse_response, unless_disconnected
 from locopilot.gateway.usage import Outcome
-from locopilot.models.catalog import ModelEntry
-from locopilot.providers.base import GenerationRequest
+from locopilot.models.catalog import ModelEntry, validate_model_name
+from locopilot.providers.base import EmbeddingResult, GenerationRequest, StreamEvent
 from locopilot.schemas.openai import (
     AssistantMessage,
     ChatChoice,
@@ -45,6 +48,7 @@ from locopilot.schemas.openai import (
     Usage,
     encoder,
 )
+from locopilot.settings import Privacy
 
 MAX_EMBEDDING_INPUTS = 2048
 
@@ -253,33 +257,64 @@ class CompletionFormatter:
 # Routes
 
 
+def privacy_of(request: Request[Any, Any, Any], default: Privacy) -> Privacy:
+    value = request.headers.get("x-routing-privacy")
+    if value is None:
+        return default
+    for level in PRIVACY_LEVELS:
+        if value.strip().lower() == level:
+            return level
+    raise InvalidRequest(
+        f"X-Routing-Privacy must be one of {', '.join(PRIVACY_LEVELS)}, not {value!r}", param="X-Routing-Privacy"
+    )
+
+
 async def serve_generation(
     services: Services,
     request: Request[Any, Any, Any],
     body: ChatCompletionRequest | CompletionRequest,
 ) -> Response[bytes] | Stream:
-    """Route, check, generate and record one chat or text completion."""
+    """Check, route (with failover before the first byte), generate and record one completion."""
     chat = isinstance(body, ChatCompletionRequest)
     request_id = new_id("chatcmpl" if chat else "cmpl")
     outcome = Outcome(request_id, "chat.completions" if chat else "completions", body.model)
     with services.recorder.recording(outcome):
-        route = await services.router.route(body.model)
-        outcome.model, outcome.provider = route.model, route.provider.name
         if isinstance(body, ChatCompletionRequest):
-            generation = chat_generation(body, route.model)
+            generation = chat_generation(body, body.model)
         else:
-            generation = completion_generation(body, route.model)
+            generation = completion_generation(body, body.model)
+        plan = await services.router.plan(body.model, privacy_of(request, services.settings.routing_privacy))
+        outcome.routing = plan.decision
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         formatter = (ChatFormatter if chat else CompletionFormatter)(request_id, body.model, include_usage)
-        return await respond(
-            route.provider.stream(generation),
+
+        def request_for(model: str) -> GenerationRequest:
+            return msgspec.structs.replace(generation, model=model)
+
+        async def opened() -> tuple[Route, StreamEvent, AsyncGenerator[StreamEvent, None]]:
+            route, first, events = await open_stream(services.router, plan, request_for)
+            outcome.model, outcome.provider = route.model, route.provider.name
+            outcome.ttfb = services.recorder.clock() - outcome.started
+            return route, first, events
+
+        if not body.stream:
+
+            async def whole() -> tuple[Route, msgspec.Struct]:
+                route, first, events = await opened()
+                return route, await collect(first, events, formatter, outcome, services.recorder)
+
+            route, reply = await unless_disconnected(request.receive, whole)
+            headers = provider_headers(route.provider.name, route.model, request_id)
+            return Response(encoder.encode(reply), media_type="application/json", headers=headers)
+        route, first, events = await unless_disconnected(request.receive, opened)
+        return sse_response(
+            first,
+            events,
             formatter,
-            stream=body.stream,
             include_usage=include_usage,
             outcome=outcome,
             recorder=services.recorder,
             headers=provider_headers(route.provider.name, route.model, request_id),
-            receive=request.receive,
         )
 
 
@@ -320,10 +355,17 @@ async def embeddings(data: EmbeddingRequest, services: Services, request: Reques
     request_id = new_id("emb")
     outcome = Outcome(request_id, "embeddings", data.model)
     with services.recorder.recording(outcome):
-        route = await services.router.route(data.model)
-        outcome.model, outcome.provider = route.model, route.provider.name
         inputs = embedding_inputs(data)
-        result = await unless_disconnected(request.receive, lambda: route.provider.embed(route.model, inputs))
+        plan = await services.router.plan(data.model, privacy_of(request, services.settings.routing_privacy))
+        outcome.routing = plan.decision
+
+        async def attempt(route: Route) -> EmbeddingResult:
+            return await route.provider.embed(route.model, inputs)
+
+        route, result = await unless_disconnected(
+            request.receive, lambda: first_success(services.router, plan, attempt)
+        )
+        outcome.model, outcome.provider = route.model, route.provider.name
     outcome.tokens_in = result.prompt_tokens
     services.recorder.finish(outcome)
     data_items = [
@@ -358,20 +400,39 @@ def model_card(entry: ModelEntry, loaded: bool) -> ModelCard:
     )
 
 
-@get("/v1/models")
-async def list_models(services: Services) -> Response[bytes]:
+async def all_cards(services: Services) -> list[ModelCard]:
+    """Embedded models, then each upstream's (cached by the router) in priority order; first name wins."""
     loaded = set(services.manager.loaded())
     # Reading headers touches every model file: not on the event loop.
     entries = await anyio.to_thread.run_sync(services.catalog.list)
     cards = [model_card(entry, entry.name in loaded) for entry in entries]
-    return Response(encoder.encode(ModelList(cards)), media_type="application/json")
+    seen = {card.id for card in cards}
+    for state in services.router.ordered("any"):
+        provider = state.provider
+        if provider.name == "embedded":
+            continue
+        for name in await services.router.models_of(state) or []:
+            if name not in seen:
+                seen.add(name)
+                cards.append(ModelCard(name, 0, provider.name, provider=provider.name, locality=provider.locality))
+    return cards
 
 
-@get("/v1/models/{model_id:str}")
+@get("/v1/models")
+async def list_models(services: Services) -> Response[bytes]:
+    return Response(encoder.encode(ModelList(await all_cards(services))), media_type="application/json")
+
+
+@get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, services: Services) -> Response[bytes]:
-    entry = await anyio.to_thread.run_sync(services.catalog.get, model_id)
-    card = model_card(entry, entry.name in services.manager.loaded())
-    return Response(encoder.encode(card), media_type="application/json")
+    """One model by id, plain (``llama3.2:1b``) or with its provider (``ollama:llama3.2:1b``)."""
+    model_id = model_id.lstrip("/")
+    cards = await all_cards(services)
+    for card in cards:
+        if model_id in (card.id, f"{card.provider}:{card.id}", f"{card.provider}/{card.id}"):
+            return Response(encoder.encode(card), media_type="application/json")
+    validate_model_name(model_id.split("/", 1)[-1])
+    raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
 
 
 ROUTES = [chat_completions, completions, embeddings, list_models, get_model]

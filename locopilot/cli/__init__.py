@@ -55,7 +55,7 @@ def config() -> None:
     settings = settings_or_exit()
     table = Table("variable", "value", box=None)
     for variable, value in effective_items(settings):
-        table.add_row(variable, Text(value))
+        table.add_row(variable, Text(value or "(not set)"))
     console.print(table)
 
 

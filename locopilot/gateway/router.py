@@ -1,18 +1,80 @@
-"""Routing: a request's model name → the provider that serves it.
+"""Routing: a request's model name and privacy policy → an ordered list of candidates.
 
-Today there is one provider, the embedded engine, and a model is a GGUF file
-in the models folder. ``default`` names ``LOCOPILOT_DEFAULT_MODEL``. Unknown
-names are a 404 ``model_not_found``; names that could address a path are a 400.
+1. ``default`` names ``LOCOPILOT_DEFAULT_MODEL``.
+2. ``name:model`` or ``name/model``, where ``name`` is a configured provider
+   (split on the first separator, since Ollama tags contain ``:``), goes to
+   that provider only. ``auto`` is the first provider that can serve anything.
+3. Otherwise every provider that serves the model is a candidate, in priority
+   order (lower first); ``local_preferred`` puts local providers first,
+   ``local_only`` drops remote ones entirely, ``any`` keeps priority order.
+4. A provider whose circuit breaker is open is skipped, with the reason kept
+   for the 503 and the request log.
+
+The router also keeps each provider's health: a breaker fed by request
+outcomes and by the active probe (:meth:`Router.probe_forever`), the last
+error and the latency of the last probe, and a short-lived cache of the
+models each provider serves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
 
 import anyio
+import msgspec
 
-from locopilot.models.catalog import ModelCatalog
+from locopilot.errors import LocopilotError, ModelNotFound, PolicyForbidden, QueueFull, Unavailable, UpstreamError
 from locopilot.providers.base import Provider
+from locopilot.settings import Privacy
+
+log = logging.getLogger(__name__)
+
+PRIVACY_LEVELS: tuple[Privacy, ...] = ("local_only", "local_preferred", "any")
+BREAKER_THRESHOLD = 3
+BREAKER_COOLDOWN = 30.0
+MODELS_TTL = 30.0
+PROBE_INTERVAL = 15.0
+PROBE_TIMEOUT = 5.0
+
+
+@dataclass
+class Breaker:
+    """Opens after ``threshold`` failures in a row; after ``cooldown`` one trial request may pass."""
+
+    threshold: int = BREAKER_THRESHOLD
+    cooldown: float = BREAKER_COOLDOWN
+    failures: int = 0
+    opened_at: float | None = None
+
+    def state(self, now: float) -> Literal["closed", "open", "half_open"]:
+        if self.opened_at is None:
+            return "closed"
+        return "half_open" if now - self.opened_at >= self.cooldown else "open"
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold or self.opened_at is not None:
+            self.opened_at = now
+
+
+@dataclass
+class ProviderState:
+    provider: Provider
+    priority: int
+    configured_models: tuple[str, ...] = ()
+    breaker: Breaker = field(default_factory=Breaker)
+    models: list[str] | None = None
+    models_at: float = -1e9
+    last_error: str | None = None
+    probe_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -21,15 +83,164 @@ class Route:
     model: str
 
 
-class Router:
-    def __init__(self, catalog: ModelCatalog, embedded: Provider, default_model: str) -> None:
-        self.catalog = catalog
-        self.embedded = embedded
-        self.default_model = default_model
+class Skipped(msgspec.Struct, frozen=True):
+    provider: str
+    reason: str
 
-    async def route(self, model: str) -> Route:
-        """Raises InvalidModelName or ModelNotFound."""
-        name = self.default_model if model == "default" else model
-        # The first look at a model parses its header: not on the event loop.
-        await anyio.to_thread.run_sync(self.catalog.get, name)
-        return Route(self.embedded, name)
+
+class Decision(msgspec.Struct, kw_only=True):
+    """What routing decided, as stored with the request's log row."""
+
+    policy: Privacy
+    requested: str
+    explicit: bool = False
+    candidates: list[str] = []
+    skipped: list[Skipped] = []
+    failed: list[Skipped] = []
+    chosen: str | None = None
+
+
+@dataclass
+class Plan:
+    routes: list[Route]
+    decision: Decision
+
+
+class Router:
+    def __init__(
+        self,
+        providers: list[ProviderState],
+        default_model: str,
+        *,
+        breaker_cooldown: float = BREAKER_COOLDOWN,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        for state in providers:
+            state.breaker.cooldown = breaker_cooldown
+        self.states = {state.provider.name: state for state in providers}
+        self.default_model = default_model
+        self.clock = clock
+
+    def ordered(self, policy: Privacy) -> list[ProviderState]:
+        states = sorted(self.states.values(), key=lambda s: s.priority)
+        match policy:
+            case "local_only":
+                return [s for s in states if s.provider.locality == "local"]
+            case "local_preferred":
+                return sorted(states, key=lambda s: s.provider.locality != "local")
+            case _:
+                return states
+
+    async def plan(self, model: str, policy: Privacy) -> Plan:
+        """The candidates for ``model`` under ``policy``.
+
+        Raises ModelNotFound when nothing serves it, PolicyForbidden for an
+        explicit remote provider under ``local_only``, Unavailable when every
+        provider that could serve it is skipped.
+        """
+        requested = self.default_model if model == "default" else model
+        decision = Decision(policy=policy, requested=requested)
+        explicit = self._explicit(requested)
+        if explicit is not None:
+            state, name = explicit
+            decision.explicit = True
+            if policy == "local_only" and state.provider.locality == "remote":
+                raise PolicyForbidden(
+                    f"provider '{state.provider.name}' is remote and this request is local_only", param="model"
+                )
+            routes = [Route(state.provider, name)]
+        else:
+            routes = []
+            for state in self.ordered(policy):
+                served = await self._serves(state, requested, decision)
+                if served is not None:
+                    routes.append(Route(state.provider, served))
+        usable = []
+        for route in routes:
+            state = self.states[route.provider.name]
+            if state.breaker.state(self.clock()) == "open":
+                decision.skipped.append(Skipped(route.provider.name, f"circuit open after: {state.last_error}"))
+            else:
+                usable.append(route)
+        decision.candidates = [r.provider.name for r in usable]
+        if not usable:
+            if decision.skipped:
+                reasons = "; ".join(f"{s.provider}: {s.reason}" for s in decision.skipped)
+                raise Unavailable(f"no provider can serve '{requested}' now ({reasons})", retry_after=5)
+            raise ModelNotFound(f"The model '{requested}' does not exist", param="model")
+        return Plan(usable, decision)
+
+    def _explicit(self, model: str) -> tuple[ProviderState, str] | None:
+        cut = min((i for i in (model.find(":"), model.find("/")) if i > 0), default=-1)
+        if cut < 0:
+            return None
+        state = self.states.get(model[:cut])
+        return (state, model[cut + 1 :]) if state is not None and model[cut + 1 :] else None
+
+    async def _serves(self, state: ProviderState, model: str, decision: Decision) -> str | None:
+        """``model`` as ``state``'s provider names it, or None if it does not serve it."""
+        names = await self.models_of(state)
+        if names is None:
+            decision.skipped.append(Skipped(state.provider.name, f"cannot list models: {state.last_error}"))
+            return None
+        if model == "auto":
+            return names[0] if names else None
+        return model if model in names else None
+
+    async def models_of(self, state: ProviderState) -> list[str] | None:
+        """The provider's models: configured, else cached for MODELS_TTL; None if it cannot be asked."""
+        if state.configured_models:
+            return list(state.configured_models)
+        if state.provider.name == "embedded":
+            names = await state.provider.models()
+            default = [n for n in names if n == self.default_model]
+            return default + [n for n in names if n != self.default_model]
+        if state.models is None or self.clock() - state.models_at > MODELS_TTL:
+            await self._refresh(state)
+        return state.models
+
+    async def _refresh(self, state: ProviderState) -> None:
+        started = self.clock()
+        try:
+            with anyio.fail_after(PROBE_TIMEOUT):
+                state.models = await state.provider.models()
+        except (LocopilotError, TimeoutError) as exc:
+            state.last_error = exc.message if isinstance(exc, LocopilotError) else "timed out"
+            state.breaker.failure(self.clock())
+            return
+        state.models_at = self.clock()
+        state.probe_ms = (state.models_at - started) * 1000
+        if state.breaker.state(self.clock()) != "closed":
+            log.info("provider %s answers again", state.provider.name)
+        state.breaker.success()
+
+    def succeeded(self, route: Route) -> None:
+        self.states[route.provider.name].breaker.success()
+
+    def failed(self, route: Route, error: LocopilotError) -> None:
+        """Note a failure. A busy queue is load, not ill health; the embedded engine keeps its own
+        health per model (a broken file must not take the other models down), so neither trips a breaker."""
+        state = self.states[route.provider.name]
+        state.last_error = error.message
+        log.warning("provider %s failed: %s", route.provider.name, error.message)
+        if route.provider.name != "embedded" and not isinstance(error, QueueFull):
+            state.breaker.failure(self.clock())
+
+    async def probe_forever(self, interval: float = PROBE_INTERVAL) -> None:
+        """Ask every upstream for its models on an interval: fills the cache, closes or opens breakers."""
+        while True:
+            for state in list(self.states.values()):
+                if state.provider.name != "embedded":
+                    await self._refresh(state)
+            await anyio.sleep(interval)
+
+    async def aclose(self) -> None:
+        for state in self.states.values():
+            await state.provider.aclose()
+
+
+def may_fail_over(error: LocopilotError) -> bool:
+    """Errors another provider might not have: unavailable engines, and retryable upstream failures."""
+    if isinstance(error, UpstreamError):
+        return error.retryable
+    return isinstance(error, Unavailable)

@@ -17,7 +17,6 @@ from typing import Protocol, TypeVar
 
 import anyio
 import msgspec
-from litestar import Response
 from litestar.response import Stream
 from litestar.types import Receive
 
@@ -100,52 +99,26 @@ async def prime(events: AsyncGenerator[StreamEvent, None]) -> StreamEvent:
         raise
 
 
-async def respond(
+async def collect(
+    first: StreamEvent,
     events: AsyncGenerator[StreamEvent, None],
     formatter: Formatter,
-    *,
-    stream: bool,
-    include_usage: bool,
     outcome: Outcome,
     recorder: UsageRecorder,
-    headers: dict[str, str],
-    receive: Receive,
-) -> Response[bytes] | Stream:
-    """Answer with JSON or SSE, recording the outcome when the work ends.
-
-    Raises (after recording) any error that happens before the first byte.
-    """
-    try:
-        if not stream:
-            body = await unless_disconnected(receive, lambda: _collect(events, formatter, outcome, recorder))
-            return Response(encoder.encode(body), media_type="application/json", headers=headers)
-        first = await unless_disconnected(receive, lambda: prime(events))
-    except BaseException as exc:
-        recorder.finish(outcome, error=exc)
-        raise
-    outcome.ttfb = recorder.clock() - outcome.started
-    return Stream(
-        _sse_body(first, events, formatter, include_usage, outcome, recorder),
-        media_type="text/event-stream",
-        headers={**SSE_HEADERS, **headers},
-    )
-
-
-async def _collect(
-    events: AsyncGenerator[StreamEvent, None], formatter: Formatter, outcome: Outcome, recorder: UsageRecorder
 ) -> msgspec.Struct:
+    """The whole reply as one response object; records the outcome if it completes. Closes ``events``."""
     parts: list[str] = []
     finish: Finish | None = None
     try:
-        async for event in events:
-            if outcome.ttfb is None:
-                outcome.ttfb = recorder.clock() - outcome.started
+        event: StreamEvent | None = first
+        while event is not None:
             match event:
                 case TextDelta(text=text, tokens=tokens):
                     parts.append(text)
                     outcome.tokens_out += tokens
                 case Finish():
                     finish = event
+            event = await anext(events, None)
     finally:
         with anyio.CancelScope(shield=True):
             await events.aclose()
@@ -154,6 +127,24 @@ async def _collect(
     outcome.tokens_in, outcome.tokens_out = finish.prompt_tokens, finish.completion_tokens
     recorder.finish(outcome)
     return formatter.response("".join(parts), finish.reason, usage_of(finish))
+
+
+def sse_response(
+    first: StreamEvent,
+    events: AsyncGenerator[StreamEvent, None],
+    formatter: Formatter,
+    *,
+    include_usage: bool,
+    outcome: Outcome,
+    recorder: UsageRecorder,
+    headers: dict[str, str],
+) -> Stream:
+    """Stream the reply as SSE; the body closes ``events`` and records the outcome."""
+    return Stream(
+        _sse_body(first, events, formatter, include_usage, outcome, recorder),
+        media_type="text/event-stream",
+        headers={**SSE_HEADERS, **headers},
+    )
 
 
 async def _sse_body(

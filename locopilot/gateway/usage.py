@@ -9,8 +9,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import anyio
+import msgspec
 
 from locopilot.errors import ClientDisconnected, LocopilotError
+from locopilot.gateway.router import Decision
 from locopilot.store import logs
 from locopilot.store.db import Database, StoreError
 
@@ -31,6 +33,7 @@ class Outcome:
     tokens_in: int = 0
     tokens_out: int = 0
     streaming: bool = False  # the 200 and the first bytes have gone out
+    routing: Decision | None = None
     recorded: bool = False
 
 
@@ -88,6 +91,7 @@ class UsageRecorder:
             http_status=http_status,
             error=message,
             created_at=self.wall_clock(),
+            routing=None if outcome.routing is None else msgspec.json.encode(outcome.routing).decode(),
         )
         try:
             logs.record(self.db, row)

@@ -1,5 +1,10 @@
 """The Provider protocol: one async streaming method per kind of work.
 
+Upstream failures are :class:`locopilot.errors.UpstreamError`, with
+``retryable`` True when another provider might succeed (connection refused,
+timeout, 5xx, 429) — the router fails over only on those, and only before the
+first event.
+
 A provider turns a :class:`GenerationRequest` into an async stream of
 :class:`TextDelta` events ending with exactly one :class:`Finish`. A
 non-streaming response is the stream collected. Errors before the first event
@@ -65,4 +70,15 @@ class Provider(Protocol):
 
     async def embed(self, model: str, inputs: list[str]) -> EmbeddingResult:
         """One vector per input, in order."""
+        ...
+
+    async def models(self) -> list[str]:
+        """The names of the models this provider serves now, without any provider prefix.
+
+        Raises UpstreamError when the provider cannot be asked.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; called once at shutdown."""
         ...

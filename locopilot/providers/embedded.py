@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 
+import anyio
 import msgspec
 
 from locopilot.engine.protocol import Delta, Done, Embed, Embeddings, Failed, FromRunner, Generate, Started
 from locopilot.engine.scheduler import ModelManager, RunnerGone
 from locopilot.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest, LocopilotError
+from locopilot.models.catalog import ModelCatalog
 from locopilot.providers.base import EmbeddingResult, Finish, GenerationRequest, Locality, StreamEvent, TextDelta
 
 
@@ -27,9 +29,17 @@ class EmbeddedProvider:
     name = "embedded"
     locality: Locality = "local"
 
-    def __init__(self, manager: ModelManager, queue_size: int) -> None:
+    def __init__(self, manager: ModelManager, catalog: ModelCatalog, queue_size: int) -> None:
         self.manager = manager
+        self.catalog = catalog
         self.queue_size = queue_size
+
+    async def models(self) -> list[str]:
+        entries = await anyio.to_thread.run_sync(self.catalog.list)
+        return [entry.name for entry in entries if entry.error is None]
+
+    async def aclose(self) -> None:
+        await self.manager.aclose()
 
     async def _request(self, model: str, job: Generate | Embed) -> AsyncGenerator[FromRunner, None]:
         """The job's messages from a live runner; a runner that died while the job waited is replaced once."""

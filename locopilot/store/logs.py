@@ -38,6 +38,7 @@ class InferenceLog(msgspec.Struct, frozen=True, kw_only=True):
     http_status: int
     error: str | None = None
     created_at: float  # unix seconds
+    routing: str | None = None  # JSON: the routing decision
 
 
 def _columns() -> str:

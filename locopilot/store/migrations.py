@@ -56,8 +56,14 @@ def _create_inference_logs_and_training_jobs(conn: apsw.Connection) -> None:
     )
 
 
+def _add_routing_decisions(conn: apsw.Connection) -> None:
+    # The routing decision (policy, candidates, skipped and failed providers, chosen) as JSON.
+    conn.execute("ALTER TABLE inference_logs ADD COLUMN routing TEXT CHECK (routing IS NULL OR json_valid(routing))")
+
+
 MIGRATIONS: list[Callable[[apsw.Connection], None]] = [
     _create_inference_logs_and_training_jobs,
+    _add_routing_decisions,
 ]
 
 

@@ -1,0 +1,431 @@
+"""The openai provider: any OpenAI-compatible server (llama-server, vLLM, LM Studio, a cloud, another locopilot).
+
+Generation always streams (``"stream": true`` with usage requested); a
+non-streaming response is the stream collected by the caller. Errors:
+
+    before the first TextDelta
+      connect error, timeout, broken connection   UpstreamError(retryable=True)
+      HTTP 429 or 5xx                             UpstreamError(retryable=True, retry_after from Retry-After)
+      HTTP 404 with code model_not_found          ModelNotFound
+      HTTP 400 that says the context is exceeded  ContextLengthExceeded
+      any other non-2xx answer                    UpstreamError(retryable=False), with the upstream's
+                                                  status and raw body for passthrough (a 401/403 upsell)
+      a malformed event                           UpstreamError(retryable=True)
+    after it
+      any of the above, an error event, or a      UpstreamError(retryable=False): the client has text
+      stream that ends before it finished         already, so nothing may fail over
+
+An error event (``data: {"error": ...}``, or llama-server's own ``error:``
+field) is UpstreamError(retryable=False) wherever it comes, or
+ContextLengthExceeded when it says so. httpx exceptions are translated by
+type. The API key is only ever in the client's headers, which httpx prints as
+``[secure]``; it is in no message, repr or log line of this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import httpx
+import msgspec
+
+from locopilot import __version__
+from locopilot.engine.protocol import SamplingParams
+from locopilot.errors import ContextLengthExceeded, InvalidRequest, LocopilotError, ModelNotFound, UpstreamError
+from locopilot.providers.base import EmbeddingResult, Finish, GenerationRequest, Locality, StreamEvent, TextDelta
+
+DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=30.0)
+"""``read`` bounds the wait for each chunk, so it must outlast a slow upstream's prompt processing."""
+
+MAX_ERROR_BODY = 1 << 20
+"""Bytes of an upstream error body kept for passthrough; the rest is dropped."""
+
+# Failures of the path to the upstream rather than answers about the request.
+_TRANSIENT: tuple[type[httpx.HTTPError], ...] = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+# The upstream's own ways of saying a prompt does not fit: OpenAI's code, llama-server's type.
+_CONTEXT_EXCEEDED = frozenset({"context_length_exceeded", "exceed_context_size_error"})
+
+
+class _ErrorDetail(msgspec.Struct):
+    message: str | None = None
+    type: str | None = None
+    code: str | int | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    """``{"error": {...}}`` from OpenAI and llama-server, or vLLM's flat ``{"message", "type", "code"}``."""
+
+    error: _ErrorDetail | str | None = None
+    message: str | None = None
+    type: str | None = None
+    code: str | int | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    delta: _Delta | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: _ErrorDetail | str | None = None
+
+
+class _Embedding(msgspec.Struct):
+    embedding: list[float]
+    index: int | None = None
+
+
+class _Embeddings(msgspec.Struct):
+    data: list[_Embedding]
+    usage: _Usage | None = None
+
+
+class _Model(msgspec.Struct):
+    id: str
+
+
+class _Models(msgspec.Struct):
+    data: list[_Model]
+
+
+_encoder = msgspec.json.Encoder()
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
+_error_body_decoder = msgspec.json.Decoder(_ErrorBody)
+_error_detail_decoder = msgspec.json.Decoder(_ErrorDetail)
+_embeddings_decoder = msgspec.json.Decoder(_Embeddings)
+_models_decoder = msgspec.json.Decoder(_Models)
+_any_decoder = msgspec.json.Decoder()
+
+_JSON = {"Content-Type": "application/json"}
+_SSE = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+
+
+class OpenAICompatProvider:
+    """One OpenAI-compatible upstream at ``base_url`` (the URL that ends in ``/v1``).
+
+    Owns one ``httpx.AsyncClient`` that never retries (the router decides what
+    to try next); ``aclose`` closes it. ``timeout`` defaults to
+    :data:`DEFAULT_TIMEOUT`; ``transport`` replaces httpx's own, for a faster
+    one or a test's.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        locality: Locality = "remote",
+        timeout: httpx.Timeout | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        url = httpx.URL(base_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"upstream {name!r} needs an http:// or https:// URL")
+        self.name = name
+        self.locality: Locality = locality
+        self._display_url = str(url.copy_with(username=None, password=None, query=None, fragment=None))
+        headers = {"User-Agent": f"locopilot/{__version__}"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._client = httpx.AsyncClient(
+            base_url=url,
+            headers=headers,
+            timeout=timeout or DEFAULT_TIMEOUT,
+            # Unlimited connections: the upstream queues work itself, and a pool
+            # limit here would turn load into PoolTimeouts that look like outages.
+            transport=transport or httpx.AsyncHTTPTransport(retries=0, limits=httpx.Limits(max_connections=None)),
+            # Proxies and CA bundles come from Settings, never from the environment behind its back.
+            trust_env=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatProvider(name={self.name!r}, base_url={self._display_url!r}, locality={self.locality!r})"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
+        """Stream one generation; closing the generator closes the upstream response."""
+        path, body, param = generation_body(request)
+        reader = _ChunkReader(self.name, chat=request.messages is not None, param=param)
+        try:
+            async with self._client.stream("POST", path, content=_encoder.encode(body), headers=_SSE) as response:
+                if not response.is_success:
+                    content = await _read_capped(response)
+                    raise self._status_error(response.status_code, response.headers, content, param)
+                events = _EventParser()
+                async for line in response.aiter_lines():
+                    event = events.feed(line)
+                    if event is None:
+                        continue
+                    text = reader.read(*event)
+                    if text:
+                        yield TextDelta(text, 1)
+                    if reader.done:
+                        break
+        except httpx.HTTPError as exc:
+            # A connection lost after the upstream said why it stopped lost nothing but the usage.
+            if reader.finish_reason is None:
+                raise self._transport_error(exc, started=reader.deltas > 0) from exc
+        if not reader.done and reader.finish_reason is None:
+            raise UpstreamError(
+                f"upstream {self.name!r} ended the stream before it finished", retryable=reader.deltas == 0
+            )
+        yield reader.finish()
+
+    async def embed(self, model: str, inputs: list[str]) -> EmbeddingResult:
+        content = await self._call("POST", "/embeddings", {"model": model, "input": inputs, "encoding_format": "float"})
+        try:
+            answer = _embeddings_decoder.decode(content)
+        except msgspec.DecodeError as exc:
+            raise self._malformed("embeddings") from exc
+        if len(answer.data) != len(inputs):
+            raise UpstreamError(
+                f"upstream {self.name!r} returned {len(answer.data)} embeddings for {len(inputs)} inputs",
+                retryable=True,
+            )
+        ordered = sorted(enumerate(answer.data), key=lambda pair: pair[0] if pair[1].index is None else pair[1].index)
+        tokens = answer.usage.prompt_tokens if answer.usage else 0
+        return EmbeddingResult([item.embedding for _, item in ordered], tokens)
+
+    async def models(self) -> list[str]:
+        content = await self._call("GET", "/models", None)
+        try:
+            return [model.id for model in _models_decoder.decode(content).data]
+        except msgspec.DecodeError as exc:
+            raise self._malformed("model list") from exc
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None) -> bytes:
+        """The body of a 2xx answer to a non-streaming request; anything else raises."""
+        try:
+            if body is None:
+                response = await self._client.request(method, path)
+            else:
+                response = await self._client.request(method, path, content=_encoder.encode(body), headers=_JSON)
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, started=False) from exc
+        if not response.is_success:
+            raise self._status_error(response.status_code, response.headers, response.content, "input")
+        return response.content
+
+    def _transport_error(self, exc: httpx.HTTPError, *, started: bool) -> UpstreamError:
+        detail = str(exc) or "no detail"
+        return UpstreamError(
+            f"upstream {self.name!r} failed: {type(exc).__name__} ({detail})",
+            retryable=isinstance(exc, _TRANSIENT) and not started,
+        )
+
+    def _malformed(self, what: str) -> UpstreamError:
+        return UpstreamError(f"upstream {self.name!r} sent a malformed {what}", retryable=True)
+
+    def _status_error(self, status: int, headers: httpx.Headers, content: bytes, param: str) -> LocopilotError:
+        detail = error_detail(content)
+        said = detail.message if detail and detail.message else None
+        message = f"upstream {self.name!r} answered HTTP {status}" + (f": {said}" if said else "")
+        if status == 429 or status >= 500:
+            return UpstreamError(
+                message,
+                retryable=True,
+                upstream_status=status,
+                upstream_body=content,
+                retry_after=retry_after_seconds(headers.get("Retry-After")),
+            )
+        if detail is not None:
+            if status == 404 and detail.code == "model_not_found":
+                return ModelNotFound(said or message, param="model")
+            if status == 400 and _CONTEXT_EXCEEDED & {detail.code, detail.type}:
+                return ContextLengthExceeded(said or message, param=param)
+        return UpstreamError(message, retryable=False, upstream_status=status, upstream_body=content)
+
+
+def generation_body(request: GenerationRequest) -> tuple[str, dict[str, Any], str]:
+    """The path, JSON body and input field name of the upstream request for ``request``."""
+    sampling = request.sampling
+    body: dict[str, Any] = {"model": request.model}
+    if request.messages is not None:
+        path, param = "/chat/completions", "messages"
+        body["messages"] = request.messages
+    elif request.prompt is not None:
+        path, param = "/completions", "prompt"
+        body["prompt"] = request.prompt
+        if request.echo:
+            body["echo"] = True
+    else:
+        raise InvalidRequest("a generation needs a prompt or messages")
+    body["stream"] = True
+    body["stream_options"] = {"include_usage": True}
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    if request.stop:
+        body["stop"] = request.stop
+    body["temperature"] = sampling.temperature
+    body["top_p"] = sampling.top_p
+    if sampling.seed is not None:
+        body["seed"] = sampling.seed
+    body["presence_penalty"] = sampling.presence_penalty
+    body["frequency_penalty"] = sampling.frequency_penalty
+    if sampling.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias.items()}
+    # llama.cpp and vLLM extensions, sent only when they differ from the defaults
+    # (which are llama-server's): OpenAI's own API refuses fields it does not know.
+    defaults = SamplingParams()
+    for extra in ("top_k", "min_p", "repeat_penalty"):
+        if getattr(sampling, extra) != getattr(defaults, extra):
+            body[extra] = getattr(sampling, extra)
+    if request.grammar is not None:
+        body["grammar"] = request.grammar
+    if request.json_schema is not None:
+        body["response_format"] = response_format(request.json_schema)
+    return path, body, param
+
+
+def response_format(json_schema: str) -> dict[str, Any]:
+    try:
+        schema = _any_decoder.decode(json_schema)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest("json_schema is not valid JSON", param="response_format") from exc
+    if schema == {"type": "object"}:
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}
+
+
+def error_detail(content: bytes) -> _ErrorDetail | None:
+    """The error an upstream described in its body, if the body is one of the usual JSON shapes."""
+    try:
+        body = _error_body_decoder.decode(content)
+    except msgspec.DecodeError:
+        return None
+    match body.error:
+        case _ErrorDetail():
+            return body.error
+        case str(message):
+            return _ErrorDetail(message=message)
+        case None if body.message is not None:
+            return _ErrorDetail(message=body.message, type=body.type, code=body.code)
+    return None
+
+
+def retry_after_seconds(value: str | None) -> int | None:
+    """Retry-After in whole seconds; the HTTP-date form is not worth a clock here and reads as absent."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value.strip())
+
+
+async def _read_capped(response: httpx.Response) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    async for part in response.aiter_bytes():
+        parts.append(part)
+        size += len(part)
+        if size >= MAX_ERROR_BODY:
+            break
+    return b"".join(parts)[:MAX_ERROR_BODY]
+
+
+class _EventParser:
+    """Server-sent events from lines: ``("data", text)`` per event, and ``("error", text)`` per
+    ``error:`` line, which llama-server sends in place of a data event.
+
+    Comments and other fields are ignored; an event cut off by the end of the
+    stream is dropped, as the SSE spec says.
+    """
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> tuple[str, str] | None:
+        if not line:
+            if not self._data:
+                return None
+            data = "\n".join(self._data)
+            self._data.clear()
+            return "data", data
+        if line.startswith(":"):
+            return None
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "data":
+            self._data.append(value)
+        elif field == "error":
+            return "error", value
+        return None
+
+
+class _ChunkReader:
+    """The state of one stream: what has been said, why it stopped, what it cost."""
+
+    def __init__(self, name: str, *, chat: bool, param: str) -> None:
+        self.name = name
+        self.chat = chat
+        self.param = param
+        self.done = False
+        self.deltas = 0
+        self.finish_reason: str | None = None
+        self.usage: _Usage | None = None
+
+    def read(self, field: str, data: str) -> str | None:
+        """The text of one event (or None); raises for an error event or a malformed one."""
+        if field == "error":
+            raise self._error_event(_decode_error_detail(data))
+        if data == "[DONE]":
+            self.done = True
+            return None
+        try:
+            chunk = _chunk_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            raise UpstreamError(
+                f"upstream {self.name!r} sent a malformed stream event", retryable=self.deltas == 0
+            ) from exc
+        match chunk.error:
+            case _ErrorDetail():
+                raise self._error_event(chunk.error)
+            case str(message):
+                raise self._error_event(_ErrorDetail(message=message))
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        text = None
+        for choice in chunk.choices:
+            if choice.index != 0:
+                continue
+            if choice.finish_reason:
+                self.finish_reason = choice.finish_reason
+            text = (choice.delta.content if choice.delta else None) if self.chat else choice.text
+        if text:
+            self.deltas += 1
+        return text
+
+    def finish(self) -> Finish:
+        reason = self.finish_reason or "stop"
+        if self.usage is None:
+            return Finish(reason, 0, self.deltas)
+        return Finish(reason, self.usage.prompt_tokens, self.usage.completion_tokens)
+
+    def _error_event(self, detail: _ErrorDetail) -> LocopilotError:
+        said = detail.message or "no message"
+        if _CONTEXT_EXCEEDED & {detail.code, detail.type}:
+            return ContextLengthExceeded(said, param=self.param)
+        return UpstreamError(f"upstream {self.name!r} reported an error mid-stream: {said}", retryable=False)
+
+
+def _decode_error_detail(data: str) -> _ErrorDetail:
+    try:
+        return _error_detail_decoder.decode(data)
+    except msgspec.DecodeError:
+        return _ErrorDetail(message=data)

@@ -1,0 +1,435 @@
+"""An Ollama stand-in: Ollama's documented HTTP API on a real loopback socket.
+
+Routes: ``GET /``, ``GET /api/version``, ``GET /api/tags``, ``POST /api/show``,
+``POST /api/chat``, ``POST /api/generate`` (NDJSON streamed in HTTP chunks by
+default, one JSON object with ``"stream": false``) and ``POST /api/embed``, with
+Ollama's field names, status codes and error shape (``{"error": "..."}``; an
+unknown model is 404, an unknown route a plain-text ``404 page not found``).
+
+Every generation answers with the words of :data:`SENTENCE`, one chunk per
+word (later words carry their leading space, as Ollama's tokens do), cut before
+a word listed in ``options.stop`` (``done_reason`` "stop") or after
+``options.num_predict`` chunks (``done_reason`` "length"). With ``format`` set
+the answer is the JSON text ``{"reply": SENTENCE}``. ``prompt_eval_count`` is
+the number of whitespace-separated words in the prompt or messages.
+
+Faults, for tests: :meth:`OllamaStandIn.fail_next` answers the next API
+request with a given status and body; ``endless`` streams words until the
+client goes away (each such disconnect sets ``disconnected``); ``error_after``
+sends an ``{"error": ...}`` line after that many chunks, as Ollama does when a
+runner fails mid-generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import select
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+SENTENCE = "Hello from the Ollama stand-in"
+CONTEXT_LENGTH = 131072
+EMBEDDING_SIZE = 8
+
+JSONObject = dict[str, Any]
+
+
+def pieces(text: str) -> list[str]:
+    """``text`` split into word chunks, each word after the first carrying its leading space."""
+    first, *rest = text.split(" ")
+    return [first, *(" " + word for word in rest)]
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def word_count(body: JSONObject, chat: bool) -> int:
+    if chat:
+        return sum(len(str(message.get("content", "")).split()) for message in body.get("messages") or [])
+    return len(str(body.get("prompt", "")).split())
+
+
+def embedding(text: str) -> list[float]:
+    """A unit vector that depends only on ``text`` (Ollama's /api/embed returns normalized vectors)."""
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [byte - 127.5 for byte in digest[:EMBEDDING_SIZE]]
+    norm = math.sqrt(sum(value * value for value in raw))
+    return [value / norm for value in raw]
+
+
+class Fault:
+    def __init__(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(self, stand_in: OllamaStandIn) -> None:
+        self.stand_in = stand_in
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """End idle keep-alive connections so their handler threads finish and can be joined."""
+        with self.connections_lock:
+            for connection in self.connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client may reset a keep-alive connection at any time; that is not the stand-in's error.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.dispatch("GET")
+
+    def do_POST(self) -> None:
+        self.dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self.dispatch("DELETE")
+
+    # Routing and plain answers.
+
+    def dispatch(self, method: str) -> None:
+        stand_in = self.server.stand_in
+        path = urlsplit(self.path).path
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        routes = {
+            ("GET", "/"): self.root,
+            ("GET", "/api/version"): self.version,
+            ("GET", "/api/tags"): self.tags,
+            ("POST", "/api/show"): self.show,
+            ("POST", "/api/chat"): self.chat,
+            ("POST", "/api/generate"): self.generate,
+            ("POST", "/api/embed"): self.embed,
+        }
+        route = routes.get((method, path))
+        if route is None:
+            self.send(404, b"404 page not found", "text/plain")
+            return
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            self.error(400, "invalid character in request body")
+            return
+        if not isinstance(body, dict):
+            self.error(400, "json: cannot unmarshal into Go value of type api.Request")
+            return
+        stand_in.requests.append((path, body))
+        fault = stand_in.take_fault()
+        if fault is not None:
+            self.send(fault.status, fault.body, "application/json", fault.headers)
+            return
+        route(body)
+
+    def send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_json(self, status: int, obj: JSONObject) -> None:
+        self.send(status, json.dumps(obj).encode(), "application/json; charset=utf-8")
+
+    def error(self, status: int, message: str) -> None:
+        self.send_json(status, {"error": message})
+
+    def known_model(self, body: JSONObject) -> str | None:
+        """The model's full name (``:latest`` added when no tag is given); None after answering 400/404."""
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            self.error(400, "model is required")
+            return None
+        full = name if ":" in name else f"{name}:latest"
+        if full not in self.server.stand_in.models:
+            self.error(404, f'model "{name}" not found, try pulling it first')
+            return None
+        return full
+
+    def root(self, body: JSONObject) -> None:
+        self.send(200, b"Ollama is running", "text/plain; charset=utf-8")
+
+    def version(self, body: JSONObject) -> None:
+        self.send_json(200, {"version": "0.12.0"})
+
+    def tags(self, body: JSONObject) -> None:
+        self.send_json(200, {"models": [self.server.stand_in.tag(name) for name in self.server.stand_in.models]})
+
+    def show(self, body: JSONObject) -> None:
+        model = self.known_model(body)
+        if model is None:
+            return
+        self.send_json(
+            200,
+            {
+                "modelfile": f"FROM {model}\n",
+                "parameters": 'stop "<|eot_id|>"',
+                "template": "{{ .Prompt }}",
+                "details": self.server.stand_in.details(),
+                "model_info": {
+                    "general.architecture": "llama",
+                    "general.parameter_count": 1235814432,
+                    "llama.context_length": self.server.stand_in.context_length,
+                    "llama.embedding_length": 2048,
+                },
+                "capabilities": ["completion"],
+                "modified_at": "2025-01-01T00:00:00Z",
+            },
+        )
+
+    def embed(self, body: JSONObject) -> None:
+        model = self.known_model(body)
+        if model is None:
+            return
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not all(isinstance(text, str) for text in inputs):
+            self.error(400, "invalid input type")
+            return
+        self.send_json(
+            200,
+            {
+                "model": model,
+                "embeddings": [embedding(text) for text in inputs],
+                "total_duration": 1_000_000,
+                "load_duration": 100_000,
+                "prompt_eval_count": sum(len(text.split()) for text in inputs),
+            },
+        )
+
+    # Generation.
+
+    def chat(self, body: JSONObject) -> None:
+        self.generation(body, chat=True)
+
+    def generate(self, body: JSONObject) -> None:
+        self.generation(body, chat=False)
+
+    def generation(self, body: JSONObject, *, chat: bool) -> None:
+        model = self.known_model(body)
+        if model is None:
+            return
+        stand_in = self.server.stand_in
+        options = body.get("options") or {}
+        started = time.monotonic_ns()
+
+        def chunk(text: str) -> JSONObject:
+            if chat:
+                return {"model": model, "created_at": now(), "message": {"role": "assistant", "content": text}}
+            return {"model": model, "created_at": now(), "response": text}
+
+        def final(text: str, reason: str, count: int) -> JSONObject:
+            elapsed = time.monotonic_ns() - started
+            obj = chunk(text) | {
+                "done": True,
+                "done_reason": reason,
+                "total_duration": elapsed,
+                "load_duration": 0,
+                "prompt_eval_count": word_count(body, chat),
+                "prompt_eval_duration": elapsed // 2,
+                "eval_count": count,
+                "eval_duration": elapsed // 2,
+            }
+            if not chat and not body.get("raw"):
+                obj["context"] = list(range(word_count(body, chat) + count))
+            return obj
+
+        empty = not body.get("messages") if chat else not body.get("prompt")
+        if empty:
+            # Ollama loads the model and answers at once when there is nothing to generate from.
+            self.send_json(200, chunk("") | {"done": True, "done_reason": "load"})
+            return
+
+        if stand_in.endless:
+            self.stream_lines(chunk(piece) | {"done": False} for piece in itertools.cycle(pieces(SENTENCE)))
+            return
+
+        text = json.dumps({"reply": SENTENCE}) if body.get("format") else SENTENCE
+        words, reason = self.limit(pieces(text), options)
+
+        if body.get("stream", True) is False:
+            self.send_json(200, final("".join(words), reason, len(words)))
+            return
+
+        lines: list[JSONObject] = [chunk(word) | {"done": False} for word in words]
+        if stand_in.error_after is not None:
+            count, message = stand_in.error_after
+            self.stream_lines([*lines[:count], {"error": message}])
+            return
+        self.stream_lines([*lines, final("", reason, len(words))])
+
+    @staticmethod
+    def limit(words: list[str], options: JSONObject) -> tuple[list[str], str]:
+        """Apply ``options.stop`` and ``options.num_predict`` (negative means no limit, as in Ollama)."""
+        stops = options.get("stop") or []
+        for index, word in enumerate(words):
+            if word.strip() in stops:
+                return words[:index], "stop"
+        num_predict = options.get("num_predict")
+        if isinstance(num_predict, int) and 0 <= num_predict < len(words):
+            return words[:num_predict], "length"
+        return words, "stop"
+
+    def stream_lines(self, lines: Iterable[JSONObject]) -> None:
+        """Write NDJSON in HTTP chunks, one line per chunk, stopping early if the client goes away."""
+        stand_in = self.server.stand_in
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for line in lines:
+                data = json.dumps(line).encode() + b"\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+                if stand_in.endless and self.client_gone(stand_in.chunk_interval):
+                    stand_in.disconnected.set()
+                    self.close_connection = True
+                    return
+                if stand_in.stopping.is_set():
+                    self.close_connection = True
+                    return
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            stand_in.disconnected.set()
+            self.close_connection = True
+
+    def client_gone(self, wait: float) -> bool:
+        """True when the client closed its end, watching the socket for up to ``wait`` seconds."""
+        readable, _, _ = select.select([self.connection], [], [], wait)
+        if not readable:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except ConnectionResetError:
+            return True
+
+
+class OllamaStandIn:
+    """An Ollama stand-in serving ``models`` on a free loopback port; also a context manager.
+
+    ``requests`` holds every API request received, as ``(path, JSON body)``.
+    """
+
+    def __init__(
+        self, models: Sequence[str] = ("llama3.2:1b", "qwen2.5:0.5b"), *, context_length: int = CONTEXT_LENGTH
+    ) -> None:
+        self.models = list(models)
+        self.context_length = context_length
+        self.requests: list[tuple[str, JSONObject]] = []
+        self.endless = False
+        self.chunk_interval = 0.01
+        self.error_after: tuple[int, str] | None = None
+        self.disconnected = threading.Event()
+        self.stopping = threading.Event()
+        self._faults: list[Fault] = []
+        self._faults_lock = threading.Lock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the Ollama stand-in is not started")
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> OllamaStandIn:
+        self.stopping.clear()
+        self._server = _Server(self)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="ollama-stand-in"
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is None or self._thread is None:
+            return
+        self.stopping.set()
+        self._server.shutdown()
+        self._server.close_connections()
+        self._server.server_close()
+        self._thread.join()
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> OllamaStandIn:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def fail_next(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        """Answer the next API request (after recording it) with ``status`` and ``body`` instead."""
+        with self._faults_lock:
+            self._faults.append(Fault(status, body, headers or {}))
+
+    def take_fault(self) -> Fault | None:
+        with self._faults_lock:
+            return self._faults.pop(0) if self._faults else None
+
+    def bodies(self, path: str) -> Iterator[JSONObject]:
+        """The bodies of the requests received on ``path``, in order."""
+        return (body for received, body in self.requests if received == path)
+
+    def details(self) -> JSONObject:
+        return {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "llama",
+            "families": ["llama"],
+            "parameter_size": "1.2B",
+            "quantization_level": "Q4_K_M",
+        }
+
+    def tag(self, name: str) -> JSONObject:
+        return {
+            "name": name,
+            "model": name,
+            "modified_at": "2025-01-01T00:00:00Z",
+            "size": 807_000_000,
+            "digest": hashlib.sha256(name.encode()).hexdigest(),
+            "details": self.details(),
+        }

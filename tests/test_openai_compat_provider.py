@@ -1,0 +1,460 @@
+"""The openai provider, driven directly against the scripted fault upstream and a real locopilot."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import httpx
+import pytest
+
+from locopilot.engine.protocol import SamplingParams
+from locopilot.errors import ContextLengthExceeded, InvalidRequest, LocopilotError, ModelNotFound, UpstreamError
+from locopilot.providers.base import Finish, GenerationRequest, StreamEvent, TextDelta
+from locopilot.providers.openai_compat import OpenAICompatProvider
+from tests.conftest import SMOL, Server
+from tests.fakes.fault_upstream import FaultUpstream
+
+KEY = "sk-test-secret-4f1c9a"
+HELLO = [{"role": "user", "content": "Say hello."}]
+WORDS = [TextDelta(word, 1) for word in FaultUpstream.WORDS]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def upstream() -> Iterator[FaultUpstream]:
+    fault = FaultUpstream().start()
+    yield fault
+    fault.stop()
+
+
+@pytest.fixture
+async def provider(upstream: FaultUpstream) -> AsyncIterator[OpenAICompatProvider]:
+    opened = OpenAICompatProvider("fault", upstream.url)
+    yield opened
+    await opened.aclose()
+
+
+def chat(**kwargs: object) -> GenerationRequest:
+    return GenerationRequest(model="fault-small", messages=HELLO, **kwargs)  # type: ignore[arg-type]
+
+
+async def collect(provider: OpenAICompatProvider, request: GenerationRequest) -> list[StreamEvent]:
+    return [event async for event in provider.stream(request)]
+
+
+async def collect_until_error(
+    provider: OpenAICompatProvider, request: GenerationRequest
+) -> tuple[list[StreamEvent], LocopilotError]:
+    """The events before the stream raised, and what it raised."""
+    events: list[StreamEvent] = []
+    try:
+        async for event in provider.stream(request):
+            events.append(event)
+    except LocopilotError as exc:
+        return events, exc
+    pytest.fail(f"the stream ended without an error after {events}")
+
+
+# The normal answer and what is sent
+
+
+@pytest.mark.anyio
+async def test_chat_stream_is_text_then_one_finish_with_upstream_usage(
+    provider: OpenAICompatProvider, upstream: FaultUpstream
+) -> None:
+    events = await collect(provider, chat())
+    assert events == [*WORDS, Finish("stop", FaultUpstream.PROMPT_TOKENS, len(WORDS))]
+    [sent] = upstream.requests
+    assert (sent.method, sent.path) == ("POST", "/v1/chat/completions")
+    assert sent.body["messages"] == HELLO
+    assert sent.body["stream"] is True
+    assert sent.body["stream_options"] == {"include_usage": True}
+    assert "authorization" not in sent.headers
+
+
+@pytest.mark.anyio
+async def test_chat_fields_are_mapped_and_unset_ones_omitted(
+    provider: OpenAICompatProvider, upstream: FaultUpstream
+) -> None:
+    sampling = SamplingParams(
+        temperature=0.3, top_p=0.9, top_k=7, min_p=0.1, presence_penalty=0.5, frequency_penalty=0.25, repeat_penalty=1.2
+    )
+    await collect(provider, chat(sampling=sampling))
+    body = upstream.requests[0].body
+    assert body["model"] == "fault-small"
+    sent = {key: body[key] for key in sampling.__struct_fields__ if key in body}
+    assert sent == {
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "top_k": 7,
+        "min_p": 0.1,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.25,
+        "repeat_penalty": 1.2,
+    }
+    for absent in ("max_tokens", "stop", "seed", "logit_bias", "echo", "response_format", "grammar", "prompt"):
+        assert absent not in body
+
+
+@pytest.mark.anyio
+async def test_text_completion_fields_and_text(provider: OpenAICompatProvider, upstream: FaultUpstream) -> None:
+    request = GenerationRequest(
+        model="fault-small",
+        prompt="Once upon",
+        max_tokens=5,
+        stop=["\n", "END"],
+        echo=True,
+        sampling=SamplingParams(seed=7, logit_bias={15: -100.0, 2: 3.5}),
+    )
+    events = await collect(provider, request)
+    assert events == [*WORDS, Finish("stop", FaultUpstream.PROMPT_TOKENS, len(WORDS))]
+    [sent] = upstream.requests
+    assert sent.path == "/v1/completions"
+    assert "messages" not in sent.body
+    assert {key: sent.body[key] for key in ("prompt", "max_tokens", "stop", "echo", "seed", "logit_bias")} == {
+        "prompt": "Once upon",
+        "max_tokens": 5,
+        "stop": ["\n", "END"],
+        "echo": True,
+        "seed": 7,
+        "logit_bias": {"15": -100.0, "2": 3.5},
+    }
+    assert sent.body["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("schema", "expected"),
+    [
+        ('{"type": "object"}', {"type": "json_object"}),
+        (
+            '{"type": "object", "properties": {"city": {"type": "string"}}}',
+            {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "response",
+                    "schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            },
+        ),
+    ],
+)
+async def test_json_schema_becomes_response_format(
+    provider: OpenAICompatProvider, upstream: FaultUpstream, schema: str, expected: dict[str, object]
+) -> None:
+    await collect(provider, chat(json_schema=schema))
+    assert upstream.requests[0].body["response_format"] == expected
+
+
+@pytest.mark.anyio
+async def test_a_schema_that_is_not_json_is_refused_before_sending(
+    provider: OpenAICompatProvider, upstream: FaultUpstream
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        await collect(provider, chat(json_schema="{nope"))
+    assert info.value.param == "response_format"
+    assert upstream.requests == []
+
+
+@pytest.mark.anyio
+async def test_the_key_is_sent_as_bearer_and_never_shown(upstream: FaultUpstream) -> None:
+    keyed = OpenAICompatProvider("cloud", upstream.url, api_key=KEY)
+    try:
+        await collect(keyed, chat())
+        assert upstream.requests[0].headers["authorization"] == f"Bearer {KEY}"
+        upstream.mode = "status_401"
+        _, refused = await collect_until_error(keyed, chat())
+        upstream.mode = "refuse"
+        _, unreachable = await collect_until_error(keyed, chat())
+    finally:
+        await keyed.aclose()
+    shown = " ".join([repr(keyed), str(keyed), str(refused), repr(refused), str(unreachable), repr(unreachable)])
+    assert "cloud" in shown
+    assert KEY not in shown
+
+
+@pytest.mark.anyio
+async def test_an_empty_key_sends_no_authorization(upstream: FaultUpstream) -> None:
+    unkeyed = OpenAICompatProvider("local", upstream.url, api_key="", locality="local")
+    try:
+        await collect(unkeyed, chat())
+    finally:
+        await unkeyed.aclose()
+    assert "authorization" not in upstream.requests[0].headers
+    assert unkeyed.locality == "local"
+
+
+@pytest.mark.anyio
+async def test_finish_counts_deltas_when_no_usage_arrives(
+    provider: OpenAICompatProvider, upstream: FaultUpstream
+) -> None:
+    upstream.mode = "no_usage"
+    assert await collect(provider, chat()) == [*WORDS, Finish("length", 0, len(WORDS))]
+
+
+# Failures before the first event
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("mode", "status", "retryable", "retry_after"),
+    [("status_500", 500, True, None), ("status_429", 429, True, 7), ("status_401", 401, False, None)],
+)
+async def test_http_errors_say_whether_failover_may_help(
+    provider: OpenAICompatProvider, upstream: FaultUpstream, mode: str, status: int, retryable: bool, retry_after: int
+) -> None:
+    upstream.mode = mode
+    events, raised = await collect_until_error(provider, chat())
+    assert events == []
+    assert type(raised) is UpstreamError
+    assert (raised.retryable, raised.upstream_status, raised.retry_after) == (retryable, status, retry_after)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("mode", "status"), [("status_401", 401), ("status_403", 403)])
+async def test_auth_refusals_keep_the_upstream_body_byte_for_byte(
+    provider: OpenAICompatProvider, upstream: FaultUpstream, mode: str, status: int
+) -> None:
+    upstream.mode = mode
+    _, raised = await collect_until_error(provider, chat())
+    assert isinstance(raised, UpstreamError)
+    assert raised.retryable is False
+    assert raised.upstream_status == status
+    assert raised.upstream_body == FaultUpstream.PRO_REQUIRED_BODY
+    assert "Pro plan required" in raised.message
+
+
+@pytest.mark.anyio
+async def test_a_refused_connection_is_retryable(provider: OpenAICompatProvider, upstream: FaultUpstream) -> None:
+    upstream.mode = "refuse"
+    events, raised = await collect_until_error(provider, chat())
+    assert events == []
+    assert isinstance(raised, UpstreamError)
+    assert raised.retryable is True
+    assert raised.upstream_status is None
+    assert upstream.requests == []
+    # The port opens again, so the same provider can recover.
+    upstream.mode = "ok"
+    assert (await collect(provider, chat()))[-1] == Finish("stop", FaultUpstream.PROMPT_TOKENS, len(WORDS))
+
+
+@pytest.mark.anyio
+async def test_an_upstream_that_hangs_times_out_as_retryable(upstream: FaultUpstream) -> None:
+    upstream.mode = "hang"
+    impatient = OpenAICompatProvider("slow", upstream.url, timeout=httpx.Timeout(10.0, read=0.3))
+    try:
+        events, raised = await collect_until_error(impatient, chat())
+    finally:
+        await impatient.aclose()
+    assert events == []
+    assert isinstance(raised, UpstreamError)
+    assert raised.retryable is True
+    assert "ReadTimeout" in raised.message
+    assert len(upstream.requests) == 1  # it was sent, and never answered
+
+
+@pytest.mark.anyio
+async def test_a_missing_model_is_model_not_found(provider: OpenAICompatProvider) -> None:
+    _, raised = await collect_until_error(
+        provider, GenerationRequest(model=FaultUpstream.MISSING_MODEL, messages=HELLO)
+    )
+    assert type(raised) is ModelNotFound
+    assert raised.message == f"The model `{FaultUpstream.MISSING_MODEL}` does not exist."
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["context_length", "error_field"])
+async def test_an_oversized_prompt_is_context_length_exceeded(
+    provider: OpenAICompatProvider, upstream: FaultUpstream, mode: str
+) -> None:
+    """As an HTTP 400 (OpenAI, vLLM), and as llama-server's ``error:`` SSE field."""
+    upstream.mode = mode
+    events, raised = await collect_until_error(provider, chat())
+    assert events == []
+    assert type(raised) is ContextLengthExceeded
+    assert raised.param == "messages"
+
+
+@pytest.mark.anyio
+async def test_malformed_sse_before_any_text_is_retryable(
+    provider: OpenAICompatProvider, upstream: FaultUpstream
+) -> None:
+    upstream.mode = "malformed"
+    events, raised = await collect_until_error(provider, chat())
+    assert events == []
+    assert type(raised) is UpstreamError
+    assert raised.retryable is True
+
+
+# Failures after the first event
+
+
+@pytest.mark.anyio
+async def test_malformed_sse_after_text_is_not_retryable(
+    provider: OpenAICompatProvider, upstream: FaultUpstream
+) -> None:
+    upstream.mode = "malformed_late"
+    events, raised = await collect_until_error(provider, chat())
+    assert events == WORDS[:1]
+    assert type(raised) is UpstreamError
+    assert raised.retryable is False
+
+
+@pytest.mark.anyio
+async def test_a_connection_that_dies_mid_stream_raises_after_its_text(
+    provider: OpenAICompatProvider, upstream: FaultUpstream
+) -> None:
+    upstream.mode = "die_after_3"
+    events, raised = await collect_until_error(provider, chat())
+    assert events == WORDS[:3]
+    assert type(raised) is UpstreamError
+    assert raised.retryable is False
+
+
+@pytest.mark.anyio
+async def test_a_connection_lost_after_the_finish_reason_only_loses_the_usage(
+    provider: OpenAICompatProvider, upstream: FaultUpstream
+) -> None:
+    upstream.mode = "die_after_finish"
+    assert await collect(provider, chat()) == [*WORDS, Finish("stop", 0, len(WORDS))]
+
+
+@pytest.mark.anyio
+async def test_a_stream_that_ends_unfinished_is_an_error(
+    provider: OpenAICompatProvider, upstream: FaultUpstream
+) -> None:
+    upstream.mode = "end_early"
+    events, raised = await collect_until_error(provider, chat())
+    assert events == WORDS[:2]
+    assert type(raised) is UpstreamError
+    assert "before it finished" in raised.message
+
+
+@pytest.mark.anyio
+async def test_an_error_event_mid_stream_raises_with_its_message(
+    provider: OpenAICompatProvider, upstream: FaultUpstream
+) -> None:
+    upstream.mode = "error_event"
+    events, raised = await collect_until_error(provider, chat())
+    assert events == WORDS[:1]
+    assert type(raised) is UpstreamError
+    assert raised.retryable is False
+    assert "lost its GPU" in raised.message
+
+
+class ClosedStreams(httpx.AsyncBaseTransport):
+    """httpx's own transport, counting the response bodies that were closed (not merely dropped)."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport(retries=0)
+        self.closed = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=CountedClose(response.stream, self),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class CountedClose(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream, transport: ClosedStreams) -> None:
+        self.inner = inner
+        self.transport = transport
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for part in self.inner:
+            yield part
+
+    async def aclose(self) -> None:
+        self.transport.closed += 1
+        await self.inner.aclose()
+
+
+@pytest.mark.anyio
+async def test_closing_the_stream_early_hangs_up_on_the_upstream(upstream: FaultUpstream) -> None:
+    upstream.mode = "stall_after_1"
+    transport = ClosedStreams()
+    watched = OpenAICompatProvider("fault", upstream.url, transport=transport)
+    try:
+        events = watched.stream(chat())
+        assert await anext(events) == WORDS[0]
+        assert transport.closed == 0
+        await events.aclose()
+        assert transport.closed == 1
+        assert await anyio.to_thread.run_sync(upstream.client_gone.wait, 30)
+    finally:
+        await watched.aclose()
+
+
+# Models and embeddings
+
+
+@pytest.mark.anyio
+async def test_models_lists_the_upstream_ids(provider: OpenAICompatProvider, upstream: FaultUpstream) -> None:
+    assert await provider.models() == list(FaultUpstream.MODELS)
+    assert (upstream.requests[0].method, upstream.requests[0].path) == ("GET", "/v1/models")
+
+
+@pytest.mark.anyio
+async def test_models_from_a_failing_upstream_is_upstream_error(
+    provider: OpenAICompatProvider, upstream: FaultUpstream
+) -> None:
+    upstream.mode = "status_500"
+    with pytest.raises(UpstreamError) as info:
+        await provider.models()
+    assert info.value.retryable is True
+    assert info.value.upstream_status == 500
+
+
+@pytest.mark.anyio
+async def test_embed_returns_vectors_in_input_order(provider: OpenAICompatProvider, upstream: FaultUpstream) -> None:
+    inputs = ["a", "bb bb", "ccc cc c"]
+    result = await provider.embed("fault-small", inputs)
+    # The fake lists them in reverse; each vector is [characters, index, 0.5].
+    assert result.vectors == [[1.0, 0.0, 0.5], [5.0, 1.0, 0.5], [8.0, 2.0, 0.5]]
+    assert result.prompt_tokens == 6
+    assert upstream.requests[0].body == {"model": "fault-small", "input": inputs, "encoding_format": "float"}
+
+
+@pytest.mark.anyio
+async def test_embed_against_a_closed_port_is_retryable(
+    provider: OpenAICompatProvider, upstream: FaultUpstream
+) -> None:
+    upstream.mode = "refuse"
+    with pytest.raises(UpstreamError) as info:
+        await provider.embed("fault-small", ["x"])
+    assert info.value.retryable is True
+
+
+# A real upstream
+
+
+@pytest.mark.anyio
+async def test_a_real_locopilot_upstream_answers_through_the_provider(server: Server) -> None:
+    real = OpenAICompatProvider("peer", server.url + "/v1", locality="local")
+    question = [{"role": "user", "content": "Which city is the capital of France?"}]
+    request = GenerationRequest(
+        model=SMOL, messages=question, max_tokens=24, sampling=SamplingParams(temperature=0.0, seed=1)
+    )
+    try:
+        events = await collect(real, request)
+    finally:
+        await real.aclose()
+    *deltas, finish = events
+    assert all(isinstance(delta, TextDelta) for delta in deltas)
+    assert "Paris" in "".join(delta.text for delta in deltas if isinstance(delta, TextDelta))
+    assert isinstance(finish, Finish)
+    assert finish.prompt_tokens > 0  # the usage chunk was asked for and read
+    assert finish.completion_tokens > 0
