@@ -446,6 +446,20 @@ def test_body_over_the_limit_is_413(tmp_path_factory: pytest.TempPathFactory, sm
 # Health
 
 
+def test_stats_count_requests_by_provider_model_and_error(client: openai.OpenAI, server: Server) -> None:
+    client.chat.completions.create(model=SMOL, messages=CAPITAL, max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="stats-missing", messages=CAPITAL)
+    wait_for_rows(server, "model = 'stats-missing'")
+    window = httpx.get(f"{server.url}/v1/engine/stats", timeout=30).json()["since_start"]
+    (smol,) = [row for row in window["by_provider_model"] if row["model"] == SMOL]
+    assert smol["provider"] == "embedded"
+    assert smol["ok"] >= 1
+    assert smol["tokens_out"] >= 2
+    assert any(e["http_status"] == 404 and "stats-missing" in e["error"] for e in window["errors"])
+    assert window["requests"] >= smol["requests"] + 1
+
+
 def test_health_and_engine_health(server: Server) -> None:
     assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
     health = server.engine_health()

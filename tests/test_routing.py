@@ -194,6 +194,17 @@ def test_failover_before_the_first_byte_and_the_log_says_why(
         assert routing["chosen"] == "peer"
         assert routing["failed"][0]["provider"] == "flaky"
         assert routing["policy"] == "local_preferred"
+        stats = httpx.get(f"{front.url}/v1/engine/stats", timeout=30).json()
+        for window in (stats["since_start"], stats["last_hour"]):
+            assert window["requests"] == 2
+            assert window["routing"]["failed_over"] == 2
+            assert window["routing"]["chosen"] == {"peer": 2}
+            assert window["routing"]["by_policy"] == {"local_preferred": 2}
+            (failover,) = window["failovers"]
+            assert failover["provider"] == "flaky"
+            assert failover["count"] == 2
+            (served,) = window["by_provider_model"]
+            assert (served["provider"], served["model"], served["ok"]) == ("peer", SMOL, 2)
     finally:
         front.stop()
 

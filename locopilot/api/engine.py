@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import anyio
 import msgspec
 from litestar import Response, get
@@ -9,6 +11,7 @@ from litestar import Response, get
 from locopilot.api.services import Services
 from locopilot.engine.scheduler import RunnerInfo
 from locopilot.schemas.openai import encoder
+from locopilot.store import stats
 
 
 class Liveness(msgspec.Struct):
@@ -92,4 +95,18 @@ async def engine_health(services: Services) -> Response[bytes]:
     return Response(encoder.encode(body), media_type="application/json", status_code=200 if ready else 503)
 
 
-ROUTES = [health, engine_health]
+class Stats(msgspec.Struct):
+    since_start: stats.WindowStats
+    last_hour: stats.WindowStats
+
+
+@get("/v1/engine/stats")
+async def engine_stats(services: Services) -> Response[bytes]:
+    """Requests by provider and model, routing, failovers and errors, since start and over the last hour."""
+    now = time.time()
+    since_start = await anyio.to_thread.run_sync(stats.window, services.db, services.started_at)
+    last_hour = await anyio.to_thread.run_sync(stats.window, services.db, now - 3600)
+    return Response(encoder.encode(Stats(since_start, last_hour)), media_type="application/json")
+
+
+ROUTES = [health, engine_health, engine_stats]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from litestar.datastructures import State
@@ -33,6 +34,7 @@ class Services:
     router: Router
     recorder: UsageRecorder
     engine: EngineStatus
+    started_at: float = field(default_factory=time.time)
 
 
 def get_services(state: State) -> Services:

@@ -1,0 +1,126 @@
+"""Request statistics from the request log, for ``GET /v1/engine/stats``."""
+
+from __future__ import annotations
+
+import apsw
+import msgspec
+
+from locopilot.store.db import Database
+
+
+class ProviderModelStats(msgspec.Struct):
+    provider: str
+    model: str
+    requests: int
+    ok: int
+    errors: int
+    cancelled: int
+    tokens_in: int
+    tokens_out: int
+    avg_latency_ms: float | None
+    avg_ttfb_ms: float | None
+
+
+class ErrorStats(msgspec.Struct):
+    http_status: int
+    error: str
+    count: int
+
+
+class FailoverStats(msgspec.Struct):
+    """A provider that failed before the first byte, why, and how often."""
+
+    provider: str
+    reason: str
+    count: int
+
+
+class RoutingStats(msgspec.Struct):
+    """``failed_over``: requests served by another candidate after one failed."""
+
+    decided: int
+    explicit: int
+    failed_over: int
+    by_policy: dict[str, int]
+    chosen: dict[str, int]
+
+
+class WindowStats(msgspec.Struct):
+    since: float
+    requests: int
+    by_provider_model: list[ProviderModelStats]
+    errors: list[ErrorStats]
+    routing: RoutingStats
+    failovers: list[FailoverStats]
+
+
+def window(db: Database, since: float) -> WindowStats:
+    """Statistics over rows created at or after ``since`` (unix seconds). Blocks: run it in a thread."""
+
+    def fetch(conn: apsw.Connection) -> WindowStats:
+        total = int(conn.execute("SELECT count(*) FROM inference_logs WHERE created_at >= ?", (since,)).get or 0)
+        by_provider_model = [
+            ProviderModelStats(*row)
+            for row in conn.execute(
+                """SELECT provider, model, count(*),
+                          sum(status = 'ok'), sum(status = 'error'), sum(status = 'cancelled'),
+                          sum(tokens_in), sum(tokens_out), avg(latency_ms), avg(ttfb_ms)
+                   FROM inference_logs WHERE created_at >= ?
+                   GROUP BY provider, model ORDER BY count(*) DESC, provider, model""",
+                (since,),
+            )
+        ]
+        errors = [
+            ErrorStats(*row)
+            for row in conn.execute(
+                """SELECT http_status, coalesce(error, ''), count(*) FROM inference_logs
+                   WHERE created_at >= ? AND status = 'error'
+                   GROUP BY http_status, error ORDER BY count(*) DESC LIMIT 50""",
+                (since,),
+            )
+        ]
+        decided, explicit, failed_over = (
+            int(value or 0)
+            for value in conn.execute(
+                """SELECT count(*), sum(routing ->> '$.explicit'),
+                          sum(json_array_length(routing, '$.failed') > 0 AND routing ->> '$.chosen' IS NOT NULL)
+                   FROM inference_logs WHERE created_at >= ? AND routing IS NOT NULL""",
+                (since,),
+            ).fetchall()[0]
+        )
+        by_policy = {
+            str(policy): int(count or 0)
+            for policy, count in conn.execute(
+                """SELECT routing ->> '$.policy', count(*) FROM inference_logs
+                   WHERE created_at >= ? AND routing IS NOT NULL GROUP BY 1""",
+                (since,),
+            )
+        }
+        chosen = {
+            str(provider): int(count or 0)
+            for provider, count in conn.execute(
+                """SELECT routing ->> '$.chosen', count(*) FROM inference_logs
+                   WHERE created_at >= ? AND routing ->> '$.chosen' IS NOT NULL GROUP BY 1""",
+                (since,),
+            )
+        }
+        failovers = [
+            FailoverStats(*row)
+            for row in conn.execute(
+                """SELECT failed.value ->> '$.provider', failed.value ->> '$.reason', count(*)
+                   FROM inference_logs, json_each(inference_logs.routing, '$.failed') AS failed
+                   WHERE created_at >= ? AND routing IS NOT NULL
+                   GROUP BY 1, 2 ORDER BY count(*) DESC LIMIT 50""",
+                (since,),
+            )
+        ]
+        return WindowStats(
+            since=since,
+            requests=total,
+            by_provider_model=by_provider_model,
+            errors=errors,
+            routing=RoutingStats(decided, explicit, failed_over, by_policy, chosen),
+            failovers=failovers,
+        )
+
+    return db.read(fetch)
