@@ -11,7 +11,7 @@ import pytest
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import ContextLengthExceeded, InvalidRequest, LocopilotError, ModelNotFound, UpstreamError
 from locopilot.providers.base import Finish, GenerationRequest, StreamEvent, TextDelta
-from locopilot.providers.openai_compat import OpenAICompatProvider
+from locopilot.providers.openai_compat import OpenAICompatProvider, generation_body
 from tests.conftest import SMOL, Server
 from tests.fakes.fault_upstream import FaultUpstream
 
@@ -458,3 +458,13 @@ async def test_a_real_locopilot_upstream_answers_through_the_provider(server: Se
     assert isinstance(finish, Finish)
     assert finish.prompt_tokens > 0  # the usage chunk was asked for and read
     assert finish.completion_tokens > 0
+
+
+def test_llama_cpp_extras_are_sent_only_when_set() -> None:
+    # OpenAI's own API refuses fields it does not know, so defaults are not sent.
+    _, plain, _ = generation_body(GenerationRequest(model="m", messages=[{"role": "user", "content": "x"}]))
+    assert not {"top_k", "min_p", "repeat_penalty"} & set(plain)
+    tuned = GenerationRequest(model="m", prompt="x", sampling=SamplingParams(top_k=5, min_p=0.2))
+    _, body, _ = generation_body(tuned)
+    assert (body["top_k"], body["min_p"]) == (5, 0.2)
+    assert "repeat_penalty" not in body

@@ -343,3 +343,28 @@ def test_upstream_keys_never_show(tmp_path_factory: pytest.TempPathFactory, flak
         assert secret not in front.log()
     finally:
         front.stop()
+
+
+def test_the_simple_url_settings(
+    tmp_path_factory: pytest.TempPathFactory, ollama: OllamaStandIn, flaky: FaultUpstream
+) -> None:
+    front = start_server(
+        tmp_path_factory,
+        {},
+        {
+            "LOCOPILOT_OLLAMA_URL": ollama.url,
+            "LOCOPILOT_REMOTE_URL": flaky.url,
+            "LOCOPILOT_REMOTE_API_KEY": "sk-remote-key",
+        },
+    )
+    try:
+        assert served_by(front, "llama3.2:1b")[0] == "ollama"
+        assert served_by(front, "fault-small")[0] == "remote"
+        assert served_by(front, "remote:fault-large")[0] == "remote"
+        assert chat_requests(flaky)[-1].headers["authorization"] == "Bearer sk-remote-key"  # type: ignore[attr-defined]
+        providers = {p["name"]: p for p in front.engine_health()["providers"]}  # type: ignore[union-attr]
+        assert providers["ollama"]["locality"] == "local"
+        assert providers["remote"]["locality"] == "remote"
+        assert "sk-remote-key" not in httpx.get(f"{front.url}/v1/engine/health", timeout=10).text
+    finally:
+        front.stop()
