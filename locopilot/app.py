@@ -161,7 +161,7 @@ def create_app(settings: Settings) -> Litestar:
                 manager = ModelManager(settings, catalog.path_for, tasks)
                 embedded = EmbeddedProvider(manager, catalog, settings.queue_size)
                 router = Router(
-                    [ProviderState(embedded, 0), *upstream_states(settings)],
+                    [ProviderState(embedded, 0, local_engine=True), *upstream_states(settings)],
                     settings.default_model,
                     breaker_cooldown=settings.breaker_cooldown,
                 )

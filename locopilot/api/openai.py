@@ -409,7 +409,7 @@ async def all_cards(services: Services) -> list[ModelCard]:
     seen = {card.id for card in cards}
     for state in services.router.ordered("any"):
         provider = state.provider
-        if provider.name == "embedded":
+        if state.local_engine:
             continue
         for name in await services.router.models_of(state) or []:
             if name not in seen:

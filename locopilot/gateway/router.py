@@ -67,9 +67,17 @@ class Breaker:
 
 @dataclass
 class ProviderState:
+    """A provider and what the router knows of it.
+
+    ``local_engine`` marks locopilot's own engine: it is asked for its models
+    every time (a file listing), is not probed, and keeps its health per model
+    itself, so no breaker trips on it.
+    """
+
     provider: Provider
     priority: int
     configured_models: tuple[str, ...] = ()
+    local_engine: bool = False
     breaker: Breaker = field(default_factory=Breaker)
     models: list[str] | None = None
     models_at: float = -1e9
@@ -191,7 +199,7 @@ class Router:
         """The provider's models: configured, else cached for MODELS_TTL; None if it cannot be asked."""
         if state.configured_models:
             return list(state.configured_models)
-        if state.provider.name == "embedded":
+        if state.local_engine:
             names = await state.provider.models()
             default = [n for n in names if n == self.default_model]
             return default + [n for n in names if n != self.default_model]
@@ -218,19 +226,19 @@ class Router:
         self.states[route.provider.name].breaker.success()
 
     def failed(self, route: Route, error: LocopilotError) -> None:
-        """Note a failure. A busy queue is load, not ill health; the embedded engine keeps its own
+        """Note a failure. A busy queue is load, not ill health; the local engine keeps its own
         health per model (a broken file must not take the other models down), so neither trips a breaker."""
         state = self.states[route.provider.name]
         state.last_error = error.message
         log.warning("provider %s failed: %s", route.provider.name, error.message)
-        if route.provider.name != "embedded" and not isinstance(error, QueueFull):
+        if not state.local_engine and not isinstance(error, QueueFull):
             state.breaker.failure(self.clock())
 
     async def probe_forever(self, interval: float = PROBE_INTERVAL) -> None:
         """Ask every upstream for its models on an interval: fills the cache, closes or opens breakers."""
         while True:
             for state in list(self.states.values()):
-                if state.provider.name != "embedded":
+                if not state.local_engine:
                     await self._refresh(state)
             await anyio.sleep(interval)
 

@@ -1,0 +1,600 @@
+"""Gateway overhead: a fast upstream directly, through locopilot, and through LiteLLM's proxy.
+
+One run, one table. A fast OpenAI-compatible upstream (bench/fast_upstream.py,
+one process) answers POST /v1/chat/completions as JSON or as SSE. The same load
+goes to three targets in turn:
+
+  direct      the upstream itself: the floor every gateway adds to
+  locopilot   ``python -m locopilot serve`` with the upstream as its only provider
+  litellm     LiteLLM's proxy (one worker) with ``openai/fast-model`` at the same
+              upstream; only with --litellm, pointing at the ``litellm`` program
+              of a separate virtual environment (never the project's)
+
+For each target, mode (JSON, streaming) and concurrency (1, 16, 64 clients by
+default), each client sends requests back to back on one keep-alive connection
+for --warmup seconds (longer, until every client has had one answer), then for
+--duration seconds, in which finished requests are counted. The table gives requests/s, p50 and p99 latency of the
+whole response, the p50/p99 added over direct at the same mode and concurrency,
+the target's CPU time per request and the peak memory of its process tree (sum
+of VmHWM over the server process and its children).
+
+The load generator is one asyncio process on raw sockets, on the same cores as
+the upstream and the target; its own CPU use is in the last column, so a cell
+where it nears 100 % is limited by the client, not by the target.
+
+Usage: python bench/gateway.py [--litellm /tmp/litellm-venv/bin/litellm]
+           [--clients 1,16,64] [--duration 3] [--warmup 0.5] [--chunks 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "fast-model"
+PATH = "/v1/chat/completions"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+MAX_WARMUP = 60.0
+"""Seconds a cell waits, past --warmup, for every client's first answer (a slow gateway at 64 clients)."""
+
+# Variables that would send loopback traffic through a proxy or leak settings into a child.
+_DROPPED_ENV = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+def request_body(stream: bool) -> bytes:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Say hello in eight words."}],
+        "max_tokens": 16,
+        "stream": stream,
+    }
+    return json.dumps(body).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- load generator -------------------------------------------------------------------------------
+
+
+class ResponseError(Exception):
+    """A response that was not a complete 200 answer."""
+
+
+class Connection(asyncio.Protocol):
+    """One HTTP/1.1 keep-alive connection, one request at a time.
+
+    ``request`` sends the bytes and resolves to ``(status, body)`` once the whole
+    response is in (Content-Length or chunked; chunked bodies are de-chunked).
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.body_at = -1
+        self.length: int | None = None
+        self.chunked = False
+        self.chunk_at = 0
+        self.parts: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ResponseError(f"connection closed: {exc or 'by the server'}"))
+
+    def request(self, data: bytes) -> asyncio.Future[tuple[int, bytes]]:
+        if self.transport is None:
+            raise ResponseError("connection closed")
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.waiter is None or self.waiter.done():
+            return
+        try:
+            answer = self._parse()
+        except (ValueError, IndexError) as exc:
+            self.waiter.set_exception(ResponseError(f"unparsable response: {exc}"))
+            return
+        if answer is not None:
+            self.waiter.set_result(answer)
+
+    def _parse(self) -> tuple[int, bytes] | None:
+        buffer = self.buffer
+        if self.body_at < 0:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return None
+            lines = bytes(buffer[:end]).split(b"\r\n")
+            self.status = int(lines[0].split(b" ", 2)[1])
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    self.length = int(value)
+                elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                    self.chunked = True
+            self.body_at = self.chunk_at = end + 4
+            if self.length is None and not self.chunked:
+                raise ValueError("neither Content-Length nor chunked")
+        if self.length is not None:
+            end = self.body_at + self.length
+            if len(buffer) < end:
+                return None
+            return self._done(bytes(buffer[self.body_at : end]), end)
+        while True:
+            line_end = buffer.find(b"\r\n", self.chunk_at)
+            if line_end < 0:
+                return None
+            size = int(bytes(buffer[self.chunk_at : line_end]).split(b";", 1)[0], 16)
+            if size == 0:
+                if len(buffer) < line_end + 4:
+                    return None
+                return self._done(b"".join(self.parts), line_end + 4)
+            if len(buffer) < line_end + 2 + size + 2:
+                return None
+            self.parts.append(bytes(buffer[line_end + 2 : line_end + 2 + size]))
+            self.chunk_at = line_end + 2 + size + 2
+
+    def _done(self, body: bytes, end: int) -> tuple[int, bytes]:
+        status = self.status
+        del self.buffer[:end]
+        self._reset()
+        return status, body
+
+
+@dataclass
+class Cell:
+    """What one (target, mode, clients) run measured."""
+
+    latencies: list[float] = field(default_factory=list)  # seconds, requests that finished in the window
+    window: float = 0.0
+    errors: int = 0
+    first_error: str = ""
+    server_cpu: float = 0.0  # seconds of CPU the target's process tree used in the window
+    client_cpu: float = 0.0  # seconds of CPU this process used in the window
+    peak_rss_kib: int = 0
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.window if self.window else 0.0
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+@dataclass
+class Window:
+    """The measured window, set once every client has finished a request (``start``/``end`` are perf_counter)."""
+
+    clients: int
+    start: float = float("inf")
+    end: float = float("inf")
+    warm: asyncio.Event = field(default_factory=asyncio.Event)
+    warm_clients: int = 0
+
+
+async def one_client(port: int, data: bytes, stream: bool, window: Window, cell: Cell) -> None:
+    loop = asyncio.get_running_loop()
+    connection: Connection | None = None
+    clock = time.perf_counter
+    warm = False
+    while True:
+        began = clock()
+        if began >= window.end:
+            break
+        try:
+            if connection is None or connection.transport is None:
+                _, connection = await loop.create_connection(Connection, "127.0.0.1", port)
+            status, body = await connection.request(data)
+            if status != 200:
+                raise ResponseError(f"HTTP {status}: {body[:200]!r}")
+            if stream and b"data: [DONE]" not in body:
+                raise ResponseError(f"stream without [DONE]: {body[-200:]!r}")
+            if not stream and b'"choices"' not in body:
+                raise ResponseError(f"no choices: {body[:200]!r}")
+        except (OSError, ResponseError) as exc:
+            if connection is not None and connection.transport is not None:
+                connection.transport.close()
+            connection = None
+            if clock() >= window.start:
+                cell.errors += 1
+                cell.first_error = cell.first_error or str(exc)
+            await asyncio.sleep(0.01)
+            continue
+        finished = clock()
+        if window.start <= finished <= window.end:
+            cell.latencies.append(finished - began)
+        if not warm:
+            warm = True
+            window.warm_clients += 1
+            if window.warm_clients == window.clients:
+                window.warm.set()
+    if connection is not None and connection.transport is not None:
+        connection.transport.close()
+
+
+async def run_cell(port: int, stream: bool, clients: int, warmup: float, duration: float, pid: int) -> Cell:
+    """Warm up for ``warmup`` seconds and until every client has had an answer, then measure ``duration``."""
+    body = request_body(stream)
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Accept: {'text/event-stream' if stream else 'application/json'}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    data = head.encode() + body
+    cell, window = Cell(), Window(clients)
+    tasks = [asyncio.create_task(one_client(port, data, stream, window, cell)) for _ in range(clients)]
+    await asyncio.sleep(warmup)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(window.warm.wait(), MAX_WARMUP)
+    server_before, client_before = tree_cpu(pid), time.process_time()
+    window.start = time.perf_counter()
+    window.end = window.start + duration
+    await asyncio.sleep(duration)
+    server_after, client_after = tree_cpu(pid), time.process_time()
+    cell.window = time.perf_counter() - window.start
+    await asyncio.gather(*tasks)
+    cell.server_cpu = server_after - server_before
+    cell.client_cpu = client_after - client_before
+    cell.peak_rss_kib = tree_hwm_kib(pid)
+    return cell
+
+
+# --- process trees --------------------------------------------------------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants that are alive now."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    tree, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        tree.append(current)
+        queue.extend(children.get(current, []))
+    return tree
+
+
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of the live processes in ``pid``'s tree."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLOCK_TICKS
+
+
+def tree_hwm_kib(pid: int, key: str = "VmHWM") -> int:
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+    return total
+
+
+# --- targets --------------------------------------------------------------------------------------
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCOPILOT_") and k not in _DROPPED_ENV}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env.update(extra)
+    return env
+
+
+def wait_ready(process: subprocess.Popen[bytes], url: str, seconds: float, log: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                return
+        time.sleep(0.2)
+    stop(process)
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    raise SystemExit(f"{url} did not answer 200 within {seconds:.0f} s; the server's output ends with:\n{tail}")
+
+
+def check_chat(port: int, name: str) -> httpx.Response:
+    """One request of each kind through ``port``; any failure stops the benchmark."""
+    url = f"http://127.0.0.1:{port}{PATH}"
+    for stream in (False, True):
+        headers = {"Content-Type": "application/json"}
+        response = httpx.post(url, content=request_body(stream), headers=headers, timeout=30, trust_env=False)
+        if response.status_code != 200 or (stream and b"[DONE]" not in response.content):
+            raise SystemExit(f"{name}: the check request failed: {response.status_code} {response.text[:500]}")
+    return response
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL to the process group this script started it in."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=20)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@contextlib.contextmanager
+def started(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield process
+    finally:
+        stop(process)
+
+
+def upstream(port: int, chunks: int, folder: Path) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    command = [sys.executable, str(ROOT / "bench" / "fast_upstream.py"), "--port", str(port), "--chunks", str(chunks)]
+    return started(command, child_env(), folder / "upstream.log")
+
+
+def locopilot(
+    port: int, upstream_port: int, folder: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    (folder / "models").mkdir()
+    upstreams = [
+        {
+            "name": "fast",
+            "url": f"http://127.0.0.1:{upstream_port}/v1",
+            "locality": "local",
+            "priority": 1,
+            "models": [MODEL],
+        }
+    ]
+    env = child_env(
+        LOCOPILOT_PORT=str(port),
+        LOCOPILOT_DATA_DIR=str(folder / "data"),
+        LOCOPILOT_MODELS_DIR=str(folder / "models"),
+        LOCOPILOT_UPSTREAMS=json.dumps(upstreams),
+        LOCOPILOT_LOG_LEVEL="warning",
+    )
+    return started([sys.executable, "-m", "locopilot", "serve"], env, folder / "locopilot.log")
+
+
+def litellm(
+    program: Path, port: int, upstream_port: int, folder: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    config = folder / "litellm.yaml"
+    config.write_text(
+        json.dumps(  # JSON is YAML
+            {
+                "model_list": [
+                    {
+                        "model_name": MODEL,
+                        "litellm_params": {
+                            "model": f"openai/{MODEL}",
+                            "api_base": f"http://127.0.0.1:{upstream_port}/v1",
+                            "api_key": "dummy",
+                        },
+                    }
+                ],
+            },
+            indent=2,
+        )
+    )
+    env = child_env(
+        # No fetches from GitHub at import or startup: bundled copies only.
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+        LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS="True",
+        LITELLM_LOCAL_BLOG_POSTS="True",
+        LITELLM_LOCAL_POLICY_TEMPLATES="True",
+        LITELLM_LOCAL_AUTOROUTER_PRESETS="True",
+        LITELLM_TELEMETRY="False",
+        LITELLM_DONT_SHOW_FEEDBACK_BOX="True",
+        # Same footing as locopilot without API keys: no auth on loopback, no access log.
+        LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY="true",
+        LITELLM_LOG="WARNING",
+    )
+    command = [str(program), "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
+    return started(command, env, folder / "litellm.log")
+
+
+def litellm_version(program: Path) -> str:
+    for found in sorted(program.resolve().parent.parent.glob("lib/python*/site-packages/litellm-*.dist-info")):
+        return found.name.removeprefix("litellm-").removesuffix(".dist-info")
+    return "unknown version"
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    target: str
+    stream: bool
+    clients: int
+    cell: Cell
+
+
+def print_table(rows: list[Row], notes: list[str]) -> None:
+    direct = {(r.stream, r.clients): r.cell for r in rows if r.target == "direct"}
+    header = (
+        f"{'target':<10} {'mode':<6} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
+        f"{'+p99 ms':>8} {'CPU ms/req':>10} {'peak RSS MiB':>12} {'errors':>6} {'loadgen CPU':>11}"
+    )
+    print()
+    for note in notes:
+        print(note)
+    print()
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        cell, base = row.cell, direct.get((row.stream, row.clients))
+        p50, p99 = cell.quantile(0.5) * 1e3, cell.quantile(0.99) * 1e3
+        if row.target == "direct" or base is None:
+            added50 = added99 = "-"
+        else:
+            added50 = f"{p50 - base.quantile(0.5) * 1e3:+.2f}"
+            added99 = f"{p99 - base.quantile(0.99) * 1e3:+.2f}"
+        per_request = cell.server_cpu * 1e3 / len(cell.latencies) if cell.latencies else float("nan")
+        print(
+            f"{row.target:<10} {'stream' if row.stream else 'json':<6} {row.clients:>7} {cell.rps:>8.0f} "
+            f"{p50:>8.2f} {p99:>8.2f} {added50:>8} {added99:>8} {per_request:>10.3f} "
+            f"{cell.peak_rss_kib / 1024:>12.1f} {cell.errors:>6} {cell.client_cpu / cell.window:>10.0%}"
+        )
+    errors = [f"  {r.target} {'stream' if r.stream else 'json'} {r.clients}: {r.cell.first_error}" for r in rows]
+    errors = [e for e, r in zip(errors, rows, strict=True) if r.cell.errors]
+    if errors:
+        print("\nfirst error per cell:")
+        print("\n".join(errors))
+    print_goals(rows)
+
+
+def print_goals(rows: list[Row]) -> None:
+    """The issue's goals, as observations (a benchmark prints, it does not assert)."""
+    cells = {(r.target, r.stream, r.clients): r.cell for r in rows}
+    if not any(r.target == "locopilot" for r in rows):
+        return
+    clients = sorted({r.clients for r in rows})
+    print("\ngoals (issue 3):")
+    for stream in (False, True):
+        mode = "stream" if stream else "json"
+        loco, direct = cells.get(("locopilot", stream, clients[0])), cells.get(("direct", stream, clients[0]))
+        if loco and direct and clients[0] == 1:
+            added = (loco.quantile(0.5) - direct.quantile(0.5)) * 1e3
+            print(f"  {mode}: added p50 at 1 client {added:.2f} ms (goal <= 0.5 ms)")
+        rates = [cells[("locopilot", stream, c)].rps for c in clients if ("locopilot", stream, c) in cells]
+        rising = all(b >= a * 0.97 for a, b in itertools.pairwise(rates))
+        shown = " -> ".join(f"{r:.0f}" for r in rates)
+        trend = "never falls" if rising else "FALLS"
+        print(f"  {mode}: locopilot req/s by clients {shown} ({trend}; 3 % noise allowed)")
+        top = clients[-1]
+        if ("litellm", stream, top) in cells and ("locopilot", stream, top) in cells:
+            peer = cells[("litellm", stream, top)].rps
+            ratio = f"{cells[('locopilot', stream, top)].rps / peer:.1f}x" if peer else "n/a (litellm finished none)"
+            print(f"  {mode}: locopilot / litellm req/s at {top} clients {ratio} (goal >= 10x)")
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def measure(name: str, pid: int, port: int, args: argparse.Namespace, rows: list[Row]) -> None:
+    for stream in (False, True):
+        for clients in args.clients:
+            cell = asyncio.run(run_cell(port, stream, clients, args.warmup, args.duration, pid))
+            rows.append(Row(name, stream, clients, cell))
+            mode = "stream" if stream else "json"
+            print(
+                f"  {name:<10} {mode:<6} {clients:>3} clients: {cell.rps:7.0f} req/s, "
+                f"p50 {cell.quantile(0.5) * 1e3:.2f} ms, errors {cell.errors}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--litellm", type=Path, help="the litellm program of a separate venv with litellm[proxy]")
+    parser.add_argument("--clients", type=lambda s: [int(c) for c in s.split(",")], default=[1, 16, 64])
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per cell")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=0.5,
+        help="seconds run before measuring, per cell (longer until every client has had an answer)",
+    )
+    parser.add_argument("--chunks", type=int, default=8, help="content chunks per streamed answer")
+    parser.add_argument("--skip-direct", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    notes = [
+        f"gateway overhead, {' '.join(['python bench/gateway.py', *sys.argv[1:]])}",
+        f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"{args.duration:g} s measured after >= {args.warmup:g} s warm-up per cell; "
+        f"POST {PATH}, max_tokens 16, stream: {args.chunks} content chunks + finish + [DONE]",
+        "load generator: one asyncio process, raw sockets, one keep-alive connection per client, "
+        f"on the same {os.cpu_count()} CPUs as the upstream and the target (its CPU use: last column)",
+        "latency: whole response; +p50/+p99: over direct at the same mode and clients; "
+        "CPU ms/req: the target's process tree; peak RSS: sum of VmHWM over that tree",
+    ]
+    program = args.litellm
+    if program is None:
+        notes.append("litellm: skipped (no --litellm given; install litellm[proxy] in a separate venv)")
+    elif not (program.is_file() and os.access(program, os.X_OK)):
+        notes.append(f"litellm: skipped ({program} is not an executable file)")
+        program = None
+    else:
+        notes.append(f"litellm {litellm_version(program)}: one uvicorn worker, no master key, LITELLM_LOG=WARNING")
+    for note in notes[-1:]:
+        print(note, file=sys.stderr)
+
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="locopilot-bench-") as tmp:
+        folder = Path(tmp)
+        upstream_port = free_port()
+        with upstream(upstream_port, args.chunks, folder) as up:
+            wait_ready(up, f"http://127.0.0.1:{upstream_port}/v1/models", 30, folder / "upstream.log")
+            if not args.skip_direct:
+                measure("direct", up.pid, upstream_port, args, rows)
+
+            port = free_port()
+            with locopilot(port, upstream_port, folder) as server:
+                wait_ready(server, f"http://127.0.0.1:{port}/v1/engine/health", 60, folder / "locopilot.log")
+                served_by = check_chat(port, "locopilot").headers.get("x-locopilot-provider")
+                if served_by != "fast":
+                    raise SystemExit(f"locopilot served the check request from {served_by!r}, not 'fast'")
+                idle = tree_hwm_kib(server.pid, "VmRSS")
+                notes.append(f"locopilot: idle RSS {idle / 1024:.1f} MiB after start")
+                measure("locopilot", server.pid, port, args, rows)
+
+            if program is not None:
+                port = free_port()
+                with litellm(program, port, upstream_port, folder) as server:
+                    wait_ready(server, f"http://127.0.0.1:{port}/health/liveliness", 180, folder / "litellm.log")
+                    check_chat(port, "litellm")
+                    idle = tree_hwm_kib(server.pid, "VmRSS")
+                    notes.append(f"litellm: idle RSS {idle / 1024:.1f} MiB after start")
+                    measure("litellm", server.pid, port, args, rows)
+    print_table(rows, notes)
+
+
+if __name__ == "__main__":
+    main()
