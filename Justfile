@@ -42,6 +42,11 @@ lint:
 bench: setup
     uv run --frozen --no-sync python bench/engine.py
 
+# Gateway overhead: a fast local upstream directly, through locopilot, and through
+# LiteLLM's proxy if given (`just bench-gateway --litellm /path/to/litellm`).
+bench-gateway *args: setup
+    uv run --frozen --no-sync python bench/gateway.py {{args}}
+
 # A one-file executable in dist/ (PyInstaller). It carries the dev build's one
 # AVX2-level CPU library; the portable all-variants build is not wired in yet.
 build: setup

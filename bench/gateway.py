@@ -11,12 +11,16 @@ goes to three targets in turn:
               of a separate virtual environment (never the project's)
 
 For each target, mode (JSON, streaming) and concurrency (1, 16, 64 clients by
-default), each client sends requests back to back on one keep-alive connection
-for --warmup seconds (longer, until every client has had one answer), then for
---duration seconds, in which finished requests are counted. The table gives requests/s, p50 and p99 latency of the
-whole response, the p50/p99 added over direct at the same mode and concurrency,
-the target's CPU time per request and the peak memory of its process tree (sum
-of VmHWM over the server process and its children).
+default), each client sends requests back to back on one keep-alive connection:
+first a warm-up (--warmup seconds, longer until every client has had an answer),
+then a window of --duration seconds (or three times the warm-up, if longer) in
+which finished requests are counted. Before each cell the target may go idle,
+so work it queued in one cell (logging, accounting) is not billed to the next.
+
+The table gives requests/s, p50 and p99 latency of the whole response, the
+p50/p99 added over direct at the same mode and concurrency, the target's CPU
+time per request, and the peak memory of its process tree (sum of VmHWM over
+the server process and its children).
 
 The load generator is one asyncio process on raw sockets, on the same cores as
 the upstream and the target; its own CPU use is in the last column, so a cell
@@ -42,17 +46,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from loadgen import Cell, run_cell, settle, tree_hwm_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "fast-model"
 PATH = "/v1/chat/completions"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-MAX_WARMUP = 60.0
-"""Seconds a cell waits, past --warmup, for every client's first answer (a slow gateway at 64 clients)."""
 
 # Variables that would send loopback traffic through a proxy or leak settings into a child.
 _DROPPED_ENV = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
@@ -74,245 +76,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-# --- load generator -------------------------------------------------------------------------------
-
-
-class ResponseError(Exception):
-    """A response that was not a complete 200 answer."""
-
-
-class Connection(asyncio.Protocol):
-    """One HTTP/1.1 keep-alive connection, one request at a time.
-
-    ``request`` sends the bytes and resolves to ``(status, body)`` once the whole
-    response is in (Content-Length or chunked; chunked bodies are de-chunked).
-    """
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
-        self._reset()
-
-    def _reset(self) -> None:
-        self.status = 0
-        self.body_at = -1
-        self.length: int | None = None
-        self.chunked = False
-        self.chunk_at = 0
-        self.parts: list[bytes] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ResponseError(f"connection closed: {exc or 'by the server'}"))
-
-    def request(self, data: bytes) -> asyncio.Future[tuple[int, bytes]]:
-        if self.transport is None:
-            raise ResponseError("connection closed")
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(data)
-        return self.waiter
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if self.waiter is None or self.waiter.done():
-            return
-        try:
-            answer = self._parse()
-        except (ValueError, IndexError) as exc:
-            self.waiter.set_exception(ResponseError(f"unparsable response: {exc}"))
-            return
-        if answer is not None:
-            self.waiter.set_result(answer)
-
-    def _parse(self) -> tuple[int, bytes] | None:
-        buffer = self.buffer
-        if self.body_at < 0:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return None
-            lines = bytes(buffer[:end]).split(b"\r\n")
-            self.status = int(lines[0].split(b" ", 2)[1])
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                name = name.strip().lower()
-                if name == b"content-length":
-                    self.length = int(value)
-                elif name == b"transfer-encoding" and b"chunked" in value.lower():
-                    self.chunked = True
-            self.body_at = self.chunk_at = end + 4
-            if self.length is None and not self.chunked:
-                raise ValueError("neither Content-Length nor chunked")
-        if self.length is not None:
-            end = self.body_at + self.length
-            if len(buffer) < end:
-                return None
-            return self._done(bytes(buffer[self.body_at : end]), end)
-        while True:
-            line_end = buffer.find(b"\r\n", self.chunk_at)
-            if line_end < 0:
-                return None
-            size = int(bytes(buffer[self.chunk_at : line_end]).split(b";", 1)[0], 16)
-            if size == 0:
-                if len(buffer) < line_end + 4:
-                    return None
-                return self._done(b"".join(self.parts), line_end + 4)
-            if len(buffer) < line_end + 2 + size + 2:
-                return None
-            self.parts.append(bytes(buffer[line_end + 2 : line_end + 2 + size]))
-            self.chunk_at = line_end + 2 + size + 2
-
-    def _done(self, body: bytes, end: int) -> tuple[int, bytes]:
-        status = self.status
-        del self.buffer[:end]
-        self._reset()
-        return status, body
-
-
-@dataclass
-class Cell:
-    """What one (target, mode, clients) run measured."""
-
-    latencies: list[float] = field(default_factory=list)  # seconds, requests that finished in the window
-    window: float = 0.0
-    errors: int = 0
-    first_error: str = ""
-    server_cpu: float = 0.0  # seconds of CPU the target's process tree used in the window
-    client_cpu: float = 0.0  # seconds of CPU this process used in the window
-    peak_rss_kib: int = 0
-
-    @property
-    def rps(self) -> float:
-        return len(self.latencies) / self.window if self.window else 0.0
-
-    def quantile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-@dataclass
-class Window:
-    """The measured window, set once every client has finished a request (``start``/``end`` are perf_counter)."""
-
-    clients: int
-    start: float = float("inf")
-    end: float = float("inf")
-    warm: asyncio.Event = field(default_factory=asyncio.Event)
-    warm_clients: int = 0
-
-
-async def one_client(port: int, data: bytes, stream: bool, window: Window, cell: Cell) -> None:
-    loop = asyncio.get_running_loop()
-    connection: Connection | None = None
-    clock = time.perf_counter
-    warm = False
-    while True:
-        began = clock()
-        if began >= window.end:
-            break
-        try:
-            if connection is None or connection.transport is None:
-                _, connection = await loop.create_connection(Connection, "127.0.0.1", port)
-            status, body = await connection.request(data)
-            if status != 200:
-                raise ResponseError(f"HTTP {status}: {body[:200]!r}")
-            if stream and b"data: [DONE]" not in body:
-                raise ResponseError(f"stream without [DONE]: {body[-200:]!r}")
-            if not stream and b'"choices"' not in body:
-                raise ResponseError(f"no choices: {body[:200]!r}")
-        except (OSError, ResponseError) as exc:
-            if connection is not None and connection.transport is not None:
-                connection.transport.close()
-            connection = None
-            if clock() >= window.start:
-                cell.errors += 1
-                cell.first_error = cell.first_error or str(exc)
-            await asyncio.sleep(0.01)
-            continue
-        finished = clock()
-        if window.start <= finished <= window.end:
-            cell.latencies.append(finished - began)
-        if not warm:
-            warm = True
-            window.warm_clients += 1
-            if window.warm_clients == window.clients:
-                window.warm.set()
-    if connection is not None and connection.transport is not None:
-        connection.transport.close()
-
-
-async def run_cell(port: int, stream: bool, clients: int, warmup: float, duration: float, pid: int) -> Cell:
-    """Warm up for ``warmup`` seconds and until every client has had an answer, then measure ``duration``."""
-    body = request_body(stream)
-    head = (
-        f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-        f"Accept: {'text/event-stream' if stream else 'application/json'}\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    data = head.encode() + body
-    cell, window = Cell(), Window(clients)
-    tasks = [asyncio.create_task(one_client(port, data, stream, window, cell)) for _ in range(clients)]
-    await asyncio.sleep(warmup)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(window.warm.wait(), MAX_WARMUP)
-    server_before, client_before = tree_cpu(pid), time.process_time()
-    window.start = time.perf_counter()
-    window.end = window.start + duration
-    await asyncio.sleep(duration)
-    server_after, client_after = tree_cpu(pid), time.process_time()
-    cell.window = time.perf_counter() - window.start
-    await asyncio.gather(*tasks)
-    cell.server_cpu = server_after - server_before
-    cell.client_cpu = client_after - client_before
-    cell.peak_rss_kib = tree_hwm_kib(pid)
-    return cell
-
-
-# --- process trees --------------------------------------------------------------------------------
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants that are alive now."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    tree, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        tree.append(current)
-        queue.extend(children.get(current, []))
-    return tree
-
-
-def tree_cpu(pid: int) -> float:
-    """User + system CPU seconds of the live processes in ``pid``'s tree."""
-    total = 0
-    for member in process_tree(pid):
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLOCK_TICKS
-
-
-def tree_hwm_kib(pid: int, key: str = "VmHWM") -> int:
-    total = 0
-    for member in process_tree(pid):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{member}/status").read_text().splitlines():
-                if line.startswith(key + ":"):
-                    total += int(line.split()[1])
-    return total
+class StartError(Exception):
+    """A server that did not start or did not answer its check requests."""
 
 
 # --- targets --------------------------------------------------------------------------------------
@@ -334,19 +99,21 @@ def wait_ready(process: subprocess.Popen[bytes], url: str, seconds: float, log: 
             if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
                 return
         time.sleep(0.2)
+    code = process.poll()
     stop(process)
     tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-    raise SystemExit(f"{url} did not answer 200 within {seconds:.0f} s; the server's output ends with:\n{tail}")
+    why = f"exited with status {code}" if code is not None else f"{url} did not answer 200 within {seconds:.0f} s"
+    raise StartError(f"{why}; its output ends with:\n{tail}")
 
 
 def check_chat(port: int, name: str) -> httpx.Response:
-    """One request of each kind through ``port``; any failure stops the benchmark."""
+    """One request of each kind through ``port``; raises StartError unless both succeed. Returns the last."""
     url = f"http://127.0.0.1:{port}{PATH}"
     for stream in (False, True):
         headers = {"Content-Type": "application/json"}
         response = httpx.post(url, content=request_body(stream), headers=headers, timeout=30, trust_env=False)
         if response.status_code != 200 or (stream and b"[DONE]" not in response.content):
-            raise SystemExit(f"{name}: the check request failed: {response.status_code} {response.text[:500]}")
+            raise StartError(f"{name}: the check request failed: {response.status_code} {response.text[:500]}")
     return response
 
 
@@ -437,10 +204,20 @@ def litellm(
     return started(command, env, folder / "litellm.log")
 
 
-def litellm_version(program: Path) -> str:
-    for found in sorted(program.resolve().parent.parent.glob("lib/python*/site-packages/litellm-*.dist-info")):
-        return found.name.removeprefix("litellm-").removesuffix(".dist-info")
-    return "unknown version"
+def litellm_description(program: Path) -> str:
+    """LiteLLM's version, and whether opentelemetry-sdk is installed beside it.
+
+    Without opentelemetry-sdk (``litellm[proxy]`` does not pull it in), LiteLLM
+    1.106's auth step retries a failing import of its OTel module on every
+    request, which costs it a third of its CPU per request here.
+    """
+    site = sorted(program.resolve().parent.parent.glob("lib/python*/site-packages"))
+    if not site:
+        return "litellm (version unknown)"
+    found = sorted(site[0].glob("litellm-*.dist-info"))
+    version = found[0].name.removeprefix("litellm-").removesuffix(".dist-info") if found else "(version unknown)"
+    otel = "with" if any(site[0].glob("opentelemetry_sdk-*.dist-info")) else "without"
+    return f"litellm {version} ({otel} opentelemetry-sdk)"
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -458,7 +235,7 @@ def print_table(rows: list[Row], notes: list[str]) -> None:
     direct = {(r.stream, r.clients): r.cell for r in rows if r.target == "direct"}
     header = (
         f"{'target':<10} {'mode':<6} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
-        f"{'+p99 ms':>8} {'CPU ms/req':>10} {'peak RSS MiB':>12} {'errors':>6} {'loadgen CPU':>11}"
+        f"{'+p99 ms':>8} {'CPU ms/req':>10} {'peak RSS MiB':>12} {'errors':>6} {'window s':>8} {'loadgen CPU':>11}"
     )
     print()
     for note in notes:
@@ -478,7 +255,8 @@ def print_table(rows: list[Row], notes: list[str]) -> None:
         print(
             f"{row.target:<10} {'stream' if row.stream else 'json':<6} {row.clients:>7} {cell.rps:>8.0f} "
             f"{p50:>8.2f} {p99:>8.2f} {added50:>8} {added99:>8} {per_request:>10.3f} "
-            f"{cell.peak_rss_kib / 1024:>12.1f} {cell.errors:>6} {cell.client_cpu / cell.window:>10.0%}"
+            f"{cell.peak_rss_kib / 1024:>12.1f} {cell.errors:>6} {cell.window:>8.1f} "
+            f"{cell.client_cpu / cell.window:>11.0%}"
         )
     errors = [f"  {r.target} {'stream' if r.stream else 'json'} {r.clients}: {r.cell.first_error}" for r in rows]
     errors = [e for e, r in zip(errors, rows, strict=True) if r.cell.errors]
@@ -519,7 +297,19 @@ def print_goals(rows: list[Row]) -> None:
 def measure(name: str, pid: int, port: int, args: argparse.Namespace, rows: list[Row]) -> None:
     for stream in (False, True):
         for clients in args.clients:
-            cell = asyncio.run(run_cell(port, stream, clients, args.warmup, args.duration, pid))
+            settle(pid)
+            cell = asyncio.run(
+                run_cell(
+                    port,
+                    PATH,
+                    request_body(stream),
+                    stream=stream,
+                    clients=clients,
+                    warmup=args.warmup,
+                    duration=args.duration,
+                    pid=pid,
+                )
+            )
             rows.append(Row(name, stream, clients, cell))
             mode = "stream" if stream else "json"
             print(
@@ -531,6 +321,13 @@ def measure(name: str, pid: int, port: int, args: argparse.Namespace, rows: list
 
 
 def main() -> None:
+    try:
+        run()
+    except StartError as exc:
+        raise SystemExit(str(exc)) from exc
+
+
+def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--litellm", type=Path, help="the litellm program of a separate venv with litellm[proxy]")
     parser.add_argument("--clients", type=lambda s: [int(c) for c in s.split(",")], default=[1, 16, 64])
@@ -542,13 +339,12 @@ def main() -> None:
         help="seconds run before measuring, per cell (longer until every client has had an answer)",
     )
     parser.add_argument("--chunks", type=int, default=8, help="content chunks per streamed answer")
-    parser.add_argument("--skip-direct", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     notes = [
         f"gateway overhead, {' '.join(['python bench/gateway.py', *sys.argv[1:]])}",
         f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-        f"{args.duration:g} s measured after >= {args.warmup:g} s warm-up per cell; "
+        f">= {args.duration:g} s measured after >= {args.warmup:g} s warm-up per cell; "
         f"POST {PATH}, max_tokens 16, stream: {args.chunks} content chunks + finish + [DONE]",
         "load generator: one asyncio process, raw sockets, one keep-alive connection per client, "
         f"on the same {os.cpu_count()} CPUs as the upstream and the target (its CPU use: last column)",
@@ -562,9 +358,8 @@ def main() -> None:
         notes.append(f"litellm: skipped ({program} is not an executable file)")
         program = None
     else:
-        notes.append(f"litellm {litellm_version(program)}: one uvicorn worker, no master key, LITELLM_LOG=WARNING")
-    for note in notes[-1:]:
-        print(note, file=sys.stderr)
+        notes.append(f"{litellm_description(program)}: one uvicorn worker, no master key, LITELLM_LOG=WARNING")
+    print(notes[-1], file=sys.stderr)
 
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="locopilot-bench-") as tmp:
@@ -572,27 +367,29 @@ def main() -> None:
         upstream_port = free_port()
         with upstream(upstream_port, args.chunks, folder) as up:
             wait_ready(up, f"http://127.0.0.1:{upstream_port}/v1/models", 30, folder / "upstream.log")
-            if not args.skip_direct:
-                measure("direct", up.pid, upstream_port, args, rows)
+            measure("direct", up.pid, upstream_port, args, rows)
 
             port = free_port()
             with locopilot(port, upstream_port, folder) as server:
                 wait_ready(server, f"http://127.0.0.1:{port}/v1/engine/health", 60, folder / "locopilot.log")
                 served_by = check_chat(port, "locopilot").headers.get("x-locopilot-provider")
                 if served_by != "fast":
-                    raise SystemExit(f"locopilot served the check request from {served_by!r}, not 'fast'")
+                    raise StartError(f"locopilot served the check request from {served_by!r}, not 'fast'")
                 idle = tree_hwm_kib(server.pid, "VmRSS")
                 notes.append(f"locopilot: idle RSS {idle / 1024:.1f} MiB after start")
                 measure("locopilot", server.pid, port, args, rows)
 
             if program is not None:
                 port = free_port()
-                with litellm(program, port, upstream_port, folder) as server:
-                    wait_ready(server, f"http://127.0.0.1:{port}/health/liveliness", 180, folder / "litellm.log")
-                    check_chat(port, "litellm")
-                    idle = tree_hwm_kib(server.pid, "VmRSS")
-                    notes.append(f"litellm: idle RSS {idle / 1024:.1f} MiB after start")
-                    measure("litellm", server.pid, port, args, rows)
+                try:
+                    with litellm(program, port, upstream_port, folder) as server:
+                        wait_ready(server, f"http://127.0.0.1:{port}/health/liveliness", 180, folder / "litellm.log")
+                        check_chat(port, "litellm")
+                        idle = tree_hwm_kib(server.pid, "VmRSS")
+                        notes.append(f"litellm: idle RSS {idle / 1024:.1f} MiB after start")
+                        measure("litellm", server.pid, port, args, rows)
+                except StartError as exc:
+                    notes.append(f"litellm: skipped, it did not start: {exc}")
     print_table(rows, notes)
 
 

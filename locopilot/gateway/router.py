@@ -37,6 +37,7 @@ PRIVACY_LEVELS: tuple[Privacy, ...] = ("local_only", "local_preferred", "any")
 BREAKER_THRESHOLD = 3
 BREAKER_COOLDOWN = 30.0
 MODELS_TTL = 30.0
+LOCAL_MODELS_TTL = 1.0
 PROBE_INTERVAL = 15.0
 PROBE_TIMEOUT = 5.0
 
@@ -200,7 +201,10 @@ class Router:
         if state.configured_models:
             return list(state.configured_models)
         if state.local_engine:
-            names = await state.provider.models()
+            # A folder listing; a second old is fresh enough and spares a scan per request.
+            if state.models is None or self.clock() - state.models_at > LOCAL_MODELS_TTL:
+                state.models, state.models_at = await state.provider.models(), self.clock()
+            names = state.models
             default = [n for n in names if n == self.default_model]
             return default + [n for n in names if n != self.default_model]
         if state.models is None or self.clock() - state.models_at > MODELS_TTL:

@@ -172,13 +172,13 @@ class OpenAICompatProvider:
                 events = _EventParser()
                 async for line in response.aiter_lines():
                     event = events.feed(line)
-                    if event is None:
+                    # After [DONE], read on to the end of the body: httpx reuses a
+                    # connection only once its response was read to the end.
+                    if event is None or reader.done:
                         continue
                     text = reader.read(*event)
                     if text:
                         yield TextDelta(text, 1)
-                    if reader.done:
-                        break
         except httpx.HTTPError as exc:
             # A connection lost after the upstream said why it stopped lost nothing but the usage.
             if reader.finish_reason is None:
