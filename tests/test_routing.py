@@ -68,6 +68,14 @@ def front(
     running.stop()
 
 
+def flaky_before_peer(flaky: FaultUpstream, peer: Server) -> list[dict[str, object]]:
+    """Both local and serving SmolLM2; the fault upstream comes first."""
+    return [
+        {"name": "flaky", "url": flaky.url, "locality": "local", "priority": 1, "models": [SMOL]},
+        {"name": "peer", "url": f"{peer.url}/v1", "locality": "local", "priority": 10},
+    ]
+
+
 def chat_requests(upstream: FaultUpstream) -> list[object]:
     return [r for r in upstream.requests if r.path.endswith("/chat/completions")]
 
@@ -177,10 +185,7 @@ def test_failover_before_the_first_byte_and_the_log_says_why(
     flaky.mode = "status_500"
     front = front_server(
         tmp_path_factory,
-        [
-            {"name": "flaky", "url": flaky.url, "locality": "local", "priority": 1, "models": [SMOL]},
-            {"name": "peer", "url": f"{peer.url}/v1", "locality": "local", "priority": 10},
-        ],
+        flaky_before_peer(flaky, peer),
     )
     try:
         client = front.client()
@@ -216,10 +221,7 @@ def test_failover_on_connection_faults(
     flaky.mode = mode
     front = front_server(
         tmp_path_factory,
-        [
-            {"name": "flaky", "url": flaky.url, "locality": "local", "priority": 1, "models": [SMOL]},
-            {"name": "peer", "url": f"{peer.url}/v1", "locality": "local", "priority": 10},
-        ],
+        flaky_before_peer(flaky, peer),
         LOCOPILOT_UPSTREAM_TIMEOUT="2",
     )
     try:
@@ -280,10 +282,7 @@ def test_breaker_opens_and_recovers(
     flaky.mode = "status_500"
     front = front_server(
         tmp_path_factory,
-        [
-            {"name": "flaky", "url": flaky.url, "locality": "local", "priority": 1, "models": [SMOL]},
-            {"name": "peer", "url": f"{peer.url}/v1", "locality": "local", "priority": 10},
-        ],
+        flaky_before_peer(flaky, peer),
         LOCOPILOT_PROBE_INTERVAL="0.5",
     )
     try:
