@@ -199,13 +199,17 @@ def completion_generation(body: CompletionRequest, model: str) -> GenerationRequ
 # Wire formatters
 
 
-class ChatFormatter:
+class ReplyIdentity:
+    """What every chunk of one reply repeats; ``usage`` is null on each chunk when the client asked for usage."""
+
     def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
         self.request_id = request_id
         self.model = model
         self.created = int(time.time())
         self.usage: Usage | msgspec.UnsetType | None = None if include_usage else msgspec.UNSET
 
+
+class ChatFormatter(ReplyIdentity):
     def _chunk(self, delta: ChatDelta, finish: str | None = None) -> ChatCompletionChunk:
         choice = ChatChunkChoice(0, delta, finish)
         return ChatCompletionChunk(self.request_id, self.created, self.model, [choice], usage=self.usage)
@@ -227,13 +231,7 @@ class ChatFormatter:
         return ChatCompletion(self.request_id, self.created, self.model, [choice], usage)
 
 
-class CompletionFormatter:
-    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
-        self.request_id = request_id
-        self.model = model
-        self.created = int(time.time())
-        self.usage: Usage | msgspec.UnsetType | None = None if include_usage else msgspec.UNSET
-
+class CompletionFormatter(ReplyIdentity):
     def _chunk(self, text: str, finish: str | None = None) -> Completion:
         choice = CompletionChoice(0, text, finish)
         return Completion(self.request_id, self.created, self.model, [choice], usage=self.usage)
