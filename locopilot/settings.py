@@ -28,6 +28,7 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 Privacy = Literal["local_only", "local_preferred", "any"]
+UpstreamTransport = Literal["aiohttp", "httpx"]
 PROVIDER_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
 
 
@@ -177,6 +178,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     probe_interval: Annotated[
         float, Meta(ge=0.1, le=3600, description="Seconds between health probes of each upstream (its model list).")
     ] = 15.0
+    upstream_transport: Annotated[
+        UpstreamTransport,
+        Meta(
+            description=(
+                "HTTP client under the upstream calls: `aiohttp` (faster, keeps throughput rising with concurrency) "
+                "or `httpx` (httpx's own transport)."
+            )
+        ),
+    ] = "aiohttp"
     # Derived from the upstream settings by load_settings; not an environment variable.
     upstream_configs: tuple[UpstreamConfig, ...] = ()
 
