@@ -27,6 +27,7 @@ from locopilot.gateway.usage import Outcome, UsageRecorder
 from locopilot.models.catalog import ModelCatalog
 from locopilot.providers.base import Provider
 from locopilot.providers.embedded import EmbeddedProvider
+from locopilot.providers.http import upstream_transport
 from locopilot.providers.ollama import OllamaProvider
 from locopilot.providers.openai_compat import OpenAICompatProvider
 from locopilot.schemas.openai import encoder
@@ -134,6 +135,7 @@ PROVIDER_KINDS: dict[str, Callable[[UpstreamConfig, Settings], Provider]] = {
         api_key=config.api_key,
         locality=config.locality,
         timeout=upstream_timeout(settings),
+        transport=upstream_transport(settings.upstream_transport),
     ),
     "ollama": lambda config, settings: OllamaProvider(
         config.name,
@@ -141,6 +143,7 @@ PROVIDER_KINDS: dict[str, Callable[[UpstreamConfig, Settings], Provider]] = {
         num_ctx=settings.ctx_size or 4096,
         locality=config.locality,
         timeout=upstream_timeout(settings),
+        transport=upstream_transport(settings.upstream_transport),
     ),
 }
 

@@ -28,6 +28,7 @@ import msgspec
 
 from locopilot.errors import InvalidRequest, LocopilotError, ModelNotFound, UpstreamError
 from locopilot.providers.base import EmbeddingResult, Finish, GenerationRequest, Locality, StreamEvent, TextDelta
+from locopilot.providers.http import upstream_transport
 
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=5.0)
 """Reads may wait minutes: a long prompt on a CPU is evaluated before the first token arrives."""
@@ -160,11 +161,11 @@ class OllamaProvider:
         self.name = name
         self.locality: Locality = locality
         self.num_ctx = num_ctx
-        # httpx does not retry by default; the router decides about failover.
         self.client = httpx.AsyncClient(
             base_url=base_url,
             timeout=timeout if timeout is not None else DEFAULT_TIMEOUT,
-            transport=transport,
+            transport=transport or upstream_transport(),
+            trust_env=False,
         )
 
     async def aclose(self) -> None:

@@ -34,6 +34,7 @@ from locopilot import __version__
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import ContextLengthExceeded, InvalidRequest, LocopilotError, ModelNotFound, UpstreamError
 from locopilot.providers.base import EmbeddingResult, Finish, GenerationRequest, Locality, StreamEvent, TextDelta
+from locopilot.providers.http import upstream_transport
 
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=30.0)
 """``read`` bounds the wait for each chunk, so it must outlast a slow upstream's prompt processing."""
@@ -120,8 +121,8 @@ class OpenAICompatProvider:
 
     Owns one ``httpx.AsyncClient`` that never retries (the router decides what
     to try next); ``aclose`` closes it. ``timeout`` defaults to
-    :data:`DEFAULT_TIMEOUT`; ``transport`` replaces httpx's own, for a faster
-    one or a test's.
+    :data:`DEFAULT_TIMEOUT`; ``transport`` defaults to
+    :func:`~locopilot.providers.http.upstream_transport`'s.
     """
 
     def __init__(
@@ -147,9 +148,7 @@ class OpenAICompatProvider:
             base_url=url,
             headers=headers,
             timeout=timeout or DEFAULT_TIMEOUT,
-            # Unlimited connections: the upstream queues work itself, and a pool
-            # limit here would turn load into PoolTimeouts that look like outages.
-            transport=transport or httpx.AsyncHTTPTransport(retries=0, limits=httpx.Limits(max_connections=None)),
+            transport=transport or upstream_transport(),
             # Proxies and CA bundles come from Settings, never from the environment behind its back.
             trust_env=False,
         )
