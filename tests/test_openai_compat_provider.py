@@ -11,13 +11,30 @@ import pytest
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import ContextLengthExceeded, InvalidRequest, LocopilotError, ModelNotFound, UpstreamError
 from locopilot.providers.base import Finish, GenerationRequest, StreamEvent, TextDelta
-from locopilot.providers.openai_compat import OpenAICompatProvider, generation_body
+from locopilot.providers.openai_compat import EventParser, OpenAICompatProvider, generation_body
 from tests.conftest import SMOL, Server
 from tests.fakes.fault_upstream import FaultUpstream
 
 KEY = "sk-test-secret-4f1c9a"
 HELLO = [{"role": "user", "content": "Say hello."}]
-WORDS = [TextDelta(word, 1) for word in FaultUpstream.WORDS]
+WORDS = len(FaultUpstream.WORDS)
+
+
+def said(count: int = WORDS) -> TextDelta:
+    """The first ``count`` words as one delta: how many network reads they took is up to the kernel."""
+    return TextDelta("".join(FaultUpstream.WORDS[:count]), count)
+
+
+def merged(events: list[StreamEvent]) -> list[StreamEvent]:
+    """``events`` with each run of text deltas joined into one."""
+    joined: list[StreamEvent] = []
+    for event in events:
+        last = joined[-1] if joined else None
+        if isinstance(event, TextDelta) and isinstance(last, TextDelta):
+            joined[-1] = TextDelta(last.text + event.text, last.tokens + event.tokens)
+        else:
+            joined.append(event)
+    return joined
 
 
 @pytest.fixture
@@ -44,7 +61,7 @@ def chat(**kwargs: object) -> GenerationRequest:
 
 
 async def collect(provider: OpenAICompatProvider, request: GenerationRequest) -> list[StreamEvent]:
-    return [event async for event in provider.stream(request)]
+    return merged([event async for event in provider.stream(request)])
 
 
 async def collect_until_error(
@@ -56,7 +73,7 @@ async def collect_until_error(
         async for event in provider.stream(request):
             events.append(event)
     except LocopilotError as exc:
-        return events, exc
+        return merged(events), exc
     pytest.fail(f"the stream ended without an error after {events}")
 
 
@@ -68,7 +85,7 @@ async def test_chat_stream_is_text_then_one_finish_with_upstream_usage(
     provider: OpenAICompatProvider, upstream: FaultUpstream
 ) -> None:
     events = await collect(provider, chat())
-    assert events == [*WORDS, Finish("stop", FaultUpstream.PROMPT_TOKENS, len(WORDS))]
+    assert events == [said(), Finish("stop", FaultUpstream.PROMPT_TOKENS, WORDS)]
     [sent] = upstream.requests
     assert (sent.method, sent.path) == ("POST", "/v1/chat/completions")
     assert sent.body["messages"] == HELLO
@@ -112,7 +129,7 @@ async def test_text_completion_fields_and_text(provider: OpenAICompatProvider, u
         sampling=SamplingParams(seed=7, logit_bias={15: -100.0, 2: 3.5}),
     )
     events = await collect(provider, request)
-    assert events == [*WORDS, Finish("stop", FaultUpstream.PROMPT_TOKENS, len(WORDS))]
+    assert events == [said(), Finish("stop", FaultUpstream.PROMPT_TOKENS, WORDS)]
     [sent] = upstream.requests
     assert sent.path == "/v1/completions"
     assert "messages" not in sent.body
@@ -194,7 +211,7 @@ async def test_finish_counts_deltas_when_no_usage_arrives(
     provider: OpenAICompatProvider, upstream: FaultUpstream
 ) -> None:
     upstream.mode = "no_usage"
-    assert await collect(provider, chat()) == [*WORDS, Finish("length", 0, len(WORDS))]
+    assert await collect(provider, chat()) == [said(), Finish("length", 0, WORDS)]
 
 
 # Failures before the first event
@@ -240,7 +257,7 @@ async def test_a_refused_connection_is_retryable(provider: OpenAICompatProvider,
     assert upstream.requests == []
     # The port opens again, so the same provider can recover.
     upstream.mode = "ok"
-    assert (await collect(provider, chat()))[-1] == Finish("stop", FaultUpstream.PROMPT_TOKENS, len(WORDS))
+    assert (await collect(provider, chat()))[-1] == Finish("stop", FaultUpstream.PROMPT_TOKENS, WORDS)
 
 
 @pytest.mark.anyio
@@ -300,7 +317,7 @@ async def test_malformed_sse_after_text_is_not_retryable(
 ) -> None:
     upstream.mode = "malformed_late"
     events, raised = await collect_until_error(provider, chat())
-    assert events == WORDS[:1]
+    assert events == [said(1)]
     assert type(raised) is UpstreamError
     assert raised.retryable is False
 
@@ -311,7 +328,7 @@ async def test_a_connection_that_dies_mid_stream_raises_after_its_text(
 ) -> None:
     upstream.mode = "die_after_3"
     events, raised = await collect_until_error(provider, chat())
-    assert events == WORDS[:3]
+    assert events == [said(3)]
     assert type(raised) is UpstreamError
     assert raised.retryable is False
 
@@ -321,7 +338,7 @@ async def test_a_connection_lost_after_the_finish_reason_only_loses_the_usage(
     provider: OpenAICompatProvider, upstream: FaultUpstream
 ) -> None:
     upstream.mode = "die_after_finish"
-    assert await collect(provider, chat()) == [*WORDS, Finish("stop", 0, len(WORDS))]
+    assert await collect(provider, chat()) == [said(), Finish("stop", 0, WORDS)]
 
 
 @pytest.mark.anyio
@@ -330,7 +347,7 @@ async def test_a_stream_that_ends_unfinished_is_an_error(
 ) -> None:
     upstream.mode = "end_early"
     events, raised = await collect_until_error(provider, chat())
-    assert events == WORDS[:2]
+    assert events == [said(2)]
     assert type(raised) is UpstreamError
     assert "before it finished" in raised.message
 
@@ -341,7 +358,7 @@ async def test_an_error_event_mid_stream_raises_with_its_message(
 ) -> None:
     upstream.mode = "error_event"
     events, raised = await collect_until_error(provider, chat())
-    assert events == WORDS[:1]
+    assert events == [said(1)]
     assert type(raised) is UpstreamError
     assert raised.retryable is False
     assert "lost its GPU" in raised.message
@@ -389,7 +406,7 @@ async def test_closing_the_stream_early_hangs_up_on_the_upstream(upstream: Fault
     watched = OpenAICompatProvider("fault", upstream.url, transport=transport)
     try:
         events = watched.stream(chat())
-        assert await anext(events) == WORDS[0]
+        assert await anext(events) == said(1)
         assert transport.closed == 0
         await events.aclose()
         assert transport.closed == 1
@@ -468,3 +485,24 @@ def test_llama_cpp_extras_are_sent_only_when_set() -> None:
     _, body, _ = generation_body(tuned)
     assert (body["top_k"], body["min_p"]) == (5, 0.2)
     assert "repeat_penalty" not in body
+
+
+# Reading server-sent events from network reads
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_events_do_not_depend_on_where_the_network_splits_the_bytes(newline: bytes) -> None:
+    lines = [b": comment", b'data: {"text": "caf\xc3\xa9 \xf0\x9f\x8e\x89"}', b"", b"data: one", b"data: two", b""]
+    lines += [b'error: {"message": "bad"}', b"event: ignored", b"", b"data: [DONE]", b"", b"data: cut off"]
+    stream = newline.join(lines)
+    expected = [
+        ("data", '{"text": "café 🎉"}'),
+        ("data", "one\ntwo"),
+        ("error", '{"message": "bad"}'),
+        ("data", "[DONE]"),
+    ]
+    for split in range(len(stream) + 1):
+        parser = EventParser()
+        assert parser.feed(stream[:split]) + parser.feed(stream[split:]) == expected, split
+    one_byte_at_a_time = EventParser()
+    assert [event for i in range(len(stream)) for event in one_byte_at_a_time.feed(stream[i : i + 1])] == expected

@@ -24,6 +24,8 @@ type. The API key is only ever in the client's headers, which httpx prints as
 
 from __future__ import annotations
 
+import codecs
+import re
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -112,6 +114,9 @@ _embeddings_decoder = msgspec.json.Decoder(_Embeddings)
 _models_decoder = msgspec.json.Decoder(_Models)
 _any_decoder = msgspec.json.Decoder()
 
+_LINE_END = re.compile(r"\r\n|\r(?!$)|\n")
+"""A line break, except a CR at the end of the text, which may be half of a CRLF split between reads."""
+
 _JSON = {"Content-Type": "application/json"}
 _SSE = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 
@@ -168,16 +173,24 @@ class OpenAICompatProvider:
                 if not response.is_success:
                     content = await _read_capped(response)
                     raise self._status_error(response.status_code, response.headers, content, param)
-                events = _EventParser()
-                async for line in response.aiter_lines():
-                    event = events.feed(line)
-                    # After [DONE], read on to the end of the body: httpx reuses a
-                    # connection only once its response was read to the end.
-                    if event is None or reader.done:
-                        continue
-                    text = reader.read(*event)
-                    if text:
-                        yield TextDelta(text, 1)
+                events = EventParser()
+                # Whatever one network read brings goes out as one delta: no waiting for
+                # more, and no hop per event when a fast upstream sends many at once.
+                async for data in response.aiter_bytes():
+                    texts: list[str] = []
+                    failure: LocopilotError | None = None
+                    try:
+                        for event in events.feed(data):
+                            # After [DONE], read on to the end of the body: httpx reuses
+                            # a connection only once its response was read to the end.
+                            if not reader.done and (text := reader.read(*event)):
+                                texts.append(text)
+                    except LocopilotError as exc:
+                        failure = exc
+                    if texts:  # the text before a failing event still reaches the client
+                        yield TextDelta("".join(texts), len(texts))
+                    if failure is not None:
+                        raise failure
         except httpx.HTTPError as exc:
             # A connection lost after the upstream said why it stopped lost nothing but the usage.
             if reader.finish_reason is None:
@@ -338,33 +351,37 @@ async def _read_capped(response: httpx.Response) -> bytes:
     return b"".join(parts)[:MAX_ERROR_BODY]
 
 
-class _EventParser:
-    """Server-sent events from lines: ``("data", text)`` per event, and ``("error", text)`` per
-    ``error:`` line, which llama-server sends in place of a data event.
+class EventParser:
+    """Server-sent events from the bytes of a stream: ``("data", text)`` per event, and
+    ``("error", text)`` per ``error:`` line, which llama-server sends in place of a data event.
 
     Comments and other fields are ignored; an event cut off by the end of the
-    stream is dropped, as the SSE spec says.
+    stream is dropped, as the SSE spec says. Lines end in LF, CRLF or CR.
     """
 
     def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._partial = ""
         self._data: list[str] = []
 
-    def feed(self, line: str) -> tuple[str, str] | None:
-        if not line:
-            if not self._data:
-                return None
-            data = "\n".join(self._data)
-            self._data.clear()
-            return "data", data
-        if line.startswith(":"):
-            return None
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "data":
-            self._data.append(value)
-        elif field == "error":
-            return "error", value
-        return None
+    def feed(self, chunk: bytes) -> list[tuple[str, str]]:
+        """The events completed by ``chunk``."""
+        lines = _LINE_END.split(self._partial + self._decoder.decode(chunk))
+        self._partial = lines.pop()
+        events: list[tuple[str, str]] = []
+        for line in lines:
+            if not line:
+                if self._data:
+                    events.append(("data", "\n".join(self._data)))
+                    self._data.clear()
+            elif not line.startswith(":"):
+                field, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                if field == "data":
+                    self._data.append(value)
+                elif field == "error":
+                    events.append(("error", value))
+        return events
 
 
 class _ChunkReader:
