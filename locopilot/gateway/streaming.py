@@ -158,21 +158,23 @@ async def _sse_body(
     error: BaseException | None = None
     outcome.streaming = True
     try:
+        # Events that are ready together go out in one write: each write is a hop
+        # through the server, and the client cannot tell the difference.
         opening = formatter.first()
-        if opening is not None:
-            yield sse(opening)
+        pending = sse(opening) if opening is not None else b""
         event: StreamEvent | None = first
         while event is not None:
             match event:
                 case TextDelta(text=text, tokens=tokens):
                     outcome.tokens_out += tokens
-                    yield sse(formatter.delta(text))
+                    yield pending + sse(formatter.delta(text))
+                    pending = b""
                 case Finish():
                     outcome.tokens_in, outcome.tokens_out = event.prompt_tokens, event.completion_tokens
-                    yield sse(formatter.finish(event.reason))
+                    closing = sse(formatter.finish(event.reason))
                     if include_usage:
-                        yield sse(formatter.usage_chunk(usage_of(event)))
-                    yield b"data: [DONE]\n\n"
+                        closing += sse(formatter.usage_chunk(usage_of(event)))
+                    yield pending + closing + b"data: [DONE]\n\n"
                     return
             event = await anext(events, None)
         raise LocopilotError("the provider ended the stream without finishing")
