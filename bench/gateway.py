@@ -6,6 +6,8 @@ goes to three targets in turn:
 
   direct      the upstream itself: the floor every gateway adds to
   locopilot   ``python -m locopilot serve`` with the upstream as its only provider
+  loco-httpx  the same with LOCOPILOT_UPSTREAM_TRANSPORT=httpx: httpx's own transport
+              under the upstream client instead of aiohttp (the issue asks for both)
   litellm     LiteLLM's proxy (one worker) with ``openai/fast-model`` at the same
               upstream; only with --litellm, pointing at the ``litellm`` program
               of a separate virtual environment (never the project's)
@@ -55,6 +57,8 @@ from loadgen import Cell, run_cell, settle, tree_hwm_kib
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "fast-model"
 PATH = "/v1/chat/completions"
+LOCOPILOT_TARGETS = {"locopilot": "aiohttp", "loco-httpx": "httpx"}
+"""locopilot as shipped, and with httpx's own transport under its upstream client."""
 
 # Variables that would send loopback traffic through a proxy or leak settings into a child.
 _DROPPED_ENV = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
@@ -144,9 +148,10 @@ def upstream(port: int, chunks: int, folder: Path) -> contextlib.AbstractContext
 
 
 def locopilot(
-    port: int, upstream_port: int, folder: Path
+    port: int, upstream_port: int, transport: str, folder: Path
 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
-    (folder / "models").mkdir()
+    folder = folder / f"locopilot-{transport}"
+    (folder / "models").mkdir(parents=True)
     upstreams = [
         {
             "name": "fast",
@@ -162,6 +167,7 @@ def locopilot(
         LOCOPILOT_MODELS_DIR=str(folder / "models"),
         LOCOPILOT_UPSTREAMS=json.dumps(upstreams),
         LOCOPILOT_LOG_LEVEL="warning",
+        LOCOPILOT_UPSTREAM_TRANSPORT=transport,
     )
     return started([sys.executable, "-m", "locopilot", "serve"], env, folder / "locopilot.log")
 
@@ -284,6 +290,9 @@ def print_goals(rows: list[Row]) -> None:
         shown = " -> ".join(f"{r:.0f}" for r in rates)
         trend = "never falls" if rising else "FALLS"
         print(f"  {mode}: locopilot req/s by clients {shown} ({trend}; 3 % noise allowed)")
+        if any(("loco-httpx", stream, c) in cells for c in clients):
+            other = [cells[("loco-httpx", stream, c)].rps for c in clients if ("loco-httpx", stream, c) in cells]
+            print(f"  {mode}: with the httpx transport instead: {' -> '.join(f'{r:.0f}' for r in other)}")
         top = clients[-1]
         if ("litellm", stream, top) in cells and ("locopilot", stream, top) in cells:
             peer = cells[("litellm", stream, top)].rps
@@ -369,15 +378,17 @@ def run() -> None:
             wait_ready(up, f"http://127.0.0.1:{upstream_port}/v1/models", 30, folder / "upstream.log")
             measure("direct", up.pid, upstream_port, args, rows)
 
-            port = free_port()
-            with locopilot(port, upstream_port, folder) as server:
-                wait_ready(server, f"http://127.0.0.1:{port}/v1/engine/health", 60, folder / "locopilot.log")
-                served_by = check_chat(port, "locopilot").headers.get("x-locopilot-provider")
-                if served_by != "fast":
-                    raise StartError(f"locopilot served the check request from {served_by!r}, not 'fast'")
-                idle = tree_hwm_kib(server.pid, "VmRSS")
-                notes.append(f"locopilot: idle RSS {idle / 1024:.1f} MiB after start")
-                measure("locopilot", server.pid, port, args, rows)
+            for name, transport in LOCOPILOT_TARGETS.items():
+                port = free_port()
+                with locopilot(port, upstream_port, transport, folder) as server:
+                    log = folder / f"locopilot-{transport}" / "locopilot.log"
+                    wait_ready(server, f"http://127.0.0.1:{port}/v1/engine/health", 60, log)
+                    served_by = check_chat(port, name).headers.get("x-locopilot-provider")
+                    if served_by != "fast":
+                        raise StartError(f"{name} served the check request from {served_by!r}, not 'fast'")
+                    idle = tree_hwm_kib(server.pid, "VmRSS")
+                    notes.append(f"{name}: LOCOPILOT_UPSTREAM_TRANSPORT={transport}, idle RSS {idle / 1024:.1f} MiB")
+                    measure(name, server.pid, port, args, rows)
 
             if program is not None:
                 port = free_port()
