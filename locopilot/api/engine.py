@@ -35,6 +35,9 @@ class EngineHealth(msgspec.Struct):
 
 
 class ProviderHealth(msgspec.Struct):
+    """``ttfb_ms``: the smoothed time to first event of recent answers (what ``any`` routing orders by);
+    null until measured, or when the last measurement is more than a minute old."""
+
     name: str
     locality: str
     priority: int
@@ -42,6 +45,7 @@ class ProviderHealth(msgspec.Struct):
     consecutive_failures: int
     last_error: str | None
     probe_ms: float | None
+    ttfb_ms: float | None
     models: list[str] | None
 
 
@@ -74,6 +78,7 @@ async def engine_health(services: Services) -> Response[bytes]:
             consecutive_failures=state.breaker.failures,
             last_error=state.last_error,
             probe_ms=None if state.probe_ms is None else round(state.probe_ms, 3),
+            ttfb_ms=None if (ttfb := state.latency.fresh(router.clock())) is None else round(ttfb, 3),
             models=list(state.configured_models) or state.models,
         )
         for name, state in router.states.items()

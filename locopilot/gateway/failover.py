@@ -5,6 +5,10 @@ might not have (see :func:`may_fail_over`) is marked failed and the next one
 is tried; any other error ends the request as it is (a 400 is the request's
 fault, and a 401/403 from an explicit remote reaches the client unchanged).
 After the first event nothing is retried: two backends are never spliced.
+
+Generations are timed from the start of the attempt to the first event, so a
+failed candidate before it does not count against the one that answered; the
+router keeps that as the provider's latency (what ``any`` orders by).
 """
 
 from __future__ import annotations
@@ -21,11 +25,17 @@ T = TypeVar("T")
 MAX_ATTEMPTS = 4
 
 
-async def first_success(router: Router, plan: Plan, attempt: Callable[[Route], Awaitable[T]]) -> tuple[Route, T]:
-    """The first route whose ``attempt`` succeeds, with its result; Unavailable when all fail over."""
+async def first_success(
+    router: Router, plan: Plan, attempt: Callable[[Route], Awaitable[T]], *, timed: bool = False
+) -> tuple[Route, T]:
+    """The first route whose ``attempt`` succeeds, with its result; Unavailable when all fail over.
+
+    ``timed``: the attempt ends at a first event, and its duration is the provider's latency.
+    """
     decision = plan.decision
     errors: list[LocopilotError] = []
     for route in plan.routes[:MAX_ATTEMPTS]:
+        started = router.clock()
         try:
             result = await attempt(route)
         except LocopilotError as exc:
@@ -35,7 +45,7 @@ async def first_success(router: Router, plan: Plan, attempt: Callable[[Route], A
             decision.failed.append(Skipped(route.provider.name, exc.message))
             errors.append(exc)
             continue
-        router.succeeded(route)
+        router.succeeded(route, router.clock() - started if timed else None)
         decision.chosen = route.provider.name
         return route, result
     if len(errors) == 1 and not decision.skipped and not isinstance(errors[0], UpstreamError):
@@ -53,5 +63,5 @@ async def open_stream(
         events = route.provider.stream(request_for(route.model))
         return await prime(events), events
 
-    route, (first, events) = await first_success(router, plan, attempt)
+    route, (first, events) = await first_success(router, plan, attempt, timed=True)
     return route, first, events

@@ -6,19 +6,30 @@
    that provider only. ``auto`` is the first provider that can serve anything.
 3. Otherwise every provider that serves the model is a candidate, in priority
    order (lower first); ``local_preferred`` puts local providers first,
-   ``local_only`` drops remote ones entirely, ``any`` keeps priority order.
+   ``local_only`` drops remote ones entirely.
 4. A provider whose circuit breaker is open is skipped, with the reason kept
    for the 503 and the request log.
+5. ``any`` then puts the fastest first (:meth:`Router.fastest_first`): the
+   candidates with a fresh measured latency (see :class:`Latency`) in order of
+   it, lower first. A candidate with no measurement from the last
+   ``LATENCY_TTL`` seconds is *due* one and goes before them all, in priority
+   order, so that it gets measured: a provider never measured, or measured
+   slow once (a model loading, a busy moment), is tried again within a
+   minute instead of never. Only one request per ``LATENCY_TRIAL_GAP`` is sent
+   to a due provider to measure it; while that one is under way the provider
+   waits behind the measured ones, so a burst does not all go to the slow one.
+   Ties keep priority order. The decision records the latencies it used.
 
 The router also keeps each provider's health: a breaker fed by request
 outcomes and by the active probe (:meth:`Router.probe_forever`), the last
-error and the latency of the last probe, and a short-lived cache of the
-models each provider serves.
+error and the latency of the last probe, the smoothed time to first event of
+its answers, and a short-lived cache of the models each provider serves.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +51,9 @@ MODELS_TTL = 30.0
 LOCAL_MODELS_TTL = 1.0
 PROBE_INTERVAL = 15.0
 PROBE_TIMEOUT = 5.0
+LATENCY_WEIGHT = 0.3
+LATENCY_TTL = 60.0
+LATENCY_TRIAL_GAP = 10.0
 
 
 @dataclass
@@ -67,6 +81,35 @@ class Breaker:
 
 
 @dataclass
+class Latency:
+    """A provider's time to first event, smoothed over its successful requests (an EWMA).
+
+    One number per provider, over all its models and prompts: a provider that
+    serves a large and a small model gets one average of both. A measurement
+    older than ``LATENCY_TTL`` is stale: the next sample starts the average
+    over rather than blending into what the provider was like a minute ago.
+    """
+
+    ms: float | None = None
+    measured_at: float = -math.inf
+    trial_at: float = -math.inf
+    """When a request was last sent to this provider first to measure it."""
+
+    def fresh(self, now: float) -> float | None:
+        """The smoothed latency in milliseconds, or None if there is none from the last LATENCY_TTL."""
+        return self.ms if self.ms is not None and now - self.measured_at < LATENCY_TTL else None
+
+    def due(self, now: float) -> bool:
+        """Whether the next request should measure this provider: no fresh latency and no trial under way."""
+        return self.fresh(now) is None and now - self.trial_at >= LATENCY_TRIAL_GAP
+
+    def add(self, ms: float, now: float) -> None:
+        previous = self.fresh(now)
+        self.ms = ms if previous is None else previous + LATENCY_WEIGHT * (ms - previous)
+        self.measured_at = now
+
+
+@dataclass
 class ProviderState:
     """A provider and what the router knows of it.
 
@@ -84,6 +127,7 @@ class ProviderState:
     models_at: float = -1e9
     last_error: str | None = None
     probe_ms: float | None = None
+    latency: Latency = field(default_factory=Latency)
 
 
 @dataclass(frozen=True)
@@ -98,7 +142,13 @@ class Skipped(msgspec.Struct, frozen=True):
 
 
 class Decision(msgspec.Struct, kw_only=True):
-    """What routing decided, as stored with the request's log row."""
+    """What routing decided, as stored with the request's log row.
+
+    ``order`` says how ``candidates`` were ordered: ``priority``, or under
+    ``any`` ``latency``, with the fresh smoothed time to first event of each
+    candidate that had one (``latency_ms``) and the candidates put first
+    because they were due a measurement (``measuring``).
+    """
 
     policy: Privacy
     requested: str
@@ -107,6 +157,9 @@ class Decision(msgspec.Struct, kw_only=True):
     skipped: list[Skipped] = []
     failed: list[Skipped] = []
     chosen: str | None = None
+    order: Literal["priority", "latency"] = "priority"
+    latency_ms: dict[str, float] = {}
+    measuring: list[str] = []
 
 
 @dataclass
@@ -171,6 +224,8 @@ class Router:
                 decision.skipped.append(Skipped(route.provider.name, f"circuit open after: {state.last_error}"))
             else:
                 usable.append(route)
+        if policy == "any" and explicit is None:
+            usable = self.fastest_first(usable, decision)
         decision.candidates = [r.provider.name for r in usable]
         if not usable:
             if decision.skipped:
@@ -178,6 +233,32 @@ class Router:
                 raise Unavailable(f"no provider can serve '{requested}' now ({reasons})", retry_after=5)
             raise ModelNotFound(f"The model '{requested}' does not exist", param="model")
         return Plan(usable, decision)
+
+    def fastest_first(self, routes: list[Route], decision: Decision) -> list[Route]:
+        """``routes`` (in priority order) reordered for ``any``: due a measurement, then fastest first.
+
+        The first due route is marked as under trial, since it is the one this request will try.
+        """
+        now = self.clock()
+        due: list[Route] = []
+        measured: list[tuple[float, Route]] = []
+        waiting: list[Route] = []
+        for route in routes:
+            latency = self.states[route.provider.name].latency
+            ms = latency.fresh(now)
+            if ms is not None:
+                measured.append((ms, route))
+                decision.latency_ms[route.provider.name] = round(ms, 3)
+            elif latency.due(now):
+                due.append(route)
+            else:
+                waiting.append(route)
+        measured.sort(key=lambda pair: pair[0])  # a stable sort: equal latencies keep priority order
+        if due:
+            self.states[due[0].provider.name].latency.trial_at = now
+        decision.order = "latency"
+        decision.measuring = [r.provider.name for r in due]
+        return due + [route for _, route in measured] + waiting
 
     def _explicit(self, model: str) -> tuple[ProviderState, str] | None:
         cut = min((i for i in (model.find(":"), model.find("/")) if i > 0), default=-1)
@@ -226,8 +307,12 @@ class Router:
             log.info("provider %s answers again", state.provider.name)
         state.breaker.success()
 
-    def succeeded(self, route: Route) -> None:
-        self.states[route.provider.name].breaker.success()
+    def succeeded(self, route: Route, first_event: float | None = None) -> None:
+        """Note a success; ``first_event`` is the seconds it took to the first event, if measured."""
+        state = self.states[route.provider.name]
+        state.breaker.success()
+        if first_event is not None:
+            state.latency.add(first_event * 1000, self.clock())
 
     def failed(self, route: Route, error: LocopilotError) -> None:
         """Note a failure. A busy queue is load, not ill health; the local engine keeps its own

@@ -26,6 +26,9 @@ OpenAI sends it (``data: {...}`` events, a usage chunk when
     no_usage        200, the answer with finish_reason "length" and no usage chunk
     stall_after_1   200, one content chunk, then waits until the client hangs up (``client_gone`` is set)
 
+``delay`` (seconds, 0 by default) holds every generation's answer back that
+long before its first byte, whatever the mode: a slow but healthy upstream.
+
 The model :data:`FaultUpstream.MISSING_MODEL` gets a 404 ``model_not_found``
 in ok mode. Every request is recorded in ``requests``, whatever the mode.
 """
@@ -76,6 +79,7 @@ class FaultUpstream:
         self.port = 0
         self.requests: list[RecordedRequest] = []
         self.client_gone = threading.Event()
+        self.delay = 0.0
         self._mode = "ok"
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -203,6 +207,8 @@ class FaultUpstream:
     def _answer(self, conn: socket.socket, request: RecordedRequest, mode: str) -> None:
         body = request.body if isinstance(request.body, dict) else {}
         generation = request.method == "POST" and request.path in ("/v1/chat/completions", "/v1/completions")
+        if generation and self.delay:
+            self._stopping.wait(self.delay)
         match mode:
             case "hang":
                 self._stopping.wait()
