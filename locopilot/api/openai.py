@@ -168,6 +168,7 @@ def chat_generation(body: ChatCompletionRequest, model: str) -> GenerationReques
         stop=stop_list(body.stop),
         json_schema=json_schema,
         sampling=sampling_params(body),
+        stream=body.stream,
     )
 
 
@@ -193,6 +194,7 @@ def completion_generation(body: CompletionRequest, model: str) -> GenerationRequ
         stop=stop_list(body.stop),
         echo=body.echo,
         sampling=sampling_params(body),
+        stream=body.stream,
     )
 
 

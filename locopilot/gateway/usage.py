@@ -26,7 +26,7 @@ class Outcome:
     request_id: str
     endpoint: str
     model: str
-    provider: str = "embedded"
+    provider: str = ""  # empty until a provider serves the request
     key_id: str | None = None
     started: float = field(default_factory=time.perf_counter)
     ttfb: float | None = None
