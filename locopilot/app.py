@@ -17,11 +17,13 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.config import OpenAPIConfig
 
 from locopilot import __version__
+from locopilot.api import admin as admin_api
 from locopilot.api import engine as engine_api
 from locopilot.api import openai as openai_api
 from locopilot.api.services import EngineStatus, Services, get_services
 from locopilot.engine.scheduler import ModelManager, runner_command, runner_environment
 from locopilot.errors import InvalidRequest, LocopilotError, UpstreamError, error_for_status
+from locopilot.gateway.auth import DOCS_PATH, Authenticator, AuthMiddleware, principal_of
 from locopilot.gateway.router import ProviderState, Router
 from locopilot.gateway.usage import Outcome, UsageRecorder
 from locopilot.models.catalog import ModelCatalog
@@ -61,7 +63,8 @@ def rejected(request: Request[Any, Any, Any], exc: LocopilotError) -> Response[b
     endpoint = INFERENCE_ENDPOINTS.get(request.url.path)
     services: Services | None = getattr(request.app.state, "services", None)
     if endpoint is not None and services is not None:
-        services.recorder.finish(Outcome(f"req-{secrets.token_hex(12)}", endpoint, model=""), error=exc)
+        outcome = Outcome(f"req-{secrets.token_hex(12)}", endpoint, model="", key_id=principal_of(request).key_id)
+        services.recorder.finish(outcome, error=exc)
     return error_response(exc)
 
 
@@ -152,6 +155,20 @@ def upstream_states(settings: Settings) -> list[ProviderState]:
     return [ProviderState(PROVIDER_KINDS[c.kind](c, settings), c.priority, c.models) for c in settings.upstream_configs]
 
 
+async def announce_access(authenticator: Authenticator) -> None:
+    """Say at startup whether requests need an API key."""
+    settings = authenticator.settings
+    if await authenticator.is_open():
+        log.warning(
+            "no API key is configured: serving %s:%d WITHOUT AUTHENTICATION (loopback only); "
+            "create a key with `locopilot keys create NAME` to require one",
+            settings.host,
+            settings.port,
+        )
+    else:
+        log.info("API keys are required on every route but GET /health")
+
+
 def create_app(settings: Settings) -> Litestar:
     """The application; nothing starts until its lifespan runs."""
 
@@ -169,6 +186,8 @@ def create_app(settings: Settings) -> Litestar:
                     breaker_cooldown=settings.breaker_cooldown,
                 )
                 engine = EngineStatus()
+                authenticator = Authenticator(settings, db, router.states)
+                await announce_access(authenticator)
                 app.state.services = Services(
                     settings=settings,
                     db=db,
@@ -177,6 +196,7 @@ def create_app(settings: Settings) -> Litestar:
                     router=router,
                     recorder=UsageRecorder(db),
                     engine=engine,
+                    auth=authenticator,
                 )
                 tasks.start_soon(probe_engine, engine, settings)
                 tasks.start_soon(manager.reap_idle)
@@ -192,7 +212,8 @@ def create_app(settings: Settings) -> Litestar:
             await anyio.to_thread.run_sync(db.close)
 
     return Litestar(
-        route_handlers=[*openai_api.ROUTES, *engine_api.ROUTES],
+        route_handlers=[*openai_api.ROUTES, *engine_api.ROUTES, *admin_api.ROUTES],
+        middleware=[AuthMiddleware()],
         lifespan=[lifespan],
         dependencies={"services": Provide(get_services, sync_to_thread=False)},
         exception_handlers={
@@ -202,7 +223,7 @@ def create_app(settings: Settings) -> Litestar:
             Exception: handle_unexpected,
         },
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="locopilot", version=__version__, path="/openapi"),
+        openapi_config=OpenAPIConfig(title="locopilot", version=__version__, path=DOCS_PATH),
         logging_config=None,
         debug=False,
     )

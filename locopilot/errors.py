@@ -4,7 +4,11 @@
     ├── InvalidRequest              400 invalid_request_error
     │   ├── ContextLengthExceeded   400 code=context_length_exceeded
     │   └── InvalidModelName        400 code=invalid_model_name
-    ├── PolicyForbidden             403 code=privacy_policy
+    ├── AuthenticationError         401 code=invalid_api_key, WWW-Authenticate: Bearer
+    ├── Forbidden                   403 invalid_request_error
+    │   ├── PolicyForbidden         403 code=privacy_policy
+    │   ├── MissingScope            403 code=insufficient_scope
+    │   └── ModelNotAllowed         403 code=model_not_allowed
     ├── NotFound                    404 invalid_request_error
     │   └── ModelNotFound           404 code=model_not_found
     ├── MethodNotAllowed            405
@@ -75,10 +79,33 @@ class InvalidModelName(InvalidRequest):
     default_code = "invalid_model_name"
 
 
-class PolicyForbidden(LocopilotError):
+class AuthenticationError(LocopilotError):
+    """No API key, or one that is unknown, revoked or expired. The message never quotes the key."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "WWW-Authenticate": 'Bearer realm="locopilot"'}
+
+
+class Forbidden(LocopilotError):
     status_code = 403
     error_type = "invalid_request_error"
+    default_code = "forbidden"
+
+
+class PolicyForbidden(Forbidden):
     default_code = "privacy_policy"
+
+
+class MissingScope(Forbidden):
+    default_code = "insufficient_scope"
+
+
+class ModelNotAllowed(Forbidden):
+    default_code = "model_not_allowed"
 
 
 class NotFound(LocopilotError):

@@ -178,6 +178,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     probe_interval: Annotated[
         float, Meta(ge=0.1, le=3600, description="Seconds between health probes of each upstream (its model list).")
     ] = 15.0
+    admin_key: Annotated[
+        str,
+        Meta(
+            description=(
+                "A bootstrap API key with every scope, for an install that must need no interactive step "
+                "(at least 16 characters). Never printed."
+            )
+        ),
+    ] = ""
+    admin_key_file: Annotated[
+        str,
+        Meta(
+            description=(
+                "A file holding the bootstrap admin key (surrounding whitespace is ignored), "
+                "instead of `LOCOPILOT_ADMIN_KEY`; suits systemd credentials and secret mounts."
+            )
+        ),
+    ] = ""
+    public_models: Annotated[
+        bool, Meta(description="Let `GET /v1/models` and `GET /v1/models/{id}` answer without an API key.")
+    ] = False
     upstream_transport: Annotated[
         UpstreamTransport,
         Meta(
@@ -189,6 +210,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ] = "aiohttp"
     # Derived from the upstream settings by load_settings; not an environment variable.
     upstream_configs: tuple[UpstreamConfig, ...] = ()
+    # The bootstrap admin key from ADMIN_KEY or ADMIN_KEY_FILE; derived, never printed.
+    admin_secret: str = ""
 
     @property
     def data_path(self) -> Path:
@@ -267,7 +290,33 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         data_dir=str(Path(data_dir).expanduser()),
         models_dir=str(Path(models_dir).expanduser()),
         upstream_configs=_upstream_configs(settings, environ),
+        admin_secret=_admin_secret(settings),
     )
+
+
+MIN_ADMIN_KEY_LENGTH = 16
+
+
+def _admin_secret(settings: Settings) -> str:
+    """The bootstrap admin key, from the variable or the file it names; "" when neither is set."""
+    if settings.admin_key and settings.admin_key_file:
+        raise SettingsError("LOCOPILOT_ADMIN_KEY_FILE", "set either LOCOPILOT_ADMIN_KEY or LOCOPILOT_ADMIN_KEY_FILE")
+    variable, secret = "LOCOPILOT_ADMIN_KEY", settings.admin_key
+    if settings.admin_key_file:
+        variable = "LOCOPILOT_ADMIN_KEY_FILE"
+        path = Path(settings.admin_key_file).expanduser()
+        try:
+            secret = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(variable, f"cannot read {path}: {exc}") from exc
+    elif not secret:
+        return ""
+    # The message never quotes the key: it would end up in a terminal or a journal.
+    if len(secret) < MIN_ADMIN_KEY_LENGTH:
+        raise SettingsError(variable, f"the admin key must be at least {MIN_ADMIN_KEY_LENGTH} characters long")
+    if any(c.isspace() or not c.isprintable() for c in secret):
+        raise SettingsError(variable, "the admin key must not contain spaces or control characters")
+    return secret
 
 
 def _upstream_configs(settings: Settings, environ: Mapping[str, str]) -> tuple[UpstreamConfig, ...]:
@@ -332,6 +381,8 @@ def describe() -> Iterator[SettingInfo]:
     defaults = Settings.__struct_defaults__
     for name, default in zip(Settings.__struct_fields__, defaults, strict=True):
         annotated = hints[name]
+        if get_origin(annotated) is not Annotated:  # derived, not read from the environment
+            continue
         base, *extras = get_args(annotated)
         meta = next((m for m in extras if isinstance(m, Meta)), None)
         if meta is None:  # derived, not read from the environment
@@ -339,12 +390,19 @@ def describe() -> Iterator[SettingInfo]:
         yield SettingInfo(
             variable=env_name(name),
             type_name=_type_name(base, meta),
-            default=str(default),
+            default=_text(default),
             description=meta.description or "",
         )
 
 
+def _text(value: object) -> str:
+    """A setting's value as it is written in the environment (``true``, not ``True``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _type_name(base: Any, meta: Meta) -> str:
+    if base is bool:
+        return "true | false"
     if get_origin(base) is Literal:
         return " | ".join(str(a) for a in get_args(base))
     if base is float:
@@ -384,7 +442,7 @@ def effective_items(settings: Settings) -> Iterator[tuple[str, str]]:
     """(variable, value) pairs for ``locopilot config``; secrets are masked."""
     for info in describe():
         name = info.variable[len(PREFIX) :].lower()
-        value = str(getattr(settings, name))
+        value = _text(getattr(settings, name))
         if name in SECRET_FIELDS and value:
             value = MASK
         elif name == "upstreams" and value:
@@ -393,4 +451,4 @@ def effective_items(settings: Settings) -> Iterator[tuple[str, str]]:
         yield info.variable, value
 
 
-SECRET_FIELDS = frozenset({"remote_api_key"})
+SECRET_FIELDS = frozenset({"remote_api_key", "admin_key"})

@@ -34,7 +34,7 @@ def int_ranges() -> list[tuple[str, int | None, int | None]]:
     hints = get_type_hints(Settings, include_extras=True)
     ranges = []
     for name in Settings.__struct_fields__:
-        base, *extras = get_args(hints[name])
+        base, *extras = get_args(hints[name]) or (hints[name],)
         if base is int:
             meta = next(m for m in extras if isinstance(m, Meta))
             ranges.append((name, meta.ge, meta.le))

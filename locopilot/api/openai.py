@@ -18,6 +18,7 @@ from litestar.response import Stream
 from locopilot.api.services import Services
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import InvalidRequest, ModelNotFound
+from locopilot.gateway.auth import Principal, principal_of
 from locopilot.gateway.failover import first_success, open_stream
 from locopilot.gateway.router import PRIVACY_LEVELS, Route
 from locopilot.gateway.streaming import collect, sse_response, unless_disconnected
@@ -277,13 +278,15 @@ async def serve_generation(
     """Check, route (with failover before the first byte), generate and record one completion."""
     chat = isinstance(body, ChatCompletionRequest)
     request_id = new_id("chatcmpl" if chat else "cmpl")
-    outcome = Outcome(request_id, "chat.completions" if chat else "completions", body.model)
+    endpoint = "chat.completions" if chat else "completions"
+    outcome = Outcome(request_id, endpoint, body.model, key_id=principal_of(request).key_id)
     with services.recorder.recording(outcome):
         if isinstance(body, ChatCompletionRequest):
             generation = chat_generation(body, body.model)
         else:
             generation = completion_generation(body, body.model)
-        plan = await services.router.plan(body.model, privacy_of(request, services.settings.routing_privacy))
+        policy = privacy_of(request, services.settings.routing_privacy)
+        plan = await services.auth.plan(request, services.router, body.model, policy)
         outcome.routing = plan.decision
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         formatter = (ChatFormatter if chat else CompletionFormatter)(request_id, body.model, include_usage)
@@ -353,10 +356,11 @@ def embedding_inputs(body: EmbeddingRequest) -> list[str]:
 @post("/v1/embeddings", status_code=200)
 async def embeddings(data: EmbeddingRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     request_id = new_id("emb")
-    outcome = Outcome(request_id, "embeddings", data.model)
+    outcome = Outcome(request_id, "embeddings", data.model, key_id=principal_of(request).key_id)
     with services.recorder.recording(outcome):
         inputs = embedding_inputs(data)
-        plan = await services.router.plan(data.model, privacy_of(request, services.settings.routing_privacy))
+        policy = privacy_of(request, services.settings.routing_privacy)
+        plan = await services.auth.plan(request, services.router, data.model, policy)
         outcome.routing = plan.decision
 
         async def attempt(route: Route) -> EmbeddingResult:
@@ -400,34 +404,39 @@ def model_card(entry: ModelEntry, loaded: bool) -> ModelCard:
     )
 
 
-async def all_cards(services: Services) -> list[ModelCard]:
-    """Embedded models, then each upstream's (cached by the router) in priority order; first name wins."""
+async def all_cards(services: Services, principal: Principal) -> list[ModelCard]:
+    """Embedded models, then each upstream's (cached by the router) in priority order; first name wins.
+
+    Only the models ``principal``'s allowlist admits.
+    """
     loaded = set(services.manager.loaded())
     # Reading headers touches every model file: not on the event loop.
     entries = await anyio.to_thread.run_sync(services.catalog.list)
-    cards = [model_card(entry, entry.name in loaded) for entry in entries]
+    embedded = (model_card(entry, entry.name in loaded) for entry in entries)
+    cards = [card for card in embedded if services.auth.allows(principal, card.provider, card.id)]
     seen = {card.id for card in cards}
     for state in services.router.ordered("any"):
         provider = state.provider
         if state.local_engine:
             continue
         for name in await services.router.models_of(state) or []:
-            if name not in seen:
+            if name not in seen and services.auth.allows(principal, provider.name, name):
                 seen.add(name)
                 cards.append(ModelCard(name, 0, provider.name, provider=provider.name, locality=provider.locality))
     return cards
 
 
 @get("/v1/models")
-async def list_models(services: Services) -> Response[bytes]:
-    return Response(encoder.encode(ModelList(await all_cards(services))), media_type="application/json")
+async def list_models(services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    cards = await all_cards(services, principal_of(request))
+    return Response(encoder.encode(ModelList(cards)), media_type="application/json")
 
 
 @get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, services: Services) -> Response[bytes]:
+async def get_model(model_id: str, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     """One model by id, plain (``llama3.2:1b``) or with its provider (``ollama:llama3.2:1b``)."""
     model_id = model_id.lstrip("/")
-    cards = await all_cards(services)
+    cards = await all_cards(services, principal_of(request))
     for card in cards:
         if model_id in (card.id, f"{card.provider}:{card.id}", f"{card.provider}/{card.id}"):
             return Response(encoder.encode(card), media_type="application/json")

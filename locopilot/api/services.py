@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from litestar.datastructures import State
 
 from locopilot.engine.scheduler import ModelManager
+from locopilot.gateway.auth import Authenticator
 from locopilot.gateway.router import Router
 from locopilot.gateway.usage import UsageRecorder
 from locopilot.models.catalog import ModelCatalog
@@ -34,6 +35,7 @@ class Services:
     router: Router
     recorder: UsageRecorder
     engine: EngineStatus
+    auth: Authenticator
     started_at: float = field(default_factory=time.time)
 
 

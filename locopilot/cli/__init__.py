@@ -43,10 +43,15 @@ def cli() -> None:
 @cli.command()
 def serve() -> None:
     """Serve the API on LOCOPILOT_HOST:LOCOPILOT_PORT until stopped."""
+    from locopilot.server import ServeRefused
     from locopilot.server import serve as run_server
 
     settings = settings_or_exit()
-    run_server(settings)
+    try:
+        run_server(settings)
+    except ServeRefused as exc:
+        print_error(str(exc))
+        raise SystemExit(1) from exc
 
 
 @cli.command()
@@ -73,9 +78,10 @@ def version() -> None:
 
 
 def register() -> None:
-    from locopilot.cli import chat, doctor, models
+    from locopilot.cli import chat, doctor, keys, models
 
     cli.add_command(models.models)
+    cli.add_command(keys.keys_group)
     cli.add_command(chat.chat)
     cli.add_command(doctor.doctor)
 

@@ -61,9 +61,48 @@ def _add_routing_decisions(conn: apsw.Connection) -> None:
     conn.execute("ALTER TABLE inference_logs ADD COLUMN routing TEXT CHECK (routing IS NULL OR json_valid(routing))")
 
 
+def _create_api_keys_and_audit_events(conn: apsw.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE api_keys (
+            id           TEXT PRIMARY KEY,
+            name         TEXT NOT NULL CHECK (length(name) BETWEEN 1 AND 64),
+            -- SHA-256 of the secret, hex; the secret itself is never stored.
+            hash         TEXT NOT NULL UNIQUE CHECK (length(hash) = 64),
+            prefix       TEXT NOT NULL,  -- the secret's first characters, to recognise it in a list
+            scopes       TEXT NOT NULL CHECK (json_valid(scopes)),
+            models       TEXT CHECK (models IS NULL OR json_valid(models)),  -- NULL: every model
+            privacy      TEXT CHECK (privacy IS NULL OR privacy IN ('local_only', 'local_preferred', 'any')),
+            rpm          INTEGER CHECK (rpm IS NULL OR rpm > 0),
+            tpm          INTEGER CHECK (tpm IS NULL OR tpm > 0),
+            created_at   REAL NOT NULL,  -- unix seconds, as are the other *_at columns
+            expires_at   REAL,
+            revoked_at   REAL,
+            last_used_at REAL
+        ) STRICT;
+        -- A name names one live key; a revoked key's name may be reused.
+        CREATE UNIQUE INDEX api_keys_live_name ON api_keys (name) WHERE revoked_at IS NULL;
+
+        CREATE TABLE audit_events (
+            id         INTEGER PRIMARY KEY,
+            created_at REAL NOT NULL,
+            event      TEXT NOT NULL,
+            key_id     TEXT,  -- the key that acted or failed, when one is known
+            client     TEXT,  -- the client's address, or "cli"
+            method     TEXT,
+            path       TEXT,
+            status     INTEGER,
+            detail     TEXT CHECK (detail IS NULL OR json_valid(detail))
+        ) STRICT;
+        CREATE INDEX audit_events_created_at ON audit_events (created_at);
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[apsw.Connection], None]] = [
     _create_inference_logs_and_training_jobs,
     _add_routing_decisions,
+    _create_api_keys_and_audit_events,
 ]
 
 

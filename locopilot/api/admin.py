@@ -1,0 +1,103 @@
+"""Admin routes (scope ``admin``): API keys and the audit trail.
+
+Every change made here is audited by :class:`~locopilot.gateway.auth.AuthMiddleware`,
+which writes one row per request; a handler names the action with
+:func:`~locopilot.gateway.auth.note`. A new key's secret is in the creation
+response and nowhere else, ever.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import anyio
+import msgspec
+from litestar import Request, Response, delete, get, post
+from litestar.params import Parameter
+
+from locopilot.api.services import Services
+from locopilot.gateway import auth
+from locopilot.schemas.openai import encoder
+from locopilot.store import audit, keys
+from locopilot.store.keys import ApiKey, KeySpec, KeyState
+
+
+class KeyInfo(ApiKey, frozen=True, kw_only=True):
+    """A key as the admin API shows it: never its secret or hash."""
+
+    state: KeyState
+    object: str = "api_key"
+
+
+class CreatedKey(KeyInfo, frozen=True, kw_only=True):
+    """The answer to a creation: the only time the secret is shown."""
+
+    secret: str
+
+
+class KeyList(msgspec.Struct):
+    data: list[KeyInfo]
+    object: str = "list"
+
+
+class AuditList(msgspec.Struct):
+    data: list[audit.AuditEvent]
+    object: str = "list"
+
+
+def key_info(key: ApiKey, now: float) -> KeyInfo:
+    return KeyInfo(**msgspec.structs.asdict(key), state=key.state_at(now))
+
+
+def json_response(body: msgspec.Struct, status_code: int = 200) -> Response[bytes]:
+    return Response(encoder.encode(body), media_type="application/json", status_code=status_code)
+
+
+@post("/v1/admin/keys", status_code=201)
+async def create_key(data: KeySpec, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Create a key; the response holds its secret, shown this once."""
+    now = services.auth.clock()
+    key, secret = await anyio.to_thread.run_sync(keys.create, services.db, data, now)
+    services.auth.key_created()
+    auth.note(request, "key_created", key=key.id, name=key.name, scopes=list(key.scopes))
+    created = CreatedKey(**msgspec.structs.asdict(key_info(key, now)), secret=secret)
+    return json_response(created, 201)
+
+
+@get("/v1/admin/keys")
+async def list_keys(services: Services) -> Response[bytes]:
+    """Every key, revoked and expired ones too, oldest first."""
+    now = services.auth.clock()
+    found = await anyio.to_thread.run_sync(keys.listed, services.db)
+    return json_response(KeyList([key_info(key, now) for key in found]))
+
+
+@get("/v1/admin/keys/{key_id:str}")
+async def get_key(key_id: str, services: Services) -> Response[bytes]:
+    """One key, by id or by the name of a live key."""
+    key = await anyio.to_thread.run_sync(keys.find, services.db, key_id)
+    return json_response(key_info(key, services.auth.clock()))
+
+
+@delete("/v1/admin/keys/{key_id:str}", status_code=200)
+async def revoke_key(key_id: str, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Revoke a key (by id or live name); it fails with 401 from the next request on."""
+    now = services.auth.clock()
+    found = await anyio.to_thread.run_sync(keys.find, services.db, key_id)
+    key = await anyio.to_thread.run_sync(keys.revoke, services.db, found.id, now)
+    auth.note(request, "key_revoked", key=key.id, name=key.name)
+    return json_response(key_info(key, now))
+
+
+@get("/v1/admin/audit")
+async def audit_events(
+    services: Services,
+    limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+    event: Annotated[str | None, Parameter(max_length=64)] = None,
+) -> Response[bytes]:
+    """The newest audit events (authentication failures, refusals, admin changes), newest first."""
+    found = await anyio.to_thread.run_sync(lambda: audit.recent(services.db, limit=limit, event=event))
+    return json_response(AuditList(found))
+
+
+ROUTES = [create_key, list_keys, get_key, revoke_key, audit_events]
