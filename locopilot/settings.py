@@ -82,6 +82,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             description="Context window in tokens for each loaded model; 0 uses the model's trained context length.",
         ),
     ] = 4096
+    parallel: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=64,
+            description=(
+                "Requests each loaded model serves at once (continuous batching: one decode step advances them "
+                "all). Each gets its own `LOCOPILOT_CTX_SIZE` tokens of KV cache, so memory grows with it; "
+                "0 picks 4, or fewer so that all slots together hold at most 32768 tokens."
+            ),
+        ),
+    ] = 0
     threads: Annotated[
         int, Meta(ge=0, le=1024, description="CPU threads per loaded model; 0 picks the number of CPU cores.")
     ] = 0
