@@ -40,8 +40,10 @@ def wait_until(condition: object, what: str, attempts: int = 200, pause: float =
 
 @pytest.fixture(scope="module")
 def lone(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterator[Server]:
-    """A server of its own: these tests kill runners and fill queues."""
-    running = start_server(tmp_path_factory, {SMOL: smollm2_path}, {"LOCOPILOT_QUEUE_SIZE": "0"})
+    """A server of its own: these tests kill runners and fill queues (one slot, so one request fills it)."""
+    running = start_server(
+        tmp_path_factory, {SMOL: smollm2_path}, {"LOCOPILOT_QUEUE_SIZE": "0", "LOCOPILOT_PARALLEL": "1"}
+    )
     yield running
     running.stop()
 

@@ -37,6 +37,7 @@ class Load(msgspec.Struct, tag="load", frozen=True, kw_only=True):
     ctx_size: int
     threads: int
     gpu_layers: int
+    parallel: int = 0  # slots; 0 lets the runner choose from the context size
 
 
 class Generate(msgspec.Struct, tag="generate", frozen=True, kw_only=True):
@@ -79,6 +80,7 @@ class Ready(msgspec.Struct, tag="ready", frozen=True, kw_only=True):
     n_vocab: int
     template: str
     pid: int
+    slots: int = 1
 
 
 class LoadFailed(msgspec.Struct, tag="load_failed", frozen=True, kw_only=True):
@@ -103,6 +105,7 @@ class Done(msgspec.Struct, tag="done", frozen=True, kw_only=True):
     finish_reason: Literal["stop", "length", "cancelled"]
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused, not computed
 
 
 class Embeddings(msgspec.Struct, tag="embeddings", frozen=True, kw_only=True):

@@ -6,9 +6,13 @@ on stdout (see protocol.py). The first message is ``Load``; the runner answers
 ``Ready`` or ``LoadFailed``. A llama.cpp crash kills only this process; the API
 process sees end-of-stream and fails the requests it had in flight.
 
-Requests run one at a time in arrival order; ``Cancel`` is read by a separate
-thread and checked between tokens, so a cancelled generation stops within a
-token. stdout is reserved for frames: anything llama.cpp or Python prints to
+Generation is continuously batched (see :func:`serve` and :class:`Engine`):
+up to ``slots`` requests decode together, one token each per step, and a new
+request joins between steps, its prompt fed in chunks. ``Cancel`` is read by a
+separate thread and acted on between steps, so a cancelled generation stops
+within a step and its slot is free for the next request. Each slot keeps the
+tokens its KV cache holds; a prompt that begins the same way reuses them.
+stdout is reserved for frames: anything llama.cpp or Python prints to
 file descriptor 1 is redirected to stderr.
 """
 
@@ -24,11 +28,11 @@ import random
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
-
-import numpy as np
 
 from locopilot.engine import protocol
 from locopilot.engine.protocol import (
@@ -157,56 +161,135 @@ class StopMatcher:
         return out
 
 
+BATCH = 512
+# Prompt tokens a newcomer may add to a step while other sequences are generating.
+PREFILL_CHUNK = 256
+DEFAULT_SLOTS = 4
+DEFAULT_KV_TOKENS = 32768
+PENALTY_WINDOW = 64
+
+
+@dataclass
+class Sequence:
+    """One request in a slot: its prompt, sampler chain and progress."""
+
+    job: Generate
+    tokens: list[int]
+    fed: int  # prompt tokens already in the KV cache (reused or decoded)
+    cached: int  # of those, how many were reused from an earlier request
+    max_tokens: int
+    sampler: Any  # llama_sampler * (a chain), freed when the sequence ends
+    matcher: StopMatcher
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+    next_token: int | None = None  # sampled, not yet decoded
+    generated: int = 0
+    unsent: int = 0
+
+
+@dataclass
+class Slot:
+    """A llama.cpp sequence id and the tokens its KV cells hold, in order."""
+
+    seq_id: int
+    cached: list[int] = field(default_factory=list)
+    sequence: Sequence | None = None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Engine:
-    """One model in llama.cpp. Not thread-safe: the runner's main thread owns it."""
+    """One model in llama.cpp, serving up to ``slots`` requests at once.
+
+    Not thread-safe: the runner's main thread owns it. Each slot is one llama.cpp
+    sequence id with its own part of the KV cache (``kv_unified`` off, so a
+    sequence's attention never looks at another's cells) and remembers the
+    tokens that part holds, which a later prompt with the same beginning reuses.
+    """
 
     def __init__(self, load: Load) -> None:
-        from llama_cpp import Llama
+        import llama_cpp
+        from llama_cpp import _internals as internals
+        from llama_cpp._logger import set_verbose
 
+        set_verbose(False)  # llama.cpp's own log: errors only
         if not load_backends():
             raise RuntimeError("llama.cpp found no usable backend for this CPU")
         self.load = load
-        self.llama: Llama = Llama(
-            model_path=load.model_path,
-            n_ctx=load.ctx_size,
-            n_batch=512,
-            n_threads=load.threads,
-            n_threads_batch=load.threads,
-            n_gpu_layers=load.gpu_layers,
-            verbose=False,
-        )
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = 0x7FFFFFFF if load.gpu_layers == -1 else load.gpu_layers
+        self.model = internals.LlamaModel(path_model=load.model_path, params=model_params, verbose=False)
+        self.metadata = self.model.metadata()
+        n_ctx_slot = load.ctx_size or self.model.n_ctx_train()
+        slots = load.parallel or max(1, min(DEFAULT_SLOTS, DEFAULT_KV_TOKENS // n_ctx_slot))
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx_slot * slots
+        params.n_batch = BATCH
+        params.n_ubatch = BATCH
+        params.n_seq_max = slots
+        params.kv_unified = False
+        params.n_threads = load.threads
+        params.n_threads_batch = load.threads
+        self.context = internals.LlamaContext(model=self.model, params=params, verbose=False)
+        self.ctx = self.context.ctx
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_ctx = int(llama_cpp.llama_n_ctx_seq(self.ctx))
+        self.batch = llama_cpp.llama_batch_init(BATCH, 0, 1)
+        self.slots = [Slot(i) for i in range(slots)]
+        self.vocab = self.model.vocab
+        self.n_vocab = self.model.n_vocab()
+        self.cached_tokens_total = 0
         self._embedder: Llama | None = None
-        metadata = self.llama.metadata
-        self.template = choose_template(metadata)
-        model = self.llama._model
-        bos, eos = self.llama.token_bos(), self.llama.token_eos()
+        self.template = choose_template(self.metadata)
+        bos, eos = self.model.token_bos(), self.model.token_eos()
+        self.bos = bos
         self.renderer = TemplateRenderer(
             self.template,
-            bos_token=model.token_get_text(bos) if bos >= 0 else "",
-            eos_token=model.token_get_text(eos) if eos >= 0 else "",
+            bos_token=self.model.token_get_text(bos) if bos >= 0 else "",
+            eos_token=self.model.token_get_text(eos) if eos >= 0 else "",
         )
-        self.add_bos = bos >= 0 and metadata.get("tokenizer.ggml.add_bos_token", "true") != "false"
+        self.add_bos = bos >= 0 and self.metadata.get("tokenizer.ggml.add_bos_token", "true") != "false"
 
     def ready(self) -> Ready:
         return Ready(
-            n_ctx=self.llama.n_ctx(),
-            n_ctx_train=self.llama._model.n_ctx_train(),
-            n_vocab=self.llama.n_vocab(),
+            n_ctx=self.n_ctx,
+            n_ctx_train=self.model.n_ctx_train(),
+            n_vocab=self.n_vocab,
             template=self.template.name,
             pid=os.getpid(),
+            slots=len(self.slots),
         )
 
     def tokenize(self, text: str) -> list[int]:
-        tokens = self.llama.tokenize(text.encode(), add_bos=False, special=True)
-        if self.add_bos and (not tokens or tokens[0] != self.llama.token_bos()):
-            tokens.insert(0, self.llama.token_bos())
+        tokens: list[int] = self.model.tokenize(text.encode(), add_bos=False, special=True)
+        if self.add_bos and (not tokens or tokens[0] != self.bos):
+            tokens.insert(0, self.bos)
         return tokens
 
-    def generate(self, job: Generate, cancelled: Callable[[], bool]) -> Iterator[FromRunner]:
-        """Yield Started, Deltas and one Done; raise RequestError before Started."""
+    @property
+    def busy(self) -> bool:
+        return any(slot.sequence is not None for slot in self.slots)
+
+    def free_slot(self) -> Slot | None:
+        free = [slot for slot in self.slots if slot.sequence is None]
+        return free[0] if free else None
+
+    def start(self, job: Generate) -> list[FromRunner]:
+        """Admit ``job`` to a free slot (there must be one); its first messages.
+
+        Raises RequestError before any work when the request cannot run. Of
+        the free slots it takes the one whose cached tokens share the longest
+        beginning with the prompt, and keeps that much of its KV cache.
+        """
         import llama_cpp
-        from llama_cpp import LogitsProcessorList
-        from llama_cpp.llama_grammar import LlamaGrammar
 
         if job.messages is not None:
             try:
@@ -218,90 +301,232 @@ class Engine:
             prompt = job.prompt or ""
             stops = list(job.stop)
         tokens = self.tokenize(prompt)
-        n_ctx = self.llama.n_ctx()
-        if len(tokens) >= n_ctx:
+        if len(tokens) >= self.n_ctx:
             raise RequestError(
                 "context_length",
-                f"This model's context length is {n_ctx} tokens, but the prompt has {len(tokens)} tokens. "
+                f"This model's context length is {self.n_ctx} tokens, but the prompt has {len(tokens)} tokens. "
                 "Shorten the prompt or raise LOCOPILOT_CTX_SIZE.",
             )
-        budget = n_ctx - len(tokens)
+        budget = self.n_ctx - len(tokens)
         max_tokens = min(job.max_tokens, budget) if job.max_tokens else budget
+        sampler = self._sampler(job)
 
-        grammar = None
+        free = [slot for slot in self.slots if slot.sequence is None]
+        # At least the prompt's last token is decoded again: its logits start the reply.
+        slot = max(free, key=lambda s: _common_prefix(s.cached, tokens))
+        reuse = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
+        if not llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1):
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            reuse = 0
+        del slot.cached[reuse:]
+        self.cached_tokens_total += reuse
+        slot.sequence = Sequence(
+            job=job,
+            tokens=tokens,
+            fed=reuse,
+            cached=reuse,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            matcher=StopMatcher(stops),
+        )
+        out: list[FromRunner] = [Started(id=job.id, prompt_tokens=len(tokens))]
+        if job.echo:
+            out.append(Delta(id=job.id, text=prompt, tokens=0))
+        return out
+
+    def _sampler(self, job: Generate) -> Any:
+        """A sampler chain for one request (the caller frees it); RequestError for bad parameters."""
+        import llama_cpp
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        sampling = job.sampling
+        bad = [t for t in sampling.logit_bias if not 0 <= t < self.n_vocab]
+        if bad:
+            raise RequestError(
+                "invalid", f"logit_bias names token {bad[0]}, outside this model's vocabulary", "logit_bias"
+            )
+        gbnf = None
         try:
             if job.json_schema is not None:
-                grammar = LlamaGrammar.from_string(json_grammar(job.json_schema), verbose=False)
+                gbnf = json_grammar(job.json_schema)
             elif job.grammar is not None:
-                grammar = LlamaGrammar.from_string(job.grammar, verbose=False)
+                gbnf = job.grammar
+            if gbnf is not None:
+                # llama-cpp-python's parser explains what is wrong; llama.cpp's only refuses.
+                LlamaGrammar.from_string(gbnf, verbose=False)
         except Exception as exc:
             raise RequestError(
                 "invalid", f"response_format could not be turned into a grammar: {exc}", "response_format"
             ) from exc
 
-        sampling = job.sampling
-        n_vocab = self.llama.n_vocab()
-        bad = [t for t in sampling.logit_bias if not 0 <= t < n_vocab]
-        if bad:
-            raise RequestError(
-                "invalid", f"logit_bias names token {bad[0]}, outside this model's vocabulary", "logit_bias"
-            )
-        processors = None
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        parts = []
         if sampling.logit_bias:
-            ids = np.array(list(sampling.logit_bias), dtype=np.intc)
-            biases = np.array(list(sampling.logit_bias.values()), dtype=np.single)
+            biases = (llama_cpp.llama_logit_bias * len(sampling.logit_bias))()
+            for i, (token, value) in enumerate(sampling.logit_bias.items()):
+                biases[i] = llama_cpp.llama_logit_bias(token, value)
+            parts.append(llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
+        if sampling.repeat_penalty != 1.0 or sampling.frequency_penalty or sampling.presence_penalty:
+            # The binding declares an n_vocab argument that llama.cpp no longer takes; the
+            # window size passed twice is right whichever of the two the library reads.
+            parts.append(
+                llama_cpp.llama_sampler_init_penalties(
+                    PENALTY_WINDOW,
+                    PENALTY_WINDOW,
+                    sampling.repeat_penalty,
+                    sampling.frequency_penalty,
+                    sampling.presence_penalty,
+                )
+            )
+        if gbnf is not None:
+            grammar = llama_cpp.llama_sampler_init_grammar(self.vocab, gbnf.encode(), b"root")
+            if not grammar:
+                for part in parts:
+                    llama_cpp.llama_sampler_free(part)
+                llama_cpp.llama_sampler_free(chain)
+                raise RequestError("invalid", "response_format could not be turned into a grammar", "response_format")
+            parts.append(grammar)
+        seed = sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(2**31)
+        if sampling.temperature == 0:
+            parts.append(llama_cpp.llama_sampler_init_greedy())
+        else:
+            if sampling.temperature > 0:
+                parts.append(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+                parts.append(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+                parts.append(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
+                parts.append(llama_cpp.llama_sampler_init_temp(sampling.temperature))
+            parts.append(llama_cpp.llama_sampler_init_dist(seed))
+        for part in parts:
+            llama_cpp.llama_sampler_chain_add(chain, part)
+        return chain
 
-            def bias(_input_ids: Any, scores: Any) -> Any:
-                scores[ids] += biases
-                return scores
+    def cancel(self, cancelled: Callable[[int], bool]) -> list[FromRunner]:
+        """End the sequences whose jobs were cancelled; their Done messages."""
+        out: list[FromRunner] = []
+        for slot in self.slots:
+            sequence = slot.sequence
+            if sequence is not None and cancelled(sequence.job.id):
+                out.append(self._finish(slot, "cancelled"))
+        return out
 
-            processors = LogitsProcessorList([bias])
+    def step(self) -> list[FromRunner]:
+        """One decode for every active sequence: a token each for those generating,
+        a chunk of prompt for those prefilling. Returns the messages it produced."""
+        import llama_cpp
 
-        self.llama.set_seed(sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(2**31))
-        yield Started(id=job.id, prompt_tokens=len(tokens))
-        if job.echo:
-            yield Delta(id=job.id, text=prompt, tokens=0)
+        batch = self.batch
+        generating = [s for s in self.slots if s.sequence is not None and s.sequence.next_token is not None]
+        prefilling = [s for s in self.slots if s.sequence is not None and s.sequence.next_token is None]
+        # A long prompt joins in chunks, so the running streams keep getting tokens.
+        room = BATCH - len(generating)
+        if generating:
+            room = min(room, PREFILL_CHUNK)
+        n = 0
+        outputs: list[tuple[Slot, int]] = []
 
-        vocab = self.llama._model.vocab
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        matcher = StopMatcher(stops)
-        generated = 0
-        unsent = 0
-        finish: Literal["stop", "length", "cancelled"] = "length"
-        for token in self.llama.generate(
-            tokens,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            min_p=sampling.min_p,
-            temp=sampling.temperature,
-            repeat_penalty=sampling.repeat_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            presence_penalty=sampling.presence_penalty,
-            logits_processor=processors,
-            grammar=grammar,
-        ):
-            if cancelled():
-                finish = "cancelled"
+        def add(slot: Slot, token: int, pos: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = pos
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot.seq_id
+            batch.logits[n] = logits
+            if logits:
+                outputs.append((slot, n))
+            n += 1
+
+        fed: list[tuple[Slot, list[int]]] = []
+        for slot in generating:
+            sequence = slot.sequence
+            assert sequence is not None and sequence.next_token is not None
+            add(slot, sequence.next_token, len(slot.cached), True)
+            fed.append((slot, [sequence.next_token]))
+        for slot in prefilling:
+            sequence = slot.sequence
+            assert sequence is not None
+            if room <= 0:
                 break
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
-                finish = "stop"
-                break
-            generated += 1
-            unsent += 1
-            text, hit = matcher.feed(decoder.decode(self.llama.detokenize([token])))
-            if text:
-                yield Delta(id=job.id, text=text, tokens=unsent)
-                unsent = 0
-            if hit:
-                finish = "stop"
-                break
-            if generated >= max_tokens:
-                break
-        if finish != "cancelled":
-            tail = matcher.flush() + decoder.decode(b"", final=True)
-            if tail:
-                yield Delta(id=job.id, text=tail, tokens=unsent)
-        yield Done(id=job.id, finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=generated)
+            chunk = sequence.tokens[sequence.fed : sequence.fed + room]
+            start = len(slot.cached)
+            for i, token in enumerate(chunk):
+                add(slot, token, start + i, sequence.fed + i == len(sequence.tokens) - 1)
+            sequence.fed += len(chunk)
+            room -= len(chunk)
+            fed.append((slot, chunk))
+        if n == 0:
+            return []
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self.ctx, batch)
+        if status != 0:
+            log.error("llama_decode returned %s for %d tokens", status, n)
+            out: list[FromRunner] = []
+            for slot, _ in fed:
+                sequence = slot.sequence
+                assert sequence is not None
+                out.append(Failed(id=sequence.job.id, kind="internal", message=f"llama_decode returned {status}"))
+                self._release(slot)
+                llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+                slot.cached.clear()
+            return out
+        for slot, tokens in fed:
+            slot.cached.extend(tokens)
+        out = []
+        for slot, index in outputs:
+            out.extend(self._sample(slot, index))
+        return out
+
+    def _sample(self, slot: Slot, index: int) -> list[FromRunner]:
+        import llama_cpp
+
+        sequence = slot.sequence
+        assert sequence is not None
+        job_id = sequence.job.id
+        token = llama_cpp.llama_sampler_sample(sequence.sampler, self.ctx, index)
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            return self._flush(slot, "stop")
+        sequence.generated += 1
+        sequence.unsent += 1
+        text, hit = sequence.matcher.feed(sequence.decoder.decode(self.model.detokenize([token])))
+        out: list[FromRunner] = []
+        if text:
+            out.append(Delta(id=job_id, text=text, tokens=sequence.unsent))
+            sequence.unsent = 0
+        if hit:
+            return [*out, *self._flush(slot, "stop")]
+        if sequence.generated >= sequence.max_tokens:
+            return [*out, *self._flush(slot, "length")]
+        sequence.next_token = token
+        return out
+
+    def _flush(self, slot: Slot, reason: Literal["stop", "length"]) -> list[FromRunner]:
+        sequence = slot.sequence
+        assert sequence is not None
+        out: list[FromRunner] = []
+        tail = sequence.matcher.flush() + sequence.decoder.decode(b"", final=True)
+        if tail:
+            out.append(Delta(id=sequence.job.id, text=tail, tokens=sequence.unsent))
+        out.append(self._finish(slot, reason))
+        return out
+
+    def _finish(self, slot: Slot, reason: Literal["stop", "length", "cancelled"]) -> Done:
+        sequence = slot.sequence
+        assert sequence is not None
+        self._release(slot)
+        return Done(
+            id=sequence.job.id,
+            finish_reason=reason,
+            prompt_tokens=len(sequence.tokens),
+            completion_tokens=sequence.generated,
+            cached_tokens=sequence.cached,
+        )
+
+    def _release(self, slot: Slot) -> None:
+        import llama_cpp
+
+        sequence = slot.sequence
+        assert sequence is not None
+        llama_cpp.llama_sampler_free(sequence.sampler)
+        slot.sequence = None
 
     def embed(self, job: Embed) -> Embeddings:
         embedder = self._embedding_model()
@@ -323,10 +548,10 @@ class Engine:
             import llama_cpp
             from llama_cpp import Llama
 
-            metadata = self.llama.metadata
+            metadata = self.metadata
             arch = metadata.get("general.architecture", "")
             has_pooling = f"{arch}.pooling_type" in metadata
-            n_ctx = self.llama.n_ctx()
+            n_ctx = self.n_ctx
             self._embedder = Llama(
                 model_path=self.load.model_path,
                 embedding=True,
@@ -391,6 +616,7 @@ def main() -> int:
                     case Cancel(id=job_id):
                         cancellations.cancel(job_id)
                     case Generate() | Embed() as job:
+                        cancellations.begin(job.id)
                         jobs.put(job)
                     case Load():
                         log.warning("ignoring a second load message")
@@ -399,28 +625,90 @@ def main() -> int:
             jobs.put(None)
 
     threading.Thread(target=read_requests, name="runner-reader", daemon=True).start()
-    while (job := jobs.get()) is not None:
-        serve_one(engine, job, channel, cancellations)
+    serve(engine, jobs, channel, cancellations)
     return 0
 
 
-class Cancellations:
-    """Which jobs to stop, written by the reader thread and read between tokens.
+def serve(
+    engine: Engine,
+    jobs: queue.Queue[Generate | Embed | None],
+    channel: Channel,
+    cancellations: Cancellations,
+) -> None:
+    """The scheduling loop (continuous batching) until ``jobs`` yields None.
 
-    Job ids grow and jobs run in order, so a Cancel for a job already finished
-    is dropped instead of kept forever. Once stdin ends (the API process is
-    gone) every job counts as cancelled.
+    Between decode steps it takes new jobs, ends cancelled sequences and admits
+    waiting jobs to free slots; each step then advances every active sequence.
+    An embedding request runs whole between two steps.
+    """
+    waiting: deque[Generate] = deque()
+    open_ = True
+    while open_ or engine.busy or waiting:
+        idle = not engine.busy and not waiting
+        try:
+            job = jobs.get(block=idle and open_)
+            while True:
+                if job is None:
+                    open_ = False
+                elif isinstance(job, Embed):
+                    embed_one(engine, job, channel, cancellations)
+                else:
+                    waiting.append(job)
+                job = jobs.get_nowait()
+        except queue.Empty:
+            pass
+        for message in engine.cancel(cancellations.__contains__):
+            send_final(channel, message, cancellations)
+        for job in [j for j in waiting if j.id in cancellations]:
+            waiting.remove(job)
+            send_final(
+                channel, Done(id=job.id, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0), cancellations
+            )
+        while waiting and engine.free_slot() is not None:
+            job = waiting.popleft()
+            try:
+                for message in engine.start(job):
+                    channel.send(message)
+            except RequestError as exc:
+                send_final(channel, Failed(id=job.id, kind=exc.kind, message=str(exc), param=exc.param), cancellations)
+            except (BrokenPipeError, ProtocolError):
+                raise
+            except Exception as exc:
+                log.exception("request %s failed", job.id)
+                failed = Failed(id=job.id, kind="internal", message=f"{type(exc).__name__}: {exc}")
+                send_final(channel, failed, cancellations)
+        for message in engine.step():
+            send_final(channel, message, cancellations)
+
+
+def send_final(channel: Channel, message: FromRunner, cancellations: Cancellations) -> None:
+    """Send ``message``; a terminal one also ends its job's cancellation record."""
+    channel.send(message)
+    if isinstance(message, Done | Failed | Embeddings):
+        cancellations.finish(message.id)
+
+
+class Cancellations:
+    """Which jobs to stop, written by the reader thread and read between steps.
+
+    Only jobs the runner has received and not finished can be cancelled, so a
+    Cancel that arrives after its job ended is dropped instead of kept forever.
+    Once stdin ends (the API process is gone) every job counts as cancelled.
     """
 
     def __init__(self) -> None:
+        self._live: set[int] = set()
         self._ids: set[int] = set()
-        self._finished_up_to = 0
         self._closed = False
         self._lock = threading.Lock()
 
+    def begin(self, job_id: int) -> None:
+        with self._lock:
+            self._live.add(job_id)
+
     def cancel(self, job_id: int) -> None:
         with self._lock:
-            if job_id > self._finished_up_to:
+            if job_id in self._live:
                 self._ids.add(job_id)
 
     def close(self) -> None:
@@ -431,27 +719,22 @@ class Cancellations:
 
     def finish(self, job_id: int) -> None:
         with self._lock:
+            self._live.discard(job_id)
             self._ids.discard(job_id)
-            self._finished_up_to = max(self._finished_up_to, job_id)
 
 
-def serve_one(engine: Engine, job: Generate | Embed, channel: Channel, cancelled: Cancellations) -> None:
-    job_id = job.id
+def embed_one(engine: Engine, job: Embed, channel: Channel, cancelled: Cancellations) -> None:
+    message: FromRunner
     try:
-        if job_id in cancelled:
-            channel.send(Done(id=job_id, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0))
-            return
-        if isinstance(job, Embed):
-            channel.send(engine.embed(job))
-            return
-        for message in engine.generate(job, lambda: job_id in cancelled):
-            channel.send(message)
+        if job.id in cancelled:
+            message = Done(id=job.id, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0)
+        else:
+            message = engine.embed(job)
     except RequestError as exc:
-        channel.send(Failed(id=job_id, kind=exc.kind, message=str(exc), param=exc.param))
+        message = Failed(id=job.id, kind=exc.kind, message=str(exc), param=exc.param)
     except (BrokenPipeError, ProtocolError):
         raise
     except Exception as exc:
-        log.exception("request %s failed", job_id)
-        channel.send(Failed(id=job_id, kind="internal", message=f"{type(exc).__name__}: {exc}"))
-    finally:
-        cancelled.finish(job_id)
+        log.exception("request %s failed", job.id)
+        message = Failed(id=job.id, kind="internal", message=f"{type(exc).__name__}: {exc}")
+    send_final(channel, message, cancelled)

@@ -108,13 +108,14 @@ class RunnerProcess:
         self.in_flight = 0
         self.waiting = 0
         self.tokens_generated = 0
+        self.cached_tokens = 0
         self.alive = True
         self.exit_reason = ""
         self._ids = itertools.count(1)
         self._pending: dict[int, _Ticket] = {}
         self._write_lock = anyio.Lock()
-        # One request at a time inside the runner for now; the runner's queue is ours.
-        self._slot = anyio.Semaphore(1)
+        # As many requests in the runner as it has slots; the queue behind them is ours.
+        self._slot = anyio.Semaphore(ready.slots)
 
     @classmethod
     async def start(
@@ -131,6 +132,7 @@ class RunnerProcess:
             ctx_size=settings.ctx_size,
             threads=settings.effective_threads(),
             gpu_layers=settings.gpu_layers,
+            parallel=settings.parallel,
         )
         process = await anyio.open_process(
             runner_command(),
@@ -175,6 +177,7 @@ class RunnerProcess:
                 if isinstance(message, Done):
                     # Counted here too for requests whose reader has gone (cancelled ones).
                     self.tokens_generated += message.completion_tokens
+                    self.cached_tokens += message.cached_tokens
                 ticket = self._pending.get(getattr(message, "id", -1))
                 if ticket is not None:
                     if isinstance(message, TERMINAL):
@@ -298,9 +301,11 @@ class RunnerInfo(msgspec.Struct, frozen=True):
     alive: bool
     n_ctx: int
     chat_template: str
+    slots: int
     in_flight: int
     waiting: int
     tokens_generated: int
+    cached_tokens: int
     idle_seconds: float
 
 
@@ -340,9 +345,11 @@ class ModelManager:
                 alive=runner.alive,
                 n_ctx=runner.ready.n_ctx,
                 chat_template=runner.ready.template,
+                slots=runner.ready.slots,
                 in_flight=runner.in_flight,
                 waiting=runner.waiting,
                 tokens_generated=runner.tokens_generated,
+                cached_tokens=runner.cached_tokens,
                 idle_seconds=round(self.clock() - runner.last_used, 3),
             )
             for name, runner in self.runners.items()
