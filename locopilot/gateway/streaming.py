@@ -11,14 +11,18 @@ is recorded once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import msgspec
 from litestar.response import Stream
-from litestar.types import Receive
+from litestar.response.base import ASGIResponse
+from litestar.response.streaming import ASGIStreamingResponse
+from litestar.types import Receive, Send
 
 from locopilot.errors import ClientDisconnected, LocopilotError
 from locopilot.gateway.usage import Outcome, UsageRecorder
@@ -61,30 +65,38 @@ async def unless_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]
     Only for use once the request body has been read: the next ASGI message is
     then ``http.disconnect``.
     """
-    results: list[T] = []
-    errors: list[Exception] = []
-    async with anyio.create_task_group() as tasks:
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            tasks.cancel_scope.cancel()
-
-        async def run() -> None:
-            try:
-                results.append(await work())
-            except Exception as exc:  # noqa: BLE001 - re-raised below, outside the task group
-                errors.append(exc)
-            finally:
-                tasks.cancel_scope.cancel()
-
-        tasks.start_soon(watch)
-        tasks.start_soon(run)
-    if errors:
-        raise errors[0]
-    if not results:
+    job = asyncio.ensure_future(work())
+    if not await finished_first(job, receive):
         raise ClientDisconnected("the client disconnected before the response started")
-    return results[0]
+    return job.result()
+
+
+async def finished_first(job: asyncio.Future[Any], receive: Receive) -> bool:
+    """Wait for ``job`` or the client's disconnect, whichever comes first.
+
+    True if ``job`` finished (its result or error is then in it); False if the
+    client left first, and ``job`` was cancelled and has ended. Plain asyncio
+    tasks rather than an anyio task group: measured here, a task group's
+    cancellation costs about 0.4 ms per request, several times this.
+    """
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((job, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not job.done():
+            job.cancel()
+            await asyncio.wait((job,))
+    return not job.cancelled()
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return once the client has gone (or receiving fails, which means the same)."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:
+        log.debug("receive failed while watching for a disconnect", exc_info=True)
 
 
 async def prime(events: AsyncGenerator[StreamEvent, None]) -> StreamEvent:
@@ -140,11 +152,73 @@ def sse_response(
     headers: dict[str, str],
 ) -> Stream:
     """Stream the reply as SSE; the body closes ``events`` and records the outcome."""
-    return Stream(
-        _sse_body(first, events, formatter, include_usage, outcome, recorder),
+    ending = Ending()
+    return SSEStream(
+        _sse_body(first, events, formatter, include_usage, outcome, recorder, ending),
+        ending,
         media_type="text/event-stream",
         headers={**SSE_HEADERS, **headers},
     )
+
+
+@dataclass
+class Ending:
+    """Set by a body generator just before it yields its last chunk."""
+
+    last: bool = False
+
+
+class SSEStream(Stream):
+    """Litestar's Stream, sent by :class:`_WatchedBody`: one fewer write and no task group per response."""
+
+    __slots__ = ("ending",)
+
+    def __init__(self, content: AsyncGenerator[bytes, None], ending: Ending, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.ending = ending
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIResponse:
+        response = super().to_asgi_response(*args, **kwargs)
+        assert isinstance(response, ASGIStreamingResponse)
+        return _WatchedBody(response, self.ending)
+
+
+class _WatchedBody(ASGIStreamingResponse):
+    """Sends the body as Litestar does, with two differences:
+
+    - the last chunk goes out with ``more_body: False`` instead of being followed
+      by an empty one (each ASGI send is a hop through the server);
+    - the client's disconnect is watched by :func:`finished_first`.
+    """
+
+    __slots__ = ("ending",)
+
+    def __init__(self, response: ASGIStreamingResponse, ending: Ending) -> None:
+        # Adopt the prepared response's state (headers, cookies, status, iterator).
+        for cls in type(response).__mro__:
+            for slot in getattr(cls, "__slots__", ()):
+                if hasattr(response, slot):
+                    setattr(self, slot, getattr(response, slot))
+        self.ending = ending
+
+    async def send_body(self, send: Send, receive: Receive) -> None:
+        sending = asyncio.ensure_future(self._stream(send))
+        if await finished_first(sending, receive):
+            sending.result()
+
+    async def _stream(self, send: Send) -> None:
+        body = self.iterator
+        try:
+            async for chunk in body:
+                data = chunk if isinstance(chunk, bytes) else chunk.encode(self.encoding)
+                await send({"type": "http.response.body", "body": data, "more_body": not self.ending.last})
+            # The loop went on past the last chunk, so the body generator ran to its end.
+            if not self.ending.last:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if isinstance(body, AsyncGenerator):  # cancelled mid-way: close it now, not at garbage collection
+                with anyio.CancelScope(shield=True):
+                    await body.aclose()
 
 
 async def _sse_body(
@@ -154,8 +228,10 @@ async def _sse_body(
     include_usage: bool,
     outcome: Outcome,
     recorder: UsageRecorder,
+    ending: Ending,
 ) -> AsyncGenerator[bytes, None]:
-    error: BaseException | None = None
+    """The SSE bytes of one reply. The outcome is recorded before the last chunk goes
+    out, so a client that has the whole reply can find it in the log."""
     outcome.streaming = True
     try:
         # Events that are ready together go out in one write: each write is a hop
@@ -174,22 +250,25 @@ async def _sse_body(
                     closing = sse(formatter.finish(event.reason))
                     if include_usage:
                         closing += sse(formatter.usage_chunk(usage_of(event)))
+                    recorder.finish(outcome)
+                    ending.last = True
                     yield pending + closing + b"data: [DONE]\n\n"
                     return
             event = await anext(events, None)
         raise LocopilotError("the provider ended the stream without finishing")
     except LocopilotError as exc:
-        error = exc
         log.warning("stream failed after the first byte: %s", exc.message)
+        recorder.finish(outcome, error=exc)
+        ending.last = True
         yield sse(exc.body())
     except Exception as exc:
-        error = exc
         log.exception("stream failed after the first byte")
+        recorder.finish(outcome, error=exc)
+        ending.last = True
         yield sse(LocopilotError("internal error while streaming").body())
     except BaseException as exc:  # cancelled, or closed by the server when the client left
-        error = exc
+        recorder.finish(outcome, error=exc)
         raise
     finally:
         with anyio.CancelScope(shield=True):
             await events.aclose()
-        recorder.finish(outcome, error=error)
