@@ -138,7 +138,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             description=(
                 "Privacy policy for requests without an `X-Routing-Privacy` header: "
                 "`local_only` never uses a remote provider, `local_preferred` uses one only when no local one can "
-                "serve, `any` follows priority alone."
+                "serve, `any` may use any provider and tries the fastest healthy one first."
             )
         ),
     ] = "local_preferred"
