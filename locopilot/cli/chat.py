@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import rich_click as click
@@ -71,19 +72,36 @@ def _error_message(response: httpx.Response) -> str:
     type=click.FloatRange(0, 2),
     help="Sampling temperature, 0 to 2; 0 always picks the likeliest token (default: the server's).",
 )
-def chat(prompt: str | None, model: str | None, url: str | None, system: str | None, temperature: float | None) -> None:
+@click.option(
+    "--key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A file holding the API key to send (default: the bootstrap admin key, if one is set).",
+)
+def chat(
+    prompt: str | None,
+    model: str | None,
+    url: str | None,
+    system: str | None,
+    temperature: float | None,
+    key_file: Path | None,
+) -> None:
     """Chat with a model on a running server.
 
     With PROMPT (or text on standard input) it answers once and exits;
     otherwise it starts an interactive chat (Ctrl-D or /exit to leave).
     """
     settings = settings_or_exit()
+    # A file, not an option's value: a key on the command line would show in `ps`.
+    key = key_file.read_text(encoding="utf-8").strip() if key_file else settings.admin_secret
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     model = model or settings.default_model
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
     try:
-        with httpx.Client(base_url=url or base_url(settings), timeout=httpx.Timeout(10, read=None)) as client:
+        with httpx.Client(
+            base_url=url or base_url(settings), headers=headers, timeout=httpx.Timeout(10, read=None)
+        ) as client:
             if prompt:
                 _turn(client, model, messages, prompt, temperature)
                 return

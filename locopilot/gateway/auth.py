@@ -42,7 +42,14 @@ from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from locopilot.errors import AuthenticationError, LocopilotError, MissingScope, ModelNotAllowed, ModelNotFound
+from locopilot.errors import (
+    AuthenticationError,
+    LocopilotError,
+    MissingScope,
+    ModelNotAllowed,
+    ModelNotFound,
+    Unavailable,
+)
 from locopilot.gateway.router import PRIVACY_LEVELS, Plan, Router
 from locopilot.settings import Privacy, Settings
 from locopilot.store import audit, keys
@@ -97,7 +104,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 class KeyRefused(AuthenticationError):
     """A 401 with why, for the audit trail: ``missing``, ``malformed``, ``invalid``, ``revoked``,
-    ``expired``, ``store_error``. ``key_id`` is set when the key is known (revoked, expired)."""
+    ``expired``. ``key_id`` is set when the key is known (revoked, expired)."""
 
     def __init__(self, reason: str, message: str, key_id: str | None = None) -> None:
         super().__init__(message)
@@ -253,6 +260,7 @@ class Authenticator:
         Raises:
             AuthenticationError: no key where one is needed, or a key that does not work.
             MissingScope: a working key without the route's scope.
+            Unavailable: the key store cannot be read (nobody is let in).
         """
         required = required_scope(route, self.settings)
         try:
@@ -286,8 +294,9 @@ class Authenticator:
         try:
             key = await anyio.to_thread.run_sync(keys.by_hash, self.db, presented_hash)
         except StoreError as exc:
+            # Fail closed, but say it is the server's fault: the key may well be good.
             log.error("cannot look up an API key: %s", exc)
-            raise KeyRefused("store_error", "API keys cannot be checked right now.") from exc
+            raise Unavailable("API keys cannot be checked right now.", retry_after=5) from exc
         if key is None:
             raise KeyRefused("invalid", "Invalid API key.")
         match key.state_at(self.clock()):

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import Server
-from tests.security.conftest import assert_unauthorized, keyed_server
+from tests.security.conftest import ADMIN_KEY, assert_unauthorized, create_key, keyed_server
 from tests.test_cli import Env, invoke, make_env
 
 SECRET = re.compile(r"^lcp_[A-Za-z0-9_-]{43}$")
@@ -117,3 +117,14 @@ def test_keys_from_the_cli_work_on_a_running_server(tmp_path: Path) -> None:
         assert_unauthorized(httpx.get(f"{server.url}/v1/engine/stats", headers=headers, timeout=10), secret)
     finally:
         server.stop()
+
+
+def test_chat_sends_a_key(tmp_path: Path, secured: Server) -> None:
+    env = make_env(tmp_path)
+    question = ["chat", "--url", secured.url, "--model", "lan-model", "hi"]
+    assert "Missing API key" in " ".join(invoke(env, *question, code=1).stderr.split())
+    key_file = tmp_path / "key"
+    key_file.write_text(create_key(secured, name="chatty").secret + "\n")
+    assert "Hello from fault upstream" in invoke(env, *question, "--key-file", str(key_file)).stdout
+    # Without a file, the bootstrap admin key from the environment (as the server has it).
+    assert "Hello from fault upstream" in invoke(make_env(tmp_path, ADMIN_KEY=ADMIN_KEY), *question).stdout
