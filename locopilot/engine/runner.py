@@ -210,9 +210,9 @@ class Engine:
     """One model in llama.cpp, serving up to ``slots`` requests at once.
 
     Not thread-safe: the runner's main thread owns it. Each slot is one llama.cpp
-    sequence id with its own part of the KV cache (``kv_unified`` off, so a
-    sequence's attention never looks at another's cells) and remembers the
-    tokens that part holds, which a later prompt with the same beginning reuses.
+    sequence id with its own ``n_ctx`` cells of KV cache (see ``kv_unified`` below);
+    a slot remembers the tokens its cells hold, which a
+    later prompt with the same beginning reuses.
     """
 
     def __init__(self, load: Load) -> None:
@@ -235,13 +235,17 @@ class Engine:
         params.n_batch = BATCH
         params.n_ubatch = BATCH
         params.n_seq_max = slots
+        # A KV buffer per slot: a unified one (shared cells, attention masks between
+        # sequences) changed greedy replies when requests ran side by side, because the
+        # attention sums run over a different set of cells. Split, each reply is the
+        # one it would be alone.
         params.kv_unified = False
         params.n_threads = load.threads
         params.n_threads_batch = load.threads
         self.context = internals.LlamaContext(model=self.model, params=params, verbose=False)
         self.ctx = self.context.ctx
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.n_ctx = int(llama_cpp.llama_n_ctx_seq(self.ctx))
+        self.n_ctx = n_ctx_slot
         self.batch = llama_cpp.llama_batch_init(BATCH, 0, 1)
         self.slots = [Slot(i) for i in range(slots)]
         self.vocab = self.model.vocab
@@ -313,7 +317,8 @@ class Engine:
 
         free = [slot for slot in self.slots if slot.sequence is None]
         # At least the prompt's last token is decoded again: its logits start the reply.
-        slot = max(free, key=lambda s: _common_prefix(s.cached, tokens))
+        # On a tie, the slot with the least cached: another prompt may still want the rest.
+        slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -len(s.cached)))
         reuse = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
         if not llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1):
             llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
