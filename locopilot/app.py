@@ -24,6 +24,7 @@ from locopilot.api.services import EngineStatus, Services, get_services
 from locopilot.engine.scheduler import ModelManager, runner_command, runner_environment
 from locopilot.errors import InvalidRequest, LocopilotError, UpstreamError, error_for_status
 from locopilot.gateway.auth import DOCS_PATH, Authenticator, AuthMiddleware, principal_of
+from locopilot.gateway.ratelimit import RateLimiter
 from locopilot.gateway.router import ProviderState, Router
 from locopilot.gateway.usage import Outcome, UsageRecorder
 from locopilot.models.catalog import ModelCatalog
@@ -197,6 +198,7 @@ def create_app(settings: Settings) -> Litestar:
                     recorder=UsageRecorder(db),
                     engine=engine,
                     auth=authenticator,
+                    limiter=RateLimiter(settings.max_concurrent_requests, settings.default_rpm, settings.default_tpm),
                 )
                 tasks.start_soon(probe_engine, engine, settings)
                 tasks.start_soon(manager.reap_idle)

@@ -13,11 +13,15 @@
     │   └── ModelNotFound           404 code=model_not_found
     ├── MethodNotAllowed            405
     ├── PayloadTooLarge             413
+    ├── RateLimited                 429 code=rate_limit_exceeded, Retry-After, x-ratelimit-*
+    │   ├── RequestRateLimited      429 type=requests (the key's requests per minute)
+    │   └── TokenRateLimited        429 type=tokens (the key's tokens per minute)
     ├── ClientDisconnected          499 (nginx's code; nobody is left to read it)
     ├── UpstreamError               502 (an upstream provider failed; ``retryable`` says if failover may help)
     └── Unavailable                 503 (optional Retry-After)
         ├── EngineUnavailable       503 code=engine_unavailable
-        └── QueueFull               503 code=queue_full, Retry-After
+        ├── QueueFull               503 code=queue_full, Retry-After
+        └── Overloaded              503 code=too_many_concurrent_requests, Retry-After
 
 Every error body is ``{"error": {"message", "type", "param", "code"}}``.
 """
@@ -130,6 +134,30 @@ class PayloadTooLarge(LocopilotError):
     default_code = "payload_too_large"
 
 
+class RateLimited(LocopilotError):
+    """A key is over one of its per-minute limits. The ``type`` says which, as OpenAI's does;
+    ``limit_headers`` are the ``x-ratelimit-*`` headers at the time of the refusal."""
+
+    status_code = 429
+    error_type = "requests"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int, limit_headers: dict[str, str]) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.limit_headers = limit_headers
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), **self.limit_headers}
+
+
+class RequestRateLimited(RateLimited):
+    error_type = "requests"
+
+
+class TokenRateLimited(RateLimited):
+    error_type = "tokens"
+
+
 class ClientDisconnected(LocopilotError):
     status_code = 499
     error_type = "client_closed_request"
@@ -175,6 +203,12 @@ class EngineUnavailable(Unavailable):
 
 class QueueFull(Unavailable):
     default_code = "queue_full"
+
+
+class Overloaded(Unavailable):
+    """The server-wide cap on inference requests in flight is reached: not the client's fault, so 503."""
+
+    default_code = "too_many_concurrent_requests"
 
 
 def error_for_status(status: int, message: str) -> LocopilotError:

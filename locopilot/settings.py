@@ -124,6 +124,36 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             description="Requests that may wait for a busy model; one more is refused with 503 and `Retry-After`.",
         ),
     ] = 32
+    max_concurrent_requests: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=1_000_000,
+            description=(
+                "Inference requests (chat, completions, embeddings) in flight at once, across all keys; "
+                "one more is refused at once with 503 and `Retry-After`. 0 sets no cap."
+            ),
+        ),
+    ] = 256
+    default_rpm: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=10**9,
+            description="Requests per minute for an API key created without `--rpm`; 0 leaves such keys unlimited.",
+        ),
+    ] = 0
+    default_tpm: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=10**12,
+            description=(
+                "Tokens (prompt and completion) per minute for an API key created without `--tpm`; "
+                "0 leaves such keys unlimited."
+            ),
+        ),
+    ] = 0
     load_timeout: Annotated[
         int, Meta(ge=1, le=3600, description="Seconds a model may take to load before the request fails with 503.")
     ] = 300

@@ -10,6 +10,7 @@ from litestar import Response, get
 
 from locopilot.api.services import Services
 from locopilot.engine.scheduler import RunnerInfo
+from locopilot.gateway.ratelimit import LimitStats
 from locopilot.schemas.openai import encoder
 from locopilot.store import stats
 
@@ -103,15 +104,20 @@ async def engine_health(services: Services) -> Response[bytes]:
 class Stats(msgspec.Struct):
     since_start: stats.WindowStats
     last_hour: stats.WindowStats
+    limits: LimitStats
+    """Requests in flight and quota refusals since start (this process's counters)."""
 
 
 @get("/v1/engine/stats")
 async def engine_stats(services: Services) -> Response[bytes]:
-    """Requests by provider and model, routing, failovers and errors, since start and over the last hour."""
+    """Requests by provider and model, routing, failovers and errors, since start and over the last hour;
+    requests in flight and quota refusals since start."""
     now = time.time()
     since_start = await anyio.to_thread.run_sync(stats.window, services.db, services.started_at)
     last_hour = await anyio.to_thread.run_sync(stats.window, services.db, now - 3600)
-    return Response(encoder.encode(Stats(since_start, last_hour)), media_type="application/json")
+    return Response(
+        encoder.encode(Stats(since_start, last_hour, services.limiter.stats())), media_type="application/json"
+    )
 
 
 ROUTES = [health, engine_health, engine_stats]

@@ -275,12 +275,14 @@ async def serve_generation(
     request: Request[Any, Any, Any],
     body: ChatCompletionRequest | CompletionRequest,
 ) -> Response[bytes] | Stream:
-    """Check, route (with failover before the first byte), generate and record one completion."""
+    """Limit, check, route (with failover before the first byte), generate and record one completion."""
     chat = isinstance(body, ChatCompletionRequest)
     request_id = new_id("chatcmpl" if chat else "cmpl")
     endpoint = "chat.completions" if chat else "completions"
-    outcome = Outcome(request_id, endpoint, body.model, key_id=principal_of(request).key_id)
+    principal = principal_of(request)
+    outcome = Outcome(request_id, endpoint, body.model, key_id=principal.key_id)
     with services.recorder.recording(outcome):
+        admission = outcome.admission = services.limiter.admit(principal)
         if isinstance(body, ChatCompletionRequest):
             generation = chat_generation(body, body.model)
         else:
@@ -307,7 +309,7 @@ async def serve_generation(
                 return route, await collect(first, events, formatter, outcome, services.recorder)
 
             route, reply = await unless_disconnected(request.receive, whole)
-            headers = provider_headers(route.provider.name, route.model, request_id)
+            headers = {**provider_headers(route.provider.name, route.model, request_id), **admission.headers()}
             return Response(encoder.encode(reply), media_type="application/json", headers=headers)
         route, first, events = await unless_disconnected(request.receive, opened)
         return sse_response(
@@ -317,7 +319,7 @@ async def serve_generation(
             include_usage=include_usage,
             outcome=outcome,
             recorder=services.recorder,
-            headers=provider_headers(route.provider.name, route.model, request_id),
+            headers={**provider_headers(route.provider.name, route.model, request_id), **admission.headers()},
         )
 
 
@@ -356,8 +358,10 @@ def embedding_inputs(body: EmbeddingRequest) -> list[str]:
 @post("/v1/embeddings", status_code=200)
 async def embeddings(data: EmbeddingRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     request_id = new_id("emb")
-    outcome = Outcome(request_id, "embeddings", data.model, key_id=principal_of(request).key_id)
+    principal = principal_of(request)
+    outcome = Outcome(request_id, "embeddings", data.model, key_id=principal.key_id)
     with services.recorder.recording(outcome):
+        admission = outcome.admission = services.limiter.admit(principal)
         inputs = embedding_inputs(data)
         policy = privacy_of(request, services.settings.routing_privacy)
         plan = await services.auth.plan(request, services.router, data.model, policy)
@@ -380,7 +384,7 @@ async def embeddings(data: EmbeddingRequest, services: Services, request: Reques
     return Response(
         encoder.encode(body),
         media_type="application/json",
-        headers=provider_headers(route.provider.name, route.model, request_id),
+        headers={**provider_headers(route.provider.name, route.model, request_id), **admission.headers()},
     )
 
 

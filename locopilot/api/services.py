@@ -9,6 +9,7 @@ from litestar.datastructures import State
 
 from locopilot.engine.scheduler import ModelManager
 from locopilot.gateway.auth import Authenticator
+from locopilot.gateway.ratelimit import RateLimiter
 from locopilot.gateway.router import Router
 from locopilot.gateway.usage import UsageRecorder
 from locopilot.models.catalog import ModelCatalog
@@ -36,6 +37,7 @@ class Services:
     recorder: UsageRecorder
     engine: EngineStatus
     auth: Authenticator
+    limiter: RateLimiter
     started_at: float = field(default_factory=time.time)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import rich_click as click
 from rich.console import Console
@@ -12,6 +15,9 @@ from rich.text import Text
 
 from locopilot import __version__
 from locopilot.settings import Settings, SettingsError, effective_items, load_settings
+
+if TYPE_CHECKING:
+    from locopilot.store.db import Database
 
 console = Console()
 errors = Console(stderr=True)
@@ -29,6 +35,23 @@ def settings_or_exit() -> Settings:
     except SettingsError as exc:
         print_error(str(exc))
         raise SystemExit(2) from exc
+
+
+@contextmanager
+def database() -> Iterator[Database]:
+    """The state database, closed (its writes committed) on the way out; exits 1 if it cannot open."""
+    from locopilot.store.db import Database, StoreError
+
+    settings = settings_or_exit()
+    try:
+        db = Database.open(settings.db_path)
+    except StoreError as exc:
+        print_error(str(exc))
+        raise SystemExit(1) from exc
+    try:
+        yield db
+    finally:
+        db.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,12 +101,14 @@ def version() -> None:
 
 
 def register() -> None:
-    from locopilot.cli import chat, doctor, keys, models
+    from locopilot.cli import chat, doctor, keys, models, upkeep
 
     cli.add_command(models.models)
     cli.add_command(keys.keys_group)
     cli.add_command(chat.chat)
     cli.add_command(doctor.doctor)
+    cli.add_command(upkeep.backup)
+    cli.add_command(upkeep.stats)
 
 
 register()

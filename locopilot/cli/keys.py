@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import getpass
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import msgspec
@@ -18,27 +16,12 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from locopilot.cli import console, errors, print_error, settings_or_exit
+from locopilot.cli import console, database, errors, print_error
 from locopilot.errors import LocopilotError
 from locopilot.settings import Privacy
 from locopilot.store import audit, keys
-from locopilot.store.db import Database, StoreError
+from locopilot.store.db import Database
 from locopilot.store.keys import SCOPES, KeySpec
-
-
-@contextmanager
-def database() -> Iterator[Database]:
-    """The state database, closed (its writes committed) on the way out; exits 1 if it cannot open."""
-    settings = settings_or_exit()
-    try:
-        db = Database.open(settings.db_path)
-    except StoreError as exc:
-        print_error(str(exc))
-        raise SystemExit(1) from exc
-    try:
-        yield db
-    finally:
-        db.close()
 
 
 def audited(db: Database, event: str, key: keys.ApiKey) -> None:

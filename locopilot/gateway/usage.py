@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
@@ -15,6 +16,9 @@ from locopilot.errors import ClientDisconnected, LocopilotError
 from locopilot.gateway.router import Decision
 from locopilot.store import logs
 from locopilot.store.db import Database, StoreError
+
+if TYPE_CHECKING:
+    from locopilot.gateway.ratelimit import Admission
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,8 @@ class Outcome:
     tokens_out: int = 0
     streaming: bool = False  # the 200 and the first bytes have gone out
     routing: Decision | None = None
+    admission: Admission | None = None
+    """The request's quota admission: finishing the outcome charges its tokens and frees its place."""
     recorded: bool = False
 
 
@@ -58,7 +64,8 @@ class UsageRecorder:
             raise
 
     def finish(self, outcome: Outcome, *, error: BaseException | None = None) -> None:
-        """Queue the log row for ``outcome``; a second call for the same outcome does nothing.
+        """Queue the log row for ``outcome`` and settle its quota admission; a second call
+        for the same outcome does nothing.
 
         ``http_status`` is what the client got: once streaming has begun that is
         200 even if the stream then ended with an error event.
@@ -66,6 +73,8 @@ class UsageRecorder:
         if outcome.recorded:
             return
         outcome.recorded = True
+        if outcome.admission is not None:
+            outcome.admission.finish(outcome.tokens_in + outcome.tokens_out)
         status: logs.LogStatus
         if error is None:
             status, http_status, message = "ok", 200, None

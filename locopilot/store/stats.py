@@ -124,3 +124,38 @@ def window(db: Database, since: float) -> WindowStats:
         )
 
     return db.read(fetch)
+
+
+class KeyModelUsage(msgspec.Struct):
+    """Usage of one model by one key (``key_id`` None: requests without a key, in open mode)."""
+
+    key_id: str | None
+    key_name: str | None
+    model: str
+    requests: int
+    ok: int
+    errors: int
+    tokens_in: int
+    tokens_out: int
+    avg_latency_ms: float | None
+
+
+def usage_by_key(db: Database, since: float) -> list[KeyModelUsage]:
+    """Usage per key and model over rows created at or after ``since``. Blocks: run it in a thread."""
+
+    def fetch(conn: apsw.Connection) -> list[KeyModelUsage]:
+        return [
+            KeyModelUsage(*row)
+            for row in conn.execute(
+                """SELECT logs.key_id, keys.name, logs.model, count(*), sum(logs.status = 'ok'),
+                          sum(logs.status = 'error'), sum(logs.tokens_in), sum(logs.tokens_out),
+                          avg(logs.latency_ms)
+                   FROM inference_logs AS logs LEFT JOIN api_keys AS keys ON keys.id = logs.key_id
+                   WHERE logs.created_at >= ?
+                   GROUP BY logs.key_id, logs.model
+                   ORDER BY sum(logs.tokens_in + logs.tokens_out) DESC, count(*) DESC, logs.model""",
+                (since,),
+            )
+        ]
+
+    return db.read(fetch)
