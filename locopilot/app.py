@@ -35,11 +35,13 @@ from locopilot.providers.ollama import OllamaProvider
 from locopilot.providers.openai_compat import OpenAICompatProvider
 from locopilot.schemas.openai import encoder
 from locopilot.settings import Settings, UpstreamConfig
-from locopilot.store.db import Database
+from locopilot.store.db import Database, StoreError
+from locopilot.store.upkeep import purge_older_than
 
 log = logging.getLogger("locopilot")
 
 PROBE_TIMEOUT = 120
+RETENTION_INTERVAL = 3600.0
 
 
 def error_response(exc: LocopilotError) -> Response[bytes]:
@@ -101,6 +103,21 @@ def handle_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Re
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(LocopilotError("Internal server error."))
+
+
+async def retain_logs(db: Database, days: int) -> None:
+    """Delete request-log and audit rows older than ``days`` days, now and every hour; 0 keeps them."""
+    if days <= 0:
+        return
+    while True:
+        try:
+            deleted = await anyio.to_thread.run_sync(purge_older_than, db, days)
+        except StoreError as exc:
+            log.warning("could not delete old log rows: %s", exc)
+        else:
+            if deleted:
+                log.info("deleted %d log rows older than %d days", deleted, days)
+        await anyio.sleep(RETENTION_INTERVAL)
 
 
 async def probe_engine(status: EngineStatus, settings: Settings) -> None:
@@ -202,6 +219,7 @@ def create_app(settings: Settings) -> Litestar:
                 )
                 tasks.start_soon(probe_engine, engine, settings)
                 tasks.start_soon(manager.reap_idle)
+                tasks.start_soon(retain_logs, db, settings.log_retention_days)
                 if len(router.states) > 1:
                     tasks.start_soon(router.probe_forever, settings.probe_interval)
                 try:

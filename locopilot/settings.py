@@ -162,6 +162,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         Meta(ge=1024, le=1 << 30, description="Largest request body accepted, in bytes; larger bodies get 413."),
     ] = 16 * 1024 * 1024
     log_level: Annotated[LogLevel, Meta(description="One of debug, info, warning, error.")] = "info"
+    log_retention_days: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=36500,
+            description=(
+                "Days request-log and audit rows are kept; older ones are deleted at start and hourly, "
+                "in small batches. 0 keeps them forever."
+            ),
+        ),
+    ] = 30
     routing_privacy: Annotated[
         Privacy,
         Meta(

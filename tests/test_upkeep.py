@@ -13,6 +13,8 @@ import pytest
 from locopilot.store import audit, logs
 from locopilot.store.db import Database, StoreError
 from locopilot.store.upkeep import PURGE_BATCH, backup, purge_older_than
+from tests.conftest import Server
+from tests.test_api import log_rows
 from tests.test_cli import invoke, make_env
 from tests.test_store import make_log
 
@@ -130,3 +132,24 @@ def test_backup_and_stats_commands(tmp_path: Path) -> None:
         copy.close()
     again = invoke(env, "backup", str(target), code=1)
     assert "already exists" in again.stderr
+
+
+def test_the_server_deletes_old_rows_at_start(tmp_path: Path) -> None:
+    server = Server(tmp_path, {}, env={"LOCOPILOT_LOG_RETENTION_DAYS": "7"})
+    database = Database.open(server.db_path)
+    try:
+        now = time.time()
+        logs.record(database, make_log(1, request_id="old", created_at=now - 8 * DAY))
+        logs.record(database, make_log(2, request_id="recent", created_at=now - 6 * DAY)).result()
+    finally:
+        database.close()
+    server.start(path="/health")
+    try:
+        for _ in range(200):
+            left = [str(row["request_id"]) for row in log_rows(server, "request_id IN ('old', 'recent')")]
+            if left == ["recent"]:
+                break
+            time.sleep(0.1)
+        assert left == ["recent"]
+    finally:
+        server.stop()
