@@ -24,6 +24,7 @@ from locopilot.api.services import EngineStatus, Services, get_services
 from locopilot.engine.scheduler import ModelManager, runner_command, runner_environment
 from locopilot.errors import InvalidRequest, LocopilotError, UpstreamError, error_for_status
 from locopilot.gateway.auth import DOCS_PATH, Authenticator, AuthMiddleware, principal_of
+from locopilot.gateway.hygiene import BodyScreenMiddleware, HostCheckMiddleware, cors_config
 from locopilot.gateway.ratelimit import RateLimiter
 from locopilot.gateway.router import ProviderState, Router
 from locopilot.gateway.usage import Outcome, UsageRecorder
@@ -233,7 +234,9 @@ def create_app(settings: Settings) -> Litestar:
 
     return Litestar(
         route_handlers=[*openai_api.ROUTES, *engine_api.ROUTES, *admin_api.ROUTES],
-        middleware=[AuthMiddleware()],
+        # The Host check comes first (a rebinding page never reaches auth); bodies are read after auth.
+        middleware=[HostCheckMiddleware(settings), AuthMiddleware(), BodyScreenMiddleware()],
+        cors_config=cors_config(settings),
         lifespan=[lifespan],
         dependencies={"services": Provide(get_services, sync_to_thread=False)},
         exception_handlers={

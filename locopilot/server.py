@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from locopilot.settings import Settings, load_settings
@@ -89,5 +90,8 @@ def serve(settings: Settings) -> None:
         log_level=LogLevels(settings.log_level),
         respawn_failed_workers=True,
         workers_kill_timeout=SHUTDOWN_GRACE_SECONDS,
+        # granian serves HTTPS itself when given a certificate and key (TLS 1.3 at least).
+        ssl_cert=Path(settings.tls_cert).expanduser() if settings.tls_cert else None,
+        ssl_key=Path(settings.tls_key).expanduser() if settings.tls_key else None,
     )
     server.serve(target_loader=app_from_environment)

@@ -30,6 +30,10 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 Privacy = Literal["local_only", "local_preferred", "any"]
 UpstreamTransport = Literal["aiohttp", "httpx"]
 PROVIDER_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+# Host names or IP literals (IPv6 in brackets), comma-separated; ports are not part of an entry.
+HOST_LIST = r"^\s*([a-zA-Z0-9.-]+|\[[0-9a-fA-F:.]+\])?(\s*,\s*([a-zA-Z0-9.-]+|\[[0-9a-fA-F:.]+\]))*\s*$"
+# Exact origins: scheme, host and optional port; no path, no wildcard.
+ORIGIN_LIST = r"^\s*(https?://[a-zA-Z0-9.-]+(:[0-9]{1,5})?)?(\s*,\s*https?://[a-zA-Z0-9.-]+(:[0-9]{1,5})?)*\s*$"
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,42 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         int,
         Meta(ge=1024, le=1 << 30, description="Largest request body accepted, in bytes; larger bodies get 413."),
     ] = 16 * 1024 * 1024
+    max_message_bytes: Annotated[
+        int,
+        Meta(
+            ge=1024,
+            le=1 << 30,
+            description=(
+                "Largest text of one chat message, one completion prompt or one embedding input, in bytes (UTF-8); "
+                "larger is refused with 400."
+            ),
+        ),
+    ] = 128 * 1024
+    allowed_hosts: Annotated[
+        str,
+        Meta(
+            pattern=HOST_LIST,
+            description=(
+                "Comma-separated host names (no port) that requests may carry in their `Host` header, besides "
+                "`localhost`, `127.0.0.1` and `[::1]`; any other is refused with 403 (against DNS rebinding). "
+                "Checked on a loopback bind always, on any other bind only when this is set."
+            ),
+        ),
+    ] = ""
+    cors_origins: Annotated[
+        str,
+        Meta(
+            pattern=ORIGIN_LIST,
+            description=(
+                "Comma-separated exact origins (`https://app.example.com`) whose browser pages may call the API "
+                "(CORS, without credentials); empty turns CORS off. No wildcards."
+            ),
+        ),
+    ] = ""
+    tls_cert: Annotated[
+        str, Meta(description="A PEM certificate (chain) file: serve HTTPS instead of HTTP. Needs `LOCOPILOT_TLS_KEY`.")
+    ] = ""
+    tls_key: Annotated[str, Meta(description="The PEM private key file for `LOCOPILOT_TLS_CERT`.")] = ""
     log_level: Annotated[LogLevel, Meta(description="One of debug, info, warning, error.")] = "info"
     log_retention_days: Annotated[
         int,
@@ -278,6 +318,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def db_path(self) -> Path:
         return self.data_path / "locopilot.db"
 
+    @property
+    def allowed_host_names(self) -> frozenset[str]:
+        """``LOCOPILOT_ALLOWED_HOSTS`` as lower-case names (IPv6 literals keep their brackets)."""
+        return frozenset(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
     def effective_threads(self) -> int:
         return self.threads or max(1, os.cpu_count() or 1)
 
@@ -336,6 +385,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise _settings_error(exc) from exc
+    _check_tls(settings)
     data_dir = settings.data_dir or default_data_dir(environ)
     models_dir = settings.models_dir or str(Path(data_dir) / "models")
     return msgspec.structs.replace(
@@ -345,6 +395,15 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         upstream_configs=_upstream_configs(settings, environ),
         admin_secret=_admin_secret(settings),
     )
+
+
+def _check_tls(settings: Settings) -> None:
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        variable = "LOCOPILOT_TLS_KEY" if settings.tls_cert else "LOCOPILOT_TLS_CERT"
+        raise SettingsError(variable, "set both LOCOPILOT_TLS_CERT and LOCOPILOT_TLS_KEY, or neither")
+    for variable, value in (("LOCOPILOT_TLS_CERT", settings.tls_cert), ("LOCOPILOT_TLS_KEY", settings.tls_key)):
+        if value and not Path(value).expanduser().is_file():
+            raise SettingsError(variable, f"{value} is not a readable file")
 
 
 MIN_ADMIN_KEY_LENGTH = 16

@@ -99,12 +99,24 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
-def message_text(index: int, message: ChatMessage) -> str:
+def check_text_size(text: str, limit: int, param: str) -> str:
+    """``text`` if its UTF-8 form fits in ``limit`` bytes (LOCOPILOT_MAX_MESSAGE_BYTES), else InvalidRequest."""
+    # Four bytes per character at most: most texts are cleared without encoding them.
+    if len(text) * 4 > limit and len(text.encode(errors="surrogatepass")) > limit:
+        raise InvalidRequest(
+            f"{param} is longer than {limit} bytes (LOCOPILOT_MAX_MESSAGE_BYTES).",
+            param=param,
+            code="string_above_max_length",
+        )
+    return text
+
+
+def message_text(index: int, message: ChatMessage, limit: int) -> str:
     match message.content:
         case None:
             return ""
         case str(text):
-            return text
+            return check_text_size(text, limit, f"messages[{index}].content")
         case parts:
             texts: list[str] = []
             for part in parts:
@@ -115,38 +127,44 @@ def message_text(index: int, message: ChatMessage) -> str:
                         param=f"messages[{index}].content",
                     )
                 texts.append(part.text)
-            return "\n".join(texts)
+            return check_text_size("\n".join(texts), limit, f"messages[{index}].content")
 
 
 SCHEMA_COUNT_KEYS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
 MAX_SCHEMA_COUNT = 4096
 MAX_SCHEMA_BYTES = 64 * 1024
+MAX_SCHEMA_DEPTH = 48  # JSON nesting levels: an object property is two (its object, properties)
 
 
 def check_schema_bounds(schema: dict[str, object]) -> None:
     """Refuse schemas whose grammar would be huge: a ``minLength`` of 10^8 is a 500 MB grammar."""
     if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
         raise InvalidRequest(f"json_schema is larger than {MAX_SCHEMA_BYTES} bytes.", param="response_format")
-    stack: list[object] = [schema]
+    stack: list[tuple[object, int]] = [(schema, 1)]
     while stack:
-        node = stack.pop()
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise InvalidRequest(
+                f"json_schema is nested more than {MAX_SCHEMA_DEPTH} levels deep.", param="response_format"
+            )
         if isinstance(node, dict):
             for key, value in node.items():
                 if key in SCHEMA_COUNT_KEYS and isinstance(value, int | float) and value > MAX_SCHEMA_COUNT:
                     raise InvalidRequest(
                         f"json_schema {key} of {value} exceeds {MAX_SCHEMA_COUNT}.", param="response_format"
                     )
-                stack.append(value)
+                stack.append((value, depth + 1))
         elif isinstance(node, list):
-            stack.extend(node)
+            stack.extend((value, depth + 1) for value in node)
 
 
-def chat_generation(body: ChatCompletionRequest, model: str) -> GenerationRequest:
+def chat_generation(body: ChatCompletionRequest, model: str, max_text: int) -> GenerationRequest:
+    """The generation ``body`` asks for; ``max_text`` bounds each message's text in bytes."""
     check_common(body)
     if body.tools:
         raise InvalidRequest("tools are not supported yet.", param="tools")
     messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": message_text(i, m)}
+        {"role": "system" if m.role == "developer" else m.role, "content": message_text(i, m, max_text)}
         for i, m in enumerate(body.messages)
     ]
     json_schema = None
@@ -173,7 +191,8 @@ def chat_generation(body: ChatCompletionRequest, model: str) -> GenerationReques
     )
 
 
-def completion_generation(body: CompletionRequest, model: str) -> GenerationRequest:
+def completion_generation(body: CompletionRequest, model: str, max_text: int) -> GenerationRequest:
+    """The generation ``body`` asks for; ``max_text`` bounds the prompt in bytes."""
     check_common(body)
     match body.prompt:
         case str(text):
@@ -184,6 +203,7 @@ def completion_generation(body: CompletionRequest, model: str) -> GenerationRequ
             raise InvalidRequest("Only one prompt per request is supported.", param="prompt")
         case _:
             raise InvalidRequest("prompt must be a string; token arrays are not supported.", param="prompt")
+    check_text_size(prompt, max_text, "prompt")
     if body.suffix:
         raise InvalidRequest("suffix (fill-in-the-middle) is not supported.", param="suffix")
     if body.best_of not in (None, 1):
@@ -284,9 +304,9 @@ async def serve_generation(
     with services.recorder.recording(outcome):
         admission = outcome.admission = services.limiter.admit(principal)
         if isinstance(body, ChatCompletionRequest):
-            generation = chat_generation(body, body.model)
+            generation = chat_generation(body, body.model, services.settings.max_message_bytes)
         else:
-            generation = completion_generation(body, body.model)
+            generation = completion_generation(body, body.model, services.settings.max_message_bytes)
         policy = privacy_of(request, services.settings.routing_privacy)
         plan = await services.auth.plan(request, services.router, body.model, policy)
         outcome.routing = plan.decision
@@ -337,7 +357,7 @@ async def completions(
     return await serve_generation(services, request, data)
 
 
-def embedding_inputs(body: EmbeddingRequest) -> list[str]:
+def embedding_inputs(body: EmbeddingRequest, max_text: int) -> list[str]:
     inputs = [body.input] if isinstance(body.input, str) else body.input
     if not inputs:
         raise InvalidRequest("input must not be empty.", param="input")
@@ -349,7 +369,7 @@ def embedding_inputs(body: EmbeddingRequest) -> list[str]:
             raise InvalidRequest("input must be strings; token arrays are not supported.", param="input")
         if not item:
             raise InvalidRequest(f"input[{index}] is an empty string.", param="input")
-        texts.append(item)
+        texts.append(check_text_size(item, max_text, f"input[{index}]"))
     if body.dimensions is not None:
         raise InvalidRequest("dimensions is not supported.", param="dimensions")
     return texts
@@ -362,7 +382,7 @@ async def embeddings(data: EmbeddingRequest, services: Services, request: Reques
     outcome = Outcome(request_id, "embeddings", data.model, key_id=principal.key_id)
     with services.recorder.recording(outcome):
         admission = outcome.admission = services.limiter.admit(principal)
-        inputs = embedding_inputs(data)
+        inputs = embedding_inputs(data, services.settings.max_message_bytes)
         policy = privacy_of(request, services.settings.routing_privacy)
         plan = await services.auth.plan(request, services.router, data.model, policy)
         outcome.routing = plan.decision

@@ -1,8 +1,11 @@
 """OpenAI wire types.
 
 Requests are tolerant of fields we do not know (clients send many) and strict
-about the ones we act on: ranges and types are checked while decoding, before
-any work. Responses are encoded as they are defined here.
+about the ones we act on: ranges, sizes and types are checked while decoding,
+before any work. Limits that are settings (the text of one message) are checked
+by the handlers, and fields that would redirect a request (``api_base``…) are
+refused before decoding (:mod:`locopilot.gateway.hygiene`). Responses are
+encoded as they are defined here.
 """
 
 from __future__ import annotations
@@ -15,8 +18,14 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
-TokenCount = Annotated[int, Meta(ge=1, le=1_048_576)]
-StopStrings = str | Annotated[list[Annotated[str, Meta(max_length=512)]], Meta(max_length=16)]
+TokenCount = Annotated[int, Meta(ge=1, le=65_536)]
+# OpenAI allows 4 stop strings; chat clients that stop on every template marker send more.
+MAX_STOP_STRINGS = 16
+StopString = Annotated[str, Meta(max_length=512)]
+StopStrings = StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS)]
+MAX_MESSAGES = 500
+MAX_LOGIT_BIAS = 300
+ShortText = Annotated[str, Meta(max_length=256)]
 
 
 # Requests
@@ -40,7 +49,7 @@ ContentPart = TextPart | ImageUrlPart | InputAudioPart
 class ChatMessage(Struct):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: ShortText | None = None
 
 
 class StreamOptions(Struct):
@@ -76,19 +85,21 @@ class SamplingFields(Struct, kw_only=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repeat_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
-    logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: (
+        Annotated[dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]], Meta(max_length=MAX_LOGIT_BIAS)] | None
+    ) = None
     n: Annotated[int, Meta(ge=1, le=128)] = 1
-    logprobs: bool | int | None = None
-    user: str | None = None
+    logprobs: bool | Annotated[int, Meta(ge=0, le=20)] | None = None
+    user: ShortText | None = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
-    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: TokenCount | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, object]] | None = None
     tool_choice: str | dict[str, object] | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -96,15 +107,15 @@ class CompletionRequest(SamplingFields, kw_only=True):
     prompt: str | list[str | int | list[int]]
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Annotated[int, Meta(ge=1, le=128)] | None = None
 
 
 class EmbeddingRequest(Struct, kw_only=True):
     model: Annotated[str, Meta(min_length=1, max_length=256)]
     input: str | list[str | int | list[int]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
-    user: str | None = None
+    dimensions: Annotated[int, Meta(ge=1, le=65_536)] | None = None
+    user: ShortText | None = None
 
 
 # Responses

@@ -1,0 +1,165 @@
+"""Input and network hygiene that runs before authentication: the Host allowlist, CORS, body screening.
+
+:class:`HostCheckMiddleware` refuses (403, ``host_not_allowed``) a ``Host`` header that is not
+``localhost``, ``127.0.0.1``, ``[::1]``, the bind address or a name in ``LOCOPILOT_ALLOWED_HOSTS``.
+A page on ``evil.example`` whose name an attacker re-points at 127.0.0.1 (DNS rebinding) still
+sends ``Host: evil.example``, so it never reaches a route. The check runs on a loopback bind
+always, and on any other bind only when ``LOCOPILOT_ALLOWED_HOSTS`` is set: an exposed server
+needs API keys anyway, and its operator is the one who knows the names clients use. A request
+with no Host header (HTTP/1.0) is let through: browsers always send one.
+
+:func:`cors_config` is None (no CORS headers at all) unless ``LOCOPILOT_CORS_ORIGINS`` names exact
+origins; credentials are never allowed, so a wildcard could not leak a cookie-authenticated answer
+either way, and the settings refuse ``*``.
+
+:class:`BodyScreenMiddleware` reads an inference request's body before it is decoded and refuses
+(400) JSON nested deeper than :data:`MAX_JSON_DEPTH` (msgspec would recurse into it) and any
+object key in :data:`REDIRECT_FIELDS`, at any depth: a request must not choose where it is sent
+or with which upstream key. The subtree under ``response_format`` is exempt (its keys are the
+caller's JSON-schema property names), and so are ``logit_bias``'s token ids.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import msgspec
+from litestar import Request
+from litestar.config.cors import CORSConfig
+from litestar.datastructures import Headers
+from litestar.enums import ScopeType
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from locopilot.errors import Forbidden, InvalidRequest
+from locopilot.settings import Settings
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+#: Keys that would pick an upstream, its key or its provider type in proxies that honour them (LiteLLM does).
+REDIRECT_FIELDS = frozenset({"api_base", "base_url", "api_url", "api_key", "custom_llm_provider"})
+#: Request bodies are shallow; JSON schemas in ``response_format`` are the deepest part.
+MAX_JSON_DEPTH = 64
+#: Routes whose bodies are screened.
+SCREENED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+#: Top-level fields whose keys are data, not options.
+DATA_FIELDS = frozenset({"response_format", "logit_bias"})
+EXPOSED_HEADERS = ["X-Locopilot-Provider", "X-Locopilot-Model", "X-Request-Id", "Retry-After"]
+
+
+def allowed_hosts(settings: Settings) -> frozenset[str] | None:
+    """The Host names to admit, or None when no Host check applies (see the module docstring)."""
+    from locopilot.gateway.auth import is_loopback
+
+    if not is_loopback(settings.host) and not settings.allowed_hosts.strip():
+        return None
+    names = set(LOOPBACK_NAMES) | settings.allowed_host_names
+    try:
+        address = ipaddress.ip_address(settings.host.strip("[]"))
+    except ValueError:
+        names.add(settings.host.lower())
+    else:
+        if not address.is_unspecified:
+            names.add(f"[{address}]" if address.version == 6 else str(address))
+    return frozenset(names)
+
+
+def host_name(header: str) -> str:
+    """``Host`` without its port, lower case, without a final dot: ``[::1]:8080`` → ``[::1]``."""
+    host = header.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        host = host[: end + 1] if end > 0 else host
+    else:
+        host = host.rpartition(":")[0] if ":" in host else host
+    return host[:-1] if host.endswith(".") else host
+
+
+class HostCheckMiddleware(ASGIMiddleware):
+    """Refuse requests whose Host header names this server by a name it does not answer to."""
+
+    scopes = (ScopeType.HTTP,)
+
+    def __init__(self, settings: Settings) -> None:
+        self.allowed = allowed_hosts(settings)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        if self.allowed is not None:
+            values = Headers.from_scope(scope).getall("host", [])
+            if len(values) > 1 or (values and host_name(values[0]) not in self.allowed):
+                raise Forbidden(
+                    "This server does not answer to that Host name; add it to LOCOPILOT_ALLOWED_HOSTS.",
+                    code="host_not_allowed",
+                )
+        await next_app(scope, receive, send)
+
+
+def cors_config(settings: Settings) -> CORSConfig | None:
+    origins = settings.cors_origin_list
+    if not origins:
+        return None
+    return CORSConfig(
+        allow_origins=origins,
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+        allow_credentials=False,
+        expose_headers=EXPOSED_HEADERS,
+        max_age=600,
+    )
+
+
+def screen(body: bytes) -> None:
+    """Refuse a body nested too deeply or naming a redirect field (see the module docstring).
+
+    The common body is cleared by byte counts alone; only one with many brackets, an escaped
+    character or a redirect field's name in it is decoded here (and again by the handler).
+
+    Raises:
+        InvalidRequest: the body is nested deeper than :data:`MAX_JSON_DEPTH` or names a redirect field.
+    """
+    brackets = body.count(b"[") + body.count(b"{")
+    named = b"\\u" in body or any(name.encode() in body for name in REDIRECT_FIELDS)
+    if brackets <= MAX_JSON_DEPTH and not named:
+        return
+    try:
+        value = msgspec.json.decode(body)
+    except RecursionError:
+        raise too_deep() from None
+    except msgspec.DecodeError:
+        return  # not JSON: the handler's decoder says so
+    top: list[tuple[Any, int, bool]] = [(value, 1, True)]
+    while top:
+        node, depth, is_root = top.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise too_deep()
+        if isinstance(node, dict):
+            for key, child in node.items():
+                if key in REDIRECT_FIELDS:
+                    raise InvalidRequest(
+                        f"'{key}' may not be set in a request: upstreams are chosen by the server's configuration.",
+                        param=key,
+                        code="forbidden_field",
+                    )
+                if not (is_root and key in DATA_FIELDS):
+                    top.append((child, depth + 1, False))
+        elif isinstance(node, list):
+            top.extend((child, depth + 1, False) for child in node)
+
+
+def too_deep() -> InvalidRequest:
+    return InvalidRequest(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.", code="too_deep")
+
+
+class BodyScreenMiddleware(ASGIMiddleware):
+    """Screen inference request bodies (see :func:`screen`) before anything decodes them.
+
+    The body is read through Litestar's Request, which keeps it for the handler and enforces
+    ``LOCOPILOT_MAX_BODY_BYTES`` (413) while reading.
+    """
+
+    scopes = (ScopeType.HTTP,)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        if scope["method"] == "POST" and scope["path"] in SCREENED_PATHS:  # type: ignore[typeddict-item]
+            body = await Request[Any, Any, Any](scope, receive).body()
+            screen(body)
+        await next_app(scope, receive, send)
