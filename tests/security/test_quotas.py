@@ -263,7 +263,7 @@ def test_fifty_at_once_admit_exactly_the_rpm(limited: Server, upstream: FaultUps
 
 
 def test_tokens_per_minute_with_the_openai_client(limited: Server) -> None:
-    tpm = 10
+    tpm = 4  # a completion leaves 12 tokens of debt: three minutes to refill
     key = create_key(limited, name="tokens", tpm=tpm)
     client = openai_client(limited, key.secret)
     first = client.chat.completions.with_raw_response.create(
@@ -298,7 +298,7 @@ def test_streamed_tokens_are_charged_too(limited: Server) -> None:
         model="fault-small", messages=[{"role": "user", "content": "hi"}], stream=True
     ) as response:
         assert response.headers["x-ratelimit-limit-tokens"] == "5"
-        assert response.headers["x-ratelimit-remaining-requests"] == str(DEFAULT_RPM - 1)
+        assert int(response.headers["x-ratelimit-remaining-requests"]) < DEFAULT_RPM
         text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices)
     assert text == "".join(FaultUpstream.WORDS)
     with pytest.raises(openai.RateLimitError) as refused:
@@ -309,8 +309,8 @@ def test_streamed_tokens_are_charged_too(limited: Server) -> None:
 def test_embedding_tokens_are_charged(limited: Server) -> None:
     key = create_key(limited, name="embedder", tpm=5)
     client = openai_client(limited, key.secret)
-    used = client.embeddings.create(model="fault-small", input="one two three four five six seven")
-    assert used.usage.prompt_tokens == 7
+    used = client.embeddings.create(model="fault-small", input=" ".join(["word"] * 20))
+    assert used.usage.prompt_tokens == 20
     with pytest.raises(openai.RateLimitError) as refused:
         client.embeddings.create(model="fault-small", input="again")
     assert refused.value.type == "tokens"
@@ -318,13 +318,16 @@ def test_embedding_tokens_are_charged(limited: Server) -> None:
 
 def test_default_rpm_applies_to_keys_and_not_to_the_admin(limited: Server, upstream: FaultUpstream) -> None:
     key = create_key(limited, name="defaulted")
+    started = time.monotonic()
     statuses = [
         httpx.post(f"{limited.url}/v1/chat/completions", json=CHAT, headers=key.headers, timeout=60).status_code
         for _ in range(DEFAULT_RPM + 2)
     ]
-    # Each request takes well under the 20 s the bucket needs to earn one back... unless the machine stalls.
+    earned = math.floor((time.monotonic() - started) * DEFAULT_RPM / 60)  # one every 20 s
     assert statuses[:DEFAULT_RPM] == [200] * DEFAULT_RPM
-    assert 429 in statuses[DEFAULT_RPM:]
+    assert set(statuses) <= {200, 429}
+    assert statuses.count(200) <= DEFAULT_RPM + earned
+    assert 429 in statuses or earned >= 2
     for _ in range(DEFAULT_RPM * 4):
         response = httpx.post(f"{limited.url}/v1/chat/completions", json=CHAT, headers=ADMIN, timeout=60)
         assert response.status_code == 200, response.text
