@@ -95,32 +95,6 @@ async def test_chat_stream_is_text_then_one_finish_with_upstream_usage(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("completion", [False, True])
-async def test_a_reply_the_client_waits_for_is_asked_for_whole(
-    provider: OpenAICompatProvider, upstream: FaultUpstream, completion: bool
-) -> None:
-    request = (
-        GenerationRequest(model="fault-small", prompt="Say hello.", stream=False) if completion else chat(stream=False)
-    )
-    assert await collect(provider, request) == [said(), Finish("stop", FaultUpstream.PROMPT_TOKENS, WORDS)]
-    body = upstream.requests[0].body
-    assert body["stream"] is False
-    assert "stream_options" not in body
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize(("mode", "retryable"), [("status_500", True), ("refuse", True), ("status_403", False)])
-async def test_a_whole_reply_fails_like_a_stream_before_its_first_byte(
-    provider: OpenAICompatProvider, upstream: FaultUpstream, mode: str, retryable: bool
-) -> None:
-    upstream.mode = mode
-    events, raised = await collect_until_error(provider, chat(stream=False))
-    assert events == []
-    assert type(raised) is UpstreamError
-    assert raised.retryable is retryable
-
-
-@pytest.mark.anyio
 async def test_chat_fields_are_mapped_and_unset_ones_omitted(
     provider: OpenAICompatProvider, upstream: FaultUpstream
 ) -> None:

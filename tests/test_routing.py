@@ -219,10 +219,12 @@ def test_failover_on_connection_faults(
     tmp_path_factory: pytest.TempPathFactory, peer: Server, flaky: FaultUpstream, mode: str
 ) -> None:
     flaky.mode = mode
+    # The peer's model loaded beforehand: a cold load on a busy machine can outlast the timeout.
+    peer.client().chat.completions.create(model=SMOL, messages=QUESTION, max_tokens=1)
     front = front_server(
         tmp_path_factory,
         flaky_before_peer(flaky, peer),
-        LOCOPILOT_UPSTREAM_TIMEOUT="2",
+        LOCOPILOT_UPSTREAM_TIMEOUT="5",
     )
     try:
         assert served_by(front, SMOL)[0] == "peer"

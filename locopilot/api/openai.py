@@ -187,7 +187,6 @@ def chat_generation(body: ChatCompletionRequest, model: str, max_text: int) -> G
         stop=stop_list(body.stop),
         json_schema=json_schema,
         sampling=sampling_params(body),
-        stream=body.stream,
     )
 
 
@@ -215,7 +214,6 @@ def completion_generation(body: CompletionRequest, model: str, max_text: int) ->
         stop=stop_list(body.stop),
         echo=body.echo,
         sampling=sampling_params(body),
-        stream=body.stream,
     )
 
 

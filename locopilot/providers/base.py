@@ -37,9 +37,6 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     grammar: str | None = None
     json_schema: str | None = None
     sampling: SamplingParams = SamplingParams()
-    stream: bool = True
-    """False when the client waits for the whole reply: a provider may then ask its upstream
-    for it in one piece (some servers, llama_cpp.server among them, count usage only then)."""
 
 
 class TextDelta(msgspec.Struct, frozen=True):

@@ -1,9 +1,11 @@
 """The openai provider: any OpenAI-compatible server (llama-server, vLLM, LM Studio, a cloud, another locopilot).
 
-A generation the client streams is streamed upstream (``"stream": true`` with
-usage requested) and forwarded as each network read brings it; one the client
-waits for whole is asked for whole (servers such as llama_cpp.server send no
-usage in streams) and becomes one text delta and the finish. Errors:
+Generation always streams upstream (``"stream": true`` with usage requested),
+also when the client waits for the whole reply: the upstream timeout then bounds
+the wait for each chunk, not for the whole answer, so a long generation on a
+slow upstream is not cut off. Text is forwarded as each network read brings it.
+A server that sends no usage in streams (llama_cpp.server) leaves the prompt
+uncounted. Errors:
 
     before the first TextDelta
       connect error, timeout, broken connection   UpstreamError(retryable=True)
@@ -90,24 +92,6 @@ class _Chunk(msgspec.Struct):
     error: _ErrorDetail | str | None = None
 
 
-class _Message(msgspec.Struct):
-    content: str | None = None
-
-
-class _ReplyChoice(msgspec.Struct):
-    index: int = 0
-    message: _Message | None = None
-    text: str | None = None
-    finish_reason: str | None = None
-
-
-class _Reply(msgspec.Struct):
-    """A whole chat or text completion."""
-
-    choices: list[_ReplyChoice] = []
-    usage: _Usage | None = None
-
-
 class _Embedding(msgspec.Struct):
     embedding: list[float]
     index: int | None = None
@@ -130,7 +114,6 @@ _encoder = msgspec.json.Encoder()
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
 _error_body_decoder = msgspec.json.Decoder(_ErrorBody)
 _error_detail_decoder = msgspec.json.Decoder(_ErrorDetail)
-_reply_decoder = msgspec.json.Decoder(_Reply)
 _embeddings_decoder = msgspec.json.Decoder(_Embeddings)
 _models_decoder = msgspec.json.Decoder(_Models)
 _any_decoder = msgspec.json.Decoder()
@@ -186,18 +169,8 @@ class OpenAICompatProvider:
         await self._client.aclose()
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
-        """Stream one generation; closing the generator closes the upstream response.
-
-        A request whose client waits for the whole reply asks the upstream for it whole,
-        and yields its text as one delta.
-        """
+        """Stream one generation; closing the generator closes the upstream response."""
         path, body, param = generation_body(request)
-        if not request.stream:
-            for whole in self._whole_reply(
-                await self._call("POST", path, body, param), chat=request.messages is not None
-            ):
-                yield whole
-            return
         reader = _ChunkReader(self.name, chat=request.messages is not None, param=param)
         try:
             async with self._client.stream("POST", path, content=_encoder.encode(body), headers=_SSE) as response:
@@ -254,20 +227,7 @@ class OpenAICompatProvider:
         except msgspec.DecodeError as exc:
             raise self._malformed("model list") from exc
 
-    def _whole_reply(self, content: bytes, *, chat: bool) -> list[StreamEvent]:
-        try:
-            reply = _reply_decoder.decode(content)
-        except msgspec.DecodeError as exc:
-            raise self._malformed("reply") from exc
-        first = next((choice for choice in reply.choices if choice.index == 0), None)
-        if first is None:
-            raise self._malformed("reply (no choices)")
-        text = (first.message.content if first.message else None) if chat else first.text
-        usage = reply.usage or _Usage(0, 1 if text else 0)
-        finish = Finish(first.finish_reason or "stop", usage.prompt_tokens, usage.completion_tokens)
-        return [TextDelta(text, usage.completion_tokens), finish] if text else [finish]
-
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None, param: str = "input") -> bytes:
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None) -> bytes:
         """The body of a 2xx answer to a non-streaming request; anything else raises."""
         try:
             if body is None:
@@ -277,7 +237,7 @@ class OpenAICompatProvider:
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, started=False) from exc
         if not response.is_success:
-            raise self._status_error(response.status_code, response.headers, response.content, param)
+            raise self._status_error(response.status_code, response.headers, response.content, "input")
         return response.content
 
     def _transport_error(self, exc: httpx.HTTPError, *, started: bool) -> UpstreamError:
@@ -324,9 +284,8 @@ def generation_body(request: GenerationRequest) -> tuple[str, dict[str, Any], st
             body["echo"] = True
     else:
         raise InvalidRequest("a generation needs a prompt or messages")
-    body["stream"] = request.stream
-    if request.stream:
-        body["stream_options"] = {"include_usage": True}
+    body["stream"] = True
+    body["stream_options"] = {"include_usage": True}
     if request.max_tokens is not None:
         body["max_tokens"] = request.max_tokens
     if request.stop:
