@@ -71,3 +71,25 @@ def test_raise_exception_in_a_template_is_a_template_error() -> None:
 def test_a_template_that_does_not_compile() -> None:
     with pytest.raises(TemplateError, match="does not compile"):
         TemplateRenderer(ChatTemplate("gguf", "{% for %}"))
+
+
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "steps"),
+        ("{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}", "steps"),
+        ("{{ 'x' * 10**9 }}", "value over"),
+        ("{{ [1] * 10**9 }}", "value over"),
+        ("{{ 10 ** 100000000 }}", "power over"),
+    ],
+)
+def test_templates_cannot_exhaust_time_or_memory(source: str, fragment: str) -> None:
+    renderer = TemplateRenderer(ChatTemplate("gguf", source))
+    with pytest.raises(TemplateError, match=fragment):
+        renderer.render([{"role": "user", "content": "hi"}])
+
+
+def test_the_limits_leave_a_long_chat_alone() -> None:
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(500)]
+    prompt = TemplateRenderer(choose_template({})).render(messages)
+    assert "turn 499" in prompt

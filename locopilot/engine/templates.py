@@ -4,13 +4,19 @@ A GGUF's own ``tokenizer.chat_template`` wins. A model without one gets a
 fallback chosen by architecture (Gemma's turn format for ``gemma*``), else
 ChatML. The choice is a plain value so ``/v1/models/{id}`` can show it without
 loading the model. Templates run in Jinja's ImmutableSandboxedEnvironment:
-a template from a downloaded file may not reach Python internals.
+a template from a downloaded file may not reach Python internals. The sandbox
+does not bound work, so a render is also limited: ``*`` and ``**`` may not
+build values larger than :data:`MAX_VALUE_SIZE`, and a render that runs more
+than :data:`MAX_RENDER_STEPS` template lines (nested loops) fails.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import operator
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from types import FrameType
 from typing import Any
 
 import jinja2
@@ -58,6 +64,57 @@ class TemplateError(ValueError):
     """The template failed to render (a bug in the template, or messages it rejects)."""
 
 
+MAX_VALUE_SIZE = 1 << 20
+"""Characters or items a template's ``*`` may produce; ``**`` exponents are capped likewise small."""
+MAX_EXPONENT = 256
+MAX_RENDER_STEPS = 2_000_000
+"""Template lines a render may run; real chat templates run a few hundred per message."""
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+        if op == "*":
+            for sized, count in ((left, right), (right, left)):
+                sequence = isinstance(sized, str | list | tuple) and isinstance(count, int)
+                if sequence and len(sized) * max(count, 0) > MAX_VALUE_SIZE:
+                    raise TemplateError(f"chat template builds a value over {MAX_VALUE_SIZE} long")
+            return operator.mul(left, right)
+        if op == "**":
+            if isinstance(right, int) and abs(right) > MAX_EXPONENT:
+                raise TemplateError(f"chat template raises to a power over {MAX_EXPONENT}")
+            return operator.pow(left, right)
+        return super().call_binop(context, op, left, right)
+
+
+def _bounded(render: Callable[[], str]) -> str:
+    """``render()``, stopped with TemplateError after MAX_RENDER_STEPS lines of template code.
+
+    Template code compiled by Jinja has the file name ``<template>``; only its
+    lines are counted, so the cost falls on templates alone.
+    """
+    steps = 0
+
+    def in_template(frame: FrameType, event: str, _arg: Any) -> Any:
+        nonlocal steps
+        if event == "line":
+            steps += 1
+            if steps > MAX_RENDER_STEPS:
+                raise TemplateError(f"chat template ran over {MAX_RENDER_STEPS} steps")
+        return in_template
+
+    def on_call(frame: FrameType, _event: str, _arg: Any) -> Any:
+        return in_template if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        return render()
+    finally:
+        sys.settrace(previous)
+
+
 def choose_template(metadata: Mapping[str, Any]) -> ChatTemplate:
     own = metadata.get("tokenizer.chat_template")
     if isinstance(own, str) and own.strip():
@@ -80,7 +137,7 @@ class TemplateRenderer:
     """Compiles one template once; :meth:`render` turns messages into a prompt."""
 
     def __init__(self, template: ChatTemplate, *, bos_token: str = "", eos_token: str = "") -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
+        env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
         self.template = template
@@ -99,12 +156,14 @@ class TemplateRenderer:
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
         try:
-            return self._compiled.render(
-                messages=list(messages),
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-                tools=tools,
+            return _bounded(
+                lambda: self._compiled.render(
+                    messages=list(messages),
+                    add_generation_prompt=add_generation_prompt,
+                    bos_token=self.bos_token,
+                    eos_token=self.eos_token,
+                    tools=tools,
+                )
             )
         except TemplateError:
             raise
