@@ -47,17 +47,8 @@ LONG_TURN = (
     "hundred and twelve steps to light the lamp. "
 ) * 12
 
-# llama_cpp.server with ggml's backends registered first (this build uses GGML_BACKEND_DL).
-BOOTSTRAP = """
-import ctypes, pathlib, re, runpy
-import llama_cpp
-lib = pathlib.Path(llama_cpp.__file__).parent / "lib"
-name = min(p.name for p in lib.iterdir() if re.match(r"^libggml\\.(so\\.\\d+|\\d+\\.dylib)$", p.name))
-ggml = ctypes.CDLL(str(lib / name))
-ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-ggml.ggml_backend_load_all_from_path(str(lib).encode())
-runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
-"""
+LAUNCHER = ROOT / "bench" / "llama_cpp_server.py"
+"""llama_cpp.server with ggml's backends loaded first (this build uses GGML_BACKEND_DL)."""
 
 
 @dataclass
@@ -118,7 +109,7 @@ def start_llama_cpp_server(model: Path, threads: int) -> tuple[subprocess.Popen[
         "--interrupt_requests", "False", "--verbose", "False",
     ]  # fmt: skip
     process = subprocess.Popen(
-        [sys.executable, "-c", BOOTSTRAP, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, str(LAUNCHER), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     url = f"http://127.0.0.1:{port}"
     wait_ready(process, f"{url}/v1/models")

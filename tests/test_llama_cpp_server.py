@@ -32,22 +32,8 @@ QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Which
 STORY: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story about a lighthouse keeper."}]
 PROMPT = "The capital of France is"
 
-# This project's llama-cpp-python is built with GGML_BACKEND_DL, so ggml's CPU
-# backend is a separate library that nothing loads unless asked; llama_cpp.server
-# does not ask, and fails with "Failed to load model from file". Register the
-# backends the way locopilot's runner does, without importing locopilot, then
-# hand over to the server's own __main__ with the command-line arguments intact.
-BOOTSTRAP = """
-import ctypes, pathlib, re, runpy
-import llama_cpp
-lib = pathlib.Path(llama_cpp.__file__).parent / "lib"
-# libllama links the versioned libggml; backends registered in another copy stay invisible to it.
-name = min(p.name for p in lib.iterdir() if re.match(r"^libggml\\.(so\\.\\d+|\\d+\\.dylib)$", p.name))
-ggml = ctypes.CDLL(str(lib / name))
-ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-ggml.ggml_backend_load_all_from_path(str(lib).encode())
-runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
-"""
+LAUNCHER = Path(__file__).resolve().parents[1] / "bench" / "llama_cpp_server.py"
+"""llama_cpp.server with ggml's backends loaded first (this build uses GGML_BACKEND_DL)."""
 
 
 class LlamaCppServer:
@@ -79,7 +65,7 @@ class LlamaCppServer:
     def start(self, timeout: float = 120) -> LlamaCppServer:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", BOOTSTRAP, *self.args],
+                [sys.executable, str(LAUNCHER), *self.args],
                 env={k: v for k, v in os.environ.items() if not k.startswith("LOCOPILOT_")},
                 stdout=log,
                 stderr=subprocess.STDOUT,
