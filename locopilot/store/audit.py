@@ -15,7 +15,6 @@ Events:
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import Future
 from typing import Any
 
@@ -23,8 +22,6 @@ import apsw
 import msgspec
 
 from locopilot.store.db import Database
-
-_log = logging.getLogger(__name__)
 
 #: Paths are the client's to choose; a row keeps this much of one.
 MAX_PATH = 512
@@ -56,21 +53,7 @@ def record(db: Database, event: AuditEvent) -> Future[int]:
     params = msgspec.structs.asdict(event)
     params["path"] = None if event.path is None else event.path[:MAX_PATH]
     params["detail"] = None if event.detail is None else msgspec.json.encode(event.detail).decode()
-    # Column names come from the struct's fields, never from input.
-    sql = f"INSERT INTO audit_events ({_COLUMNS}) VALUES ({', '.join(':' + n for n in params)})"  # noqa: S608
-
-    def insert(conn: apsw.Connection) -> int:
-        conn.execute(sql, params)
-        return conn.last_insert_rowid()
-
-    future = db.submit(insert)
-    future.add_done_callback(_report_failure)
-    return future
-
-
-def _report_failure(future: Future[int]) -> None:
-    if not future.cancelled() and (exc := future.exception()) is not None:
-        _log.error("could not record an audit event: %s", exc)
+    return db.insert("audit_events", params, "an audit event")
 
 
 def recent(db: Database, *, limit: int = 100, event: str | None = None) -> list[AuditEvent]:

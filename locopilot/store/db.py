@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import queue
 import stat
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
 import apsw
+
+_log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -225,6 +228,27 @@ class Database:
             return conn.changes()
 
         return self.submit(run)
+
+    def insert(self, table: str, row: dict[str, Any], what: str) -> Future[int]:
+        """Queue one INSERT of ``row`` (column name → value) into ``table``; the future holds the new row id.
+
+        ``table`` and the column names must be the caller's constants, never input.
+        A failed insert is also logged ("could not record {what}"), so a caller that
+        drops the future never loses a row silently.
+        """
+        sql = f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join(':' + name for name in row)})"  # noqa: S608
+
+        def run(conn: apsw.Connection) -> int:
+            conn.execute(sql, row)
+            return conn.last_insert_rowid()
+
+        def report(future: Future[int]) -> None:
+            if not future.cancelled() and (exc := future.exception()) is not None:
+                _log.error("could not record %s: %s", what, exc, exc_info=exc)
+
+        future = self.submit(run)
+        future.add_done_callback(report)
+        return future
 
     async def asubmit(self, fn: Callable[[apsw.Connection], T]) -> T:
         """:meth:`submit` and await the result on the running asyncio loop.

@@ -6,7 +6,6 @@ calling thread (run them in a worker thread from async code).
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import Future
 from typing import Literal
 
@@ -14,8 +13,6 @@ import apsw
 import msgspec
 
 from locopilot.store.db import Database
-
-_log = logging.getLogger(__name__)
 
 LogStatus = Literal["ok", "error", "cancelled"]
 LOG_STATUSES: tuple[LogStatus, ...] = ("ok", "error", "cancelled")
@@ -55,21 +52,7 @@ def record(db: Database, log: InferenceLog) -> Future[int]:
         StoreError: the database is closed or its writer has stopped (nothing is queued).
     """
     params = msgspec.structs.asdict(log)
-    # Column names come from the struct's fields, never from input.
-    sql = f"INSERT INTO inference_logs ({_columns()}) VALUES ({', '.join(':' + name for name in params)})"  # noqa: S608
-
-    def insert(conn: apsw.Connection) -> int:
-        conn.execute(sql, params)
-        return conn.last_insert_rowid()
-
-    future = db.submit(insert)
-    future.add_done_callback(_report_failure)
-    return future
-
-
-def _report_failure(future: Future[int]) -> None:
-    if not future.cancelled() and (exc := future.exception()) is not None:
-        _log.error("could not record an inference log row: %s", exc, exc_info=exc)
+    return db.insert("inference_logs", params, "an inference log row")
 
 
 def recent(db: Database, *, limit: int = 100, request_id: str | None = None) -> list[InferenceLog]:
