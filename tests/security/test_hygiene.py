@@ -234,12 +234,17 @@ REFUSED_FIELDS = {
 }
 
 
+def work_sent(*upstreams: FaultUpstream) -> int:
+    """Requests the upstreams got other than the health probe's model-list reads, which come on a timer."""
+    return sum(1 for upstream in upstreams for request in upstream.requests if request.method != "GET")
+
+
 @pytest.mark.parametrize("case", REFUSED_FIELDS)
 def test_field_limits(secured: Server, lan: FaultUpstream, case: str) -> None:
     body, param = REFUSED_FIELDS[case]
-    before = len(lan.requests)
+    before = work_sent(lan)
     assert_error(post(secured, "/v1/chat/completions", body), 400, param=param)
-    assert len(lan.requests) == before  # refused before any work
+    assert work_sent(lan) == before  # refused before any work
 
 
 @pytest.mark.parametrize(
@@ -341,10 +346,10 @@ REDIRECTS = {
 
 @pytest.mark.parametrize("case", REDIRECTS)
 def test_redirect_fields_are_refused(secured: Server, lan: FaultUpstream, cloud: FaultUpstream, case: str) -> None:
-    before = len(lan.requests) + len(cloud.requests)
+    before = work_sent(lan, cloud)
     response = post(secured, "/v1/chat/completions", REDIRECTS[case])
     assert_error(response, 400, "forbidden_field")
-    assert len(lan.requests) + len(cloud.requests) == before
+    assert work_sent(lan, cloud) == before
 
 
 def test_escaped_redirect_field_is_refused(secured: Server) -> None:
