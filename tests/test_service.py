@@ -29,6 +29,7 @@ from locopilot.server import SHUTDOWN_GRACE_SECONDS
 from locopilot.service import envfile, launchd, repository_files, systemd
 from locopilot.service.install import ServiceError, Target, check, install_plan
 from locopilot.settings import Settings, describe, load_settings
+from tests.conftest import SMOL, Server
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -434,3 +435,29 @@ def test_install_and_uninstall_launchd_agent(machine: Machine) -> None:
     machine.run("uninstall", "--user", platform="darwin")
     assert not plist_file.exists()
     assert machine.calls() == [["launchctl", "bootout", f"{domain}/com.locopilot"]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_installed_settings_serve_with_the_printed_key(machine: Machine, tmp_path: Path, smollm2_path: Path) -> None:
+    """The README's check: the env file install writes, served, answers curl with the key it printed."""
+    key = printed_key(machine.run("install", "--user"))
+    settings = envfile.parse((machine.home / ".config" / "locopilot" / "locopilot.env").read_text())
+    server = Server(tmp_path / "server", {SMOL: smollm2_path}, env=settings).start(path="/health")
+    try:
+        body = json.dumps({"model": SMOL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hello"}]})
+
+        def curl(*args: str) -> tuple[str, str]:
+            command = ["curl", "-s", "-w", "\n%{http_code}", *args]
+            out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120).stdout
+            text, _, status = out.rpartition("\n")
+            return status, text
+
+        assert curl(f"{server.url}/health")[0] == "200"
+        chat = [f"{server.url}/v1/chat/completions", "-H", "Content-Type: application/json", "-d", body]
+        assert curl(*chat)[0] == "401"  # the admin key turned authentication on
+        status, text = curl(*chat, "-H", f"Authorization: Bearer {key}")
+        assert status == "200", text
+        assert json.loads(text)["choices"][0]["message"]["content"]
+    finally:
+        server.stop()
