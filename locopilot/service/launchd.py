@@ -14,11 +14,11 @@ from locopilot.service.systemd import DEFAULT_EXECUTABLE, STOP_TIMEOUT
 
 LABEL = "com.locopilot"
 
+# An XML comment cannot hold two hyphens in a row: no command-line flags in it.
 _EXAMPLE_COMMENT = f"""<!--
   locopilot as a launchd agent on macOS (runs as the logged-in user).
-  `locopilot service install` with its user flag writes this job with the
-  settings from ~/.config/locopilot/locopilot.env (XML comments cannot hold
-  two hyphens in a row, so no flags are spelled out here); by hand:
+  `locopilot service install`, for your user, writes this job with the
+  settings from ~/.config/locopilot/locopilot.env; by hand:
 
     install -m 0755 locopilot {DEFAULT_EXECUTABLE}
     mkdir -p ~/Library/Logs/locopilot
