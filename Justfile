@@ -56,6 +56,8 @@ build: setup
 smoke: build
     build/smoke_test.sh dist/locopilot
 
-# Regenerate the README's settings table from locopilot/settings.py.
+# Regenerate the README's settings table and the systemd/ files (env example, unit,
+# launchd plist) from locopilot/settings.py and locopilot/service/.
 docs:
     uv run --frozen --no-sync python -c 'import pathlib; from locopilot.settings import with_settings_table as w; p = pathlib.Path("README.md"); p.write_text(w(p.read_text()))'
+    uv run --frozen --no-sync python -c 'import pathlib; from locopilot.service import repository_files as f; [pathlib.Path(p).write_text(t) for p, t in f().items()]'

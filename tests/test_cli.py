@@ -58,12 +58,12 @@ def models_dir(tmp_path: Path) -> Path:
 
 def test_help(env: Env) -> None:
     result = invoke(env, "--help")
-    for command in ("serve", "config", "version", "models", "chat", "doctor"):
+    for command in ("serve", "config", "version", "models", "chat", "doctor", "service"):
         assert re.search(rf"^\W*{command}\b", result.stdout, re.MULTILINE), command
     assert "LOCOPILOT_" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["models", "chat", "doctor", "serve", "config"])
+@pytest.mark.parametrize("command", ["models", "chat", "doctor", "serve", "config", "service"])
 def test_command_help(env: Env, command: str) -> None:
     assert "Usage:" in invoke(env, command, "--help").stdout
 
