@@ -78,6 +78,14 @@ def test_version(env: Env) -> None:
     assert __version__ in invoke(env, "--version").stdout
 
 
+def test_version_shortcut_prints_what_click_prints(env: Env) -> None:
+    # `python -m locopilot --version` answers before the CLI is imported; same words as click's option.
+    shortcut = subprocess.run(
+        [sys.executable, "-m", "locopilot", "--version"], capture_output=True, text=True, check=True
+    )
+    assert shortcut.stdout == invoke(env, "--version").stdout
+
+
 def config_rows(output: str) -> dict[str, str]:
     rows = [line.split(None, 1) for line in output.splitlines() if line.strip().startswith("LOCOPILOT_")]
     return {row[0]: row[1].strip() for row in rows}
