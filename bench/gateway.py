@@ -5,6 +5,9 @@ one process) answers POST /v1/chat/completions as JSON or as SSE. The same load
 goes to three targets in turn:
 
   direct      the upstream itself: the floor every gateway adds to
+  floor       the smallest proxy on locopilot's stack (bench/floor_proxy.py: granian,
+              Litestar, aiohttp; forwards the body, relays the answer, nothing else):
+              what any gateway built on that stack adds before doing any work
   locopilot   ``python -m locopilot serve`` with the upstream as its only provider
   loco-httpx  the same with LOCOPILOT_UPSTREAM_TRANSPORT=httpx: httpx's own transport
               under the upstream client instead of aiohttp (the issue asks for both)
@@ -140,6 +143,14 @@ def started(command: list[str], env: dict[str, str], log: Path) -> Iterator[subp
         yield process
     finally:
         stop(process)
+
+
+def floor_proxy(
+    port: int, upstream_port: int, folder: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    script = ROOT / "bench" / "floor_proxy.py"
+    command = [sys.executable, str(script), "--port", str(port), "--upstream", f"http://127.0.0.1:{upstream_port}"]
+    return started(command, child_env(), folder / "floor.log")
 
 
 def upstream(port: int, chunks: int, folder: Path) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
@@ -285,6 +296,10 @@ def print_goals(rows: list[Row]) -> None:
         if loco and direct and clients[0] == 1:
             added = (loco.quantile(0.5) - direct.quantile(0.5)) * 1e3
             print(f"  {mode}: added p50 at 1 client {added:.2f} ms (goal <= 0.5 ms)")
+            if floor := cells.get(("floor", stream, clients[0])):
+                stack = (floor.quantile(0.5) - direct.quantile(0.5)) * 1e3
+                own = (loco.quantile(0.5) - floor.quantile(0.5)) * 1e3
+                print(f"  {mode}:   of which the stack (floor proxy) {stack:.2f} ms, locopilot's own work {own:.2f} ms")
         rates = [cells[("locopilot", stream, c)].rps for c in clients if ("locopilot", stream, c) in cells]
         rising = all(b >= a * 0.97 for a, b in itertools.pairwise(rates))
         shown = " -> ".join(f"{r:.0f}" for r in rates)
@@ -377,6 +392,12 @@ def run() -> None:
         with upstream(upstream_port, args.chunks, folder) as up:
             wait_ready(up, f"http://127.0.0.1:{upstream_port}/v1/models", 30, folder / "upstream.log")
             measure("direct", up.pid, upstream_port, args, rows)
+
+            port = free_port()
+            with floor_proxy(port, upstream_port, folder) as server:
+                wait_ready(server, f"http://127.0.0.1:{port}/health", 60, folder / "floor.log")
+                check_chat(port, "floor")
+                measure("floor", server.pid, port, args, rows)
 
             for name, transport in LOCOPILOT_TARGETS.items():
                 port = free_port()
