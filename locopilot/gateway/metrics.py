@@ -141,7 +141,7 @@ class RequestMetrics:
         )
         latency = HistogramMetricFamily(
             f"{PREFIX}_request_duration_seconds",
-            "Inference request time, from the handler's start to the last byte of the reply.",
+            "Inference request time, from the handler's start until the reply is complete (or fails).",
             labels=labels,
         )
         first_token = HistogramMetricFamily(
