@@ -25,6 +25,7 @@ from locopilot.engine.scheduler import ModelManager, runner_command, runner_envi
 from locopilot.errors import InvalidRequest, LocopilotError, UpstreamError, error_for_status
 from locopilot.gateway.auth import DOCS_PATH, Authenticator, AuthMiddleware, principal_of
 from locopilot.gateway.hygiene import BodyScreenMiddleware, HostCheckMiddleware, cors_config
+from locopilot.gateway.metrics import Metrics
 from locopilot.gateway.ratelimit import RateLimiter
 from locopilot.gateway.router import ProviderState, Router
 from locopilot.gateway.usage import Outcome, UsageRecorder
@@ -207,16 +208,19 @@ def create_app(settings: Settings) -> Litestar:
                 engine = EngineStatus()
                 authenticator = Authenticator(settings, db, router.states)
                 await announce_access(authenticator)
+                limiter = RateLimiter(settings.max_concurrent_requests, settings.default_rpm, settings.default_tpm)
+                metrics = Metrics(router, manager, limiter, db, lambda: engine.ready)
                 app.state.services = Services(
                     settings=settings,
                     db=db,
                     catalog=catalog,
                     manager=manager,
                     router=router,
-                    recorder=UsageRecorder(db),
+                    recorder=UsageRecorder(db, metrics.requests),
                     engine=engine,
                     auth=authenticator,
-                    limiter=RateLimiter(settings.max_concurrent_requests, settings.default_rpm, settings.default_tpm),
+                    limiter=limiter,
+                    metrics=metrics,
                 )
                 tasks.start_soon(probe_engine, engine, settings)
                 tasks.start_soon(manager.reap_idle)

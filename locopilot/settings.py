@@ -292,6 +292,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     public_models: Annotated[
         bool, Meta(description="Let `GET /v1/models` and `GET /v1/models/{id}` answer without an API key.")
     ] = False
+    metrics_public: Annotated[
+        bool,
+        Meta(
+            description=(
+                "Let `GET /metrics` (Prometheus) answer without an API key; otherwise it needs the `admin` scope. "
+                "It shows model and provider names, traffic and health, never keys or prompts."
+            )
+        ),
+    ] = False
     upstream_transport: Annotated[
         UpstreamTransport,
         Meta(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import anyio
 import msgspec
-from litestar import Response, get
+from litestar import Request, Response, get
 
 from locopilot.api.services import Services
 from locopilot.engine.scheduler import RunnerInfo
@@ -120,4 +121,15 @@ async def engine_stats(services: Services) -> Response[bytes]:
     )
 
 
-ROUTES = [health, engine_health, engine_stats]
+@get("/metrics")
+async def metrics(services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Prometheus metrics (text format, or OpenMetrics when the scraper asks for it). Admin scope,
+    or no key with LOCOPILOT_METRICS_PUBLIC."""
+    # Collected on the event loop: the collectors read state the loop changes, and read nothing slow
+    # (process and runner memory come from small /proc files).
+    body, content_type = services.metrics.exposition(request.headers.get("accept", ""))
+    # As a header, not media_type: Litestar appends a second charset to a text/ media type.
+    return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+
+
+ROUTES = [health, engine_health, engine_stats, metrics]

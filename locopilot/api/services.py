@@ -9,6 +9,7 @@ from litestar.datastructures import State
 
 from locopilot.engine.scheduler import ModelManager
 from locopilot.gateway.auth import Authenticator
+from locopilot.gateway.metrics import Metrics
 from locopilot.gateway.ratelimit import RateLimiter
 from locopilot.gateway.router import Router
 from locopilot.gateway.usage import UsageRecorder
@@ -38,6 +39,7 @@ class Services:
     engine: EngineStatus
     auth: Authenticator
     limiter: RateLimiter
+    metrics: Metrics
     started_at: float = field(default_factory=time.time)
 
 

@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
@@ -333,6 +333,9 @@ class ModelManager:
         # (a model being loaded is not in `runners` yet), and loads share the CPU anyway.
         self._loading = anyio.Lock()
         self._some_idle = anyio.Event()
+        self._died: set[str] = set()
+        self.restarts: Counter[str] = Counter()
+        """Since start, by model: runners started after the model's previous runner died."""
 
     def loaded(self) -> list[str]:
         return [name for name, runner in self.runners.items() if runner.alive]
@@ -366,12 +369,15 @@ class ModelManager:
         async with self._loading:
             runner = self.runners.get(name)
             if runner is not None and not runner.alive:
-                del self.runners[name]
+                self._forget_dead(name)
                 runner = None
             if runner is None:
                 await self._make_room()
                 runner = await RunnerProcess.start(name, path, self.settings, self.clock, self._runner_idle)
                 self.runners[name] = runner
+                if name in self._died:
+                    self._died.discard(name)
+                    self.restarts[name] += 1
                 self.task_group.start_soon(runner.read_loop, name=f"runner-reader:{name}")
             self.runners.move_to_end(name)
             runner.last_used = self.clock()
@@ -394,6 +400,11 @@ class ModelManager:
                     retry_after=5,
                 )
 
+    def _forget_dead(self, name: str) -> None:
+        """Drop a runner that died (an unloaded one has left ``runners`` before it stops)."""
+        del self.runners[name]
+        self._died.add(name)
+
     def _runner_idle(self) -> None:
         self._some_idle.set()
 
@@ -413,7 +424,7 @@ class ModelManager:
             now = self.clock()
             for name, runner in list(self.runners.items()):
                 if not runner.alive and runner.in_flight == 0:
-                    self.runners.pop(name, None)
+                    self._forget_dead(name)
                 elif ttl >= 0 and runner.in_flight == 0 and runner.waiting == 0 and now - runner.last_used > ttl:
                     await self.unload(name)
 

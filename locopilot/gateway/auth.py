@@ -10,8 +10,8 @@ that table needs ``admin``, so a new route is never open by accident. It puts th
 Who gets in:
 
 - ``GET /health`` (``exclude_from_auth``): always, no key looked at.
-- ``GET /v1/models`` and ``GET /v1/models/{id}`` with ``LOCOPILOT_PUBLIC_MODELS``: without a key;
-  a key, if sent, must be valid.
+- ``GET /v1/models`` and ``GET /v1/models/{id}`` with ``LOCOPILOT_PUBLIC_MODELS``, and
+  ``GET /metrics`` with ``LOCOPILOT_METRICS_PUBLIC``: without a key; a key, if sent, must be valid.
 - Open mode: no admin key and no key ever created (a revoked key still counts,
   so revoking the last key never opens a server) and a loopback bind. Every
   request gets every scope. On any other bind nothing is ever open.
@@ -88,9 +88,12 @@ ROUTE_SCOPES: dict[str, Requirement] = {
     "GET /v1/admin/keys/{key_id}": "admin",
     "DELETE /v1/admin/keys/{key_id}": "admin",
     "GET /v1/admin/audit": "admin",
+    "GET /metrics": "admin",
 }
 #: Answered without a key when LOCOPILOT_PUBLIC_MODELS is true.
 PUBLIC_MODEL_ROUTES = frozenset({"GET /v1/models", "GET /v1/models/{model_id}"})
+#: Answered without a key when LOCOPILOT_METRICS_PUBLIC is true.
+METRICS_ROUTE = "GET /metrics"
 #: The OpenAPI schema and its viewers (``create_app`` serves them here): any valid key.
 DOCS_PATH = "/openapi"
 #: Longer than any key this server issues or accepts (an admin key is whatever the operator chose).
@@ -155,6 +158,8 @@ def is_loopback(host: str) -> bool:
 def required_scope(route: str, settings: Settings) -> Requirement:
     """What ``route`` (``"METHOD path_template"``) needs: PUBLIC, ANY_KEY or a scope."""
     if settings.public_models and route in PUBLIC_MODEL_ROUTES:
+        return PUBLIC
+    if settings.metrics_public and route == METRICS_ROUTE:
         return PUBLIC
     path = route.partition(" ")[2]
     if path == DOCS_PATH or path.startswith(DOCS_PATH + "/"):

@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TypeVar
 
 from locopilot.errors import LocopilotError, Unavailable, UpstreamError
-from locopilot.gateway.router import Plan, Route, Router, Skipped, may_fail_over
+from locopilot.gateway.router import Plan, Route, Router, Skipped, failover_reason, may_fail_over
 from locopilot.gateway.streaming import prime
 from locopilot.providers.base import GenerationRequest, StreamEvent
 
@@ -34,7 +34,8 @@ async def first_success(
     """
     decision = plan.decision
     errors: list[LocopilotError] = []
-    for route in plan.routes[:MAX_ATTEMPTS]:
+    routes = plan.routes[:MAX_ATTEMPTS]
+    for index, route in enumerate(routes):
         started = router.clock()
         try:
             result = await attempt(route)
@@ -44,6 +45,8 @@ async def first_success(
             router.failed(route, exc)
             decision.failed.append(Skipped(route.provider.name, exc.message))
             errors.append(exc)
+            if index + 1 < len(routes):
+                router.failovers[route.provider.name, failover_reason(exc)] += 1
             continue
         router.succeeded(route, router.clock() - started if timed else None)
         decision.chosen = route.provider.name

@@ -31,11 +31,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import anyio
+import httpx
 import msgspec
 
 from locopilot.errors import LocopilotError, ModelNotFound, PolicyForbidden, QueueFull, Unavailable, UpstreamError
@@ -182,6 +184,8 @@ class Router:
         self.states = {state.provider.name: state for state in providers}
         self.default_model = default_model
         self.clock = clock
+        self.failovers: Counter[tuple[str, str]] = Counter()
+        """Since start, by (provider that failed, :func:`failover_reason`): requests moved on to the next candidate."""
 
     def ordered(self, policy: Privacy) -> list[ProviderState]:
         states = sorted(self.states.values(), key=lambda s: s.priority)
@@ -307,6 +311,17 @@ class Router:
             log.info("provider %s answers again", state.provider.name)
         state.breaker.success()
 
+    def knows(self, provider: str, model: str) -> bool:
+        """Whether ``model`` is a name a provider lists (configured or last fetched), or one the local
+        engine served as ``provider`` (it has that file): a bounded set of names, unlike what clients send."""
+        served_by = self.states.get(provider)
+        if served_by is not None and served_by.local_engine:
+            return True
+        return any(
+            model in state.configured_models or (state.models is not None and model in state.models)
+            for state in self.states.values()
+        )
+
     def succeeded(self, route: Route, first_event: float | None = None) -> None:
         """Note a success; ``first_event`` is the seconds it took to the first event, if measured."""
         state = self.states[route.provider.name]
@@ -334,6 +349,29 @@ class Router:
     async def aclose(self) -> None:
         for state in self.states.values():
             await state.provider.aclose()
+
+
+def failover_reason(error: LocopilotError) -> str:
+    """A short, bounded name for why a provider failed, by the error's type (a metrics label)."""
+    if isinstance(error, UpstreamError):
+        if error.upstream_status == 429:
+            return "upstream_429"
+        if error.upstream_status is not None and error.upstream_status >= 500:
+            return "upstream_5xx"
+        # One name for both ways a connection is not made: httpx-aiohttp 0.2.0 maps aiohttp's
+        # ClientConnectorError (refused) to httpx.ConnectTimeout, as its map tries the base class first.
+        if isinstance(error.__cause__, httpx.ConnectError | httpx.ConnectTimeout):
+            return "connect"
+        if isinstance(error.__cause__, httpx.TimeoutException):
+            return "timeout"
+        if isinstance(error.__cause__, httpx.TransportError):
+            return "connection"
+        return "upstream_error"
+    if isinstance(error, QueueFull):
+        return "queue_full"
+    if isinstance(error, Unavailable):
+        return "unavailable"
+    return "error"
 
 
 def may_fail_over(error: LocopilotError) -> bool:

@@ -18,6 +18,7 @@ from locopilot.store import logs
 from locopilot.store.db import Database, StoreError
 
 if TYPE_CHECKING:
+    from locopilot.gateway.metrics import RequestMetrics
     from locopilot.gateway.ratelimit import Admission
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,12 @@ class UsageRecorder:
     def __init__(
         self,
         db: Database,
+        metrics: RequestMetrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.db = db
+        self.metrics = metrics
         self.clock = clock
         self.wall_clock = wall_clock
 
@@ -64,8 +67,8 @@ class UsageRecorder:
             raise
 
     def finish(self, outcome: Outcome, *, error: BaseException | None = None) -> None:
-        """Queue the log row for ``outcome`` and settle its quota admission; a second call
-        for the same outcome does nothing.
+        """Queue the log row for ``outcome``, count it in the metrics and settle its quota admission;
+        a second call for the same outcome does nothing.
 
         ``http_status`` is what the client got: once streaming has begun that is
         200 even if the stream then ended with an error event.
@@ -86,6 +89,9 @@ class UsageRecorder:
             status, http_status, message = "error", 500, type(error).__name__
         if outcome.streaming:
             http_status = 200
+        seconds = self.clock() - outcome.started
+        if self.metrics is not None:
+            self.metrics.observe(outcome, http_status, seconds)
         row = logs.InferenceLog(
             request_id=outcome.request_id,
             key_id=outcome.key_id,
@@ -94,7 +100,7 @@ class UsageRecorder:
             provider=outcome.provider,
             tokens_in=outcome.tokens_in,
             tokens_out=outcome.tokens_out,
-            latency_ms=(self.clock() - outcome.started) * 1000,
+            latency_ms=seconds * 1000,
             ttfb_ms=None if outcome.ttfb is None else outcome.ttfb * 1000,
             status=status,
             http_status=http_status,

@@ -155,6 +155,7 @@ class Database:
         self._lock = threading.Lock()
         self._closed = False
         self._writer_stopped = False
+        self._dropped: dict[str, int] = {}
         self._local = _ReaderSlot()
         # Weak, so a reader dies with its thread (anyio retires idle worker threads);
         # close() closes those still alive.
@@ -244,11 +245,29 @@ class Database:
 
         def report(future: Future[int]) -> None:
             if not future.cancelled() and (exc := future.exception()) is not None:
+                self._drop(table)
                 _log.error("could not record %s: %s", what, exc, exc_info=exc)
 
-        future = self.submit(run)
+        try:
+            future = self.submit(run)
+        except StoreError:
+            self._drop(table)
+            raise
         future.add_done_callback(report)
         return future
+
+    def _drop(self, table: str) -> None:
+        with self._lock:
+            self._dropped[table] = self._dropped.get(table, 0) + 1
+
+    def dropped_rows(self) -> dict[str, int]:
+        """Since open, by table: rows :meth:`insert` was given but could not store."""
+        with self._lock:
+            return dict(self._dropped)
+
+    def queue_depth(self) -> int:
+        """Writes queued and not yet started (approximate while the writer runs)."""
+        return self._queue.qsize()
 
     async def asubmit(self, fn: Callable[[apsw.Connection], T]) -> T:
         """:meth:`submit` and await the result on the running asyncio loop.

@@ -1,5 +1,5 @@
 """Canary secrets (the admin key, an issued key, a wrong key, an upstream key) never show up where they must not:
-the server's log at debug level, the database files, any response, ``locopilot config``."""
+the server's log at debug level, the database files, any response (``/metrics`` included), ``locopilot config``."""
 
 from __future__ import annotations
 
@@ -39,15 +39,18 @@ def test_canaries_stay_out_of_logs_database_and_responses(tmp_path: Path, cloud:
             bodies.append(reply.text + str(reply.headers))
         # The upstream did get its key: the canary is live, not absent by accident.
         assert any(r.headers.get("authorization") == f"Bearer {UPSTREAM_CANARY}" for r in cloud.requests)
-        for path in ("/v1/models", "/v1/engine/stats", "/v1/admin/keys", "/openapi/openapi.json"):
+        for path in ("/v1/models", "/v1/engine/stats", "/v1/admin/keys", "/openapi/openapi.json", "/metrics"):
             for wrong in ({"Authorization": f"Bearer {WRONG_CANARY}"}, {"x-api-key": WRONG_CANARY}):
                 assert_unauthorized(httpx.get(f"{server.url}{path}", headers=wrong, timeout=10), WRONG_CANARY)
         httpx.delete(f"{server.url}/v1/admin/keys/canary", headers=admin, timeout=10)
         assert_unauthorized(httpx.get(f"{server.url}/v1/models", headers=headers, timeout=10), issued)
-        for path in ("/v1/admin/keys", "/v1/admin/audit", "/v1/engine/health", "/v1/engine/stats", "/v1/models"):
+        paths = ("/v1/admin/keys", "/v1/admin/audit", "/v1/engine/health", "/v1/engine/stats", "/v1/models", "/metrics")
+        for path in paths:
             response = httpx.get(f"{server.url}{path}", headers=admin, timeout=10)
             assert response.status_code in (200, 503), path
             bodies.append(response.text + str(response.headers))
+        # The metrics did count the traffic the canaries rode on: they are not empty by accident.
+        assert 'provider="remote"' in bodies[-1]
     finally:
         server.stop()
     config_env = {k: None for k in os.environ if k.startswith("LOCOPILOT_")} | dict(env)

@@ -11,7 +11,7 @@ import re
 import httpx
 import pytest
 
-from locopilot.gateway.auth import PUBLIC_MODEL_ROUTES, ROUTE_SCOPES
+from locopilot.gateway.auth import METRICS_ROUTE, PUBLIC_MODEL_ROUTES, ROUTE_SCOPES
 from tests.conftest import Server
 from tests.security.conftest import (
     ADMIN,
@@ -33,7 +33,13 @@ GUARDED = [route for route in ROUTES if str(route) not in OPEN_ROUTES]
 def test_the_app_has_the_routes_this_suite_expects() -> None:
     names = {str(route) for route in ROUTES}
     assert names >= OPEN_ROUTES
-    assert {"POST /v1/chat/completions", "GET /v1/models", "POST /v1/admin/keys", "GET /openapi/openapi.json"} <= names
+    assert {
+        "POST /v1/chat/completions",
+        "GET /v1/models",
+        "POST /v1/admin/keys",
+        "GET /openapi/openapi.json",
+        "GET /metrics",
+    } <= names
 
 
 def test_every_route_has_a_decided_scope() -> None:
@@ -44,6 +50,7 @@ def test_every_route_has_a_decided_scope() -> None:
     assert undecided == [], "add these to locopilot.gateway.auth.ROUTE_SCOPES"
     assert set(ROUTE_SCOPES) <= {str(route) for route in ROUTES}, "ROUTE_SCOPES names a route the app lacks"
     assert {str(route) for route in ROUTES} >= PUBLIC_MODEL_ROUTES
+    assert ROUTE_SCOPES[METRICS_ROUTE] == "admin"  # public only with LOCOPILOT_METRICS_PUBLIC
 
 
 def test_openapi_schema_names_no_route_outside_the_list(secured: Server) -> None:
