@@ -295,7 +295,8 @@ def validate(path: Path, tokens: TokenCounter | None = None, context: int | None
                     )
                 )
     if count < MIN_DATASET_EXAMPLES:
-        refuse(DatasetIssue(None, f"{count} valid examples; at least {MIN_DATASET_EXAMPLES} are needed"))
+        plural = "" if count == 1 else "s"
+        refuse(DatasetIssue(None, f"{count} valid example{plural}; at least {MIN_DATASET_EXAMPLES} are needed"))
     if issues:
         raise DatasetInvalid(issues, more)
     assert kind is not None  # count >= MIN_DATASET_EXAMPLES > 0

@@ -5,9 +5,9 @@
 
 1. Check the dataset (:func:`~locopilot.training.datasets.validate`) and that the job fits in
    memory (:func:`estimate_memory`), before anything is loaded.
-2. Render every example with the model's chat template, tokenize, concatenate, and cut the
-   stream into windows of ``context`` tokens (labels are the next tokens), like llama.cpp's
-   ``common_opt_dataset_init``. A few windows are held out for a validation loss.
+2. Render every example with the model's chat template and tokenize it; hold out a few
+   examples for a validation loss; concatenate each part and cut it into windows of
+   ``context`` tokens (labels are the next tokens), like llama.cpp's ``common_opt_dataset_init``.
 3. Convert the base to F32 (llama.cpp trains F32 tensors only) with ``llama_model_quantize``,
    load it without mmap (the weights are written), and ``llama_opt_init`` with a parameter
    filter that marks only the last ``layers`` blocks trainable.
@@ -86,7 +86,10 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Started(msgspec.Struct, tag="started"):
+    """``windows``: training windows of ``context`` tokens per epoch; one optimizer step each."""
+
     examples: int
+    validation_examples: int
     tokens: int
     windows: int
     validation_windows: int
@@ -209,38 +212,36 @@ def check_resources(header: GGUFHeader, config: TrainConfig) -> MemoryEstimate:
     return estimate
 
 
-def windows(stream: list[int], context: int) -> list[int]:
-    """Start offsets of windows of ``context + 1`` tokens (inputs and shifted labels), half overlapping."""
+def windows(examples: list[list[int]], context: int) -> list[list[int]]:
+    """Windows of ``context + 1`` tokens (inputs, and labels shifted by one), half overlapping,
+    over the examples' concatenation; a concatenation shorter than one window is repeated."""
+    stream = [token for example in examples for token in example]
+    single = list(stream)
+    while single and len(stream) <= context:
+        stream.extend(single)
     stride = max(1, context // 2)
-    return list(range(0, len(stream) - context, stride))
+    return [stream[start : start + context + 1] for start in range(0, len(stream) - context, stride)]
 
 
-def token_stream(config: TrainConfig) -> tuple[list[int], int]:
-    """The whole dataset as one token stream (each example rendered with the chat template), and its example count.
-
-    A stream shorter than one window is repeated until it fills one.
-    Raises TrainingRefused if the dataset is invalid.
-    """
+def encoded_examples(config: TrainConfig) -> list[list[int]]:
+    """Each example's tokens, with the base's chat template. Raises TrainingRefused for an invalid dataset."""
     from locopilot.training.datasets import DatasetInvalid, Example, iter_examples, validate
     from locopilot.training.tokenizer import ChatTokenizer
 
     tokenizer = ChatTokenizer(Path(config.base_path))
     try:
         try:
-            summary = validate(Path(config.dataset_path), tokenizer, config.context)
+            validate(Path(config.dataset_path), tokenizer, config.context)
         except DatasetInvalid as exc:
             raise TrainingRefused(f"the dataset cannot be trained on:\n{exc}") from exc
-        stream: list[int] = []
+        encoded = []
         with open(config.dataset_path, "rb") as f:
             for example in iter_examples(f):
                 assert isinstance(example, Example)  # validated above
-                stream.extend(tokenizer.encode(example.messages))
+                encoded.append(tokenizer.encode(example.messages))
+        return encoded
     finally:
         tokenizer.close()
-    single = list(stream)
-    while len(stream) <= config.context:
-        stream.extend(single)
-    return stream, summary.examples
 
 
 def peak_rss_bytes() -> int:
@@ -261,19 +262,21 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
     started = time.monotonic()
     header = read_header(Path(config.base_path))
     estimate = check_resources(header, config)
-    stream, examples = token_stream(config)
-    starts = windows(stream, config.context)
+    encoded = encoded_examples(config)
     rng = random.Random(config.seed)
-    rng.shuffle(starts)
-    n_val = int(len(starts) * config.validation_split)
-    validation, training = starts[:n_val], starts[n_val:]
+    rng.shuffle(encoded)
+    # Held out by example, so no validation token is ever in a training window.
+    n_val = int(len(encoded) * config.validation_split)
+    validation = windows(encoded[:n_val], config.context)
+    training = windows(encoded[n_val:], config.context)
     steps = len(training) * config.epochs
     report(
         Started(
-            examples=examples,
-            tokens=len(stream),
-            windows=len(starts),
-            validation_windows=n_val,
+            examples=len(encoded),
+            validation_examples=n_val,
+            tokens=sum(map(len, encoded)),
+            windows=len(training),
+            validation_windows=len(validation),
             steps=steps,
             trained_layers=estimate.trained_layers,
             trained_weights=estimate.trained_weights,
@@ -285,9 +288,8 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
         trained = Path(work) / "trained-f32.gguf"
         to_f32(Path(config.base_path), f32, threads=config.threads)
         with _Session(config, f32, estimate.trained_layers) as session:
-            loss_before = session.loss([stream[s : s + config.context + 1] for s in training])
-            val = [stream[s : s + config.context + 1] for s in validation]
-            val_before = session.loss(val) if val else None
+            loss_before = session.loss(training)
+            val_before = session.loss(validation) if validation else None
             step = 0
             train_seconds = 0.0
             for epoch in range(config.epochs):
@@ -296,7 +298,7 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
                 for i in range(0, len(order), config.chunk_windows):
                     if cancelled():
                         raise TrainingCancelled
-                    chunk = [stream[s : s + config.context + 1] for s in order[i : i + config.chunk_windows]]
+                    chunk = order[i : i + config.chunk_windows]
                     # Linear decay to a tenth of the learning rate over the job.
                     session.set_learning_rate(config.learning_rate * (1 - 0.9 * step / max(1, steps)))
                     t = time.monotonic()
@@ -313,8 +315,8 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
                             elapsed_s=time.monotonic() - started,
                         )
                     )
-            loss_after = session.loss([stream[s : s + config.context + 1] for s in training])
-            val_after = session.loss(val) if val else None
+            loss_after = session.loss(training)
+            val_after = session.loss(validation) if validation else None
             session.save(trained)
         export(trained, Path(config.base_path), Path(config.output_path), config.output_type, threads=config.threads)
     finished = Finished(
