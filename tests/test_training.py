@@ -9,6 +9,9 @@ a trained fact greedily.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,6 +166,18 @@ def test_cancel_stops_between_chunks(tmp_path: Path, smollm2_path: Path) -> None
     assert isinstance(events[-1], Cancelled)
     assert not Path(job.output_path).exists()
     assert not list(tmp_path.glob("locopilot-train-*"))
+
+
+def test_a_killed_worker_ends_its_events_without_a_result(tmp_path: Path, smollm2_path: Path) -> None:
+    job = config(tmp_path, smollm2_path)
+    with TrainingWorker(job, stderr=subprocess.DEVNULL) as worker:
+        events = []
+        for event in worker.events():
+            events.append(event)
+            os.kill(worker.pid, signal.SIGKILL)
+        assert worker.process.wait() == -signal.SIGKILL
+    assert len(events) == 1 and isinstance(events[0], Started)
+    assert not Path(job.output_path).exists()
 
 
 def test_a_job_that_cannot_fit_fails_fast_with_numbers(tmp_path: Path, smollm2_path: Path) -> None:

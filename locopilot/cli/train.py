@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import shutil
 from pathlib import Path
 
 import rich_click as click
@@ -72,7 +73,8 @@ def train(
     settings = settings_or_exit()
     base_path = base_model_path(base)
     name = f"{base_path.stem if base.endswith('.gguf') else base}-ft-{secrets.token_hex(4)}"
-    work_dir = settings.data_path / "training"
+    # The job's own folder: its F32 copies are removed even when the worker was killed.
+    work_dir = settings.data_path / "training" / name
     work_dir.mkdir(parents=True, exist_ok=True)
     output = ModelCatalog(settings.models_path).path_for(name)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +91,11 @@ def train(
         output_type=output_type,
         threads=settings.threads,
     )
-    finished = _run_with_progress(config, work_dir / f"{name}.log")
+    log_path = settings.data_path / "training" / f"{name}.log"
+    try:
+        finished = _run_with_progress(config, log_path)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
     console.print(
         f"trained {name}: loss {finished.train_loss_before:.3f} → {finished.train_loss_after:.3f}, "
         f"{finished.tokens_per_s:.0f} tokens/s, peak memory {finished.peak_rss_bytes / 1e9:.2f} GB, "

@@ -16,6 +16,7 @@ descriptor 1, so that descriptor is pointed at stderr and the events go to a pri
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -39,6 +40,8 @@ class Cancelled(msgspec.Struct, tag="cancelled"):
 
 
 WorkerEvent = Event | Failed | Cancelled
+#: How long a closed worker may take to exit on its own (it has finished, or is between chunks).
+CLOSE_GRACE_S = 2.0
 _decoder = msgspec.json.Decoder(WorkerEvent)
 _encoder = msgspec.json.Encoder()
 
@@ -144,17 +147,19 @@ class TrainingWorker:
             yield _decoder.decode(line)
 
     def cancel(self) -> None:
-        try:
+        with contextlib.suppress(BrokenPipeError, ValueError):  # already gone
             self._stdin.write(b"cancel\n")
             self._stdin.flush()
-        except (BrokenPipeError, ValueError):
-            pass  # already gone
 
     def close(self) -> None:
-        if self.process.poll() is None:
+        """End of input (the worker cancels at its next chunk), a moment to exit, then SIGKILL."""
+        with contextlib.suppress(BrokenPipeError):
+            self._stdin.close()
+        try:
+            self.process.wait(timeout=CLOSE_GRACE_S)
+        except subprocess.TimeoutExpired:
             self.process.kill()
-        self.process.wait()
-        self._stdin.close()
+            self.process.wait()
         self._stdout.close()
 
     def __enter__(self) -> TrainingWorker:
