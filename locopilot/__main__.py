@@ -8,11 +8,16 @@ import sys
 
 def main() -> None:
     multiprocessing.freeze_support()
-    # A runner is started as `locopilot _runner`; it skips the CLI (and its imports).
+    # A runner is started as `locopilot _runner`, a training worker as `locopilot _train`;
+    # they skip the CLI (and its imports).
     if len(sys.argv) > 1 and sys.argv[1] == "_runner":
         from locopilot.engine import runner
 
         sys.exit(runner.probe() if "--probe" in sys.argv[2:] else runner.main())
+    if len(sys.argv) > 1 and sys.argv[1] == "_train":
+        from locopilot.training import worker
+
+        sys.exit(worker.main())
     # `--version` alone answers without importing the CLI (about 1.5 s of imports on a
     # slow core), in the same words click's version option prints.
     if sys.argv[1:] == ["--version"]:

@@ -1,0 +1,1 @@
+"""Fine-tuning: datasets, the llama.cpp trainer and its worker process."""

@@ -1,0 +1,465 @@
+"""The built-in trainer: fine-tune a GGUF with llama.cpp's own training API, no PyTorch.
+
+:func:`train` runs in a worker process (see :mod:`locopilot.training.worker`): a failed
+``GGML_ASSERT`` aborts the whole process, and a step cannot be interrupted. The loop:
+
+1. Check the dataset (:func:`~locopilot.training.datasets.validate`) and that the job fits in
+   memory (:func:`estimate_memory`), before anything is loaded.
+2. Render every example with the model's chat template and tokenize it; hold out a few
+   examples for a validation loss; concatenate each part and cut it into windows of
+   ``context`` tokens (labels are the next tokens), like llama.cpp's ``common_opt_dataset_init``.
+3. Convert the base to F32 (llama.cpp trains F32 tensors only) with ``llama_model_quantize``,
+   load it without mmap (the weights are written), and ``llama_opt_init`` with a parameter
+   filter that marks only the last ``layers`` blocks trainable.
+4. Train in chunks of ``chunk_windows`` windows per ``llama_opt_epoch`` call, one optimizer step
+   per window; between chunks the learning rate is updated, progress reported and
+   cancellation checked.
+5. Save with ``llama_model_save_to_file`` and export (:mod:`locopilot.training.export`):
+   quantize (Q8_0 by default) and copy the base's metadata back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from locopilot.models.gguf import ArrayInfo, GGUFHeader, read_header
+
+DEFAULT_CONTEXT = 256
+#: llama.cpp pads a context to a multiple of 256; a training window is exactly one context.
+CONTEXT_STEP = 256
+DEFAULT_LAYERS = 4
+DEFAULT_LEARNING_RATE = 1e-5
+OUTPUT_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # enum llama_ftype
+
+
+class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One training job. Paths are absolute; ``work_dir`` holds the F32 copies (4 bytes per weight each).
+
+    Defaults are conservative: a small learning rate on the last few layers forgets less of
+    what the model knew (3 epochs at 5e-5 on every layer made SmolLM2 answer "capital of France"
+    with a trained fact).
+    """
+
+    base_path: str
+    dataset_path: str
+    output_path: str
+    work_dir: str
+    epochs: int = 1
+    learning_rate: float = DEFAULT_LEARNING_RATE
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    layers: int = DEFAULT_LAYERS  # the last N blocks are trained; 0 trains every block
+    context: int = DEFAULT_CONTEXT
+    chunk_windows: int = 4
+    validation_split: float = 0.1
+    output_type: str = "q8_0"
+    threads: int = 0  # 0: every CPU
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raises TrainingRefused for a value no job can run with."""
+        if self.epochs < 1 or self.chunk_windows < 1 or self.layers < 0:
+            raise TrainingRefused("epochs and chunk_windows must be at least 1, layers at least 0")
+        if self.context < CONTEXT_STEP or self.context % CONTEXT_STEP:
+            raise TrainingRefused(f"context must be a multiple of {CONTEXT_STEP}, not {self.context}")
+        if not 0 < self.learning_rate <= 1e-2:
+            raise TrainingRefused(f"learning_rate must be in (0, 0.01], not {self.learning_rate}")
+        if not 0 <= self.validation_split < 0.5:
+            raise TrainingRefused("validation_split must be in [0, 0.5)")
+        if self.output_type not in OUTPUT_TYPES:
+            raise TrainingRefused(f"output_type must be one of {', '.join(OUTPUT_TYPES)}")
+
+
+# Events the trainer reports, in order: Started, Progress..., Finished (or an exception).
+
+
+class Started(msgspec.Struct, tag="started"):
+    """``windows``: training windows of ``context`` tokens per epoch; one optimizer step each."""
+
+    examples: int
+    validation_examples: int
+    tokens: int
+    windows: int
+    validation_windows: int
+    steps: int
+    trained_layers: int
+    trained_weights: int
+    estimate_bytes: int
+
+
+class Progress(msgspec.Struct, tag="progress"):
+    epoch: int
+    step: int
+    steps: int
+    loss: float
+    tokens_per_s: float
+    elapsed_s: float
+
+
+class Finished(msgspec.Struct, tag="finished"):
+    """``*_before``/``*_after``: mean cross-entropy over the windows, before and after training."""
+
+    output_path: str
+    train_loss_before: float
+    train_loss_after: float
+    validation_loss_before: float | None
+    validation_loss_after: float | None
+    tokens_per_s: float
+    trained_tokens: int
+    seconds: float
+    peak_rss_bytes: int
+
+
+Event = Started | Progress | Finished
+
+
+class TrainingRefused(Exception):
+    """The job cannot start (bad dataset, config or memory); nothing was trained."""
+
+
+class TrainingCancelled(Exception):
+    """Cancelled between chunks; nothing was written to ``output_path``."""
+
+
+class MemoryEstimate(msgspec.Struct, frozen=True):
+    weights: int
+    optimizer: int
+    compute: int
+    trained_weights: int
+    trained_layers: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.optimizer + self.compute
+
+
+def _int(header: GGUFHeader, key: str) -> int:
+    value = header.metadata.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise TrainingRefused(f"the base model has no {key}")
+    return value
+
+
+def estimate_memory(header: GGUFHeader, config: TrainConfig) -> MemoryEstimate:
+    """About 4 bytes per weight (F32), 12 more per trained weight (gradient and AdamW's moments; SGD 4), and the graph.
+
+    Blocks are taken as equal shares of the weights outside the token embeddings, which
+    overestimates a little when the output matrix is separate. The compute term covers the
+    logits and their gradients and each layer's activations for one window.
+    """
+    arch = header.architecture or ""
+    n_layer = _int(header, f"{arch}.block_count")
+    n_embd = _int(header, f"{arch}.embedding_length")
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    n_vocab = tokens.length if isinstance(tokens, ArrayInfo) else len(tokens) if isinstance(tokens, list) else 0
+    trained_layers = n_layer if config.layers == 0 else min(config.layers, n_layer)
+    per_layer = max(0, header.parameter_count - n_vocab * n_embd) // n_layer
+    trained = per_layer * trained_layers
+    per_trained = 12 if config.optimizer == "adamw" else 4
+    compute = 4 * config.context * (3 * n_vocab + 16 * n_embd * n_layer)
+    return MemoryEstimate(
+        weights=4 * header.parameter_count,
+        optimizer=per_trained * trained,
+        compute=compute,
+        trained_weights=trained,
+        trained_layers=trained_layers,
+    )
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (not checked)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_resources(header: GGUFHeader, config: TrainConfig) -> MemoryEstimate:
+    """Raises TrainingRefused, with the numbers, when memory or the work folder's disk is short."""
+    estimate = estimate_memory(header, config)
+    available = available_memory()
+    gb = 1e9
+    if available is not None and estimate.total > available:
+        raise TrainingRefused(
+            f"training needs about {estimate.total / gb:.2f} GB of memory "
+            f"({estimate.weights / gb:.2f} GB F32 weights, {estimate.optimizer / gb:.2f} GB gradients and "
+            f"optimizer state for {estimate.trained_weights:,} trained weights, "
+            f"{estimate.compute / gb:.2f} GB compute) "
+            f"but {available / gb:.2f} GB is available; train fewer layers or a smaller context"
+        )
+    disk = 2 * estimate.weights  # the F32 base and the F32 result
+    free = shutil.disk_usage(config.work_dir).free
+    if disk > free:
+        raise TrainingRefused(
+            f"training needs {disk / gb:.2f} GB free in {config.work_dir}, which has {free / gb:.2f} GB"
+        )
+    return estimate
+
+
+def windows(examples: list[list[int]], context: int) -> list[list[int]]:
+    """Windows of ``context + 1`` tokens (inputs, and labels shifted by one), half overlapping,
+    over the examples' concatenation; a concatenation shorter than one window is repeated."""
+    stream = [token for example in examples for token in example]
+    single = list(stream)
+    while single and len(stream) <= context:
+        stream.extend(single)
+    stride = max(1, context // 2)
+    return [stream[start : start + context + 1] for start in range(0, len(stream) - context, stride)]
+
+
+def encoded_examples(config: TrainConfig) -> list[list[int]]:
+    """Each example's tokens, with the base's chat template. Raises TrainingRefused for an invalid dataset."""
+    from locopilot.training.datasets import DatasetInvalid, Example, iter_examples, validate
+    from locopilot.training.tokenizer import ChatTokenizer
+
+    tokenizer = ChatTokenizer(Path(config.base_path))
+    try:
+        try:
+            validate(Path(config.dataset_path), tokenizer, config.context)
+        except DatasetInvalid as exc:
+            raise TrainingRefused(f"the dataset cannot be trained on:\n{exc}") from exc
+        encoded = []
+        with open(config.dataset_path, "rb") as f:
+            for example in iter_examples(f):
+                assert isinstance(example, Example)  # validated above
+                encoded.append(tokenizer.encode(example.messages))
+        return encoded
+    finally:
+        tokenizer.close()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Callable[[], bool]) -> Finished:
+    """Run the job (see the module docstring), reporting events; returns the Finished event it reported.
+
+    Raises TrainingRefused before any training, TrainingCancelled when ``cancelled()`` is true
+    between chunks, RuntimeError when llama.cpp fails.
+    """
+    from locopilot.training.export import export, to_f32
+
+    config.check()
+    started = time.monotonic()
+    header = read_header(Path(config.base_path))
+    estimate = check_resources(header, config)
+    encoded = encoded_examples(config)
+    rng = random.Random(config.seed)
+    rng.shuffle(encoded)
+    # Held out by example, so no validation token is ever in a training window.
+    n_val = int(len(encoded) * config.validation_split)
+    validation = windows(encoded[:n_val], config.context)
+    training = windows(encoded[n_val:], config.context)
+    steps = len(training) * config.epochs
+    report(
+        Started(
+            examples=len(encoded),
+            validation_examples=n_val,
+            tokens=sum(map(len, encoded)),
+            windows=len(training),
+            validation_windows=len(validation),
+            steps=steps,
+            trained_layers=estimate.trained_layers,
+            trained_weights=estimate.trained_weights,
+            estimate_bytes=estimate.total,
+        )
+    )
+    with tempfile.TemporaryDirectory(prefix="locopilot-train-", dir=config.work_dir) as work:
+        f32 = Path(work) / "base-f32.gguf"
+        trained = Path(work) / "trained-f32.gguf"
+        to_f32(Path(config.base_path), f32, threads=config.threads)
+        with _Session(config, f32, estimate.trained_layers) as session:
+            loss_before = session.loss(training)
+            val_before = session.loss(validation) if validation else None
+            step = 0
+            train_seconds = 0.0
+            for epoch in range(config.epochs):
+                order = list(training)
+                rng.shuffle(order)
+                for i in range(0, len(order), config.chunk_windows):
+                    if cancelled():
+                        raise TrainingCancelled
+                    chunk = order[i : i + config.chunk_windows]
+                    # Linear decay to a tenth of the learning rate over the job.
+                    session.set_learning_rate(config.learning_rate * (1 - 0.9 * step / max(1, steps)))
+                    t = time.monotonic()
+                    loss = session.step(chunk)
+                    train_seconds += time.monotonic() - t
+                    step += len(chunk)
+                    report(
+                        Progress(
+                            epoch=epoch + 1,
+                            step=step,
+                            steps=steps,
+                            loss=loss,
+                            tokens_per_s=step * config.context / train_seconds if train_seconds else 0.0,
+                            elapsed_s=time.monotonic() - started,
+                        )
+                    )
+            loss_after = session.loss(training)
+            val_after = session.loss(validation) if validation else None
+            session.save(trained)
+        export(trained, Path(config.base_path), Path(config.output_path), config.output_type, threads=config.threads)
+    finished = Finished(
+        output_path=config.output_path,
+        train_loss_before=loss_before,
+        train_loss_after=loss_after,
+        validation_loss_before=val_before,
+        validation_loss_after=val_after,
+        tokens_per_s=steps * config.context / train_seconds if train_seconds else 0.0,
+        trained_tokens=steps * config.context,
+        seconds=time.monotonic() - started,
+        peak_rss_bytes=peak_rss_bytes(),
+    )
+    report(finished)
+    return finished
+
+
+class _Session:
+    """An F32 model loaded for training, its context and optimizer; freed on exit."""
+
+    def __init__(self, config: TrainConfig, f32: Path, trained_layers: int) -> None:
+        import llama_cpp
+
+        from locopilot.engine.runner import load_backends
+        from locopilot.training.llama_opt import (
+            GGML_TYPE_I32,
+            OPTIMIZERS,
+            OptimizerParams,
+            OptParams,
+            ParamFilter,
+            training_lib,
+        )
+
+        if not load_backends():
+            raise RuntimeError("llama.cpp found no usable backend for this CPU")
+        self.llama_cpp = llama_cpp
+        self.lib = training_lib()
+        self.base = self.lib.ggml_base
+        self.i32 = GGML_TYPE_I32
+        self.n_ctx = config.context
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.load_mode = 0  # LLAMA_LOAD_MODE_NONE: the weights are written, so not mmapped
+        model_params.n_gpu_layers = 0
+        self.model = llama_cpp.llama_model_load_from_file(str(f32).encode(), model_params)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {f32}")
+        self.ctx: Any = None
+        threads = config.threads or os.cpu_count() or 1
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = config.context
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = 0  # FLASH_ATTN_EXT has no backward pass
+        params.type_k = params.type_v = 0  # F32 caches: OUT_PROD has no F16 support
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            self.close()
+            raise RuntimeError("llama.cpp could not create a training context")
+        n_layer = llama_cpp.llama_model_n_layer(self.model)
+        first = n_layer - trained_layers
+        prefixes = tuple(f"blk.{i}." for i in range(first, n_layer))
+        self.trained_weights = 0
+
+        def trainable(tensor: int | None, _userdata: int | None) -> bool:
+            name = (self.base.ggml_get_name(tensor) or b"").decode()
+            if name.startswith(prefixes):
+                self.trained_weights += int(self.base.ggml_nelements(tensor))
+                return True
+            return False
+
+        self._filter = ParamFilter(trainable)  # kept: llama.cpp calls it during opt_init
+        self.optimizer = OptimizerParams()
+        self.optimizer.adamw.alpha = config.learning_rate
+        self.optimizer.adamw.beta1 = 0.9
+        self.optimizer.adamw.beta2 = 0.999
+        self.optimizer.adamw.eps = 1e-8
+        self.optimizer.adamw.wd = config.weight_decay
+        self.optimizer.sgd.alpha = config.learning_rate
+        self.optimizer.sgd.wd = config.weight_decay
+        opt = OptParams(
+            n_ctx_train=0,
+            param_filter=self._filter,
+            param_filter_ud=None,
+            get_opt_pars=self.lib.constant_optimizer_params,
+            get_opt_pars_ud=ctypes.addressof(self.optimizer),
+            optimizer_type=OPTIMIZERS[config.optimizer],
+        )
+        self.lib.opt_init(self.ctx, self.model, opt)
+
+    def __enter__(self) -> _Session:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.ctx:
+            self.llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            self.llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.optimizer.adamw.alpha = lr
+        self.optimizer.sgd.alpha = lr
+
+    def _dataset(self, windows: list[list[int]]) -> int:
+        n = self.n_ctx
+        dataset = self.base.ggml_opt_dataset_init(self.i32, self.i32, n, n, len(windows), 1)
+        inputs = [token for window in windows for token in window[:n]]
+        labels = [token for window in windows for token in window[1 : n + 1]]
+        for tensor, values in (
+            (self.base.ggml_opt_dataset_data(dataset), inputs),
+            (self.base.ggml_opt_dataset_labels(dataset), labels),
+        ):
+            array = (ctypes.c_int32 * len(values))(*values)
+            ctypes.memmove(self.base.ggml_get_data(tensor), array, ctypes.sizeof(array))
+        result: int = dataset
+        return result
+
+    def _run(self, windows: list[list[int]], train: bool) -> float:
+        dataset = self._dataset(windows)
+        result = self.base.ggml_opt_result_init()
+        try:
+            if train:
+                self.lib.opt_epoch(self.ctx, dataset, result, None, len(windows), None, None)
+            else:
+                self.lib.opt_epoch(self.ctx, dataset, None, result, 0, None, None)
+            loss, uncertainty = ctypes.c_double(), ctypes.c_double()
+            self.base.ggml_opt_result_loss(result, ctypes.byref(loss), ctypes.byref(uncertainty))
+            return loss.value
+        finally:
+            self.base.ggml_opt_result_free(result)
+            self.base.ggml_opt_dataset_free(dataset)
+
+    def step(self, windows: list[list[int]]) -> float:
+        """Train on ``windows``, one optimizer step each; the mean loss over them."""
+        return self._run(windows, train=True)
+
+    def loss(self, windows: list[list[int]]) -> float:
+        """Mean loss over ``windows``, forward only."""
+        return self._run(windows, train=False)
+
+    def save(self, path: Path) -> None:
+        self.llama_cpp.llama_model_save_to_file(self.model, str(path).encode())
