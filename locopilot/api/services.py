@@ -11,6 +11,7 @@ from locopilot.engine.scheduler import ModelManager
 from locopilot.gateway.auth import Authenticator
 from locopilot.gateway.ratelimit import RateLimiter
 from locopilot.gateway.router import Router
+from locopilot.gateway.shutdown import Shutdown
 from locopilot.gateway.usage import UsageRecorder
 from locopilot.models.catalog import ModelCatalog
 from locopilot.settings import Settings
@@ -38,6 +39,7 @@ class Services:
     engine: EngineStatus
     auth: Authenticator
     limiter: RateLimiter
+    shutdown: Shutdown
     started_at: float = field(default_factory=time.time)
 
 
