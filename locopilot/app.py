@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -38,7 +39,7 @@ from locopilot.providers.openai_compat import OpenAICompatProvider
 from locopilot.schemas.openai import encoder
 from locopilot.settings import Settings, UpstreamConfig
 from locopilot.store.db import Database, StoreError
-from locopilot.store.upkeep import purge_older_than
+from locopilot.store.upkeep import fail_interrupted_jobs, purge_older_than
 
 log = logging.getLogger("locopilot")
 
@@ -196,6 +197,8 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         db = await anyio.to_thread.run_sync(Database.open, settings.db_path)
         try:
+            if interrupted := await anyio.to_thread.run_sync(fail_interrupted_jobs, db, time.time()):
+                log.warning("%d training jobs were running when the server last stopped; marked failed", interrupted)
             catalog = ModelCatalog(settings.models_path)
             async with anyio.create_task_group() as tasks:
                 manager = ModelManager(settings, catalog.path_for, tasks)

@@ -20,6 +20,7 @@ import apsw
 import httpx
 import pytest
 
+from locopilot.store.db import Database
 from tests.conftest import SMOL, Server
 from tests.fakes.fault_upstream import FaultUpstream
 from tests.test_engine_lifecycle import runners, wait_until
@@ -204,5 +205,32 @@ def test_a_worker_whose_main_process_died_stops_and_takes_its_runner(tmp_path: P
         assert health["engine"]["runners"] == []  # type: ignore[index]
         assert health["engine"]["loaded_models"] == []  # type: ignore[index]
         assert "the main process is gone" in server.log_path.read_text()
+    finally:
+        server.stop()
+
+
+def test_startup_marks_jobs_left_running_by_a_crash_failed(tmp_path: Path) -> None:
+    """The only state in the database that says "running" is a training job's."""
+    server = Server(tmp_path, {})
+    db = Database.open(server.db_path)
+    try:
+        for job_id, status in (("crashed", "running"), ("waiting", "queued"), ("done", "succeeded")):
+            db.write(
+                "INSERT INTO training_jobs (id, status, base_model, dataset_path, created_at)"
+                " VALUES (?, ?, 'm', 'd', 0)",
+                (job_id, status),
+            ).result()
+    finally:
+        db.close()
+    server.start(path="/health")
+    try:
+        conn = apsw.Connection(str(server.db_path), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            states = dict(conn.execute("SELECT id, status FROM training_jobs").fetchall())
+            error = conn.execute("SELECT error FROM training_jobs WHERE id = 'crashed'").get
+        finally:
+            conn.close()
+        assert states == {"crashed": "failed", "waiting": "queued", "done": "succeeded"}
+        assert isinstance(error, str) and "interrupted" in error
     finally:
         server.stop()
