@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,11 +23,13 @@ from locopilot.api import openai as openai_api
 from locopilot.api.services import EngineStatus, Services, get_services
 from locopilot.engine.scheduler import ModelManager, runner_command, runner_environment
 from locopilot.errors import InvalidRequest, LocopilotError, UpstreamError, error_for_status
+from locopilot.gateway.access import AccessLog, outcome_id
 from locopilot.gateway.auth import DOCS_PATH, Authenticator, AuthMiddleware, principal_of
 from locopilot.gateway.hygiene import BodyScreenMiddleware, HostCheckMiddleware, cors_config
 from locopilot.gateway.metrics import Metrics
 from locopilot.gateway.ratelimit import RateLimiter
 from locopilot.gateway.router import ProviderState, Router
+from locopilot.gateway.shutdown import Shutdown
 from locopilot.gateway.usage import Outcome, UsageRecorder
 from locopilot.models.catalog import ModelCatalog
 from locopilot.providers.base import Provider
@@ -38,7 +40,7 @@ from locopilot.providers.openai_compat import OpenAICompatProvider
 from locopilot.schemas.openai import encoder
 from locopilot.settings import Settings, UpstreamConfig
 from locopilot.store.db import Database, StoreError
-from locopilot.store.upkeep import purge_older_than
+from locopilot.store.upkeep import fail_interrupted_jobs, purge_older_than
 
 log = logging.getLogger("locopilot")
 
@@ -68,7 +70,7 @@ def rejected(request: Request[Any, Any, Any], exc: LocopilotError) -> Response[b
     endpoint = INFERENCE_ENDPOINTS.get(request.url.path)
     services: Services | None = getattr(request.app.state, "services", None)
     if endpoint is not None and services is not None:
-        outcome = Outcome(f"req-{secrets.token_hex(12)}", endpoint, model="", key_id=principal_of(request).key_id)
+        outcome = Outcome(outcome_id(request.scope, "req"), endpoint, model="", key_id=principal_of(request).key_id)
         services.recorder.finish(outcome, error=exc)
     return error_response(exc)
 
@@ -196,6 +198,8 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         db = await anyio.to_thread.run_sync(Database.open, settings.db_path)
         try:
+            if interrupted := await anyio.to_thread.run_sync(fail_interrupted_jobs, db, time.time()):
+                log.warning("%d training jobs were running when the server last stopped; marked failed", interrupted)
             catalog = ModelCatalog(settings.models_path)
             async with anyio.create_task_group() as tasks:
                 manager = ModelManager(settings, catalog.path_for, tasks)
@@ -206,6 +210,8 @@ def create_app(settings: Settings) -> Litestar:
                     breaker_cooldown=settings.breaker_cooldown,
                 )
                 engine = EngineStatus()
+                shutdown = Shutdown(settings.shutdown_grace)
+                shutdown.listen()
                 authenticator = Authenticator(settings, db, router.states)
                 await announce_access(authenticator)
                 limiter = RateLimiter(settings.max_concurrent_requests, settings.default_rpm, settings.default_tpm)
@@ -221,10 +227,12 @@ def create_app(settings: Settings) -> Litestar:
                     auth=authenticator,
                     limiter=limiter,
                     metrics=metrics,
+                    shutdown=shutdown,
                 )
                 tasks.start_soon(probe_engine, engine, settings)
                 tasks.start_soon(manager.reap_idle)
                 tasks.start_soon(retain_logs, db, settings.log_retention_days)
+                tasks.start_soon(shutdown.watch_parent)
                 if len(router.states) > 1:
                     tasks.start_soon(router.probe_forever, settings.probe_interval)
                 try:
@@ -235,8 +243,12 @@ def create_app(settings: Settings) -> Litestar:
                     tasks.cancel_scope.cancel()
         finally:
             await anyio.to_thread.run_sync(db.close)
+            # The last connection to close checkpoints the WAL into the database and deletes it.
+            wal = db.path.with_name(db.path.name + "-wal")
+            left = wal.stat().st_size if wal.exists() else 0
+            log.info("stopped: database closed, %d bytes left in its WAL", left, extra={"event": "stopped"})
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[*openai_api.ROUTES, *engine_api.ROUTES, *admin_api.ROUTES],
         # The Host check comes first (a rebinding page never reaches auth); bodies are read after auth.
         middleware=[HostCheckMiddleware(settings), AuthMiddleware(), BodyScreenMiddleware()],
@@ -254,3 +266,6 @@ def create_app(settings: Settings) -> Litestar:
         logging_config=None,
         debug=False,
     )
+    # Outermost, where Litestar puts CORS: its own middleware never sees a 404 or a 405.
+    app.asgi_handler = AccessLog(app.asgi_handler)
+    return app

@@ -21,7 +21,8 @@
     └── Unavailable                 503 (optional Retry-After)
         ├── EngineUnavailable       503 code=engine_unavailable
         ├── QueueFull               503 code=queue_full, Retry-After
-        └── Overloaded              503 code=too_many_concurrent_requests, Retry-After
+        ├── Overloaded              503 code=too_many_concurrent_requests, Retry-After
+        └── ShuttingDown            503 code=shutting_down (the shutdown grace is over)
 
 Every error body is ``{"error": {"message", "type", "param", "code"}}``.
 """
@@ -209,6 +210,12 @@ class Overloaded(Unavailable):
     """The server-wide cap on inference requests in flight is reached: not the client's fault, so 503."""
 
     default_code = "too_many_concurrent_requests"
+
+
+class ShuttingDown(Unavailable):
+    """The server is stopping and the time it gave requests in flight to finish is over."""
+
+    default_code = "shutting_down"
 
 
 def error_for_status(status: int, message: str) -> LocopilotError:

@@ -1,23 +1,35 @@
-"""Run the app under granian: one worker process, graceful drain on SIGTERM/SIGINT."""
+"""Run the app under granian: one worker process, graceful drain on SIGTERM/SIGINT.
+
+granian's main process owns the signals: on SIGTERM it SIGTERMs its worker, which stops
+accepting and waits for the requests in flight, then runs the app's lifespan shutdown;
+the main process SIGKILLs a worker still alive ``workers_kill_timeout`` seconds later. The
+app inside the worker hears nothing until the last request has ended, so it could neither
+report not-ready nor cut off a stream at the end of the grace. :class:`DrainingServer`
+therefore also sends the worker :data:`~locopilot.gateway.shutdown.DRAIN_SIGNAL` (the app's
+side is :mod:`locopilot.gateway.shutdown`), gives the worker the grace plus
+:data:`STOP_SECONDS` to stop runners and close the database, and exits at once on a second
+signal.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
+from granian.server.mp import MPServer
+
+from locopilot.logformat import configure_logging, logging_config, resolve_format
 from locopilot.settings import Settings, load_settings
 
-SHUTDOWN_GRACE_SECONDS = 30
+log = logging.getLogger(__name__)
 
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+#: After the grace: time for the lifespan shutdown (each runner gets 5 s to exit) and the WAL checkpoint.
+STOP_SECONDS = 15
 
 
 def app_from_environment(_target: str = "") -> Any:
@@ -28,10 +40,31 @@ def app_from_environment(_target: str = "") -> Any:
     (a stray folder there could shadow ours), so it gets this explicit loader.
     """
     from locopilot.app import create_app
+    from locopilot.gateway.shutdown import DRAIN_SIGNAL
 
+    # Until the app listens for it, a drain signal must not end the worker (its default action).
+    signal.signal(DRAIN_SIGNAL, signal.SIG_IGN)
     settings = load_settings(os.environ)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, resolve_format(settings.log_format))
     return create_app(settings)
+
+
+class DrainingServer(MPServer):
+    """granian's process-based server, with locopilot's stop (see the module docstring)."""
+
+    def signal_handler_interrupt(self, *args: Any, **kwargs: Any) -> None:
+        from locopilot.gateway.shutdown import DRAIN_SIGNAL
+
+        if self.interrupt_signal:
+            log.warning("second stop signal: exiting now; requests in flight are cut off")
+            for worker in self.wrks:
+                # The worker's runners see their stdin close and exit by themselves.
+                worker.kill()  # type: ignore[no-untyped-call]
+            os._exit(1)
+        for worker in self.wrks:
+            if worker.inner.pid is not None:
+                os.kill(worker.inner.pid, DRAIN_SIGNAL)
+        super().signal_handler_interrupt(*args, **kwargs)  # type: ignore[no-untyped-call]
 
 
 class ServeRefused(Exception):
@@ -76,20 +109,20 @@ def serve(settings: Settings) -> None:
     """
     from granian.constants import Interfaces
     from granian.log import LogLevels
-    from granian.server import Server
 
     settings.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.models_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     check_exposure(settings)
-    server = Server(
+    server = DrainingServer(
         target="locopilot",
         address=settings.host,
         port=settings.port,
         interface=Interfaces.ASGI,
         workers=1,
         log_level=LogLevels(settings.log_level),
+        log_dictconfig=logging_config(settings.log_level, resolve_format(settings.log_format)),
         respawn_failed_workers=True,
-        workers_kill_timeout=SHUTDOWN_GRACE_SECONDS,
+        workers_kill_timeout=math.ceil(settings.shutdown_grace) + STOP_SECONDS,
         # granian serves HTTPS itself when given a certificate and key (TLS 1.3 at least).
         ssl_cert=Path(settings.tls_cert).expanduser() if settings.tls_cert else None,
         ssl_key=Path(settings.tls_key).expanduser() if settings.tls_key else None,

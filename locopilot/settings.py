@@ -25,6 +25,7 @@ from msgspec import Meta
 PREFIX = "LOCOPILOT_"
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "text"]
 
 
 Privacy = Literal["local_only", "local_preferred", "any"]
@@ -202,6 +203,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ] = ""
     tls_key: Annotated[str, Meta(description="The PEM private key file for `LOCOPILOT_TLS_CERT`.")] = ""
     log_level: Annotated[LogLevel, Meta(description="One of debug, info, warning, error.")] = "info"
+    log_format: Annotated[
+        LogFormat,
+        Meta(
+            description=(
+                "How log lines on stderr are written: `json` (one object per line, for journald and log "
+                "shippers), `text` (for a person at a terminal), or `auto` (text when stderr is a terminal, "
+                "else JSON)."
+            )
+        ),
+    ] = "auto"
+    shutdown_grace: Annotated[
+        float,
+        Meta(
+            ge=0,
+            le=3600,
+            description=(
+                "Seconds requests in flight may take to finish after SIGTERM; streams still running then end "
+                "with an error event. Keep it 15 s below the service manager's stop timeout."
+            ),
+        ),
+    ] = 30.0
     log_retention_days: Annotated[
         int,
         Meta(
@@ -389,7 +411,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         if key not in known:
             raise SettingsError(key, f"unknown setting; known settings are {', '.join(sorted(known))}")
         field = key[len(PREFIX) :].lower()
-        raw[field] = value.strip().lower() if field == "log_level" else value.strip()
+        raw[field] = value.strip().lower() if field in ("log_level", "log_format") else value.strip()
     try:
         settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:

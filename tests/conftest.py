@@ -77,6 +77,7 @@ class Server:
         }
         self.log_path = root / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.new_session = False  # True: the server and its children get a process group of their own
         self.clients: list[openai.OpenAI] = []
 
     @property
@@ -85,13 +86,14 @@ class Server:
 
     def start(self, timeout: float = 120, path: str = "/v1/engine/health") -> Server:
         """Start, then wait until ``path`` answers 200."""
-        with self.log_path.open("wb") as log:
+        with self.log_path.open("ab") as log:  # a restarted server adds to the same log
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "locopilot", "serve"],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.cwd,
+                start_new_session=self.new_session,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

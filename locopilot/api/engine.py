@@ -18,6 +18,8 @@ from locopilot.store import stats
 
 class Liveness(msgspec.Struct):
     status: str = "ok"
+    detail: str | msgspec.UnsetType = msgspec.UNSET
+    """Why not ``ok``: a stop has begun (the answer is then 503)."""
 
 
 class DatabaseHealth(msgspec.Struct):
@@ -59,8 +61,12 @@ class Health(msgspec.Struct):
 
 
 @get("/health", exclude_from_auth=True)
-async def health() -> Response[bytes]:
-    """Liveness: the process answers. Never needs a key."""
+async def health(services: Services) -> Response[bytes]:
+    """Liveness: the process answers, 503 once it is shutting down. Never needs a key."""
+    shutdown = services.shutdown
+    if shutdown.draining:
+        body = Liveness("shutting_down", f"shutting down: {shutdown.reason}")
+        return Response(encoder.encode(body), media_type="application/json", status_code=503)
     return Response(encoder.encode(Liveness()), media_type="application/json")
 
 
@@ -69,7 +75,7 @@ async def engine_health(services: Services) -> Response[bytes]:
     """Readiness: 200 when the database and llama.cpp work, else 503 with what is wrong."""
     db_error = await anyio.to_thread.run_sync(services.db.health)
     engine = services.engine
-    ready = db_error is None and engine.ready
+    ready = db_error is None and engine.ready and not services.shutdown.draining
     router = services.router
     providers = [
         ProviderHealth(
@@ -86,7 +92,7 @@ async def engine_health(services: Services) -> Response[bytes]:
         for name, state in router.states.items()
     ]
     body = Health(
-        status="ok" if ready else "unavailable",
+        status="ok" if ready else "shutting_down" if services.shutdown.draining else "unavailable",
         database=DatabaseHealth(db_error is None, str(services.db.path), db_error),
         engine=EngineHealth(
             ready=engine.ready,

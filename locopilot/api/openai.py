@@ -5,7 +5,6 @@ from __future__ import annotations
 import array
 import base64
 import json
-import secrets
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -18,6 +17,7 @@ from litestar.response import Stream
 from locopilot.api.services import Services
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import InvalidRequest, ModelNotFound
+from locopilot.gateway.access import outcome_id
 from locopilot.gateway.auth import Principal, principal_of
 from locopilot.gateway.failover import first_success, open_stream
 from locopilot.gateway.router import PRIVACY_LEVELS, Route
@@ -54,12 +54,9 @@ from locopilot.settings import Privacy
 MAX_EMBEDDING_INPUTS = 2048
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
-
-
-def provider_headers(provider: str, model: str, request_id: str) -> dict[str, str]:
-    return {"X-Locopilot-Provider": provider, "X-Locopilot-Model": model, "X-Request-Id": request_id}
+def provider_headers(provider: str, model: str) -> dict[str, str]:
+    """Where the reply was served; ``X-Request-Id`` is added to every response by the access log."""
+    return {"X-Locopilot-Provider": provider, "X-Locopilot-Model": model}
 
 
 # Request → GenerationRequest
@@ -295,11 +292,11 @@ async def serve_generation(
 ) -> Response[bytes] | Stream:
     """Limit, check, route (with failover before the first byte), generate and record one completion."""
     chat = isinstance(body, ChatCompletionRequest)
-    request_id = new_id("chatcmpl" if chat else "cmpl")
+    request_id = outcome_id(request.scope, "chatcmpl" if chat else "cmpl")
     endpoint = "chat.completions" if chat else "completions"
     principal = principal_of(request)
     outcome = Outcome(request_id, endpoint, body.model, key_id=principal.key_id)
-    with services.recorder.recording(outcome):
+    async with services.recorder.recording(outcome):
         admission = outcome.admission = services.limiter.admit(principal)
         if isinstance(body, ChatCompletionRequest):
             generation = chat_generation(body, body.model, services.settings.max_message_bytes)
@@ -326,10 +323,10 @@ async def serve_generation(
                 route, first, events = await opened()
                 return route, await collect(first, events, formatter, outcome, services.recorder)
 
-            route, reply = await unless_disconnected(request.receive, whole)
-            headers = {**provider_headers(route.provider.name, route.model, request_id), **admission.headers()}
+            route, reply = await unless_disconnected(request.receive, whole, services.shutdown)
+            headers = {**provider_headers(route.provider.name, route.model), **admission.headers()}
             return Response(encoder.encode(reply), media_type="application/json", headers=headers)
-        route, first, events = await unless_disconnected(request.receive, opened)
+        route, first, events = await unless_disconnected(request.receive, opened, services.shutdown)
         return sse_response(
             first,
             events,
@@ -337,7 +334,8 @@ async def serve_generation(
             include_usage=include_usage,
             outcome=outcome,
             recorder=services.recorder,
-            headers={**provider_headers(route.provider.name, route.model, request_id), **admission.headers()},
+            headers={**provider_headers(route.provider.name, route.model), **admission.headers()},
+            shutdown=services.shutdown,
         )
 
 
@@ -375,10 +373,10 @@ def embedding_inputs(body: EmbeddingRequest, max_text: int) -> list[str]:
 
 @post("/v1/embeddings", status_code=200)
 async def embeddings(data: EmbeddingRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
-    request_id = new_id("emb")
+    request_id = outcome_id(request.scope, "emb")
     principal = principal_of(request)
     outcome = Outcome(request_id, "embeddings", data.model, key_id=principal.key_id)
-    with services.recorder.recording(outcome):
+    async with services.recorder.recording(outcome):
         admission = outcome.admission = services.limiter.admit(principal)
         inputs = embedding_inputs(data, services.settings.max_message_bytes)
         policy = privacy_of(request, services.settings.routing_privacy)
@@ -389,11 +387,11 @@ async def embeddings(data: EmbeddingRequest, services: Services, request: Reques
             return await route.provider.embed(route.model, inputs)
 
         route, result = await unless_disconnected(
-            request.receive, lambda: first_success(services.router, plan, attempt)
+            request.receive, lambda: first_success(services.router, plan, attempt), services.shutdown
         )
         outcome.model, outcome.provider = route.model, route.provider.name
     outcome.tokens_in = result.prompt_tokens
-    services.recorder.finish(outcome)
+    await services.recorder.settle(outcome)
     data_items = [
         EmbeddingData(i, base64.b64encode(_float32(v)).decode() if data.encoding_format == "base64" else v)
         for i, v in enumerate(result.vectors)
@@ -402,7 +400,7 @@ async def embeddings(data: EmbeddingRequest, services: Services, request: Reques
     return Response(
         encoder.encode(body),
         media_type="application/json",
-        headers={**provider_headers(route.provider.name, route.model, request_id), **admission.headers()},
+        headers={**provider_headers(route.provider.name, route.model), **admission.headers()},
     )
 
 

@@ -12,6 +12,7 @@ from locopilot.gateway.auth import Authenticator
 from locopilot.gateway.metrics import Metrics
 from locopilot.gateway.ratelimit import RateLimiter
 from locopilot.gateway.router import Router
+from locopilot.gateway.shutdown import Shutdown
 from locopilot.gateway.usage import UsageRecorder
 from locopilot.models.catalog import ModelCatalog
 from locopilot.settings import Settings
@@ -40,6 +41,7 @@ class Services:
     auth: Authenticator
     limiter: RateLimiter
     metrics: Metrics
+    shutdown: Shutdown
     started_at: float = field(default_factory=time.time)
 
 

@@ -26,6 +26,7 @@ import os
 import queue
 import random
 import re
+import signal
 import sys
 import threading
 from collections import deque
@@ -590,6 +591,9 @@ class Channel:
 
 def main() -> int:
     """Entry point of ``locopilot _runner``; returns the exit status."""
+    # Ctrl-C at a terminal reaches the whole process group; the server drains its requests
+    # and then ends this runner by closing stdin, so the runner must not die first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr

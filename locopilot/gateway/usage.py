@@ -1,11 +1,19 @@
-"""Recording each request's outcome in the request log, without blocking it."""
+"""Recording each request's outcome in the request log, and its access line.
+
+A row is written by the database's writer thread, off the request path; but a reply
+is not finished until its row is committed (:meth:`UsageRecorder.settle`, at most
+:data:`COMMIT_WAIT` seconds), so a client that has its whole reply can count on the
+row being there even if the server is killed the next instant.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,6 +30,11 @@ if TYPE_CHECKING:
     from locopilot.gateway.ratelimit import Admission
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("locopilot.access")
+
+#: The longest a reply's last bytes wait for its row's commit (normally well under a millisecond):
+#: a stuck disk delays answers by this much at most, and never fails them.
+COMMIT_WAIT = 2.0
 
 
 @dataclass
@@ -57,36 +70,63 @@ class UsageRecorder:
         self.clock = clock
         self.wall_clock = wall_clock
 
-    @contextmanager
-    def recording(self, outcome: Outcome) -> Iterator[Outcome]:
-        """Record ``outcome`` as failed if the block raises (and re-raise)."""
+    @asynccontextmanager
+    async def recording(self, outcome: Outcome) -> AsyncIterator[Outcome]:
+        """Record ``outcome`` as failed if the block raises (and re-raise, once the row
+        is committed: the error response is an answer too). A cancelled block (the
+        client has gone) does not wait."""
         try:
             yield outcome
+        except Exception as exc:
+            await self.settle(outcome, error=exc)
+            raise
         except BaseException as exc:
             self.finish(outcome, error=exc)
             raise
 
-    def finish(self, outcome: Outcome, *, error: BaseException | None = None) -> None:
-        """Queue the log row for ``outcome``, count it in the metrics and settle its quota admission;
-        a second call for the same outcome does nothing.
+    async def settle(self, outcome: Outcome, *, error: BaseException | None = None) -> None:
+        """:meth:`finish`, then wait until the row is committed (at most :data:`COMMIT_WAIT` s).
+
+        Call it before the reply's last bytes go out. Cancelling the wait does not
+        cancel the write. A failed write was logged by the store; the reply goes on.
+        """
+        written = self.finish(outcome, error=error)
+        if written is None:
+            return
+        committed = asyncio.wrap_future(written)
+        done, _ = await asyncio.wait((committed,), timeout=COMMIT_WAIT)
+        if done:
+            committed.exception()  # retrieved, so asyncio does not report it again
+        else:
+            log.warning("the request log took over %g s to commit a row; answering without waiting", COMMIT_WAIT)
+
+    def finish(self, outcome: Outcome, *, error: BaseException | None = None) -> Future[int] | None:
+        """Queue the log row for ``outcome``, write its access line, count it in the metrics and settle its quota
+        admission; a second call for the same outcome does nothing.
+
+        Returns the row's write (its future holds the row id once committed), or None
+        when nothing was queued.
 
         ``http_status`` is what the client got: once streaming has begun that is
         200 even if the stream then ended with an error event.
         """
         if outcome.recorded:
-            return
+            return None
         outcome.recorded = True
         if outcome.admission is not None:
             outcome.admission.finish(outcome.tokens_in + outcome.tokens_out)
         status: logs.LogStatus
         if error is None:
-            status, http_status, message = "ok", 200, None
+            status, http_status, message, code = "ok", 200, None, None
         elif isinstance(error, ClientDisconnected | anyio.get_cancelled_exc_class() | GeneratorExit):
             status, http_status, message = "cancelled", ClientDisconnected.status_code, "client disconnected"
+            code = "client_disconnected"
         elif isinstance(error, LocopilotError):
             status, http_status, message = "error", error.status_code, error.message
+            code = error.code or error.error_type
         else:
             status, http_status, message = "error", 500, type(error).__name__
+            code = type(error).__name__
         if outcome.streaming:
             http_status = 200
         seconds = self.clock() - outcome.started
@@ -108,7 +148,36 @@ class UsageRecorder:
             created_at=self.wall_clock(),
             routing=None if outcome.routing is None else msgspec.json.encode(outcome.routing).decode(),
         )
+        log_outcome(row, code)
         try:
-            logs.record(self.db, row)
+            return logs.record(self.db, row)
         except StoreError as exc:
             log.error("request log unavailable: %s", exc)
+            return None
+
+
+def log_outcome(row: logs.InferenceLog, code: str | None) -> None:
+    """The request's access line (see :mod:`locopilot.gateway.access`); an error's code, not its
+    message, which may quote what the client sent."""
+    access_log.log(
+        logging.WARNING if row.http_status >= 500 else logging.INFO,
+        "%s %s %d",
+        row.endpoint,
+        row.model,
+        row.http_status,
+        extra={
+            "event": "request",
+            "request_id": row.request_id,
+            "key_id": row.key_id,
+            "endpoint": row.endpoint,
+            "model": row.model,
+            "provider": row.provider,
+            "status": row.http_status,
+            "outcome": row.status,
+            "error": code,
+            "latency_ms": round(row.latency_ms, 3),
+            "ttfb_ms": None if row.ttfb_ms is None else round(row.ttfb_ms, 3),
+            "tokens_in": row.tokens_in,
+            "tokens_out": row.tokens_out,
+        },
+    )

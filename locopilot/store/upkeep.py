@@ -1,4 +1,5 @@
-"""Keeping the database bounded and copyable: retention of old rows, and online backup.
+"""Keeping the database bounded, copyable and true: retention of old rows, online backup,
+and recovery of state a crash left behind.
 
 Retention deletes request-log and audit rows older than the cut-off in batches
 of :data:`PURGE_BATCH` rows, each batch its own write transaction on the
@@ -86,3 +87,16 @@ def backup(source: Path, target: Path) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def fail_interrupted_jobs(db: Database, now: float) -> int:
+    """Mark training jobs still ``running`` as failed: called at startup, when nothing can be
+    running yet, so those are what a crash or kill left behind. Returns how many.
+
+    Raises:
+        StoreError: the write failed.
+    """
+    return db.write(
+        "UPDATE training_jobs SET status = 'failed', error = ?, finished_at = ? WHERE status = 'running'",
+        ("interrupted: the server stopped while the job ran", now),
+    ).result()
