@@ -7,7 +7,9 @@ import time
 import anyio
 import msgspec
 from litestar import Response, get
+from litestar.openapi.datastructures import ResponseSpec
 
+from locopilot.api.responses import GUARDED, answers
 from locopilot.api.services import Services
 from locopilot.engine.scheduler import RunnerInfo
 from locopilot.gateway.ratelimit import LimitStats
@@ -57,13 +59,16 @@ class Health(msgspec.Struct):
     providers: list[ProviderHealth]
 
 
-@get("/health", exclude_from_auth=True)
+@get("/health", exclude_from_auth=True, responses=answers(Liveness, 200, 403, 500))
 async def health() -> Response[bytes]:
     """Liveness: the process answers. Never needs a key."""
     return Response(encoder.encode(Liveness()), media_type="application/json")
 
 
-@get("/v1/engine/health")
+UNREADY = ResponseSpec(Health, generate_examples=False, description="The database or llama.cpp does not work (yet)")
+
+
+@get("/v1/engine/health", responses={**answers(Health, 200, *GUARDED), 503: UNREADY})
 async def engine_health(services: Services) -> Response[bytes]:
     """Readiness: 200 when the database and llama.cpp work, else 503 with what is wrong."""
     db_error = await anyio.to_thread.run_sync(services.db.health)
@@ -108,7 +113,7 @@ class Stats(msgspec.Struct):
     """Requests in flight and quota refusals since start (this process's counters)."""
 
 
-@get("/v1/engine/stats")
+@get("/v1/engine/stats", responses=answers(Stats, 200, *GUARDED))
 async def engine_stats(services: Services) -> Response[bytes]:
     """Requests by provider and model, routing, failovers and errors, since start and over the last hour;
     requests in flight and quota refusals since start."""
