@@ -55,10 +55,27 @@ def test_gemma_fallback_folds_the_system_message_into_the_first_user_turn() -> N
         "{{ ''.__class__.__mro__[1].__subclasses__() }}",
         "{{ messages.__class__.__init__.__globals__ }}",
         "{% set x = messages.append({'role': 'user', 'content': 'x'}) %}",
+        # An unsafe attribute fails the render: Jinja's default would print it as "".
+        "{{ raise_exception.__globals__ }}",
+        "{{ strftime_now.__globals__ }}{{ messages[0]['content'] }}",
     ],
 )
 def test_templates_cannot_reach_python_internals(source: str) -> None:
     with pytest.raises(TemplateError):
+        TemplateRenderer(ChatTemplate("gguf", source)).render(CHAT)
+
+
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [
+        ("{% for i in range(10 ** 9) %}{% endfor %}", "OverflowError"),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+        ("{{ 1 // 0 }}", "ZeroDivisionError"),
+        ("{{ messages[0]['content'] + 1 }}", "TypeError"),
+    ],
+)
+def test_any_exception_a_template_raises_is_a_template_error(source: str, fragment: str) -> None:
+    with pytest.raises(TemplateError, match=fragment):
         TemplateRenderer(ChatTemplate("gguf", source)).render(CHAT)
 
 

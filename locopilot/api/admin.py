@@ -15,6 +15,7 @@ import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.params import Parameter
 
+from locopilot.api.responses import BODY, GUARDED, answers
 from locopilot.api.services import Services
 from locopilot.gateway import auth
 from locopilot.schemas.openai import encoder
@@ -53,7 +54,7 @@ def json_response(body: msgspec.Struct, status_code: int = 200) -> Response[byte
     return Response(encoder.encode(body), media_type="application/json", status_code=status_code)
 
 
-@post("/v1/admin/keys", status_code=201)
+@post("/v1/admin/keys", status_code=201, responses=answers(CreatedKey, 201, *GUARDED, *BODY))
 async def create_key(data: KeySpec, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Create a key; the response holds its secret, shown this once."""
     now = services.auth.clock()
@@ -64,7 +65,7 @@ async def create_key(data: KeySpec, services: Services, request: Request[Any, An
     return json_response(created, 201)
 
 
-@get("/v1/admin/keys")
+@get("/v1/admin/keys", responses=answers(KeyList, 200, *GUARDED))
 async def list_keys(services: Services) -> Response[bytes]:
     """Every key, revoked and expired ones too, oldest first."""
     now = services.auth.clock()
@@ -72,14 +73,14 @@ async def list_keys(services: Services) -> Response[bytes]:
     return json_response(KeyList([key_info(key, now) for key in found]))
 
 
-@get("/v1/admin/keys/{key_id:str}")
+@get("/v1/admin/keys/{key_id:str}", responses=answers(KeyInfo, 200, *GUARDED, 400, 404))
 async def get_key(key_id: str, services: Services) -> Response[bytes]:
     """One key, by id or by the name of a live key."""
     key = await anyio.to_thread.run_sync(keys.find, services.db, key_id)
     return json_response(key_info(key, services.auth.clock()))
 
 
-@delete("/v1/admin/keys/{key_id:str}", status_code=200)
+@delete("/v1/admin/keys/{key_id:str}", status_code=200, responses=answers(KeyInfo, 200, *GUARDED, 400, 404))
 async def revoke_key(key_id: str, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Revoke a key (by id or live name); it fails with 401 from the next request on."""
     now = services.auth.clock()
@@ -89,7 +90,7 @@ async def revoke_key(key_id: str, services: Services, request: Request[Any, Any,
     return json_response(key_info(key, now))
 
 
-@get("/v1/admin/audit")
+@get("/v1/admin/audit", responses=answers(AuditList, 200, *GUARDED, 400))
 async def audit_events(
     services: Services,
     limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,

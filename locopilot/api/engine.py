@@ -8,7 +8,9 @@ from typing import Any
 import anyio
 import msgspec
 from litestar import Request, Response, get
+from litestar.openapi.datastructures import ResponseSpec
 
+from locopilot.api.responses import GUARDED, answers
 from locopilot.api.services import Services
 from locopilot.engine.scheduler import RunnerInfo
 from locopilot.gateway.ratelimit import LimitStats
@@ -60,7 +62,10 @@ class Health(msgspec.Struct):
     providers: list[ProviderHealth]
 
 
-@get("/health", exclude_from_auth=True)
+DRAINING = ResponseSpec(Liveness, generate_examples=False, description="A stop has begun")
+
+
+@get("/health", exclude_from_auth=True, responses={**answers(Liveness, 200, 403, 500), 503: DRAINING})
 async def health(services: Services) -> Response[bytes]:
     """Liveness: the process answers, 503 once it is shutting down. Never needs a key."""
     shutdown = services.shutdown
@@ -70,7 +75,10 @@ async def health(services: Services) -> Response[bytes]:
     return Response(encoder.encode(Liveness()), media_type="application/json")
 
 
-@get("/v1/engine/health")
+UNREADY = ResponseSpec(Health, generate_examples=False, description="The database or llama.cpp does not work (yet)")
+
+
+@get("/v1/engine/health", responses={**answers(Health, 200, *GUARDED), 503: UNREADY})
 async def engine_health(services: Services) -> Response[bytes]:
     """Readiness: 200 when the database and llama.cpp work, else 503 with what is wrong."""
     db_error = await anyio.to_thread.run_sync(services.db.health)
@@ -115,7 +123,7 @@ class Stats(msgspec.Struct):
     """Requests in flight and quota refusals since start (this process's counters)."""
 
 
-@get("/v1/engine/stats")
+@get("/v1/engine/stats", responses=answers(Stats, 200, *GUARDED))
 async def engine_stats(services: Services) -> Response[bytes]:
     """Requests by provider and model, routing, failovers and errors, since start and over the last hour;
     requests in flight and quota refusals since start."""

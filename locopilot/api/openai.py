@@ -14,6 +14,7 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 
+from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
 from locopilot.api.services import Services
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import InvalidRequest, ModelNotFound
@@ -339,14 +340,14 @@ async def serve_generation(
         )
 
 
-@post("/v1/chat/completions", status_code=200)
+@post("/v1/chat/completions", status_code=200, responses=answers(ChatCompletion, 200, *GUARDED, *BODY, *ROUTED))
 async def chat_completions(
     data: ChatCompletionRequest, services: Services, request: Request[Any, Any, Any]
 ) -> Response[bytes] | Stream:
     return await serve_generation(services, request, data)
 
 
-@post("/v1/completions", status_code=200)
+@post("/v1/completions", status_code=200, responses=answers(Completion, 200, *GUARDED, *BODY, *ROUTED))
 async def completions(
     data: CompletionRequest, services: Services, request: Request[Any, Any, Any]
 ) -> Response[bytes] | Stream:
@@ -371,7 +372,7 @@ def embedding_inputs(body: EmbeddingRequest, max_text: int) -> list[str]:
     return texts
 
 
-@post("/v1/embeddings", status_code=200)
+@post("/v1/embeddings", status_code=200, responses=answers(EmbeddingList, 200, *GUARDED, *BODY, *ROUTED))
 async def embeddings(data: EmbeddingRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     request_id = outcome_id(request.scope, "emb")
     principal = principal_of(request)
@@ -446,13 +447,13 @@ async def all_cards(services: Services, principal: Principal) -> list[ModelCard]
     return cards
 
 
-@get("/v1/models")
+@get("/v1/models", responses=answers(ModelList, 200, *GUARDED, 502, 503))
 async def list_models(services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     cards = await all_cards(services, principal_of(request))
     return Response(encoder.encode(ModelList(cards)), media_type="application/json")
 
 
-@get("/v1/models/{model_id:path}")
+@get("/v1/models/{model_id:path}", responses=answers(ModelCard, 200, *GUARDED, 400, 404, 502, 503))
 async def get_model(model_id: str, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     """One model by id, plain (``llama3.2:1b``) or with its provider (``ollama:llama3.2:1b``)."""
     model_id = model_id.lstrip("/")

@@ -306,6 +306,11 @@ class Engine:
             prompt = job.prompt or ""
             stops = list(job.stop)
         tokens = self.tokenize(prompt)
+        if not tokens:
+            # Nothing to decode (an empty prompt on a model that adds no BOS): such a request never finished.
+            raise RequestError(
+                "invalid", "The prompt has no tokens for this model.", "messages" if job.messages else "prompt"
+            )
         if len(tokens) >= self.n_ctx:
             raise RequestError(
                 "context_length",
@@ -539,6 +544,9 @@ class Engine:
         n_ctx = embedder.n_ctx()
         counts = [len(embedder.tokenize(text.encode(), add_bos=True, special=True)) for text in job.inputs]
         for index, count in enumerate(counts):
+            if count == 0:
+                # llama-cpp-python's embed() fails to decode an empty sequence and can corrupt its heap.
+                raise RequestError("invalid", f"input[{index}] has no tokens for this model.", "input")
             if count > n_ctx:
                 raise RequestError(
                     "context_length",

@@ -4,10 +4,12 @@ A GGUF's own ``tokenizer.chat_template`` wins. A model without one gets a
 fallback chosen by architecture (Gemma's turn format for ``gemma*``), else
 ChatML. The choice is a plain value so ``/v1/models/{id}`` can show it without
 loading the model. Templates run in Jinja's ImmutableSandboxedEnvironment:
-a template from a downloaded file may not reach Python internals. The sandbox
-does not bound work, so a render is also limited: ``*`` and ``**`` may not
-build values larger than :data:`MAX_VALUE_SIZE`, and a render that runs more
-than :data:`MAX_RENDER_STEPS` template lines (nested loops) fails.
+a template from a downloaded file may not reach Python internals. Reading an
+unsafe attribute fails the render, and so does any exception a template raises
+(:class:`TemplateError` either way). The sandbox does not bound work, so a
+render is also limited: ``*`` and ``**`` may not build values larger than
+:data:`MAX_VALUE_SIZE`, and a render that runs more than
+:data:`MAX_RENDER_STEPS` template lines (nested loops) fails.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import jinja2
 import msgspec
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 CHATML = (
@@ -73,6 +76,11 @@ MAX_RENDER_STEPS = 2_000_000
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**"})
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        # Jinja answers an unsafe attribute with an undefined value that prints as "",
+        # so `{{ f.__globals__ }}` would render and the probe would pass unnoticed.
+        raise SecurityError(f"chat template reads the unsafe attribute {attribute!r} of a {type(obj).__name__}")
 
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
         if op == "*":
@@ -169,3 +177,7 @@ class TemplateRenderer:
             raise
         except jinja2.TemplateError as exc:
             raise TemplateError(f"chat template failed: {exc}") from exc
+        except Exception as exc:
+            # The template is code from the model file: whatever it raises (the sandbox's
+            # OverflowError for a huge range, RecursionError, ZeroDivisionError, ...) is its failure.
+            raise TemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc

@@ -9,7 +9,7 @@ import msgspec
 
 from locopilot.engine.protocol import Delta, Done, Embed, Embeddings, Failed, FromRunner, Generate, Started
 from locopilot.engine.scheduler import ModelManager, RunnerGone
-from locopilot.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest, LocopilotError
+from locopilot.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest, LocopilotError, ModelNotFound
 from locopilot.models.catalog import ModelCatalog
 from locopilot.providers.base import EmbeddingResult, Finish, GenerationRequest, Locality, StreamEvent, TextDelta
 
@@ -41,8 +41,25 @@ class EmbeddedProvider:
     async def aclose(self) -> None:
         await self.manager.aclose()
 
+    async def _check_loadable(self, model: str) -> None:
+        """Raise ModelNotFound unless ``model`` is a regular file whose GGUF header our bounded reader accepts.
+
+        A name that only ``embedded:NAME`` reaches (routing skips unreadable files) would otherwise
+        evict a loaded model and hand whatever the name links to, a text file outside the folder
+        say, to llama.cpp's own parser, once per request.
+        """
+        # get(), not header(): it reads regular files only (a FIFO would block the read).
+        entry = await anyio.to_thread.run_sync(self.catalog.get, model)
+        if entry.error is not None:
+            raise ModelNotFound(f"The model '{model}' is not a usable GGUF file: {entry.error}", param="model")
+
     async def _request(self, model: str, job: Generate | Embed) -> AsyncGenerator[FromRunner, None]:
-        """The job's messages from a live runner; a runner that died while the job waited is replaced once."""
+        """The job's messages from a live runner; a runner that died while the job waited is replaced once.
+
+        A model not loaded yet is checked first (:meth:`_check_loadable`).
+        """
+        if model not in self.manager.loaded():
+            await self._check_loadable(model)
         for attempt in (1, 2):
             runner = await self.manager.runner(model)
             messages = runner.request(msgspec.structs.replace(job, id=runner.next_id()), self.queue_size)
