@@ -135,7 +135,12 @@ async def engine_stats(services: Services) -> Response[bytes]:
     )
 
 
-@get("/metrics")
+EXPOSITION = ResponseSpec(
+    str, media_type="text/plain", generate_examples=False, description="Prometheus text (OpenMetrics if asked for)"
+)
+
+
+@get("/metrics", responses={**answers(str, 200, *GUARDED), 200: EXPOSITION})
 async def metrics(services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Prometheus metrics (text format, or OpenMetrics when the scraper asks for it). Admin scope,
     or no key with LOCOPILOT_METRICS_PUBLIC."""
