@@ -25,7 +25,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from locopilot.cli import cli
-from locopilot.server import SHUTDOWN_GRACE_SECONDS
+from locopilot.server import STOP_SECONDS
 from locopilot.service import envfile, launchd, repository_files, systemd
 from locopilot.service.install import ServiceError, Target, check, install_plan
 from locopilot.settings import Settings, describe, load_settings
@@ -39,8 +39,8 @@ needs_systemd_analyze = pytest.mark.skipif(
 
 
 def shutdown_grace() -> float:
-    """The server's drain on SIGTERM by default: the setting once it exists, else the server's constant."""
-    return float(getattr(Settings(), "shutdown_grace", SHUTDOWN_GRACE_SECONDS))
+    """How long the server may take to stop on SIGTERM by default: its drain, then runners and database."""
+    return Settings().shutdown_grace + STOP_SECONDS
 
 
 # generated files

@@ -12,9 +12,9 @@ UNIT_NAME = "locopilot.service"
 SYSTEM_ENV_FILE = "/etc/locopilot/locopilot.env"
 
 #: Seconds systemd waits after SIGTERM before it SIGKILLs what is left: above the
-#: server's own drain (LOCOPILOT_SHUTDOWN_GRACE, 30 s by default), with room for
-#: the runners to exit and the database to close.
-STOP_TIMEOUT = 45
+#: server's own limit (LOCOPILOT_SHUTDOWN_GRACE, 30 s by default, plus
+#: server.STOP_SECONDS for the runners and the database), so the server ends itself.
+STOP_TIMEOUT = 60
 
 _SYSTEM_HEADER = f"""\
 # locopilot as a system service. `locopilot service install` writes this file
@@ -65,7 +65,7 @@ _STOP = f"""\
 # LOCOPILOT_SHUTDOWN_GRACE seconds (30 by default) and ends its model runners
 # itself. KillMode=mixed keeps systemd from signalling the runners directly,
 # and SIGKILLs whatever is left after TimeoutStopSec, which must stay above
-# the grace: raise both together.
+# the grace plus 15 s (the server's own limit): raise both together.
 KillSignal=SIGTERM
 KillMode=mixed
 TimeoutStopSec={STOP_TIMEOUT}
