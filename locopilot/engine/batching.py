@@ -19,8 +19,9 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from locopilot.engine.embedding import Embedder
 from locopilot.engine.protocol import (
     Delta,
     Done,
@@ -37,9 +38,6 @@ from locopilot.engine.protocol import (
 )
 from locopilot.engine.sampling import StopMatcher, build_sampler
 from locopilot.engine.templates import TemplateError, TemplateRenderer, choose_template
-
-if TYPE_CHECKING:
-    from llama_cpp import Llama
 
 log = logging.getLogger("locopilot.runner")
 
@@ -136,7 +134,7 @@ class Engine:
         self.vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab()
         self.cached_tokens_total = 0
-        self._embedder: Llama | None = None
+        self.embedder = Embedder(self.model, self.metadata, n_ctx_slot, load.threads)
         self.template = choose_template(self.metadata)
         bos, eos = self.model.token_bos(), self.model.token_eos()
         self.bos = bos
@@ -353,44 +351,16 @@ class Engine:
         slot.sequence = None
 
     def embed(self, job: Embed) -> Embeddings:
-        embedder = self._embedding_model()
-        n_ctx = embedder.n_ctx()
-        counts = [len(embedder.tokenize(text.encode(), add_bos=True, special=True)) for text in job.inputs]
-        for index, count in enumerate(counts):
-            if count > n_ctx:
-                raise RequestError(
-                    "context_length",
-                    f"input[{index}] has {count} tokens; this model embeds at most {n_ctx} tokens at once",
-                )
-        vectors = embedder.embed(job.inputs, normalize=True, truncate=False)
-        return Embeddings(id=job.id, vectors=[list(map(float, v)) for v in vectors], prompt_tokens=sum(counts))
-
-    def _embedding_model(self) -> Llama:
-        # llama.cpp computes either logits or embeddings per context, so embeddings
-        # get their own context over the same file (mmap shares the weights).
-        if self._embedder is None:
-            import llama_cpp
-            from llama_cpp import Llama
-
-            metadata = self.metadata
-            arch = metadata.get("general.architecture", "")
-            has_pooling = f"{arch}.pooling_type" in metadata
-            n_ctx = self.n_ctx
-            self._embedder = Llama(
-                model_path=self.load.model_path,
-                embedding=True,
-                n_ctx=n_ctx,
-                n_batch=n_ctx,
-                n_ubatch=n_ctx,
-                n_threads=self.load.threads,
-                n_threads_batch=self.load.threads,
-                n_gpu_layers=self.load.gpu_layers,
-                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
-                if has_pooling
-                else llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-                verbose=False,
-            )
-        return self._embedder
+        """All of ``job``'s inputs, as few decodes as fit; RequestError for an input that is too long."""
+        tokenized = self.embedder.tokenize(job.inputs)
+        before = self.embedder.decodes
+        vectors = self.embedder.embed(tokenized)
+        return Embeddings(
+            id=job.id,
+            vectors=vectors,
+            prompt_tokens=sum(map(len, tokenized)),
+            decodes=self.embedder.decodes - before,
+        )
 
 
 def serve(

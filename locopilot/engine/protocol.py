@@ -114,6 +114,7 @@ class Embeddings(msgspec.Struct, tag="embeddings", frozen=True, kw_only=True):
     id: int
     vectors: list[list[float]]
     prompt_tokens: int
+    decodes: int = 0  # llama.cpp decode calls it took (several inputs share one)
 
 
 class Failed(msgspec.Struct, tag="failed", frozen=True, kw_only=True):
