@@ -158,6 +158,12 @@ def stream(http: httpx.Client, url: str, prompt: str, tokens: int) -> Result:
     return Result(ttft=(first or ended) - started, total=ended - started, tokens=tokens)
 
 
+def fresh_connections() -> httpx.Client:
+    """A client that opens a connection per request: llama-server (cpp-httplib) closes idle
+    keep-alive connections on its own schedule, and a request sent on one just closed fails."""
+    return httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -166,7 +172,7 @@ def percentile(values: list[float], q: float) -> float:
 def load_test(url: str, clients: int, tokens: int, rounds: int) -> dict[str, float]:
     results: list[Result] = []
     walls: list[float] = []
-    with httpx.Client() as http, concurrent.futures.ThreadPoolExecutor(clients) as pool:
+    with fresh_connections() as http, concurrent.futures.ThreadPoolExecutor(clients) as pool:
         stream(http, url, PROMPT, 2)  # load the model
         for _ in range(rounds):
             started = time.perf_counter()
@@ -183,7 +189,7 @@ def load_test(url: str, clients: int, tokens: int, rounds: int) -> dict[str, flo
 
 def prompt_cache(url: str) -> tuple[float, float]:
     """TTFT of a second turn whose first turn is new (cold) and one whose first turn was just served (warm)."""
-    with httpx.Client() as http:
+    with fresh_connections() as http:
         cold_prefix = f"Day {time.time_ns()}. {LONG_TURN}"
         cold = stream(http, url, f"{cold_prefix}\nAnd then?", 4).ttft
         warm_prefix = f"Night {time.time_ns()}. {LONG_TURN}"
