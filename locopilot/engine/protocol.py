@@ -16,6 +16,8 @@ import msgspec
 MAX_FRAME = 256 * 1024 * 1024
 _LEN = struct.Struct(">I")
 
+FailureKind = Literal["context_length", "invalid", "internal"]
+
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     temperature: float = 0.8
@@ -112,13 +114,14 @@ class Embeddings(msgspec.Struct, tag="embeddings", frozen=True, kw_only=True):
     id: int
     vectors: list[list[float]]
     prompt_tokens: int
+    decodes: int = 0  # llama.cpp decode calls it took (several inputs share one)
 
 
 class Failed(msgspec.Struct, tag="failed", frozen=True, kw_only=True):
     """The runner refused or failed one request; ``param`` names the field at fault, if one is."""
 
     id: int
-    kind: Literal["context_length", "invalid", "internal"]
+    kind: FailureKind
     message: str
     param: str | None = None
 
@@ -128,6 +131,15 @@ FromRunner = Ready | LoadFailed | Started | Delta | Done | Embeddings | Failed
 _encoder = msgspec.msgpack.Encoder()
 _to_runner = msgspec.msgpack.Decoder(ToRunner)
 _from_runner = msgspec.msgpack.Decoder(FromRunner)
+
+
+class RequestError(Exception):
+    """Raised inside the runner for a request it refuses; ``kind`` and ``param`` go into ``Failed``."""
+
+    def __init__(self, kind: FailureKind, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.kind: FailureKind = kind
+        self.param = param
 
 
 class ProtocolError(Exception):

@@ -109,6 +109,7 @@ class RunnerProcess:
         self.waiting = 0
         self.tokens_generated = 0
         self.cached_tokens = 0
+        self.embedding_decodes = 0
         self.alive = True
         self.exit_reason = ""
         self._ids = itertools.count(1)
@@ -178,6 +179,8 @@ class RunnerProcess:
                     # Counted here too for requests whose reader has gone (cancelled ones).
                     self.tokens_generated += message.completion_tokens
                     self.cached_tokens += message.cached_tokens
+                elif isinstance(message, Embeddings):
+                    self.embedding_decodes += message.decodes
                 ticket = self._pending.get(getattr(message, "id", -1))
                 if ticket is not None:
                     if isinstance(message, TERMINAL):
@@ -306,6 +309,7 @@ class RunnerInfo(msgspec.Struct, frozen=True):
     waiting: int
     tokens_generated: int
     cached_tokens: int
+    embedding_decodes: int
     idle_seconds: float
 
 
@@ -353,6 +357,7 @@ class ModelManager:
                 waiting=runner.waiting,
                 tokens_generated=runner.tokens_generated,
                 cached_tokens=runner.cached_tokens,
+                embedding_decodes=runner.embedding_decodes,
                 idle_seconds=round(self.clock() - runner.last_used, 3),
             )
             for name, runner in self.runners.items()

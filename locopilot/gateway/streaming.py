@@ -30,7 +30,7 @@ from locopilot.errors import ClientDisconnected, LocopilotError
 from locopilot.gateway.shutdown import Shutdown
 from locopilot.gateway.usage import Outcome, UsageRecorder
 from locopilot.providers.base import Finish, StreamEvent, TextDelta
-from locopilot.schemas.openai import Usage, encoder
+from locopilot.schemas.openai import PromptTokensDetails, Usage, encoder
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def sse(payload: msgspec.Struct) -> bytes:
 
 
 def usage_of(finish: Finish) -> Usage:
-    return Usage(finish.prompt_tokens, finish.completion_tokens, finish.prompt_tokens + finish.completion_tokens)
+    total = finish.prompt_tokens + finish.completion_tokens
+    return Usage(finish.prompt_tokens, finish.completion_tokens, total, PromptTokensDetails(finish.cached_tokens))
 
 
 async def unless_disconnected(receive: Receive, work: Callable[[], Awaitable[T]], shutdown: Shutdown) -> T:
@@ -150,7 +151,7 @@ async def collect(
             await events.aclose()
     if finish is None:
         raise LocopilotError("the provider ended the stream without finishing")
-    outcome.tokens_in, outcome.tokens_out = finish.prompt_tokens, finish.completion_tokens
+    outcome.settle(finish)
     await recorder.settle(outcome)
     return formatter.response("".join(parts), finish.reason, usage_of(finish))
 
@@ -268,7 +269,7 @@ async def _sse_body(
                     yield pending + sse(formatter.delta(text))
                     pending = b""
                 case Finish():
-                    outcome.tokens_in, outcome.tokens_out = event.prompt_tokens, event.completion_tokens
+                    outcome.settle(event)
                     closing = sse(formatter.finish(event.reason))
                     if include_usage:
                         closing += sse(formatter.usage_chunk(usage_of(event)))

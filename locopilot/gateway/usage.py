@@ -22,6 +22,7 @@ import msgspec
 
 from locopilot.errors import ClientDisconnected, LocopilotError
 from locopilot.gateway.router import Decision
+from locopilot.providers.base import Finish
 from locopilot.store import logs
 from locopilot.store.db import Database, StoreError
 
@@ -50,11 +51,17 @@ class Outcome:
     ttfb: float | None = None
     tokens_in: int = 0
     tokens_out: int = 0
+    tokens_cached: int = 0  # of tokens_in, those the provider's prompt cache supplied
     streaming: bool = False  # the 200 and the first bytes have gone out
     routing: Decision | None = None
     admission: Admission | None = None
     """The request's quota admission: finishing the outcome charges its tokens and frees its place."""
     recorded: bool = False
+
+    def settle(self, finish: Finish) -> None:
+        """Take the token counts from the provider's final word on the reply."""
+        self.tokens_in, self.tokens_out = finish.prompt_tokens, finish.completion_tokens
+        self.tokens_cached = finish.cached_tokens
 
 
 class UsageRecorder:
@@ -140,6 +147,7 @@ class UsageRecorder:
             provider=outcome.provider,
             tokens_in=outcome.tokens_in,
             tokens_out=outcome.tokens_out,
+            tokens_cached=outcome.tokens_cached,
             latency_ms=seconds * 1000,
             ttfb_ms=None if outcome.ttfb is None else outcome.ttfb * 1000,
             status=status,

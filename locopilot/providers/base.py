@@ -45,11 +45,16 @@ class TextDelta(msgspec.Struct, frozen=True):
 
 
 class Finish(msgspec.Struct, frozen=True):
-    """``reason`` is ``stop`` or ``length`` (or ``cancelled`` when the stream was cancelled)."""
+    """``reason`` is ``stop`` or ``length`` (or ``cancelled`` when the stream was cancelled).
+
+    ``cached_tokens``: of the prompt tokens, how many the backend reused from its
+    prompt cache instead of computing (0 when it does not say).
+    """
 
     reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 StreamEvent = TextDelta | Finish

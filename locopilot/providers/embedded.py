@@ -102,8 +102,8 @@ class EmbeddedProvider:
                         pass
                     case Delta(text=text, tokens=tokens):
                         yield TextDelta(text, tokens)
-                    case Done(finish_reason=reason, prompt_tokens=p, completion_tokens=c):
-                        yield Finish(reason, p, c)
+                    case Done(finish_reason=reason, prompt_tokens=p, completion_tokens=c, cached_tokens=k):
+                        yield Finish(reason, p, c, k)
                     case Failed():
                         raise failure_error(message, input_param)
                     case _:

@@ -81,9 +81,15 @@ class _Choice(msgspec.Struct):
     finish_reason: str | None = None
 
 
+class _PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
 class _Usage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # OpenAI, vLLM and locopilot say how much of the prompt came from their cache; others send nothing or null.
+    prompt_tokens_details: _PromptTokensDetails | None = None
 
 
 class _Chunk(msgspec.Struct):
@@ -435,7 +441,9 @@ class _ChunkReader:
         reason = self.finish_reason or "stop"
         if self.usage is None:
             return Finish(reason, 0, self.deltas)
-        return Finish(reason, self.usage.prompt_tokens, self.usage.completion_tokens)
+        details = self.usage.prompt_tokens_details
+        cached = details.cached_tokens or 0 if details is not None else 0
+        return Finish(reason, self.usage.prompt_tokens, self.usage.completion_tokens, cached)
 
     def _error_event(self, detail: _ErrorDetail) -> LocopilotError:
         said = detail.message or "no message"

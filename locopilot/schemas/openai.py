@@ -121,10 +121,16 @@ class EmbeddingRequest(Struct, kw_only=True):
 # Responses
 
 
+class PromptTokensDetails(Struct, frozen=True):
+    cached_tokens: int = 0
+    """Prompt tokens reused from the prompt cache rather than computed."""
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
 
 class AssistantMessage(Struct):

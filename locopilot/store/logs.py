@@ -36,6 +36,7 @@ class InferenceLog(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
     created_at: float  # unix seconds
     routing: str | None = None  # JSON: the routing decision
+    tokens_cached: int = 0  # of tokens_in, those the provider's prompt cache supplied
 
 
 def _columns() -> str:

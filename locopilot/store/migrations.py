@@ -61,6 +61,11 @@ def _add_routing_decisions(conn: apsw.Connection) -> None:
     conn.execute("ALTER TABLE inference_logs ADD COLUMN routing TEXT CHECK (routing IS NULL OR json_valid(routing))")
 
 
+def _add_cached_tokens(conn: apsw.Connection) -> None:
+    # Prompt tokens the provider's prompt cache supplied (usage.prompt_tokens_details.cached_tokens).
+    conn.execute("ALTER TABLE inference_logs ADD COLUMN tokens_cached INTEGER NOT NULL DEFAULT 0")
+
+
 def _create_api_keys_and_audit_events(conn: apsw.Connection) -> None:
     conn.execute(
         """
@@ -103,6 +108,7 @@ MIGRATIONS: list[Callable[[apsw.Connection], None]] = [
     _create_inference_logs_and_training_jobs,
     _add_routing_decisions,
     _create_api_keys_and_audit_events,
+    _add_cached_tokens,
 ]
 
 

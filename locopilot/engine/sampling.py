@@ -1,0 +1,120 @@
+"""Per-request sampling in the runner: llama.cpp sampler chains, JSON grammars, stop strings."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from locopilot.engine.protocol import Generate, RequestError
+
+PENALTY_WINDOW = 64
+
+
+def json_grammar(schema: str) -> str:
+    """GBNF for a JSON Schema, with JSON's own rule for characters inside strings.
+
+    llama-cpp-python's converter lets a string hold raw control characters
+    (newlines included), which JSON forbids: a small model then wanders on inside
+    a string and the reply does not parse. llama.cpp's own converter excludes them.
+    """
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    gbnf: str = json_schema_to_gbnf(schema)
+    return gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string.
+
+    ``feed`` returns the text that is safe to send and whether a stop string
+    was found (text after it is dropped).
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        keep = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), keep, -1):
+                if self.pending.endswith(stop[:n]):
+                    keep = n
+                    break
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def build_sampler(job: Generate, vocab: Any, n_vocab: int) -> Any:
+    """A llama.cpp sampler chain for one request (the caller frees it); RequestError for bad parameters."""
+    import llama_cpp
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    sampling = job.sampling
+    bad = [t for t in sampling.logit_bias if not 0 <= t < n_vocab]
+    if bad:
+        raise RequestError("invalid", f"logit_bias names token {bad[0]}, outside this model's vocabulary", "logit_bias")
+    gbnf = None
+    try:
+        if job.json_schema is not None:
+            gbnf = json_grammar(job.json_schema)
+        elif job.grammar is not None:
+            gbnf = job.grammar
+        if gbnf is not None:
+            # llama-cpp-python's parser explains what is wrong; llama.cpp's only refuses.
+            LlamaGrammar.from_string(gbnf, verbose=False)
+    except Exception as exc:
+        raise RequestError(
+            "invalid", f"response_format could not be turned into a grammar: {exc}", "response_format"
+        ) from exc
+
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    parts = []
+    if sampling.logit_bias:
+        biases = (llama_cpp.llama_logit_bias * len(sampling.logit_bias))()
+        for i, (token, value) in enumerate(sampling.logit_bias.items()):
+            biases[i] = llama_cpp.llama_logit_bias(token, value)
+        parts.append(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
+    if sampling.repeat_penalty != 1.0 or sampling.frequency_penalty or sampling.presence_penalty:
+        # The binding declares an n_vocab argument that llama.cpp no longer takes; the
+        # window size passed twice is right whichever of the two the library reads.
+        parts.append(
+            llama_cpp.llama_sampler_init_penalties(
+                PENALTY_WINDOW,
+                PENALTY_WINDOW,
+                sampling.repeat_penalty,
+                sampling.frequency_penalty,
+                sampling.presence_penalty,
+            )
+        )
+    if gbnf is not None:
+        grammar = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
+        if not grammar:
+            for part in parts:
+                llama_cpp.llama_sampler_free(part)
+            llama_cpp.llama_sampler_free(chain)
+            raise RequestError("invalid", "response_format could not be turned into a grammar", "response_format")
+        parts.append(grammar)
+    seed = sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(2**31)
+    if sampling.temperature == 0:
+        parts.append(llama_cpp.llama_sampler_init_greedy())
+    else:
+        if sampling.temperature > 0:
+            parts.append(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+            parts.append(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+            parts.append(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
+            parts.append(llama_cpp.llama_sampler_init_temp(sampling.temperature))
+        parts.append(llama_cpp.llama_sampler_init_dist(seed))
+    for part in parts:
+        llama_cpp.llama_sampler_chain_add(chain, part)
+    return chain
