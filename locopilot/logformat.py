@@ -34,6 +34,7 @@ FIELDS = (
     "ttfb_ms",
     "tokens_in",
     "tokens_out",
+    "pid",
 )
 
 _encoder = msgspec.json.Encoder(enc_hook=str)

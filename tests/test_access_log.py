@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import Server
 from tests.fakes.fault_upstream import FaultUpstream
 from tests.test_api import wait_for_log_row
+from tests.test_catalog import make_gguf
 
 ADMIN_KEY = "sk-access-log-admin-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -124,5 +125,25 @@ def test_log_format_text_for_people(tmp_path: Path) -> None:
         (line,) = [line for line in server.log_path.read_text().splitlines() if request_id in line]
         assert " INFO locopilot.access: GET /health 200 " in line
         assert f"request_id={request_id}" in line
+    finally:
+        server.stop()
+
+
+def test_a_runner_s_own_output_reaches_the_log_as_json(tmp_path: Path) -> None:
+    # A well-formed GGUF of an architecture llama.cpp does not know: the catalog lists it,
+    # llama.cpp refuses it inside the runner and says why on the runner's stderr.
+    unknown = make_gguf(tmp_path / "unknown.gguf", arch="no-such-arch")
+    server = Server(tmp_path / "server", {"unknown": unknown}).start(path="/health")
+    try:
+        body = {"model": "unknown", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+        assert response.status_code == 503, response.text
+        for _ in range(100):
+            runner_lines = [line for line in log_lines(server) if line.get("event") == "runner"]
+            if runner_lines:
+                break
+            time.sleep(0.05)
+        assert runner_lines, server.log_path.read_text()[-3000:]
+        assert all(line["model"] == "unknown" and isinstance(line["pid"], int) for line in runner_lines)
     finally:
         server.stop()

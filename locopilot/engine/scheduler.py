@@ -66,6 +66,34 @@ def runner_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("LOCOPILOT_")}
 
 
+runner_log = logging.getLogger("locopilot.runner")
+
+#: A runner line longer than this is logged in pieces.
+MAX_LOG_LINE = 16384
+
+
+async def relay_stderr(stream: anyio.abc.ByteReceiveStream, model: str, pid: int) -> None:
+    """Log each line a runner writes on stderr (llama.cpp's errors, Python's warnings and
+    tracebacks) as a record of ours, so the server's log stays one JSON object a line."""
+
+    def emit(raw: bytes) -> None:
+        if text := raw.decode(errors="replace").rstrip():
+            runner_log.warning("%s", text, extra={"event": "runner", "model": model, "pid": pid})
+
+    pending = b""
+    try:
+        async for chunk in stream:
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                emit(line)
+            while len(pending) > MAX_LOG_LINE:
+                emit(pending[:MAX_LOG_LINE])
+                pending = pending[MAX_LOG_LINE:]
+    except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass  # the runner is gone; what it wrote last is below
+    emit(pending)
+
+
 class RunnerGone(EngineUnavailable):
     """The runner had died before this request was sent; a new runner may serve it."""
 
@@ -125,9 +153,13 @@ class RunnerProcess:
         model_path: Path,
         settings: Settings,
         clock: Callable[[], float],
+        tasks: anyio.abc.TaskGroup,
         on_idle: Callable[[], None] = lambda: None,
     ) -> RunnerProcess:
-        """Spawn a runner and load the model; raises EngineUnavailable if it cannot."""
+        """Spawn a runner and load the model; raises EngineUnavailable if it cannot.
+
+        The runner's stderr is relayed into our log by a task in ``tasks`` until it closes.
+        """
         load = Load(
             model_path=str(model_path),
             ctx_size=settings.ctx_size,
@@ -139,12 +171,14 @@ class RunnerProcess:
             runner_command(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=None,
+            stderr=subprocess.PIPE,
             cwd=settings.data_path,
             env=runner_environment(),
         )
         assert process.stdin is not None
         assert process.stdout is not None
+        assert process.stderr is not None
+        tasks.start_soon(relay_stderr, process.stderr, name, process.pid, name=f"runner-stderr:{name}")
         failed = f"model '{name}' failed to load; the server log says why"
         try:
             await process.stdin.send(protocol.encode(load))
@@ -378,7 +412,9 @@ class ModelManager:
                 runner = None
             if runner is None:
                 await self._make_room()
-                runner = await RunnerProcess.start(name, path, self.settings, self.clock, self._runner_idle)
+                runner = await RunnerProcess.start(
+                    name, path, self.settings, self.clock, self.task_group, self._runner_idle
+                )
                 self.runners[name] = runner
                 if name in self._died:
                     self._died.discard(name)
