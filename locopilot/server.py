@@ -52,15 +52,21 @@ def app_from_environment(_target: str = "") -> Any:
 class DrainingServer(MPServer):
     """granian's process-based server, with locopilot's stop (see the module docstring)."""
 
-    def signal_handler_interrupt(self, *args: Any, **kwargs: Any) -> None:
-        from locopilot.gateway.shutdown import DRAIN_SIGNAL
+    stopping = False
 
-        if self.interrupt_signal:
+    def signal_handler_interrupt(self, *args: Any, **kwargs: Any) -> None:
+        # Our own flag, set before anything else: granian sets interrupt_signal only in
+        # super(), and a second signal can run this handler again (nested) before that,
+        # e.g. while the import below runs, and would then pass for a first one.
+        if self.stopping:
             log.warning("second stop signal: exiting now; requests in flight are cut off")
             for worker in self.wrks:
                 # The worker's runners see their stdin close and exit by themselves.
                 worker.kill()  # type: ignore[no-untyped-call]
             os._exit(1)
+        self.stopping = True
+        from locopilot.gateway.shutdown import DRAIN_SIGNAL
+
         for worker in self.wrks:
             if worker.inner.pid is not None:
                 os.kill(worker.inner.pid, DRAIN_SIGNAL)
