@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import rich_click as click
 
 from locopilot.cli import print_error
 from locopilot.service.install import (
+    Plan,
     ServiceError,
     Target,
     carry_out,
@@ -18,6 +20,24 @@ from locopilot.service.install import (
     install_plan,
     uninstall_plan,
 )
+
+
+def carried_out(target: Target, make_plan: Callable[[], Plan], dry_run: bool) -> Plan | None:
+    """Check the rights, make the plan and carry it out; with ``dry_run`` print it and return None.
+    A refusal is printed and exits with status 1."""
+    try:
+        if not dry_run:
+            check(target, os.geteuid())
+        plan = make_plan()
+        if dry_run:
+            click.echo(plan.describe(), nl=False)
+            return None
+        carry_out(plan)
+    except ServiceError as exc:
+        print_error(str(exc))
+        raise SystemExit(1) from exc
+    return plan
+
 
 user_option = click.option(
     "--user",
@@ -66,17 +86,13 @@ def install(user: bool, dry_run: bool, executable: Path | None, root: Path, plat
     from locopilot.store.keys import new_secret
 
     target = target_or_exit(user, root, platform)
-    try:
-        if not dry_run:
-            check(target, os.geteuid())
-        plan = install_plan(target, (executable or default_executable()).absolute(), new_key=new_secret)
-        if dry_run:
-            click.echo(plan.describe(), nl=False)
-            return
-        carry_out(plan)
-    except ServiceError as exc:
-        print_error(str(exc))
-        raise SystemExit(1) from exc
+    plan = carried_out(
+        target,
+        lambda: install_plan(target, (executable or default_executable()).absolute(), new_key=new_secret),
+        dry_run,
+    )
+    if plan is None:
+        return
     click.echo(f"installed {target.unit_file} and started it")
     if plan.admin_key:
         click.echo(f"admin key (shown once; it is kept in {target.env_file}):\n{plan.admin_key}")
@@ -99,17 +115,9 @@ def install(user: bool, dry_run: bool, executable: Path | None, root: Path, plat
 def uninstall(user: bool, dry_run: bool, root: Path, platform: str | None) -> None:
     """Stop and disable the service and remove its unit. The env file and the data folder stay."""
     target = target_or_exit(user, root, platform)
-    try:
-        if not dry_run:
-            check(target, os.geteuid())
-        plan = uninstall_plan(target)
-        if dry_run:
-            click.echo(plan.describe(), nl=False)
-            return
-        carry_out(plan)
-    except ServiceError as exc:
-        print_error(str(exc))
-        raise SystemExit(1) from exc
+    plan = carried_out(target, lambda: uninstall_plan(target), dry_run)
+    if plan is None:
+        return
     if plan.removals:
         click.echo(f"stopped the service and removed {target.unit_file}")
     for note in plan.notes:
