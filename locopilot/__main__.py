@@ -8,12 +8,16 @@ import sys
 
 def main() -> None:
     multiprocessing.freeze_support()
-    # A runner is started as `locopilot _runner`, a training worker as `locopilot _train`;
-    # they skip the CLI (and its imports).
+    # A runner is started as `locopilot _runner`, its chat-template helper as `locopilot _render`,
+    # a training worker as `locopilot _train`; they skip the CLI (and its imports).
     if len(sys.argv) > 1 and sys.argv[1] == "_runner":
         from locopilot.engine import runner
 
         sys.exit(runner.probe() if "--probe" in sys.argv[2:] else runner.main())
+    if len(sys.argv) > 1 and sys.argv[1] == "_render":
+        from locopilot.engine import template_process
+
+        sys.exit(template_process.main())
     if len(sys.argv) > 1 and sys.argv[1] == "_train":
         from locopilot.training import worker
 

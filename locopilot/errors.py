@@ -3,6 +3,7 @@
     LocopilotError                  500 server_error
     ├── InvalidRequest              400 invalid_request_error
     │   ├── ContextLengthExceeded   400 code=context_length_exceeded
+    │   ├── TemplateFailed          400 code=chat_template_error (the model's chat template failed)
     │   └── InvalidModelName        400 code=invalid_model_name
     ├── AuthenticationError         401 code=invalid_api_key, WWW-Authenticate: Bearer
     ├── Forbidden                   403 invalid_request_error
@@ -25,6 +26,11 @@
         └── ShuttingDown            503 code=shutting_down (the shutdown grace is over)
 
 Every error body is ``{"error": {"message", "type", "param", "code"}}``.
+
+An error made of someone else's words (an upstream's message, a chat template's
+exception) may quote the request, prompt included: it is marked ``quotes_input``,
+and :meth:`LocopilotError.loggable` is what logs, health and the routing
+record may show of it.
 """
 
 from __future__ import annotations
@@ -57,12 +63,22 @@ class LocopilotError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after: int | None = None,
+        quotes_input: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code or self.default_code
         self.retry_after = retry_after
+        self.quotes_input = quotes_input or type(self).always_quotes_input
+
+    always_quotes_input: ClassVar[bool] = False
+
+    def loggable(self) -> str:
+        """The message, or where it may quote the request (``quotes_input``) its code alone."""
+        if not self.quotes_input:
+            return self.message
+        return f"{self.code or self.error_type} (message withheld: it may quote the request)"
 
     def body(self) -> ErrorBody:
         return ErrorBody(ErrorDetail(self.message, self.error_type, self.param, self.code))
@@ -78,6 +94,13 @@ class InvalidRequest(LocopilotError):
 
 class ContextLengthExceeded(InvalidRequest):
     default_code = "context_length_exceeded"
+
+
+class TemplateFailed(InvalidRequest):
+    """The model's chat template raised or ran out of its budget; its words are the template's."""
+
+    default_code = "chat_template_error"
+    always_quotes_input = True
 
 
 class InvalidModelName(InvalidRequest):
@@ -185,8 +208,9 @@ class UpstreamError(LocopilotError):
         upstream_status: int | None = None,
         upstream_body: bytes | None = None,
         retry_after: int | None = None,
+        quotes_input: bool = False,
     ) -> None:
-        super().__init__(message, retry_after=retry_after)
+        super().__init__(message, retry_after=retry_after, quotes_input=quotes_input)
         self.retryable = retryable
         self.upstream_status = upstream_status
         self.upstream_body = upstream_body

@@ -37,7 +37,8 @@ from locopilot.engine.protocol import (
     Started,
 )
 from locopilot.engine.sampling import StopMatcher, build_sampler
-from locopilot.engine.templates import TemplateError, TemplateRenderer, choose_template
+from locopilot.engine.template_process import IsolatedRenderer
+from locopilot.engine.templates import TemplateError, choose_template
 
 log = logging.getLogger("locopilot.runner")
 
@@ -111,6 +112,16 @@ class Engine:
         model_params.n_gpu_layers = 0x7FFFFFFF if load.gpu_layers == -1 else load.gpu_layers
         self.model = internals.LlamaModel(path_model=load.model_path, params=model_params, verbose=False)
         self.metadata = self.model.metadata()
+        self.template = choose_template(self.metadata)
+        bos, eos = self.model.token_bos(), self.model.token_eos()
+        self.bos = bos
+        # The template is code from the model file: it is compiled and rendered in a helper
+        # process with capped memory, started now so its imports overlap the context's setup.
+        self.renderer = IsolatedRenderer(
+            self.template,
+            bos_token=self.model.token_get_text(bos) if bos >= 0 else "",
+            eos_token=self.model.token_get_text(eos) if eos >= 0 else "",
+        )
         n_ctx_slot = load.ctx_size or self.model.n_ctx_train()
         slots = load.parallel or max(1, min(DEFAULT_SLOTS, DEFAULT_KV_TOKENS // n_ctx_slot))
         params = llama_cpp.llama_context_default_params()
@@ -135,14 +146,7 @@ class Engine:
         self.n_vocab = self.model.n_vocab()
         self.cached_tokens_total = 0
         self.embedder = Embedder(self.model, self.metadata, n_ctx_slot, load.threads)
-        self.template = choose_template(self.metadata)
-        bos, eos = self.model.token_bos(), self.model.token_eos()
-        self.bos = bos
-        self.renderer = TemplateRenderer(
-            self.template,
-            bos_token=self.model.token_get_text(bos) if bos >= 0 else "",
-            eos_token=self.model.token_get_text(eos) if eos >= 0 else "",
-        )
+        self.renderer.check()
         self.add_bos = bos >= 0 and self.metadata.get("tokenizer.ggml.add_bos_token", "true") != "false"
 
     def ready(self) -> Ready:
@@ -182,7 +186,7 @@ class Engine:
             try:
                 prompt = self.renderer.render(job.messages)
             except TemplateError as exc:
-                raise RequestError("invalid", str(exc)) from exc
+                raise RequestError("template", str(exc), "messages") from exc
             stops = [*job.stop, *self.template.stop]
         else:
             prompt = job.prompt or ""

@@ -16,7 +16,8 @@ import msgspec
 MAX_FRAME = 256 * 1024 * 1024
 _LEN = struct.Struct(">I")
 
-FailureKind = Literal["context_length", "invalid", "internal"]
+# "template": the model's chat template failed (its message is the template's own words).
+FailureKind = Literal["context_length", "invalid", "template", "internal"]
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -146,9 +147,16 @@ class ProtocolError(Exception):
     """A frame was malformed or too large; the pipe cannot be trusted after this."""
 
 
-def encode(message: ToRunner | FromRunner) -> bytes:
-    body = _encoder.encode(message)
+HEADER_SIZE = _LEN.size
+
+
+def frame(body: bytes) -> bytes:
+    """``body`` with its length header in front."""
     return _LEN.pack(len(body)) + body
+
+
+def encode(message: ToRunner | FromRunner) -> bytes:
+    return frame(_encoder.encode(message))
 
 
 def frame_length(header: bytes) -> int:

@@ -8,8 +8,17 @@ a template from a downloaded file may not reach Python internals. Reading an
 unsafe attribute fails the render, and so does any exception a template raises
 (:class:`TemplateError` either way). The sandbox does not bound work, so a
 render is also limited: ``*`` and ``**`` may not build values larger than
-:data:`MAX_VALUE_SIZE`, and a render that runs more than
-:data:`MAX_RENDER_STEPS` template lines (nested loops) fails.
+:data:`MAX_VALUE_SIZE`, ``+`` and ``~`` no text or list longer than
+:data:`MAX_PROMPT_CHARS`, the output may not grow past it either, and a render
+that runs more than :data:`MAX_RENDER_STEPS` template lines (nested loops) fails.
+
+These checks make the common runaways fail early with a clear message, but they
+cannot bound memory: filters (``center``, ``indent``, ``replace``, ``join``,
+``wordwrap``, ``format``, ``tojson`` of a list holding one big string many
+times) and ``{% set %}`` blocks build values Jinja never shows the sandbox, and
+Jinja even runs filters with constant arguments while compiling. So the runner
+compiles and renders a model's template only in a separate process whose memory
+is capped (:mod:`locopilot.engine.template_process`).
 """
 
 from __future__ import annotations
@@ -72,10 +81,27 @@ MAX_VALUE_SIZE = 1 << 20
 MAX_EXPONENT = 256
 MAX_RENDER_STEPS = 2_000_000
 """Template lines a render may run; real chat templates run a few hundred per message."""
+MAX_PROMPT_CHARS = 4 << 20
+"""Characters a rendered prompt (and any text or list a template joins with ``+`` or ``~``) may have:
+some million tokens, more than any model's context holds."""
+
+
+def _check_length(value: Any) -> Any:
+    if isinstance(value, str | list | tuple) and len(value) > MAX_PROMPT_CHARS:
+        raise TemplateError(f"chat template builds a value over {MAX_PROMPT_CHARS} long")
+    return value
+
+
+def _bounded_str_join(seq: Any) -> str:
+    return str(_check_length(jinja2.runtime.str_join(seq)))
+
+
+def _bounded_markup_join(seq: Any) -> str:
+    return str(_check_length(jinja2.runtime.markup_join(seq)))
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+"})
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         # Jinja answers an unsafe attribute with an undefined value that prints as "",
@@ -93,6 +119,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             if isinstance(right, int) and abs(right) > MAX_EXPONENT:
                 raise TemplateError(f"chat template raises to a power over {MAX_EXPONENT}")
             return operator.pow(left, right)
+        if op == "+":
+            return _check_length(operator.add(left, right))
         return super().call_binop(context, op, left, right)
 
 
@@ -155,6 +183,23 @@ class TemplateRenderer:
             self._compiled = env.from_string(template.source)
         except jinja2.TemplateError as exc:
             raise TemplateError(f"chat template does not compile: {exc}") from exc
+        except (MemoryError, RecursionError) as exc:
+            raise TemplateError(f"chat template does not compile: {type(exc).__name__}") from exc
+        # `~` compiles to a call of str_join (markup_join under autoescape), names the
+        # compiled module imports from jinja2.runtime into its own globals (shared by its
+        # macros and blocks); the sandbox is never asked, so bounded versions replace them there.
+        namespace = self._compiled.root_render_func.__globals__
+        namespace["str_join"], namespace["markup_join"] = _bounded_str_join, _bounded_markup_join
+
+    def _generate(self, variables: dict[str, Any]) -> str:
+        pieces: list[str] = []
+        size = 0
+        for piece in self._compiled.generate(variables):
+            size += len(piece)
+            if size > MAX_PROMPT_CHARS:
+                raise TemplateError(f"chat template renders over {MAX_PROMPT_CHARS} characters")
+            pieces.append(piece)
+        return "".join(pieces)
 
     def render(
         self,
@@ -165,18 +210,22 @@ class TemplateRenderer:
     ) -> str:
         try:
             return _bounded(
-                lambda: self._compiled.render(
-                    messages=list(messages),
-                    add_generation_prompt=add_generation_prompt,
-                    bos_token=self.bos_token,
-                    eos_token=self.eos_token,
-                    tools=tools,
+                lambda: self._generate(
+                    {
+                        "messages": list(messages),
+                        "add_generation_prompt": add_generation_prompt,
+                        "bos_token": self.bos_token,
+                        "eos_token": self.eos_token,
+                        "tools": tools,
+                    }
                 )
             )
         except TemplateError:
             raise
         except jinja2.TemplateError as exc:
             raise TemplateError(f"chat template failed: {exc}") from exc
+        except MemoryError as exc:
+            raise TemplateError("chat template ran out of memory") from exc
         except Exception as exc:
             # The template is code from the model file: whatever it raises (the sandbox's
             # OverflowError for a huge range, RecursionError, ZeroDivisionError, ...) is its failure.

@@ -9,7 +9,14 @@ import msgspec
 
 from locopilot.engine.protocol import Delta, Done, Embed, Embeddings, Failed, FromRunner, Generate, Started
 from locopilot.engine.scheduler import ModelManager, RunnerGone
-from locopilot.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest, LocopilotError, ModelNotFound
+from locopilot.errors import (
+    ContextLengthExceeded,
+    EngineUnavailable,
+    InvalidRequest,
+    LocopilotError,
+    ModelNotFound,
+    TemplateFailed,
+)
 from locopilot.models.catalog import ModelCatalog
 from locopilot.providers.base import EmbeddingResult, Finish, GenerationRequest, Locality, StreamEvent, TextDelta
 
@@ -21,6 +28,8 @@ def failure_error(failed: Failed, input_param: str) -> LocopilotError:
             return ContextLengthExceeded(failed.message, param=input_param)
         case "invalid":
             return InvalidRequest(failed.message, param=failed.param)
+        case "template":
+            return TemplateFailed(failed.message, param=failed.param)
         case _:
             return LocopilotError("the engine failed on this request; the server log says why")
 
