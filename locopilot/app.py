@@ -22,7 +22,7 @@ from locopilot.api import engine as engine_api
 from locopilot.api import openai as openai_api
 from locopilot.api.services import EngineStatus, Services, get_services
 from locopilot.engine.scheduler import ModelManager, runner_command, runner_environment
-from locopilot.errors import InvalidRequest, LocopilotError, UpstreamError, error_for_status
+from locopilot.errors import InvalidRequest, LocopilotError, NotFound, UpstreamError, error_for_status
 from locopilot.gateway.access import AccessLog, outcome_id
 from locopilot.gateway.auth import DOCS_PATH, Authenticator, AuthMiddleware, principal_of
 from locopilot.gateway.hygiene import BodyScreenMiddleware, HostCheckMiddleware, cors_config
@@ -102,6 +102,18 @@ def handle_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Re
         # Litestar raises a plain 400 when the body is not JSON at all.
         return rejected(request, InvalidRequest(f"The request body could not be read: {exc.detail}"))
     return rejected(request, error_for_status(exc.status_code, exc.detail))
+
+
+def json_not_found(response: Response[Any]) -> Response[Any]:
+    """Our 404 for Litestar's HTML one.
+
+    Litestar's OpenAPI router answers a path under ``/openapi`` that names no viewer
+    (``/openapi/anything``) from a handler of its own that returns an HTML page, so no
+    exception handler sees it; no handler of ours answers HTML.
+    """
+    if response.status_code == 404 and response.media_type == MediaType.HTML:
+        return error_response(NotFound("Not Found"))
+    return response
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -214,6 +226,12 @@ def create_app(settings: Settings) -> Litestar:
                 shutdown.listen()
                 authenticator = Authenticator(settings, db, router.states)
                 await announce_access(authenticator)
+                if settings.log_prompts:
+                    log.warning(
+                        "LOCOPILOT_LOG_PROMPTS is on: every inference request's messages and its completion "
+                        "are stored in the request log in %s",
+                        settings.db_path,
+                    )
                 limiter = RateLimiter(settings.max_concurrent_requests, settings.default_rpm, settings.default_tpm)
                 metrics = Metrics(router, manager, limiter, db, lambda: engine.ready)
                 app.state.services = Services(
@@ -262,6 +280,7 @@ def create_app(settings: Settings) -> Litestar:
             Exception: handle_unexpected,
         },
         request_max_body_size=settings.max_body_bytes,
+        after_request=json_not_found,
         openapi_config=OpenAPIConfig(title="locopilot", version=__version__, path=DOCS_PATH),
         logging_config=None,
         debug=False,

@@ -235,6 +235,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             ),
         ),
     ] = 30
+    log_prompts: Annotated[
+        bool,
+        Meta(
+            description=(
+                "Store each inference request's messages, prompt or inputs and its completion text in the request "
+                "log (the database's `inference_logs` rows, kept `LOCOPILOT_LOG_RETENTION_DAYS`). Off: no prompt "
+                "or reply text is stored anywhere. Never written to the log lines on stderr either way."
+            )
+        ),
+    ] = False
     routing_privacy: Annotated[
         Privacy,
         Meta(

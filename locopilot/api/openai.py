@@ -303,6 +303,8 @@ async def serve_generation(
             generation = chat_generation(body, body.model, services.settings.max_message_bytes)
         else:
             generation = completion_generation(body, body.model, services.settings.max_message_bytes)
+        if services.settings.log_prompts:
+            outcome.keep_text(generation.messages if generation.messages is not None else generation.prompt)
         policy = privacy_of(request, services.settings.routing_privacy)
         plan = await services.auth.plan(request, services.router, body.model, policy)
         outcome.routing = plan.decision
@@ -380,6 +382,8 @@ async def embeddings(data: EmbeddingRequest, services: Services, request: Reques
     async with services.recorder.recording(outcome):
         admission = outcome.admission = services.limiter.admit(principal)
         inputs = embedding_inputs(data, services.settings.max_message_bytes)
+        if services.settings.log_prompts:
+            outcome.keep_text(inputs, reply=False)
         policy = privacy_of(request, services.settings.routing_privacy)
         plan = await services.auth.plan(request, services.router, data.model, policy)
         outcome.routing = plan.decision

@@ -43,7 +43,7 @@ async def first_success(
             if not may_fail_over(exc):
                 raise
             router.failed(route, exc)
-            decision.failed.append(Skipped(route.provider.name, exc.message))
+            decision.failed.append(Skipped(route.provider.name, exc.loggable()))
             errors.append(exc)
             if index + 1 < len(routes):
                 router.failovers[route.provider.name, failover_reason(exc)] += 1

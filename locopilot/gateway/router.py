@@ -302,7 +302,7 @@ class Router:
             with anyio.fail_after(PROBE_TIMEOUT):
                 state.models = await state.provider.models()
         except (LocopilotError, TimeoutError) as exc:
-            state.last_error = exc.message if isinstance(exc, LocopilotError) else "timed out"
+            state.last_error = exc.loggable() if isinstance(exc, LocopilotError) else "timed out"
             state.breaker.failure(self.clock())
             return
         state.models_at = self.clock()
@@ -333,8 +333,8 @@ class Router:
         """Note a failure. A busy queue is load, not ill health; the local engine keeps its own
         health per model (a broken file must not take the other models down), so neither trips a breaker."""
         state = self.states[route.provider.name]
-        state.last_error = error.message
-        log.warning("provider %s failed: %s", route.provider.name, error.message)
+        state.last_error = error.loggable()
+        log.warning("provider %s failed: %s", route.provider.name, state.last_error)
         if not state.local_engine and not isinstance(error, QueueFull):
             state.breaker.failure(self.clock())
 

@@ -143,6 +143,7 @@ async def collect(
                 case TextDelta(text=text, tokens=tokens):
                     parts.append(text)
                     outcome.tokens_out += tokens
+                    outcome.add_text(text)
                 case Finish():
                     finish = event
             event = await anext(events, None)
@@ -266,6 +267,7 @@ async def _sse_body(
             match event:
                 case TextDelta(text=text, tokens=tokens):
                     outcome.tokens_out += tokens
+                    outcome.add_text(text)
                     yield pending + sse(formatter.delta(text))
                     pending = b""
                 case Finish():
@@ -280,7 +282,7 @@ async def _sse_body(
             event = await anext(events, None)
         raise LocopilotError("the provider ended the stream without finishing")
     except LocopilotError as exc:
-        log.warning("stream failed after the first byte: %s", exc.message)
+        log.warning("stream failed after the first byte: %s", exc.loggable())
         await recorder.settle(outcome, error=exc)
         ending.last = True
         yield sse(exc.body())

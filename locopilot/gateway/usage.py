@@ -56,7 +56,19 @@ class Outcome:
     routing: Decision | None = None
     admission: Admission | None = None
     """The request's quota admission: finishing the outcome charges its tokens and frees its place."""
+    prompt: str | None = None
+    """JSON: the messages, prompt or inputs, kept for the log row only with LOCOPILOT_LOG_PROMPTS."""
+    completion: list[str] | None = None
+    """The reply's text as it arrives, kept only when ``prompt`` is (see :meth:`keep_text`)."""
     recorded: bool = False
+
+    def keep_text(self, request: object, *, reply: bool = True) -> None:
+        """Store ``request`` (messages, prompt or inputs) as JSON, and with ``reply`` the reply text, in the log row."""
+        self.prompt, self.completion = msgspec.json.encode(request).decode(), [] if reply else None
+
+    def add_text(self, text: str) -> None:
+        if self.completion is not None:
+            self.completion.append(text)
 
     def settle(self, finish: Finish) -> None:
         """Take the token counts from the provider's final word on the reply."""
@@ -129,7 +141,9 @@ class UsageRecorder:
             status, http_status, message = "cancelled", ClientDisconnected.status_code, "client disconnected"
             code = "client_disconnected"
         elif isinstance(error, LocopilotError):
-            status, http_status, message = "error", error.status_code, error.message
+            status, http_status = "error", error.status_code
+            # Not an upstream's or a template's words: they may quote the prompt, and the stats group rows by this.
+            message = error.loggable()
             code = error.code or error.error_type
         else:
             status, http_status, message = "error", 500, type(error).__name__
@@ -155,6 +169,8 @@ class UsageRecorder:
             error=message,
             created_at=self.wall_clock(),
             routing=None if outcome.routing is None else msgspec.json.encode(outcome.routing).decode(),
+            prompt=outcome.prompt,
+            completion=None if outcome.completion is None else "".join(outcome.completion),
         )
         log_outcome(row, code)
         try:

@@ -215,7 +215,9 @@ class OllamaProvider:
                             f"Ollama provider {self.name} sent a line that is not JSON", retryable=True
                         ) from exc
                     if line.error is not None:
-                        raise UpstreamError(f"Ollama provider {self.name} failed: {line.error}", retryable=False)
+                        raise UpstreamError(
+                            f"Ollama provider {self.name} failed: {line.error}", retryable=False, quotes_input=True
+                        )
                     text = line.message.content if line.message is not None else line.response
                     if text:
                         yield TextDelta(text, 1)

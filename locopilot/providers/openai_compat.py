@@ -260,6 +260,7 @@ class OpenAICompatProvider:
         detail = error_detail(content)
         said = detail.message if detail and detail.message else None
         message = f"upstream {self.name!r} answered HTTP {status}" + (f": {said}" if said else "")
+        quotes = said is not None  # an upstream's words may quote the request (pydantic's errors do)
         if status == 429 or status >= 500:
             return UpstreamError(
                 message,
@@ -267,13 +268,16 @@ class OpenAICompatProvider:
                 upstream_status=status,
                 upstream_body=content,
                 retry_after=retry_after_seconds(headers.get("Retry-After")),
+                quotes_input=quotes,
             )
         if detail is not None:
             if status == 404 and detail.code == "model_not_found":
-                return ModelNotFound(said or message, param="model")
+                return ModelNotFound(said or message, param="model", quotes_input=quotes)
             if status == 400 and _CONTEXT_EXCEEDED & {detail.code, detail.type}:
-                return ContextLengthExceeded(said or message, param=param)
-        return UpstreamError(message, retryable=False, upstream_status=status, upstream_body=content)
+                return ContextLengthExceeded(said or message, param=param, quotes_input=quotes)
+        return UpstreamError(
+            message, retryable=False, upstream_status=status, upstream_body=content, quotes_input=quotes
+        )
 
 
 def generation_body(request: GenerationRequest) -> tuple[str, dict[str, Any], str]:
@@ -448,8 +452,9 @@ class _ChunkReader:
     def _error_event(self, detail: _ErrorDetail) -> LocopilotError:
         said = detail.message or "no message"
         if _CONTEXT_EXCEEDED & {detail.code, detail.type}:
-            return ContextLengthExceeded(said, param=self.param)
-        return UpstreamError(f"upstream {self.name!r} reported an error mid-stream: {said}", retryable=False)
+            return ContextLengthExceeded(said, param=self.param, quotes_input=True)
+        message = f"upstream {self.name!r} reported an error mid-stream: {said}"
+        return UpstreamError(message, retryable=False, quotes_input=True)
 
 
 def _decode_error_detail(data: str) -> _ErrorDetail:

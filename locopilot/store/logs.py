@@ -37,6 +37,8 @@ class InferenceLog(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float  # unix seconds
     routing: str | None = None  # JSON: the routing decision
     tokens_cached: int = 0  # of tokens_in, those the provider's prompt cache supplied
+    prompt: str | None = None  # JSON: messages, prompt or inputs; only with LOCOPILOT_LOG_PROMPTS
+    completion: str | None = None  # the reply's text; only with LOCOPILOT_LOG_PROMPTS
 
 
 def _columns() -> str:

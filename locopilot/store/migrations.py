@@ -104,11 +104,22 @@ def _create_api_keys_and_audit_events(conn: apsw.Connection) -> None:
     )
 
 
+def _add_prompt_and_completion(conn: apsw.Connection) -> None:
+    # What was asked and answered, stored only with LOCOPILOT_LOG_PROMPTS (NULL otherwise).
+    conn.execute(
+        """
+        ALTER TABLE inference_logs ADD COLUMN prompt TEXT CHECK (prompt IS NULL OR json_valid(prompt));
+        ALTER TABLE inference_logs ADD COLUMN completion TEXT;
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[apsw.Connection], None]] = [
     _create_inference_logs_and_training_jobs,
     _add_routing_decisions,
     _create_api_keys_and_audit_events,
     _add_cached_tokens,
+    _add_prompt_and_completion,
 ]
 
 

@@ -16,6 +16,7 @@ OpenAI sends it (``data: {...}`` events, a usage chunk when
     status_403    403 with :data:`PRO_REQUIRED_BODY`
   generations only (``/v1/models`` and ``/v1/embeddings`` answer as in ok):
     context_length  400 with code ``context_length_exceeded``
+    echo_400        400 whose message quotes the request's messages or prompt, as pydantic's errors do
     die_after_3     200, three content chunks, then the socket closes mid-body
     die_after_finish  200, the answer up to its finish_reason chunk, then the socket closes mid-body
     end_early       200, two content chunks, then a clean end without finish_reason or [DONE]
@@ -219,6 +220,9 @@ class FaultUpstream:
                 send_json(conn, 429, body_429, extra_headers="Retry-After: 7\r\n")
             case "status_401" | "status_403":
                 send_raw(conn, int(mode[-3:]), PRO_REQUIRED_BODY)
+            case "echo_400" if generation:
+                quoted = json.dumps(body.get("messages") or body.get("prompt"))
+                send_json(conn, 400, error(f"Input should be a valid string, input: {quoted}", "invalid_request_error"))
             case "context_length" if generation:
                 message = "This model's maximum context length is 2048 tokens."
                 send_json(conn, 400, error(message, "invalid_request_error", "context_length_exceeded"))

@@ -1,17 +1,23 @@
 """Canary secrets (the admin key, an issued key, a wrong key, an upstream key) never show up where they must not:
-the server's log at debug level, the database files, any response (``/metrics`` included), ``locopilot config``."""
+the server's log at debug level, the database files, any response (``/metrics`` included), ``locopilot config``.
+A canary prompt and reply show up only where ``LOCOPILOT_LOG_PROMPTS`` puts them."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
+import apsw
 import httpx
+import pytest
 from click.testing import CliRunner
 
 from locopilot.cli import cli
+from tests.conftest import SMOL, Server
 from tests.fakes.fault_upstream import FaultUpstream
-from tests.security.conftest import assert_unauthorized, keyed_server
+from tests.security.conftest import ADMIN, ADMIN_KEY, assert_unauthorized, keyed_server
 
 ADMIN_CANARY = "canary-admin-7c1f0e5a9b3d4e2f"
 WRONG_CANARY = "lcp_canary-wrong-5d6e7f8091a2b3c4d5e6f7a8b9c0d1e2f3a4b5c"
@@ -66,3 +72,87 @@ def test_canaries_stay_out_of_logs_database_and_responses(tmp_path: Path, cloud:
         assert canary not in config.stdout + config.stderr, canary
         for body in bodies:
             assert canary not in body, canary
+
+
+PROMPT_CANARY = "canary-prompt-3e8d1c6b2a90f7e4"
+COMPLETION_CANARY = "canary-completion-b5a49c2e71d0"
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+def test_prompts_and_completions_are_stored_only_with_log_prompts(
+    tmp_path: Path, smollm2_path: Path, log_prompts: bool
+) -> None:
+    """Off: a prompt and a reply (and an upstream error quoting the prompt) are nowhere but in the reply
+    itself. On: they are in the request log's rows, and still never in the log lines or the metrics."""
+    upstream = FaultUpstream()
+    upstream.WORDS = ("Sure", f" {COMPLETION_CANARY}", ".")  # type: ignore[misc]
+    upstream.start()
+    env = {
+        "LOCOPILOT_ADMIN_KEY": ADMIN_KEY,
+        "LOCOPILOT_LOG_LEVEL": "debug",
+        "LOCOPILOT_REMOTE_URL": upstream.url,
+        "LOCOPILOT_LOG_PROMPTS": str(log_prompts).lower(),
+    }
+    server = Server(tmp_path / "server", {SMOL: smollm2_path}, env).start(path="/health")
+    headers = {**ADMIN, "X-Routing-Privacy": "any"}
+    said = f"Repeat after me: {PROMPT_CANARY}"
+    chat = {"model": "remote:fault-small", "messages": [{"role": "user", "content": said}]}
+    replies: list[httpx.Response] = []
+    others: list[httpx.Response] = []
+    try:
+
+        def post(path: str, body: dict[str, Any]) -> httpx.Response:
+            return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=120)
+
+        for stream in (False, True):
+            replies.append(post("/v1/chat/completions", chat | {"stream": stream}))
+        replies.append(post("/v1/completions", {"model": "remote:fault-small", "prompt": said}))
+        replies.append(post("/v1/chat/completions", chat | {"model": SMOL, "max_tokens": 2}))
+        for reply in replies:
+            assert reply.status_code == 200, reply.text
+        others.append(post("/v1/embeddings", {"model": "remote:fault-small", "input": said}))
+        assert others[-1].status_code == 200, others[-1].text
+        upstream.mode = "echo_400"
+        quoted = post("/v1/chat/completions", chat)  # the requester's own error may quote its request
+        assert quoted.status_code == 502 and PROMPT_CANARY in quoted.text
+        upstream.mode = "ok"
+        for path in ("/v1/engine/stats", "/v1/engine/health", "/v1/admin/audit", "/metrics", "/v1/models"):
+            others.append(httpx.get(f"{server.url}{path}", headers=ADMIN, timeout=30))
+        assert 'provider="remote"' in others[-2].text  # the metrics counted this traffic
+    finally:
+        server.stop()
+        upstream.stop()
+    assert any(PROMPT_CANARY in str(r.body) for r in upstream.requests)  # the prompt did travel
+    for reply in replies[:3]:
+        assert COMPLETION_CANARY in reply.text  # the reply did carry its canary
+    log = server.log_path.read_text(errors="replace")
+    assert ("LOCOPILOT_LOG_PROMPTS is on" in log) is log_prompts
+    stored = b"".join(path.read_bytes() for path in server.data_dir.glob("locopilot.db*"))
+    for canary in (PROMPT_CANARY, COMPLETION_CANARY):
+        assert canary not in log, canary
+        for response in [*replies, *others]:
+            if canary != COMPLETION_CANARY or response not in replies:
+                assert canary not in response.text + str(response.headers), (canary, response.url)
+        assert (canary.encode() in stored) is log_prompts, canary
+    if log_prompts:
+        rows = stored_rows(server.db_path)
+        assert len(rows) == 6
+        assert {json.dumps(row["prompt"]).count(PROMPT_CANARY) for row in rows} == {1}
+        by_endpoint = {row["endpoint"]: row for row in rows}
+        assert by_endpoint["embeddings"]["completion"] is None
+        assert by_endpoint["completions"]["completion"] == f"Sure {COMPLETION_CANARY}."
+        # The upstream's error quoted the prompt: the row keeps its code, the prompt is in its own column.
+        failed = next(row for row in rows if row["http_status"] == 502)
+        assert failed["error"].startswith("upstream_error") and PROMPT_CANARY in json.dumps(failed["prompt"])
+
+
+def stored_rows(db_path: Path) -> list[dict[str, Any]]:
+    conn = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        cursor = conn.execute("SELECT endpoint, http_status, error, prompt, completion FROM inference_logs")
+        return [
+            {"endpoint": e, "http_status": h, "error": err, "prompt": json.loads(p), "completion": c}
+            for e, h, err, p, c in cursor
+        ]
+    finally:
+        conn.close()

@@ -129,3 +129,26 @@ def test_unknown_path_is_404_not_a_hint(secured: Server) -> None:
     response = httpx.get(f"{secured.url}/v1/no-such-route", timeout=10)
     assert response.status_code == 404
     assert re.search(r"no-such-route|Not Found", response.text)
+
+
+NOT_FOUND_PATHS = [
+    "/v1/no-such-route",
+    "/openapi/no-such-viewer",  # Litestar's OpenAPI router answers these itself, with an HTML page of its own
+    "/openapi/no-such-viewer/deeper",
+    "/openapi/no-such-schema.json",
+    "/openapi/swagger/x",
+    "/schema",  # Litestar's default documentation path, moved to /openapi here
+    "/schema/swagger",
+    "/schema/openapi.json",
+]
+
+
+@pytest.mark.parametrize("path", NOT_FOUND_PATHS)
+def test_every_unknown_path_is_the_same_json_404(secured: Server, path: str) -> None:
+    response = httpx.get(f"{secured.url}{path}", headers=ADMIN, timeout=10)
+    assert response.status_code == 404, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers.get("x-request-id")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("invalid_request_error", "not_found")

@@ -248,12 +248,7 @@ def test_other_path_parameters(server: Server, plant: Plant, method: str, prefix
     for name in plant.names():
         for form in path_forms(name):
             status, body = raw_request(server, method, prefix + form)
-            what = f"{method} {(prefix + form)[:80]!r}"
-            if prefix == b"/openapi/":
-                # Litestar's viewer route answers an unknown viewer with its own fixed HTML 404 page.
-                assert status == 404 and SECRET.encode() not in body, what
-            else:
-                assert_clean_refusal(status, body, what)
+            assert_clean_refusal(status, body, f"{method} {(prefix + form)[:80]!r}")
 
 
 @pytest.mark.usefixtures("untouched")
