@@ -5,13 +5,17 @@
 Renders a short and a 40-turn chat with the model's ``tokenizer.chat_template``
 (the default model's when no file is given) and prints the median and 99th
 percentile per render for TemplateRenderer (in process, what the runner did
-before) and IsolatedRenderer (a round trip to ``locopilot _render``), and how
-long a helper takes to start.
+before) and IsolatedRenderer (a round trip to ``locopilot _render``), the CPU
+time per render (the helper's included), and how long a helper takes to start.
+On a loaded machine the helper's wall time includes waiting to be scheduled
+after each wake-up; the CPU time does not.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -33,6 +37,22 @@ def timings(render: Callable[[], str], n: int) -> list[float]:
         render()
         out.append(time.perf_counter() - start)
     return out
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User plus system CPU of this process, or of ``pid`` (Linux /proc)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(render: Callable[[], str], n: int, helper: int | None) -> str:
+    cpu = cpu_seconds() + (cpu_seconds(helper) if helper else 0)
+    samples = timings(render, n)
+    cpu = cpu_seconds() + (cpu_seconds(helper) if helper else 0) - cpu
+    return f"{summary(samples)}   cpu {cpu / (n + 20) * 1e6:8.1f} µs"
 
 
 def summary(samples: list[float]) -> str:
@@ -62,8 +82,8 @@ def main() -> None:
     try:
         for label, chat in chats.items():
             assert in_process.render(chat) == isolated.render(chat)
-            print(f"{label:>10}  in process: {summary(timings(lambda c=chat: in_process.render(c), args.renders))}")
-            print(f"{label:>10}  helper:     {summary(timings(lambda c=chat: isolated.render(c), args.renders))}")
+            print(f"{label:>10}  in process: {measured(lambda c=chat: in_process.render(c), args.renders, None)}")
+            print(f"{label:>10}  helper:     {measured(lambda c=chat: isolated.render(c), args.renders, isolated.pid)}")
     finally:
         isolated.close()
 

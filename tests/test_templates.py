@@ -139,7 +139,7 @@ MEMORY_ATTACKS = {
     "format": "{{ '%2000000000s'|format('x') }}",
     "str-format": "{{ '{:>2000000000}'.format('x') }}",
     "percent": "{{ '%2000000000d' % 1 }}",
-    "sum": "{{ ([[0] * 1000000] * 1000)|sum(start=[]) }}",
+    "sum": "{% set l = [0] * 1000000 %}{{ ([l + l + l + l] * 100)|sum(start=[]) }}",
     "pprint": "{{ (['x' * 1000000] * 1000)|pprint }}",
     "tojson": "{{ (['x' * 1000000] * 1000)|tojson }}",
     "string": "{{ (['x' * 1000000] * 1000)|string }}",

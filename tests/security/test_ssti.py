@@ -5,13 +5,17 @@ writer (a model llama.cpp really loads, so the template is what fails, not the
 load). Its template picks one attack by the last message's text, so one
 loaded model tries every classic Jinja escape, each in its own request: reaching
 ``os`` through globals to ``touch`` a canary file, reading internals, and
-exhausting time, memory or the stack. Each request must fail fast with a 400
-in OpenAI's error shape, no canary may appear, and afterwards the hostile
-model's harmless branch and the normal model still answer.
+exhausting time, memory or the stack (the memory attacks of test_templates: filters,
+joins, widths and set blocks that build gigabytes). Each request must fail fast
+with a 400 in OpenAI's error shape, no canary may appear, the runner's peak
+memory must not grow, and afterwards the hostile model's harmless branch and the
+normal model still answer.
 """
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import pytest
 
 from tests.conftest import SMOL, Server
 from tests.security.conftest import ADMIN, ADMIN_KEY
+from tests.test_templates import MEMORY_ATTACKS
 
 HOSTILE = "hostile"
 BENIGN = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -49,6 +54,7 @@ ATTACKS = {
     "huge-power": "{{ 9 ** 99999999 }}",
     "recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
     "division": "{{ 1 // 0 }}",
+    **MEMORY_ATTACKS,
 }
 
 
@@ -120,7 +126,8 @@ def test_the_hostile_model_is_served_with_its_own_template(server: Server) -> No
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
 def test_an_attack_fails_its_request_cleanly(server: Server, canary: Path, attack: str) -> None:
-    for stream in (False, True):
+    # A template renders before the stream starts, so streaming is tried with the cheaper attacks only.
+    for stream in (False,) if attack in MEMORY_ATTACKS else (False, True):
         reply = chat(server, HOSTILE, attack, stream=stream)
         assert reply.status_code == 400, reply.text
         error = reply.json()["error"]
@@ -132,14 +139,39 @@ def test_an_attack_fails_its_request_cleanly(server: Server, canary: Path, attac
 
 
 def test_both_models_answer_after_the_attacks(server: Server, canary: Path) -> None:
+    runner = runner_pid(server, HOSTILE)
+    linux = sys.platform.startswith("linux")
+    if linux:
+        Path(f"/proc/{runner}/clear_refs").write_text("5")  # resets the peak (VmHWM) to the present RSS
+        baseline = status_kib(runner, "VmRSS")
     for attack in ATTACKS:
-        chat(server, HOSTILE, attack)
+        assert chat(server, HOSTILE, attack).status_code == 400
+    assert chat(server, HOSTILE, "benign").status_code == 200
+    if linux:
+        # The attacks built their values in the runner's template helper, never in the runner.
+        assert status_kib(runner, "VmHWM") - baseline < 128 * 1024
+        helper = int(Path(f"/proc/{runner}/task/{runner}/children").read_text().split()[0])
+        assert "_render" in Path(f"/proc/{helper}/cmdline").read_text()
+    assert runner_pid(server, HOSTILE) == runner  # the same runner all along
     normal = chat(server, SMOL, "Say hi")
     assert normal.status_code == 200, normal.text
     assert normal.json()["choices"][0]["message"]["content"] is not None
-    assert chat(server, HOSTILE, "benign").status_code == 200
     assert not canary.exists()
     assert sorted(server_loaded(server)) == sorted([SMOL, HOSTILE])
+
+
+def runner_pid(server: Server, model: str) -> int:
+    """The pid of ``model``'s runner, from the server's log line that announced its load (the last one)."""
+    found = re.findall(rf"loaded model {re.escape(model)} in runner pid (\d+)", server.log_path.read_text())
+    assert found, f"no runner for {model} in the server log"
+    return int(found[-1])
+
+
+def status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
 
 
 def server_loaded(server: Server) -> list[str]:
