@@ -219,7 +219,10 @@ class IsolatedRenderer:
 
     def _start(self) -> None:
         """Start a helper and send it the template; its answer is read by the next render."""
-        process = subprocess.Popen(helper_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        try:
+            process = subprocess.Popen(helper_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        except OSError as exc:
+            raise TemplateError(f"chat template failed: its render process did not start: {exc}") from exc
         assert process.stdin is not None
         self._process = process
         self._compiled, self._failure = False, None
@@ -254,6 +257,8 @@ class IsolatedRenderer:
             raise TemplateError(f"chat template failed: its render process sent garbage: {exc}") from exc
         if isinstance(reply, RenderFailed) and reply.fatal:
             self._discard()
+            # The replacement imports and compiles while the runner goes on; the next render waits for it.
+            self._start()
         return reply
 
     def _await_compiled(self) -> None:
