@@ -24,8 +24,9 @@ from locopilot.api.services import EngineStatus, Services, get_services
 from locopilot.engine.scheduler import ModelManager, runner_command, runner_environment
 from locopilot.errors import InvalidRequest, LocopilotError, NotFound, UpstreamError, error_for_status
 from locopilot.gateway.access import AccessLog, outcome_id
-from locopilot.gateway.auth import DOCS_PATH, Authenticator, AuthMiddleware, principal_of
-from locopilot.gateway.hygiene import BodyScreenMiddleware, HostCheckMiddleware, cors_config
+from locopilot.gateway.auth import DOCS_PATH, Authenticator, principal_of
+from locopilot.gateway.guard import GuardMiddleware
+from locopilot.gateway.hygiene import cors_config
 from locopilot.gateway.metrics import Metrics
 from locopilot.gateway.ratelimit import RateLimiter
 from locopilot.gateway.router import ProviderState, Router
@@ -268,8 +269,8 @@ def create_app(settings: Settings) -> Litestar:
 
     app = Litestar(
         route_handlers=[*openai_api.ROUTES, *engine_api.ROUTES, *admin_api.ROUTES],
-        # The Host check comes first (a rebinding page never reaches auth); bodies are read after auth.
-        middleware=[HostCheckMiddleware(settings), AuthMiddleware(), BodyScreenMiddleware()],
+        # Host check, then auth, then body screening (locopilot.gateway.guard).
+        middleware=[GuardMiddleware(settings)],
         cors_config=cors_config(settings),
         lifespan=[lifespan],
         dependencies={"services": Provide(get_services, sync_to_thread=False)},

@@ -162,6 +162,15 @@ def test_check_constraint_rejects_a_bad_status(db: Database) -> None:
     assert logs.record(db, make_log()).result(timeout=5) > 0  # and the writer lives on
 
 
+def test_a_batch_stores_every_row_but_a_refused_one(db: Database, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [make_log(1), make_log(2, status="exploded"), make_log(3)]
+    assert logs.record_many(db, rows).result(timeout=5) == 2
+    assert [row.request_id for row in logs.recent(db)] == ["req-3", "req-1"]
+    assert db.dropped_rows() == {"inference_logs": 1}
+    assert "could not record an inference log row" in caplog.text
+    assert logs.record_many(db, [make_log(4), make_log(5)]).result(timeout=5) == 2  # the fast path
+
+
 def test_a_failing_job_is_rolled_back_and_its_own_error_passes_through(db: Database) -> None:
     def half_then_fail(conn: apsw.Connection) -> None:
         conn.execute(

@@ -1,6 +1,6 @@
 """Admin routes (scope ``admin``): API keys and the audit trail.
 
-Every change made here is audited by :class:`~locopilot.gateway.auth.AuthMiddleware`,
+Every change made here is audited by :func:`~locopilot.gateway.auth.run_audited`,
 which writes one row per request; a handler names the action with
 :func:`~locopilot.gateway.auth.note`. A new key's secret is in the creation
 response and nowhere else, ever.

@@ -1,6 +1,6 @@
 """Authentication and per-key policy: API key → principal (scopes, model allowlist, privacy pin).
 
-:class:`AuthMiddleware` runs before every route handler. It finds the key in
+:func:`admit_request` runs before every route handler (in :mod:`locopilot.gateway.guard`). It finds the key in
 ``Authorization: Bearer <key>`` (or ``x-api-key``), looks it up by hash, and
 checks the scope :data:`ROUTE_SCOPES` names for the route. A route missing from
 that table needs ``admin``, so a new route is never open by accident. It puts the
@@ -38,8 +38,6 @@ from typing import Any, Final
 import anyio
 from litestar import Request
 from litestar.datastructures import Headers
-from litestar.enums import ScopeType
-from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from locopilot.errors import (
@@ -396,7 +394,7 @@ class Authenticator:
 
 
 def principal_of(request: Request[Any, Any, Any]) -> Principal:
-    """The principal :class:`AuthMiddleware` admitted; requests it did not see act as nobody."""
+    """The principal :func:`admit_request` admitted; requests it did not see act as nobody."""
     user = request.scope.get("user")
     return user if isinstance(user, Principal) else ANONYMOUS
 
@@ -409,40 +407,41 @@ def note(request: Request[Any, Any, Any], event: str, **detail: Any) -> None:
         context.detail.update(detail)
 
 
-class AuthMiddleware(ASGIMiddleware):
-    """Admit or refuse each HTTP request before its handler; audit admin changes after it."""
+async def admit_request(scope: Scope) -> bool:
+    """Admit or refuse one HTTP request before its handler (see the module docstring): the
+    principal goes to ``scope["user"]``, an :class:`AuthContext` to ``scope["auth"]``.
 
-    scopes = (ScopeType.HTTP,)
-    exclude_opt_key = "exclude_from_auth"
+    Returns whether the request is an admin change, to be run through :func:`run_audited`.
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        method = scope["method"]  # type: ignore[typeddict-item]
-        if method == "OPTIONS":  # a CORS preflight carries no credentials
-            await next_app(scope, receive, send)
-            return
-        authenticator: Authenticator = scope["app"].state.services.auth
-        route = f"{method} {scope['path_template']}"
-        principal = await authenticator.admit(scope, route)
-        context = AuthContext()
-        scope["user"] = principal
-        scope["auth"] = context
-        if method in SAFE_METHODS or required_scope(route, authenticator.settings) != "admin":
-            await next_app(scope, receive, send)
-            return
-        status: int | None = None
+    Raises:
+        AuthenticationError, MissingScope, Unavailable: see :meth:`Authenticator.admit`.
+    """
+    method = scope["method"]  # type: ignore[typeddict-item]
+    if method == "OPTIONS":  # a CORS preflight carries no credentials
+        return False
+    authenticator: Authenticator = scope["app"].state.services.auth
+    route = f"{method} {scope['path_template']}"
+    scope["user"] = await authenticator.admit(scope, route)
+    scope["auth"] = AuthContext()
+    return method not in SAFE_METHODS and required_scope(route, authenticator.settings) == "admin"
 
-        async def noting_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
 
-        try:
-            await next_app(scope, receive, noting_status)
-        except Exception as exc:
-            status = getattr(exc, "status_code", 500)
-            raise
-        finally:
-            authenticator.audit(
-                scope, context.event or "admin_action", None, status=status, detail=context.detail or None
-            )
+async def run_audited(scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+    """``next_app``, then the admin change's audit row, with the status the client got."""
+    authenticator: Authenticator = scope["app"].state.services.auth
+    context: AuthContext = scope["auth"]
+    status: int | None = None
+
+    async def noting_status(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        await send(message)
+
+    try:
+        await next_app(scope, receive, noting_status)
+    except Exception as exc:
+        status = getattr(exc, "status_code", 500)
+        raise
+    finally:
+        authenticator.audit(scope, context.event or "admin_action", None, status=status, detail=context.detail or None)

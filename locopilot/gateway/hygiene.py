@@ -1,6 +1,6 @@
 """Input and network hygiene that runs before authentication: the Host allowlist, CORS, body screening.
 
-:class:`HostCheckMiddleware` refuses (403, ``host_not_allowed``) a ``Host`` header that is not
+:class:`HostCheck` refuses (403, ``host_not_allowed``) a ``Host`` header that is not
 ``localhost``, ``127.0.0.1``, ``[::1]``, the bind address or a name in ``LOCOPILOT_ALLOWED_HOSTS``.
 A page on ``evil.example`` whose name an attacker re-points at 127.0.0.1 (DNS rebinding) still
 sends ``Host: evil.example``, so it never reaches a route. The check runs on a loopback bind
@@ -12,7 +12,7 @@ with no Host header (HTTP/1.0) is let through: browsers always send one.
 origins; credentials are never allowed, so a wildcard could not leak a cookie-authenticated answer
 either way, and the settings refuse ``*``.
 
-:class:`BodyScreenMiddleware` reads an inference request's body before it is decoded and refuses
+:func:`screen_request` reads an inference request's body before it is decoded and refuses
 (400) JSON nested deeper than :data:`MAX_JSON_DEPTH` (msgspec would recurse into it) and any
 object key in :data:`REDIRECT_FIELDS`, at any depth: a request must not choose where it is sent
 or with which upstream key. The subtree under ``response_format`` is exempt (its keys are the
@@ -27,10 +27,7 @@ from typing import Any
 import msgspec
 from litestar import Request
 from litestar.config.cors import CORSConfig
-from litestar.datastructures import Headers
-from litestar.enums import ScopeType
-from litestar.middleware import ASGIMiddleware
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.types import Receive, Scope
 
 from locopilot.errors import Forbidden, InvalidRequest
 from locopilot.settings import Settings
@@ -75,23 +72,22 @@ def host_name(header: str) -> str:
     return host[:-1] if host.endswith(".") else host
 
 
-class HostCheckMiddleware(ASGIMiddleware):
+class HostCheck:
     """Refuse requests whose Host header names this server by a name it does not answer to."""
-
-    scopes = (ScopeType.HTTP,)
 
     def __init__(self, settings: Settings) -> None:
         self.allowed = allowed_hosts(settings)
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        if self.allowed is not None:
-            values = Headers.from_scope(scope).getall("host", [])
-            if len(values) > 1 or (values and host_name(values[0]) not in self.allowed):
-                raise Forbidden(
-                    "This server does not answer to that Host name; add it to LOCOPILOT_ALLOWED_HOSTS.",
-                    code="host_not_allowed",
-                )
-        await next_app(scope, receive, send)
+    def __call__(self, scope: Scope) -> None:
+        """Raises Forbidden (``host_not_allowed``) for a Host this server does not answer to."""
+        if self.allowed is None:
+            return
+        values = [value for name, value in scope["headers"] if name == b"host"]
+        if len(values) > 1 or (values and host_name(values[0].decode("latin-1")) not in self.allowed):
+            raise Forbidden(
+                "This server does not answer to that Host name; add it to LOCOPILOT_ALLOWED_HOSTS.",
+                code="host_not_allowed",
+            )
 
 
 def cors_config(settings: Settings) -> CORSConfig | None:
@@ -149,17 +145,12 @@ def too_deep() -> InvalidRequest:
     return InvalidRequest(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.", code="too_deep")
 
 
-class BodyScreenMiddleware(ASGIMiddleware):
-    """Screen inference request bodies (see :func:`screen`) before anything decodes them.
+async def screen_request(scope: Scope, receive: Receive) -> None:
+    """Screen an inference request's body (see :func:`screen`) before anything decodes it.
 
     The body is read through Litestar's Request, which keeps it for the handler and enforces
     ``LOCOPILOT_MAX_BODY_BYTES`` (413) while reading.
     """
-
-    scopes = (ScopeType.HTTP,)
-
-    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        if scope["method"] == "POST" and scope["path"] in SCREENED_PATHS:  # type: ignore[typeddict-item]
-            body = await Request[Any, Any, Any](scope, receive).body()
-            screen(body)
-        await next_app(scope, receive, send)
+    if scope["method"] == "POST" and scope["path"] in SCREENED_PATHS:  # type: ignore[typeddict-item]
+        body = await Request[Any, Any, Any](scope, receive).body()
+        screen(body)

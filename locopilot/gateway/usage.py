@@ -4,6 +4,11 @@ A row is written by the database's writer thread, off the request path; but a re
 is not finished until its row is committed (:meth:`UsageRecorder.settle`, at most
 :data:`COMMIT_WAIT` seconds), so a client that has its whole reply can count on the
 row being there even if the server is killed the next instant.
+
+Rows finished in one turn of the event loop go to the database together (:class:`_Batch`):
+one queued write, one commit and one wake-up of the loop for all of them, instead of one
+each. Under load many requests end in the same turn; alone, a row waits for nothing more
+than the rest of the turn it was finished in.
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ class UsageRecorder:
         self.metrics = metrics
         self.clock = clock
         self.wall_clock = wall_clock
+        self._batch: _Batch | None = None
 
     @asynccontextmanager
     async def recording(self, outcome: Outcome) -> AsyncIterator[Outcome]:
@@ -109,22 +115,21 @@ class UsageRecorder:
         Call it before the reply's last bytes go out. Cancelling the wait does not
         cancel the write. A failed write was logged by the store; the reply goes on.
         """
-        written = self.finish(outcome, error=error)
-        if written is None:
+        committed = self.finish(outcome, error=error)
+        if committed is None:
             return
-        committed = asyncio.wrap_future(written)
+        # asyncio.wait neither cancels the batch's future (other replies wait on it) nor raises its error.
         done, _ = await asyncio.wait((committed,), timeout=COMMIT_WAIT)
-        if done:
-            committed.exception()  # retrieved, so asyncio does not report it again
-        else:
+        if not done:
             log.warning("the request log took over %g s to commit a row; answering without waiting", COMMIT_WAIT)
 
-    def finish(self, outcome: Outcome, *, error: BaseException | None = None) -> Future[int] | None:
+    def finish(self, outcome: Outcome, *, error: BaseException | None = None) -> asyncio.Future[None] | None:
         """Queue the log row for ``outcome``, write its access line, count it in the metrics and settle its quota
         admission; a second call for the same outcome does nothing.
 
-        Returns the row's write (its future holds the row id once committed), or None
-        when nothing was queued.
+        Returns a future that completes (never with an error) once the row's batch has been
+        committed or has failed (a failed write is logged by the store), or None when nothing
+        was queued. Call it on the event loop.
 
         ``http_status`` is what the client got: once streaming has begun that is
         200 even if the stream then ended with an error event.
@@ -173,11 +178,42 @@ class UsageRecorder:
             completion=None if outcome.completion is None else "".join(outcome.completion),
         )
         log_outcome(row, code)
+        if self._batch is None:
+            self._batch = _Batch(asyncio.get_running_loop())
+            self._batch.loop.call_soon(self._flush)
+        self._batch.rows.append(row)
+        return self._batch.committed
+
+    def _flush(self) -> None:
+        """Queue the rows finished in this turn of the loop as one write."""
+        batch, self._batch = self._batch, None
+        assert batch is not None
         try:
-            return logs.record(self.db, row)
+            written = logs.record_many(self.db, batch.rows)
         except StoreError as exc:
             log.error("request log unavailable: %s", exc)
-            return None
+            batch.committed.set_result(None)
+            return
+        written.add_done_callback(batch.done)
+
+
+class _Batch:
+    """The log rows of one turn of the event loop, and the future their replies wait on."""
+
+    __slots__ = ("committed", "loop", "rows")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.rows: list[logs.InferenceLog] = []
+        self.committed: asyncio.Future[None] = loop.create_future()
+
+    def done(self, _: Future[int]) -> None:
+        """On the writer thread, once the write has ended either way (the store logged a failure)."""
+        self.loop.call_soon_threadsafe(self._complete)
+
+    def _complete(self) -> None:
+        if not self.committed.done():
+            self.committed.set_result(None)
 
 
 def log_outcome(row: logs.InferenceLog, code: str | None) -> None:

@@ -256,9 +256,51 @@ class Database:
         future.add_done_callback(report)
         return future
 
-    def _drop(self, table: str) -> None:
+    def insert_many(self, table: str, rows: list[dict[str, Any]], what: str) -> Future[int]:
+        """Queue the INSERT of ``rows`` (each with the same columns) into ``table``, in one
+        transaction; the future holds how many were stored.
+
+        As :meth:`insert`, for several rows at the cost of one commit. A row the database
+        refuses (a constraint) is dropped alone and logged; the others are stored. If the
+        transaction itself fails, every row is dropped and logged.
+        """
+        columns = list(rows[0])
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(':' + name for name in columns)})"  # noqa: S608
+
+        def run(conn: apsw.Connection) -> int:
+            try:
+                with conn:  # a savepoint: a refused row undoes only this attempt
+                    conn.executemany(sql, rows)
+                return len(rows)
+            except apsw.ConstraintError:
+                pass
+            stored = 0
+            for row in rows:  # one savepoint per row, to find the refused ones
+                try:
+                    with conn:
+                        conn.execute(sql, row)
+                    stored += 1
+                except apsw.ConstraintError as exc:
+                    self._drop(table)
+                    _log.error("could not record %s: %s", what, exc, exc_info=exc)
+            return stored
+
+        def report(future: Future[int]) -> None:
+            if not future.cancelled() and (exc := future.exception()) is not None:
+                self._drop(table, len(rows))
+                _log.error("could not record %d rows (%s): %s", len(rows), what, exc, exc_info=exc)
+
+        try:
+            future = self.submit(run)
+        except StoreError:
+            self._drop(table, len(rows))
+            raise
+        future.add_done_callback(report)
+        return future
+
+    def _drop(self, table: str, count: int = 1) -> None:
         with self._lock:
-            self._dropped[table] = self._dropped.get(table, 0) + 1
+            self._dropped[table] = self._dropped.get(table, 0) + count
 
     def dropped_rows(self) -> dict[str, int]:
         """Since open, by table: rows :meth:`insert` was given but could not store."""

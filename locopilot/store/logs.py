@@ -58,6 +58,16 @@ def record(db: Database, log: InferenceLog) -> Future[int]:
     return db.insert("inference_logs", params, "an inference log row")
 
 
+def record_many(db: Database, rows: list[InferenceLog]) -> Future[int]:
+    """:func:`record` for several rows, in one transaction; the future holds how many were
+    stored (a row the database refuses is dropped and logged alone). ``rows`` must not be empty.
+
+    Raises:
+        StoreError: the database is closed or its writer has stopped (nothing is queued).
+    """
+    return db.insert_many("inference_logs", [msgspec.structs.asdict(row) for row in rows], "an inference log row")
+
+
 def recent(db: Database, *, limit: int = 100, request_id: str | None = None) -> list[InferenceLog]:
     """The newest ``limit`` rows (by ``created_at``, then id), optionally only ``request_id``'s.
 
