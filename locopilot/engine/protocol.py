@@ -173,7 +173,7 @@ def decode_to_runner(body: bytes) -> ToRunner:
         raise ProtocolError(str(exc)) from exc
 
 
-def decode_from_runner(body: bytes) -> FromRunner:
+def decode_from_runner(body: bytes | memoryview) -> FromRunner:
     try:
         return _from_runner.decode(body)  # type: ignore[no-any-return]
     except msgspec.DecodeError as exc:

@@ -88,7 +88,11 @@ class Channel:
         self.lock = threading.Lock()
 
     def send(self, message: FromRunner) -> None:
-        data = protocol.encode(message)
+        self.send_all([message])
+
+    def send_all(self, messages: list[FromRunner]) -> None:
+        """All of ``messages`` in one write (one wakeup of the reader)."""
+        data = b"".join(map(protocol.encode, messages))
         with self.lock:
             self.out.write(data)
             self.out.flush()
@@ -141,5 +145,5 @@ def main() -> int:
             jobs.put(None)
 
     threading.Thread(target=read_requests, name="runner-reader", daemon=True).start()
-    serve(engine, jobs, channel.send, cancellations)
+    serve(engine, jobs, channel.send_all, cancellations)
     return 0

@@ -27,11 +27,12 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import msgspec
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from locopilot.engine import protocol
 from locopilot.engine.protocol import (
     Cancel,
+    Delta,
     Done,
     Embed,
     Embeddings,
@@ -207,21 +208,11 @@ class RunnerProcess:
     async def read_loop(self) -> None:
         """Route messages to their requests until the child's stdout ends."""
         assert self.process.stdout is not None
+        frames = FrameReader(self.process.stdout)
         try:
-            while (message := await _read_message(self.process.stdout)) is not None:
-                if isinstance(message, Done):
-                    # Counted here too for requests whose reader has gone (cancelled ones).
-                    self.tokens_generated += message.completion_tokens
-                    self.cached_tokens += message.cached_tokens
-                elif isinstance(message, Embeddings):
-                    self.embedding_decodes += message.decodes
-                ticket = self._pending.get(getattr(message, "id", -1))
-                if ticket is not None:
-                    if isinstance(message, TERMINAL):
-                        # The runner is done with it: the next request may go, even
-                        # while this one's client is still reading what was sent.
-                        ticket.release()
-                    ticket.send.send_nowait(message)
+            while (messages := await frames.read()) is not None:
+                for message in messages:
+                    self._route(message)
         except (OSError, anyio.BrokenResourceError, protocol.ProtocolError) as exc:
             log.warning("runner for %s: %s", self.name, exc)
         finally:
@@ -234,13 +225,29 @@ class RunnerProcess:
             for ticket in list(self._pending.values()):
                 ticket.send.close()
 
+    def _route(self, message: FromRunner) -> None:
+        if isinstance(message, Done):
+            # Counted here too for requests whose reader has gone (cancelled ones).
+            self.tokens_generated += message.completion_tokens
+            self.cached_tokens += message.cached_tokens
+        elif isinstance(message, Embeddings):
+            self.embedding_decodes += message.decodes
+        ticket = self._pending.get(getattr(message, "id", -1))
+        if ticket is not None:
+            if isinstance(message, TERMINAL):
+                # The runner is done with it: the next request may go, even
+                # while this one's client is still reading what was sent.
+                ticket.release()
+            ticket.send.send_nowait(message)
+
     async def request(self, job: Generate | Embed, queue_size: int) -> AsyncGenerator[FromRunner, None]:
         """Wait for the runner's slot, send one job, yield its messages through the terminal one.
 
         Raises QueueFull (nothing waits) when ``queue_size`` requests already
         wait, RunnerGone when the runner died while this one waited, and
         EngineUnavailable when it dies during the job. Closing the iterator
-        early sends Cancel to the runner. The slot is given back as soon as the
+        early sends Cancel to the runner. Deltas that arrived while the caller
+        was busy come as one (see :func:`_coalesced`). The slot is given back as soon as the
         runner finishes the job, or at once when the job is abandoned.
         """
         if self._slot.value == 0 and self.waiting >= queue_size:
@@ -264,7 +271,7 @@ class RunnerProcess:
         try:
             await self._send(job)
             async with receive:
-                async for message in receive:
+                async for message in _coalesced(receive):
                     finished = isinstance(message, TERMINAL)
                     yield message
                     if finished:
@@ -303,6 +310,7 @@ class RunnerProcess:
 
 
 async def _read_message(stream: anyio.abc.ByteReceiveStream) -> FromRunner | None:
+    """One message, read exactly (the runner's first answer: nothing may be read past it)."""
     header = await _receive_exact(stream, 4)
     if header is None:
         return None
@@ -323,6 +331,73 @@ async def _receive_exact(stream: anyio.abc.ByteReceiveStream, size: int) -> byte
             return None
         buffer += chunk
     return bytes(buffer)
+
+
+class FrameReader:
+    """The messages on a runner's stdout, as many at a time as have arrived.
+
+    One receive takes whatever the pipe holds (a decode step's messages for
+    every sequence come in one write), instead of two receives per message.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(self, stream: anyio.abc.ByteReceiveStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def read(self) -> list[FromRunner] | None:
+        """At least one message; None at a clean end of stream. Raises ProtocolError."""
+        while True:
+            messages = self._parse()
+            if messages:
+                return messages
+            try:
+                chunk = await self.stream.receive(self.CHUNK)
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                if self.buffer:
+                    raise protocol.ProtocolError("runner output ended inside a frame") from None
+                return None
+            self.buffer += chunk
+
+    def _parse(self) -> list[FromRunner]:
+        buffer, at, messages = self.buffer, 0, []
+        view = memoryview(buffer)
+        try:
+            while len(buffer) - at >= 4:
+                end = at + 4 + protocol.frame_length(bytes(view[at : at + 4]))
+                if end > len(buffer):
+                    break
+                messages.append(protocol.decode_from_runner(view[at + 4 : end]))
+                at = end
+        finally:
+            view.release()
+        del buffer[:at]
+        return messages
+
+
+async def _coalesced(receive: MemoryObjectReceiveStream[FromRunner]) -> AsyncGenerator[FromRunner, None]:
+    """``receive``'s messages, with Deltas that are already waiting merged into one.
+
+    A reader that keeps up gets every token as it comes; one that fell behind
+    (the API process and llama.cpp share the CPU) gets what piled up as one
+    Delta, so it does the per-chunk work (SSE event, write) once, not per token.
+    """
+    async for message in receive:
+        while isinstance(message, Delta):
+            try:
+                following = receive.receive_nowait()
+            except anyio.WouldBlock:
+                break
+            except anyio.EndOfStream:
+                yield message
+                return
+            if not isinstance(following, Delta):
+                yield message
+                message = following
+                break
+            message = Delta(id=message.id, text=message.text + following.text, tokens=message.tokens + following.tokens)
+        yield message
 
 
 async def _kill(process: anyio.abc.Process) -> None:

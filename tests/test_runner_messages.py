@@ -1,0 +1,131 @@
+"""The pipe between the API process and a runner: messages written per round, read per receive,
+and Deltas that piled up behind a slow reader merged (no model needed)."""
+
+from __future__ import annotations
+
+import io
+import queue
+
+import anyio
+import pytest
+
+from locopilot.engine import protocol
+from locopilot.engine.batching import Cancellations, Outbox
+from locopilot.engine.protocol import Delta, Done, FromRunner, Started
+from locopilot.engine.runner import Channel
+from locopilot.engine.scheduler import FrameReader, _coalesced
+
+
+class Chunks:
+    """A byte stream that hands out the given chunks, one per receive, then ends (like a pipe)."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if not self.chunks:
+            raise anyio.EndOfStream
+        chunk = self.chunks.pop(0)
+        assert len(chunk) <= max_bytes
+        return chunk
+
+
+MESSAGES: list[FromRunner] = [
+    Started(id=1, prompt_tokens=5),
+    Delta(id=1, text="Hel", tokens=1),
+    Delta(id=2, text="é", tokens=1),
+    Done(id=1, finish_reason="stop", prompt_tokens=5, completion_tokens=1),
+]
+
+
+async def read_all(reader: FrameReader) -> list[list[FromRunner]]:
+    batches = []
+    while (batch := await reader.read()) is not None:
+        batches.append(batch)
+    return batches
+
+
+def test_one_receive_gives_every_message_that_arrived() -> None:
+    data = b"".join(map(protocol.encode, MESSAGES))
+    assert anyio.run(read_all, FrameReader(Chunks([data]))) == [MESSAGES]  # type: ignore[arg-type]
+
+
+def test_frames_split_anywhere_come_out_whole() -> None:
+    data = b"".join(map(protocol.encode, MESSAGES))
+    for size in (1, 3, 7):
+        chunks = [data[i : i + size] for i in range(0, len(data), size)]
+        batches = anyio.run(read_all, FrameReader(Chunks(chunks)))  # type: ignore[arg-type]
+        assert [m for batch in batches for m in batch] == MESSAGES
+
+
+def test_a_stream_that_ends_inside_a_frame_is_a_protocol_error() -> None:
+    data = protocol.encode(MESSAGES[1])
+    with pytest.raises(protocol.ProtocolError):
+        anyio.run(read_all, FrameReader(Chunks([data[:-1]])))  # type: ignore[arg-type]
+
+
+def test_deltas_waiting_together_come_as_one_and_the_terminal_message_after_them() -> None:
+    async def main() -> list[FromRunner]:
+        send, receive = anyio.create_memory_object_stream[FromRunner](10)
+        for text in ("a", "b", "c"):
+            send.send_nowait(Delta(id=1, text=text, tokens=1))
+        send.send_nowait(Done(id=1, finish_reason="length", prompt_tokens=2, completion_tokens=3))
+        send.send_nowait(Delta(id=1, text="late", tokens=1))
+        send.close()
+        with receive:
+            return [message async for message in _coalesced(receive)]
+
+    assert anyio.run(main) == [
+        Delta(id=1, text="abc", tokens=3),
+        Done(id=1, finish_reason="length", prompt_tokens=2, completion_tokens=3),
+        Delta(id=1, text="late", tokens=1),
+    ]
+
+
+def test_a_reader_that_keeps_up_gets_each_delta_alone() -> None:
+    async def main() -> list[FromRunner]:
+        send, receive = anyio.create_memory_object_stream[FromRunner](10)
+        got: list[FromRunner] = []
+
+        async def consume() -> None:
+            with receive:
+                async for message in _coalesced(receive):
+                    got.append(message)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(consume)
+            for text in ("a", "b"):
+                await anyio.wait_all_tasks_blocked()
+                send.send_nowait(Delta(id=1, text=text, tokens=1))
+            await anyio.wait_all_tasks_blocked()
+            send.close()
+        return got
+
+    assert anyio.run(main) == [Delta(id=1, text="a", tokens=1), Delta(id=1, text="b", tokens=1)]
+
+
+def test_an_outbox_writes_a_round_at_once_and_then_ends_its_jobs() -> None:
+    out = io.BytesIO()
+    channel = Channel(out)
+    writes: list[int] = []
+    cancellations = Cancellations()
+    cancellations.begin(1)
+
+    def send(messages: list[FromRunner]) -> None:
+        writes.append(len(messages))
+        channel.send_all(messages)
+
+    outbox = Outbox(send, cancellations)
+    outbox.flush()  # nothing to write: no write
+    for message in MESSAGES:
+        outbox.put(message)
+    cancellations.cancel(1)
+    assert 1 in cancellations
+    outbox.flush()
+    assert writes == [len(MESSAGES)]
+    assert 1 not in cancellations  # Done(id=1) went out: its cancellation record is gone
+    stream = io.BytesIO(out.getvalue())
+    read: queue.SimpleQueue[FromRunner] = queue.SimpleQueue()
+    while (frame := protocol.read_frame_sync(stream)) is not None:
+        read.put(protocol.decode_from_runner(frame))
+    assert [read.get() for _ in MESSAGES] == MESSAGES
