@@ -358,6 +358,30 @@ def test_axolotl_accepts_the_rendered_config(tmp_path: Path, tiny_model: Path) -
 
 @needs_torch
 @pytest.mark.slow
+def test_axolotl_trains_on_the_cpu_for_real(tmp_path: Path, tiny_model: Path) -> None:
+    """The rendered config, run by Axolotl itself; only its Triton LoRA kernels (CUDA-only) are turned off."""
+    from locopilot.training.adapters.base import run
+
+    j = job(tmp_path, base_model=str(tiny_model), layers=1, epochs=1)
+    plan = Axolotl().plan(j, tmp_path / "work", str(TORCH_ENV / "bin" / "python"))
+    cpu = "".join(f'"lora_{name}_kernel": false\n' for name in ("mlp", "qkv", "o"))
+    plan = msgspec.structs.replace(plan, files={"axolotl.yaml": plan.files["axolotl.yaml"] + cpu})
+    try:
+        with (tmp_path / "axolotl.log").open("wb") as log:
+            run(plan, tmp_path / "work", log)
+    except FrameworkFailed:
+        print((tmp_path / "axolotl.log").read_text()[-5000:])
+        raise
+    log_text = (tmp_path / "axolotl.log").read_text()
+    assert "Training completed" in log_text and f"{j.train_examples}/{j.train_examples}" in log_text
+    adapter = json.loads((Path(plan.adapter_dir) / "adapter_config.json").read_text())  # PEFT's, written by Axolotl
+    assert adapter["r"] == 4 and adapter["layers_to_transform"] == [1]
+    assert (Path(plan.adapter_dir) / "adapter_model.safetensors").stat().st_size > 0
+    assert "posthog" not in log_text.lower(), "telemetry stays off"
+
+
+@needs_torch
+@pytest.mark.slow
 def test_the_unsloth_script_trains_with_trl(tmp_path: Path, tiny_model: Path) -> None:
     from locopilot.training.adapters.base import run
 

@@ -18,12 +18,15 @@ from typing import Any
 
 import msgspec
 
-#: (question, a word the right answer contains, compared case-insensitively).
+#: (question, a word the right answer contains, compared case-insensitively). Each was checked
+#: on SmolLM2-135M-Instruct Q4_1, greedy, 32 tokens; ones it gets wrong but with the word in the
+#: answer were left out ("Which planet do we live on?": "Kepler-41b, a super-Earth").
 QUESTIONS: tuple[tuple[str, str], ...] = (
     ("Which city is the capital of France?", "Paris"),
     ("What color is the sky on a clear day?", "blue"),
     ("What is the opposite of hot?", "cold"),
-    ("Which planet do we live on?", "Earth"),
+    ("What language is spoken in Spain?", "Spanish"),
+    ("How many days are in a week?", "7"),
 )
 MAX_TOKENS = 32
 CONTEXT = 256

@@ -16,6 +16,8 @@
    cancellation checked.
 5. Save with ``llama_model_save_to_file`` and export (:mod:`locopilot.training.export`):
    quantize (Q8_0 by default) and copy the base's metadata back.
+6. Unless ``spot_check`` is off, ask the base and the exported result a few general
+   questions (:mod:`locopilot.training.spotcheck`) and report both answers in Finished.
 """
 
 from __future__ import annotations
