@@ -121,7 +121,7 @@ def check_training_frameworks(settings: Settings) -> Check:
     names = sorted(FRAMEWORKS, key=order.index)
     preferred = next((name for name in order if name in found), None)
     parts = [
-        f"{name} {found[name] or '(no version)'}" + (" (preferred here)" if name == preferred else "")
+        f"{name} {found[name] or '(no version)'}" + (" (first choice here)" if name == preferred else "")
         for name in names
         if name in found
     ]
