@@ -61,3 +61,29 @@ smoke: build
 docs:
     uv run --frozen --no-sync python -c 'import pathlib; from locopilot.settings import with_settings_table as w; p = pathlib.Path("README.md"); p.write_text(w(p.read_text()))'
     uv run --frozen --no-sync python -c 'import pathlib; from locopilot.service import repository_files as f; [pathlib.Path(p).write_text(t) for p, t in f().items()]'
+
+# Environments of the external training frameworks, for the slow tests in
+# tests/test_training_adapters.py (skipped without them); never part of locopilot.
+# .cache/frameworks: MLX-LM on the CPU (mlx[cpu], Linux too), about 220 MB.
+# .cache/axolotl-check: PyTorch 2.13 CPU, transformers, PEFT, TRL and Axolotl 0.19
+# (0.20+ needs Python 3.12) with only the dependencies its import needs, about 3 GB
+# (Triton alone is 1 GB): Axolotl's config loader and a CPU training run, and the
+# generated Unsloth script under TRL.
+# pip, not uv, for torch: here pip takes the CPU wheel on disk; elsewhere give
+# --index-url https://download.pytorch.org/whl/cpu or it fetches a CUDA build.
+framework-envs:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ ! -x .cache/frameworks/bin/mlx_lm.lora ]; then
+        uv venv -q -p 3.11 .cache/frameworks
+        VIRTUAL_ENV=.cache/frameworks uv pip install -q 'mlx[cpu]==0.32.4' 'mlx-lm==0.32.2'
+    fi
+    if [ ! -x .cache/axolotl-check/bin/python ]; then
+        python3.11 -m venv .cache/axolotl-check
+        pip=.cache/axolotl-check/bin/pip
+        $pip install -q torch==2.13.0
+        $pip install -q --no-deps axolotl==0.19.0 axolotl-contribs-lgpl==0.0.7 axolotl-contribs-mit==0.0.6
+        $pip install -q transformers==5.16.1 pydantic==2.12.5 accelerate==1.13.0 peft==0.20.0 datasets==4.8.4 \
+            trl==1.9.0 packaging==26.0 pillow addict pyyaml fire colorama posthog numba \
+            bitsandbytes fastcore triton evaluate wandb
+    fi

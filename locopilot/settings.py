@@ -110,6 +110,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             description="Layers to offload to a GPU when the engine was built with one; -1 offloads all, 0 none.",
         ),
     ] = -1
+    training_python: Annotated[
+        str,
+        Meta(
+            description=(
+                "Python interpreter of an environment with Unsloth, Axolotl or MLX-LM installed, used by "
+                "`locopilot train --framework` and listed by `locopilot doctor`. Default: `python3` on `PATH`. "
+                "locopilot never imports those frameworks itself."
+            )
+        ),
+    ] = ""
     max_loaded_models: Annotated[
         int,
         Meta(ge=1, le=64, description="Models kept loaded at once; loading one more unloads the least recently used."),

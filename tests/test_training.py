@@ -117,6 +117,69 @@ def test_training_reports_progress_and_the_loss_falls(trained: Trained) -> None:
 
 
 @pytest.mark.slow
+def test_the_finished_event_carries_a_spot_check(trained: Trained) -> None:
+    from locopilot.training.spotcheck import QUESTIONS
+
+    check = trained.finished.spot_check
+    assert check is not None
+    assert [a.question for a in check.answers] == [q for q, _ in QUESTIONS]
+    # The questions were chosen because the base answers them right; a failure here means they no longer fit it.
+    assert check.base_correct == len(QUESTIONS), [(a.question, a.base_answer) for a in check.answers]
+    assert check.changed == sum(a.base_answer != a.trained_answer for a in check.answers)
+    assert check.lost == sum(a.base_correct and not a.trained_correct for a in check.answers)
+    assert all(a.trained_answer for a in check.answers)
+    print(
+        f"\nspot check ({check.seconds:.1f} s): right {check.base_correct} -> {check.trained_correct}, "
+        f"{check.changed} changed, {check.lost} lost"
+    )
+    for a in check.answers:
+        print(f"  {a.question!r}: {a.base_answer[:70]!r} -> {a.trained_answer[:70]!r}")
+
+
+def test_memory_estimate_counts_the_optimizer_state(smollm2_path: Path, tmp_path: Path) -> None:
+    from locopilot.training.trainer import estimate_memory
+
+    header = read_header(smollm2_path)
+    adamw = estimate_memory(header, config(tmp_path, smollm2_path, layers=4))
+    sgd = estimate_memory(header, config(tmp_path, smollm2_path, layers=4, optimizer="sgd"))
+    every = estimate_memory(header, config(tmp_path, smollm2_path, layers=0))
+    assert adamw.weights == sgd.weights == 4 * header.parameter_count  # F32
+    assert adamw.trained_layers == 4 and every.trained_layers == 30  # SmolLM2-135M has 30 blocks
+    assert adamw.optimizer == 12 * adamw.trained_weights  # gradient + two AdamW moments, F32
+    assert sgd.optimizer == 4 * sgd.trained_weights  # the gradient alone
+    assert every.trained_weights == 30 * adamw.trained_weights // 4
+    # The blocks hold the weights outside the token embeddings (49152 x 576, tied to the output).
+    assert 0.6 * header.parameter_count < every.trained_weights < 0.9 * header.parameter_count
+    assert sgd.total < adamw.total < every.total
+
+
+@pytest.mark.slow
+def test_sgd_trains_too(tmp_path: Path, smollm2_path: Path) -> None:
+    """A short SGD job on one block: the optimizer type reaches llama.cpp (the bindings' struct lacks it)."""
+    dataset = tmp_path / "ten.jsonl"
+    dataset.write_text("".join(facts_dataset(tmp_path / "all.jsonl").read_text().splitlines(keepends=True)[:10]))
+    job = config(
+        tmp_path,
+        smollm2_path,
+        dataset_path=str(dataset),
+        layers=1,
+        optimizer="sgd",
+        learning_rate=1e-2,
+        validation_split=0.0,
+        spot_check=False,
+    )
+    with (tmp_path / "worker.log").open("wb") as log:
+        finished = run(job, lambda _event: None, stderr=log)
+    assert finished.spot_check is None
+    assert finished.validation_loss_before is None
+    assert finished.train_loss_after < finished.train_loss_before
+    print(
+        f"\nSGD: loss {finished.train_loss_before:.3f} -> {finished.train_loss_after:.3f}, "
+        f"{finished.tokens_per_s:.0f} tokens/s, peak RSS {finished.peak_rss_bytes / 1e9:.2f} GB"
+    )
+
+
+@pytest.mark.slow
 def test_output_keeps_the_base_metadata(trained: Trained, smollm2_path: Path) -> None:
     base, out = read_header(smollm2_path), read_header(trained.output)
     assert out.chat_template == base.chat_template and out.chat_template

@@ -106,12 +106,38 @@ def check_server(settings: Settings) -> Check:
     return Check("server", "fail", f"{url}/health answered {response.status_code}")
 
 
+def check_training_frameworks(settings: Settings) -> Check:
+    """Which external training frameworks the training Python has (never a failure: the built-in trainer needs none)."""
+    from locopilot.training.adapters import FRAMEWORKS, preference
+    from locopilot.training.adapters.base import FrameworkFailed
+    from locopilot.training.external import find_python, installed
+
+    try:
+        python = find_python(None, settings.training_python)
+        found = installed(python)
+    except FrameworkFailed as exc:
+        return Check("training frameworks", "warn", str(exc))
+    order = preference()
+    names = sorted(FRAMEWORKS, key=order.index)
+    preferred = next((name for name in order if name in found), None)
+    parts = [
+        f"{name} {found[name] or '(no version)'}" + (" (first choice here)" if name == preferred else "")
+        for name in names
+        if name in found
+    ]
+    missing = [name for name in names if name not in found]
+    if missing:
+        parts.append(f"not installed: {', '.join(missing)}")
+    return Check("training frameworks", "ok", f"{'; '.join(parts)} (in {python}); the built-in trainer needs none")
+
+
 CHECKS: list[Callable[[Settings], Check]] = [
     check_data_dir,
     check_database,
     check_engine,
     check_models,
     check_disk,
+    check_training_frameworks,
     check_server,
 ]
 
@@ -120,7 +146,7 @@ MARKS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"
 
 @click.command()
 def doctor() -> None:
-    """Check settings, data folder, database, llama.cpp, models, disk and the server.
+    """Check settings, data folder, database, llama.cpp, models, disk, training frameworks and the server.
 
     Exits with status 1 if any check fails.
     """

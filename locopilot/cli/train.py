@@ -1,21 +1,29 @@
-"""``locopilot train``: check a fine-tuning dataset, fine-tune a GGUF with llama.cpp's trainer."""
+"""``locopilot train``: check a dataset; fine-tune a GGUF with llama.cpp, or hand the job to an external framework."""
 
 from __future__ import annotations
 
 import secrets
 import shutil
 from pathlib import Path
+from typing import Any
 
 import rich_click as click
+from click.core import ParameterSource
 from rich.table import Table
+from rich.text import Text
 
 from locopilot.cli import console, print_error, settings_or_exit
 from locopilot.errors import LocopilotError
 from locopilot.models.catalog import ModelCatalog
+from locopilot.training import jobfile
+from locopilot.training.adapters import FRAMEWORKS
+from locopilot.training.jobfile import DEFAULT_LORA_LEARNING_RATE
+from locopilot.training.spotcheck import SpotCheck
 from locopilot.training.trainer import (
     DEFAULT_CONTEXT,
     DEFAULT_LAYERS,
     DEFAULT_LEARNING_RATE,
+    MAX_LEARNING_RATE,
     OUTPUT_TYPES,
     Finished,
     TrainConfig,
@@ -34,42 +42,107 @@ def base_model_path(model: str) -> Path:
         raise SystemExit(1) from exc
 
 
+#: The flags that a job file can also set (the same names, ``_`` for ``-``).
+OPTION_FLAGS = (
+    "base",
+    "dataset",
+    "framework",
+    "epochs",
+    "learning_rate",
+    "optimizer",
+    "layers",
+    "context",
+    "validation_split",
+    "seed",
+    "output_type",
+    "spot_check",
+    "python",
+    "lora_rank",
+)
+
+
 @click.group(invoke_without_command=True)
-@click.option("--base", "base", help="Base model: a name in the models folder or a .gguf path.")
-@click.option("--dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL dataset.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A TOML or JSON file with these options (keys with _ for -); flags given here override it.",
+)
+@click.option(
+    "--base",
+    "base",
+    help="Base model: a name in the models folder or a .gguf path (external: an HF repo or folder).",
+)
+@click.option("--dataset", type=click.Path(dir_okay=False), help="JSONL dataset.")
+@click.option(
+    "--framework",
+    type=click.Choice(["builtin", *FRAMEWORKS]),
+    default="builtin",
+    show_default=True,
+    help="builtin: llama.cpp, on the GGUF itself. Others: an installed Unsloth, Axolotl or MLX-LM trains LoRA.",
+)
 @click.option("--epochs", type=click.IntRange(1, 100), default=1, show_default=True)
-@click.option("--learning-rate", "--lr", type=float, default=DEFAULT_LEARNING_RATE, show_default=True)
+@click.option(
+    "--learning-rate",
+    "--lr",
+    type=click.FloatRange(0, MAX_LEARNING_RATE, min_open=True),
+    help=f"Default {DEFAULT_LEARNING_RATE:g} (builtin), {DEFAULT_LORA_LEARNING_RATE:g} (LoRA).",
+)
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
 @click.option(
     "--layers",
     type=click.IntRange(min=0),
-    default=DEFAULT_LAYERS,
-    show_default=True,
-    help="Train the last N blocks; 0: all.",
+    help=f"Train the last N blocks; 0: all. Default {DEFAULT_LAYERS} (builtin), 0 (LoRA).",
 )
 @click.option("--context", type=click.IntRange(min=256), default=DEFAULT_CONTEXT, show_default=True)
+@click.option("--validation-split", type=click.FloatRange(0, 0.5, max_open=True), default=0.1, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--output-type", type=click.Choice(sorted(OUTPUT_TYPES)), default="q8_0", show_default=True)
+@click.option(
+    "--spot-check/--no-spot-check",
+    default=True,
+    show_default=True,
+    help="Ask the base and the result a few general questions at the end (builtin).",
+)
+@click.option("--python", help="The external framework's Python (default: LOCOPILOT_TRAINING_PYTHON, else python3).")
+@click.option("--lora-rank", type=click.IntRange(1, 1024), default=8, show_default=True, help="External frameworks.")
+@click.option(
+    "--dry-run", is_flag=True, help="External frameworks: write the config and print the command, run nothing."
+)
 @click.pass_context
-def train(
-    ctx: click.Context,
-    base: str | None,
-    dataset: Path | None,
-    epochs: int,
-    learning_rate: float,
-    optimizer: str,
-    layers: int,
-    context: int,
-    output_type: str,
-) -> None:
-    """Fine-tune a GGUF model on a JSONL dataset (llama.cpp's built-in trainer, no PyTorch).
+def train(ctx: click.Context, /, config_file: Path | None, dry_run: bool, **flags: Any) -> None:
+    """Fine-tune a model on a JSONL dataset.
 
-    The result is added to the models folder as BASE-ft-ID and can be served at once.
+    The built-in trainer fine-tunes a GGUF with llama.cpp (no PyTorch); the result is added
+    to the models folder as BASE-ft-ID and can be served at once. `--framework unsloth|axolotl|mlx`
+    hands the job to that framework instead (installed separately; see `locopilot doctor`).
     `locopilot train validate FILE` checks a dataset without training.
     """
     if ctx.invoked_subcommand is not None:
         return
-    if base is None or dataset is None:
+    given = {
+        name: value
+        for name, value in flags.items()
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    }
+    try:
+        options = jobfile.merge(jobfile.load(config_file) if config_file else jobfile.TrainOptions(), given)
+    except jobfile.JobFileInvalid as exc:
+        print_error(str(exc))
+        raise SystemExit(2) from exc
+    if options.base is None or options.dataset is None:
         raise click.UsageError("give --base MODEL and --dataset FILE (or a subcommand)")
+    dataset = Path(options.dataset)
+    if not dataset.is_file():
+        print_error(f"the dataset {dataset} is not a file")
+        raise SystemExit(2)
+    if options.framework == "builtin":
+        _train_builtin(options, options.base, dataset)
+    else:
+        _train_external(options, options.base, dataset, dry_run=dry_run)
+
+
+def _train_builtin(options: jobfile.TrainOptions, base: str, dataset: Path) -> None:
     settings = settings_or_exit()
     base_path = base_model_path(base)
     name = f"{base_path.stem if base.endswith('.gguf') else base}-ft-{secrets.token_hex(4)}"
@@ -83,23 +156,109 @@ def train(
         dataset_path=str(dataset.resolve()),
         output_path=str(output),
         work_dir=str(work_dir),
-        epochs=epochs,
-        learning_rate=learning_rate,
-        optimizer="sgd" if optimizer == "sgd" else "adamw",
-        layers=layers,
-        context=context,
-        output_type=output_type,
+        epochs=options.epochs,
+        learning_rate=options.effective_learning_rate,
+        optimizer=options.optimizer,
+        layers=options.effective_layers,
+        context=options.context,
+        validation_split=options.validation_split,
+        output_type=options.output_type,
         threads=settings.threads,
+        seed=options.seed,
+        spot_check=options.spot_check,
     )
     log_path = settings.data_path / "training" / f"{name}.log"
     try:
         finished = _run_with_progress(config, log_path)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+    summary = (
+        f"trained {name}: loss {finished.train_loss_before:.3f} → {finished.train_loss_after:.3f}"
+        if finished.validation_loss_before is None or finished.validation_loss_after is None
+        else f"trained {name}: loss {finished.train_loss_before:.3f} → {finished.train_loss_after:.3f}, "
+        f"held-out {finished.validation_loss_before:.3f} → {finished.validation_loss_after:.3f}"
+    )
     console.print(
-        f"trained {name}: loss {finished.train_loss_before:.3f} → {finished.train_loss_after:.3f}, "
-        f"{finished.tokens_per_s:.0f} tokens/s, peak memory {finished.peak_rss_bytes / 1e9:.2f} GB, "
+        f"{summary}, {finished.tokens_per_s:.0f} tokens/s, peak memory {finished.peak_rss_bytes / 1e9:.2f} GB, "
         f"{finished.seconds:.0f} s",
+        highlight=False,
+    )
+    if finished.spot_check is not None:
+        _print_spot_check(finished.spot_check)
+
+
+def _print_spot_check(check: SpotCheck) -> None:
+    table = Table("question", "base", "trained", box=None, title="general-knowledge spot check", title_justify="left")
+    for answer in check.answers:
+        mark = "" if answer.changed else " (same)"
+        table.add_row(
+            Text(answer.question),
+            Text(("✓ " if answer.base_correct else "✗ ") + answer.base_answer[:60]),
+            Text(("✓ " if answer.trained_correct else "✗ ") + answer.trained_answer[:60] + mark),
+        )
+    console.print(table)
+    console.print(
+        f"right before {check.base_correct}/{len(check.answers)}, after {check.trained_correct}/{len(check.answers)}; "
+        f"{check.changed} answers changed, {check.lost} lost",
+        highlight=False,
+    )
+
+
+def _train_external(options: jobfile.TrainOptions, base: str, dataset: Path, *, dry_run: bool) -> None:
+    from locopilot.training.adapters.base import FrameworkFailed, run
+    from locopilot.training.datasets import DatasetInvalid
+    from locopilot.training.external import find_python, installed, plan_job
+
+    settings = settings_or_exit()
+    framework = options.framework
+    try:
+        python = find_python(options.python, settings.training_python)
+        if not dry_run and framework not in installed(python):
+            adapter = FRAMEWORKS[framework]
+            raise FrameworkFailed(
+                f"{adapter.distribution} is not installed for {python} (it needs {adapter.needs}); "
+                "see `locopilot doctor`, or give --python"
+            )
+        name = f"{Path(base).name or 'model'}-{framework}-{secrets.token_hex(4)}"
+        output_dir = settings.data_path / "training" / name
+        work_dir = output_dir / "work"
+        plan, data = plan_job(
+            framework,
+            base=base,
+            dataset=dataset,
+            output_dir=output_dir,
+            work_dir=work_dir,
+            python=python,
+            epochs=options.epochs,
+            learning_rate=options.effective_learning_rate,
+            optimizer=options.optimizer,
+            layers=options.effective_layers,
+            context=options.context,
+            lora_rank=options.lora_rank,
+            seed=options.seed,
+            validation_split=options.validation_split,
+        )
+        for file_name in plan.files:
+            (work_dir / file_name).write_text(plan.files[file_name], encoding="utf-8")
+        console.print(
+            f"{framework}: {data.train_examples} training and {data.valid_examples} held-out examples in {work_dir}",
+            highlight=False,
+        )
+        console.print(Text(" ".join(plan.argv)))
+        if dry_run:
+            return
+        log_path = output_dir / f"{framework}.log"
+        with log_path.open("wb") as log:
+            console.print(f"running; its output goes to {log_path}", highlight=False)
+            run(plan, work_dir, log)
+    except DatasetInvalid as exc:
+        print_error(f"{dataset} cannot be trained on:\n{exc}")
+        raise SystemExit(1) from exc
+    except FrameworkFailed as exc:
+        print_error(str(exc))
+        raise SystemExit(1) from exc
+    console.print(
+        f"trained a LoRA adapter in {plan.adapter_dir}; locopilot serves GGUF only, so it is not in the models folder",
         highlight=False,
     )
 

@@ -61,6 +61,10 @@ class ChatTokenizer:
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
         return self.tokenize(self.render(messages))
 
+    def prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Tokens of the conversation followed by the assistant's turn opening (a generation prompt)."""
+        return self.tokenize(self.renderer.render(messages, add_generation_prompt=True))
+
     def count(self, messages: list[dict[str, str]]) -> int:
         return len(self.encode(messages))
 

@@ -16,6 +16,8 @@
    cancellation checked.
 5. Save with ``llama_model_save_to_file`` and export (:mod:`locopilot.training.export`):
    quantize (Q8_0 by default) and copy the base's metadata back.
+6. Unless ``spot_check`` is off, ask the base and the exported result a few general
+   questions (:mod:`locopilot.training.spotcheck`) and report both answers in Finished.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ from typing import Any, Literal
 import msgspec
 
 from locopilot.models.gguf import ArrayInfo, GGUFHeader, read_header
+from locopilot.training.spotcheck import SpotCheck
 
 DEFAULT_CONTEXT = 256
 #: llama.cpp pads a context to a multiple of 256; a training window is exactly one context.
 CONTEXT_STEP = 256
 DEFAULT_LAYERS = 4
 DEFAULT_LEARNING_RATE = 1e-5
+MAX_LEARNING_RATE = 1e-2
 OUTPUT_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # enum llama_ftype
 
 
@@ -67,6 +71,7 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     output_type: str = "q8_0"
     threads: int = 0  # 0: every CPU
     seed: int = 0
+    spot_check: bool = True  # ask the base and the result a few general questions at the end
 
     def check(self) -> None:
         """Raises TrainingRefused for a value no job can run with."""
@@ -74,8 +79,8 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise TrainingRefused("epochs and chunk_windows must be at least 1, layers at least 0")
         if self.context < CONTEXT_STEP or self.context % CONTEXT_STEP:
             raise TrainingRefused(f"context must be a multiple of {CONTEXT_STEP}, not {self.context}")
-        if not 0 < self.learning_rate <= 1e-2:
-            raise TrainingRefused(f"learning_rate must be in (0, 0.01], not {self.learning_rate}")
+        if not 0 < self.learning_rate <= MAX_LEARNING_RATE:
+            raise TrainingRefused(f"learning_rate must be in (0, {MAX_LEARNING_RATE}], not {self.learning_rate}")
         if not 0 <= self.validation_split < 0.5:
             raise TrainingRefused("validation_split must be in [0, 0.5)")
         if self.output_type not in OUTPUT_TYPES:
@@ -109,7 +114,11 @@ class Progress(msgspec.Struct, tag="progress"):
 
 
 class Finished(msgspec.Struct, tag="finished"):
-    """``*_before``/``*_after``: mean cross-entropy over the windows, before and after training."""
+    """``*_before``/``*_after``: mean cross-entropy over the windows, before and after training.
+
+    ``spot_check``: the base's and the result's answers to a few general questions
+    (:mod:`locopilot.training.spotcheck`); None when the job asked for none.
+    """
 
     output_path: str
     train_loss_before: float
@@ -120,6 +129,7 @@ class Finished(msgspec.Struct, tag="finished"):
     trained_tokens: int
     seconds: float
     peak_rss_bytes: int
+    spot_check: SpotCheck | None = None
 
 
 Event = Started | Progress | Finished
@@ -319,6 +329,13 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
             val_after = session.loss(validation) if validation else None
             session.save(trained)
         export(trained, Path(config.base_path), Path(config.output_path), config.output_type, threads=config.threads)
+    check = None
+    if config.spot_check:
+        from locopilot.training.spotcheck import spot_check
+
+        check = spot_check(
+            Path(config.base_path), Path(config.output_path), threads=config.threads or os.cpu_count() or 1
+        )
     finished = Finished(
         output_path=config.output_path,
         train_loss_before=loss_before,
@@ -329,6 +346,7 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
         trained_tokens=steps * config.context,
         seconds=time.monotonic() - started,
         peak_rss_bytes=peak_rss_bytes(),
+        spot_check=check,
     )
     report(finished)
     return finished

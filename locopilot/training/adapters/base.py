@@ -1,0 +1,278 @@
+"""What every external training framework adapter shares: the job, the plan, the data, the run.
+
+An adapter (one module per framework) only *renders*: :meth:`TrainingFramework.plan` turns an
+:class:`ExternalJob` into a :class:`Plan` (the files to write, the command to run) and touches
+nothing. :func:`run` carries a plan out: it writes the files and runs the command as an
+argument list (never through a shell) with the framework's own Python, which is never
+locopilot's: the frameworks need PyTorch or MLX, and locopilot imports neither.
+
+The frameworks train Hugging Face models (safetensors and ``config.json``), not GGUF. The
+base is named the Hugging Face way (a repo id, fetched by the framework itself, or a local
+model folder), and the result is a LoRA adapter in ``<output>/adapter`` (MLX-LM:
+``adapters.safetensors``; Unsloth and Axolotl: PEFT's ``adapter_model.safetensors``).
+Serving it from locopilot needs a GGUF, which takes llama.cpp's ``convert_hf_to_gguf.py``:
+it is in the llama-cpp-python sdist (``vendor/llama.cpp``), not in its wheel, and needs
+PyTorch, so locopilot does not run it (see README, "External frameworks").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+from pathlib import Path
+from typing import IO, ClassVar, Literal, Protocol
+
+import msgspec
+
+Optimizer = Literal["adamw", "sgd"]
+
+
+class ExternalJob(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One job for an external framework. Paths are absolute.
+
+    ``train_file``/``valid_file``: JSONL, one ``{"messages": [...]}`` conversation a line (what
+    :func:`prepare_data` writes). ``layers``: the last N blocks get LoRA weights; 0: all.
+    """
+
+    base_model: str
+    train_file: str
+    valid_file: str | None
+    train_examples: int
+    output_dir: str
+    epochs: int = 1
+    learning_rate: float = 1e-4
+    optimizer: Optimizer = "adamw"
+    layers: int = 0
+    context: int = 256
+    lora_rank: int = 8
+    seed: int = 0
+    batch_size: int = 1
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps over all epochs, one per batch."""
+        return max(1, math.ceil(self.train_examples * self.epochs / self.batch_size))
+
+    @property
+    def adapter_dir(self) -> str:
+        return str(Path(self.output_dir) / "adapter")
+
+
+def layer_indices(job: ExternalJob) -> list[int] | None:
+    """The indices of the last ``job.layers`` blocks, None for all; from ``config.json`` of a local base.
+
+    Raises FrameworkFailed when only some layers are asked for and the base is a repo id
+    (its layer count is not known before the framework downloads it).
+    """
+    if job.layers == 0:
+        return None
+    config = Path(job.base_model) / "config.json"
+    try:
+        n_layer = json.loads(config.read_text())["num_hidden_layers"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FrameworkFailed(
+            f"training the last {job.layers} layers needs the layer count from {config}; "
+            "give a local model folder as the base, or layers = 0 (all)"
+        ) from exc
+    if not isinstance(n_layer, int) or n_layer < 1:
+        raise FrameworkFailed(f"{config} has no usable num_hidden_layers")
+    return list(range(max(0, n_layer - job.layers), n_layer))
+
+
+class Plan(msgspec.Struct, frozen=True):
+    """``files``: name (in the work folder) → text; ``argv[0]`` is the framework's Python;
+    ``env``: variables set for the command on top of :data:`QUIET_ENV`."""
+
+    argv: list[str]
+    files: dict[str, str]
+    adapter_dir: str
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+#: Every framework run gets these: no usage reports leave the machine (Axolotl sends PostHog
+#: telemetry unless told not to; Hugging Face libraries report downloads).
+QUIET_ENV = {"DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def offline_env(job: ExternalJob) -> dict[str, str]:
+    """HF_HUB_OFFLINE for a base that is a local folder: then nothing needs fetching, and nothing is."""
+    return {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"} if Path(job.base_model).is_dir() else {}
+
+
+class TrainingFramework(Protocol):
+    """One framework: its name, the module that says it is installed, how a job becomes a plan."""
+
+    name: ClassVar[str]
+    module: ClassVar[str]  # importable in the framework's Python when it is installed
+    distribution: ClassVar[str]  # the PyPI name, for its version
+    needs: ClassVar[str]  # what it runs on, said to a user
+
+    def plan(self, job: ExternalJob, work_dir: Path, python: str) -> Plan: ...
+
+
+class Available(msgspec.Struct, frozen=True):
+    """A framework found in a Python environment, and its version ("" when it has no metadata)."""
+
+    name: str
+    version: str
+
+
+class FrameworkFailed(Exception):
+    """The framework's command could not start or exited non-zero; the message says where its log is."""
+
+
+class TrainingData(msgspec.Struct, frozen=True):
+    train_file: str
+    valid_file: str | None
+    train_examples: int
+    valid_examples: int
+
+
+def prepare_data(dataset: Path, work_dir: Path, *, validation_split: float, seed: int) -> TrainingData:
+    """The dataset (validated first) as ``data/train.jsonl`` and ``data/valid.jsonl`` in OpenAI chat form.
+
+    Every framework reads ``{"messages": [...]}`` lines, whatever the file's own form (Alpaca,
+    ShareGPT), and the held-out examples are chosen as the built-in trainer chooses them: by
+    example, shuffled with ``seed``. ``valid.jsonl`` is absent when nothing is held out.
+    Raises DatasetInvalid.
+    """
+    from locopilot.training.datasets import Example, iter_examples, validate
+
+    validate(dataset)
+    with dataset.open("rb") as f:
+        conversations = [item.messages for item in iter_examples(f) if isinstance(item, Example)]
+    random.Random(seed).shuffle(conversations)
+    n_valid = int(len(conversations) * validation_split)
+    folder = work_dir / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    train, valid = folder / "train.jsonl", folder / "valid.jsonl"
+    _write_jsonl(train, conversations[n_valid:])
+    if n_valid:
+        _write_jsonl(valid, conversations[:n_valid])
+    else:
+        valid.unlink(missing_ok=True)
+    return TrainingData(
+        train_file=str(train),
+        valid_file=str(valid) if n_valid else None,
+        train_examples=len(conversations) - n_valid,
+        valid_examples=n_valid,
+    )
+
+
+def _write_jsonl(path: Path, conversations: list[list[dict[str, str]]]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for messages in conversations:
+            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+
+
+def yaml_text(value: dict[str, object]) -> str:
+    """``value`` as block-style YAML that PyYAML's ``safe_load`` reads back equal.
+
+    Scalars are written as JSON (a JSON string is a YAML double-quoted string), except floats,
+    which always get a decimal point: YAML 1.1, which PyYAML follows, reads ``1e-05`` as a string.
+    """
+    lines: list[str] = []
+    _yaml_mapping(value, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_scalar(value: object) -> str:
+    if isinstance(value, float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"{value} has no YAML form here")
+        text = repr(value)
+        if "e" in text and "." not in text.split("e")[0]:
+            mantissa, exponent = text.split("e")
+            text = f"{mantissa}.0e{exponent}"
+        return text
+    if value is None or isinstance(value, bool | int | str):
+        return json.dumps(value, ensure_ascii=False)
+    raise TypeError(f"cannot write {type(value).__name__} as YAML")
+
+
+def _yaml_mapping(mapping: dict[str, object], indent: int, lines: list[str]) -> None:
+    pad = " " * indent
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            lines.append(f"{pad}{json.dumps(key)}:" + (" {}" if not value else ""))
+            _yaml_mapping(value, indent + 2, lines)
+        elif isinstance(value, list):
+            lines.append(f"{pad}{json.dumps(key)}:" + (" []" if not value else ""))
+            for item in value:
+                if isinstance(item, dict):
+                    sub: list[str] = []
+                    _yaml_mapping(item, indent + 4, sub)
+                    lines.append(f"{pad}  - {sub[0].lstrip()}")
+                    lines.extend(sub[1:])
+                else:
+                    lines.append(f"{pad}  - {_yaml_scalar(item)}")
+        else:
+            lines.append(f"{pad}{json.dumps(key)}: {_yaml_scalar(value)}")
+
+
+def run(plan: Plan, work_dir: Path, log: IO[bytes]) -> None:
+    """Write the plan's files into ``work_dir`` and run its command there, output to ``log``.
+
+    The command is an argument list run without a shell; ``LOCOPILOT_*`` variables are not
+    passed on (they may hold keys). Raises FrameworkFailed.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in plan.files.items():
+        (work_dir / name).write_text(text, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCOPILOT_")} | QUIET_ENV | plan.env
+    try:
+        code = subprocess.run(
+            plan.argv, cwd=work_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
+        ).returncode
+    except OSError as exc:
+        raise FrameworkFailed(f"cannot run {plan.argv[0]}: {exc.strerror or exc}") from exc
+    if code != 0:
+        raise FrameworkFailed(f"{' '.join(plan.argv[:4])} ... exited with status {code}")
+
+
+PROBE = """
+import importlib.metadata, importlib.util, json, sys
+found = {}
+for module, dist in json.loads(sys.argv[1]).items():
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        continue
+    try:
+        found[module] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        found[module] = ""
+print(json.dumps(found))
+"""
+
+
+def probe(python: str, modules: dict[str, str], *, timeout: float = 30) -> dict[str, str]:
+    """Which of ``modules`` (module → distribution) ``python`` can import, with their versions.
+
+    Only looks (``importlib.util.find_spec``), never imports a framework: importing Unsloth
+    without a GPU raises, and importing PyTorch takes seconds. Raises FrameworkFailed when
+    ``python`` cannot be run.
+    """
+    try:
+        result = subprocess.run(
+            [python, "-I", "-c", PROBE, json.dumps(modules)],
+            capture_output=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FrameworkFailed(f"cannot run {python}: {exc}") from exc
+    if result.returncode != 0:
+        lines = result.stderr.decode(errors="replace").strip().splitlines()
+        raise FrameworkFailed(f"{python} failed: {lines[-1] if lines else result.returncode}")
+    try:
+        found = msgspec.json.decode(result.stdout, type=dict[str, str])
+    except msgspec.DecodeError as exc:
+        raise FrameworkFailed(f"{python} answered the probe with {result.stdout[:200]!r}") from exc
+    return found

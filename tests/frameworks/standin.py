@@ -1,0 +1,115 @@
+"""A stand-in for a framework's Python, for the subprocess path (``locopilot train --framework``).
+
+It answers the three command lines locopilot runs the way the real programs parse them, and
+fails (exit 2, a message on stderr) on anything they would refuse:
+
+- ``-I -c CODE ARG`` (the probe): runs CODE with a folder of fake installed distributions
+  first on ``sys.path`` (``STANDIN_SITE``), so ``find_spec`` and ``importlib.metadata``
+  really find them;
+- ``-m mlx_lm lora --config FILE``: the YAML must have the keys ``mlx_lm lora`` needs, a
+  ``data`` folder with ``train.jsonl`` of ``{"messages": [...]}`` lines and a local model;
+  writes ``adapters.safetensors`` and ``adapter_config.json`` to ``adapter_path``;
+- ``-m axolotl.cli.train FILE`` and ``SCRIPT JOB.json`` (Unsloth): the same checks on
+  Axolotl's YAML or the job file, then an adapter in ``output_dir``/``adapter_dir``.
+
+``STANDIN_EXIT`` makes it fail after the checks with that status, as a crashed run would.
+Every command line it got is appended to ``STANDIN_LOG``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def fail(message: str) -> None:
+    print(f"standin: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_data(path: Path) -> int:
+    if not path.is_file():
+        fail(f"no training data at {path}")
+    lines = path.read_text().splitlines()
+    for line in lines:
+        record = json.loads(line)
+        roles = [m["role"] for m in record["messages"]]
+        if roles[-1] != "assistant" or "user" not in roles:
+            fail(f"{path}: not a chat example: {line[:80]}")
+    return len(lines)
+
+
+def check_model(base: str) -> None:
+    if not (Path(base) / "config.json").is_file():
+        fail(f"{base} is not a local model folder")
+
+
+def write_adapter(folder: Path, config: dict[str, object]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "adapters.safetensors").write_bytes(b"\0" * 8)
+
+
+def mlx(args: list[str]) -> None:
+    if args[:2] != ["lora", "--config"] or len(args) != 3:
+        fail(f"mlx_lm: expected lora --config FILE, got {args}")
+    config = yaml.safe_load(Path(args[2]).read_text())
+    for key, kind in {"model": str, "train": bool, "data": str, "iters": int, "learning_rate": float}.items():
+        if not isinstance(config.get(key), kind):
+            fail(f"mlx_lm: {key} must be a {kind.__name__}, got {config.get(key)!r}")
+    if config["fine_tune_type"] not in ("lora", "dora", "full") or config["optimizer"] not in ("adamw", "sgd"):
+        fail("mlx_lm: bad fine_tune_type or optimizer")
+    check_model(config["model"])
+    examples = check_data(Path(config["data"]) / "train.jsonl")
+    write_adapter(Path(config["adapter_path"]), config | {"examples_seen": examples})
+
+
+def axolotl(args: list[str]) -> None:
+    if len(args) != 1:
+        fail(f"axolotl: expected one config file, got {args}")
+    config = yaml.safe_load(Path(args[0]).read_text())
+    if os.environ.get("AXOLOTL_DO_NOT_TRACK") != "1":
+        fail("axolotl: telemetry is on")
+    check_model(config["base_model"])
+    for dataset in config["datasets"]:
+        check_data(Path(dataset["path"]))
+    write_adapter(Path(config["output_dir"]), config)
+
+
+def unsloth(script: Path, job_file: Path) -> None:
+    if not script.read_text().startswith('"""Written by locopilot'):
+        fail(f"{script} is not locopilot's Unsloth script")
+    job = json.loads(job_file.read_text())
+    check_model(job["base_model"])
+    check_data(Path(job["train_file"]))
+    write_adapter(Path(job["adapter_dir"]), job)
+
+
+def main(argv: list[str]) -> None:
+    with open(os.environ["STANDIN_LOG"], "a") as log:
+        log.write(json.dumps(argv) + "\n")
+    if argv[:2] == ["-I", "-c"]:
+        sys.path.insert(0, os.environ["STANDIN_SITE"])
+        sys.argv = ["-c", *argv[3:]]
+        exec(argv[2], {"__name__": "__main__"})
+        return
+    match argv:
+        case ["-m", "mlx_lm", *rest]:
+            mlx(rest)
+        case ["-m", "axolotl.cli.train", *rest]:
+            axolotl(rest)
+        case [script, job_file] if script.endswith(".py"):
+            unsloth(Path(script), Path(job_file))
+        case _:
+            fail(f"unexpected command line {argv}")
+    if code := int(os.environ.get("STANDIN_EXIT", "0")):
+        print("standin: failing as asked", file=sys.stderr)
+        raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
