@@ -47,13 +47,31 @@ bench: setup
 bench-gateway *args: setup
     uv run --frozen --no-sync python bench/gateway.py {{args}}
 
-# A one-file executable in dist/ (PyInstaller). It carries the dev build's one
-# AVX2-level CPU library; the portable all-variants build is not wired in yet.
-build: setup
-    uv run --frozen --no-sync pyinstaller --noconfirm --workpath build/work --distpath dist build/locopilot.spec
+# The one-file executable dist/locopilot (PyInstaller), made in a build environment of
+# its own (build/work/venv, so .venv keeps the development engine): the locked
+# dependencies, the portable engine (build/engine_wheel.sh: one CPU library per x86
+# level, the best one chosen at start) and PyInstaller with a bootloader that skips
+# noexec temporary folders (build/pyinstaller_wheel.sh). Both wheels are built once and
+# cached outside the repository (~/.cache/locopilot/engine). `just build dev` bundles
+# the development engine instead (one AVX2-level CPU library, no extra compile; such a
+# binary dies with "Illegal instruction" on CPUs without AVX2).
+build engine="portable": setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    case "{{engine}}" in
+        portable) wheel="$(build/engine_wheel.sh)" ;;
+        dev) wheel="" ;;
+        *) echo "just build [portable|dev], not {{engine}}" >&2; exit 1 ;;
+    esac
+    pyinstaller="$(build/pyinstaller_wheel.sh)"
+    venv=build/work/venv
+    UV_PROJECT_ENVIRONMENT="$venv" uv sync --frozen --quiet --no-install-package pyinstaller \
+        ${wheel:+--no-install-package llama-cpp-python}
+    uv pip install --quiet --python "$venv" --no-deps --reinstall "$pyinstaller" $wheel
+    "$venv/bin/python" -m PyInstaller --noconfirm --workpath build/work --distpath dist build/locopilot.spec
 
-# Build, then run the frozen binary end to end (serve, chat, shutdown).
-smoke: build
+# Build, then run the frozen binary end to end (build/smoke_test.sh says what it checks).
+smoke engine="portable": (build engine)
     build/smoke_test.sh dist/locopilot
 
 # Regenerate the README's settings table and the systemd/ files (env example, unit,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -11,6 +10,7 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 from litestar import Litestar, MediaType, Request, Response
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
@@ -21,6 +21,7 @@ from locopilot.api import admin as admin_api
 from locopilot.api import engine as engine_api
 from locopilot.api import openai as openai_api
 from locopilot.api.services import EngineStatus, Services, get_services
+from locopilot.engine.protocol import probe_decoder
 from locopilot.engine.scheduler import ModelManager, runner_command, runner_environment
 from locopilot.errors import InvalidRequest, LocopilotError, NotFound, UpstreamError, error_for_status
 from locopilot.gateway.access import AccessLog, outcome_id
@@ -152,12 +153,13 @@ async def probe_engine(status: EngineStatus, settings: Settings) -> None:
         status.detail = f"llama.cpp does not load (exit code {result.returncode}): {tail[0]}"
         return
     try:
-        found = json.loads(result.stdout)
-        status.llama_cpp_version = str(found["version"])
-        status.devices = [str(d) for d in found["devices"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        status.detail = f"llama.cpp probe answered something unexpected: {exc!r}"
+        found = probe_decoder.decode(result.stdout)
+    except msgspec.DecodeError as exc:
+        status.detail = f"llama.cpp probe answered something unexpected: {exc}"
         return
+    status.llama_cpp_version = found.version
+    status.devices = found.devices
+    status.cpu = found.cpu
     status.ready = True
     status.detail = "ready"
 

@@ -119,6 +119,11 @@ def serve(settings: Settings) -> None:
     settings.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.models_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     check_exposure(settings)
+    from locopilot.bundle import remove_leftovers
+
+    # granian configures logging again when it starts; this is for the lines below.
+    configure_logging(settings.log_level, resolve_format(settings.log_format))
+    remove_leftovers()
     server = DrainingServer(
         target="locopilot",
         address=settings.host,

@@ -469,6 +469,12 @@ def test_health_and_engine_health(server: Server) -> None:
     assert engine["ready"] is True
     assert engine["llama_cpp_version"]
     assert engine["devices"]
+    # The CPU library ggml chose: the development build has one (variant null), the
+    # portable build one per instruction-set level, named by it.
+    cpu = engine["cpu"]
+    assert cpu["library"].startswith("libggml-cpu")
+    assert cpu["variant"] is None or cpu["library"] == f"libggml-cpu-{cpu['variant']}.so"
+    assert cpu["features"]
 
 
 def test_engine_health_is_503_when_llama_cpp_does_not_load(

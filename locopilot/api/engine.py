@@ -12,6 +12,7 @@ from litestar.openapi.datastructures import ResponseSpec
 
 from locopilot.api.responses import GUARDED, answers
 from locopilot.api.services import Services
+from locopilot.engine.protocol import CpuBackend
 from locopilot.engine.scheduler import RunnerInfo
 from locopilot.gateway.ratelimit import LimitStats
 from locopilot.schemas.openai import encoder
@@ -31,10 +32,13 @@ class DatabaseHealth(msgspec.Struct):
 
 
 class EngineHealth(msgspec.Struct):
+    """``cpu``: the CPU library llama.cpp chose for this machine (null until the probe ends well)."""
+
     ready: bool
     detail: str
     llama_cpp_version: str | None
     devices: list[str]
+    cpu: CpuBackend | None
     loaded_models: list[str]
     runners: list[RunnerInfo]
     models_dir: str
@@ -107,6 +111,7 @@ async def engine_health(services: Services) -> Response[bytes]:
             detail=engine.detail,
             llama_cpp_version=engine.llama_cpp_version,
             devices=engine.devices,
+            cpu=engine.cpu,
             loaded_models=services.manager.loaded(),
             runners=services.manager.describe(),
             models_dir=str(services.settings.models_path),

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from litestar.datastructures import State
 
+from locopilot.engine.protocol import CpuBackend
 from locopilot.engine.scheduler import ModelManager
 from locopilot.gateway.auth import Authenticator
 from locopilot.gateway.metrics import Metrics
@@ -27,6 +28,7 @@ class EngineStatus:
     detail: str = "starting"
     llama_cpp_version: str | None = None
     devices: list[str] = field(default_factory=list)
+    cpu: CpuBackend | None = None
 
 
 @dataclass

@@ -10,12 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
+import msgspec
 import rich_click as click
 from rich.table import Table
 from rich.text import Text
 
 from locopilot.cli import console
 from locopilot.cli.chat import base_url
+from locopilot.engine.protocol import Probe, probe_decoder
 from locopilot.engine.scheduler import runner_command
 from locopilot.models.catalog import ModelCatalog
 from locopilot.settings import Settings, SettingsError, load_settings
@@ -70,7 +72,23 @@ def check_engine(_: Settings) -> Check:
     if result.returncode != 0:
         lines = result.stderr.decode(errors="replace").strip().splitlines()
         return Check("llama.cpp", "fail", lines[-1] if lines else f"exit code {result.returncode}")
-    return Check("llama.cpp", "ok", result.stdout.decode().strip())
+    try:
+        found = probe_decoder.decode(result.stdout)
+    except msgspec.DecodeError as exc:
+        return Check("llama.cpp", "fail", f"the probe answered something unexpected: {exc}")
+    return Check("llama.cpp", "ok", describe_probe(found))
+
+
+def describe_probe(found: Probe) -> str:
+    """``llama-cpp-python 0.3.36; CPU variant haswell (libggml-cpu-haswell.so: AVX2 FMA ...); devices: ...``"""
+    parts = [f"llama-cpp-python {found.version}"]
+    if found.cpu is not None and found.cpu.library is not None:
+        variant = found.cpu.variant or "single build"
+        # REPACK, OPENMP and LLAMAFILE are ggml's options, not instruction sets.
+        sets = [f for f in found.cpu.features if f not in {"REPACK", "OPENMP", "LLAMAFILE"}]
+        parts.append(f"CPU variant {variant} ({found.cpu.library}: {' '.join(sets) or 'baseline'})")
+    parts.append(f"devices: {'; '.join(found.devices)}")
+    return "; ".join(parts)
 
 
 def check_models(settings: Settings) -> Check:

@@ -129,6 +129,31 @@ class Failed(msgspec.Struct, tag="failed", frozen=True, kw_only=True):
 
 FromRunner = Ready | LoadFailed | Started | Delta | Done | Embeddings | Failed
 
+
+# ``_runner --probe``: one JSON object on stdout
+
+
+class CpuBackend(msgspec.Struct, frozen=True, kw_only=True):
+    """Which of ggml's CPU libraries this CPU got (``runner.cpu_backend``).
+
+    ``library``: its file name; ``variant``: the instruction-set level the portable
+    build names it by (``x64``, ``sse42``, ``haswell``, ``zen4``, ...), None for a build
+    with a single CPU library; ``features``: what it was compiled for (``AVX2``, ...).
+    """
+
+    library: str | None = None
+    variant: str | None = None
+    features: list[str] = []
+
+
+class Probe(msgspec.Struct, frozen=True, kw_only=True):
+    version: str
+    devices: list[str]
+    cpu: CpuBackend | None = None
+
+
+probe_decoder = msgspec.json.Decoder(Probe)
+
 _encoder = msgspec.msgpack.Encoder()
 _to_runner = msgspec.msgpack.Decoder(ToRunner)
 _from_runner = msgspec.msgpack.Decoder(FromRunner)

@@ -16,7 +16,6 @@ is redirected to stderr.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import queue
@@ -27,9 +26,11 @@ import threading
 from pathlib import Path
 from typing import BinaryIO
 
+import msgspec
+
 from locopilot.engine import protocol
 from locopilot.engine.batching import Cancellations, Engine, serve
-from locopilot.engine.protocol import Cancel, Embed, FromRunner, Generate, Load, LoadFailed
+from locopilot.engine.protocol import Cancel, CpuBackend, Embed, FromRunner, Generate, Load, LoadFailed, Probe
 
 log = logging.getLogger("locopilot.runner")
 
@@ -50,6 +51,10 @@ def _ggml() -> ctypes.CDLL:
     ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
     ggml.ggml_backend_dev_description.restype = ctypes.c_char_p
     ggml.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     return ggml
 
 
@@ -70,13 +75,65 @@ def load_backends() -> list[str]:
     ]
 
 
+class _Feature(ctypes.Structure):
+    """``struct ggml_backend_feature``: a name and a value, a list ended by a NULL name."""
+
+    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
+
+
+class _DlInfo(ctypes.Structure):
+    """``Dl_info`` of dladdr(3)."""
+
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+#: ``libggml-cpu-haswell.so`` (one of the portable build's variants) -> ``haswell``.
+CPU_VARIANT = re.compile(r"^libggml-cpu-(?P<variant>[\w.]+)\.(so|dylib)$")
+
+
+def cpu_backend() -> CpuBackend:
+    """Which CPU library ggml chose (after :func:`load_backends`) and what it was compiled with.
+
+    ggml tells no variant name itself: every variant registers as "CPU", and the loader
+    closes the variants it did not choose, so the library that holds the chosen
+    backend's functions (dladdr) is the chosen one, and its file name says which.
+    """
+    ggml = _ggml()
+    reg = ggml.ggml_backend_reg_by_name(b"CPU")
+    if not reg:
+        return CpuBackend()
+    address = ggml.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features")
+    features: list[str] = []
+    library: str | None = None
+    if address:
+        get_features = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), ctypes.c_void_p)(address)
+        found = get_features(reg)
+        i = 0
+        while found[i].name is not None:
+            name, value = found[i].name.decode(), (found[i].value or b"").decode()
+            features.append(name if value == "1" else f"{name}={value}")
+            i += 1
+        libc = ctypes.CDLL(None)
+        libc.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+        info = _DlInfo()
+        if libc.dladdr(address, ctypes.byref(info)) and info.dli_fname:
+            library = Path(os.fsdecode(info.dli_fname)).name
+    match = CPU_VARIANT.match(library or "")
+    return CpuBackend(library=library, variant=match["variant"] if match else None, features=features)
+
+
 def probe() -> int:
-    """``_runner --probe``: print llama.cpp's version and devices as JSON; 1 if none."""
+    """``_runner --probe``: print llama.cpp's version, devices and CPU library as JSON; 1 if no device."""
     import llama_cpp
 
     devices = load_backends()
-    out = {"version": llama_cpp.__version__, "devices": devices}
-    print(json.dumps(out))
+    found = Probe(version=llama_cpp.__version__, devices=devices, cpu=cpu_backend() if devices else None)
+    print(msgspec.json.encode(found).decode())
     return 0 if devices else 1
 
 

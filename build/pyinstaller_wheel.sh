@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# PyInstaller, at the version uv.lock pins, built from its sdist with
+# build/pyinstaller-tmpdir.patch applied to its bootloader (the sdist holds no Linux
+# bootloader, so building the wheel compiles one: about 15 CPU seconds).
+#
+#   build/pyinstaller_wheel.sh     prints the wheel's path, building it first if the cache lacks it
+#
+# Why: the one-file bootloader unpacks into the first of $TMPDIR, $TEMP, $TMP, /tmp,
+# /var/tmp, /usr/tmp where it can create a folder, and then dies with "libz.so.1:
+# failed to map segment from shared object" (exit 127) when that file system is
+# mounted noexec, as /tmp is on many hardened servers. The patch skips a noexec
+# candidate, tries ~/.cache/locopilot last, and if nothing is left says what to do.
+# PyInstaller's own remedy, the runtime_tmpdir option, hard-codes one path into the
+# executable. The bootloader built here links against this machine's glibc, which the
+# bundle needs anyway (its Python comes from here too).
+#
+# Cached like build/engine_wheel.sh's wheel, in $LOCOPILOT_ENGINE_CACHE (default
+# ${XDG_CACHE_HOME:-~/.cache}/locopilot/engine), under a name made of the version, the
+# sdist's hash and the patch's hash. Needs a C compiler, zlib headers, uv and python3.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PATCH="$ROOT/build/pyinstaller-tmpdir.patch"
+say() { echo "pyinstaller_wheel: $*" >&2; }
+
+read -r VERSION SDIST_SHA < <(python3 - "$ROOT/uv.lock" <<'EOF'
+import re, sys, tomllib
+lock = tomllib.load(open(sys.argv[1], "rb"))
+(pkg,) = [p for p in lock["package"] if p["name"] == "pyinstaller"]
+print(pkg["version"], re.sub("^sha256:", "", pkg["sdist"]["hash"]))
+EOF
+)
+
+CACHE="${LOCOPILOT_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
+KEY="$( (echo "$VERSION $SDIST_SHA"; cat "$PATCH") | sha256sum | cut -c1-12)"
+TARGET="$CACHE/pyinstaller-$VERSION-$KEY"
+if compgen -G "$TARGET/*.whl" >/dev/null; then
+    say "cached: $TARGET"
+    ls "$TARGET"/*.whl
+    exit 0
+fi
+
+mkdir -p "$CACHE"
+WORK="$(mktemp -d "$CACHE/build-pyinstaller-XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+sdist="$CACHE/pyinstaller-$VERSION.tar.gz"
+if [[ ! -f "$sdist" ]] || ! echo "$SDIST_SHA  $sdist" | sha256sum --quiet -c; then
+    uvx --from pip pip download --quiet --no-binary :all: --no-deps "pyinstaller==$VERSION" -d "$WORK/sdist" >&2
+    echo "$SDIST_SHA  $WORK/sdist/pyinstaller-$VERSION.tar.gz" | sha256sum --quiet -c ||
+        { say "the downloaded sdist does not match uv.lock's hash"; exit 1; }
+    mv "$WORK/sdist/pyinstaller-$VERSION.tar.gz" "$sdist"
+fi
+tar -xzf "$sdist" -C "$WORK"
+SRC="$WORK/pyinstaller-$VERSION"
+patch -d "$SRC" -p1 --forward --quiet <"$PATCH" >&2
+(cd "$WORK" && uv build --no-config --wheel --out-dir "$WORK/dist" "$SRC") >&2
+wheel="$(ls "$WORK"/dist/*.whl)"
+python3 - "$wheel" <<'EOF' || { say "the wheel has no Linux bootloader"; exit 1; }
+import re, sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+sys.exit(not any(re.fullmatch(r"PyInstaller/bootloader/Linux-[^/]+/run", n) for n in names))
+EOF
+mkdir -p "$WORK/final"
+mv "$wheel" "$WORK/final/"
+mv "$WORK/final" "$TARGET"
+ls "$TARGET"/*.whl
