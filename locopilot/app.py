@@ -19,7 +19,9 @@ from litestar.openapi.config import OpenAPIConfig
 from locopilot import __version__
 from locopilot.api import admin as admin_api
 from locopilot.api import engine as engine_api
+from locopilot.api import files as files_api
 from locopilot.api import openai as openai_api
+from locopilot.api import training as training_api
 from locopilot.api.services import EngineStatus, Services, get_services
 from locopilot.engine.scheduler import ModelManager, runner_command, runner_environment
 from locopilot.errors import InvalidRequest, LocopilotError, UpstreamError, error_for_status
@@ -41,6 +43,7 @@ from locopilot.schemas.openai import encoder
 from locopilot.settings import Settings, UpstreamConfig
 from locopilot.store.db import Database, StoreError
 from locopilot.store.upkeep import fail_interrupted_jobs, purge_older_than
+from locopilot.training.jobs import JobService
 
 log = logging.getLogger("locopilot")
 
@@ -216,6 +219,7 @@ def create_app(settings: Settings) -> Litestar:
                 await announce_access(authenticator)
                 limiter = RateLimiter(settings.max_concurrent_requests, settings.default_rpm, settings.default_tpm)
                 metrics = Metrics(router, manager, limiter, db, lambda: engine.ready)
+                training = JobService(settings, db, catalog)
                 app.state.services = Services(
                     settings=settings,
                     db=db,
@@ -228,17 +232,20 @@ def create_app(settings: Settings) -> Litestar:
                     limiter=limiter,
                     metrics=metrics,
                     shutdown=shutdown,
+                    training=training,
                 )
                 tasks.start_soon(probe_engine, engine, settings)
                 tasks.start_soon(manager.reap_idle)
                 tasks.start_soon(retain_logs, db, settings.log_retention_days)
                 tasks.start_soon(shutdown.watch_parent)
+                await tasks.start(training.run)
                 if len(router.states) > 1:
                     tasks.start_soon(router.probe_forever, settings.probe_interval)
                 try:
                     yield
                 finally:
                     with anyio.CancelScope(shield=True):
+                        await training.aclose()
                         await router.aclose()
                     tasks.cancel_scope.cancel()
         finally:
@@ -249,7 +256,13 @@ def create_app(settings: Settings) -> Litestar:
             log.info("stopped: database closed, %d bytes left in its WAL", left, extra={"event": "stopped"})
 
     app = Litestar(
-        route_handlers=[*openai_api.ROUTES, *engine_api.ROUTES, *admin_api.ROUTES],
+        route_handlers=[
+            *openai_api.ROUTES,
+            *engine_api.ROUTES,
+            *admin_api.ROUTES,
+            *files_api.ROUTES,
+            *training_api.ROUTES,
+        ],
         # The Host check comes first (a rebinding page never reaches auth); bodies are read after auth.
         middleware=[HostCheckMiddleware(settings), AuthMiddleware(), BodyScreenMiddleware()],
         cors_config=cors_config(settings),

@@ -97,6 +97,7 @@ def fail_interrupted_jobs(db: Database, now: float) -> int:
         StoreError: the write failed.
     """
     return db.write(
-        "UPDATE training_jobs SET status = 'failed', error = ?, finished_at = ? WHERE status = 'running'",
+        "UPDATE training_jobs SET status = 'failed', error = ?, error_code = 'interrupted', finished_at = ? "
+        "WHERE status = 'running'",
         ("interrupted: the server stopped while the job ran", now),
     ).result()
