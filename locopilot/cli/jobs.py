@@ -134,6 +134,12 @@ def show_command(job_id: str, url: str | None, key_file: Path | None) -> None:
 @key_option
 def logs_command(job_id: str, url: str | None, key_file: Path | None) -> None:
     """Follow a job's events (progress, loss, tokens/s, ETA) until it ends; exits 1 unless it succeeded."""
+    if follow_job(job_id, url, key_file) != "succeeded":
+        raise SystemExit(1)
+
+
+def follow_job(job_id: str, url: str | None, key_file: Path | None) -> str | None:
+    """Print the job's log stream to its end; the job's final status (None if the stream broke off)."""
     status = None
     with server_client(url, key_file) as client, client.stream("GET", f"{JOBS_PATH}/{job_id}/logs") as response:
         if response.status_code >= 400:
@@ -145,8 +151,7 @@ def logs_command(job_id: str, url: str | None, key_file: Path | None) -> None:
             elif line.startswith("data: "):
                 data = json.loads(line.removeprefix("data: "))
                 status = show_event(event, data) or status
-    if status != "succeeded":
-        raise SystemExit(1)
+    return status
 
 
 def show_event(event: str, data: dict[str, Any]) -> str | None:
@@ -182,3 +187,40 @@ def cancel_command(job_id: str, url: str | None, key_file: Path | None) -> None:
     with server_client(url, key_file) as client:
         job = checked(client.post(f"{JOBS_PATH}/{job_id}/cancel"))
     console.print(Text.assemble("job ", job["id"], " ", status_text(job["status"])))
+
+
+@jobs.command("submit")
+@click.argument("dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--base", "base", required=True, help="Base model: a model on the server.")
+@click.option("--epochs", type=click.IntRange(1, 100), default=1, show_default=True)
+@click.option("--learning-rate", "--lr", type=float, default=None, help="Default: the server's (1e-5).")
+@click.option("--layers", type=click.IntRange(min=0), default=None, help="Train the last N blocks; 0: all.")
+@click.option("--context", type=click.IntRange(min=256), default=None, help="Training window in tokens.")
+@click.option("--follow/--no-follow", default=True, show_default=True, help="Follow the job's log until it ends.")
+@url_option
+@key_option
+def submit_command(
+    dataset: Path,
+    base: str,
+    epochs: int,
+    learning_rate: float | None,
+    layers: int | None,
+    context: int | None,
+    follow: bool,
+    url: str | None,
+    key_file: Path | None,
+) -> None:
+    """Upload DATASET to the server and queue a training job of BASE on it."""
+    body: dict[str, Any] = {"model": base, "epochs": epochs}
+    for name, value in (("learning_rate", learning_rate), ("layers", layers), ("context", context)):
+        if value is not None:
+            body[name] = value
+    with server_client(url, key_file) as client:
+        with dataset.open("rb") as f:
+            uploaded = checked(
+                client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": (dataset.name, f)})
+            )
+        job = checked(client.post(JOBS_PATH, json=body | {"training_file": uploaded["id"]}))
+    console.print(Text.assemble("job ", job["id"], " ", status_text(job["status"])))
+    if follow and follow_job(job["id"], url, key_file) != "succeeded":
+        raise SystemExit(1)

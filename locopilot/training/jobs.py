@@ -158,6 +158,8 @@ class JobService:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Queue the jobs left ``queued`` by the last run, then run jobs forever."""
+        # Nothing runs yet: work folders left here are a killed server's.
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(self.work_root / "jobs", ignore_errors=True))
         for job_id in await anyio.to_thread.run_sync(store.queued, self.db):
             self._send.send_nowait(job_id)
         async with anyio.create_task_group() as tasks:
@@ -178,11 +180,13 @@ class JobService:
 
     async def _run(self, job_id: str) -> None:
         started = self.clock()
+        # Registered first, so a cancel that finds the row running also finds the job here.
+        running = self._running[job_id] = _Running(job_id)
         if not await anyio.to_thread.run_sync(
             lambda: store.transition(self.db, job_id, ("queued",), status="running", started_at=started)
         ):
+            self._running.pop(job_id, None)
             return  # cancelled while it waited
-        running = self._running[job_id] = _Running(job_id)
         try:
             await anyio.to_thread.run_sync(self._execute, job_id, running, limiter=self._threads)
         finally:
@@ -245,14 +249,12 @@ class JobService:
         Raises NotFound.
         """
         job = await anyio.to_thread.run_sync(store.get, self.db, job_id)
-        if job.status == "queued":
-            cancelled = await anyio.to_thread.run_sync(
-                lambda: store.transition(self.db, job_id, ("queued",), status="cancelled", finished_at=self.clock())
+        if job.status == "queued" and await anyio.to_thread.run_sync(
+            lambda: store.transition(self.db, job_id, ("queued",), status="cancelled", finished_at=self.clock())
+        ):
+            await anyio.to_thread.run_sync(
+                lambda: store.add_event(self.db, job_id, self.clock(), "The job was cancelled before it started")
             )
-            if cancelled:
-                await anyio.to_thread.run_sync(
-                    lambda: store.add_event(self.db, job_id, self.clock(), "The job was cancelled before it started")
-                )
         elif (running := self._running.get(job_id)) is not None:
             running.cancel_requested = True
             await anyio.to_thread.run_sync(running.signal_stop)
@@ -299,7 +301,7 @@ class JobService:
         from locopilot.training.worker import Cancelled, Failed, TrainingWorker
 
         job = store.get(self.db, job_id)
-        work = self.work_root / job.id
+        work = self.work_root / "jobs" / job.id
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             base_path = Path(self.catalog.get(job.base_model).path).resolve()
