@@ -43,6 +43,7 @@ Layers = Annotated[int, Meta(ge=0, le=10_000, description="Train the last N bloc
 Context = Annotated[int, Meta(ge=256, le=1 << 20, description="Training window in tokens, a multiple of 256.")]
 ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
 FileId = Annotated[str, Meta(min_length=1, max_length=128)]
+RemoteName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 #: How often a log stream looks for new events.
 FOLLOW_INTERVAL_S = 0.5
 #: A log stream sends a comment this often while nothing happens, so proxies keep it open.
@@ -67,6 +68,8 @@ class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     output_type: OutputType = "q8_0"
     validation_split: Annotated[float, Meta(ge=0, lt=0.5)] = 0.1
     seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
+    remote: RemoteName | None = None
+    """Run the job on this upstream (another locopilot, kind openai) instead of here."""
 
 
 class JobErrorInfo(msgspec.Struct):
@@ -97,6 +100,9 @@ class JobInfo(msgspec.Struct, kw_only=True):
     created_at: float
     started_at: float | None
     finished_at: float | None
+    remote: str | None = None
+    """The upstream that runs the job; null: this server."""
+    remote_job: str | None = None
 
 
 class JobList(msgspec.Struct):
@@ -132,6 +138,8 @@ def job_info(job: TrainingJob) -> JobInfo:
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
+        remote=job.remote,
+        remote_job=job.remote_job,
     )
 
 
@@ -281,6 +289,8 @@ class FineTuningJobRequest(msgspec.Struct, kw_only=True):
     seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] | None = None
     suffix: str | None = None
     validation_file: str | None = None
+    remote: RemoteName | None = None
+    """locopilot's: run the job on this upstream (another locopilot); ``extra_body`` in the SDK."""
 
 
 class FineTuningHyperparameters(msgspec.Struct):
@@ -393,6 +403,7 @@ def spec_of(body: FineTuningJobRequest) -> JobSpec:
         "training_file": body.training_file,
         "learning_rate": learning_rate,
         "seed": body.seed or 0,
+        "remote": body.remote,
     }
     if isinstance(hyper.n_epochs, int):
         values["epochs"] = hyper.n_epochs

@@ -169,9 +169,35 @@ def unfinished_job_using(db: Database, file_id: str) -> str | None:
 def queued(db: Database) -> list[str]:
     """Ids of the jobs waiting to run, oldest first."""
     rows = db.read(
-        lambda conn: list(conn.execute("SELECT id FROM training_jobs WHERE status = 'queued' ORDER BY created_at, id"))
+        lambda conn: list(
+            conn.execute(
+                "SELECT id FROM training_jobs WHERE status = 'queued' AND remote IS NULL ORDER BY created_at, id"
+            )
+        )
     )
     return [row[0] for row in rows]
+
+
+def remote_unfinished(db: Database) -> list[TrainingJob]:
+    """Jobs running on a remote whose end has not been seen here."""
+    rows = db.read(
+        lambda conn: list(
+            conn.execute(
+                f"{_SELECT_JOB} WHERE remote IS NOT NULL AND status IN ('queued', 'running') ORDER BY created_at"
+            )
+        )
+    )
+    return [msgspec.convert(_decode_row(_JOB_COLUMNS, row), TrainingJob) for row in rows]
+
+
+def last_remote_event(db: Database, job_id: str) -> int:
+    """The remote's id of the last event copied from a remote job (0: none)."""
+    row = db.read(
+        lambda conn: conn.execute(
+            "SELECT max(json_extract(data, '$.remote_event_id')) FROM training_events WHERE job_id = ?", (job_id,)
+        ).fetchone()
+    )
+    return int(row[0]) if row and row[0] is not None else 0
 
 
 def add_event(

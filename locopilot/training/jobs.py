@@ -41,17 +41,18 @@ from typing import Any
 
 import anyio
 import msgspec
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
-from locopilot.errors import InvalidRequest, NotFound
+from locopilot.errors import InvalidRequest, LocopilotError, NotFound
 from locopilot.models.catalog import ModelCatalog
 from locopilot.models.gguf import GGUFError
-from locopilot.settings import Settings
+from locopilot.settings import Settings, UpstreamConfig
 from locopilot.store import files as stored_files
 from locopilot.store import jobs as store
 from locopilot.store.db import Database
+from locopilot.store.files import StoredFile
 from locopilot.store.jobs import TrainingJob
-from locopilot.training import lineage
+from locopilot.training import lineage, remote
 from locopilot.training.trainer import (
     DEFAULT_CONTEXT,
     DEFAULT_LAYERS,
@@ -86,6 +87,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     validation_split: float = 0.1
     weight_decay: float = 0.0
     seed: int = 0
+    remote: str | None = None
 
     def params(self) -> dict[str, Any]:
         """The hyperparameters as stored in the row and the lineage."""
@@ -153,6 +155,7 @@ class JobService:
         # Training threads run for hours: their own limiter, so they never hold anyio's shared one.
         self._threads = anyio.CapacityLimiter(settings.training_concurrency)
         self._closing = False
+        self._tasks: TaskGroup | None = None
 
     # -- the queue ---------------------------------------------------------------------
 
@@ -163,8 +166,11 @@ class JobService:
         for job_id in await anyio.to_thread.run_sync(store.queued, self.db):
             self._send.send_nowait(job_id)
         async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
             for _ in range(self.settings.training_concurrency):
                 tasks.start_soon(self._runner)
+            for job in await anyio.to_thread.run_sync(store.remote_unfinished, self.db):
+                tasks.start_soon(self._mirror, job)
             task_status.started()
 
     async def _runner(self) -> None:
@@ -216,6 +222,8 @@ class JobService:
             raise InvalidRequest(
                 f"File {stored.id} has purpose '{stored.purpose}', not '{FINE_TUNE_PURPOSE}'", param="training_file"
             )
+        if spec.remote is not None:
+            return await self._submit_remote(spec, stored, key_id)
         await anyio.to_thread.run_sync(self._check_base, spec.model)
         job = TrainingJob(
             id=new_job_id(),
@@ -236,6 +244,89 @@ class JobService:
         self._send.send_nowait(job.id)
         return job
 
+    def _upstream(self, name: str) -> UpstreamConfig:
+        for upstream in self.settings.upstream_configs:
+            if upstream.name == name and upstream.kind == "openai":
+                return upstream
+        raise InvalidRequest(
+            f"remote must name an upstream of kind openai (another locopilot) in LOCOPILOT_UPSTREAMS, not {name!r}",
+            param="remote",
+        )
+
+    async def _submit_remote(self, spec: JobSpec, stored: StoredFile, key_id: str | None) -> TrainingJob:
+        """Create the job on the remote (see :mod:`locopilot.training.remote`) and mirror it here."""
+        upstream = self._upstream(spec.remote or "")
+        body = {"model": spec.model, "seed": spec.seed, **spec.params()}
+        body.pop("weight_decay")
+        answer = await remote.submit(upstream, Path(stored.path), stored.filename, body)
+        job = TrainingJob(
+            id=new_job_id(),
+            status="queued",
+            base_model=spec.model,
+            training_file=stored.id,
+            dataset_path=stored.path,
+            dataset_sha256=stored.sha256,
+            params=spec.params(),
+            seed=spec.seed,
+            key_id=key_id,
+            remote=upstream.name,
+            remote_job=str(answer["id"]),
+            created_at=self.clock(),
+        )
+        await anyio.to_thread.run_sync(store.insert, self.db, job)
+        message = f"Created fine-tuning job: {job.id}, running on {upstream.name} as {job.remote_job}"
+        await anyio.to_thread.run_sync(lambda: store.add_event(self.db, job.id, job.created_at, message))
+        if self._tasks is not None:
+            self._tasks.start_soon(self._mirror, job)
+        return job
+
+    async def _mirror(self, job: TrainingJob) -> None:
+        """Copy a remote job's events and outcome here until it ends; reconnect when its stream breaks."""
+        upstream = self._upstream(job.remote or "")
+        seen = await anyio.to_thread.run_sync(store.last_remote_event, self.db, job.id)
+        running = job.status == "running"
+        while not self._closing:
+            try:
+                async for name, data in remote.follow(upstream, job.remote_job or "", seen):
+                    if name in ("message", "metrics"):
+                        seen = int(data["id"])
+                        running = await anyio.to_thread.run_sync(self._mirror_event, job, name, data, running)
+                    elif name == "end":
+                        await self._mirror_end(job, data)
+                        return
+            except LocopilotError as exc:
+                log.warning("following remote training job %s on %s: %s", job.remote_job, upstream.name, exc.message)
+            await anyio.sleep(5.0)
+
+    def _mirror_event(self, job: TrainingJob, name: str, data: dict[str, Any], running: bool) -> bool:
+        """Copy one remote event; whether the job is running here now."""
+        details = {**(data.get("data") or {}), "remote_event_id": int(data["id"])}
+        kind: store.EventType = "metrics" if name == "metrics" else "message"
+        level: store.EventLevel = data["level"] if data["level"] in ("info", "warn", "error") else "info"
+        store.add_event(self.db, job.id, self.clock(), data["message"], level=level, type=kind, data=details)
+        if name == "metrics":
+            store.update(self.db, job.id, progress=float(details.get("progress", 0.0)))
+        if not running and (name == "metrics" or data["message"] == "Fine-tuning job started"):
+            return store.transition(self.db, job.id, ("queued",), status="running", started_at=self.clock())
+        return running
+
+    async def _mirror_end(self, job: TrainingJob, data: dict[str, Any]) -> None:
+        error = data.get("error") or {}
+        model = data.get("fine_tuned_model")
+        fields = {
+            "status": data["status"],
+            "output_model": f"{job.remote}:{model}" if model else None,
+            "output_sha256": data.get("output_sha256"),
+            "base_sha256": data.get("base_sha256"),
+            "trained_tokens": data.get("trained_tokens"),
+            "result": data.get("result"),
+            "progress": float(data.get("progress") or 0.0),
+            "error": error.get("message"),
+            "error_code": error.get("code"),
+            "finished_at": self.clock(),
+        }
+        await anyio.to_thread.run_sync(lambda: store.transition(self.db, job.id, ("queued", "running"), **fields))
+
     def _check_base(self, model: str) -> None:
         """Raises ModelNotFound, InvalidModelName, or InvalidRequest for a base whose header does not parse."""
         try:
@@ -249,6 +340,13 @@ class JobService:
         Raises NotFound.
         """
         job = await anyio.to_thread.run_sync(store.get, self.db, job_id)
+        if job.remote is not None and not job.final:
+            await remote.cancel(self._upstream(job.remote), job.remote_job or "")
+            with anyio.move_on_after(CANCEL_WAIT_S):
+                # The remote's answer reaches this server through the job's mirror task.
+                while not (job := await anyio.to_thread.run_sync(store.get, self.db, job_id)).final:  # noqa: ASYNC110
+                    await anyio.sleep(0.3)
+            return job
         if job.status == "queued" and await anyio.to_thread.run_sync(
             lambda: store.transition(self.db, job_id, ("queued",), status="cancelled", finished_at=self.clock())
         ):
@@ -318,6 +416,13 @@ class JobService:
         )
         log_path = self.work_root / f"{job.id}.log"
         last: object = None
+        if running.cancel_requested or running.stopping:  # before its worker started: none is
+            shutil.rmtree(work, ignore_errors=True)
+            if running.stopping:
+                self._interrupted(job.id)
+            else:
+                self._finish_sync(job.id, "cancelled")
+            return
         try:
             with log_path.open("ab") as worker_log, TrainingWorker(config, stderr=worker_log) as worker:
                 with running.lock:
