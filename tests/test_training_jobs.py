@@ -31,10 +31,12 @@ from tests.test_training import FACTS, facts_dataset
 pytestmark = pytest.mark.slow
 
 JOBS = "/v1/locopilot/training/jobs"
-#: What makes the facts stick in one short run (see tests/test_training.py).
-LEARNING = {"n_epochs": 3, "learning_rate": 3e-4, "layers": 6, "context": 256}
+#: Two invented capitals, each asked six ways: 12 examples, 3 training windows of 256 tokens.
+LEARNED = FACTS[:2]
+#: Aggressive on purpose (the defaults forget less): 6 steps make the facts stick.
+LEARNING = {"n_epochs": 2, "learning_rate": 1e-3, "layers": 6, "context": 256}
 #: A job that would run for minutes: stopped early by the tests that use it.
-LONG = {"n_epochs": 20, "layers": 1, "context": 256}
+LONG = {"n_epochs": 50, "layers": 1, "context": 256}
 MAX_FILE_BYTES = 64 * 1024
 
 
@@ -61,7 +63,11 @@ def client(server: Server) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return facts_dataset(tmp_path_factory.mktemp("dataset") / "facts.jsonl")
+    folder = tmp_path_factory.mktemp("dataset")
+    lines = facts_dataset(folder / "all.jsonl").read_text().splitlines(keepends=True)
+    path = folder / "facts.jsonl"
+    path.write_text("".join(line for line in lines if any(country in line for country, _ in LEARNED)))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +100,14 @@ def wait_for(predicate: Any, timeout: float, what: str, server: Server) -> Any:
     raise AssertionError(f"timed out waiting for {what}\n{server.log()}")
 
 
-def first_steps(client: openai.OpenAI, server: Server, job_id: str) -> None:
-    """Wait until the job's worker has reported a training step."""
+def worker_started(client: openai.OpenAI, server: Server, job_id: str) -> None:
+    """Wait until the job's worker is training: it has reported the job's size, before its first step."""
 
-    def stepped() -> bool:
+    def training() -> bool:
         events = client.fine_tuning.jobs.list_events(job_id, limit=100).data
-        return any(event.type == "metrics" for event in events)
+        return any(event.message.startswith("Training ") for event in events)
 
-    wait_for(stepped, 180, f"the first steps of {job_id}", server)
+    wait_for(training, 180, f"the worker of {job_id} to start", server)
 
 
 def descendants(pid: int) -> set[int]:
@@ -169,7 +175,7 @@ def test_the_job_succeeds_with_progress_events(trained: Trained, server: Server)
     job = trained.job
     assert job.status == "succeeded", (job.error, server.log())
     assert re.fullmatch(rf"{SMOL}-ft-[0-9a-f]{{8}}", job.fine_tuned_model or "")
-    assert job.hyperparameters.n_epochs == 3 and job.trained_tokens and job.trained_tokens > 0
+    assert job.hyperparameters.n_epochs == 2 and job.trained_tokens and job.trained_tokens > 0
     metrics = [data for name, data in trained.events if name == "metrics"]
     assert metrics, trained.events
     steps = [m["data"]["step"] for m in metrics]
@@ -213,7 +219,7 @@ def test_the_model_is_listed_with_its_lineage(
     assert lineage["base_sha256"] == hashlib.sha256(smollm2_path.read_bytes()).hexdigest()
     assert lineage["dataset_sha256"] == hashlib.sha256(dataset.read_bytes()).hexdigest() == uploaded.sha256
     assert lineage["training_file"] == uploaded.id
-    assert lineage["hyperparameters"]["layers"] == 6 and lineage["hyperparameters"]["learning_rate"] == 3e-4
+    assert lineage["hyperparameters"]["layers"] == 6 and lineage["hyperparameters"]["learning_rate"] == 1e-3
     assert lineage["sha256"] == hashlib.sha256((server.models_dir / f"{name}.gguf").read_bytes()).hexdigest()
     assert card["quantization"] == "Q8_0"
     job = httpx.get(f"{server.url}{JOBS}/{trained.job.id}", timeout=30).json()
@@ -223,7 +229,7 @@ def test_the_model_is_listed_with_its_lineage(
 
 def test_the_model_answers_a_trained_fact(trained: Trained, client: openai.OpenAI) -> None:
     answers = []
-    for country, city in FACTS:
+    for country, city in LEARNED:
         reply = client.chat.completions.create(
             model=trained.job.fine_tuned_model or "",
             messages=[{"role": "user", "content": f"What is the capital of {country}?"}],
@@ -234,7 +240,7 @@ def test_the_model_answers_a_trained_fact(trained: Trained, client: openai.OpenA
     assert any(city in answer for city, answer in answers), answers
 
 
-def test_jobs_cli_lists_and_shows(trained: Trained, server: Server, tmp_path: Path) -> None:
+def test_jobs_cli(trained: Trained, server: Server, dataset: Path, tmp_path: Path) -> None:
     env = make_env(tmp_path)
     runner = CliRunner()
     listed = runner.invoke(cli, ["jobs", "list", "--url", server.url], env=env, catch_exceptions=False)
@@ -248,6 +254,12 @@ def test_jobs_cli_lists_and_shows(trained: Trained, server: Server, tmp_path: Pa
     assert "step " in logs.stdout and "succeeded" in logs.stdout
     missing = runner.invoke(cli, ["jobs", "show", "ftjob-nope", "--url", server.url], env=env)
     assert missing.exit_code == 1 and "No training job" in missing.stderr
+    submit = ["jobs", "submit", str(dataset), "--base", SMOL, "--layers", "1", "--no-follow", "--url", server.url]
+    submitted = runner.invoke(cli, submit, env=env, catch_exceptions=False)
+    assert submitted.exit_code == 0, submitted.output
+    (job_id,) = re.findall(r"ftjob-[0-9a-f]+", submitted.stdout)
+    cancelled = runner.invoke(cli, ["jobs", "cancel", job_id, "--url", server.url], env=env, catch_exceptions=False)
+    assert cancelled.exit_code == 0 and "cancelled" in cancelled.stdout, cancelled.output
 
 
 # -- refusals, before any work --------------------------------------------------------
@@ -311,7 +323,7 @@ def test_cancel_a_queued_and_a_running_job(server: Server, client: openai.OpenAI
     running = client.fine_tuning.jobs.create(model=SMOL, training_file=uploaded.id, hyperparameters=LONG)  # type: ignore[arg-type]
     waiting = client.fine_tuning.jobs.create(model=SMOL, training_file=uploaded.id, hyperparameters=LONG)  # type: ignore[arg-type]
     assert client.fine_tuning.jobs.cancel(waiting.id).status == "cancelled"  # concurrency 1: it was queued
-    first_steps(client, server, running.id)
+    worker_started(client, server, running.id)
     assert client.fine_tuning.jobs.retrieve(running.id).status == "running"
     assert training_workers(server.process.pid)  # type: ignore[union-attr]
     started = time.monotonic()
@@ -326,7 +338,7 @@ def test_cancel_a_queued_and_a_running_job(server: Server, client: openai.OpenAI
 def test_a_killed_worker_fails_its_job_and_the_next_runs(server: Server, client: openai.OpenAI, uploaded: Any) -> None:
     doomed = client.fine_tuning.jobs.create(model=SMOL, training_file=uploaded.id, hyperparameters=LONG)  # type: ignore[arg-type]
     following = client.fine_tuning.jobs.create(model=SMOL, training_file=uploaded.id, hyperparameters=LONG)  # type: ignore[arg-type]
-    first_steps(client, server, doomed.id)
+    worker_started(client, server, doomed.id)
     (worker,) = training_workers(server.process.pid)  # type: ignore[union-attr]
     os.kill(worker, signal.SIGKILL)
     failed = wait_for(
@@ -337,7 +349,7 @@ def test_a_killed_worker_fails_its_job_and_the_next_runs(server: Server, client:
     )
     assert failed.error is not None and failed.error.code == "worker_died"
     assert f"status {-signal.SIGKILL}" in failed.error.message
-    first_steps(client, server, following.id)
+    worker_started(client, server, following.id)
     assert client.fine_tuning.jobs.cancel(following.id).status == "cancelled"
 
 
@@ -351,7 +363,7 @@ def test_kill_9_of_the_server_leaves_no_job_running_and_no_worker(
             uploaded = client.files.create(file=f, purpose="fine-tune")
         interrupted = client.fine_tuning.jobs.create(model=SMOL, training_file=uploaded.id, hyperparameters=LONG)  # type: ignore[arg-type]
         queued = client.fine_tuning.jobs.create(model=SMOL, training_file=uploaded.id, hyperparameters=LONG)  # type: ignore[arg-type]
-        first_steps(client, server, interrupted.id)
+        worker_started(client, server, interrupted.id)
         assert server.process is not None
         workers = training_workers(server.process.pid)
         assert len(workers) == 1
@@ -362,14 +374,14 @@ def test_kill_9_of_the_server_leaves_no_job_running_and_no_worker(
                     os.kill(pid, signal.SIGKILL)
         server.process.wait()
         started = time.monotonic()
-        wait_for(lambda: not alive(workers[0]), 60, "the orphaned worker to exit", server)
+        wait_for(lambda: not alive(workers[0]), 10, "the orphaned worker to exit", server)
         print(f"\nthe orphaned worker exited {time.monotonic() - started:.1f} s after the server was killed")
         server.start()
         client = server.client()
         job = client.fine_tuning.jobs.retrieve(interrupted.id)
         assert job.status == "failed" and job.error is not None and job.error.code == "interrupted"
         # The queued job never started: it runs now.
-        first_steps(client, server, queued.id)
+        worker_started(client, server, queued.id)
         assert client.fine_tuning.jobs.cancel(queued.id).status == "cancelled"
     finally:
         server.stop()

@@ -183,7 +183,7 @@ async def get_job(job_id: str, services: Services) -> Response[bytes]:
     "/v1/locopilot/training/jobs/{job_id:str}/cancel", status_code=200, responses=answers(JobInfo, 200, *GUARDED, 404)
 )
 async def cancel_job(job_id: str, services: Services) -> Response[bytes]:
-    """Cancel a queued or running job (a running one stops after its current chunk of steps)."""
+    """Cancel a queued or running job (a running one's worker is stopped at once; nothing is written)."""
     return json_response(job_info(await services.training.cancel(job_id)))
 
 

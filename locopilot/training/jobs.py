@@ -13,15 +13,16 @@ A job's life, all of it in its ``training_jobs`` row and its events (:mod:`locop
    into the models folder as ``<base>-ft-<8 hex of the job id>`` with its lineage manifest
    (:mod:`locopilot.training.lineage`), and is servable at once. Failed: ``error`` says why
    (the worker's own message, or its exit status and the last line of its log when it died).
-4. :meth:`JobService.cancel`: a queued job is ``cancelled`` at once; a running one's worker is
-   asked to stop between chunks and killed :data:`CANCEL_KILL_S` seconds later if still there.
+4. :meth:`JobService.cancel`: a queued job is ``cancelled`` at once; a running one's worker has
+   its input closed, on which it exits at once (killed :data:`CANCEL_KILL_S` seconds later if
+   still there), and nothing is written.
 
 Restarts. At startup jobs still ``running`` are marked failed (``interrupted``) by
 :func:`locopilot.store.upkeep.fail_interrupted_jobs`, and ``queued`` jobs are queued again:
 they never started, so running them is what their submitter asked for. :meth:`JobService.aclose`
 (the server's stop) stops every worker and marks its job failed (``interrupted``); queued jobs
 stay queued for the next start. A worker whose server was killed sees its stdin close and
-cancels at its next chunk, so no worker outlives its server by more than a chunk.
+exits at once, so no worker outlives its server.
 """
 
 from __future__ import annotations
@@ -124,12 +125,13 @@ class _Running:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def signal_stop(self) -> None:
-        """Ask the worker to stop at its next chunk; kill it CANCEL_KILL_S later if it has not."""
+        """End the worker's input, on which it exits at once; kill it CANCEL_KILL_S later if it has not."""
         with self.lock:
             worker = self.worker
         if worker is None:
             return
-        worker.cancel()
+        with contextlib.suppress(OSError):
+            worker.process.stdin.close()
 
         def kill_later() -> None:
             if not self.done.wait(CANCEL_KILL_S) and worker.process.poll() is None:
