@@ -196,6 +196,7 @@ def cancel_command(job_id: str, url: str | None, key_file: Path | None) -> None:
 @click.option("--learning-rate", "--lr", type=float, default=None, help="Default: the server's (1e-5).")
 @click.option("--layers", type=click.IntRange(min=0), default=None, help="Train the last N blocks; 0: all.")
 @click.option("--context", type=click.IntRange(min=256), default=None, help="Training window in tokens.")
+@click.option("--remote", help="Run it on this upstream of the server (another locopilot in LOCOPILOT_UPSTREAMS).")
 @click.option("--follow/--no-follow", default=True, show_default=True, help="Follow the job's log until it ends.")
 @url_option
 @key_option
@@ -206,13 +207,14 @@ def submit_command(
     learning_rate: float | None,
     layers: int | None,
     context: int | None,
+    remote: str | None,
     follow: bool,
     url: str | None,
     key_file: Path | None,
 ) -> None:
     """Upload DATASET to the server and queue a training job of BASE on it."""
     body: dict[str, Any] = {"model": base, "epochs": epochs}
-    for name, value in (("learning_rate", learning_rate), ("layers", layers), ("context", context)):
+    for name, value in (("learning_rate", learning_rate), ("layers", layers), ("context", context), ("remote", remote)):
         if value is not None:
             body[name] = value
     with server_client(url, key_file) as client:

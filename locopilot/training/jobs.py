@@ -243,7 +243,9 @@ class JobService:
         await anyio.to_thread.run_sync(
             lambda: store.add_event(self.db, job.id, job.created_at, f"Created fine-tuning job: {job.id}")
         )
-        self._send.send_nowait(job.id)
+        # Closed once the server stops: the row stays queued and runs at the next start.
+        with contextlib.suppress(anyio.ClosedResourceError):
+            self._send.send_nowait(job.id)
         return job
 
     def _upstream(self, name: str) -> UpstreamConfig:
