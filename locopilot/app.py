@@ -19,7 +19,9 @@ from litestar.openapi.config import OpenAPIConfig
 from locopilot import __version__
 from locopilot.api import admin as admin_api
 from locopilot.api import engine as engine_api
+from locopilot.api import files as files_api
 from locopilot.api import openai as openai_api
+from locopilot.api import training as training_api
 from locopilot.api.services import EngineStatus, Services, get_services
 from locopilot.engine.protocol import probe_decoder
 from locopilot.engine.scheduler import ModelManager, runner_command, runner_environment
@@ -43,6 +45,7 @@ from locopilot.schemas.openai import encoder
 from locopilot.settings import Settings, UpstreamConfig
 from locopilot.store.db import Database, StoreError
 from locopilot.store.upkeep import fail_interrupted_jobs, purge_older_than
+from locopilot.training.jobs import JobService
 
 log = logging.getLogger("locopilot")
 
@@ -237,6 +240,7 @@ def create_app(settings: Settings) -> Litestar:
                     )
                 limiter = RateLimiter(settings.max_concurrent_requests, settings.default_rpm, settings.default_tpm)
                 metrics = Metrics(router, manager, limiter, db, lambda: engine.ready)
+                training = JobService(settings, db, catalog)
                 app.state.services = Services(
                     settings=settings,
                     db=db,
@@ -249,17 +253,20 @@ def create_app(settings: Settings) -> Litestar:
                     limiter=limiter,
                     metrics=metrics,
                     shutdown=shutdown,
+                    training=training,
                 )
                 tasks.start_soon(probe_engine, engine, settings)
                 tasks.start_soon(manager.reap_idle)
                 tasks.start_soon(retain_logs, db, settings.log_retention_days)
                 tasks.start_soon(shutdown.watch_parent)
+                await tasks.start(training.run)
                 if len(router.states) > 1:
                     tasks.start_soon(router.probe_forever, settings.probe_interval)
                 try:
                     yield
                 finally:
                     with anyio.CancelScope(shield=True):
+                        await training.aclose()
                         await router.aclose()
                     tasks.cancel_scope.cancel()
         finally:
@@ -270,7 +277,13 @@ def create_app(settings: Settings) -> Litestar:
             log.info("stopped: database closed, %d bytes left in its WAL", left, extra={"event": "stopped"})
 
     app = Litestar(
-        route_handlers=[*openai_api.ROUTES, *engine_api.ROUTES, *admin_api.ROUTES],
+        route_handlers=[
+            *openai_api.ROUTES,
+            *engine_api.ROUTES,
+            *admin_api.ROUTES,
+            *files_api.ROUTES,
+            *training_api.ROUTES,
+        ],
         # Host check, then auth, then body screening (locopilot.gateway.guard).
         middleware=[GuardMiddleware(settings)],
         cors_config=cors_config(settings),

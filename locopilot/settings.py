@@ -352,6 +352,28 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             )
         ),
     ] = "aiohttp"
+    training_concurrency: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=64,
+            description=(
+                "Training jobs the server runs at once, each in its own worker process; more wait in the queue. "
+                "Each needs about 4 bytes per weight of the base model, plus 12 per trained weight."
+            ),
+        ),
+    ] = 1
+    max_file_bytes: Annotated[
+        int,
+        Meta(
+            ge=1024,
+            le=1 << 40,
+            description=(
+                "Largest file `POST /v1/files` accepts (a fine-tuning dataset), in bytes; larger is refused with "
+                "413. Uploads are streamed to the data folder, never held in memory."
+            ),
+        ),
+    ] = 256 * 1024 * 1024
     # Derived from the upstream settings by load_settings; not an environment variable.
     upstream_configs: tuple[UpstreamConfig, ...] = ()
     # The bootstrap admin key from ADMIN_KEY or ADMIN_KEY_FILE; derived, never printed.

@@ -224,13 +224,22 @@ def test_startup_marks_jobs_left_running_by_a_crash_failed(tmp_path: Path) -> No
         db.close()
     server.start(path="/health")
     try:
-        conn = apsw.Connection(str(server.db_path), flags=apsw.SQLITE_OPEN_READONLY)
-        try:
-            states = dict(conn.execute("SELECT id, status FROM training_jobs").fetchall())
-            error = conn.execute("SELECT error FROM training_jobs WHERE id = 'crashed'").get
-        finally:
-            conn.close()
-        assert states == {"crashed": "failed", "waiting": "queued", "done": "succeeded"}
-        assert isinstance(error, str) and "interrupted" in error
+
+        def read() -> tuple[dict[str, str], dict[str, str]]:
+            conn = apsw.Connection(str(server.db_path), flags=apsw.SQLITE_OPEN_READONLY)
+            try:
+                rows = conn.execute("SELECT id, status, error FROM training_jobs").fetchall()
+            finally:
+                conn.close()
+            return {row[0]: row[1] for row in rows}, {row[0]: row[2] for row in rows}
+
+        # A queued job never started, so it runs now (and fails here: its base model 'm' does not exist).
+        deadline = time.monotonic() + 30
+        while (states := read()[0])["waiting"] == "queued" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        states, errors = read()
+        assert states == {"crashed": "failed", "waiting": "failed", "done": "succeeded"}
+        assert "interrupted" in errors["crashed"]
+        assert "base model" in errors["waiting"]
     finally:
         server.stop()

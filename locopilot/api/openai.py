@@ -7,6 +7,7 @@ import base64
 import json
 import time
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -51,6 +52,8 @@ from locopilot.schemas.openai import (
     encoder,
 )
 from locopilot.settings import Privacy
+from locopilot.training.lineage import Lineage
+from locopilot.training.lineage import read as read_lineage
 
 MAX_EMBEDDING_INPUTS = 2048
 
@@ -413,7 +416,7 @@ def _float32(vector: list[float]) -> bytes:
     return array.array("f", vector).tobytes()
 
 
-def model_card(entry: ModelEntry, loaded: bool) -> ModelCard:
+def model_card(entry: ModelEntry, loaded: bool, lineage: Lineage | None = None) -> ModelCard:
     return ModelCard(
         id=entry.name,
         created=entry.modified,
@@ -426,6 +429,7 @@ def model_card(entry: ModelEntry, loaded: bool) -> ModelCard:
         chat_template=entry.chat_template,
         loaded=loaded,
         error=entry.error,
+        lineage=lineage,
     )
 
 
@@ -435,9 +439,10 @@ async def all_cards(services: Services, principal: Principal) -> list[ModelCard]
     Only the models ``principal``'s allowlist admits.
     """
     loaded = set(services.manager.loaded())
-    # Reading headers touches every model file: not on the event loop.
+    # Reading headers (and lineage manifests) touches every model file: not on the event loop.
     entries = await anyio.to_thread.run_sync(services.catalog.list)
-    embedded = (model_card(entry, entry.name in loaded) for entry in entries)
+    lineages = await anyio.to_thread.run_sync(lambda: [read_lineage(Path(entry.path)) for entry in entries])
+    embedded = (model_card(entry, entry.name in loaded, found) for entry, found in zip(entries, lineages, strict=True))
     cards = [card for card in embedded if services.auth.allows(principal, card.provider, card.id)]
     seen = {card.id for card in cards}
     for state in services.router.ordered("any"):

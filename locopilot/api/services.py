@@ -18,6 +18,7 @@ from locopilot.gateway.usage import UsageRecorder
 from locopilot.models.catalog import ModelCatalog
 from locopilot.settings import Settings
 from locopilot.store.db import Database
+from locopilot.training.jobs import JobService
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Services:
     limiter: RateLimiter
     metrics: Metrics
     shutdown: Shutdown
+    training: JobService
     started_at: float = field(default_factory=time.time)
 
 

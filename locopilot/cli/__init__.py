@@ -101,7 +101,7 @@ def version() -> None:
 
 
 def register() -> None:
-    from locopilot.cli import chat, doctor, keys, models, service, train, upkeep
+    from locopilot.cli import chat, doctor, jobs, keys, models, service, train, upkeep
 
     cli.add_command(models.models)
     cli.add_command(keys.keys_group)
@@ -111,6 +111,7 @@ def register() -> None:
     cli.add_command(upkeep.stats)
     cli.add_command(service.service)
     cli.add_command(train.train)
+    cli.add_command(jobs.jobs)
 
 
 register()

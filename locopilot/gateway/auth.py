@@ -87,6 +87,20 @@ ROUTE_SCOPES: dict[str, Requirement] = {
     "DELETE /v1/admin/keys/{key_id}": "admin",
     "GET /v1/admin/audit": "admin",
     "GET /metrics": "admin",
+    "POST /v1/files": "training",
+    "GET /v1/files": "training",
+    "GET /v1/files/{file_id}": "training",
+    "DELETE /v1/files/{file_id}": "training",
+    "POST /v1/locopilot/training/jobs": "training",
+    "GET /v1/locopilot/training/jobs": "training",
+    "GET /v1/locopilot/training/jobs/{job_id}": "training",
+    "POST /v1/locopilot/training/jobs/{job_id}/cancel": "training",
+    "GET /v1/locopilot/training/jobs/{job_id}/logs": "training",
+    "POST /v1/fine_tuning/jobs": "training",
+    "GET /v1/fine_tuning/jobs": "training",
+    "GET /v1/fine_tuning/jobs/{fine_tuning_job_id}": "training",
+    "POST /v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel": "training",
+    "GET /v1/fine_tuning/jobs/{fine_tuning_job_id}/events": "training",
 }
 #: Answered without a key when LOCOPILOT_PUBLIC_MODELS is true.
 PUBLIC_MODEL_ROUTES = frozenset({"GET /v1/models", "GET /v1/models/{model_id}"})

@@ -176,9 +176,11 @@ class ModelCatalog:
         return self.get(name)
 
     def remove(self, name: str) -> None:
-        """Delete model ``name``: the file, or for a link the link alone. Raises ModelNotFound if absent."""
+        """Delete model ``name``: the file, or for a link the link alone, and its lineage manifest
+        (see :mod:`locopilot.training.lineage`). Raises ModelNotFound if absent."""
         path = self._existing(name)
         path.unlink()
+        path.with_name(path.name + ".lineage.json").unlink(missing_ok=True)
         self._cache.pop(path, None)
 
     def _existing(self, name: str) -> Path:

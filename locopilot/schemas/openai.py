@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from locopilot.training.lineage import Lineage
+
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
@@ -230,6 +232,8 @@ class ModelCard(Struct):
     chat_template: str | None = None
     loaded: bool = False
     error: str | None = None
+    lineage: Lineage | None = None
+    """For a model fine-tuned here: its base, dataset and job (see locopilot.training.lineage)."""
 
 
 class ModelList(Struct):

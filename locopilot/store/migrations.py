@@ -114,12 +114,60 @@ def _add_prompt_and_completion(conn: apsw.Connection) -> None:
     )
 
 
+def _add_training_service(conn: apsw.Connection) -> None:
+    # The job service (locopilot.training.jobs): each job's lineage and result, its events
+    # (progress, loss) and the uploaded files it trains on.
+    conn.execute(
+        """
+        ALTER TABLE training_jobs ADD COLUMN framework TEXT NOT NULL DEFAULT 'llama.cpp';
+        ALTER TABLE training_jobs ADD COLUMN base_sha256 TEXT;
+        ALTER TABLE training_jobs ADD COLUMN training_file TEXT;  -- a files.id
+        ALTER TABLE training_jobs ADD COLUMN dataset_sha256 TEXT;
+        ALTER TABLE training_jobs ADD COLUMN output_path TEXT;
+        ALTER TABLE training_jobs ADD COLUMN output_sha256 TEXT;
+        ALTER TABLE training_jobs ADD COLUMN error_code TEXT;
+        ALTER TABLE training_jobs ADD COLUMN seed INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE training_jobs ADD COLUMN trained_tokens INTEGER;
+        ALTER TABLE training_jobs ADD COLUMN result TEXT CHECK (result IS NULL OR json_valid(result));
+        ALTER TABLE training_jobs ADD COLUMN key_id TEXT;  -- the API key that created it
+        ALTER TABLE training_jobs ADD COLUMN remote TEXT;  -- the upstream that runs it; NULL: this server
+        ALTER TABLE training_jobs ADD COLUMN remote_job TEXT;  -- the job's id there
+        CREATE INDEX training_jobs_status ON training_jobs (status, created_at);
+
+        CREATE TABLE training_events (
+            id         INTEGER PRIMARY KEY,
+            job_id     TEXT NOT NULL REFERENCES training_jobs (id) ON DELETE CASCADE,
+            created_at REAL NOT NULL,
+            level      TEXT NOT NULL CHECK (level IN ('info', 'warn', 'error')),
+            type       TEXT NOT NULL CHECK (type IN ('message', 'metrics')),
+            message    TEXT NOT NULL,
+            data       TEXT CHECK (data IS NULL OR json_valid(data))
+        ) STRICT;
+        CREATE INDEX training_events_job ON training_events (job_id, id);
+
+        CREATE TABLE files (
+            id         TEXT PRIMARY KEY,
+            purpose    TEXT NOT NULL,
+            filename   TEXT NOT NULL,
+            bytes      INTEGER NOT NULL,
+            sha256     TEXT NOT NULL CHECK (length(sha256) = 64),
+            path       TEXT NOT NULL,  -- under the data folder; the name is the server's
+            format     TEXT,
+            examples   INTEGER,
+            key_id     TEXT,
+            created_at REAL NOT NULL
+        ) STRICT;
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[apsw.Connection], None]] = [
     _create_inference_logs_and_training_jobs,
     _add_routing_decisions,
     _create_api_keys_and_audit_events,
     _add_cached_tokens,
     _add_prompt_and_completion,
+    _add_training_service,
 ]
 
 

@@ -90,13 +90,15 @@ def backup(source: Path, target: Path) -> None:
 
 
 def fail_interrupted_jobs(db: Database, now: float) -> int:
-    """Mark training jobs still ``running`` as failed: called at startup, when nothing can be
-    running yet, so those are what a crash or kill left behind. Returns how many.
+    """Mark training jobs still ``running`` here as failed: called at startup, when nothing can be
+    running yet, so those are what a crash or kill left behind. Returns how many. A job that
+    runs on a remote locopilot is left alone: it runs on, and is followed again.
 
     Raises:
         StoreError: the write failed.
     """
     return db.write(
-        "UPDATE training_jobs SET status = 'failed', error = ?, finished_at = ? WHERE status = 'running'",
+        "UPDATE training_jobs SET status = 'failed', error = ?, error_code = 'interrupted', finished_at = ? "
+        "WHERE status = 'running' AND remote IS NULL",
         ("interrupted: the server stopped while the job ran", now),
     ).result()

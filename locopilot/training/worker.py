@@ -3,8 +3,9 @@
 Protocol, one JSON object per line:
 
 - parent → worker, stdin: the :class:`~locopilot.training.trainer.TrainConfig` first; later the
-  line ``cancel``. End of input (the parent died) cancels too. Cancellation takes effect
-  between chunks, since a llama.cpp training step cannot be interrupted.
+  line ``cancel``, which takes effect between chunks, since a llama.cpp training step cannot
+  be interrupted. End of input (the parent died or closed the worker) ends the worker at once,
+  exit status 3, with nothing written.
 - worker → parent, stdout: the trainer's events (``started``, ``progress``..., ``finished``),
   or a last ``failed`` (``refused`` true when nothing was trained: bad dataset, config,
   memory) or ``cancelled``. A worker that ends without one of those crashed (a llama.cpp
@@ -102,8 +103,11 @@ def main() -> int:
     def read_cancel() -> None:
         for line in lines:
             if line.strip() == b"cancel":
-                break
-        cancel.set()  # asked, or the parent is gone
+                cancel.set()
+                return
+        # End of input: the parent is gone (or done with us), and nobody will read a result, so
+        # stop now rather than after the current phase (an F32 conversion, a loss pass, a chunk).
+        os._exit(3)
 
     threading.Thread(target=read_cancel, name="cancel-reader", daemon=True).start()
     try:
@@ -152,7 +156,7 @@ class TrainingWorker:
             self._stdin.flush()
 
     def close(self) -> None:
-        """End of input (the worker cancels at its next chunk), a moment to exit, then SIGKILL."""
+        """End of input (the worker exits at once), a moment for that, then SIGKILL."""
         with contextlib.suppress(BrokenPipeError):
             self._stdin.close()
         try:

@@ -1,0 +1,499 @@
+"""Training jobs (scope ``training``), in two shapes over the same rows.
+
+- locopilot's own, ``/v1/locopilot/training/jobs``: every hyperparameter by its name, the
+  lineage, the trainer's result, and ``…/{id}/logs``, an SSE stream of the job's events
+  (progress, loss, tokens/s, ETA) that ends when the job does.
+- OpenAI's, ``/v1/fine_tuning/jobs``: what ``client.fine_tuning.jobs`` sends and reads.
+  ``hyperparameters`` (or ``method.supervised.hyperparameters``) takes OpenAI's ``n_epochs``,
+  ``learning_rate_multiplier`` (times locopilot's default learning rate) and ``batch_size``
+  (``auto`` or 1: each optimizer step is one window of ``context`` tokens), and locopilot's own
+  names too (``learning_rate``, ``layers``, ``context``, ``output_type``, ``optimizer``).
+
+The queue itself is :mod:`locopilot.training.jobs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Annotated, Any, Literal
+
+import anyio
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
+from litestar.response import Stream
+from msgspec import Meta
+
+from locopilot.api.responses import BODY, GUARDED, answers
+from locopilot.api.services import Services
+from locopilot.errors import InvalidRequest
+from locopilot.gateway.auth import principal_of
+from locopilot.schemas.openai import encoder
+from locopilot.store import jobs as store
+from locopilot.store.jobs import JobEvent, JobStatus, TrainingJob
+from locopilot.training.jobs import JobSpec
+from locopilot.training.trainer import DEFAULT_LEARNING_RATE
+
+OutputType = Literal["f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
+Epochs = Annotated[int, Meta(ge=1, le=100)]
+LearningRate = Annotated[float, Meta(gt=0, le=1e-2)]
+Layers = Annotated[int, Meta(ge=0, le=10_000, description="Train the last N blocks; 0: every block.")]
+Context = Annotated[int, Meta(ge=256, le=1 << 20, description="Training window in tokens, a multiple of 256.")]
+ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
+FileId = Annotated[str, Meta(min_length=1, max_length=128)]
+RemoteName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+#: How often a log stream looks for new events.
+FOLLOW_INTERVAL_S = 0.5
+#: A log stream sends a comment this often while nothing happens, so proxies keep it open.
+KEEPALIVE_S = 15.0
+
+
+# -- locopilot's shape -----------------------------------------------------------------
+
+
+class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/locopilot/training/jobs``."""
+
+    model: ModelName
+    """The base model: a model in the models folder."""
+    training_file: FileId
+    """A file uploaded with ``purpose=fine-tune``."""
+    epochs: Epochs = 1
+    learning_rate: LearningRate = DEFAULT_LEARNING_RATE
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    layers: Layers = 4
+    context: Context = 256
+    output_type: OutputType = "q8_0"
+    validation_split: Annotated[float, Meta(ge=0, lt=0.5)] = 0.1
+    seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
+    remote: RemoteName | None = None
+    """Run the job on this upstream (another locopilot, kind openai) instead of here."""
+
+
+class JobErrorInfo(msgspec.Struct):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobInfo(msgspec.Struct, kw_only=True):
+    """A job as locopilot shows it (no file-system paths)."""
+
+    id: str
+    object: Literal["locopilot.training.job"] = "locopilot.training.job"
+    status: JobStatus
+    framework: str
+    model: str
+    base_sha256: str | None
+    training_file: str | None
+    dataset_sha256: str | None
+    hyperparameters: dict[str, Any]
+    seed: int
+    fine_tuned_model: str | None
+    output_sha256: str | None
+    progress: float
+    trained_tokens: int | None
+    result: dict[str, Any] | None
+    error: JobErrorInfo | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    remote: str | None = None
+    """The upstream that runs the job; null: this server."""
+    remote_job: str | None = None
+
+
+class JobList(msgspec.Struct):
+    data: list[JobInfo]
+    has_more: bool
+    object: Literal["list"] = "list"
+
+
+def error_of(job: TrainingJob) -> JobErrorInfo | None:
+    if job.error is None:
+        return None
+    param = "training_file" if job.error_code == "invalid_training_file" else None
+    return JobErrorInfo(job.error_code or "failed", job.error, param)
+
+
+def job_info(job: TrainingJob) -> JobInfo:
+    return JobInfo(
+        id=job.id,
+        status=job.status,
+        framework=job.framework,
+        model=job.base_model,
+        base_sha256=job.base_sha256,
+        training_file=job.training_file,
+        dataset_sha256=job.dataset_sha256,
+        hyperparameters=job.params,
+        seed=job.seed,
+        fine_tuned_model=job.output_model,
+        output_sha256=job.output_sha256,
+        progress=job.progress,
+        trained_tokens=job.trained_tokens,
+        result=job.result,
+        error=error_of(job),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        remote=job.remote,
+        remote_job=job.remote_job,
+    )
+
+
+def json_response(body: msgspec.Struct) -> Response[bytes]:
+    return Response(encoder.encode(body), media_type="application/json")
+
+
+async def find(services: Services, job_id: str) -> TrainingJob:
+    return await anyio.to_thread.run_sync(store.get, services.db, job_id)
+
+
+@post("/v1/locopilot/training/jobs", status_code=200, responses=answers(JobInfo, 200, *GUARDED, *BODY, 404))
+async def create_job(data: JobRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Queue a fine-tuning job of a model in the models folder on an uploaded dataset."""
+    spec = msgspec.convert(msgspec.structs.asdict(data), JobSpec)
+    job = await services.training.submit(spec, principal_of(request).key_id)
+    return json_response(job_info(job))
+
+
+@get("/v1/locopilot/training/jobs", responses=answers(JobList, 200, *GUARDED, 400))
+async def list_jobs(
+    services: Services,
+    limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Parameter(max_length=128)] = None,
+    status: JobStatus | None = None,
+) -> Response[bytes]:
+    """Jobs, newest first."""
+    found, more = await anyio.to_thread.run_sync(
+        lambda: store.listed(services.db, after=after, limit=limit, status=status)
+    )
+    return json_response(JobList([job_info(job) for job in found], more))
+
+
+@get("/v1/locopilot/training/jobs/{job_id:str}", responses=answers(JobInfo, 200, *GUARDED, 404))
+async def get_job(job_id: str, services: Services) -> Response[bytes]:
+    """One job."""
+    return json_response(job_info(await find(services, job_id)))
+
+
+@post(
+    "/v1/locopilot/training/jobs/{job_id:str}/cancel", status_code=200, responses=answers(JobInfo, 200, *GUARDED, 404)
+)
+async def cancel_job(job_id: str, services: Services) -> Response[bytes]:
+    """Cancel a queued or running job (a running one's worker is stopped at once; nothing is written)."""
+    return json_response(job_info(await services.training.cancel(job_id)))
+
+
+class LogEvent(msgspec.Struct):
+    """One SSE event's data: a job event (``event: message`` or ``event: metrics``)."""
+
+    id: int
+    created_at: float
+    level: str
+    message: str
+    data: dict[str, Any] | None
+
+
+EVENT_STREAM = ResponseSpec(
+    str,
+    media_type="text/event-stream",
+    generate_examples=False,
+    description="SSE: `message` and `metrics` events (step, train_loss, tokens_per_s, eta_s), then `end` with the job",
+)
+
+
+def sse(event: str, body: msgspec.Struct) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + encoder.encode(body) + b"\n\n"
+
+
+async def follow(services: Services, job_id: str, after: int) -> AsyncIterator[bytes]:
+    """The job's events from ``after`` on as SSE, then ``end`` with the job once it is over.
+
+    Ends early (``event: error``) when the server begins to stop, so it never holds the drain.
+    """
+    quiet = 0.0
+    final_seen = False
+    while True:
+        job = await find(services, job_id)
+        found: list[JobEvent] = await anyio.to_thread.run_sync(partial(store.events, services.db, job_id, after=after))
+        for event in found:
+            after = event.id
+            yield sse(event.type, LogEvent(event.id, event.created_at, event.level, event.message, event.data))
+        if job.final:
+            # The job's last events are written just after its status: one more look for them.
+            if final_seen and not found:
+                yield sse("end", job_info(job))
+                return
+            final_seen = True
+        if services.shutdown.draining:
+            yield sse(
+                "error", JobErrorInfo("shutting_down", "The server is shutting down; follow the job again later.")
+            )
+            return
+        await anyio.sleep(FOLLOW_INTERVAL_S)
+        quiet = 0.0 if found else quiet + FOLLOW_INTERVAL_S
+        if quiet >= KEEPALIVE_S:
+            quiet = 0.0
+            yield b": keep-alive\n\n"
+
+
+@get(
+    "/v1/locopilot/training/jobs/{job_id:str}/logs",
+    responses={**answers(str, 200, *GUARDED, 404), 200: EVENT_STREAM},
+)
+async def job_logs(job_id: str, services: Services, after: Annotated[int, Parameter(ge=0, le=2**62)] = 0) -> Stream:
+    """Follow a job: its events so far (after event ``after``), then new ones as they come, until it ends."""
+    await find(services, job_id)  # a 404 before the stream starts
+    return Stream(
+        follow(services, job_id, after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+# -- OpenAI's shape --------------------------------------------------------------------
+
+
+class Hyperparameters(msgspec.Struct, kw_only=True):
+    """OpenAI's names, and locopilot's own (which win when both are given)."""
+
+    n_epochs: Epochs | Literal["auto"] | None = None
+    batch_size: Annotated[int, Meta(ge=1)] | Literal["auto"] | None = None
+    learning_rate_multiplier: Annotated[float, Meta(gt=0, le=1000)] | Literal["auto"] | None = None
+    learning_rate: LearningRate | None = None
+    layers: Layers | None = None
+    context: Context | None = None
+    output_type: OutputType | None = None
+    optimizer: Literal["adamw", "sgd"] | None = None
+
+
+class Supervised(msgspec.Struct, kw_only=True):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(msgspec.Struct, kw_only=True):
+    type: str
+    supervised: Supervised | None = None
+
+
+class FineTuningJobRequest(msgspec.Struct, kw_only=True):
+    """``POST /v1/fine_tuning/jobs``, as OpenAI's; unknown fields are ignored."""
+
+    model: ModelName
+    training_file: FileId
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] | None = None
+    suffix: str | None = None
+    validation_file: str | None = None
+    remote: RemoteName | None = None
+    """locopilot's: run the job on this upstream (another locopilot); ``extra_body`` in the SDK."""
+
+
+class FineTuningHyperparameters(msgspec.Struct):
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class FineTuningMethod(msgspec.Struct):
+    supervised: dict[str, FineTuningHyperparameters]
+    type: str = "supervised"
+
+
+class FineTuningJob(msgspec.Struct, kw_only=True):
+    """OpenAI's ``fine_tuning.job``."""
+
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str = "locopilot"
+    status: JobStatus
+    hyperparameters: FineTuningHyperparameters
+    method: FineTuningMethod
+    training_file: str
+    validation_file: str | None = None
+    result_files: list[str] = msgspec.field(default_factory=list)
+    trained_tokens: int | None
+    error: JobErrorInfo | None
+    seed: int
+    estimated_finish: int | None = None
+    integrations: list[Any] | None = None
+    metadata: dict[str, str] | None = None
+
+
+class FineTuningJobList(msgspec.Struct):
+    data: list[FineTuningJob]
+    has_more: bool
+    object: Literal["list"] = "list"
+
+
+class FineTuningEvent(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None = None
+
+
+class FineTuningEventList(msgspec.Struct):
+    data: list[FineTuningEvent]
+    has_more: bool
+    object: Literal["list"] = "list"
+
+
+def openai_job(job: TrainingJob) -> FineTuningJob:
+    params = job.params
+    hyper = FineTuningHyperparameters(
+        n_epochs=int(params.get("epochs", 1)),
+        batch_size=1,
+        learning_rate_multiplier=float(params.get("learning_rate", DEFAULT_LEARNING_RATE)) / DEFAULT_LEARNING_RATE,
+    )
+    return FineTuningJob(
+        id=job.id,
+        created_at=int(job.created_at),
+        finished_at=None if job.finished_at is None else int(job.finished_at),
+        model=job.base_model,
+        fine_tuned_model=job.output_model,
+        status=job.status,
+        hyperparameters=hyper,
+        method=FineTuningMethod({"hyperparameters": hyper}),
+        training_file=job.training_file or "",
+        trained_tokens=job.trained_tokens,
+        error=error_of(job),
+        seed=job.seed,
+    )
+
+
+def spec_of(body: FineTuningJobRequest) -> JobSpec:
+    """The job an OpenAI request asks for; raises InvalidRequest for what locopilot cannot do."""
+    if body.validation_file:
+        raise InvalidRequest(
+            "validation_file is not supported; a part of training_file is held out.", param="validation_file"
+        )
+    if body.suffix:
+        raise InvalidRequest("suffix is not supported; the model is named <base>-ft-<job>.", param="suffix")
+    hyper = body.hyperparameters
+    if body.method is not None:
+        if body.method.type != "supervised":
+            raise InvalidRequest(f"Only the supervised method is supported, not {body.method.type!r}.", param="method")
+        if body.method.supervised is not None and body.method.supervised.hyperparameters is not None:
+            hyper = body.method.supervised.hyperparameters
+    hyper = hyper or Hyperparameters()
+    if hyper.batch_size not in (None, "auto", 1):
+        raise InvalidRequest(
+            "batch_size must be 1 or auto: each step trains on one window of `context` tokens.",
+            param="hyperparameters.batch_size",
+        )
+    learning_rate = DEFAULT_LEARNING_RATE
+    if isinstance(hyper.learning_rate_multiplier, float | int):
+        learning_rate = DEFAULT_LEARNING_RATE * hyper.learning_rate_multiplier
+    if hyper.learning_rate is not None:
+        learning_rate = hyper.learning_rate
+    values: dict[str, Any] = {
+        "model": body.model,
+        "training_file": body.training_file,
+        "learning_rate": learning_rate,
+        "seed": body.seed or 0,
+        "remote": body.remote,
+    }
+    if isinstance(hyper.n_epochs, int):
+        values["epochs"] = hyper.n_epochs
+    for name in ("layers", "context", "output_type", "optimizer"):
+        if (value := getattr(hyper, name)) is not None:
+            values[name] = value
+    return msgspec.convert(values, JobSpec)
+
+
+@post("/v1/fine_tuning/jobs", status_code=200, responses=answers(FineTuningJob, 200, *GUARDED, *BODY, 404))
+async def create_fine_tuning_job(
+    data: FineTuningJobRequest, services: Services, request: Request[Any, Any, Any]
+) -> Response[bytes]:
+    """OpenAI's create: a job of a model in the models folder on an uploaded file."""
+    job = await services.training.submit(spec_of(data), principal_of(request).key_id)
+    return json_response(openai_job(job))
+
+
+@get("/v1/fine_tuning/jobs", responses=answers(FineTuningJobList, 200, *GUARDED, 400))
+async def list_fine_tuning_jobs(
+    services: Services,
+    limit: Annotated[int, Parameter(ge=1, le=1000)] = 20,
+    after: Annotated[str | None, Parameter(max_length=128)] = None,
+) -> Response[bytes]:
+    """OpenAI's list: newest first, ``after`` a job id."""
+    found, more = await anyio.to_thread.run_sync(lambda: store.listed(services.db, after=after, limit=limit))
+    return json_response(FineTuningJobList([openai_job(job) for job in found], more))
+
+
+@get("/v1/fine_tuning/jobs/{fine_tuning_job_id:str}", responses=answers(FineTuningJob, 200, *GUARDED, 404))
+async def get_fine_tuning_job(fine_tuning_job_id: str, services: Services) -> Response[bytes]:
+    return json_response(openai_job(await find(services, fine_tuning_job_id)))
+
+
+@post(
+    "/v1/fine_tuning/jobs/{fine_tuning_job_id:str}/cancel",
+    status_code=200,
+    responses=answers(FineTuningJob, 200, *GUARDED, 404),
+)
+async def cancel_fine_tuning_job(fine_tuning_job_id: str, services: Services) -> Response[bytes]:
+    return json_response(openai_job(await services.training.cancel(fine_tuning_job_id)))
+
+
+EVENT_ID_PREFIX = "ftevent-"
+
+
+@get(
+    "/v1/fine_tuning/jobs/{fine_tuning_job_id:str}/events",
+    responses=answers(FineTuningEventList, 200, *GUARDED, 400, 404),
+)
+async def fine_tuning_events(
+    fine_tuning_job_id: str,
+    services: Services,
+    limit: Annotated[int, Parameter(ge=1, le=1000)] = 20,
+    after: Annotated[str | None, Parameter(max_length=128)] = None,
+) -> Response[bytes]:
+    """OpenAI's events: newest first; ``after`` an event id, for the page of older ones."""
+    await find(services, fine_tuning_job_id)
+    cursor = 0
+    if after is not None:
+        try:
+            cursor = int(after.removeprefix(EVENT_ID_PREFIX))
+        except ValueError:
+            raise InvalidRequest(f"after must be an event id ({EVENT_ID_PREFIX}N)", param="after") from None
+    found = await anyio.to_thread.run_sync(
+        lambda: store.events(services.db, fine_tuning_job_id, after=cursor, limit=limit + 1, newest_first=True)
+    )
+    data = [
+        FineTuningEvent(
+            id=f"{EVENT_ID_PREFIX}{event.id}",
+            created_at=int(event.created_at),
+            level=event.level,
+            message=event.message,
+            type=event.type,
+            data=event.data,
+        )
+        for event in found[:limit]
+    ]
+    return json_response(FineTuningEventList(data, len(found) > limit))
+
+
+ROUTES = [
+    create_job,
+    list_jobs,
+    get_job,
+    cancel_job,
+    job_logs,
+    create_fine_tuning_job,
+    list_fine_tuning_jobs,
+    get_fine_tuning_job,
+    cancel_fine_tuning_job,
+    fine_tuning_events,
+]

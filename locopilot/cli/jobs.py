@@ -1,0 +1,228 @@
+"""``locopilot jobs``: the training jobs of a running server, over its HTTP API.
+
+The server and key are found as ``locopilot chat`` finds them: ``--url`` or LOCOPILOT_HOST and
+LOCOPILOT_PORT; the key in ``--key-file``, else the bootstrap admin key if one is set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import rich_click as click
+from rich.table import Table
+from rich.text import Text
+
+from locopilot.cli import console, print_error, settings_or_exit
+from locopilot.cli.chat import base_url
+
+JOBS_PATH = "/v1/locopilot/training/jobs"
+STATUS_STYLES = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "dim"}
+
+url_option = click.option("--url", help="Server address (default: from LOCOPILOT_HOST and LOCOPILOT_PORT).")
+key_option = click.option(
+    "--key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A file holding an API key with the training scope (default: the bootstrap admin key, if set).",
+)
+
+
+@contextmanager
+def server_client(url: str | None, key_file: Path | None) -> Iterator[httpx.Client]:
+    """An HTTP client for the server; exits 1 with the server's message on an error answer."""
+    settings = settings_or_exit()
+    # A file, not an option's value: a key on the command line would show in `ps`.
+    key = key_file.read_text(encoding="utf-8").strip() if key_file else settings.admin_secret
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with httpx.Client(
+            base_url=url or base_url(settings), headers=headers, timeout=httpx.Timeout(30, read=None)
+        ) as client:
+            yield client
+    except httpx.TransportError as exc:
+        print_error(f"cannot reach the server ({exc}); is `locopilot serve` running?")
+        raise SystemExit(1) from exc
+
+
+def checked(response: httpx.Response) -> Any:
+    """The JSON of a successful answer; exits 1 with the error's message otherwise."""
+    if response.status_code >= 400:
+        response.read()
+        try:
+            message = str(response.json()["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:500] or f"HTTP {response.status_code}"
+        print_error(f"{message} (HTTP {response.status_code})")
+        raise SystemExit(1)
+    return response.json()
+
+
+def when(seconds: float | None) -> str:
+    return "-" if seconds is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def status_text(status: str) -> Text:
+    return Text(status, style=STATUS_STYLES.get(status, ""))
+
+
+@click.group("jobs")
+def jobs() -> None:
+    """Training jobs on a running server: list, show, follow, cancel."""
+
+
+@jobs.command("list")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@url_option
+@key_option
+def list_command(limit: int, url: str | None, key_file: Path | None) -> None:
+    """The newest jobs."""
+    with server_client(url, key_file) as client:
+        body = checked(client.get(JOBS_PATH, params={"limit": limit}))
+    table = Table("id", "status", "base model", "progress", "fine-tuned model", "created", box=None)
+    for job in body["data"]:
+        table.add_row(
+            job["id"],
+            status_text(job["status"]),
+            job["model"],
+            f"{job['progress'] * 100:.0f}%",
+            job["fine_tuned_model"] or "-",
+            when(job["created_at"]),
+        )
+    console.print(table)
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@url_option
+@key_option
+def show_command(job_id: str, url: str | None, key_file: Path | None) -> None:
+    """One job: its lineage, hyperparameters and result."""
+    with server_client(url, key_file) as client:
+        job = checked(client.get(f"{JOBS_PATH}/{job_id}"))
+    table = Table("field", "value", box=None, show_header=False)
+    table.add_row("id", job["id"])
+    table.add_row("status", status_text(job["status"]))
+    table.add_row("base model", f"{job['model']} (sha256 {job['base_sha256'] or '-'})")
+    table.add_row("training file", f"{job['training_file']} (sha256 {job['dataset_sha256']})")
+    table.add_row("hyperparameters", json.dumps(job["hyperparameters"] | {"seed": job["seed"]}))
+    table.add_row("progress", f"{job['progress'] * 100:.0f}%")
+    if job["fine_tuned_model"]:
+        table.add_row("fine-tuned model", f"{job['fine_tuned_model']} (sha256 {job['output_sha256']})")
+    if job["result"]:
+        result = job["result"]
+        table.add_row(
+            "result",
+            f"loss {result['train_loss_before']:.3f} → {result['train_loss_after']:.3f}, "
+            f"{result['tokens_per_s']:.0f} tokens/s, {result['trained_tokens']} tokens, "
+            f"peak memory {result['peak_rss_bytes'] / 1e9:.2f} GB, {result['seconds']:.0f} s",
+        )
+    if job["error"]:
+        table.add_row("error", Text(f"{job['error']['code']}: {job['error']['message']}", style="red"))
+    for name in ("created_at", "started_at", "finished_at"):
+        table.add_row(name.removesuffix("_at"), when(job[name]))
+    console.print(table)
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@url_option
+@key_option
+def logs_command(job_id: str, url: str | None, key_file: Path | None) -> None:
+    """Follow a job's events (progress, loss, tokens/s, ETA) until it ends; exits 1 unless it succeeded."""
+    if follow_job(job_id, url, key_file) != "succeeded":
+        raise SystemExit(1)
+
+
+def follow_job(job_id: str, url: str | None, key_file: Path | None) -> str | None:
+    """Print the job's log stream to its end; the job's final status (None if the stream broke off)."""
+    status = None
+    with server_client(url, key_file) as client, client.stream("GET", f"{JOBS_PATH}/{job_id}/logs") as response:
+        if response.status_code >= 400:
+            checked(response)
+        event = ""
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+                status = show_event(event, data) or status
+    return status
+
+
+def show_event(event: str, data: dict[str, Any]) -> str | None:
+    """Print one log event; the job's final status for the ``end`` event."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(data.get("created_at") or time.time()))
+    match event:
+        case "metrics":
+            metrics = data["data"]
+            eta = metrics.get("eta_s")
+            console.print(
+                f"{stamp} step {metrics['step']}/{metrics['total_steps']} ({metrics['progress'] * 100:.0f}%)  "
+                f"loss {metrics['train_loss']:.4f}  {metrics['tokens_per_s']:.0f} tokens/s  "
+                f"ETA {'-' if eta is None else f'{eta:.0f} s'}",
+                highlight=False,
+            )
+        case "message":
+            style = "red" if data["level"] == "error" else ""
+            console.print(Text(f"{stamp} {data['message']}", style=style))
+        case "end":
+            console.print(Text.assemble("job ", data["id"], " ", status_text(data["status"])))
+            return str(data["status"])
+        case "error":
+            print_error(str(data.get("message")))
+    return None
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@url_option
+@key_option
+def cancel_command(job_id: str, url: str | None, key_file: Path | None) -> None:
+    """Cancel a queued or running job."""
+    with server_client(url, key_file) as client:
+        job = checked(client.post(f"{JOBS_PATH}/{job_id}/cancel"))
+    console.print(Text.assemble("job ", job["id"], " ", status_text(job["status"])))
+
+
+@jobs.command("submit")
+@click.argument("dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--base", "base", required=True, help="Base model: a model on the server.")
+@click.option("--epochs", type=click.IntRange(1, 100), default=1, show_default=True)
+@click.option("--learning-rate", "--lr", type=float, default=None, help="Default: the server's (1e-5).")
+@click.option("--layers", type=click.IntRange(min=0), default=None, help="Train the last N blocks; 0: all.")
+@click.option("--context", type=click.IntRange(min=256), default=None, help="Training window in tokens.")
+@click.option("--remote", help="Run it on this upstream of the server (another locopilot in LOCOPILOT_UPSTREAMS).")
+@click.option("--follow/--no-follow", default=True, show_default=True, help="Follow the job's log until it ends.")
+@url_option
+@key_option
+def submit_command(
+    dataset: Path,
+    base: str,
+    epochs: int,
+    learning_rate: float | None,
+    layers: int | None,
+    context: int | None,
+    remote: str | None,
+    follow: bool,
+    url: str | None,
+    key_file: Path | None,
+) -> None:
+    """Upload DATASET to the server and queue a training job of BASE on it."""
+    body: dict[str, Any] = {"model": base, "epochs": epochs}
+    for name, value in (("learning_rate", learning_rate), ("layers", layers), ("context", context), ("remote", remote)):
+        if value is not None:
+            body[name] = value
+    with server_client(url, key_file) as client:
+        with dataset.open("rb") as f:
+            uploaded = checked(
+                client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": (dataset.name, f)})
+            )
+        job = checked(client.post(JOBS_PATH, json=body | {"training_file": uploaded["id"]}))
+    console.print(Text.assemble("job ", job["id"], " ", status_text(job["status"])))
+    if follow and follow_job(job["id"], url, key_file) != "succeeded":
+        raise SystemExit(1)

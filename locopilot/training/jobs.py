@@ -1,0 +1,574 @@
+"""The server's training queue: jobs run one worker process each, ``LOCOPILOT_TRAINING_CONCURRENCY`` at once.
+
+A job's life, all of it in its ``training_jobs`` row and its events (:mod:`locopilot.store.jobs`):
+
+1. :meth:`JobService.submit` checks the request (the base model exists and is readable, the
+   file exists and is a fine-tuning dataset, the hyperparameters are in range: a 400 or 404
+   otherwise, before any work), stores the row as ``queued`` and queues it.
+2. A runner task takes it (oldest first), marks it ``running`` and starts a worker
+   (``locopilot _train``, :mod:`locopilot.training.worker`) in a thread of its own. The worker's
+   events become the job's events: ``metrics`` with step, loss, tokens/s and ETA, and messages.
+   The worker refuses a dataset example longer than the context, naming its line.
+3. Succeeded: the trained GGUF (in the job's work folder under ``<data>/training``) is moved
+   into the models folder as ``<base>-ft-<8 hex of the job id>`` with its lineage manifest
+   (:mod:`locopilot.training.lineage`), and is servable at once. Failed: ``error`` says why
+   (the worker's own message, or its exit status and the last line of its log when it died).
+4. :meth:`JobService.cancel`: a queued job is ``cancelled`` at once; a running one's worker has
+   its input closed, on which it exits at once (killed :data:`CANCEL_KILL_S` seconds later if
+   still there), and nothing is written.
+
+Restarts. At startup jobs still ``running`` are marked failed (``interrupted``) by
+:func:`locopilot.store.upkeep.fail_interrupted_jobs`, and ``queued`` jobs are queued again:
+they never started, so running them is what their submitter asked for. :meth:`JobService.aclose`
+(the server's stop) stops every worker and marks its job failed (``interrupted``); queued jobs
+stay queued for the next start. A worker whose server was killed sees its stdin close and
+exits at once, so no worker outlives its server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup, TaskStatus
+
+from locopilot.errors import InvalidRequest, LocopilotError, NotFound
+from locopilot.models.catalog import ModelCatalog
+from locopilot.models.gguf import GGUFError
+from locopilot.settings import Settings, UpstreamConfig
+from locopilot.store import files as stored_files
+from locopilot.store import jobs as store
+from locopilot.store.db import Database
+from locopilot.store.files import StoredFile
+from locopilot.store.jobs import TrainingJob
+from locopilot.training import lineage, remote
+from locopilot.training.trainer import (
+    DEFAULT_CONTEXT,
+    DEFAULT_LAYERS,
+    DEFAULT_LEARNING_RATE,
+    Finished,
+    Progress,
+    Started,
+    TrainConfig,
+    TrainingRefused,
+)
+
+log = logging.getLogger(__name__)
+
+#: A running job asked to cancel is killed this long after, if its current chunk has not ended.
+CANCEL_KILL_S = 5.0
+#: How long a cancel request waits for a running job to stop before answering.
+CANCEL_WAIT_S = CANCEL_KILL_S + 3.0
+FINE_TUNE_PURPOSE = "fine-tune"
+
+
+class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a job trains, as both APIs ask for it; checked by :meth:`JobService.submit`."""
+
+    model: str
+    training_file: str
+    epochs: int = 1
+    learning_rate: float = DEFAULT_LEARNING_RATE
+    optimizer: str = "adamw"
+    layers: int = DEFAULT_LAYERS
+    context: int = DEFAULT_CONTEXT
+    output_type: str = "q8_0"
+    validation_split: float = 0.1
+    weight_decay: float = 0.0
+    seed: int = 0
+    remote: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        """The hyperparameters as stored in the row and the lineage."""
+        return {
+            "epochs": self.epochs,
+            "learning_rate": self.learning_rate,
+            "optimizer": self.optimizer,
+            "layers": self.layers,
+            "context": self.context,
+            "output_type": self.output_type,
+            "validation_split": self.validation_split,
+            "weight_decay": self.weight_decay,
+        }
+
+
+def new_job_id() -> str:
+    return f"ftjob-{secrets.token_hex(12)}"
+
+
+def output_name(base_model: str, job_id: str) -> str:
+    """``<base>-ft-<8 hex>``: the fine-tuned model's name in the models folder."""
+    return f"{base_model}-ft-{job_id.removeprefix('ftjob-')[:8]}"
+
+
+@dataclass
+class _Running:
+    """A job being run: its worker once started, and what has been asked of it."""
+
+    job_id: str
+    worker: Any = None  # TrainingWorker, set by the thread that starts it
+    cancel_requested: bool = False
+    stopping: bool = False  # the server is shutting down
+    done: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def signal_stop(self) -> None:
+        """End the worker's input, on which it exits at once; kill it CANCEL_KILL_S later if it has not."""
+        with self.lock:
+            worker = self.worker
+        if worker is None:
+            return
+        with contextlib.suppress(OSError):
+            worker.process.stdin.close()
+
+        def kill_later() -> None:
+            if not self.done.wait(CANCEL_KILL_S) and worker.process.poll() is None:
+                log.warning("training job %s did not stop in %g s; killing its worker", self.job_id, CANCEL_KILL_S)
+                worker.process.kill()
+
+        threading.Thread(target=kill_later, name=f"cancel-{self.job_id}", daemon=True).start()
+
+
+class JobService:
+    """The queue and its runners; built in the app's lifespan, :meth:`run` in its task group."""
+
+    def __init__(
+        self, settings: Settings, db: Database, catalog: ModelCatalog, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.catalog = catalog
+        self.clock = clock
+        self.work_root = settings.data_path / "training"
+        self._send, self._receive = anyio.create_memory_object_stream[str](math.inf)
+        self._running: dict[str, _Running] = {}
+        # Training threads run for hours: their own limiter, so they never hold anyio's shared one.
+        self._threads = anyio.CapacityLimiter(settings.training_concurrency)
+        self._closing = False
+        self._tasks: TaskGroup | None = None
+
+    # -- the queue ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Queue the jobs left ``queued`` by the last run, then run jobs forever."""
+        # Nothing runs yet: work folders left here are a killed server's.
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(self.work_root / "jobs", ignore_errors=True))
+        for job_id in await anyio.to_thread.run_sync(store.queued, self.db):
+            self._send.send_nowait(job_id)
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            for _ in range(self.settings.training_concurrency):
+                tasks.start_soon(self._runner)
+            for job in await anyio.to_thread.run_sync(store.remote_unfinished, self.db):
+                tasks.start_soon(self._mirror, job)
+            task_status.started()
+
+    async def _runner(self) -> None:
+        async for job_id in self._receive:
+            if self._closing:
+                return
+            try:
+                await self._run(job_id)
+            except Exception:  # one job's bug must not stop the queue
+                log.exception("training job %s failed unexpectedly", job_id)
+                with contextlib.suppress(Exception):
+                    await self._finish(job_id, "failed", error="internal error in the job service", code="internal")
+
+    async def _run(self, job_id: str) -> None:
+        started = self.clock()
+        # Registered first, so a cancel that finds the row running also finds the job here.
+        running = self._running[job_id] = _Running(job_id)
+        if not await anyio.to_thread.run_sync(
+            lambda: store.transition(self.db, job_id, ("queued",), status="running", started_at=started)
+        ):
+            self._running.pop(job_id, None)
+            return  # cancelled while it waited
+        try:
+            await anyio.to_thread.run_sync(self._execute, job_id, running, limiter=self._threads)
+        finally:
+            running.done.set()
+            self._running.pop(job_id, None)
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec, key_id: str | None) -> TrainingJob:
+        """Check ``spec`` and queue a job for it (see the module docstring).
+
+        Raises:
+            InvalidRequest: a hyperparameter out of range, a file that is not a fine-tuning dataset,
+                a base model that cannot be trained.
+            NotFound: no such file; ModelNotFound: no such base model.
+        """
+        config = self._config(spec, Path("/"), Path("/"), Path("/"))
+        try:
+            config.check()
+        except TrainingRefused as exc:
+            raise InvalidRequest(str(exc), param="hyperparameters") from exc
+        try:
+            stored = await anyio.to_thread.run_sync(stored_files.get, self.db, spec.training_file)
+        except NotFound as exc:
+            raise NotFound(exc.message, param="training_file", code="file_not_found") from exc
+        if stored.purpose != FINE_TUNE_PURPOSE:
+            raise InvalidRequest(
+                f"File {stored.id} has purpose '{stored.purpose}', not '{FINE_TUNE_PURPOSE}'", param="training_file"
+            )
+        if spec.remote is not None:
+            return await self._submit_remote(spec, stored, key_id)
+        await anyio.to_thread.run_sync(self._check_base, spec.model)
+        job = TrainingJob(
+            id=new_job_id(),
+            status="queued",
+            base_model=spec.model,
+            training_file=stored.id,
+            dataset_path=stored.path,
+            dataset_sha256=stored.sha256,
+            params=spec.params(),
+            seed=spec.seed,
+            key_id=key_id,
+            created_at=self.clock(),
+        )
+        await anyio.to_thread.run_sync(store.insert, self.db, job)
+        await anyio.to_thread.run_sync(
+            lambda: store.add_event(self.db, job.id, job.created_at, f"Created fine-tuning job: {job.id}")
+        )
+        # Closed once the server stops: the row stays queued and runs at the next start.
+        with contextlib.suppress(anyio.ClosedResourceError):
+            self._send.send_nowait(job.id)
+        return job
+
+    def _upstream(self, name: str) -> UpstreamConfig:
+        for upstream in self.settings.upstream_configs:
+            if upstream.name == name and upstream.kind == "openai":
+                return upstream
+        raise InvalidRequest(
+            f"remote must name an upstream of kind openai (another locopilot) in LOCOPILOT_UPSTREAMS, not {name!r}",
+            param="remote",
+        )
+
+    async def _submit_remote(self, spec: JobSpec, stored: StoredFile, key_id: str | None) -> TrainingJob:
+        """Create the job on the remote (see :mod:`locopilot.training.remote`) and mirror it here."""
+        upstream = self._upstream(spec.remote or "")
+        body = {"model": spec.model, "seed": spec.seed, **spec.params()}
+        body.pop("weight_decay")
+        answer = await remote.submit(upstream, Path(stored.path), stored.filename, body)
+        job = TrainingJob(
+            id=new_job_id(),
+            status="queued",
+            base_model=spec.model,
+            training_file=stored.id,
+            dataset_path=stored.path,
+            dataset_sha256=stored.sha256,
+            params=spec.params(),
+            seed=spec.seed,
+            key_id=key_id,
+            remote=upstream.name,
+            remote_job=str(answer["id"]),
+            created_at=self.clock(),
+        )
+        await anyio.to_thread.run_sync(store.insert, self.db, job)
+        message = f"Created fine-tuning job: {job.id}, running on {upstream.name} as {job.remote_job}"
+        await anyio.to_thread.run_sync(lambda: store.add_event(self.db, job.id, job.created_at, message))
+        if self._tasks is not None:
+            self._tasks.start_soon(self._mirror, job)
+        return job
+
+    async def _mirror(self, job: TrainingJob) -> None:
+        """Copy a remote job's events and outcome here until it ends; reconnect when its stream breaks."""
+        upstream = self._upstream(job.remote or "")
+        seen = await anyio.to_thread.run_sync(store.last_remote_event, self.db, job.id)
+        running = job.status == "running"
+        while not self._closing:
+            try:
+                async for name, data in remote.follow(upstream, job.remote_job or "", seen):
+                    if name in ("message", "metrics"):
+                        seen = int(data["id"])
+                        running = await anyio.to_thread.run_sync(self._mirror_event, job, name, data, running)
+                    elif name == "end":
+                        await self._mirror_end(job, data)
+                        return
+            except LocopilotError as exc:
+                log.warning("following remote training job %s on %s: %s", job.remote_job, upstream.name, exc.message)
+            await anyio.sleep(5.0)
+
+    def _mirror_event(self, job: TrainingJob, name: str, data: dict[str, Any], running: bool) -> bool:
+        """Copy one remote event; whether the job is running here now."""
+        details = {**(data.get("data") or {}), "remote_event_id": int(data["id"])}
+        kind: store.EventType = "metrics" if name == "metrics" else "message"
+        level: store.EventLevel = data["level"] if data["level"] in ("info", "warn", "error") else "info"
+        store.add_event(self.db, job.id, self.clock(), data["message"], level=level, type=kind, data=details)
+        if name == "metrics":
+            store.update(self.db, job.id, progress=float(details.get("progress", 0.0)))
+        if not running and (name == "metrics" or data["message"] == "Fine-tuning job started"):
+            return store.transition(self.db, job.id, ("queued",), status="running", started_at=self.clock())
+        return running
+
+    async def _mirror_end(self, job: TrainingJob, data: dict[str, Any]) -> None:
+        error = data.get("error") or {}
+        model = data.get("fine_tuned_model")
+        fields = {
+            "status": data["status"],
+            "output_model": f"{job.remote}:{model}" if model else None,
+            "output_sha256": data.get("output_sha256"),
+            "base_sha256": data.get("base_sha256"),
+            "trained_tokens": data.get("trained_tokens"),
+            "result": data.get("result"),
+            "progress": float(data.get("progress") or 0.0),
+            "error": error.get("message"),
+            "error_code": error.get("code"),
+            "finished_at": self.clock(),
+        }
+        await anyio.to_thread.run_sync(lambda: store.transition(self.db, job.id, ("queued", "running"), **fields))
+
+    def _check_base(self, model: str) -> None:
+        """Raises ModelNotFound, InvalidModelName, or InvalidRequest for a base whose header does not parse."""
+        try:
+            self.catalog.header(model)
+        except (GGUFError, OSError) as exc:
+            raise InvalidRequest(f"The model '{model}' cannot be read: {exc}", param="model") from exc
+
+    async def cancel(self, job_id: str) -> TrainingJob:
+        """Cancel a queued or running job and return it as it then is; a finished one is returned as is.
+
+        Raises NotFound.
+        """
+        job = await anyio.to_thread.run_sync(store.get, self.db, job_id)
+        if job.remote is not None and not job.final:
+            await remote.cancel(self._upstream(job.remote), job.remote_job or "")
+            with anyio.move_on_after(CANCEL_WAIT_S):
+                # The remote's answer reaches this server through the job's mirror task.
+                while not (job := await anyio.to_thread.run_sync(store.get, self.db, job_id)).final:  # noqa: ASYNC110
+                    await anyio.sleep(0.3)
+            return job
+        if job.status == "queued" and await anyio.to_thread.run_sync(
+            lambda: store.transition(self.db, job_id, ("queued",), status="cancelled", finished_at=self.clock())
+        ):
+            await anyio.to_thread.run_sync(
+                lambda: store.add_event(self.db, job_id, self.clock(), "The job was cancelled before it started")
+            )
+        elif (running := self._running.get(job_id)) is not None:
+            running.cancel_requested = True
+            await anyio.to_thread.run_sync(running.signal_stop)
+            await anyio.to_thread.run_sync(running.done.wait, CANCEL_WAIT_S)
+        return await anyio.to_thread.run_sync(store.get, self.db, job_id)
+
+    async def aclose(self) -> None:
+        """Stop every worker (their jobs fail as ``interrupted``); queued jobs stay queued."""
+        self._closing = True
+        self._send.close()
+        running = list(self._running.values())
+        for job in running:
+            job.stopping = True
+            await anyio.to_thread.run_sync(job.signal_stop)
+        with anyio.move_on_after(CANCEL_KILL_S + 2):
+            for job in running:
+                await anyio.to_thread.run_sync(job.done.wait, CANCEL_KILL_S + 2)
+
+    # -- one job, in its own thread ---------------------------------------------------
+
+    def _config(self, spec: JobSpec, base: Path, work: Path, output: Path) -> TrainConfig:
+        return TrainConfig(
+            base_path=str(base),
+            dataset_path=str(work / "dataset.jsonl"),
+            output_path=str(output),
+            work_dir=str(work),
+            epochs=spec.epochs,
+            learning_rate=spec.learning_rate,
+            optimizer="sgd" if spec.optimizer == "sgd" else "adamw",
+            weight_decay=spec.weight_decay,
+            layers=spec.layers,
+            context=spec.context,
+            validation_split=spec.validation_split,
+            output_type=spec.output_type,
+            threads=self.settings.threads,
+            seed=spec.seed,
+        )
+
+    def _event(self, job_id: str, message: str, **kwargs: Any) -> None:
+        store.add_event(self.db, job_id, self.clock(), message, **kwargs)
+
+    def _execute(self, job_id: str, running: _Running) -> None:
+        """Run the job's worker to the end and record how it ended. Blocks for the whole job."""
+        from locopilot.training.worker import Cancelled, Failed, TrainingWorker
+
+        job = store.get(self.db, job_id)
+        work = self.work_root / "jobs" / job.id
+        work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            base_path = Path(self.catalog.get(job.base_model).path).resolve()
+            base_sha256 = lineage.sha256_file(base_path)
+        except (OSError, NotFound, InvalidRequest) as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            self._finish_sync(job.id, "failed", error=f"the base model cannot be read: {exc}", code="invalid_model")
+            return
+        store.update(self.db, job.id, base_sha256=base_sha256)
+        self._event(job.id, "Fine-tuning job started")
+        spec = msgspec.convert({**job.params, "seed": job.seed, "model": job.base_model, "training_file": ""}, JobSpec)
+        config = msgspec.structs.replace(
+            self._config(spec, base_path, work, work / "model.gguf"), dataset_path=job.dataset_path
+        )
+        log_path = self.work_root / f"{job.id}.log"
+        last: object = None
+        if running.cancel_requested or running.stopping:  # before its worker started: none is
+            shutil.rmtree(work, ignore_errors=True)
+            if running.stopping:
+                self._interrupted(job.id)
+            else:
+                self._finish_sync(job.id, "cancelled")
+            return
+        try:
+            with log_path.open("ab") as worker_log, TrainingWorker(config, stderr=worker_log) as worker:
+                with running.lock:
+                    running.worker = worker
+                if running.cancel_requested or running.stopping:
+                    running.signal_stop()
+                for event in worker.events():
+                    last = event
+                    self._record(job, event)
+                code = worker.process.wait()
+            if isinstance(last, Finished):
+                self._publish(job, base_sha256, last)
+            elif running.stopping:
+                self._interrupted(job.id)
+            elif isinstance(last, Cancelled) or running.cancel_requested:
+                self._finish_sync(job.id, "cancelled")
+                self._event(job.id, "The job was cancelled")
+            elif isinstance(last, Failed):
+                refused_dataset = last.refused and "dataset" in last.error
+                code_name = "invalid_training_file" if refused_dataset else "training_failed"
+                self._finish_sync(job.id, "failed", error=last.error, code=code_name)
+            else:
+                tail = _last_line(log_path)
+                message = f"the training worker ended with status {code} before finishing" + (
+                    f": {tail}" if tail else ""
+                )
+                self._finish_sync(job.id, "failed", error=message, code="worker_died")
+        except Exception as exc:
+            log.exception("training job %s failed", job.id)
+            self._finish_sync(job.id, "failed", error=f"{type(exc).__name__}: {exc}", code="internal")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _record(self, job: TrainingJob, event: object) -> None:
+        match event:
+            case Started():
+                self._event(
+                    job.id,
+                    f"Training {event.trained_layers} layers on {event.examples} examples "
+                    f"({event.tokens} tokens, {event.steps} steps)",
+                    data=msgspec.structs.asdict(event),
+                )
+            case Progress():
+                remaining = (event.steps - event.step) * job.params.get("context", DEFAULT_CONTEXT)
+                eta = remaining / event.tokens_per_s if event.tokens_per_s else None
+                data = {
+                    "step": event.step,
+                    "total_steps": event.steps,
+                    "epoch": event.epoch,
+                    "train_loss": event.loss,
+                    "tokens_per_s": event.tokens_per_s,
+                    "elapsed_s": event.elapsed_s,
+                    "eta_s": eta,
+                    "progress": event.step / event.steps if event.steps else 1.0,
+                }
+                store.update(self.db, job.id, progress=data["progress"])
+                self._event(
+                    job.id,
+                    f"Step {event.step}/{event.steps}: training loss={event.loss:.4f}",
+                    type="metrics",
+                    data=data,
+                )
+
+    def _publish(self, job: TrainingJob, base_sha256: str, finished: Finished) -> None:
+        """Move the trained model into the models folder with its lineage; the job succeeded."""
+        name = output_name(job.base_model, job.id)
+        target = self.catalog.path_for(name)
+        source = Path(finished.output_path)
+        sha256 = lineage.sha256_file(source)
+        base_lineage = lineage.read(self.catalog.path_for(job.base_model))
+        record = lineage.Lineage(
+            sha256=sha256,
+            job_id=job.id,
+            framework=job.framework,
+            base_model=job.base_model,
+            base_sha256=base_sha256,
+            dataset_sha256=job.dataset_sha256 or "",
+            training_file=job.training_file,
+            hyperparameters={**job.params, "seed": job.seed},
+            created_at=self.clock(),
+            base_lineage=None if base_lineage is None else msgspec.structs.asdict(base_lineage),
+        )
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lineage.write(target, record)
+        _move_into(source, target)
+        result = msgspec.structs.asdict(finished)
+        result.pop("output_path")
+        self._finish_sync(
+            job.id,
+            "succeeded",
+            output_model=name,
+            output_path=str(target),
+            output_sha256=sha256,
+            trained_tokens=finished.trained_tokens,
+            result=result,
+            progress=1.0,
+        )
+        self._event(job.id, f"New fine-tuned model created: {name}", data=result)
+        self._event(job.id, "The job has successfully completed")
+
+    def _interrupted(self, job_id: str) -> None:
+        self._finish_sync(
+            job_id, "failed", error="interrupted: the server stopped while the job ran", code="interrupted"
+        )
+
+    def _finish_sync(
+        self, job_id: str, status: str, *, error: str | None = None, code: str | None = None, **fields: Any
+    ) -> None:
+        changed = store.transition(
+            self.db,
+            job_id,
+            ("queued", "running"),
+            status=status,
+            error=error,
+            error_code=code,
+            finished_at=self.clock(),
+            **fields,
+        )
+        if changed and error is not None:
+            self._event(job_id, f"The job failed: {error}", level="error")
+
+    async def _finish(self, job_id: str, status: str, *, error: str | None = None, code: str | None = None) -> None:
+        await anyio.to_thread.run_sync(lambda: self._finish_sync(job_id, status, error=error, code=code))
+
+
+def _move_into(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``, or copy it (to a hidden name first) across file systems."""
+    try:
+        os.replace(source, target)
+    except OSError:
+        partial = target.with_name(f".{target.name}.partial")
+        shutil.copyfile(source, partial)
+        os.replace(partial, target)
+        source.unlink(missing_ok=True)
+
+
+def _last_line(path: Path) -> str:
+    """The log's last non-empty line (a llama.cpp abort message, a traceback's last line)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - 4096))
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:500] if lines else ""

@@ -1,0 +1,109 @@
+"""Training on a remote locopilot: one locopilot (``local``) sends a job to another (``remote``) on loopback.
+
+The remote really runs the job (stopped once its worker has started); refusals from an upstream
+that wants a paid plan come back to the client byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import SMOL, Server
+from tests.fakes.fault_upstream import PRO_REQUIRED_BODY, FaultUpstream
+from tests.test_training import facts_dataset
+from tests.test_training_jobs import LONG, wait_for
+
+pytestmark = pytest.mark.slow
+REMOTE_KEY = "remote-admin-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def fault() -> Iterator[FaultUpstream]:
+    upstream = FaultUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterator[Server]:
+    server = Server(tmp_path_factory.mktemp("remote"), {SMOL: smollm2_path}, {"LOCOPILOT_ADMIN_KEY": REMOTE_KEY})
+    server.start(path="/health")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory, remote: Server, fault: FaultUpstream) -> Iterator[Server]:
+    upstreams = [
+        {"name": "gpu", "url": f"{remote.url}/v1", "locality": "local", "api_key_env": "GPU_KEY"},
+        {"name": "pro", "url": fault.url, "locality": "remote"},
+    ]
+    env = {"LOCOPILOT_UPSTREAMS": json.dumps(upstreams), "GPU_KEY": REMOTE_KEY}
+    server = Server(tmp_path_factory.mktemp("local"), {}, env)
+    server.start(path="/health")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def uploaded(local: Server, tmp_path_factory: pytest.TempPathFactory) -> str:
+    dataset = facts_dataset(tmp_path_factory.mktemp("remote-data") / "facts.jsonl")
+    with dataset.open("rb") as f:
+        return local.client().files.create(file=f, purpose="fine-tune").id
+
+
+def test_a_remote_job_runs_there_and_is_followed_here(local: Server, remote: Server, uploaded: str) -> None:
+    client = local.client()
+    job = client.fine_tuning.jobs.create(
+        model=SMOL,
+        training_file=uploaded,
+        hyperparameters=LONG,  # type: ignore[arg-type]
+        extra_body={"remote": "gpu"},
+    )
+    mine = httpx.get(f"{local.url}/v1/locopilot/training/jobs/{job.id}", timeout=10).json()
+    assert mine["remote"] == "gpu" and mine["remote_job"]
+    theirs = httpx.get(
+        f"{remote.url}/v1/locopilot/training/jobs/{mine['remote_job']}",
+        headers={"Authorization": f"Bearer {REMOTE_KEY}"},
+        timeout=10,
+    ).json()
+    assert theirs["model"] == SMOL and theirs["dataset_sha256"] == mine["dataset_sha256"]
+
+    def mirrored() -> bool:
+        events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+        return any(event.message.startswith("Training ") for event in events)
+
+    wait_for(mirrored, 180, "the remote worker's start, seen here", local)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled", cancelled
+    theirs = httpx.get(
+        f"{remote.url}/v1/locopilot/training/jobs/{mine['remote_job']}",
+        headers={"Authorization": f"Bearer {REMOTE_KEY}"},
+        timeout=10,
+    ).json()
+    assert theirs["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("mode", ["status_401", "status_403"])
+def test_a_remote_refusal_reaches_the_client_unchanged(
+    local: Server, fault: FaultUpstream, uploaded: str, mode: str
+) -> None:
+    fault.mode = mode
+    try:
+        body = {"model": SMOL, "training_file": uploaded, "remote": "pro"}
+        response = httpx.post(f"{local.url}/v1/locopilot/training/jobs", json=body, timeout=30)
+    finally:
+        fault.mode = "ok"
+    assert response.status_code == int(mode[-3:])
+    assert response.content == PRO_REQUIRED_BODY
+    assert response.json()["error"]["upgrade_url"] == "https://example.invalid/upgrade"
+    with pytest.raises(openai.BadRequestError) as info:
+        local.client().fine_tuning.jobs.create(model=SMOL, training_file=uploaded, extra_body={"remote": "nowhere"})
+    assert info.value.body["param"] == "remote"  # type: ignore[index]
