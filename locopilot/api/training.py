@@ -242,7 +242,7 @@ async def follow(services: Services, job_id: str, after: int) -> AsyncIterator[b
 
 @get(
     "/v1/locopilot/training/jobs/{job_id:str}/logs",
-    responses={**answers(str, 200, *GUARDED, 404), 200: EVENT_STREAM},
+    responses={**answers(str, 200, *GUARDED, 400, 404), 200: EVENT_STREAM},
 )
 async def job_logs(job_id: str, services: Services, after: Annotated[int, Parameter(ge=0, le=2**62)] = 0) -> Stream:
     """Follow a job: its events so far (after event ``after``), then new ones as they come, until it ends."""
