@@ -49,14 +49,37 @@ GENERATION_BODIES = {
     "/v1/embeddings": {"input": "hi"},
 }
 #: Routes with a parameter that names something: each is driven by a test below.
+#: Training routes whose path carries a server-chosen id (method, prefix, parameter, rest of the path).
+ID_ROUTES = [
+    ("GET", b"/v1/files/", "file_id", ""),
+    ("DELETE", b"/v1/files/", "file_id", ""),
+    ("GET", b"/v1/locopilot/training/jobs/", "job_id", ""),
+    ("POST", b"/v1/locopilot/training/jobs/", "job_id", "/cancel"),
+    ("GET", b"/v1/locopilot/training/jobs/", "job_id", "/logs"),
+    ("GET", b"/v1/fine_tuning/jobs/", "fine_tuning_job_id", ""),
+    ("POST", b"/v1/fine_tuning/jobs/", "fine_tuning_job_id", "/cancel"),
+    ("GET", b"/v1/fine_tuning/jobs/", "fine_tuning_job_id", "/events"),
+]
+#: Job creation bodies: ``model`` names the base model, which the job service opens.
+TRAINING_BODIES = {
+    "/v1/locopilot/training/jobs": {"training_file": "file-missing"},
+    "/v1/fine_tuning/jobs": {"training_file": "file-missing"},
+}
 COVERED = {
     "GET /v1/models/{model_id}",
     "GET /v1/admin/keys/{key_id}",
     "DELETE /v1/admin/keys/{key_id}",
     "GET /openapi/{path}",  # Litestar's OpenAPI viewers, rendered from code, not read from files
+    *(f"{method} {prefix.decode()}{{{param}}}{suffix}" for method, prefix, param, suffix in ID_ROUTES),
 }
 #: Routes whose body has a ``model`` field or a list of model names.
-COVERED_BODIES = {"POST /v1/chat/completions", "POST /v1/completions", "POST /v1/embeddings", "POST /v1/admin/keys"}
+COVERED_BODIES = {
+    "POST /v1/chat/completions",
+    "POST /v1/completions",
+    "POST /v1/embeddings",
+    "POST /v1/admin/keys",
+    *(f"POST {path}" for path in TRAINING_BODIES),
+}
 
 
 @dataclass(frozen=True)
@@ -249,6 +272,27 @@ def test_other_path_parameters(server: Server, plant: Plant, method: str, prefix
         for form in path_forms(name):
             status, body = raw_request(server, method, prefix + form)
             assert_clean_refusal(status, body, f"{method} {(prefix + form)[:80]!r}")
+
+
+@pytest.mark.usefixtures("untouched")
+@pytest.mark.parametrize(("method", "prefix", "param", "suffix"), ID_ROUTES)
+def test_training_ids_in_the_path(
+    server: Server, plant: Plant, method: str, prefix: bytes, param: str, suffix: str
+) -> None:
+    for name in plant.names():
+        for form in path_forms(name):
+            target = prefix + form + suffix.encode()
+            status, body = raw_request(server, method, target)
+            assert_clean_refusal(status, body, f"{method} {param} {target[:80]!r}")
+
+
+@pytest.mark.usefixtures("untouched")
+@pytest.mark.parametrize("route", sorted(TRAINING_BODIES))
+def test_training_base_models(server: Server, plant: Plant, route: str) -> None:
+    for name in plant.names():
+        body = {**TRAINING_BODIES[route], "model": name}
+        response = httpx.post(f"{server.url}{route}", json=body, headers=ADMIN, timeout=30)
+        assert_clean_refusal(response.status_code, response.content, f"{route} model {name[:60]!r}")
 
 
 @pytest.mark.usefixtures("untouched")
