@@ -293,6 +293,17 @@ def test_upload_limits(server: Server, client: openai.OpenAI, dataset: Path) -> 
     assert not [p for p in (server.data_dir / "files").iterdir() if p.name.startswith(".")], "no partial file is left"
 
 
+def test_a_file_can_be_deleted(client: openai.OpenAI, dataset: Path, server: Server) -> None:
+    with dataset.open("rb") as f:
+        uploaded = client.files.create(file=f, purpose="fine-tune")
+    stored = server.data_dir / "files" / f"{uploaded.id}.jsonl"
+    assert stored.read_bytes() == dataset.read_bytes()
+    assert client.files.delete(uploaded.id).deleted
+    assert not stored.exists()
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+
+
 def test_job_requests_are_checked(client: openai.OpenAI, uploaded: Any) -> None:
     with pytest.raises(openai.NotFoundError) as missing_model:
         client.fine_tuning.jobs.create(model="no-such-model", training_file=uploaded.id)
@@ -326,6 +337,9 @@ def test_cancel_a_queued_and_a_running_job(server: Server, client: openai.OpenAI
     worker_started(client, server, running.id)
     assert client.fine_tuning.jobs.retrieve(running.id).status == "running"
     assert training_workers(server.process.pid)  # type: ignore[union-attr]
+    with pytest.raises(openai.BadRequestError) as in_use:
+        client.files.delete(uploaded.id)
+    assert in_use.value.body["code"] == "file_in_use"  # type: ignore[index]
     started = time.monotonic()
     cancelled = client.fine_tuning.jobs.cancel(running.id)
     print(f"\ncancel took {time.monotonic() - started:.1f} s")

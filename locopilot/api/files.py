@@ -248,7 +248,7 @@ async def list_files(
     return json_response(FileList(data, more, data[0].id if data else None, data[-1].id if data else None))
 
 
-@get("/v1/files/{file_id:str}", responses=answers(FileObject, 200, *GUARDED, 404))
+@get("/v1/files/{file_id:str}", responses=answers(FileObject, 200, *GUARDED, 400, 404))
 async def get_file(file_id: str, services: Services) -> Response[bytes]:
     """One uploaded file."""
     return json_response(file_object(await anyio.to_thread.run_sync(store.get, services.db, file_id)))

@@ -173,14 +173,16 @@ async def list_jobs(
     return json_response(JobList([job_info(job) for job in found], more))
 
 
-@get("/v1/locopilot/training/jobs/{job_id:str}", responses=answers(JobInfo, 200, *GUARDED, 404))
+@get("/v1/locopilot/training/jobs/{job_id:str}", responses=answers(JobInfo, 200, *GUARDED, 400, 404))
 async def get_job(job_id: str, services: Services) -> Response[bytes]:
     """One job."""
     return json_response(job_info(await find(services, job_id)))
 
 
 @post(
-    "/v1/locopilot/training/jobs/{job_id:str}/cancel", status_code=200, responses=answers(JobInfo, 200, *GUARDED, 404)
+    "/v1/locopilot/training/jobs/{job_id:str}/cancel",
+    status_code=200,
+    responses=answers(JobInfo, 200, *GUARDED, 400, 404),
 )
 async def cancel_job(job_id: str, services: Services) -> Response[bytes]:
     """Cancel a queued or running job (a running one's worker is stopped at once; nothing is written)."""
@@ -433,7 +435,7 @@ async def list_fine_tuning_jobs(
     return json_response(FineTuningJobList([openai_job(job) for job in found], more))
 
 
-@get("/v1/fine_tuning/jobs/{fine_tuning_job_id:str}", responses=answers(FineTuningJob, 200, *GUARDED, 404))
+@get("/v1/fine_tuning/jobs/{fine_tuning_job_id:str}", responses=answers(FineTuningJob, 200, *GUARDED, 400, 404))
 async def get_fine_tuning_job(fine_tuning_job_id: str, services: Services) -> Response[bytes]:
     return json_response(openai_job(await find(services, fine_tuning_job_id)))
 
@@ -441,7 +443,7 @@ async def get_fine_tuning_job(fine_tuning_job_id: str, services: Services) -> Re
 @post(
     "/v1/fine_tuning/jobs/{fine_tuning_job_id:str}/cancel",
     status_code=200,
-    responses=answers(FineTuningJob, 200, *GUARDED, 404),
+    responses=answers(FineTuningJob, 200, *GUARDED, 400, 404),
 )
 async def cancel_fine_tuning_job(fine_tuning_job_id: str, services: Services) -> Response[bytes]:
     return json_response(openai_job(await services.training.cancel(fine_tuning_job_id)))
