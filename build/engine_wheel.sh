@@ -69,13 +69,7 @@ for v in $VARIANTS; do
 done
 
 # Version and sdist hash from uv.lock, so the release engine is the locked one.
-read -r VERSION SDIST_SHA < <(python3 - "$ROOT/uv.lock" <<'EOF'
-import re, sys, tomllib
-lock = tomllib.load(open(sys.argv[1], "rb"))
-(pkg,) = [p for p in lock["package"] if p["name"] == "llama-cpp-python"]
-print(pkg["version"], re.sub("^sha256:", "", pkg["sdist"]["hash"]))
-EOF
-)
+read -r VERSION SDIST_SHA < <(python3 "$ROOT/build/locked_sdist.py" "$ROOT/uv.lock" llama-cpp-python)
 
 CACHE="${LOCOPILOT_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
 KEY="$(printf '%s\n' "$VERSION" "$SDIST_SHA" "${FLAGS[@]}" $VARIANTS | sha256sum | cut -c1-12)"

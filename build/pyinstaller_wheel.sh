@@ -23,13 +23,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PATCH="$ROOT/build/pyinstaller-tmpdir.patch"
 say() { echo "pyinstaller_wheel: $*" >&2; }
 
-read -r VERSION SDIST_SHA < <(python3 - "$ROOT/uv.lock" <<'EOF'
-import re, sys, tomllib
-lock = tomllib.load(open(sys.argv[1], "rb"))
-(pkg,) = [p for p in lock["package"] if p["name"] == "pyinstaller"]
-print(pkg["version"], re.sub("^sha256:", "", pkg["sdist"]["hash"]))
-EOF
-)
+read -r VERSION SDIST_SHA < <(python3 "$ROOT/build/locked_sdist.py" "$ROOT/uv.lock" pyinstaller)
 
 CACHE="${LOCOPILOT_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
 KEY="$( (echo "$VERSION $SDIST_SHA"; cat "$PATCH") | sha256sum | cut -c1-12)"
