@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # PyInstaller, at the version uv.lock pins, built from its sdist with
-# build/pyinstaller-tmpdir.patch applied to its bootloader (the sdist holds no Linux
+# build/pyinstaller-bootloader.patch applied to its bootloader (the sdist holds no Linux
 # bootloader, so building the wheel compiles one: about 15 CPU seconds).
 #
 #   build/pyinstaller_wheel.sh     prints the wheel's path, building it first if the cache lacks it
@@ -11,7 +11,9 @@
 # mounted noexec, as /tmp is on many hardened servers. The patch skips a noexec
 # candidate, tries ~/.cache/locopilot last, and if nothing is left says what to do.
 # PyInstaller's own remedy, the runtime_tmpdir option, hard-codes one path into the
-# executable. The bootloader built here links against this machine's glibc, which the
+# executable. The patch also gives the unpacking 1 MiB write and 256 KiB read buffers
+# (stdio's default made it one write() per 4 KiB, 25,000 for the bundle) and checks the
+# last write at fclose(). The bootloader built here links against this machine's glibc, which the
 # bundle needs anyway (its Python comes from here too).
 #
 # Cached like build/engine_wheel.sh's wheel, in $LOCOPILOT_ENGINE_CACHE (default
@@ -20,7 +22,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PATCH="$ROOT/build/pyinstaller-tmpdir.patch"
+PATCH="$ROOT/build/pyinstaller-bootloader.patch"
 say() { echo "pyinstaller_wheel: $*" >&2; }
 
 read -r VERSION SDIST_SHA < <(python3 "$ROOT/build/locked_sdist.py" "$ROOT/uv.lock" pyinstaller)

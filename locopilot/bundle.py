@@ -1,7 +1,7 @@
 """Leftovers of the one-file executable: unpacked folders of killed processes.
 
 The frozen ``locopilot`` is a PyInstaller one-file bundle. Its bootloader unpacks
-it (about 120 MB) into ``$TMPDIR/_MEI<pid><random>`` on every start and removes
+it (about 110 MB) into ``$TMPDIR/_MEI<pid><random>`` on every start and removes
 the folder when the program ends, but not when the bootloader is killed with
 SIGKILL (the OOM killer, a stop timeout, ``kill -9``). ``serve`` calls
 :func:`remove_leftovers` at start, which removes such folders next to its own:

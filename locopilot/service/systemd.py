@@ -46,7 +46,7 @@ _USER_HEADER = f"""\
 
 _UNPACK = """\
 # The executable is a PyInstaller one-file bundle: every start unpacks about
-# 120 MB into $TMPDIR and runs code from there, so $TMPDIR must allow exec.
+# 110 MB into $TMPDIR and runs code from there, so $TMPDIR must allow exec.
 # Not /tmp (often noexec, and PrivateTmp= keeps its mount options) and not
 # RuntimeDirectory= (/run is mounted noexec on Debian and Ubuntu, and is RAM).
 # The cache directory (/var/cache/locopilot, ~/.cache/locopilot for a user
