@@ -7,15 +7,19 @@ that wants a paid plan come back to the client byte for byte.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from click.testing import CliRunner
 
+from locopilot.cli import cli
 from tests.conftest import SMOL, Server
 from tests.fakes.fault_upstream import PRO_REQUIRED_BODY, FaultUpstream
+from tests.test_cli import make_env
 from tests.test_training import facts_dataset
 from tests.test_training_jobs import LONG, wait_for
 
@@ -107,3 +111,46 @@ def test_a_remote_refusal_reaches_the_client_unchanged(
     with pytest.raises(openai.BadRequestError) as info:
         local.client().fine_tuning.jobs.create(model=SMOL, training_file=uploaded, extra_body={"remote": "nowhere"})
     assert info.value.body["param"] == "remote"  # type: ignore[index]
+
+
+def test_train_remote_from_the_cli(local: Server, remote: Server, fault: FaultUpstream, tmp_path: Path) -> None:
+    """`locopilot train --remote NAME`: the dataset goes up to the local server, the job with the
+    options given runs on the remote; a refusal there ends the command with its words."""
+    dataset = facts_dataset(tmp_path / "facts.jsonl")
+    env = make_env(tmp_path)
+    runner = CliRunner()
+    command = ["train", "--base", SMOL, "--dataset", str(dataset), "--url", local.url, "--no-follow"]
+    options = ["--layers", "1", "--epochs", "2", "--optimizer", "sgd", "--lr", "0.001", "--seed", "7"]
+    result = runner.invoke(cli, [*command, *options, "--remote", "gpu"], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (job_id,) = re.findall(r"ftjob-[0-9a-f]+", result.stdout)
+    mine = httpx.get(f"{local.url}/v1/locopilot/training/jobs/{job_id}", timeout=10).json()
+    assert mine["remote"] == "gpu"
+    theirs = httpx.get(
+        f"{remote.url}/v1/locopilot/training/jobs/{mine['remote_job']}",
+        headers={"Authorization": f"Bearer {REMOTE_KEY}"},
+        timeout=10,
+    ).json()
+    assert theirs["model"] == SMOL and theirs["seed"] == 7
+    assert (
+        theirs["hyperparameters"] | {"layers": 1, "epochs": 2, "optimizer": "sgd", "learning_rate": 0.001}
+        == (theirs["hyperparameters"])
+    )
+    cancelled = runner.invoke(cli, ["jobs", "cancel", job_id, "--url", local.url], env=env, catch_exceptions=False)
+    assert cancelled.exit_code == 0 and "cancelled" in cancelled.stdout, cancelled.output
+
+    fault.mode = "status_403"
+    try:
+        refused = runner.invoke(cli, [*command, "--remote", "pro"], env=env, catch_exceptions=False)
+    finally:
+        fault.mode = "ok"
+    assert refused.exit_code == 1
+    assert "Pro plan required" in refused.stderr and "https://example.invalid/upgrade" in refused.stderr
+    assert "HTTP 403" in refused.stderr
+
+    # --server: the local server has no models of its own.
+    missing = runner.invoke(cli, [*command, "--server"], env=env, catch_exceptions=False)
+    assert missing.exit_code == 1 and SMOL in missing.stderr, missing.output
+    # The built-in trainer only.
+    external = runner.invoke(cli, [*command, "--server", "--framework", "mlx"], env=env)
+    assert external.exit_code == 2 and "--server and --remote" in external.stderr

@@ -54,9 +54,14 @@ def checked(response: httpx.Response) -> Any:
     if response.status_code >= 400:
         response.read()
         try:
-            message = str(response.json()["error"]["message"])
+            error = response.json()["error"]
+            message = str(error["message"])
         except (ValueError, KeyError, TypeError):
             message = response.text[:500] or f"HTTP {response.status_code}"
+        else:
+            # A remote locopilot that wants a paid plan says where to get one.
+            if isinstance(error, dict) and isinstance(error.get("upgrade_url"), str):
+                message += f"; see {error['upgrade_url']}"
         print_error(f"{message} (HTTP {response.status_code})")
         raise SystemExit(1)
     return response.json()
@@ -217,12 +222,19 @@ def submit_command(
     for name, value in (("learning_rate", learning_rate), ("layers", layers), ("context", context), ("remote", remote)):
         if value is not None:
             body[name] = value
+    submit(dataset, body, url=url, key_file=key_file, follow=follow)
+
+
+def submit(dataset: Path, job: dict[str, Any], *, url: str | None, key_file: Path | None, follow: bool) -> None:
+    """Upload ``dataset``, create the job ``job`` (the JSON body, less its training file) and,
+    with ``follow``, print its log to the end. Exits 1 on an error answer, or when a followed
+    job does not succeed."""
     with server_client(url, key_file) as client:
         with dataset.open("rb") as f:
             uploaded = checked(
                 client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": (dataset.name, f)})
             )
-        job = checked(client.post(JOBS_PATH, json=body | {"training_file": uploaded["id"]}))
-    console.print(Text.assemble("job ", job["id"], " ", status_text(job["status"])))
-    if follow and follow_job(job["id"], url, key_file) != "succeeded":
+        created = checked(client.post(JOBS_PATH, json=job | {"training_file": uploaded["id"]}))
+    console.print(Text.assemble("job ", created["id"], " ", status_text(created["status"])))
+    if follow and follow_job(created["id"], url, key_file) != "succeeded":
         raise SystemExit(1)

@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from locopilot.cli import console, print_error, settings_or_exit
+from locopilot.cli.jobs import key_option, submit, url_option
 from locopilot.errors import LocopilotError
 from locopilot.models.catalog import ModelCatalog
 from locopilot.training import jobfile
@@ -109,13 +110,41 @@ OPTION_FLAGS = (
 @click.option(
     "--dry-run", is_flag=True, help="External frameworks: write the config and print the command, run nothing."
 )
+@click.option(
+    "--server",
+    "on_server",
+    is_flag=True,
+    help="Run the job on the running server (its queue, models and logs) instead of in this process.",
+)
+@click.option(
+    "--remote",
+    help="Run the job on this upstream of the running server (another locopilot in LOCOPILOT_UPSTREAMS).",
+)
+@click.option(
+    "--follow/--no-follow", default=True, show_default=True, help="With --server or --remote: follow the job's log."
+)
+@url_option
+@key_option
 @click.pass_context
-def train(ctx: click.Context, /, config_file: Path | None, dry_run: bool, **flags: Any) -> None:
+def train(
+    ctx: click.Context,
+    /,
+    config_file: Path | None,
+    dry_run: bool,
+    on_server: bool,
+    remote: str | None,
+    follow: bool,
+    url: str | None,
+    key_file: Path | None,
+    **flags: Any,
+) -> None:
     """Fine-tune a model on a JSONL dataset.
 
     The built-in trainer fine-tunes a GGUF with llama.cpp (no PyTorch); the result is added
     to the models folder as BASE-ft-ID and can be served at once. `--framework unsloth|axolotl|mlx`
     hands the job to that framework instead (installed separately; see `locopilot doctor`).
+    `--server` sends the job to the running server (BASE is a model there), `--remote NAME`
+    through it to another locopilot; both then follow its log, as `locopilot jobs logs` does.
     `locopilot train validate FILE` checks a dataset without training.
     """
     if ctx.invoked_subcommand is not None:
@@ -136,10 +165,32 @@ def train(ctx: click.Context, /, config_file: Path | None, dry_run: bool, **flag
     if not dataset.is_file():
         print_error(f"the dataset {dataset} is not a file")
         raise SystemExit(2)
-    if options.framework == "builtin":
+    if on_server or remote is not None:
+        if options.framework != "builtin" or dry_run:
+            raise click.UsageError("--server and --remote run the built-in trainer, without --framework or --dry-run")
+        submit(dataset, server_job(options, options.base, remote), url=url, key_file=key_file, follow=follow)
+    elif options.framework == "builtin":
         _train_builtin(options, options.base, dataset)
     else:
         _train_external(options, options.base, dataset, dry_run=dry_run)
+
+
+def server_job(options: jobfile.TrainOptions, base: str, remote: str | None) -> dict[str, Any]:
+    """The body of ``POST /v1/locopilot/training/jobs`` for these options (the server's defaults
+    for a learning rate and layers left unset; it runs its spot check always)."""
+    job: dict[str, Any] = {
+        "model": base,
+        "epochs": options.epochs,
+        "optimizer": options.optimizer,
+        "context": options.context,
+        "output_type": options.output_type,
+        "validation_split": options.validation_split,
+        "seed": options.seed,
+    }
+    for name, value in (("learning_rate", options.learning_rate), ("layers", options.layers), ("remote", remote)):
+        if value is not None:
+            job[name] = value
+    return job
 
 
 def _train_builtin(options: jobfile.TrainOptions, base: str, dataset: Path) -> None:
