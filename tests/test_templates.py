@@ -259,8 +259,10 @@ def test_the_helper_reports_template_errors_and_compile_errors() -> None:
 
 
 def test_a_render_past_the_timeout_kills_the_helper_and_the_next_one_starts_afresh() -> None:
-    slow = "{% if messages[0]['content'] == 'slow' %}{% for i in range(100000) %}{% for j in range(15) %}"
-    slow += "{% endfor %}{% endfor %}{% endif %}done"
+    # Slow in few steps (each join of 100,000 numbers is milliseconds), so that the step
+    # limit (MAX_RENDER_STEPS) cannot end it first on a fast machine.
+    slow = "{% if messages[0]['content'] == 'slow' %}{% for i in range(5000) %}"
+    slow += "{% set s = range(100000)|map('string')|join %}{% endfor %}{% endif %}done"
     renderer = IsolatedRenderer(ChatTemplate("gguf", slow), timeout=0.3)
     try:
         renderer.check()
