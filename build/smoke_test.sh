@@ -179,37 +179,36 @@ echo "$doctor"
 grep -Eq '^ *llama\.cpp +ok' <<<"$doctor" || fail "doctor's llama.cpp check is not ok (llama_cpp/lib not bundled?)"
 
 step "unpacking where temporary folders are noexec"
-if [[ $EUID == 0 ]] && command -v unshare >/dev/null && unshare -m true 2>/dev/null; then
-    # In a mount namespace of its own, noexec file systems over TMPDIR, /tmp and
-    # /var/tmp: a noexec candidate is skipped (stock PyInstaller dies there with
+if [[ $EUID == 0 && -d /srv ]] && command -v unshare >/dev/null && unshare -m true 2>/dev/null; then
+    # In a mount namespace of its own: noexec file systems over TMPDIR, /tmp and
+    # /var/tmp. A noexec candidate is skipped (stock PyInstaller dies there with
     # "failed to map segment"), so ~/.cache/locopilot is used; with HOME noexec too,
-    # the program says to set TMPDIR. The mount points are outside /tmp (which gets
-    # covered), in the git-ignored build/work, and empty again when the namespace ends.
-    NS="$ROOT/build/work/smoke-noexec-$$"
-    mkdir -p "$NS/tmpdir" "$NS/home" "$NS/home-noexec"
+    # the program says to set TMPDIR. The binary and the homes go to a tmpfs over /srv
+    # first (this checkout may itself be under /tmp); all of it is the namespace's
+    # alone and gone when it ends.
     code=0
-    unshare -m bash -s "$BIN" "$NS" <<'NOEXEC' || code=$?
+    unshare -m bash -s "$BIN" <<'NOEXEC' || code=$?
 set -euo pipefail
-BIN=$1 NS=$2
-mount -t tmpfs -o size=512m tmpfs "$NS/home"
-for d in "$NS/tmpdir" "$NS/home-noexec" /tmp /var/tmp; do
+mount -t tmpfs -o size=512m tmpfs /srv
+cp "$1" /srv/locopilot
+mkdir /srv/tmpdir /srv/home /srv/home-noexec
+for d in /srv/tmpdir /srv/home-noexec /tmp /var/tmp; do
     mount -t tmpfs -o noexec,size=512m tmpfs "$d"
 done
-TMPDIR="$NS/tmpdir" HOME="$NS/home" "$BIN" --version
-[[ -d "$NS/home/.cache/locopilot" ]] || { echo "~/.cache/locopilot was not used"; exit 1; }
-left="$(find "$NS/home/.cache/locopilot" -mindepth 1 -maxdepth 1)"
+TMPDIR=/srv/tmpdir HOME=/srv/home /srv/locopilot --version
+[[ -d /srv/home/.cache/locopilot ]] || { echo "~/.cache/locopilot was not used"; exit 1; }
+left="$(find /srv/home/.cache/locopilot -mindepth 1 -maxdepth 1)"
 [[ -z "$left" ]] || { echo "left in ~/.cache/locopilot: $left"; exit 1; }
 echo "TMPDIR, /tmp and /var/tmp noexec: unpacked into ~/.cache/locopilot, removed at exit"
 code=0
-message="$(TMPDIR="$NS/tmpdir" HOME="$NS/home-noexec" "$BIN" --version 2>&1)" || code=$?
+message="$(TMPDIR=/srv/tmpdir HOME=/srv/home-noexec /srv/locopilot --version 2>&1)" || code=$?
 ((code != 0)) || { echo "it ran with nowhere to unpack?"; exit 1; }
 grep -q 'Set TMPDIR' <<<"$message" || { echo "no advice when nowhere allows running programs: $message"; exit 1; }
 echo "HOME noexec too: exit $code, \"${message:0:100}...\""
 NOEXEC
-    rm -r "$NS"
     ((code == 0)) || fail "the noexec step failed"
 else
-    echo "skipped: needs root and unshare -m"
+    echo "skipped: needs root, /srv and unshare -m"
 fi
 
 step "serve on $BASE"
