@@ -1,13 +1,17 @@
 """A general-knowledge spot check: did fine-tuning make the model forget what it knew?
 
 A few fixed questions, each with a word its answer must contain, are answered greedily by the
-base and by the trained model, with the base's chat template. The held-out loss says how well
-the model learned the dataset; this says whether it still answers things the dataset never
-mentioned. It costs seconds: two small model loads and a few dozen tokens each.
+untrained base and by the trained model, with the base's chat template. The trainer passes the
+base as it exports the result (F32, then the output type), so that only the training differs:
+the base file itself answers through other kernels, and SmolLM2's Q4_1 file and its untrained
+Q8_0 export answered "Which city is the capital of France?" differently (Paris; "Le Grand
+Château"). The held-out loss says how well the model learned the dataset; this says whether it
+still answers things the dataset never mentioned. It costs seconds: two small model loads and
+a few dozen tokens each.
 
 The questions are ones SmolLM2-135M-Instruct (the default model) answers correctly at
-temperature 0, so a change is the training's doing. Its answers are sensitive to wording:
-"Which city is the capital of France?" gets Paris, "What is the capital of France?" does not.
+temperature 0, as Q4_1 and exported untrained to Q8_0. Its answers are sensitive to wording:
+"What is the capital city of France?" got "La femme de France".
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ from typing import Any
 import msgspec
 
 #: (question, a word the right answer contains, compared case-insensitively). Each was checked
-#: on SmolLM2-135M-Instruct Q4_1, greedy, 32 tokens; ones it gets wrong but with the word in the
-#: answer were left out ("Which planet do we live on?": "Kepler-41b, a super-Earth").
+#: on SmolLM2-135M-Instruct Q4_1 and its untrained Q8_0 export, greedy, 32 tokens; ones either
+#: gets wrong, or wrong with the word in the answer, were left out ("Which planet do we live
+#: on?": "Kepler-41b, a super-Earth"; "How many legs does a spider have?": 8, then "a spider's legs").
 QUESTIONS: tuple[tuple[str, str], ...] = (
-    ("Which city is the capital of France?", "Paris"),
+    ("Paris is the capital of which country?", "France"),
     ("What color is the sky on a clear day?", "blue"),
     ("What is the opposite of hot?", "cold"),
     ("What language is spoken in Spain?", "Spanish"),
     ("How many days are in a week?", "7"),
+    ("What is the chemical symbol for water?", "H2O"),
 )
 MAX_TOKENS = 32
 CONTEXT = 256
@@ -71,7 +77,8 @@ def _answers(model_path: Path, prompts: list[list[int]], threads: int) -> list[s
 
 
 def spot_check(base: Path, trained: Path, *, threads: int) -> SpotCheck:
-    """Ask :data:`QUESTIONS` of both models. Raises RuntimeError if either cannot be loaded."""
+    """Ask :data:`QUESTIONS` of both models (``base``: the untrained one, whose chat template is
+    used). Raises RuntimeError if either cannot be loaded."""
     from locopilot.training.tokenizer import ChatTokenizer
 
     started = time.monotonic()

@@ -16,8 +16,9 @@
    cancellation checked.
 5. Save with ``llama_model_save_to_file`` and export (:mod:`locopilot.training.export`):
    quantize (Q8_0 by default) and copy the base's metadata back.
-6. Unless ``spot_check`` is off, ask the base and the exported result a few general
-   questions (:mod:`locopilot.training.spotcheck`) and report both answers in Finished.
+6. Unless ``spot_check`` is off, ask the untrained base exported the same way and the
+   result a few general questions (:mod:`locopilot.training.spotcheck`) and report both
+   answers in Finished.
 """
 
 from __future__ import annotations
@@ -214,6 +215,10 @@ def check_resources(header: GGUFHeader, config: TrainConfig) -> MemoryEstimate:
             f"but {available / gb:.2f} GB is available; train fewer layers or a smaller context"
         )
     disk = 2 * estimate.weights  # the F32 base and the F32 result
+    if config.spot_check:
+        # The untrained base exported for it: a quantized copy and the final file, each as
+        # large as the F32 weights for f32 output, half for f16, less for the rest.
+        disk += estimate.weights * (2 if config.output_type == "f32" else 1)
     free = shutil.disk_usage(config.work_dir).free
     if disk > free:
         raise TrainingRefused(
@@ -329,13 +334,16 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
             val_after = session.loss(validation) if validation else None
             session.save(trained)
         export(trained, Path(config.base_path), Path(config.output_path), config.output_type, threads=config.threads)
-    check = None
-    if config.spot_check:
-        from locopilot.training.spotcheck import spot_check
+        check = None
+        if config.spot_check:
+            from locopilot.training.spotcheck import spot_check
 
-        check = spot_check(
-            Path(config.base_path), Path(config.output_path), threads=config.threads or os.cpu_count() or 1
-        )
+            # The base exported as the result was (F32, then output_type), untrained: asked
+            # the same questions, only the training differs. The base file itself answers
+            # with other kernels (Q4_1's, say) and differed even when nothing was learned.
+            untrained = Path(work) / "untrained.gguf"
+            export(f32, Path(config.base_path), untrained, config.output_type, threads=config.threads)
+            check = spot_check(untrained, Path(config.output_path), threads=config.threads or os.cpu_count() or 1)
     finished = Finished(
         output_path=config.output_path,
         train_loss_before=loss_before,
