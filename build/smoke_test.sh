@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Smoke test of the frozen binary, run as a user would run it: `version`, `doctor`,
-# unpacking where /tmp is noexec, `serve` on a free loopback port with a real model,
-# the OpenAPI schema, a chat with curl, a chat and a streamed chat with the official
-# openai client, a runner killed with SIGKILL and replaced, SIGTERM and a clean exit
-# with no process and no unpacked folder left, and a server killed with SIGKILL whose
-# unpacked folder the next start removes. Optionally the same binary under qemu's
-# emulation of older CPUs, each of which must get its own CPU library and answer.
+# `service install --dry-run`, unpacking where /tmp is noexec, `serve` on a free
+# loopback port with a real model, the OpenAPI schema, a chat with curl, a chat and a
+# streamed chat with the official openai client, a runner killed with SIGKILL and
+# replaced, SIGTERM and a clean exit with no process and no unpacked folder left, and a
+# server killed with SIGKILL whose unpacked folder the next start removes. Optionally
+# the same binary under qemu's emulation of older CPUs, each of which must get its own
+# CPU library and answer.
 #
 #   build/smoke_test.sh [path/to/locopilot]    (default: dist/locopilot)
 #
@@ -177,6 +178,14 @@ doctor="$("$BIN" doctor)" || code=$?
 echo "$doctor"
 ((code == 0)) || fail "doctor exited with $code"
 grep -Eq '^ *llama\.cpp +ok' <<<"$doctor" || fail "doctor's llama.cpp check is not ok (llama_cpp/lib not bundled?)"
+
+step "service install --dry-run"
+code=0
+plan="$("$BIN" service install --dry-run 2>&1)" || code=$?
+((code == 0)) || fail "service install --dry-run exited with $code: $plan"
+grep -Fxq "    ExecStart=$BIN serve" <<<"$plan" || fail "the unit would not run this binary: $(grep ExecStart <<<"$plan")"
+grep -q '^run: systemctl enable' <<<"$plan" || fail "the plan does not enable the service"
+grep -E '^(write|run|create)' <<<"$plan"
 
 step "unpacking where temporary folders are noexec"
 if [[ $EUID == 0 && -d /srv ]] && command -v unshare >/dev/null && unshare -m true 2>/dev/null; then
