@@ -93,7 +93,10 @@ def wait_ready(process: subprocess.Popen[bytes], url: str) -> None:
     raise SystemExit(f"{url}: the server did not start")
 
 
-def start_locopilot(model: Path, threads: int, parallel: int, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_locopilot(
+    model: Path, threads: int | None, parallel: int, folder: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``threads`` None: locopilot's own default (every core, one fewer for one-token steps)."""
     models = folder / "models"
     models.mkdir()
     (models / "bench.gguf").symlink_to(model)
@@ -104,7 +107,7 @@ def start_locopilot(model: Path, threads: int, parallel: int, folder: Path) -> t
         "LOCOPILOT_DATA_DIR": str(folder / "data"),
         "LOCOPILOT_MODELS_DIR": str(models),
         "LOCOPILOT_CTX_SIZE": str(CTX),
-        "LOCOPILOT_THREADS": str(threads),
+        **({} if threads is None else {"LOCOPILOT_THREADS": str(threads)}),
         "LOCOPILOT_PARALLEL": str(parallel),
         "LOCOPILOT_LOG_LEVEL": "warning",
     }
@@ -291,7 +294,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", default="1,4,8")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="threads for every server (default: the CPU count for the peers, LOCOPILOT_THREADS unset for locopilot)",
+    )
     parser.add_argument("--profile", action="store_true", help="where the time goes (see above)")
     parser.add_argument("--skip-llama-cpp-python", action="store_true")
     parser.add_argument("--skip-llama-server", action="store_true")
@@ -308,6 +315,7 @@ def main() -> None:
     if not args.model.is_file():
         raise SystemExit(f"{args.model} is missing; run `just setup`")
     levels = [int(c) for c in args.clients.split(",")]
+    threads = args.threads or os.cpu_count() or 1
     ban = {token.strip(): -100.0 for token in args.ban.split(",")}
 
     binary = None
@@ -326,7 +334,7 @@ def main() -> None:
             stop(process)
     if binary is not None:
         for clients in levels:
-            process, url = start_llama_server(binary, args.model, args.threads, clients)
+            process, url = start_llama_server(binary, args.model, threads, clients)
             try:
                 table["llama-server", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid, ban)
                 if clients == levels[0]:
@@ -334,7 +342,7 @@ def main() -> None:
             finally:
                 stop(process)
     if not args.skip_llama_cpp_python:
-        process, url = start_llama_cpp_server(args.model, args.threads)
+        process, url = start_llama_cpp_server(args.model, threads)
         try:
             for clients in levels:
                 table["llama-cpp-python", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid, ban)
@@ -343,7 +351,8 @@ def main() -> None:
             stop(process)
 
     print(f"\nmodel {args.model.name}, {args.tokens} tokens greedy per request, ctx {CTX} per sequence, ", end="")
-    print(f"{args.threads} threads, {args.rounds} rounds per level")
+    mine = "the same" if args.threads else "its default (every core, one fewer for a one-token step)"
+    print(f"{threads} threads (locopilot: {mine}), {args.rounds} rounds per level")
     header = f"{'server':<18} {'clients':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'stream tok/s':>13}"
     print(header + f" {'locopilot/llama-server':>23} {'locopilot/llama-cpp-python':>27}")
     for (name, clients), row in sorted(table.items(), key=lambda item: (item[0][1], ORDER.index(item[0][0]))):
@@ -357,7 +366,7 @@ def main() -> None:
             f" {row['ttft_p99'] * 1000:>7.0f}ms {row['per_stream']:>13.1f} {ratios[0]:>23} {ratios[1]:>27}"
         )
     if args.profile:
-        engine_rows = profile_engine(args.model, args.threads, levels, args.tokens, ban)
+        engine_rows = profile_engine(args.model, threads, levels, args.tokens, ban)
         print("\nCPU ms per generated token (server processes, this client), and llama-server's own ms per token")
         print(f"{'server':<18} {'clients':>7} {'server':>8} {'runner':>8} {'client':>8} {'own ms/token':>13}")
         for (name, clients), row in sorted(table.items(), key=lambda item: (item[0][1], ORDER.index(item[0][0]))):

@@ -40,10 +40,10 @@ def wait_until(condition: object, what: str, attempts: int = 200, pause: float =
 
 @pytest.fixture(scope="module")
 def lone(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterator[Server]:
-    """A server of its own: these tests kill runners and fill queues (one slot, so one request fills it)."""
-    running = start_server(
-        tmp_path_factory, {SMOL: smollm2_path}, {"LOCOPILOT_QUEUE_SIZE": "0", "LOCOPILOT_PARALLEL": "1"}
-    )
+    """A server of its own: these tests kill runners and fill queues (one slot, so one request fills it).
+    Its threads are the default's (the other test servers set 2)."""
+    settings = {"LOCOPILOT_QUEUE_SIZE": "0", "LOCOPILOT_PARALLEL": "1", "LOCOPILOT_THREADS": "0"}
+    running = start_server(tmp_path_factory, {SMOL: smollm2_path}, settings)
     yield running
     running.stop()
 
@@ -54,6 +54,9 @@ def test_a_killed_runner_costs_one_request_not_the_server(lone: Server) -> None:
     (before,) = runners(lone)
     pid = before["pid"]
     assert isinstance(pid, int)
+    # Every core for steps of several tokens, one fewer for a step of one (as llama.cpp reports them).
+    cores = os.cpu_count() or 1
+    assert (before["threads"], before["threads_batch"]) == (max(1, cores - 1), cores)
 
     errors: list[BaseException] = []
 

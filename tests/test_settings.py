@@ -81,6 +81,18 @@ def test_defaults(linux: None) -> None:
     assert settings.db_path == Path("/home/ada/.local/share/locopilot/locopilot.db")
 
 
+@pytest.mark.parametrize(
+    ("cores", "threads", "batch", "one_token"),
+    [(2, 0, 2, 1), (16, 0, 16, 15), (1, 0, 1, 1), (8, 3, 3, 3)],
+)
+def test_threads_leave_a_core_free_for_single_token_steps_unless_set(
+    monkeypatch: pytest.MonkeyPatch, cores: int, threads: int, batch: int, one_token: int
+) -> None:
+    monkeypatch.setattr(settings_module.os, "cpu_count", lambda: cores)
+    settings = load_settings({"HOME": "/home/ada", "LOCOPILOT_THREADS": str(threads)})
+    assert (settings.effective_threads(), settings.decode_threads()) == (batch, one_token)
+
+
 def test_every_default_is_allowed() -> None:
     # The struct's defaults pass through the same validation as values from the environment.
     variables = {info.variable for info in describe()}

@@ -134,10 +134,14 @@ class Engine:
         # attention sums run over a different set of cells. Split, each reply is the
         # one it would be alone.
         params.kv_unified = False
-        params.n_threads = load.threads
+        # llama.cpp computes a step of one token with n_threads and any larger one (several
+        # sequences, a prompt) with n_threads_batch (llama_context::graph_compute).
+        params.n_threads = load.decode_threads or load.threads
         params.n_threads_batch = load.threads
         self.context = internals.LlamaContext(model=self.model, params=params, verbose=False)
         self.ctx = self.context.ctx
+        self.threads = llama_cpp.llama_n_threads(self.ctx)
+        self.threads_batch = llama_cpp.llama_n_threads_batch(self.ctx)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = n_ctx_slot
         self.batch = llama_cpp.llama_batch_init(BATCH, 0, 1)
@@ -161,6 +165,8 @@ class Engine:
             template=self.template.name,
             pid=os.getpid(),
             slots=len(self.slots),
+            threads=self.threads,
+            threads_batch=self.threads_batch,
         )
 
     def tokenize(self, text: str) -> list[int]:

@@ -41,6 +41,7 @@ class Load(msgspec.Struct, tag="load", frozen=True, kw_only=True):
     threads: int
     gpu_layers: int
     parallel: int = 0  # slots; 0 lets the runner choose from the context size
+    decode_threads: int = 0  # for a step of one token (llama.cpp's n_threads); 0: threads
 
 
 class Generate(msgspec.Struct, tag="generate", frozen=True, kw_only=True):
@@ -78,12 +79,16 @@ ToRunner = Load | Generate | Embed | Cancel
 
 
 class Ready(msgspec.Struct, tag="ready", frozen=True, kw_only=True):
+    """``threads``/``threads_batch``: what llama.cpp's context uses for one-token and larger steps."""
+
     n_ctx: int
     n_ctx_train: int
     n_vocab: int
     template: str
     pid: int
     slots: int = 1
+    threads: int = 0
+    threads_batch: int = 0
 
 
 class LoadFailed(msgspec.Struct, tag="load_failed", frozen=True, kw_only=True):

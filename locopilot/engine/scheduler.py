@@ -165,6 +165,7 @@ class RunnerProcess:
             model_path=str(model_path),
             ctx_size=settings.ctx_size,
             threads=settings.effective_threads(),
+            decode_threads=settings.decode_threads(),
             gpu_layers=settings.gpu_layers,
             parallel=settings.parallel,
         )
@@ -414,6 +415,9 @@ class RunnerInfo(msgspec.Struct, frozen=True):
     n_ctx: int
     chat_template: str
     slots: int
+    threads: int
+    """llama.cpp's threads for a step of one token; ``threads_batch`` for larger ones."""
+    threads_batch: int
     in_flight: int
     waiting: int
     tokens_generated: int
@@ -462,6 +466,8 @@ class ModelManager:
                 n_ctx=runner.ready.n_ctx,
                 chat_template=runner.ready.template,
                 slots=runner.ready.slots,
+                threads=runner.ready.threads,
+                threads_batch=runner.ready.threads_batch,
                 in_flight=runner.in_flight,
                 waiting=runner.waiting,
                 tokens_generated=runner.tokens_generated,
