@@ -232,6 +232,9 @@ def profile_engine(
 ) -> dict[int, dict[str, float]]:
     """locopilot's engine alone, in this process: the runner's decode loop without HTTP or IPC.
 
+    Every step runs on ``threads`` (the server, left to its default, gives one-token steps
+    one core fewer for its own work, which this process does not have).
+
     Per level, the generation steps after the first (which also fills the KV cache
     with the prompts): tokens/s, ms per step inside llama_decode, ms per step of
     everything else (batch building, sampling through ctypes, detokenizing, stop

@@ -417,8 +417,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         Such a step is short (SmolLM2: 5 ms on 2 cores), and llama.cpp's threads wait on
         each other at every operation, so the API process's work for each token (0.5 ms
         of CPU) stalls all of them when it takes one of their cores: single-stream
-        tokens/s through the server was 0.92x llama-server's with both cores, 1.0x with
-        one left free (bench/engine.py). Steps of several tokens (several requests, or a
+        tokens/s through the server was 0.92x llama-server's with both cores, 0.98x with
+        one left free (medians of bench/engine.py runs on 2 cores). Steps of several tokens (several requests, or a
         prompt) keep every core: one thread fewer there cost 42% at 8 requests.
         """
         if self.threads:
