@@ -11,7 +11,7 @@ import pytest
 
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import InvalidRequest, ModelNotFound, UpstreamError
-from locopilot.providers.base import Finish, GenerationRequest, StreamEvent, TextDelta
+from locopilot.providers.base import Finish, GenerationRequest, Message, StreamEvent, TextDelta
 from locopilot.providers.ollama import OllamaProvider
 from tests.conftest import free_port
 from tests.fakes.ollama import SENTENCE, OllamaStandIn
@@ -49,7 +49,7 @@ async def provider(ollama: OllamaStandIn) -> AsyncIterator[OllamaProvider]:
 
 
 def chat(**fields: Any) -> GenerationRequest:
-    return GenerationRequest(model=MODEL, messages=[{"role": "user", "content": "Say hello to me"}], **fields)
+    return GenerationRequest(model=MODEL, messages=[Message(role="user", content="Say hello to me")], **fields)
 
 
 async def collect(provider: OllamaProvider, request: GenerationRequest) -> tuple[str, list[StreamEvent]]:
@@ -150,7 +150,7 @@ async def test_logit_bias_is_refused_before_any_request(provider: OllamaProvider
 @pytest.mark.anyio
 async def test_unknown_model_is_model_not_found(provider: OllamaProvider) -> None:
     with pytest.raises(ModelNotFound):
-        await collect(provider, GenerationRequest(model="nope:7b", messages=[{"role": "user", "content": "hi"}]))
+        await collect(provider, GenerationRequest(model="nope:7b", messages=[Message(role="user", content="hi")]))
     with pytest.raises(ModelNotFound):
         await provider.embed("nope:7b", ["hi"])
 

@@ -10,13 +10,13 @@ import pytest
 
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import ContextLengthExceeded, InvalidRequest, LocopilotError, ModelNotFound, UpstreamError
-from locopilot.providers.base import Finish, GenerationRequest, StreamEvent, TextDelta
+from locopilot.providers.base import Finish, GenerationRequest, Message, StreamEvent, TextDelta
 from locopilot.providers.openai_compat import EventParser, OpenAICompatProvider, generation_body
 from tests.conftest import SMOL, Server
 from tests.fakes.fault_upstream import FaultUpstream
 
 KEY = "sk-test-secret-4f1c9a"
-HELLO = [{"role": "user", "content": "Say hello."}]
+HELLO = [Message(role="user", content="Say hello.")]
 WORDS = len(FaultUpstream.WORDS)
 
 
@@ -57,7 +57,7 @@ async def provider(upstream: FaultUpstream) -> AsyncIterator[OpenAICompatProvide
 
 
 def chat(**kwargs: object) -> GenerationRequest:
-    return GenerationRequest(model="fault-small", messages=HELLO, **kwargs)  # type: ignore[arg-type]
+    return GenerationRequest(model="fault-small", messages=HELLO, **kwargs)
 
 
 async def collect(provider: OpenAICompatProvider, request: GenerationRequest) -> list[StreamEvent]:
@@ -88,7 +88,7 @@ async def test_chat_stream_is_text_then_one_finish_with_upstream_usage(
     assert events == [said(), Finish("stop", FaultUpstream.PROMPT_TOKENS, WORDS)]
     [sent] = upstream.requests
     assert (sent.method, sent.path) == ("POST", "/v1/chat/completions")
-    assert sent.body["messages"] == HELLO
+    assert sent.body["messages"] == [{"role": "user", "content": "Say hello."}]
     assert sent.body["stream"] is True
     assert sent.body["stream_options"] == {"include_usage": True}
     assert "authorization" not in sent.headers
@@ -461,7 +461,7 @@ async def test_embed_against_a_closed_port_is_retryable(
 @pytest.mark.anyio
 async def test_a_real_locopilot_upstream_answers_through_the_provider(server: Server) -> None:
     real = OpenAICompatProvider("peer", server.url + "/v1", locality="local")
-    question = [{"role": "user", "content": "Which city is the capital of France?"}]
+    question = [Message(role="user", content="Which city is the capital of France?")]
     request = GenerationRequest(
         model=SMOL, messages=question, max_tokens=24, sampling=SamplingParams(temperature=0.0, seed=1)
     )
@@ -479,7 +479,7 @@ async def test_a_real_locopilot_upstream_answers_through_the_provider(server: Se
 
 def test_llama_cpp_extras_are_sent_only_when_set() -> None:
     # OpenAI's own API refuses fields it does not know, so defaults are not sent.
-    _, plain, _ = generation_body(GenerationRequest(model="m", messages=[{"role": "user", "content": "x"}]))
+    _, plain, _ = generation_body(GenerationRequest(model="m", messages=[Message(role="user", content="x")]))
     assert not {"top_k", "min_p", "repeat_penalty"} & set(plain)
     tuned = GenerationRequest(model="m", prompt="x", sampling=SamplingParams(top_k=5, min_p=0.2))
     _, body, _ = generation_body(tuned)

@@ -6,7 +6,6 @@ import array
 import base64
 import json
 import time
-from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +14,26 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 
+from locopilot.api.generation import privacy_of, provider_headers, serve_generation
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
 from locopilot.api.services import Services
 from locopilot.engine.protocol import SamplingParams
-from locopilot.errors import InvalidRequest, ModelNotFound
+from locopilot.errors import InvalidRequest, LocopilotError, ModelNotFound
 from locopilot.gateway.access import outcome_id
 from locopilot.gateway.auth import Principal, principal_of
-from locopilot.gateway.failover import first_success, open_stream
-from locopilot.gateway.router import PRIVACY_LEVELS, Route
-from locopilot.gateway.streaming import collect, sse_response, unless_disconnected
+from locopilot.gateway.failover import first_success
+from locopilot.gateway.router import Route
+from locopilot.gateway.streaming import Reply, sse, unless_disconnected, usage_of
 from locopilot.gateway.usage import Outcome
 from locopilot.models.catalog import ModelEntry, validate_model_name
-from locopilot.providers.base import EmbeddingResult, GenerationRequest, StreamEvent
+from locopilot.providers.base import (
+    EmbeddingResult,
+    Finish,
+    GenerationRequest,
+    Message,
+    TextDelta,
+    ToolCallDelta,
+)
 from locopilot.schemas.openai import (
     AssistantMessage,
     ChatChoice,
@@ -51,16 +58,10 @@ from locopilot.schemas.openai import (
     Usage,
     encoder,
 )
-from locopilot.settings import Privacy
 from locopilot.training.lineage import Lineage
 from locopilot.training.lineage import read as read_lineage
 
 MAX_EMBEDDING_INPUTS = 2048
-
-
-def provider_headers(provider: str, model: str) -> dict[str, str]:
-    """Where the reply was served; ``X-Request-Id`` is added to every response by the access log."""
-    return {"X-Locopilot-Provider": provider, "X-Locopilot-Model": model}
 
 
 # Request → GenerationRequest
@@ -165,7 +166,7 @@ def chat_generation(body: ChatCompletionRequest, model: str, max_text: int) -> G
     if body.tools:
         raise InvalidRequest("tools are not supported yet.", param="tools")
     messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": message_text(i, m, max_text)}
+        Message(role="system" if m.role == "developer" else m.role, content=message_text(i, m, max_text))
         for i, m in enumerate(body.messages)
     ]
     json_schema = None
@@ -224,139 +225,130 @@ def completion_generation(body: CompletionRequest, model: str, max_text: int) ->
 class ReplyIdentity:
     """What every chunk of one reply repeats; ``usage`` is null on each chunk when the client asked for usage."""
 
+    media_type = "text/event-stream"
+
     def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
         self.request_id = request_id
         self.model = model
         self.created = int(time.time())
+        self.include_usage = include_usage
         self.usage: Usage | msgspec.UnsetType | None = None if include_usage else msgspec.UNSET
+
+    def failure(self, error: LocopilotError) -> bytes:
+        return sse(error.body())
+
+    def _end(self, finish: Finish, chunks: list[msgspec.Struct]) -> bytes:
+        """The finish chunks, the usage chunk when asked for, and the end marker."""
+        if self.include_usage:
+            chunks.append(self.usage_chunk(usage_of(finish)))
+        return b"".join(map(sse, chunks)) + b"data: [DONE]\n\n"
+
+    def usage_chunk(self, usage: Usage) -> msgspec.Struct:
+        raise NotImplementedError
+
+
+def choice_reasons(finish: Finish, n: int) -> list[str]:
+    """Each of ``n`` choices' finish reason."""
+    if finish.reasons:
+        return list(finish.reasons)
+    return [finish.reason] * n
 
 
 class ChatFormatter(ReplyIdentity):
-    def _chunk(self, delta: ChatDelta, finish: str | None = None) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(0, delta, finish)
+    def __init__(self, request_id: str, model: str, include_usage: bool, n: int = 1) -> None:
+        super().__init__(request_id, model, include_usage)
+        self.n = n
+
+    def _chunk(self, delta: ChatDelta, finish: str | None = None, index: int = 0) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(index, delta, finish)
         return ChatCompletionChunk(self.request_id, self.created, self.model, [choice], usage=self.usage)
 
-    def first(self) -> ChatCompletionChunk:
-        return self._chunk(ChatDelta(role="assistant", content=""))
+    def opening(self) -> bytes:
+        return b"".join(sse(self._chunk(ChatDelta(role="assistant", content=""), index=i)) for i in range(self.n))
 
-    def delta(self, text: str) -> ChatCompletionChunk:
-        return self._chunk(ChatDelta(content=text))
+    def event(self, event: TextDelta | ToolCallDelta) -> bytes:
+        if isinstance(event, TextDelta):
+            return sse(self._chunk(ChatDelta(content=event.text), index=event.index))
+        raise NotImplementedError("tool call deltas")
 
-    def finish(self, reason: str) -> ChatCompletionChunk:
-        return self._chunk(ChatDelta(), reason)
+    def closing(self, finish: Finish) -> bytes:
+        reasons = choice_reasons(finish, self.n)
+        return self._end(finish, [self._chunk(ChatDelta(), reason, i) for i, reason in enumerate(reasons)])
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(self.request_id, self.created, self.model, [], usage=usage)
 
-    def response(self, text: str, reason: str, usage: Usage) -> ChatCompletion:
-        choice = ChatChoice(0, AssistantMessage(text), reason)
-        return ChatCompletion(self.request_id, self.created, self.model, [choice], usage)
+    def whole(self, reply: Reply) -> ChatCompletion:
+        choices = [
+            ChatChoice(i, AssistantMessage(choice.content), reply.reason(i)) for i, choice in enumerate(reply.choices)
+        ]
+        return ChatCompletion(self.request_id, self.created, self.model, choices, reply.usage)
 
 
 class CompletionFormatter(ReplyIdentity):
-    def _chunk(self, text: str, finish: str | None = None) -> Completion:
-        choice = CompletionChoice(0, text, finish)
+    def __init__(self, request_id: str, model: str, include_usage: bool, n: int = 1) -> None:
+        super().__init__(request_id, model, include_usage)
+        self.n = n
+
+    def _chunk(self, text: str, finish: str | None = None, index: int = 0) -> Completion:
+        choice = CompletionChoice(index, text, finish)
         return Completion(self.request_id, self.created, self.model, [choice], usage=self.usage)
 
-    def first(self) -> None:
-        return None
+    def opening(self) -> bytes:
+        return b""
 
-    def delta(self, text: str) -> Completion:
-        return self._chunk(text)
+    def event(self, event: TextDelta | ToolCallDelta) -> bytes:
+        if isinstance(event, TextDelta):
+            return sse(self._chunk(event.text, index=event.index))
+        return b""  # a text completion has no tools
 
-    def finish(self, reason: str) -> Completion:
-        return self._chunk("", reason)
+    def closing(self, finish: Finish) -> bytes:
+        reasons = choice_reasons(finish, self.n)
+        return self._end(finish, [self._chunk("", reason, i) for i, reason in enumerate(reasons)])
 
     def usage_chunk(self, usage: Usage) -> Completion:
         return Completion(self.request_id, self.created, self.model, [], usage=usage)
 
-    def response(self, text: str, reason: str, usage: Usage) -> Completion:
-        return Completion(self.request_id, self.created, self.model, [CompletionChoice(0, text, reason)], usage=usage)
+    def whole(self, reply: Reply) -> Completion:
+        choices = [CompletionChoice(i, choice.content, reply.reason(i)) for i, choice in enumerate(reply.choices)]
+        return Completion(self.request_id, self.created, self.model, choices, usage=reply.usage)
 
 
 # Routes
-
-
-def privacy_of(request: Request[Any, Any, Any], default: Privacy) -> Privacy:
-    value = request.headers.get("x-routing-privacy")
-    if value is None:
-        return default
-    for level in PRIVACY_LEVELS:
-        if value.strip().lower() == level:
-            return level
-    raise InvalidRequest(
-        f"X-Routing-Privacy must be one of {', '.join(PRIVACY_LEVELS)}, not {value!r}", param="X-Routing-Privacy"
-    )
-
-
-async def serve_generation(
-    services: Services,
-    request: Request[Any, Any, Any],
-    body: ChatCompletionRequest | CompletionRequest,
-) -> Response[bytes] | Stream:
-    """Limit, check, route (with failover before the first byte), generate and record one completion."""
-    chat = isinstance(body, ChatCompletionRequest)
-    request_id = outcome_id(request.scope, "chatcmpl" if chat else "cmpl")
-    endpoint = "chat.completions" if chat else "completions"
-    principal = principal_of(request)
-    outcome = Outcome(request_id, endpoint, body.model, key_id=principal.key_id)
-    async with services.recorder.recording(outcome):
-        admission = outcome.admission = services.limiter.admit(principal)
-        if isinstance(body, ChatCompletionRequest):
-            generation = chat_generation(body, body.model, services.settings.max_message_bytes)
-        else:
-            generation = completion_generation(body, body.model, services.settings.max_message_bytes)
-        if services.settings.log_prompts:
-            outcome.keep_text(generation.messages if generation.messages is not None else generation.prompt)
-        policy = privacy_of(request, services.settings.routing_privacy)
-        plan = await services.auth.plan(request, services.router, body.model, policy)
-        outcome.routing = plan.decision
-        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-        formatter = (ChatFormatter if chat else CompletionFormatter)(request_id, body.model, include_usage)
-
-        def request_for(model: str) -> GenerationRequest:
-            return msgspec.structs.replace(generation, model=model)
-
-        async def opened() -> tuple[Route, StreamEvent, AsyncGenerator[StreamEvent, None]]:
-            route, first, events = await open_stream(services.router, plan, request_for)
-            outcome.model, outcome.provider = route.model, route.provider.name
-            outcome.ttfb = services.recorder.clock() - outcome.started
-            return route, first, events
-
-        if not body.stream:
-
-            async def whole() -> tuple[Route, msgspec.Struct]:
-                route, first, events = await opened()
-                return route, await collect(first, events, formatter, outcome, services.recorder)
-
-            route, reply = await unless_disconnected(request.receive, whole, services.shutdown)
-            headers = {**provider_headers(route.provider.name, route.model), **admission.headers()}
-            return Response(encoder.encode(reply), media_type="application/json", headers=headers)
-        route, first, events = await unless_disconnected(request.receive, opened, services.shutdown)
-        return sse_response(
-            first,
-            events,
-            formatter,
-            include_usage=include_usage,
-            outcome=outcome,
-            recorder=services.recorder,
-            headers={**provider_headers(route.provider.name, route.model), **admission.headers()},
-            shutdown=services.shutdown,
-        )
 
 
 @post("/v1/chat/completions", status_code=200, responses=answers(ChatCompletion, 200, *GUARDED, *BODY, *ROUTED))
 async def chat_completions(
     data: ChatCompletionRequest, services: Services, request: Request[Any, Any, Any]
 ) -> Response[bytes] | Stream:
-    return await serve_generation(services, request, data)
+    include_usage = bool(data.stream and data.stream_options and data.stream_options.include_usage)
+    return await serve_generation(
+        services,
+        request,
+        endpoint="chat.completions",
+        id_prefix="chatcmpl",
+        model=data.model,
+        stream=data.stream,
+        build=lambda: chat_generation(data, data.model, services.settings.max_message_bytes),
+        formatter=lambda request_id: ChatFormatter(request_id, data.model, include_usage, data.n),
+    )
 
 
 @post("/v1/completions", status_code=200, responses=answers(Completion, 200, *GUARDED, *BODY, *ROUTED))
 async def completions(
     data: CompletionRequest, services: Services, request: Request[Any, Any, Any]
 ) -> Response[bytes] | Stream:
-    return await serve_generation(services, request, data)
+    include_usage = bool(data.stream and data.stream_options and data.stream_options.include_usage)
+    return await serve_generation(
+        services,
+        request,
+        endpoint="completions",
+        id_prefix="cmpl",
+        model=data.model,
+        stream=data.stream,
+        build=lambda: completion_generation(data, data.model, services.settings.max_message_bytes),
+        formatter=lambda request_id: CompletionFormatter(request_id, data.model, include_usage, data.n),
+    )
 
 
 def embedding_inputs(body: EmbeddingRequest, max_text: int) -> list[str]:

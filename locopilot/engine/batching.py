@@ -194,7 +194,7 @@ class Engine:
 
         if job.messages is not None:
             try:
-                prompt = self.renderer.render(job.messages)
+                prompt = self.renderer.render([{"role": m.role, "content": m.content} for m in job.messages])
             except TemplateError as exc:
                 raise RequestError("template", str(exc), "messages") from exc
             stops = [*job.stop, *self.template.stop]

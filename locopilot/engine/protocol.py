@@ -9,7 +9,7 @@ msgpack-encoded message from the tagged unions below. The API process sends
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 import msgspec
 
@@ -32,6 +32,69 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logit_bias: dict[int, float] = {}
 
 
+# Chat content shared by every front, provider and the runner. The OpenAI, Anthropic,
+# Ollama and Responses fronts translate into these; providers translate out of them.
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A call the model made: ``arguments`` is the JSON text of an object (valid against the tool's schema)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+class FunctionTool(msgspec.Struct, frozen=True, kw_only=True):
+    """A function the model may call; ``parameters`` is a JSON Schema of an object."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class ToolChoice(msgspec.Struct, frozen=True, kw_only=True):
+    """``auto``: the model decides; ``none``: never a call; ``required``: at least one call;
+    ``function``: a call of the tool ``name``."""
+
+    mode: Literal["auto", "none", "required", "function"] = "auto"
+    name: str | None = None
+
+
+class ImagePart(msgspec.Struct, frozen=True, kw_only=True):
+    """An image in a message: an ``http(s):`` or ``data:`` URL. Upstreams may take it; the runner refuses it."""
+
+    url: str
+    detail: str | None = None
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One chat message. ``tool_calls`` only on an assistant message (whose ``content``
+    may then be empty); ``tool_call_id`` on a tool message says which call it answers."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: tuple[ImagePart, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class TopLogprob(msgspec.Struct, frozen=True, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, kw_only=True):
+    """A generated token's log probability, and with ``top`` its most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top: tuple[TopLogprob, ...] = ()
+
+
 # API process → runner
 
 
@@ -49,17 +112,26 @@ class Generate(msgspec.Struct, tag="generate", frozen=True, kw_only=True):
 
     ``grammar`` is GBNF text; ``json_schema`` is a JSON Schema (as JSON text)
     the runner turns into a grammar. ``max_tokens`` None means until the
-    context is full.
+    context is full. ``suffix``: fill-in-the-middle around ``prompt``. ``tools``
+    and ``tool_choice``: see :class:`ToolChoice`. ``logprobs``: None for none, else
+    how many alternatives (0-20) to report beside each token's own. ``n``: that many
+    choices of the same prompt.
     """
 
     id: int
     prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[Message] | None = None
+    suffix: str | None = None
     max_tokens: int | None = None
     stop: list[str] = []
     echo: bool = False
     grammar: str | None = None
     json_schema: str | None = None
+    tools: tuple[FunctionTool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
+    parallel_tool_calls: bool = True
+    logprobs: int | None = None
+    n: int = 1
     sampling: SamplingParams = SamplingParams()
 
 
@@ -103,17 +175,42 @@ class Started(msgspec.Struct, tag="started", frozen=True, kw_only=True):
 
 
 class Delta(msgspec.Struct, tag="delta", frozen=True, kw_only=True):
+    """Text of choice ``index``; ``logprobs`` when the job asked for them, one per token."""
+
     id: int
     text: str
     tokens: int
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+class CallDelta(msgspec.Struct, tag="call_delta", frozen=True, kw_only=True):
+    """Part of a tool call of choice ``index``: the ``call``-th call of the reply. Its first
+    part carries ``call_id`` and ``name``; its ``arguments`` (JSON text) may come in pieces."""
+
+    id: int
+    call: int
+    index: int = 0
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+    tokens: int = 0
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 
 
 class Done(msgspec.Struct, tag="done", frozen=True, kw_only=True):
+    """``finish_reason`` is choice 0's; with ``n`` > 1, ``reasons`` holds every choice's.
+    ``tool_parse_failures``: generated calls that could not be parsed (their text was sent instead)."""
+
     id: int
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose KV cache was reused, not computed
+    reasons: tuple[FinishReason, ...] = ()
+    tool_parse_failures: int = 0
 
 
 class Embeddings(msgspec.Struct, tag="embeddings", frozen=True, kw_only=True):
@@ -132,7 +229,7 @@ class Failed(msgspec.Struct, tag="failed", frozen=True, kw_only=True):
     param: str | None = None
 
 
-FromRunner = Ready | LoadFailed | Started | Delta | Done | Embeddings | Failed
+FromRunner = Ready | LoadFailed | Started | Delta | CallDelta | Done | Embeddings | Failed
 
 
 # ``_runner --probe``: one JSON object on stdout

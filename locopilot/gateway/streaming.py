@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 import anyio
@@ -29,7 +29,7 @@ from litestar.types import Receive, Send
 from locopilot.errors import ClientDisconnected, LocopilotError
 from locopilot.gateway.shutdown import Shutdown
 from locopilot.gateway.usage import Outcome, UsageRecorder
-from locopilot.providers.base import Finish, StreamEvent, TextDelta
+from locopilot.providers.base import Finish, StreamEvent, TextDelta, TokenLogprob, ToolCall, ToolCallDelta
 from locopilot.schemas.openai import PromptTokensDetails, Usage, encoder
 
 log = logging.getLogger(__name__)
@@ -39,19 +39,100 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class Formatter(Protocol):
-    """Builds one endpoint's wire objects (chat or text completion)."""
+    """One API's wire form of a reply (OpenAI chat or completions, Anthropic, Ollama, Responses).
 
-    def first(self) -> msgspec.Struct | None:
-        """A chunk to send before any text (the chat role chunk), or None."""
+    Streamed: :meth:`opening`, then :meth:`event` for each event, then :meth:`closing`
+    (or :meth:`failure` for an error after the first byte); each returns the bytes to
+    send, possibly none. Whole: :meth:`whole` of the collected :class:`Reply`. A
+    formatter is made per request and may keep state (sequence numbers, open blocks).
+    """
+
+    media_type: str
+    """Of the streamed body: ``text/event-stream`` or ``application/x-ndjson``."""
+
+    def opening(self) -> bytes:
+        """Bytes before the first event (a chat's role chunk), or none."""
         ...
 
-    def delta(self, text: str) -> msgspec.Struct: ...
+    def event(self, event: TextDelta | ToolCallDelta) -> bytes: ...
 
-    def finish(self, reason: str) -> msgspec.Struct: ...
+    def closing(self, finish: Finish) -> bytes:
+        """The last bytes: finish reasons, usage, the end marker."""
+        ...
 
-    def usage_chunk(self, usage: Usage) -> msgspec.Struct: ...
+    def failure(self, error: LocopilotError) -> bytes:
+        """The error event that ends a stream after its first byte."""
+        ...
 
-    def response(self, text: str, reason: str, usage: Usage) -> msgspec.Struct: ...
+    def whole(self, reply: Reply) -> msgspec.Struct:
+        """The body of a non-streaming answer."""
+        ...
+
+
+@dataclass
+class CallParts:
+    """One tool call as its parts arrive."""
+
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+    def call(self) -> ToolCall:
+        return ToolCall(id=self.id, name=self.name, arguments="".join(self.arguments))
+
+
+@dataclass
+class ChoiceParts:
+    """One choice of a reply as its events arrive."""
+
+    text: list[str] = field(default_factory=list)
+    calls: list[CallParts] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def content(self) -> str:
+        return "".join(self.text)
+
+    def tool_calls(self) -> list[ToolCall]:
+        return [parts.call() for parts in self.calls]
+
+
+@dataclass
+class Reply:
+    """A whole reply: each choice's text, tool calls and logprobs, and the provider's Finish."""
+
+    choices: list[ChoiceParts] = field(default_factory=lambda: [ChoiceParts()])
+    finish: Finish | None = None
+
+    def add(self, event: TextDelta | ToolCallDelta) -> None:
+        while len(self.choices) <= event.index:
+            self.choices.append(ChoiceParts())
+        choice = self.choices[event.index]
+        match event:
+            case TextDelta(text=text, logprobs=logprobs):
+                choice.text.append(text)
+                choice.logprobs.extend(logprobs)
+            case ToolCallDelta(call=call, id=call_id, name=name, arguments=arguments):
+                while len(choice.calls) <= call:
+                    choice.calls.append(CallParts())
+                parts = choice.calls[call]
+                if call_id:
+                    parts.id = call_id
+                if name:
+                    parts.name = name
+                parts.arguments.append(arguments)
+
+    def reason(self, index: int) -> str:
+        """Why choice ``index`` ended."""
+        assert self.finish is not None
+        if self.finish.reasons and index < len(self.finish.reasons):
+            return self.finish.reasons[index]
+        return self.finish.reason
+
+    @property
+    def usage(self) -> Usage:
+        assert self.finish is not None
+        return usage_of(self.finish)
 
 
 def sse(payload: msgspec.Struct) -> bytes:
@@ -152,35 +233,43 @@ async def prime(events: AsyncGenerator[StreamEvent, None]) -> StreamEvent:
         raise
 
 
+OnReply = Callable[[Reply], Awaitable[None]]
+"""Called with the whole reply once it has finished well, before its last bytes go out
+(the Responses API stores it there)."""
+
+
 async def collect(
     first: StreamEvent,
     events: AsyncGenerator[StreamEvent, None],
     formatter: Formatter,
     outcome: Outcome,
     recorder: UsageRecorder,
+    on_reply: OnReply | None = None,
 ) -> msgspec.Struct:
     """The whole reply as one response object; records the outcome if it completes. Closes ``events``."""
-    parts: list[str] = []
-    finish: Finish | None = None
+    reply = Reply()
     try:
         event: StreamEvent | None = first
         while event is not None:
             match event:
-                case TextDelta(text=text, tokens=tokens):
-                    parts.append(text)
-                    outcome.tokens_out += tokens
-                    outcome.add_text(text)
                 case Finish():
-                    finish = event
+                    reply.finish = event
+                case _:
+                    reply.add(event)
+                    outcome.tokens_out += event.tokens
+                    if isinstance(event, TextDelta):
+                        outcome.add_text(event.text)
             event = await anext(events, None)
     finally:
         with anyio.CancelScope(shield=True):
             await events.aclose()
-    if finish is None:
+    if reply.finish is None:
         raise LocopilotError("the provider ended the stream without finishing")
-    outcome.settle(finish)
+    outcome.settle(reply.finish)
+    if on_reply is not None:
+        await on_reply(reply)
     await recorder.settle(outcome)
-    return formatter.response("".join(parts), finish.reason, usage_of(finish))
+    return formatter.whole(reply)
 
 
 def sse_response(
@@ -188,18 +277,18 @@ def sse_response(
     events: AsyncGenerator[StreamEvent, None],
     formatter: Formatter,
     *,
-    include_usage: bool,
     outcome: Outcome,
     recorder: UsageRecorder,
     headers: dict[str, str],
     shutdown: Shutdown,
+    on_reply: OnReply | None = None,
 ) -> Stream:
-    """Stream the reply as SSE; the body closes ``events`` and records the outcome."""
-    ending = Ending(shutdown)
+    """Stream the reply in ``formatter``'s form; the body closes ``events`` and records the outcome."""
+    ending = Ending(shutdown, formatter)
     return SSEStream(
-        _sse_body(first, events, formatter, include_usage, outcome, recorder, ending),
+        _stream_body(first, events, formatter, outcome, recorder, ending, on_reply),
         ending,
-        media_type="text/event-stream",
+        media_type=formatter.media_type,
         headers={**SSE_HEADERS, **headers},
     )
 
@@ -207,9 +296,10 @@ def sse_response(
 @dataclass
 class Ending:
     """How a streamed body ends: ``last`` is set by the body generator just before it yields
-    its last chunk; ``shutdown`` cuts it off when the grace is over."""
+    its last chunk; ``shutdown`` cuts it off when the grace is over, with ``formatter``'s error event."""
 
     shutdown: Shutdown
+    formatter: Formatter
     last: bool = False
 
 
@@ -252,7 +342,8 @@ class _WatchedBody(ASGIStreamingResponse):
         async with Watched(receive, shutdown.stopped) as watched:
             await self._stream(send)
         if watched.ended == "stopped" and not self.ending.last:
-            await send({"type": "http.response.body", "body": sse(shutdown.error().body()), "more_body": False})
+            body = self.ending.formatter.failure(shutdown.error())
+            await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _stream(self, send: Send) -> None:
         body = self.iterator
@@ -269,52 +360,58 @@ class _WatchedBody(ASGIStreamingResponse):
                     await body.aclose()
 
 
-async def _sse_body(
+async def _stream_body(
     first: StreamEvent,
     events: AsyncGenerator[StreamEvent, None],
     formatter: Formatter,
-    include_usage: bool,
     outcome: Outcome,
     recorder: UsageRecorder,
     ending: Ending,
+    on_reply: OnReply | None,
 ) -> AsyncGenerator[bytes, None]:
-    """The SSE bytes of one reply. The outcome is recorded (committed) before the last
+    """The bytes of one streamed reply. The outcome is recorded (committed) before the last
     chunk goes out, so a client that has the whole reply can find it in the log."""
     outcome.streaming = True
+    reply = Reply() if on_reply is not None else None
     try:
         # Events that are ready together go out in one write: each write is a hop
         # through the server, and the client cannot tell the difference.
-        opening = formatter.first()
-        pending = sse(opening) if opening is not None else b""
+        pending = formatter.opening()
         event: StreamEvent | None = first
         while event is not None:
             match event:
-                case TextDelta(text=text, tokens=tokens):
-                    outcome.tokens_out += tokens
-                    outcome.add_text(text)
-                    yield pending + sse(formatter.delta(text))
-                    pending = b""
                 case Finish():
                     outcome.settle(event)
-                    closing = sse(formatter.finish(event.reason))
-                    if include_usage:
-                        closing += sse(formatter.usage_chunk(usage_of(event)))
+                    if reply is not None and on_reply is not None:
+                        reply.finish = event
+                        await on_reply(reply)
+                    closing = formatter.closing(event)
                     await recorder.settle(outcome)
                     ending.last = True
-                    yield pending + closing + b"data: [DONE]\n\n"
+                    yield pending + closing
                     return
+                case _:
+                    outcome.tokens_out += event.tokens
+                    if isinstance(event, TextDelta):
+                        outcome.add_text(event.text)
+                    if reply is not None:
+                        reply.add(event)
+                    data = pending + formatter.event(event)
+                    if data:
+                        yield data
+                        pending = b""
             event = await anext(events, None)
         raise LocopilotError("the provider ended the stream without finishing")
     except LocopilotError as exc:
         log.warning("stream failed after the first byte: %s", exc.loggable())
         await recorder.settle(outcome, error=exc)
         ending.last = True
-        yield sse(exc.body())
+        yield formatter.failure(exc)
     except Exception as exc:
         log.exception("stream failed after the first byte")
         await recorder.settle(outcome, error=exc)
         ending.last = True
-        yield sse(LocopilotError("internal error while streaming").body())
+        yield formatter.failure(LocopilotError("internal error while streaming"))
     except BaseException as exc:  # cancelled (the client left, or the shutdown grace is over)
         recorder.finish(outcome, error=ending.shutdown.error() if ending.shutdown.stopped.done() else exc)
         raise

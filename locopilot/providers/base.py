@@ -6,7 +6,10 @@ timeout, 5xx, 429) — the router fails over only on those, and only before the
 first event.
 
 A provider turns a :class:`GenerationRequest` into an async stream of
-:class:`TextDelta` events ending with exactly one :class:`Finish`. A
+:class:`TextDelta` and :class:`ToolCallDelta` events ending with exactly one
+:class:`Finish`. The chat types (:class:`Message`, :class:`ToolCall`,
+:class:`FunctionTool`, :class:`ToolChoice`, logprobs) are the runner protocol's,
+re-exported here: every front translates into them and every provider out of them. A
 non-streaming response is the stream collected. Errors before the first event
 are raised from the first ``__anext__`` (so the HTTP status can still say what
 happened); errors after it are raised mid-stream. Whoever iterates the stream
@@ -20,44 +23,112 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from locopilot.engine.protocol import SamplingParams
+from locopilot.engine.protocol import (
+    FunctionTool,
+    ImagePart,
+    Message,
+    SamplingParams,
+    TokenLogprob,
+    ToolCall,
+    ToolChoice,
+    TopLogprob,
+)
+
+__all__ = [
+    "EmbeddingResult",
+    "Finish",
+    "FunctionTool",
+    "GenerationRequest",
+    "ImagePart",
+    "Locality",
+    "Message",
+    "Provider",
+    "SamplingParams",
+    "StreamEvent",
+    "TextDelta",
+    "TokenLogprob",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolChoice",
+    "TopLogprob",
+]
 
 Locality = Literal["local", "remote"]
 
 
 class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """Exactly one of ``prompt`` (text completion) or ``messages`` (chat) is set."""
+    """Exactly one of ``prompt`` (text completion) or ``messages`` (chat) is set.
+
+    A prompt is text, or token ids (``prompt_tokens``) that only some upstreams take.
+    ``suffix`` asks for fill-in-the-middle between ``prompt`` and it. ``tools`` and
+    ``tool_choice`` follow OpenAI's meaning (see :class:`ToolChoice`); ``logprobs`` is
+    None for none, else how many alternatives (0-20) beside each token's own; ``n``
+    choices share one prompt. Messages may carry images (:class:`ImagePart`), which
+    only a provider that can see may accept; the others refuse with InvalidRequest.
+    """
 
     model: str
     prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
+    prompt_tokens: list[int] | None = None
+    suffix: str | None = None
+    messages: list[Message] | None = None
     max_tokens: int | None = None
     stop: list[str] = []
     echo: bool = False
     grammar: str | None = None
     json_schema: str | None = None
+    tools: tuple[FunctionTool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
+    parallel_tool_calls: bool = True
+    logprobs: int | None = None
+    n: int = 1
     sampling: SamplingParams = SamplingParams()
 
 
 class TextDelta(msgspec.Struct, frozen=True):
+    """Text of choice ``index``; ``tokens`` it took; ``logprobs`` one per token when asked for."""
+
     text: str
     tokens: int
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True):
+    """Part of the ``call``-th tool call (0, 1, ...) of choice ``index``.
+
+    The first part of a call carries its ``id`` and ``name``; ``arguments`` (JSON
+    text of an object) may arrive whole in it or in pieces over later parts. A
+    provider sends only calls whose arguments parse as JSON once complete.
+    """
+
+    call: int
+    index: int = 0
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+    tokens: int = 0
 
 
 class Finish(msgspec.Struct, frozen=True):
-    """``reason`` is ``stop`` or ``length`` (or ``cancelled`` when the stream was cancelled).
+    """``reason`` is ``stop``, ``length`` or ``tool_calls`` (or ``cancelled`` when the stream was
+    cancelled), for choice 0; with ``n`` > 1, ``reasons`` holds every choice's in order.
 
     ``cached_tokens``: of the prompt tokens, how many the backend reused from its
     prompt cache instead of computing (0 when it does not say).
+    ``tool_parse_failures``: calls the model generated that could not be parsed
+    (counted per model in the metrics; their text went out as content).
     """
 
     reason: str
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    reasons: tuple[str, ...] = ()
+    tool_parse_failures: int = 0
 
 
-StreamEvent = TextDelta | Finish
+StreamEvent = TextDelta | ToolCallDelta | Finish
 
 
 class EmbeddingResult(msgspec.Struct, frozen=True):

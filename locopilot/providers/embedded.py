@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator
 import anyio
 import msgspec
 
-from locopilot.engine.protocol import Delta, Done, Embed, Embeddings, Failed, FromRunner, Generate, Started
+from locopilot.engine.protocol import CallDelta, Delta, Done, Embed, Embeddings, Failed, FromRunner, Generate, Started
 from locopilot.engine.scheduler import ModelManager, RunnerGone
 from locopilot.errors import (
     ContextLengthExceeded,
@@ -18,7 +18,15 @@ from locopilot.errors import (
     TemplateFailed,
 )
 from locopilot.models.catalog import ModelCatalog
-from locopilot.providers.base import EmbeddingResult, Finish, GenerationRequest, Locality, StreamEvent, TextDelta
+from locopilot.providers.base import (
+    EmbeddingResult,
+    Finish,
+    GenerationRequest,
+    Locality,
+    StreamEvent,
+    TextDelta,
+    ToolCallDelta,
+)
 
 
 def failure_error(failed: Failed, input_param: str) -> LocopilotError:
@@ -95,11 +103,17 @@ class EmbeddedProvider:
             id=0,
             prompt=request.prompt,
             messages=request.messages,
+            suffix=request.suffix,
             max_tokens=request.max_tokens,
             stop=request.stop,
             echo=request.echo,
             grammar=request.grammar,
             json_schema=request.json_schema,
+            tools=request.tools,
+            tool_choice=request.tool_choice,
+            parallel_tool_calls=request.parallel_tool_calls,
+            logprobs=request.logprobs,
+            n=request.n,
             sampling=request.sampling,
         )
         input_param = "messages" if request.messages is not None else "prompt"
@@ -109,10 +123,26 @@ class EmbeddedProvider:
                 match message:
                     case Started():
                         pass
-                    case Delta(text=text, tokens=tokens):
-                        yield TextDelta(text, tokens)
-                    case Done(finish_reason=reason, prompt_tokens=p, completion_tokens=c, cached_tokens=k):
-                        yield Finish(reason, p, c, k)
+                    case Delta(text=text, tokens=tokens, index=index, logprobs=logprobs):
+                        yield TextDelta(text, tokens, index, logprobs)
+                    case CallDelta():
+                        yield ToolCallDelta(
+                            call=message.call,
+                            index=message.index,
+                            id=message.call_id,
+                            name=message.name,
+                            arguments=message.arguments,
+                            tokens=message.tokens,
+                        )
+                    case Done():
+                        yield Finish(
+                            message.finish_reason,
+                            message.prompt_tokens,
+                            message.completion_tokens,
+                            message.cached_tokens,
+                            message.reasons,
+                            message.tool_parse_failures,
+                        )
                     case Failed():
                         raise failure_error(message, input_param)
                     case _:

@@ -180,7 +180,7 @@ class OllamaProvider:
         body: dict[str, Any] = {"model": request.model}
         if request.messages is not None:
             path = "/api/chat"
-            body["messages"] = request.messages
+            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
         elif request.prompt is not None:
             path = "/api/generate"
             body["prompt"] = request.prompt

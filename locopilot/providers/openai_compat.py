@@ -328,7 +328,7 @@ def generation_body(request: GenerationRequest) -> tuple[str, dict[str, Any], st
     body: dict[str, Any] = {"model": request.model}
     if request.messages is not None:
         path, param = "/chat/completions", "messages"
-        body["messages"] = request.messages
+        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
     elif request.prompt is not None:
         path, param = "/completions", "prompt"
         body["prompt"] = request.prompt
