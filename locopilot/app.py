@@ -25,7 +25,15 @@ from locopilot.api import training as training_api
 from locopilot.api.services import EngineStatus, Services, get_services
 from locopilot.engine.protocol import probe_decoder
 from locopilot.engine.scheduler import ModelManager, runner_command, runner_environment
-from locopilot.errors import InvalidRequest, LocopilotError, NotFound, UpstreamError, error_for_status
+from locopilot.errors import (
+    InvalidRequest,
+    LocopilotError,
+    NotFound,
+    UpstreamError,
+    error_for_status,
+    front_of,
+    render,
+)
 from locopilot.gateway.access import AccessLog, outcome_id
 from locopilot.gateway.auth import DOCS_PATH, Authenticator, principal_of
 from locopilot.gateway.guard import GuardMiddleware
@@ -41,7 +49,6 @@ from locopilot.providers.embedded import EmbeddedProvider
 from locopilot.providers.http import upstream_transport
 from locopilot.providers.ollama import OllamaProvider
 from locopilot.providers.openai_compat import OpenAICompatProvider
-from locopilot.schemas.openai import encoder
 from locopilot.settings import Settings, UpstreamConfig
 from locopilot.store.db import Database, StoreError
 from locopilot.store.upkeep import fail_interrupted_jobs, purge_older_than
@@ -53,13 +60,10 @@ PROBE_TIMEOUT = 120
 RETENTION_INTERVAL = 3600.0
 
 
-def error_response(exc: LocopilotError) -> Response[bytes]:
-    return Response(
-        encoder.encode(exc.body()),
-        status_code=exc.status_code,
-        media_type=MediaType.JSON,
-        headers=exc.headers(),
-    )
+def error_response(exc: LocopilotError, path: str = "") -> Response[bytes]:
+    """``exc`` in the error shape of the API that ``path`` belongs to (:func:`locopilot.errors.render`)."""
+    status, body = render(exc, front_of(path))
+    return Response(body, status_code=status, media_type=MediaType.JSON, headers=exc.headers())
 
 
 # Requests to these are logged even when refused before their handler runs.
@@ -77,18 +81,18 @@ def rejected(request: Request[Any, Any, Any], exc: LocopilotError) -> Response[b
     if endpoint is not None and services is not None:
         outcome = Outcome(outcome_id(request.scope, "req"), endpoint, model="", key_id=principal_of(request).key_id)
         services.recorder.finish(outcome, error=exc)
-    return error_response(exc)
+    return error_response(exc, request.url.path)
 
 
 PASSED_THROUGH = (401, 403)
 
 
-def handle_locopilot_error(_: Request[Any, Any, Any], exc: LocopilotError) -> Response[bytes]:
+def handle_locopilot_error(request: Request[Any, Any, Any], exc: LocopilotError) -> Response[bytes]:
     if isinstance(exc, UpstreamError) and exc.upstream_status in PASSED_THROUGH and exc.upstream_body is not None:
         # An upstream's refusal (a key it rejects, a plan it requires, with its upgrade_url)
         # is the client's to read as the upstream wrote it.
         return Response(exc.upstream_body, status_code=exc.upstream_status, media_type=MediaType.JSON)
-    return error_response(exc)
+    return error_response(exc, request.url.path)
 
 
 def handle_validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
@@ -123,7 +127,7 @@ def json_not_found(response: Response[Any]) -> Response[Any]:
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(LocopilotError("Internal server error."))
+    return error_response(LocopilotError("Internal server error."), request.url.path)
 
 
 async def retain_logs(db: Database, days: int) -> None:

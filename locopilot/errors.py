@@ -25,7 +25,10 @@
         ├── Overloaded              503 code=too_many_concurrent_requests, Retry-After
         └── ShuttingDown            503 code=shutting_down (the shutdown grace is over)
 
-Every error body is ``{"error": {"message", "type", "param", "code"}}``.
+Every error body is ``{"error": {"message", "type", "param", "code"}}`` on the OpenAI
+routes; the Anthropic front (``/v1/messages``) answers in Anthropic's shape
+(``{"type": "error", "error": {"type", "message"}}``, 529 for an overloaded engine) and
+the Ollama front (``/api/*``) in Ollama's (``{"error": "..."}``): :func:`render`.
 
 An error made of someone else's words (an upstream's message, a chat template's
 exception) may quote the request, prompt included: it is marked ``quotes_input``,
@@ -35,7 +38,7 @@ record may show of it.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import msgspec
 
@@ -257,3 +260,58 @@ def error_for_status(status: int, message: str) -> LocopilotError:
             return Unavailable(message)
         case _:
             return LocopilotError(message)
+
+
+Front = Literal["openai", "anthropic", "ollama"]
+"""The API a request came through, which decides the shape of its errors."""
+
+
+def front_of(path: str) -> Front:
+    """The API whose error shape answers a request for ``path``."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    if path == "/api" or path.startswith("/api/"):
+        return "ollama"
+    return "openai"
+
+
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+class AnthropicErrorDetail(msgspec.Struct):
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(msgspec.Struct):
+    error: AnthropicErrorDetail
+    type: str = "error"
+
+
+class OllamaErrorBody(msgspec.Struct):
+    error: str
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def render(exc: LocopilotError, front: Front) -> tuple[int, bytes]:
+    """The status and JSON body of ``exc`` in ``front``'s shape (headers: ``exc.headers()``)."""
+    match front:
+        case "anthropic":
+            # Anthropic says 529 overloaded_error where the service cannot take the request now.
+            status = 529 if isinstance(exc, Unavailable) else exc.status_code
+            kind = ANTHROPIC_TYPES.get(status, "api_error")
+            return status, _encoder.encode(AnthropicErrorBody(AnthropicErrorDetail(kind, exc.message)))
+        case "ollama":
+            return exc.status_code, _encoder.encode(OllamaErrorBody(exc.message))
+        case _:
+            return exc.status_code, _encoder.encode(exc.body())
