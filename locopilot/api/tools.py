@@ -60,6 +60,9 @@ class ToolParams:
     of each internal message, for fronts whose messages do not map one to one (a system
     field that became message 0, items that became several messages). ``call_ids`` says
     whether tool messages must name the call they answer (Ollama's carry no ids).
+    ``parameters`` is the name of a tool's schema field (Anthropic's ``input_schema``);
+    ``call_id`` and ``call_arguments`` (``{}``: the call's number) are paths within a
+    message: of the id a tool result answers, and of a call's arguments.
     """
 
     tool: str = "tools[{}].function"
@@ -67,6 +70,9 @@ class ToolParams:
     message: str = "messages[{}]"
     message_origin: tuple[int, ...] = ()
     call_ids: bool = True
+    parameters: str = "parameters"
+    call_id: str = "tool_call_id"
+    call_arguments: str = "tool_calls[{}].function.arguments"
 
     def tool_param(self, index: int) -> str:
         return self.tool.format(index)
@@ -110,7 +116,7 @@ def _check_declared(tools: Sequence[FunctionTool], params: ToolParams) -> None:
             raise InvalidRequest(f"Tool name {tool.name!r} is declared twice.", param=f"{where}.name")
         seen.add(tool.name)
         schema = tool.parameters
-        param = f"{where}.parameters"
+        param = f"{where}.{params.parameters}"
         # {} is a function without arguments, as OpenAI takes it.
         if schema and schema.get("type") != "object":
             raise InvalidRequest(
@@ -144,7 +150,7 @@ def _check_history(messages: Sequence[Message], params: ToolParams) -> None:
             if not _is_object_text(call.arguments):
                 raise InvalidRequest(
                     f"The arguments of tool call {call.id!r} must be the JSON text of an object.",
-                    param=f"{where}.tool_calls[{number}].function.arguments",
+                    param=f"{where}.{params.call_arguments.format(number)}",
                 )
             if call.id:
                 calls.add(call.id)
@@ -152,11 +158,13 @@ def _check_history(messages: Sequence[Message], params: ToolParams) -> None:
             continue
         if message.tool_call_id is None:
             if params.call_ids:
-                raise InvalidRequest("A tool message needs the tool_call_id it answers.", param=f"{where}.tool_call_id")
+                raise InvalidRequest(
+                    "A tool message needs the tool_call_id it answers.", param=f"{where}.{params.call_id}"
+                )
         elif message.tool_call_id not in calls:
             raise InvalidRequest(
                 f"The tool message answers {message.tool_call_id[:80]!r}, which is no earlier assistant tool call.",
-                param=f"{where}.tool_call_id",
+                param=f"{where}.{params.call_id}",
             )
 
 

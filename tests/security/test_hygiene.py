@@ -309,6 +309,10 @@ BOMBS = {
         '{"model": "lan-model", "messages": [{"role": "user", "content": "hi"}], "response_format": '
         '{"type": "json_schema", "json_schema": {"schema": {"enum": ' + nested(100_000) + "}}}}"
     ),
+    "arrays in a tool schema": (
+        '{"model": "lan-model", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", '
+        '"function": {"name": "f", "parameters": {"enum": ' + nested(100_000) + "}}}]}"
+    ),
     "arrays in a message": '{"model": "lan-model", "messages": [{"role": "user", "content": ' + nested(50_000) + "}]}",
     "just past the limit": (
         '{"model": "lan-model", "messages": [{"role": "user", "content": "hi"}], "junk": '
@@ -368,6 +372,8 @@ def test_the_words_alone_are_fine(secured: Server) -> None:
     assert post(secured, "/v1/chat/completions", talk).status_code == 200
     schema = {"type": "object", "properties": {"base_url": {"type": "string"}, "api_key": {"type": "string"}}}
     assert post(secured, "/v1/chat/completions", chat(response_format=schema_format(schema))).status_code == 200
+    tool = {"type": "function", "function": {"name": "connect", "parameters": schema}}
+    assert post(secured, "/v1/chat/completions", chat(tools=[tool])).status_code == 200
 
 
 def test_no_source_runs_shells_eval_or_pickle() -> None:
