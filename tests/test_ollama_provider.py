@@ -11,7 +11,15 @@ import pytest
 
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import InvalidRequest, ModelNotFound, UpstreamError
-from locopilot.providers.base import Finish, GenerationRequest, Message, StreamEvent, TextDelta
+from locopilot.providers.base import (
+    Finish,
+    FunctionTool,
+    GenerationRequest,
+    Message,
+    StreamEvent,
+    TextDelta,
+    ToolCallDelta,
+)
 from locopilot.providers.ollama import OllamaProvider
 from tests.conftest import free_port
 from tests.fakes.ollama import SENTENCE, OllamaStandIn
@@ -145,6 +153,29 @@ async def test_logit_bias_is_refused_before_any_request(provider: OllamaProvider
         await collect(provider, chat(sampling=SamplingParams(logit_bias={1: 5.0})))
     assert caught.value.param == "logit_bias"
     assert ollama.requests == []
+
+
+@pytest.mark.anyio
+async def test_token_prompts_are_refused_before_any_request(provider: OllamaProvider, ollama: OllamaStandIn) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        await collect(provider, GenerationRequest(model=MODEL, prompt_tokens=[1, 2, 3]))
+    assert caught.value.param == "prompt"
+    assert ollama.requests == []
+
+
+@pytest.mark.anyio
+async def test_streamed_tool_calls_become_call_deltas(provider: OllamaProvider, ollama: OllamaStandIn) -> None:
+    """Each call comes whole in one line; an older Ollama's calls without ids get OpenAI-style ones."""
+    ollama.call_ids = False
+    ollama.call_tools = ["f", "f"]
+    tool = FunctionTool(name="f", parameters={"type": "object", "properties": {"n": {"type": "integer"}}})
+    text, events = await collect(provider, chat(tools=(tool,)))
+    assert text == ""
+    first, second, finish = events
+    assert isinstance(first, ToolCallDelta) and isinstance(second, ToolCallDelta)
+    assert [(e.call, e.name, e.arguments) for e in (first, second)] == [(0, "f", '{"n":3}'), (1, "f", '{"n":3}')]
+    assert first.id and second.id and first.id != second.id and first.id.startswith("call_")
+    assert finish == Finish("tool_calls", 4, 15)
 
 
 @pytest.mark.anyio
