@@ -188,9 +188,15 @@ def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
             item["images"] = [inline_image(image.url, index) for image in message.images]
         if message.tool_calls:
             calls = []
-            for call in message.tool_calls:
+            for number, call in enumerate(message.tool_calls):
                 names[call.id] = call.name
-                arguments = msgspec.json.decode(call.arguments) if call.arguments else {}
+                try:
+                    arguments = msgspec.json.decode(call.arguments) if call.arguments else {}
+                except msgspec.DecodeError as exc:
+                    raise InvalidRequest(
+                        f"The arguments of tool call {call.id!r} are not JSON.",
+                        param=f"messages[{index}].tool_calls[{number}].function.arguments",
+                    ) from exc
                 calls.append({"id": call.id, "function": {"name": call.name, "arguments": arguments}})
             item["tool_calls"] = calls
         if message.role == "tool":
