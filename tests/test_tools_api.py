@@ -397,18 +397,24 @@ def test_tool_call_through_second_locopilot_from_its_engine(
     """A front routes to a second locopilot whose embedded SmolLM2 must call the tool."""
     engine = start_server(tmp_path_factory, {SMOL: smollm2_path})
     try:
-        front = start_server(tmp_path_factory, {}, upstreams({"name": "engine", "url": f"{engine.url}/v1"}))
+        # Loaded beforehand, and a long upstream timeout: a cold load on a busy machine can outlast the default.
+        engine.client().chat.completions.create(model=SMOL, messages=ASK, max_tokens=1)
+        settings = {**upstreams({"name": "engine", "url": f"{engine.url}/v1"}), "LOCOPILOT_UPSTREAM_TIMEOUT": "600"}
+        front = start_server(tmp_path_factory, {}, settings)
         try:
             client = front.client()
-            reply = client.chat.completions.create(
-                model=f"engine:{SMOL}", messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0
-            )
+            forced: dict[str, Any] = {"tools": [WEATHER], "tool_choice": "required", "temperature": 0, "max_tokens": 64}
+            reply = client.chat.completions.create(model=f"engine:{SMOL}", messages=ASK, **forced)
+            assert reply.choices[0].finish_reason == "tool_calls"
             (call,) = reply.choices[0].message.tool_calls or []
             assert call.function.name == "get_weather"
             assert isinstance(json.loads(call.function.arguments)["city"], str)
-            chunks = streamed(client, model=f"engine:{SMOL}", messages=ASK, tools=[WEATHER], tool_choice="required")
+            chunks = streamed(client, model=f"engine:{SMOL}", messages=ASK, **forced)
             arguments = "".join(c.function.arguments or "" for c in call_deltas(chunks))
             assert isinstance(json.loads(arguments)["city"], str)
+            assert [choice.finish_reason for c in chunks for choice in c.choices if choice.finish_reason] == [
+                "tool_calls"
+            ]
         finally:
             front.stop()
     finally:
