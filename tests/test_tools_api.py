@@ -402,7 +402,7 @@ def test_tool_call_through_second_locopilot_from_its_engine(
         settings = {**upstreams({"name": "engine", "url": f"{engine.url}/v1"}), "LOCOPILOT_UPSTREAM_TIMEOUT": "600"}
         front = start_server(tmp_path_factory, {}, settings)
         try:
-            client = front.client()
+            client = front.client().with_options(timeout=600)
             forced: dict[str, Any] = {"tools": [WEATHER], "tool_choice": "required", "temperature": 0, "max_tokens": 64}
             reply = client.chat.completions.create(model=f"engine:{SMOL}", messages=ASK, **forced)
             assert reply.choices[0].finish_reason == "tool_calls"
