@@ -382,10 +382,43 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             ),
         ),
     ] = 256 * 1024 * 1024
+    # -- Getting models (locopilot.models.pull) --
+    hf_endpoint: Annotated[
+        str,
+        Meta(
+            pattern=r"^https?://[^\s]+$",
+            description="The Hugging Face hub (or a mirror of it) that `hf.co/...` pulls list and download from.",
+        ),
+    ] = "https://huggingface.co"
+    hf_token: Annotated[
+        str, Meta(description="A Hugging Face access token, for gated and private repositories. Never printed.")
+    ] = ""
+    ollama_registry: Annotated[
+        str,
+        Meta(
+            pattern=r"^https?://[^\s/]+/?$",
+            description=(
+                "The Ollama registry that pulls of names without a host (`llama3.2:1b`) use, as `https://host`; "
+                "a name with a host (`registry.example.com/ns/model:tag`) goes to that host."
+            ),
+        ),
+    ] = "https://registry.ollama.ai"
+    pull_proxy: Annotated[
+        str,
+        Meta(
+            pattern=r"^(https?://[^\s]+)?$",
+            description=(
+                "An HTTP proxy for pulls, and for nothing else (`http://proxy:3128`). Default: `HTTPS_PROXY` "
+                "(or `https_proxy`) from the environment; hosts in `NO_PROXY` are reached directly."
+            ),
+        ),
+    ] = ""
     # Derived from the upstream settings by load_settings; not an environment variable.
     upstream_configs: tuple[UpstreamConfig, ...] = ()
     # The bootstrap admin key from ADMIN_KEY or ADMIN_KEY_FILE; derived, never printed.
     admin_secret: str = ""
+    # Hosts NO_PROXY exempts from the pull proxy; derived from the environment.
+    pull_no_proxy: tuple[str, ...] = ()
 
     @property
     def data_path(self) -> Path:
@@ -489,7 +522,22 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         models_dir=str(Path(models_dir).expanduser()),
         upstream_configs=_upstream_configs(settings, environ),
         admin_secret=_admin_secret(settings),
+        pull_proxy=settings.pull_proxy or _environment_proxy(environ),
+        pull_no_proxy=_no_proxy(environ),
     )
+
+
+def _no_proxy(environ: Mapping[str, str]) -> tuple[str, ...]:
+    listed = environ.get("NO_PROXY") or environ.get("no_proxy") or ""
+    return tuple(host.strip().lower() for host in listed.split(",") if host.strip())
+
+
+def _environment_proxy(environ: Mapping[str, str]) -> str:
+    """``HTTPS_PROXY`` (or its lower-case spelling), the proxy air-gapped sites set for the way out."""
+    value = (environ.get("HTTPS_PROXY") or environ.get("https_proxy") or "").strip()
+    if value and not value.startswith(("http://", "https://")):
+        raise SettingsError("HTTPS_PROXY", "must be an http:// or https:// URL (used by `locopilot pull`)")
+    return value
 
 
 def _check_tls(settings: Settings) -> None:
@@ -658,4 +706,4 @@ def effective_items(settings: Settings) -> Iterator[tuple[str, str]]:
         yield info.variable, value
 
 
-SECRET_FIELDS = frozenset({"remote_api_key", "admin_key"})
+SECRET_FIELDS = frozenset({"remote_api_key", "admin_key", "hf_token", "pull_proxy"})
