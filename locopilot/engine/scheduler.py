@@ -95,6 +95,18 @@ async def relay_stderr(stream: anyio.abc.ByteReceiveStream, model: str, pid: int
     emit(pending)
 
 
+#: (device, inode, size, mtime_ns) of a model file: a replaced or rewritten file has another.
+FileKey = tuple[int, int, int, int]
+
+
+def file_key(path: Path) -> FileKey | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class RunnerGone(EngineUnavailable):
     """The runner had died before this request was sent; a new runner may serve it."""
 
@@ -140,6 +152,8 @@ class RunnerProcess:
         self.cached_tokens = 0
         self.embedding_decodes = 0
         self.alive = True
+        self.file_key: FileKey | None = None
+        """The model file's identity when it was loaded (:func:`file_key`)."""
         self.exit_reason = ""
         self._ids = itertools.count(1)
         self._pending: dict[int, _Ticket] = {}
@@ -481,8 +495,9 @@ class ModelManager:
     async def runner(self, name: str) -> RunnerProcess:
         """The live runner for ``name``, starting one (and evicting another) if needed."""
         path = self.paths(name)
+        key = file_key(path)
         runner = self.runners.get(name)
-        if runner is not None and runner.alive:
+        if runner is not None and runner.alive and runner.file_key == key:
             self.runners.move_to_end(name)
             runner.last_used = self.clock()
             return runner
@@ -491,11 +506,17 @@ class ModelManager:
             if runner is not None and not runner.alive:
                 self._forget_dead(name)
                 runner = None
+            if runner is not None and runner.file_key != key:
+                # The file was replaced (a pull updated it, someone copied over it): serve the new one.
+                log.info("model %s changed on disk; reloading it", name)
+                await self.unload(name)
+                runner = None
             if runner is None:
                 await self._make_room()
                 runner = await RunnerProcess.start(
                     name, path, self.settings, self.clock, self.task_group, self._runner_idle
                 )
+                runner.file_key = key
                 self.runners[name] = runner
                 if name in self._died:
                     self._died.discard(name)

@@ -18,6 +18,7 @@ Raises :class:`~locopilot.errors.UpstreamError` (the source failed or refused),
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -36,7 +37,7 @@ from locopilot.errors import ChecksumMismatch, InsufficientStorage, UpstreamErro
 log = logging.getLogger(__name__)
 
 RETRIES = 5
-CHUNK = 4 * 1024 * 1024
+CHUNK = 1024 * 1024
 LOCK_POLL_S = 0.5
 
 
@@ -207,6 +208,12 @@ async def _fetch_locked(
             log.warning("%s: %s at byte %d; resuming", blob.filename, type(exc).__name__, have)
             await anyio.sleep(min(0.2 * 2**failures, 5.0))
             continue
+        except BaseException:
+            # Cancelled (or failed): what arrived is hashed and counted; written, a later pull resumes after it.
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await _flush(file, pending)
+                await anyio.to_thread.run_sync(file.flush)
+            raise
     await anyio.to_thread.run_sync(_finish, file)
     got = hasher.hexdigest()
     if blob.size is not None and have != blob.size:

@@ -77,3 +77,15 @@ def every(db: Database) -> dict[str, ModelRecord]:
 
 def delete(db: Database, name: str) -> bool:
     return db.write("DELETE FROM model_records WHERE name = ?", (name,)).result() == 1
+
+
+def training_job_using(db: Database, name: str) -> str | None:
+    """The id of a queued or running job (on this server) that trains model ``name``, if any."""
+    row = db.read(
+        lambda conn: conn.execute(
+            "SELECT id FROM training_jobs WHERE base_model = ? AND status IN ('queued', 'running') "
+            "AND remote IS NULL LIMIT 1",
+            (name,),
+        ).fetchone()
+    )
+    return None if row is None else str(row[0])

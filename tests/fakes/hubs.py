@@ -138,7 +138,7 @@ class ModelHubs:
     def add_hf(self, repo_id: str, files: dict[str, bytes], *, token: str | None = None) -> HFRepo:
         for data in files.values():
             self.add_blob(data)
-        repo = HFRepo(files, hashlib.sha1(repo_id.encode()).hexdigest(), token)  # noqa: S324 (a commit id)
+        repo = HFRepo(files, hashlib.sha1(repo_id.encode()).hexdigest(), token)
         self.repos[repo_id] = repo
         return repo
 
@@ -423,4 +423,4 @@ def _pointer(data: bytes) -> bytes:
 
 
 def _git_oid(content: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()  # noqa: S324 (git's object id)
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
