@@ -59,6 +59,7 @@ def environment(hubs: ModelHubs, root: Path, **extra: str) -> dict[str, str]:
         "LOCOPILOT_MODELS_DIR": str(root / "models"),
         "LOCOPILOT_HF_ENDPOINT": hubs.hub_url,
         "LOCOPILOT_OLLAMA_REGISTRY": hubs.hub_url,
+        "COLUMNS": "300",  # rich wraps what it prints at the terminal's width
         **extra,
     }
 
@@ -367,3 +368,41 @@ def test_a_model_a_training_job_uses_cannot_be_deleted(server: Server, smollm2_p
         conn.execute("UPDATE training_jobs SET status = 'cancelled' WHERE id = 'ftjob-pulltest'")
         conn.close()
     assert httpx.delete(f"{server.url}/v1/locopilot/models/base", headers=HEADERS).status_code == 200
+
+
+def test_models_add_pins_and_verify_reports_changes(tmp_path: Path, hubs: ModelHubs, blobs: dict[str, bytes]) -> None:
+    env = environment(hubs, tmp_path)
+    source = tmp_path / "pinned.gguf"
+    source.write_bytes(blobs["a"])
+    wrong = cli(env, "models", "add", str(source), "--sha256", "0" * 64)
+    assert wrong.returncode == 1 and "nothing was added" in wrong.stderr
+    assert not (tmp_path / "models" / "pinned.gguf").exists()
+    added = cli(env, "models", "add", str(source), "--sha256", sha(blobs["a"]))
+    assert added.returncode == 0, added.stderr
+    checked = cli(env, "models", "verify")
+    assert checked.returncode == 0 and "ok" in checked.stdout
+    (tmp_path / "models" / "pinned.gguf").write_bytes(blobs["b"])
+    changed = cli(env, "models", "verify", "pinned")
+    assert changed.returncode == 1 and "CHANGED" in changed.stdout and sha(blobs["b"]) in changed.stdout
+
+
+def test_a_replaced_model_file_is_reloaded(server: Server, smollm2_path: Path, gemma_path: Path) -> None:
+    base = f"{server.url}/v1/locopilot/models"
+    link = server.models_dir / "swapped.gguf"
+    link.symlink_to(smollm2_path)
+
+    def runner() -> dict[str, Any]:
+        health = httpx.get(f"{server.url}/v1/engine/health", headers=HEADERS).json()
+        return next(r for r in health["engine"]["runners"] if r["model"] == "swapped")
+
+    assert httpx.post(f"{base}/swapped/load", headers=HEADERS, timeout=120).status_code == 200
+    before = runner()
+    assert httpx.post(f"{base}/swapped/load", headers=HEADERS, timeout=120).status_code == 200
+    assert runner()["pid"] == before["pid"]  # unchanged: the same runner
+    replacement = link.with_name(".swapped.tmp")
+    replacement.symlink_to(gemma_path)
+    os.replace(replacement, link)
+    assert httpx.post(f"{base}/swapped/load", headers=HEADERS, timeout=120).status_code == 200
+    after = runner()
+    assert after["pid"] != before["pid"] and after["chat_template"] != before["chat_template"]
+    httpx.delete(f"{base}/swapped", headers=HEADERS)
