@@ -27,7 +27,7 @@ from msgspec import Meta
 from locopilot.api.openai import model_card
 from locopilot.api.responses import BODY, GUARDED, answers
 from locopilot.api.services import Services
-from locopilot.errors import Conflict, LocopilotError
+from locopilot.errors import Conflict, LocopilotError, ModelNotFound
 from locopilot.gateway import auth
 from locopilot.models.pull import SPLITS, PullEvent, prepare
 from locopilot.schemas.openai import ModelCard, encoder
@@ -171,6 +171,13 @@ def _remove(services: Services, name: str) -> None:
     records.delete(services.db, name)
 
 
+async def usable(services: Services, name: str) -> None:
+    """Raise InvalidModelName, or ModelNotFound for a model that is absent or not a GGUF llama.cpp may open."""
+    entry = await anyio.to_thread.run_sync(services.catalog.get, name)
+    if entry.error is not None:
+        raise ModelNotFound(f"The model '{name}' is not a usable GGUF file: {entry.error}", param="model")
+
+
 @post(
     "/v1/locopilot/models/{model_id:str}/load",
     status_code=200,
@@ -178,7 +185,7 @@ def _remove(services: Services, name: str) -> None:
 )
 async def load_model(model_id: str, services: Services) -> Response[bytes]:
     """Load a model into a runner now (it counts towards LOCOPILOT_MAX_LOADED_MODELS)."""
-    await anyio.to_thread.run_sync(services.catalog.get, model_id)
+    await usable(services, model_id)
     await services.manager.runner(model_id)
     return Response(encoder.encode(LoadState(model_id, True)), media_type="application/json")
 

@@ -38,7 +38,14 @@ import httpx
 import msgspec
 
 from locopilot import __version__
-from locopilot.errors import Conflict, InsufficientStorage, InvalidRequest, LocopilotError, UpstreamError
+from locopilot.errors import (
+    Conflict,
+    InsufficientStorage,
+    InvalidModelName,
+    InvalidRequest,
+    LocopilotError,
+    UpstreamError,
+)
 from locopilot.models.catalog import SUFFIX, ModelCatalog, validate_model_name
 from locopilot.models.download import Blob, fetch, sha256_file
 from locopilot.models.gguf import GGUFError, read_header
@@ -120,7 +127,11 @@ def prepare(
             "A URL needs its sha256 (`--sha256 HEX`), or `--insecure-no-checksum` to take it unchecked",
             param="sha256",
         )
-    return PullRequest(ref, validate_model_name(name or ref.default_name), sha256, insecure, no_checksum)
+    try:
+        local = validate_model_name(name or ref.default_name)
+    except InvalidModelName as exc:
+        raise InvalidModelName(exc.message, param="name" if name else "model") from exc
+    return PullRequest(ref, local, sha256, insecure, no_checksum)
 
 
 def pull_client(settings: Settings) -> httpx.AsyncClient:
