@@ -148,6 +148,12 @@ async def _huggingface(client: httpx.AsyncClient, settings: Settings, ref: Huggi
     response = await client.get(
         f"{base}/api/models/{ref.repo_id}/revision/main", params={"blobs": "true"}, headers=headers
     )
+    if response.status_code == 404 or response.headers.get("x-error-code") == "RepoNotFound":
+        # Without a token the hub answers 401 RepoNotFound for a repository that is absent or private.
+        hint = "" if headers else " (or a private one: set LOCOPILOT_HF_TOKEN)"
+        raise NotFound(
+            f"There is no Hugging Face repository {ref.repo_id}{hint}", param="model", code="model_not_found"
+        )
     if response.status_code in (401, 403):
         hint = "set LOCOPILOT_HF_TOKEN to a token that may read it" if not headers else "the token may not read it"
         raise UpstreamError(
@@ -155,8 +161,6 @@ async def _huggingface(client: httpx.AsyncClient, settings: Settings, ref: Huggi
             retryable=False,
             upstream_status=response.status_code,
         )
-    if response.status_code == 404:
-        raise NotFound(f"There is no Hugging Face repository {ref.repo_id}", param="model", code="model_not_found")
     _raise_for(response, f"the listing of {ref.repo_id}")
     try:
         info = msgspec.json.decode(response.content[:MAX_LISTING], type=_ModelInfo)
