@@ -14,6 +14,7 @@ from rich.text import Text
 
 from locopilot.cli import console, database, print_error, settings_or_exit
 from locopilot.errors import LocopilotError
+from locopilot.models import imports
 from locopilot.models.catalog import ModelCatalog
 from locopilot.models.download import sha256_file
 from locopilot.models.gguf import GGUFError
@@ -101,6 +102,42 @@ def add_model(path: Path, name: str | None, link: bool, pin: str | None) -> None
         )
         records.put(db, record)
     console.print(f"added {entry.name} ({human_size(entry.size_bytes)}, {entry.quantization})", highlight=False)
+
+
+@models.command("import")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--copy", is_flag=True, help="Copy the files (default: link to them where they are).")
+def import_models(folder: Path, copy: bool) -> None:
+    """Add the models of an Ollama models folder (~/.ollama/models), a Hugging Face hub cache
+    (~/.cache/huggingface/hub), an LM Studio folder or any folder of GGUFs, named as the source names them.
+
+    No network is used. A name that exists already is skipped. Split models are linked, never copied.
+    """
+    models_catalog = catalog()
+    found = imports.found_in(folder)
+    if not found:
+        print_error(f"no GGUF models found in {folder} (read as {imports.kind_of(folder)})")
+        raise SystemExit(1)
+    table = Table("name", "from", "result", box=None)
+    with database() as db:
+        for item in found:
+            try:
+                entry = models_catalog.add(item.path, name=item.name, link=not copy or item.split)
+            except LocopilotError as exc:
+                table.add_row(item.name, Text(item.source), Text(f"skipped: {exc.message}", style="yellow"))
+                continue
+            record = ModelRecord(
+                name=entry.name,
+                source=item.source,
+                sha256=item.sha256,
+                size=entry.size_bytes,
+                metadata=item.metadata,
+                arrived_at=time.time(),
+            )
+            records.put(db, record)
+            how = "linked" if not copy or item.split else "copied"
+            table.add_row(entry.name, Text(item.source), Text(how, style="green"))
+    console.print(table)
 
 
 @models.command("verify")
