@@ -175,13 +175,14 @@ class RunnerProcess:
 
         The runner's stderr is relayed into our log by a task in ``tasks`` until it closes.
         """
+        runtime = settings.for_model(name)
         load = Load(
             model_path=str(model_path),
-            ctx_size=settings.ctx_size,
-            threads=settings.effective_threads(),
-            decode_threads=settings.decode_threads(),
-            gpu_layers=settings.gpu_layers,
-            parallel=settings.parallel,
+            ctx_size=runtime.ctx_size,
+            threads=runtime.threads,
+            decode_threads=runtime.decode_threads,
+            gpu_layers=runtime.gpu_layers,
+            parallel=runtime.parallel,
         )
         process = await anyio.open_process(
             runner_command(),
@@ -529,7 +530,11 @@ class ModelManager:
     async def _make_room(self) -> None:
         """Unload the least recently used idle runner until one more fits; waits while all are busy."""
         while len(self.runners) >= self.settings.max_loaded_models:
-            idle = [name for name, r in self.runners.items() if r.in_flight == 0 and r.waiting == 0]
+            idle = [
+                name
+                for name, r in self.runners.items()
+                if r.in_flight == 0 and r.waiting == 0 and not self.settings.for_model(name).keep_loaded
+            ]
             if idle:
                 await self.unload(idle[0])
                 continue
@@ -561,11 +566,11 @@ class ModelManager:
 
     async def reap_idle(self, interval: float = 1.0) -> None:
         """Forever: unload runners idle longer than the TTL, forget dead ones."""
-        ttl = self.settings.model_idle_ttl
         while True:
             await anyio.sleep(interval)
             now = self.clock()
             for name, runner in list(self.runners.items()):
+                ttl = self.settings.for_model(name).idle_ttl
                 if not runner.alive and runner.in_flight == 0:
                     self._forget_dead(name)
                 elif ttl >= 0 and runner.in_flight == 0 and runner.waiting == 0 and now - runner.last_used > ttl:
