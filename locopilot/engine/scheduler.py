@@ -43,7 +43,9 @@ from locopilot.engine.protocol import (
     LoadFailed,
     Ready,
 )
-from locopilot.errors import EngineUnavailable, QueueFull
+from locopilot.errors import EngineUnavailable, InsufficientMemory, QueueFull
+from locopilot.models.gguf import GGUFError, read_header
+from locopilot.models.memory import Estimate, available, estimate, gib
 from locopilot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,8 @@ class RunnerProcess:
         self.cached_tokens = 0
         self.embedding_decodes = 0
         self.alive = True
+        self.weights = 0
+        """The estimated bytes of its model's weights (mapped from the file, so counted as page cache)."""
         self.file_key: FileKey | None = None
         """The model file's identity when it was loaded (:func:`file_key`)."""
         self.exit_reason = ""
@@ -455,8 +459,10 @@ class ModelManager:
         paths: Callable[[str], Path],
         task_group: anyio.abc.TaskGroup,
         clock: Callable[[], float] = time.monotonic,
+        free_memory: Callable[[], int | None] = available,
     ) -> None:
         self.settings = settings
+        self.free_memory = free_memory
         self.paths = paths
         self.task_group = task_group
         self.clock = clock
@@ -514,10 +520,12 @@ class ModelManager:
                 runner = None
             if runner is None:
                 await self._make_room()
+                need = await self._check_memory(name, path)
                 runner = await RunnerProcess.start(
                     name, path, self.settings, self.clock, self.task_group, self._runner_idle
                 )
                 runner.file_key = key
+                runner.weights = need.weights if need is not None else 0
                 self.runners[name] = runner
                 if name in self._died:
                     self._died.discard(name)
@@ -547,6 +555,41 @@ class ModelManager:
                     "raise LOCOPILOT_MAX_LOADED_MODELS or try again later",
                     retry_after=5,
                 )
+
+    async def _check_memory(self, name: str, path: Path) -> Estimate | None:
+        """Unload idle models until ``name`` fits in free memory, or raise InsufficientMemory (nothing is started).
+
+        Free is what the machine or cgroup has available (:func:`locopilot.models.memory.available`) less the
+        weights of loaded models, whose mapped pages it counts as reclaimable. None: no estimate could be made.
+        """
+        try:
+            header = await anyio.to_thread.run_sync(read_header, path)
+        except (GGUFError, OSError):
+            return None  # the runner says what is wrong with the file
+        need = estimate(header, self.settings.for_model(name))
+        while True:
+            available = self.free_memory()
+            if available is None:
+                return need
+            free = max(0, available - sum(r.weights for r in self.runners.values() if r.alive))
+            if need.total <= free:
+                return need
+            idle = [
+                other
+                for other, r in self.runners.items()
+                if r.in_flight == 0 and r.waiting == 0 and not self.settings.for_model(other).keep_loaded
+            ]
+            if not idle:
+                log.warning("model %s needs about %s, %s is free: refused", name, gib(need.total), gib(free))
+                raise InsufficientMemory(
+                    f"model '{name}' needs about {gib(need.total)} of memory (weights {gib(need.weights)}, "
+                    f"KV cache {gib(need.kv_cache)}, compute {gib(need.compute)}), and {gib(free)} is free"
+                    + (f" with {len(self.runners)} other models loaded" if self.runners else "")
+                    + "; lower its LOCOPILOT_CTX_SIZE or LOCOPILOT_PARALLEL, or use a smaller quantization",
+                    param="model",
+                )
+            log.info("unloading %s to make room for %s", idle[0], name)
+            await self.unload(idle[0])
 
     def _forget_dead(self, name: str) -> None:
         """Drop a runner that died (an unloaded one has left ``runners`` before it stops)."""
