@@ -406,3 +406,57 @@ def test_a_replaced_model_file_is_reloaded(server: Server, smollm2_path: Path, g
     after = runner()
     assert after["pid"] != before["pid"] and after["chat_template"] != before["chat_template"]
     httpx.delete(f"{base}/swapped", headers=HEADERS)
+
+
+def test_pulls_go_through_https_proxy(tmp_path: Path, hubs: ModelHubs, blobs: dict[str, bytes]) -> None:
+    from tests.fakes.hubs import ForwardProxy
+
+    proxy = ForwardProxy()
+    try:
+        env = {k: v for k, v in environment(hubs, tmp_path).items() if k.lower() != "no_proxy"}
+        done = cli({**env, "HTTPS_PROXY": proxy.url}, "pull", "hf.co/acme/Tiny-GGUF:Q8_0", "--name", "proxied")
+    finally:
+        proxy.close()
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "models" / "proxied.gguf").read_bytes() == blobs["b"]
+    # The listing, the hub's redirect and the file server all went through the proxy.
+    assert any("/api/models/acme/Tiny-GGUF" in url for url in proxy.seen)
+    assert any("/resolve/" in url for url in proxy.seen)
+    assert any(url.startswith(hubs.cdn_url + "/blobs/") for url in proxy.seen)
+
+
+@pytest.mark.anyio
+async def test_ollama_progress_lines(tmp_path: Path, hubs: ModelHubs, blobs: dict[str, bytes]) -> None:
+    """What the Ollama front sends for /api/pull: Ollama's statuses and fields, nothing else."""
+    import anyio
+    import msgspec
+
+    from locopilot.models.catalog import ModelCatalog
+    from locopilot.models.pull import Puller, ollama_progress
+    from locopilot.settings import load_settings
+    from locopilot.store.db import Database
+
+    settings = load_settings(environment(hubs, tmp_path))
+    db = Database.open(settings.db_path)
+    try:
+        async with anyio.create_task_group() as tasks:
+            puller = Puller(settings, ModelCatalog(settings.models_path), db, tasks)
+            lines = [msgspec.json.encode(p) async for p in ollama_progress(puller, "acme/other:q8")]
+    finally:
+        db.close()
+    decoded = [json.loads(line) for line in lines]
+    digest = f"sha256:{sha(blobs['h'])}"
+    assert decoded[0] == {"status": "pulling manifest"}
+    assert decoded[-3:] == [
+        {"status": "verifying sha256 digest"},
+        {"status": "writing manifest"},
+        {"status": "success"},
+    ]
+    pulling = decoded[1:-3]
+    assert pulling and all(set(line) <= {"status", "digest", "total", "completed"} for line in pulling)
+    assert pulling[-1] == {
+        "status": f"pulling {digest[7:19]}",
+        "digest": digest,
+        "total": len(blobs["h"]),
+        "completed": len(blobs["h"]),
+    }

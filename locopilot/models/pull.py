@@ -387,3 +387,22 @@ class Puller:
 
 def _pulling(blob: Blob) -> str:
     return f"pulling {blob.digest.removeprefix('sha256:')[:12]}"
+
+
+async def ollama_progress(
+    puller: Puller, model: str, *, insecure: bool = False
+) -> AsyncGenerator[OllamaProgress, None]:
+    """Ollama's ``POST /api/pull`` stream for ``model``: one :class:`OllamaProgress` per line.
+
+    :func:`prepare` runs before the first line, so a bad name raises InvalidRequest (or
+    InvalidModelName) before anything is sent; later failures raise LocopilotError from the
+    iteration, which the Ollama front writes as an ``{"error": "..."}`` line as Ollama does.
+    The model's local name is the ref's default (``llama3.2:1b`` stays ``llama3.2:1b``).
+    """
+    request = prepare(model, insecure=insecure)
+    events = puller.pull(request)
+    try:
+        async for event in events:
+            yield event.ollama()
+    finally:
+        await events.aclose()

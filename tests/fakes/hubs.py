@@ -424,3 +424,55 @@ def _pointer(data: bytes) -> bytes:
 
 def _git_oid(content: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+
+
+class ForwardProxy:
+    """A plain HTTP forward proxy (absolute-form requests, as clients send to an ``http://`` proxy):
+    forwards GET and HEAD with their headers and answers what the origin answered. ``seen`` lists the
+    absolute URLs it forwarded."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.forward("GET")
+
+            def do_HEAD(self) -> None:
+                self.forward("HEAD")
+
+            def forward(self, method: str) -> None:
+                import http.client
+
+                proxy.seen.append(self.path)
+                target = urlsplit(self.path)
+                connection = http.client.HTTPConnection(target.hostname or "", target.port or 80, timeout=30)
+                path = target.path + (f"?{target.query}" if target.query else "")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection", "connection")}
+                connection.request(method, path, headers=headers)
+                response = connection.getresponse()
+                body = response.read()
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if method != "HEAD":
+                    self.wfile.write(body)
+                connection.close()
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
