@@ -243,8 +243,20 @@ class Puller:
             return
         await anyio.to_thread.run_sync(self._check_space, plan)
         for blob in plan.blobs:
-            async for event in self._download(blob):
-                yield event
+            # Under the install lock: a pull of the same model that finished meanwhile has placed and
+            # recorded it (and moved its download away), so this one must not start the download again.
+            async with self._install:
+                if await self._installed(request.name, plan):
+                    yield PullEvent(status="success", model=request.name)
+                    return
+                downloading = self._download(blob)
+                first = await anext(downloading)
+            try:
+                yield first
+                async for event in downloading:
+                    yield event
+            finally:
+                await downloading.aclose()  # a pull closed early stops watching (see _download)
         yield PullEvent(status="verifying sha256 digest")
         finals = [self._final(blob) for blob in plan.blobs]
         try:
