@@ -460,3 +460,33 @@ async def test_ollama_progress_lines(tmp_path: Path, hubs: ModelHubs, blobs: dic
         "total": len(blobs["h"]),
         "completed": len(blobs["h"]),
     }
+
+
+def test_a_disk_that_fills_during_the_download_keeps_nothing(tmp_path: Path, hubs: ModelHubs) -> None:
+    """Two pulls that each fit when they start, but not together: the one the disk runs out under
+    stops with a clean error and removes its partial file; the other completes."""
+    first, second = (gguf_bytes(tmp_path, tensor_bytes=640 * 1024, seed=s) for s in (41, 42))
+    hubs.add_hf("acme/Fill-A-GGUF", {"a.Q4_K_M.gguf": first})
+    hubs.add_hf("acme/Fill-B-GGUF", {"b.Q4_K_M.gguf": second})
+    with tmpfs(tmp_path / "small", "1m") as small:
+        env = {**environment(hubs, tmp_path), "LOCOPILOT_MODELS_DIR": str(small)}
+        hubs.rate = 300_000  # slow enough that the two downloads overlap
+        try:
+            runs = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "locopilot", "pull", f"hf.co/acme/Fill-{x}-GGUF"],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for x in "AB"
+            ]
+            results = [(run.wait(60), run.communicate()[1]) for run in runs]
+        finally:
+            hubs.rate = None
+        codes = sorted(code for code, _ in results)
+        assert codes == [0, 1], results
+        assert any("The disk is full" in err for code, err in results if code == 1), results
+        assert len([p for p in small.iterdir() if p.name.endswith(".gguf")]) == 1
+        assert list((small / ".downloads").iterdir()) == []
