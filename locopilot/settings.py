@@ -63,6 +63,8 @@ class ModelSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     idle_ttl: Annotated[int, Meta(ge=-1)] | None = None
     keep_loaded: bool = False
     """Never unloaded for being idle, nor to make room for another model."""
+    chat_template: str | None = None
+    """``chatml`` or ``gemma`` (locopilot's fallbacks), or the path of a Jinja chat template file."""
 
 
 class ModelRuntime(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,6 +77,7 @@ class ModelRuntime(msgspec.Struct, frozen=True, kw_only=True):
     decode_threads: int
     idle_ttl: int
     keep_loaded: bool
+    chat_template: str | None = None
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -415,7 +418,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 "Settings per model, over the global ones: a JSON object keyed by model name or glob "
                 '(`{"llama3*": {"ctx_size": 8192, "parallel": 2}}`; an exact name wins, then the first glob '
                 "that matches) with `ctx_size`, `parallel`, `gpu_layers`, `threads`, `idle_ttl` (seconds; -1 "
-                "never) and `keep_loaded` (true: never unloaded to make room or for idling)."
+                "never), `keep_loaded` (true: never unloaded to make room or for idling) and `chat_template` "
+                "(`chatml`, `gemma` or a Jinja file's path, over the model's own)."
             )
         ),
     ] = ""
@@ -495,6 +499,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             decode_threads=threads or self.decode_threads(),
             idle_ttl=-1 if own.keep_loaded else self.model_idle_ttl if own.idle_ttl is None else own.idle_ttl,
             keep_loaded=own.keep_loaded,
+            chat_template=own.chat_template,
         )
 
     def effective_threads(self) -> int:
@@ -598,9 +603,15 @@ def _model_overrides(text: str) -> tuple[tuple[str, ModelSettings], ...]:
         if not pattern or not re.fullmatch(r"[a-zA-Z0-9:._*?\[\]-]+", pattern):
             raise SettingsError(variable, f"{pattern!r} is not a model name or glob")
         try:
-            parsed.append((pattern, msgspec.convert(values, ModelSettings)))
+            entry = msgspec.convert(values, ModelSettings)
         except msgspec.ValidationError as exc:
             raise SettingsError(variable, f"model {pattern!r}: {exc}".replace("`$.", "`")) from exc
+        template = entry.chat_template
+        if template is not None and template not in ("chatml", "gemma") and not Path(template).is_file():
+            raise SettingsError(
+                variable, f"model {pattern!r}: chat_template {template!r} is neither chatml, gemma nor a readable file"
+            )
+        parsed.append((pattern, entry))
     return tuple(parsed)
 
 

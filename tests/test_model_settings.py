@@ -11,7 +11,10 @@ import pytest
 from locopilot.settings import SettingsError, load_settings
 from tests.conftest import GEMMA, SMOL, Server
 
-ENTRIES = {SMOL: {"ctx_size": 1024, "parallel": 1, "threads": 1}, "gemma*": {"ctx_size": 512, "keep_loaded": True}}
+ENTRIES = {
+    SMOL: {"ctx_size": 1024, "parallel": 1, "threads": 1, "chat_template": "gemma"},
+    "gemma*": {"ctx_size": 512, "keep_loaded": True},
+}
 
 
 def test_an_exact_name_wins_then_the_first_glob() -> None:
@@ -31,6 +34,7 @@ def test_an_exact_name_wins_then_the_first_glob() -> None:
         ('{"smol": {"context": 1}}', ["'smol'", "context"]),
         ('{"../x": {}}', ["'../x'"]),
         ("[1]", ["JSON object"]),
+        ('{"smol": {"chat_template": "/nonexistent.jinja"}}', ["'smol'", "chat_template"]),
     ],
 )
 def test_bad_values_name_the_model_and_field(value: str, names: list[str]) -> None:
@@ -51,6 +55,8 @@ def test_runners_get_their_models_settings(tmp_path: Path, smollm2_path: Path, g
     finally:
         server.stop()
     assert (runners[SMOL]["n_ctx"], runners[SMOL]["slots"], runners[SMOL]["threads_batch"]) == (1024, 1, 1)
+    assert runners[SMOL]["chat_template"] == "gemma"  # over SmolLM2's own
+    assert runners[GEMMA]["chat_template"] == "gemma"  # Gemma's fallback, as without settings
     assert runners[GEMMA]["n_ctx"] == 512  # per slot
 
 

@@ -23,6 +23,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -43,6 +44,7 @@ from locopilot.engine.protocol import (
     LoadFailed,
     Ready,
 )
+from locopilot.engine.templates import FALLBACKS
 from locopilot.errors import EngineUnavailable, InsufficientMemory, QueueFull
 from locopilot.models.gguf import GGUFError, read_header
 from locopilot.models.memory import Estimate, available, estimate, gib
@@ -95,6 +97,19 @@ async def relay_stderr(stream: anyio.abc.ByteReceiveStream, model: str, pid: int
     except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
         pass  # the runner is gone; what it wrote last is below
     emit(pending)
+
+
+def _template_override(choice: str | None) -> dict[str, Any]:
+    """The Load fields of a per-model chat template: a fallback by name, or a file's text (read now)."""
+    if choice is None:
+        return {}
+    if choice in FALLBACKS:
+        source, stop = FALLBACKS[choice]
+        return {"template_name": choice, "template_source": source, "template_stop": stop}
+    try:
+        return {"template_name": "file", "template_source": Path(choice).read_text()}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EngineUnavailable(f"cannot read the chat template {choice}: {exc}") from exc
 
 
 #: (device, inode, size, mtime_ns) of a model file: a replaced or rewritten file has another.
@@ -187,6 +202,7 @@ class RunnerProcess:
             decode_threads=runtime.decode_threads,
             gpu_layers=runtime.gpu_layers,
             parallel=runtime.parallel,
+            **_template_override(runtime.chat_template),
         )
         process = await anyio.open_process(
             runner_command(),
