@@ -277,8 +277,10 @@ async def _url(client: httpx.AsyncClient, ref: UrlRef, sha256: str | None) -> Pl
     response = await client.head(ref.url, headers={"Accept-Encoding": "identity"})
     if response.status_code == 404:
         raise NotFound(f"{ref.url} does not exist (404)", param="model", code="model_not_found")
-    _raise_for(response, ref.url)
-    length = response.headers.get("content-length")
+    if response.status_code in (401, 403):
+        _raise_for(response, ref.url)
+    # A server that answers HEAD badly (405, say) still gets its GET; the size is then learnt from it.
+    length = response.headers.get("content-length") if response.is_success else None
     if length is not None and length.isdigit():
         size = int(length)
     filename = ref.url.rsplit("/", 1)[-1].split("?", 1)[0]
