@@ -20,6 +20,7 @@ from locopilot import __version__
 from locopilot.api import admin as admin_api
 from locopilot.api import engine as engine_api
 from locopilot.api import files as files_api
+from locopilot.api import models as models_api
 from locopilot.api import openai as openai_api
 from locopilot.api import training as training_api
 from locopilot.api.services import EngineStatus, Services, get_services
@@ -44,6 +45,7 @@ from locopilot.gateway.router import ProviderState, Router
 from locopilot.gateway.shutdown import Shutdown
 from locopilot.gateway.usage import Outcome, UsageRecorder
 from locopilot.models.catalog import ModelCatalog
+from locopilot.models.pull import Puller
 from locopilot.providers.base import Provider
 from locopilot.providers.embedded import EmbeddedProvider
 from locopilot.providers.http import upstream_transport
@@ -224,7 +226,7 @@ def create_app(settings: Settings) -> Litestar:
                 log.warning("%d training jobs were running when the server last stopped; marked failed", interrupted)
             catalog = ModelCatalog(settings.models_path)
             async with anyio.create_task_group() as tasks:
-                manager = ModelManager(settings, catalog.path_for, tasks)
+                manager = ModelManager(settings, catalog.load_path, tasks)
                 embedded = EmbeddedProvider(manager, catalog, settings.queue_size)
                 router = Router(
                     [ProviderState(embedded, 0, local_engine=True), *upstream_states(settings)],
@@ -258,6 +260,7 @@ def create_app(settings: Settings) -> Litestar:
                     metrics=metrics,
                     shutdown=shutdown,
                     training=training,
+                    puller=Puller(settings, catalog, db, tasks),
                 )
                 tasks.start_soon(probe_engine, engine, settings)
                 tasks.start_soon(manager.reap_idle)
@@ -287,6 +290,7 @@ def create_app(settings: Settings) -> Litestar:
             *admin_api.ROUTES,
             *files_api.ROUTES,
             *training_api.ROUTES,
+            *models_api.ROUTES,
         ],
         # Host check, then auth, then body screening (locopilot.gateway.guard).
         middleware=[GuardMiddleware(settings)],

@@ -13,17 +13,21 @@
     ├── NotFound                    404 invalid_request_error
     │   └── ModelNotFound           404 code=model_not_found
     ├── MethodNotAllowed            405
+    ├── Conflict                    409 code=conflict (a model in use, or one that exists)
     ├── PayloadTooLarge             413
     ├── RateLimited                 429 code=rate_limit_exceeded, Retry-After, x-ratelimit-*
     │   ├── RequestRateLimited      429 type=requests (the key's requests per minute)
     │   └── TokenRateLimited        429 type=tokens (the key's tokens per minute)
     ├── ClientDisconnected          499 (nginx's code; nobody is left to read it)
     ├── UpstreamError               502 (an upstream provider failed; ``retryable`` says if failover may help)
+    │   └── ChecksumMismatch        502 code=checksum_mismatch (a download is not what its source published)
     └── Unavailable                 503 (optional Retry-After)
         ├── EngineUnavailable       503 code=engine_unavailable
         ├── QueueFull               503 code=queue_full, Retry-After
         ├── Overloaded              503 code=too_many_concurrent_requests, Retry-After
-        └── ShuttingDown            503 code=shutting_down (the shutdown grace is over)
+        ├── ShuttingDown            503 code=shutting_down (the shutdown grace is over)
+        └── InsufficientMemory      503 code=insufficient_memory (a model does not fit in free memory)
+    InsufficientStorage             507 code=insufficient_storage (a download does not fit on the disk)
 
 Every error body is ``{"error": {"message", "type", "param", "code"}}`` on the OpenAI
 routes; the Anthropic front (``/v1/messages``) answers in Anthropic's shape
@@ -155,6 +159,12 @@ class MethodNotAllowed(LocopilotError):
     default_code = "method_not_allowed"
 
 
+class Conflict(LocopilotError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class PayloadTooLarge(LocopilotError):
     status_code = 413
     error_type = "invalid_request_error"
@@ -243,6 +253,29 @@ class ShuttingDown(Unavailable):
     """The server is stopping and the time it gave requests in flight to finish is over."""
 
     default_code = "shutting_down"
+
+
+class InsufficientMemory(Unavailable):
+    """A model's estimated memory is more than the machine (or its cgroup) has free."""
+
+    default_code = "insufficient_memory"
+
+
+class InsufficientStorage(LocopilotError):
+    """A download needs more disk space than the models folder's file system has free."""
+
+    status_code = 507
+    error_type = "server_error"
+    default_code = "insufficient_storage"
+
+
+class ChecksumMismatch(UpstreamError):
+    """What was downloaded is not what its source published (sha256 or size); nothing was kept."""
+
+    default_code = "checksum_mismatch"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
 
 
 def error_for_status(status: int, message: str) -> LocopilotError:

@@ -11,6 +11,7 @@ these fields by :func:`settings_table` and a test keeps the two in sync.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import re
 import sys
@@ -49,6 +50,34 @@ class UpstreamConfig:
     models: tuple[str, ...] = ()
     api_key_env: str | None = None
     api_key: str | None = field(default=None, repr=False)
+
+
+class ModelSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One entry of ``LOCOPILOT_MODEL_SETTINGS``: what differs for the models its key matches; None keeps
+    the global setting of the same name."""
+
+    ctx_size: Annotated[int, Meta(ge=0, le=1_048_576)] | None = None
+    parallel: Annotated[int, Meta(ge=0, le=64)] | None = None
+    gpu_layers: Annotated[int, Meta(ge=-1, le=10_000)] | None = None
+    threads: Annotated[int, Meta(ge=0, le=1024)] | None = None
+    idle_ttl: Annotated[int, Meta(ge=-1)] | None = None
+    keep_loaded: bool = False
+    """Never unloaded for being idle, nor to make room for another model."""
+    chat_template: str | None = None
+    """``chatml`` or ``gemma`` (locopilot's fallbacks), or the path of a Jinja chat template file."""
+
+
+class ModelRuntime(msgspec.Struct, frozen=True, kw_only=True):
+    """The settings one model runs with: its ``LOCOPILOT_MODEL_SETTINGS`` entry over the global ones."""
+
+    ctx_size: int
+    parallel: int
+    gpu_layers: int
+    threads: int
+    decode_threads: int
+    idle_ttl: int
+    keep_loaded: bool
+    chat_template: str | None = None
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -382,10 +411,57 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             ),
         ),
     ] = 256 * 1024 * 1024
+    model_settings: Annotated[
+        str,
+        Meta(
+            description=(
+                "Settings per model, over the global ones: a JSON object keyed by model name or glob "
+                '(`{"llama3*": {"ctx_size": 8192, "parallel": 2}}`; an exact name wins, then the first glob '
+                "that matches) with `ctx_size`, `parallel`, `gpu_layers`, `threads`, `idle_ttl` (seconds; -1 "
+                "never), `keep_loaded` (true: never unloaded to make room or for idling) and `chat_template` "
+                "(`chatml`, `gemma` or a Jinja file's path, over the model's own)."
+            )
+        ),
+    ] = ""
+    # -- Getting models (locopilot.models.pull) --
+    hf_endpoint: Annotated[
+        str,
+        Meta(
+            pattern=r"^https?://[^\s]+$",
+            description="The Hugging Face hub (or a mirror of it) that `hf.co/...` pulls list and download from.",
+        ),
+    ] = "https://huggingface.co"
+    hf_token: Annotated[
+        str, Meta(description="A Hugging Face access token, for gated and private repositories. Never printed.")
+    ] = ""
+    ollama_registry: Annotated[
+        str,
+        Meta(
+            pattern=r"^https?://[^\s/]+/?$",
+            description=(
+                "The Ollama registry that pulls of names without a host (`llama3.2:1b`) use, as `https://host`; "
+                "a name with a host (`registry.example.com/ns/model:tag`) goes to that host."
+            ),
+        ),
+    ] = "https://registry.ollama.ai"
+    pull_proxy: Annotated[
+        str,
+        Meta(
+            pattern=r"^(https?://[^\s]+)?$",
+            description=(
+                "An HTTP proxy for pulls, and for nothing else (`http://proxy:3128`). Default: `HTTPS_PROXY` "
+                "(or `https_proxy`) from the environment; hosts in `NO_PROXY` are reached directly."
+            ),
+        ),
+    ] = ""
     # Derived from the upstream settings by load_settings; not an environment variable.
     upstream_configs: tuple[UpstreamConfig, ...] = ()
     # The bootstrap admin key from ADMIN_KEY or ADMIN_KEY_FILE; derived, never printed.
     admin_secret: str = ""
+    # LOCOPILOT_MODEL_SETTINGS parsed: (name or glob, its settings) in the order given; derived.
+    model_overrides: tuple[tuple[str, ModelSettings], ...] = ()
+    # Hosts NO_PROXY exempts from the pull proxy; derived from the environment.
+    pull_no_proxy: tuple[str, ...] = ()
 
     @property
     def data_path(self) -> Path:
@@ -407,6 +483,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    def for_model(self, name: str) -> ModelRuntime:
+        """The settings model ``name`` runs with (see ``LOCOPILOT_MODEL_SETTINGS``)."""
+        match = next((o for pattern, o in self.model_overrides if pattern == name), None)
+        if match is None:
+            match = next((o for pattern, o in self.model_overrides if fnmatch.fnmatchcase(name, pattern)), None)
+        own = match or ModelSettings()
+        threads = own.threads if own.threads else None
+        return ModelRuntime(
+            ctx_size=self.ctx_size if own.ctx_size is None else own.ctx_size,
+            parallel=self.parallel if own.parallel is None else own.parallel,
+            gpu_layers=self.gpu_layers if own.gpu_layers is None else own.gpu_layers,
+            threads=threads or self.effective_threads(),
+            decode_threads=threads or self.decode_threads(),
+            idle_ttl=-1 if own.keep_loaded else self.model_idle_ttl if own.idle_ttl is None else own.idle_ttl,
+            keep_loaded=own.keep_loaded,
+            chat_template=own.chat_template,
+        )
 
     def effective_threads(self) -> int:
         return self.threads or max(1, os.cpu_count() or 1)
@@ -489,7 +583,49 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         models_dir=str(Path(models_dir).expanduser()),
         upstream_configs=_upstream_configs(settings, environ),
         admin_secret=_admin_secret(settings),
+        pull_proxy=settings.pull_proxy or _environment_proxy(environ),
+        pull_no_proxy=_no_proxy(environ),
+        model_overrides=_model_overrides(settings.model_settings),
     )
+
+
+def _model_overrides(text: str) -> tuple[tuple[str, ModelSettings], ...]:
+    """``LOCOPILOT_MODEL_SETTINGS`` parsed; a bad entry is refused naming its model and field."""
+    if not text:
+        return ()
+    variable = "LOCOPILOT_MODEL_SETTINGS"
+    try:
+        raw = msgspec.json.decode(text, type=dict[str, dict[str, Any]])
+    except msgspec.DecodeError as exc:
+        raise SettingsError(variable, f"{exc} (expected a JSON object of model name or glob to settings)") from exc
+    parsed = []
+    for pattern, values in raw.items():
+        if not pattern or not re.fullmatch(r"[a-zA-Z0-9:._*?\[\]-]+", pattern):
+            raise SettingsError(variable, f"{pattern!r} is not a model name or glob")
+        try:
+            entry = msgspec.convert(values, ModelSettings)
+        except msgspec.ValidationError as exc:
+            raise SettingsError(variable, f"model {pattern!r}: {exc}".replace("`$.", "`")) from exc
+        template = entry.chat_template
+        if template is not None and template not in ("chatml", "gemma") and not Path(template).is_file():
+            raise SettingsError(
+                variable, f"model {pattern!r}: chat_template {template!r} is neither chatml, gemma nor a readable file"
+            )
+        parsed.append((pattern, entry))
+    return tuple(parsed)
+
+
+def _no_proxy(environ: Mapping[str, str]) -> tuple[str, ...]:
+    listed = environ.get("NO_PROXY") or environ.get("no_proxy") or ""
+    return tuple(host.strip().lower() for host in listed.split(",") if host.strip())
+
+
+def _environment_proxy(environ: Mapping[str, str]) -> str:
+    """``HTTPS_PROXY`` (or its lower-case spelling), the proxy air-gapped sites set for the way out."""
+    value = (environ.get("HTTPS_PROXY") or environ.get("https_proxy") or "").strip()
+    if value and not value.startswith(("http://", "https://")):
+        raise SettingsError("HTTPS_PROXY", "must be an http:// or https:// URL (used by `locopilot pull`)")
+    return value
 
 
 def _check_tls(settings: Settings) -> None:
@@ -658,4 +794,4 @@ def effective_items(settings: Settings) -> Iterator[tuple[str, str]]:
         yield info.variable, value
 
 
-SECRET_FIELDS = frozenset({"remote_api_key", "admin_key"})
+SECRET_FIELDS = frozenset({"remote_api_key", "admin_key", "hf_token", "pull_proxy"})

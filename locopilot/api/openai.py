@@ -70,6 +70,8 @@ from locopilot.schemas.openai import (
     Usage,
     encoder,
 )
+from locopilot.store import models as model_records
+from locopilot.store.models import ModelRecord
 from locopilot.training.lineage import Lineage
 from locopilot.training.lineage import read as read_lineage
 
@@ -491,7 +493,9 @@ def _float32(vector: list[float]) -> bytes:
     return array.array("f", vector).tobytes()
 
 
-def model_card(entry: ModelEntry, loaded: bool, lineage: Lineage | None = None) -> ModelCard:
+def model_card(
+    entry: ModelEntry, loaded: bool, lineage: Lineage | None = None, record: ModelRecord | None = None
+) -> ModelCard:
     return ModelCard(
         id=entry.name,
         created=entry.modified,
@@ -505,6 +509,9 @@ def model_card(entry: ModelEntry, loaded: bool, lineage: Lineage | None = None) 
         loaded=loaded,
         error=entry.error,
         lineage=lineage,
+        source=record.source if record else None,
+        sha256=record.sha256 if record else None,
+        arrived_at=record.arrived_at if record else None,
     )
 
 
@@ -517,7 +524,11 @@ async def all_cards(services: Services, principal: Principal) -> list[ModelCard]
     # Reading headers (and lineage manifests) touches every model file: not on the event loop.
     entries = await anyio.to_thread.run_sync(services.catalog.list)
     lineages = await anyio.to_thread.run_sync(lambda: [read_lineage(Path(entry.path)) for entry in entries])
-    embedded = (model_card(entry, entry.name in loaded, found) for entry, found in zip(entries, lineages, strict=True))
+    known = await anyio.to_thread.run_sync(model_records.every, services.db)
+    embedded = (
+        model_card(entry, entry.name in loaded, found, known.get(entry.name))
+        for entry, found in zip(entries, lineages, strict=True)
+    )
     cards = [card for card in embedded if services.auth.allows(principal, card.provider, card.id)]
     seen = {card.id for card in cards}
     for state in services.router.ordered("any"):

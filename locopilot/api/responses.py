@@ -26,11 +26,13 @@ _DESCRIPTIONS = {
     401: "No API key, or one that does not work",
     403: "The key lacks the scope or the model, or the Host is not allowed",
     404: "No such model or key",
+    409: "The model exists, or is in use",
     413: "The body is too large",
     429: "Over the key's quota",
     500: "A bug in locopilot",
     502: "An upstream provider failed",
     503: "The engine or every provider is unavailable, or too busy",
+    507: "Not enough disk space for the download",
 }
 
 

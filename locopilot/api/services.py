@@ -16,6 +16,7 @@ from locopilot.gateway.router import Router
 from locopilot.gateway.shutdown import Shutdown
 from locopilot.gateway.usage import UsageRecorder
 from locopilot.models.catalog import ModelCatalog
+from locopilot.models.pull import Puller
 from locopilot.settings import Settings
 from locopilot.store.db import Database
 from locopilot.training.jobs import JobService
@@ -46,6 +47,7 @@ class Services:
     metrics: Metrics
     shutdown: Shutdown
     training: JobService
+    puller: Puller
     started_at: float = field(default_factory=time.time)
 
 

@@ -101,9 +101,10 @@ def version() -> None:
 
 
 def register() -> None:
-    from locopilot.cli import chat, doctor, jobs, keys, models, service, train, upkeep
+    from locopilot.cli import chat, doctor, jobs, keys, models, pull, service, train, upkeep
 
     cli.add_command(models.models)
+    cli.add_command(pull.pull)
     cli.add_command(keys.keys_group)
     cli.add_command(chat.chat)
     cli.add_command(doctor.doctor)

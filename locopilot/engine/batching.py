@@ -38,7 +38,7 @@ from locopilot.engine.protocol import (
 )
 from locopilot.engine.sampling import StopMatcher, build_sampler
 from locopilot.engine.template_process import IsolatedRenderer
-from locopilot.engine.templates import TemplateError, choose_template
+from locopilot.engine.templates import ChatTemplate, TemplateError, choose_template
 
 log = logging.getLogger("locopilot.runner")
 
@@ -112,7 +112,11 @@ class Engine:
         model_params.n_gpu_layers = 0x7FFFFFFF if load.gpu_layers == -1 else load.gpu_layers
         self.model = internals.LlamaModel(path_model=load.model_path, params=model_params, verbose=False)
         self.metadata = self.model.metadata()
-        self.template = choose_template(self.metadata)
+        self.template = (
+            ChatTemplate(load.template_name, load.template_source, load.template_stop)
+            if load.template_source
+            else choose_template(self.metadata)
+        )
         bos, eos = self.model.token_bos(), self.model.token_eos()
         self.bos = bos
         # The template is code from the model file: it is compiled and rendered in a helper

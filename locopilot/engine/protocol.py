@@ -105,6 +105,10 @@ class Load(msgspec.Struct, tag="load", frozen=True, kw_only=True):
     gpu_layers: int
     parallel: int = 0  # slots; 0 lets the runner choose from the context size
     decode_threads: int = 0  # for a step of one token (llama.cpp's n_threads); 0: threads
+    # A chat template over the model's own (LOCOPILOT_MODEL_SETTINGS chat_template); "" keeps the model's.
+    template_name: str = ""
+    template_source: str = ""
+    template_stop: tuple[str, ...] = ()
 
 
 class Generate(msgspec.Struct, tag="generate", frozen=True, kw_only=True):

@@ -23,6 +23,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -43,7 +44,10 @@ from locopilot.engine.protocol import (
     LoadFailed,
     Ready,
 )
-from locopilot.errors import EngineUnavailable, QueueFull
+from locopilot.engine.templates import FALLBACKS
+from locopilot.errors import EngineUnavailable, InsufficientMemory, QueueFull
+from locopilot.models.gguf import GGUFError, read_header
+from locopilot.models.memory import Estimate, available, estimate, gib
 from locopilot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,6 +99,31 @@ async def relay_stderr(stream: anyio.abc.ByteReceiveStream, model: str, pid: int
     emit(pending)
 
 
+def _template_override(choice: str | None) -> dict[str, Any]:
+    """The Load fields of a per-model chat template: a fallback by name, or a file's text (read now)."""
+    if choice is None:
+        return {}
+    if choice in FALLBACKS:
+        source, stop = FALLBACKS[choice]
+        return {"template_name": choice, "template_source": source, "template_stop": stop}
+    try:
+        return {"template_name": "file", "template_source": Path(choice).read_text()}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EngineUnavailable(f"cannot read the chat template {choice}: {exc}") from exc
+
+
+#: (device, inode, size, mtime_ns) of a model file: a replaced or rewritten file has another.
+FileKey = tuple[int, int, int, int]
+
+
+def file_key(path: Path) -> FileKey | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class RunnerGone(EngineUnavailable):
     """The runner had died before this request was sent; a new runner may serve it."""
 
@@ -140,6 +169,10 @@ class RunnerProcess:
         self.cached_tokens = 0
         self.embedding_decodes = 0
         self.alive = True
+        self.weights = 0
+        """The estimated bytes of its model's weights (mapped from the file, so counted as page cache)."""
+        self.file_key: FileKey | None = None
+        """The model file's identity when it was loaded (:func:`file_key`)."""
         self.exit_reason = ""
         self._ids = itertools.count(1)
         self._pending: dict[int, _Ticket] = {}
@@ -161,13 +194,15 @@ class RunnerProcess:
 
         The runner's stderr is relayed into our log by a task in ``tasks`` until it closes.
         """
+        runtime = settings.for_model(name)
         load = Load(
             model_path=str(model_path),
-            ctx_size=settings.ctx_size,
-            threads=settings.effective_threads(),
-            decode_threads=settings.decode_threads(),
-            gpu_layers=settings.gpu_layers,
-            parallel=settings.parallel,
+            ctx_size=runtime.ctx_size,
+            threads=runtime.threads,
+            decode_threads=runtime.decode_threads,
+            gpu_layers=runtime.gpu_layers,
+            parallel=runtime.parallel,
+            **_template_override(runtime.chat_template),
         )
         process = await anyio.open_process(
             runner_command(),
@@ -440,8 +475,10 @@ class ModelManager:
         paths: Callable[[str], Path],
         task_group: anyio.abc.TaskGroup,
         clock: Callable[[], float] = time.monotonic,
+        free_memory: Callable[[], int | None] = available,
     ) -> None:
         self.settings = settings
+        self.free_memory = free_memory
         self.paths = paths
         self.task_group = task_group
         self.clock = clock
@@ -481,8 +518,9 @@ class ModelManager:
     async def runner(self, name: str) -> RunnerProcess:
         """The live runner for ``name``, starting one (and evicting another) if needed."""
         path = self.paths(name)
+        key = file_key(path)
         runner = self.runners.get(name)
-        if runner is not None and runner.alive:
+        if runner is not None and runner.alive and runner.file_key == key:
             self.runners.move_to_end(name)
             runner.last_used = self.clock()
             return runner
@@ -491,11 +529,19 @@ class ModelManager:
             if runner is not None and not runner.alive:
                 self._forget_dead(name)
                 runner = None
+            if runner is not None and runner.file_key != key:
+                # The file was replaced (a pull updated it, someone copied over it): serve the new one.
+                log.info("model %s changed on disk; reloading it", name)
+                await self.unload(name)
+                runner = None
             if runner is None:
                 await self._make_room()
+                need = await self._check_memory(name, path)
                 runner = await RunnerProcess.start(
                     name, path, self.settings, self.clock, self.task_group, self._runner_idle
                 )
+                runner.file_key = key
+                runner.weights = need.weights if need is not None else 0
                 self.runners[name] = runner
                 if name in self._died:
                     self._died.discard(name)
@@ -508,7 +554,11 @@ class ModelManager:
     async def _make_room(self) -> None:
         """Unload the least recently used idle runner until one more fits; waits while all are busy."""
         while len(self.runners) >= self.settings.max_loaded_models:
-            idle = [name for name, r in self.runners.items() if r.in_flight == 0 and r.waiting == 0]
+            idle = [
+                name
+                for name, r in self.runners.items()
+                if r.in_flight == 0 and r.waiting == 0 and not self.settings.for_model(name).keep_loaded
+            ]
             if idle:
                 await self.unload(idle[0])
                 continue
@@ -521,6 +571,41 @@ class ModelManager:
                     "raise LOCOPILOT_MAX_LOADED_MODELS or try again later",
                     retry_after=5,
                 )
+
+    async def _check_memory(self, name: str, path: Path) -> Estimate | None:
+        """Unload idle models until ``name`` fits in free memory, or raise InsufficientMemory (nothing is started).
+
+        Free is what the machine or cgroup has available (:func:`locopilot.models.memory.available`) less the
+        weights of loaded models, whose mapped pages it counts as reclaimable. None: no estimate could be made.
+        """
+        try:
+            header = await anyio.to_thread.run_sync(read_header, path)
+        except (GGUFError, OSError):
+            return None  # the runner says what is wrong with the file
+        need = estimate(header, self.settings.for_model(name))
+        while True:
+            available = self.free_memory()
+            if available is None:
+                return need
+            free = max(0, available - sum(r.weights for r in self.runners.values() if r.alive))
+            if need.total <= free:
+                return need
+            idle = [
+                other
+                for other, r in self.runners.items()
+                if r.in_flight == 0 and r.waiting == 0 and not self.settings.for_model(other).keep_loaded
+            ]
+            if not idle:
+                log.warning("model %s needs about %s, %s is free: refused", name, gib(need.total), gib(free))
+                raise InsufficientMemory(
+                    f"model '{name}' needs about {gib(need.total)} of memory (weights {gib(need.weights)}, "
+                    f"KV cache {gib(need.kv_cache)}, compute {gib(need.compute)}), and {gib(free)} is free"
+                    + (f" with {len(self.runners)} other models loaded" if self.runners else "")
+                    + "; lower its LOCOPILOT_CTX_SIZE or LOCOPILOT_PARALLEL, or use a smaller quantization",
+                    param="model",
+                )
+            log.info("unloading %s to make room for %s", idle[0], name)
+            await self.unload(idle[0])
 
     def _forget_dead(self, name: str) -> None:
         """Drop a runner that died (an unloaded one has left ``runners`` before it stops)."""
@@ -540,11 +625,11 @@ class ModelManager:
 
     async def reap_idle(self, interval: float = 1.0) -> None:
         """Forever: unload runners idle longer than the TTL, forget dead ones."""
-        ttl = self.settings.model_idle_ttl
         while True:
             await anyio.sleep(interval)
             now = self.clock()
             for name, runner in list(self.runners.items()):
+                ttl = self.settings.for_model(name).idle_ttl
                 if not runner.alive and runner.in_flight == 0:
                     self._forget_dead(name)
                 elif ttl >= 0 and runner.in_flight == 0 and runner.waiting == 0 and now - runner.last_used > ttl:

@@ -101,6 +101,11 @@ ROUTE_SCOPES: dict[str, Requirement] = {
     "GET /v1/fine_tuning/jobs/{fine_tuning_job_id}": "training",
     "POST /v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel": "training",
     "GET /v1/fine_tuning/jobs/{fine_tuning_job_id}/events": "training",
+    "POST /v1/locopilot/models/pull": "models",
+    "GET /v1/locopilot/models/{model_id}": "models",
+    "DELETE /v1/locopilot/models/{model_id}": "models",
+    "POST /v1/locopilot/models/{model_id}/load": "models",
+    "POST /v1/locopilot/models/{model_id}/unload": "models",
 }
 #: Answered without a key when LOCOPILOT_PUBLIC_MODELS is true.
 PUBLIC_MODEL_ROUTES = frozenset({"GET /v1/models", "GET /v1/models/{model_id}"})

@@ -99,6 +99,12 @@ class ModelCatalog:
             raise InvalidModelName(f"Invalid model name {name!r}", param="model")
         return path
 
+    def load_path(self, name: str) -> Path:
+        """The file llama.cpp loads for ``name``: links resolved, since a split model's first part must
+        keep its own name (``-00001-of-0000N``) for llama.cpp to find the others. Raises InvalidModelName
+        or ModelNotFound."""
+        return self._existing(name).resolve()
+
     def list(self) -> list[ModelEntry]:
         """All models, sorted by name. Files that fail to parse are listed with ``error`` set."""
         folder = self.models_dir.resolve()

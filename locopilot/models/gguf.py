@@ -185,6 +185,8 @@ class GGUFHeader(msgspec.Struct, frozen=True):
     tensor_count: int
     metadata: dict[str, Any]
     parameter_count: int
+    tensor_bytes: int = 0
+    """The tensor data's size in bytes (tensors of a type this reader does not know count 0)."""
 
     @property
     def architecture(self) -> str | None:
@@ -379,6 +381,7 @@ def _parse(r: _Reader) -> GGUFHeader:
     # name length (8) + n_dims (4) + type (4) + offset (8)
     r.need(tensor_count * 24, f"{tensor_count} tensor infos")
     parameter_count = 0
+    tensor_bytes = 0
     data_end = 0
     for i in range(tensor_count):
         at = r.pos
@@ -404,12 +407,19 @@ def _parse(r: _Reader) -> GGUFHeader:
         if row % per_block:
             raise GGUFError(f"tensor {i} at offset {at}: first dim {row} is not a multiple of block size {per_block}")
         data_end = max(data_end, offset + elements // per_block * block_bytes)
+        tensor_bytes += elements // per_block * block_bytes
 
     data_start = -(-r.pos // alignment) * alignment
     # With no tensor bytes to place, a file may end before the padding that would precede them.
     if data_end and data_start + data_end > r.size:
         raise GGUFError(f"truncated file: tensor data ends at byte {data_start + data_end}, file has {r.size}")
-    return GGUFHeader(version=version, tensor_count=tensor_count, metadata=metadata, parameter_count=parameter_count)
+    return GGUFHeader(
+        version=version,
+        tensor_count=tensor_count,
+        metadata=metadata,
+        parameter_count=parameter_count,
+        tensor_bytes=tensor_bytes,
+    )
 
 
 def _value(r: _Reader, vtype: int, what: str, *, depth: int) -> Any:

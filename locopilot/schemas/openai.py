@@ -316,6 +316,11 @@ class ModelCard(Struct):
     error: str | None = None
     lineage: Lineage | None = None
     """For a model fine-tuned here: its base, dataset and job (see locopilot.training.lineage)."""
+    source: str | None = None
+    """Where the model came from (a pull ref, a URL, ``file:PATH``); null when it was copied in by hand."""
+    sha256: str | None = None
+    arrived_at: float | None = None
+    """Unix seconds."""
 
 
 class ModelList(Struct):

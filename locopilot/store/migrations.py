@@ -161,6 +161,24 @@ def _add_training_service(conn: apsw.Connection) -> None:
     )
 
 
+def _create_model_records(conn: apsw.Connection) -> None:
+    # Where each model came from and what it was when it arrived (locopilot.store.models).
+    conn.execute(
+        """
+        CREATE TABLE model_records (
+            name       TEXT PRIMARY KEY,
+            source     TEXT NOT NULL,  -- the pull ref, a URL, or file:PATH
+            sha256     TEXT CHECK (sha256 IS NULL OR length(sha256) = 64),  -- of the file (a split's first part)
+            size       INTEGER NOT NULL,  -- bytes, all parts together
+            files      TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(files)),  -- each part: name, sha256, size
+            metadata   TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(metadata)),  -- an Ollama template, params...
+            pinned     INTEGER NOT NULL DEFAULT 0,  -- the sha256 was given by the operator
+            arrived_at REAL NOT NULL  -- unix seconds
+        ) STRICT;
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[apsw.Connection], None]] = [
     _create_inference_logs_and_training_jobs,
     _add_routing_decisions,
@@ -168,6 +186,7 @@ MIGRATIONS: list[Callable[[apsw.Connection], None]] = [
     _add_cached_tokens,
     _add_prompt_and_completion,
     _add_training_service,
+    _create_model_records,
 ]
 
 

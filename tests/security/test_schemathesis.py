@@ -5,7 +5,8 @@ of examples each (:data:`EXAMPLES`, positive and negative data), so the run
 stays short on two cores. Checks: no 5xx, and the status code, content type
 and body of every answer match what the schema declares.
 
-Behind the server are SmolLM2 (embedded) and the ``cloud`` fault upstream.
+Behind the server are SmolLM2 (embedded) and the ``cloud`` fault upstream; pulls go
+to the hub and registry stand-ins, which hold no model.
 Generated model names almost never exist, so a positive example that names a
 model gets one that does, in turn SmolLM2 and the upstream's, and its token
 budget is cut to :data:`MAX_TOKENS`: the requests then reach the engine and
@@ -39,6 +40,7 @@ from locopilot.app import create_app
 from locopilot.settings import load_settings
 from tests.conftest import SMOL, Server
 from tests.fakes.fault_upstream import FaultUpstream
+from tests.fakes.hubs import ModelHubs
 from tests.security.conftest import ADMIN, ADMIN_KEY
 
 EXAMPLES = 25
@@ -50,8 +52,22 @@ SENT: dict[str, int] = {}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, cloud: FaultUpstream) -> Iterator[Server]:
-    env = {"LOCOPILOT_ADMIN_KEY": ADMIN_KEY, "LOCOPILOT_REMOTE_URL": cloud.url}
+def hubs() -> Iterator[ModelHubs]:
+    with ModelHubs() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, cloud: FaultUpstream, hubs: ModelHubs
+) -> Iterator[Server]:
+    # Pulls never leave the machine: their sources are stand-ins that know no model (a 404 for any ref).
+    env = {
+        "LOCOPILOT_ADMIN_KEY": ADMIN_KEY,
+        "LOCOPILOT_REMOTE_URL": cloud.url,
+        "LOCOPILOT_HF_ENDPOINT": hubs.hub_url,
+        "LOCOPILOT_OLLAMA_REGISTRY": hubs.hub_url,
+    }
     running = Server(tmp_path_factory.mktemp("schemathesis"), {SMOL: smollm2_path}, env).start(path="/health")
     # Until llama.cpp's probe ends, engine health is a 503 (as documented); a fuzzer would call it a server error.
     deadline = time.monotonic() + 120

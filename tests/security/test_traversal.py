@@ -12,10 +12,11 @@ each test the canaries are unchanged, nothing was loaded, and no response or
 log line holds the secret.
 
 The routes that take a model name or id: ``GET /v1/models/{id}``, the ``model``
-field of chat completions, completions and embeddings, and the admin key
-routes (``{key_id}`` and a key's model allowlist). There is no HTTP route that
-adds, pulls or deletes models and no Ollama-compatible server API; the CLI's
-``models add|rm|show`` are driven here instead.
+field of chat completions, completions and embeddings, the admin key
+routes (``{key_id}`` and a key's model allowlist), and model management
+(``/v1/locopilot/models/{id}`` and its ``load``/``unload``, and the pull's ``model``
+and ``name``; the pull's sources are loopback addresses where nothing listens).
+The CLI's ``models add|rm|show`` are driven here too.
 :func:`test_every_route_that_takes_a_name_is_covered` fails when a new route
 takes one.
 """
@@ -65,8 +66,11 @@ TRAINING_BODIES = {
     "/v1/locopilot/training/jobs": {"training_file": "file-missing"},
     "/v1/fine_tuning/jobs": {"training_file": "file-missing"},
 }
+#: Model management: (method, suffix after the id).
+MODEL_ROUTES = [("GET", ""), ("DELETE", ""), ("POST", "/load"), ("POST", "/unload")]
 COVERED = {
     "GET /v1/models/{model_id}",
+    *(f"{method} /v1/locopilot/models/{{model_id}}{suffix}" for method, suffix in MODEL_ROUTES),
     "GET /v1/admin/keys/{key_id}",
     "DELETE /v1/admin/keys/{key_id}",
     "GET /openapi/{path}",  # Litestar's OpenAPI viewers, rendered from code, not read from files
@@ -78,6 +82,7 @@ COVERED_BODIES = {
     "POST /v1/completions",
     "POST /v1/embeddings",
     "POST /v1/admin/keys",
+    "POST /v1/locopilot/models/pull",
     *(f"POST {path}" for path in TRAINING_BODIES),
 }
 
@@ -166,7 +171,9 @@ def plant(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Plant
 @pytest.fixture(scope="module")
 def server(plant: Plant, smollm2_path: Path) -> Iterator[Server]:
     """A keyed server on the planted folder, with SmolLM2 as its one real model."""
-    running = Server(plant.root, {SMOL: smollm2_path}, {"LOCOPILOT_ADMIN_KEY": ADMIN_KEY}).start(path="/health")
+    nowhere = "http://127.0.0.1:9"  # pulls of a valid-looking ref must not leave the machine
+    env = {"LOCOPILOT_ADMIN_KEY": ADMIN_KEY, "LOCOPILOT_HF_ENDPOINT": nowhere, "LOCOPILOT_OLLAMA_REGISTRY": nowhere}
+    running = Server(plant.root, {SMOL: smollm2_path}, env).start(path="/health")
     yield running
     running.stop()
 
@@ -261,6 +268,36 @@ def test_model_ids_in_the_path(server: Server, plant: Plant) -> None:
     # The route does answer for a real model, so the refusals above are not a broken route's.
     status, body = raw_request(server, "GET", f"/v1/models/{SMOL}".encode())
     assert status == 200 and httpx.Response(200, content=body).json()["id"] == SMOL
+
+
+@pytest.mark.usefixtures("untouched")
+@pytest.mark.parametrize(("method", "suffix"), MODEL_ROUTES)
+def test_model_management_paths(server: Server, plant: Plant, method: str, suffix: str) -> None:
+    for name in plant.names():
+        for form in path_forms(name):
+            target = b"/v1/locopilot/models/" + form + suffix.encode()
+            status, body = raw_request(server, method, target)
+            assert_clean_refusal(status, body, f"{method} {target[:80]!r}")
+    # The planted links are refused before a runner could open their targets.
+    for name in ("planted", "outdir"):
+        status, body = raw_request(server, "POST", f"/v1/locopilot/models/{name}/load".encode())
+        assert assert_clean_refusal(status, body, f"load {name}")["code"] == "model_not_found"
+
+
+@pytest.mark.usefixtures("untouched")
+def test_pull_names_and_refs(server: Server, plant: Plant) -> None:
+    url = "http://127.0.0.1:9/model.gguf"
+    for name in plant.names():
+        body = {"model": url, "sha256": "0" * 64, "name": name}
+        response = httpx.post(f"{server.url}/v1/locopilot/models/pull", json=body, headers=ADMIN, timeout=30)
+        error = assert_clean_refusal(response.status_code, response.content, f"pull name {name[:60]!r}")
+        assert error["param"] == "name", error
+        # As a ref: refused, or (a valid registry name such as outdir/canary) a failed pull from nowhere.
+        response = httpx.post(f"{server.url}/v1/locopilot/models/pull", json={"model": name}, headers=ADMIN, timeout=30)
+        if response.status_code != 502:
+            assert_clean_refusal(response.status_code, response.content, f"pull ref {name[:60]!r}")
+        assert SECRET.encode() not in response.content
+    assert not list(plant.models.glob("*/*.partial"))
 
 
 @pytest.mark.usefixtures("untouched")

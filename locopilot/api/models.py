@@ -1,0 +1,203 @@
+"""Model management (scope ``models``): pull, show, delete, load and unload the embedded engine's models.
+
+``POST /v1/locopilot/models/pull`` streams the pull's progress as SSE (``event: progress``
+with a :class:`~locopilot.models.pull.PullEvent`, then ``event: model`` with the model
+card; ``event: error`` with an OpenAI error body if it fails after the stream began);
+with ``"stream": false`` it answers the model card once done. The request is checked,
+and the source asked for its listing, before the status is sent: a bad ref is a 400,
+an unknown repository, file or tag a 404. A client that goes away cancels its pull
+(the download stops unless another pull watches it, and resumes next time).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import msgspec
+from litestar import Request, Response, delete, get, post
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.response import Stream
+from msgspec import Meta
+
+from locopilot.api.openai import model_card
+from locopilot.api.responses import BODY, GUARDED, answers
+from locopilot.api.services import Services
+from locopilot.errors import Conflict, LocopilotError, ModelNotFound
+from locopilot.gateway import auth
+from locopilot.models.pull import SPLITS, PullEvent, prepare
+from locopilot.schemas.openai import ModelCard, encoder
+from locopilot.store import models as records
+from locopilot.training.lineage import read as read_lineage
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class PullBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=2048,
+            description="hf.co/OWNER/REPO[:QUANT], hf.co/OWNER/REPO/FILE.gguf, an Ollama name, or a URL of a .gguf",
+        ),
+    ]
+    name: Annotated[str, Meta(max_length=200, description="The local model name (default: from the ref).")] | None = (
+        None
+    )
+    sha256: Annotated[str, Meta(description="A URL's pin: the file must hash to it.")] | None = None
+    insecure: Annotated[bool, Meta(description="Allow a plain-http registry.")] = False
+    insecure_no_checksum: Annotated[bool, Meta(description="Take a URL's file without a sha256 pin.")] = False
+    stream: bool = True
+
+
+class LoadState(msgspec.Struct):
+    id: str
+    loaded: bool
+    object: str = "model.load_state"
+
+
+class Deleted(msgspec.Struct):
+    id: str
+    deleted: bool = True
+    object: str = "model"
+
+
+PULL_STREAM = ResponseSpec(
+    str,
+    media_type="text/event-stream",
+    generate_examples=False,
+    description=(
+        "SSE: `progress` events (status, digest, total, completed, bytes_per_second, eta_seconds), then `model`"
+    ),
+)
+
+
+def _sse(event: str, body: msgspec.Struct) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + encoder.encode(body) + b"\n\n"
+
+
+async def card_of(services: Services, name: str) -> ModelCard:
+    """The model card of embedded model ``name``; raises InvalidModelName or ModelNotFound."""
+    entry = await anyio.to_thread.run_sync(services.catalog.get, name)
+    record = await anyio.to_thread.run_sync(records.get, services.db, name)
+    lineage = await anyio.to_thread.run_sync(read_lineage, Path(entry.path))
+    return model_card(entry, name in services.manager.loaded(), lineage, record)
+
+
+@post(
+    "/v1/locopilot/models/pull",
+    status_code=200,
+    responses={**answers(ModelCard, 200, *GUARDED, *BODY, 404, 409, 502, 507), 200: PULL_STREAM},
+)
+async def pull_model(data: PullBody, services: Services, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+    """Download a model into the models folder (see the module docstring)."""
+    pull = prepare(
+        data.model,
+        name=data.name,
+        sha256=data.sha256,
+        insecure=data.insecure,
+        no_checksum=data.insecure_no_checksum,
+    )
+    auth.note(request, "model_pull", model=pull.name, ref=str(pull.ref))
+    events = services.puller.pull(pull)
+    # Primed past the source's listing: an unknown repository or tag is a real 404.
+    primed = [await anext(events)]
+    try:
+        primed.append(await anext(events))
+    except StopAsyncIteration:
+        pass
+    except BaseException:
+        await events.aclose()
+        raise
+    if not data.stream:
+        try:
+            async for _ in events:
+                pass
+        finally:
+            await events.aclose()
+        return Response(encoder.encode(await card_of(services, pull.name)), media_type="application/json")
+    return Stream(_stream(services, primed, events, pull.name), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _stream(
+    services: Services, primed: list[PullEvent], events: AsyncGenerator[PullEvent, None], name: str
+) -> AsyncIterator[bytes]:
+    try:
+        for event in primed:
+            yield _sse("progress", event)
+        async for event in events:
+            yield _sse("progress", event)
+        yield _sse("model", await card_of(services, name))
+    except LocopilotError as exc:
+        log.warning("pull of %s failed: %s", name, exc.loggable())
+        yield _sse("error", exc.body())
+    finally:
+        await events.aclose()
+
+
+@get("/v1/locopilot/models/{model_id:str}", responses=answers(ModelCard, 200, *GUARDED, 400, 404))
+async def show_model(model_id: str, services: Services) -> Response[bytes]:
+    """One model of the models folder: its header facts, where it came from, its sha256, whether loaded."""
+    return Response(encoder.encode(await card_of(services, model_id)), media_type="application/json")
+
+
+@delete(
+    "/v1/locopilot/models/{model_id:str}", status_code=200, responses=answers(Deleted, 200, *GUARDED, 400, 404, 409)
+)
+async def delete_model(model_id: str, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Delete a model (a link: the link alone); unloads it first. 409 while a training job uses it."""
+    await anyio.to_thread.run_sync(services.catalog.get, model_id)
+    job = await anyio.to_thread.run_sync(records.training_job_using, services.db, model_id)
+    if job is not None:
+        raise Conflict(
+            f"The model '{model_id}' is the base of training job {job}; cancel it first", code="model_in_use"
+        )
+    await services.manager.unload(model_id)
+    await anyio.to_thread.run_sync(_remove, services, model_id)
+    auth.note(request, "model_deleted", model=model_id)
+    return Response(encoder.encode(Deleted(model_id)), media_type="application/json")
+
+
+def _remove(services: Services, name: str) -> None:
+    services.catalog.remove(name)
+    shutil.rmtree(services.catalog.models_dir / SPLITS / name, ignore_errors=True)
+    records.delete(services.db, name)
+
+
+async def usable(services: Services, name: str) -> None:
+    """Raise InvalidModelName, or ModelNotFound for a model that is absent or not a GGUF llama.cpp may open."""
+    entry = await anyio.to_thread.run_sync(services.catalog.get, name)
+    if entry.error is not None:
+        raise ModelNotFound(f"The model '{name}' is not a usable GGUF file: {entry.error}", param="model")
+
+
+@post(
+    "/v1/locopilot/models/{model_id:str}/load",
+    status_code=200,
+    responses=answers(LoadState, 200, *GUARDED, 400, 404, 503),
+)
+async def load_model(model_id: str, services: Services) -> Response[bytes]:
+    """Load a model into a runner now (it counts towards LOCOPILOT_MAX_LOADED_MODELS)."""
+    await usable(services, model_id)
+    await services.manager.runner(model_id)
+    return Response(encoder.encode(LoadState(model_id, True)), media_type="application/json")
+
+
+@post(
+    "/v1/locopilot/models/{model_id:str}/unload", status_code=200, responses=answers(LoadState, 200, *GUARDED, 400, 404)
+)
+async def unload_model(model_id: str, services: Services) -> Response[bytes]:
+    """Unload a model: its runner ends and gives its memory back. Requests in flight on it fail."""
+    await anyio.to_thread.run_sync(services.catalog.get, model_id)
+    await services.manager.unload(model_id)
+    return Response(encoder.encode(LoadState(model_id, False)), media_type="application/json")
+
+
+ROUTES = [pull_model, show_model, delete_model, load_model, unload_model]
