@@ -326,7 +326,7 @@ def test_embeddings_refuse_bad_input(client: openai.OpenAI) -> None:
         ({"logit_bias": {"99999999": 1}}, "logit_bias"),
         ({"seed": 2**70}, "seed"),
         ({"seed": -5}, "seed"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "messages[0].content",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 
 import anyio
@@ -10,8 +11,21 @@ import pytest
 
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import ContextLengthExceeded, InvalidRequest, LocopilotError, ModelNotFound, UpstreamError
-from locopilot.providers.base import Finish, GenerationRequest, Message, StreamEvent, TextDelta
-from locopilot.providers.openai_compat import EventParser, OpenAICompatProvider, generation_body
+from locopilot.providers.base import (
+    Finish,
+    FunctionTool,
+    GenerationRequest,
+    ImagePart,
+    Message,
+    StreamEvent,
+    TextDelta,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    TopLogprob,
+)
+from locopilot.providers.openai_compat import EventParser, OpenAICompatProvider, _ChunkReader, generation_body
 from tests.conftest import SMOL, Server
 from tests.fakes.fault_upstream import FaultUpstream
 
@@ -506,3 +520,105 @@ def test_events_do_not_depend_on_where_the_network_splits_the_bytes(newline: byt
         assert parser.feed(stream[:split]) + parser.feed(stream[split:]) == expected, split
     one_byte_at_a_time = EventParser()
     assert [event for i in range(len(stream)) for event in one_byte_at_a_time.feed(stream[i : i + 1])] == expected
+
+
+# Tools, choices and logprobs
+
+
+WEATHER_TOOL = FunctionTool(
+    name="get_weather",
+    description="The weather in a city",
+    parameters={"type": "object", "properties": {"city": {"type": "string"}}},
+)
+
+
+@pytest.mark.anyio
+async def test_tool_calls_come_back_as_call_deltas(provider: OpenAICompatProvider, upstream: FaultUpstream) -> None:
+    events = [
+        event async for event in provider.stream(chat(tools=(WEATHER_TOOL,), tool_choice=ToolChoice(mode="required")))
+    ]
+    *calls, finish = events
+    assert calls[0] == ToolCallDelta(call=0, id="call_fault0", name="get_weather", arguments="")
+    assert all(isinstance(c, ToolCallDelta) and c.call == 0 and c.id is None and c.name is None for c in calls[1:])
+    assert "".join(c.arguments for c in calls if isinstance(c, ToolCallDelta)) == '{"city": "Paris"}'
+    assert finish == Finish("tool_calls", FaultUpstream.PROMPT_TOKENS, WORDS)
+    body = upstream.requests[-1].body
+    assert body["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "The weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    assert body["tool_choice"] == "required"
+    assert "parallel_tool_calls" not in body  # true is OpenAI's default; some servers know no such field
+
+
+@pytest.mark.anyio
+async def test_choices_logprobs_and_suffix_pass_through(
+    provider: OpenAICompatProvider, upstream: FaultUpstream
+) -> None:
+    request = GenerationRequest(model="fault-small", prompt="def f(", suffix="return x", n=2, logprobs=1)
+    events = [event async for event in provider.stream(request)]
+    body = upstream.requests[-1].body
+    assert (body["n"], body["logprobs"], body["suffix"]) == (2, 1, "return x")
+    for index in (0, 1):
+        deltas = [e for e in events if isinstance(e, TextDelta) and e.index == index]
+        assert "".join(d.text for d in deltas) == "".join(FaultUpstream.WORDS)
+        logprobs = [lp for d in deltas for lp in d.logprobs]
+        assert [lp.token for lp in logprobs] == list(FaultUpstream.WORDS)
+        assert [lp.logprob for lp in logprobs] == [-0.5 * i for i in range(WORDS)]
+        assert [top.token for lp in logprobs for top in lp.top] == ["x"] * WORDS
+    assert events[-1] == Finish("stop", FaultUpstream.PROMPT_TOKENS, WORDS, reasons=("stop", "stop"))
+    chat_events = [event async for event in provider.stream(chat(logprobs=2))]
+    body = upstream.requests[-1].body
+    assert (body["logprobs"], body["top_logprobs"]) == (True, 2)
+    first = next(e for e in chat_events if isinstance(e, TextDelta))
+    assert first.logprobs[0] == TokenLogprob(
+        token="Hello", logprob=-0.0, bytes=list(b"Hello"), top=(TopLogprob(token="x", logprob=-1.0, bytes=[120]),)
+    )
+
+
+def test_call_pieces_without_an_index_are_numbered_by_their_ids() -> None:
+    """Some servers leave ``index`` out of ``delta.tool_calls``: an id starts the next call."""
+    reader = _ChunkReader("up", chat=True, param="messages")
+    out: list[TextDelta | ToolCallDelta] = []
+    for call in (
+        {"id": "a", "function": {"name": "f", "arguments": "{"}},
+        {"function": {"arguments": "}"}},
+        {"id": "b", "function": {"name": "g", "arguments": "{}"}},
+    ):
+        reader.read("data", json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]}), out)
+    assert [(c.call, c.id) for c in out if isinstance(c, ToolCallDelta)] == [(0, "a"), (0, None), (1, "b")]
+
+
+def test_messages_go_out_in_openai_form() -> None:
+    messages = [
+        Message(role="user", content="look", images=(ImagePart(url="data:image/png;base64,AA==", detail="low"),)),
+        Message(role="assistant", tool_calls=(ToolCall(id="c1", name="f", arguments='{"a": 1}'),)),
+        Message(role="tool", content="done", tool_call_id="c1"),
+    ]
+    _, body, _ = generation_body(
+        GenerationRequest(model="m", messages=messages, tools=(WEATHER_TOOL,), parallel_tool_calls=False)
+    )
+    assert body["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "look"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA==", "detail": "low"}},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}],
+        },
+        {"role": "tool", "content": "done", "tool_call_id": "c1"},
+    ]
+    assert (body["tool_choice"], body["parallel_tool_calls"]) == ("auto", False)
+    path, tokens, _ = generation_body(GenerationRequest(model="m", prompt_tokens=[5, 6]))
+    assert (path, tokens["prompt"]) == ("/completions", [5, 6])

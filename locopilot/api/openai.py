@@ -17,22 +17,27 @@ from litestar.response import Stream
 from locopilot.api.generation import privacy_of, provider_headers, serve_generation
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
 from locopilot.api.services import Services
+from locopilot.api.tools import check_schema_bounds, check_tools
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import InvalidRequest, LocopilotError, ModelNotFound
 from locopilot.gateway.access import outcome_id
 from locopilot.gateway.auth import Principal, principal_of
 from locopilot.gateway.failover import first_success
 from locopilot.gateway.router import Route
-from locopilot.gateway.streaming import Reply, sse, unless_disconnected, usage_of
+from locopilot.gateway.streaming import ChoiceParts, Reply, sse, unless_disconnected, usage_of
 from locopilot.gateway.usage import Outcome
 from locopilot.models.catalog import ModelEntry, validate_model_name
 from locopilot.providers.base import (
     EmbeddingResult,
     Finish,
+    FunctionTool,
     GenerationRequest,
+    ImagePart,
     Message,
     TextDelta,
+    ToolCall,
     ToolCallDelta,
+    ToolChoice,
 )
 from locopilot.schemas.openai import (
     AssistantMessage,
@@ -50,11 +55,18 @@ from locopilot.schemas.openai import (
     EmbeddingList,
     EmbeddingRequest,
     EmbeddingUsage,
+    FunctionCall,
+    FunctionCallDelta,
     ImageUrlPart,
     ModelCard,
     ModelList,
+    NamedToolChoice,
     SamplingFields,
     TextPart,
+    ToolCallChunk,
+    ToolCallOut,
+    ToolChoiceSpec,
+    ToolSpec,
     Usage,
     encoder,
 )
@@ -113,62 +125,88 @@ def check_text_size(text: str, limit: int, param: str) -> str:
     return text
 
 
-def message_text(index: int, message: ChatMessage, limit: int) -> str:
+def chat_message(index: int, message: ChatMessage, limit: int) -> Message:
+    """``message`` as the internal Message: its text (at most ``limit`` bytes), images and tool calls."""
+    where = f"messages[{index}]"
+    texts: list[str] = []
+    images: list[ImagePart] = []
     match message.content:
         case None:
-            return ""
+            pass
         case str(text):
-            return check_text_size(text, limit, f"messages[{index}].content")
+            texts.append(text)
         case parts:
-            texts: list[str] = []
             for part in parts:
-                if not isinstance(part, TextPart):
-                    kind = "image" if isinstance(part, ImageUrlPart) else "audio"
-                    raise InvalidRequest(
-                        f"messages[{index}] has {kind} content, which this model cannot read",
-                        param=f"messages[{index}].content",
-                    )
-                texts.append(part.text)
-            return check_text_size("\n".join(texts), limit, f"messages[{index}].content")
+                match part:
+                    case TextPart(text=text):
+                        texts.append(text)
+                    case ImageUrlPart(image_url=image):
+                        if message.role != "user":
+                            raise InvalidRequest(
+                                f"Only user messages may carry images, not {message.role} ones.",
+                                param=f"{where}.content",
+                            )
+                        images.append(ImagePart(url=image.url, detail=image.detail))
+                    case _:
+                        raise InvalidRequest(
+                            f"{where} has audio content, which is not supported.", param=f"{where}.content"
+                        )
+    calls = tuple(
+        ToolCall(id=call.id, name=call.function.name, arguments=call.function.arguments)
+        for call in message.tool_calls or ()
+    )
+    if calls and message.role != "assistant":
+        raise InvalidRequest("Only assistant messages may carry tool_calls.", param=f"{where}.tool_calls")
+    if message.tool_call_id is not None and message.role != "tool":
+        raise InvalidRequest("Only tool messages may carry a tool_call_id.", param=f"{where}.tool_call_id")
+    return Message(
+        role="system" if message.role == "developer" else message.role,
+        content=check_text_size("\n".join(texts), limit, f"{where}.content"),
+        images=tuple(images),
+        tool_calls=calls,
+        tool_call_id=message.tool_call_id,
+        name=message.name,
+    )
 
 
-SCHEMA_COUNT_KEYS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
-MAX_SCHEMA_COUNT = 4096
-MAX_SCHEMA_BYTES = 64 * 1024
-MAX_SCHEMA_DEPTH = 48  # JSON nesting levels: an object property is two (its object, properties)
-
-
-def check_schema_bounds(schema: dict[str, object]) -> None:
-    """Refuse schemas whose grammar would be huge: a ``minLength`` of 10^8 is a 500 MB grammar."""
-    if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
-        raise InvalidRequest(f"json_schema is larger than {MAX_SCHEMA_BYTES} bytes.", param="response_format")
-    stack: list[tuple[object, int]] = [(schema, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_SCHEMA_DEPTH:
+def function_tools(tools: list[ToolSpec]) -> tuple[FunctionTool, ...]:
+    """The declared tools; only ``function`` tools exist on this API."""
+    declared: list[FunctionTool] = []
+    for index, tool in enumerate(tools):
+        if tool.type != "function":
             raise InvalidRequest(
-                f"json_schema is nested more than {MAX_SCHEMA_DEPTH} levels deep.", param="response_format"
+                f"Tools of type {tool.type!r} are not supported; only function tools are.", param=f"tools[{index}].type"
             )
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in SCHEMA_COUNT_KEYS and isinstance(value, int | float) and value > MAX_SCHEMA_COUNT:
-                    raise InvalidRequest(
-                        f"json_schema {key} of {value} exceeds {MAX_SCHEMA_COUNT}.", param="response_format"
-                    )
-                stack.append((value, depth + 1))
-        elif isinstance(node, list):
-            stack.extend((value, depth + 1) for value in node)
+        spec = tool.function
+        declared.append(
+            FunctionTool(
+                name=spec.name,
+                description=spec.description,
+                # Absent or {}: a function without arguments, as OpenAI reads it.
+                parameters=spec.parameters or {"type": "object", "properties": {}},
+                strict=spec.strict,
+            )
+        )
+    return tuple(declared)
+
+
+def tool_choice(choice: ToolChoiceSpec | None) -> ToolChoice:
+    match choice:
+        case None:
+            return ToolChoice()
+        case NamedToolChoice(function=function):
+            return ToolChoice(mode="function", name=function.name)
+        case mode:
+            return ToolChoice(mode=mode)
 
 
 def chat_generation(body: ChatCompletionRequest, model: str, max_text: int) -> GenerationRequest:
     """The generation ``body`` asks for; ``max_text`` bounds each message's text in bytes."""
     check_common(body)
-    if body.tools:
-        raise InvalidRequest("tools are not supported yet.", param="tools")
-    messages = [
-        Message(role="system" if m.role == "developer" else m.role, content=message_text(i, m, max_text))
-        for i, m in enumerate(body.messages)
-    ]
+    messages = [chat_message(i, m, max_text) for i, m in enumerate(body.messages)]
+    tools = function_tools(body.tools or [])
+    choice = tool_choice(body.tool_choice)
+    check_tools(tools, choice, messages)
     json_schema = None
     if body.response_format is not None:
         match body.response_format.type:
@@ -180,7 +218,7 @@ def chat_generation(body: ChatCompletionRequest, model: str, max_text: int) -> G
                     raise InvalidRequest(
                         "response_format.json_schema.schema is required", param="response_format.json_schema"
                     )
-                check_schema_bounds(spec.schema)
+                check_schema_bounds(spec.schema, "response_format")
                 json_schema = json.dumps(spec.schema)
     return GenerationRequest(
         model=model,
@@ -188,23 +226,47 @@ def chat_generation(body: ChatCompletionRequest, model: str, max_text: int) -> G
         max_tokens=body.max_completion_tokens or body.max_tokens,
         stop=stop_list(body.stop),
         json_schema=json_schema,
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=True if body.parallel_tool_calls is None else body.parallel_tool_calls,
         sampling=sampling_params(body),
     )
+
+
+def prompt_of(prompt: str | list[str | int | list[int]], max_text: int) -> tuple[str | None, list[int] | None]:
+    """One prompt, as text or as token ids (``[1, 2]`` or ``[[1, 2]]``), at most ``max_text`` bytes."""
+    if isinstance(prompt, str):
+        return check_text_size(prompt, max_text, "prompt"), None
+    tokens: list[int] = []
+    match prompt:
+        case [str(text)]:
+            return check_text_size(text, max_text, "prompt"), None
+        case [list(ids)]:
+            tokens = ids
+        case [int(), *_]:
+            tokens = [token for token in prompt if isinstance(token, int)]
+            if len(tokens) != len(prompt):
+                raise InvalidRequest("prompt mixes token ids with other items.", param="prompt")
+        case [str() | list(), _, *_]:
+            raise InvalidRequest("Only one prompt per request is supported.", param="prompt")
+    if not tokens:
+        raise InvalidRequest("prompt must not be empty.", param="prompt")
+    # Every token is at least one byte of text.
+    if len(tokens) > max_text:
+        raise InvalidRequest(
+            f"prompt has more than {max_text} tokens (LOCOPILOT_MAX_MESSAGE_BYTES).",
+            param="prompt",
+            code="string_above_max_length",
+        )
+    if min(tokens) < 0:
+        raise InvalidRequest("prompt token ids must not be negative.", param="prompt")
+    return None, tokens
 
 
 def completion_generation(body: CompletionRequest, model: str, max_text: int) -> GenerationRequest:
     """The generation ``body`` asks for; ``max_text`` bounds the prompt in bytes."""
     check_common(body)
-    match body.prompt:
-        case str(text):
-            prompt = text
-        case [str(text)]:
-            prompt = text
-        case [str(), str(), *_]:
-            raise InvalidRequest("Only one prompt per request is supported.", param="prompt")
-        case _:
-            raise InvalidRequest("prompt must be a string; token arrays are not supported.", param="prompt")
-    check_text_size(prompt, max_text, "prompt")
+    prompt, tokens = prompt_of(body.prompt, max_text)
     if body.suffix:
         raise InvalidRequest("suffix (fill-in-the-middle) is not supported.", param="suffix")
     if body.best_of not in (None, 1):
@@ -212,6 +274,7 @@ def completion_generation(body: CompletionRequest, model: str, max_text: int) ->
     return GenerationRequest(
         model=model,
         prompt=prompt,
+        prompt_tokens=tokens,
         max_tokens=body.max_tokens or 16,  # OpenAI's default for text completions
         stop=stop_list(body.stop),
         echo=body.echo,
@@ -269,7 +332,20 @@ class ChatFormatter(ReplyIdentity):
     def event(self, event: TextDelta | ToolCallDelta) -> bytes:
         if isinstance(event, TextDelta):
             return sse(self._chunk(ChatDelta(content=event.text), index=event.index))
-        raise NotImplementedError("tool call deltas")
+        if event.id is None and event.name is None:
+            return self._call_chunk(event, ToolCallChunk(event.call, FunctionCallDelta(arguments=event.arguments)))
+        # A call's first piece says what it calls, with empty arguments; the arguments follow
+        # in pieces of their own, as OpenAI streams them.
+        opening = ToolCallChunk(
+            event.call, FunctionCallDelta(name=event.name or "", arguments=""), id=event.id or "", type="function"
+        )
+        data = self._call_chunk(event, opening)
+        if event.arguments:
+            data += self._call_chunk(event, ToolCallChunk(event.call, FunctionCallDelta(arguments=event.arguments)))
+        return data
+
+    def _call_chunk(self, event: ToolCallDelta, call: ToolCallChunk) -> bytes:
+        return sse(self._chunk(ChatDelta(tool_calls=[call]), index=event.index))
 
     def closing(self, finish: Finish) -> bytes:
         reasons = choice_reasons(finish, self.n)
@@ -279,10 +355,17 @@ class ChatFormatter(ReplyIdentity):
         return ChatCompletionChunk(self.request_id, self.created, self.model, [], usage=usage)
 
     def whole(self, reply: Reply) -> ChatCompletion:
-        choices = [
-            ChatChoice(i, AssistantMessage(choice.content), reply.reason(i)) for i, choice in enumerate(reply.choices)
-        ]
+        choices = [ChatChoice(i, assistant_message(choice), reply.reason(i)) for i, choice in enumerate(reply.choices)]
         return ChatCompletion(self.request_id, self.created, self.model, choices, reply.usage)
+
+
+def assistant_message(choice: ChoiceParts) -> AssistantMessage:
+    """A choice as OpenAI writes it: with its calls, and null content when it is only calls."""
+    calls = choice.tool_calls()
+    if not calls:
+        return AssistantMessage(choice.content)
+    out = [ToolCallOut(call.id, FunctionCall(call.name, call.arguments)) for call in calls]
+    return AssistantMessage(choice.content or None, tool_calls=out)
 
 
 class CompletionFormatter(ReplyIdentity):

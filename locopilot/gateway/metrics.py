@@ -106,6 +106,7 @@ class RequestMetrics:
         self.known_model = known_model
         self._models: set[str] = set()
         self._series: dict[tuple[str, str, str], _Series] = {}
+        self._tool_parse_failures: dict[str, int] = {}
 
     def model_label(self, provider: str, model: str) -> str:
         if model in self._models:
@@ -131,6 +132,9 @@ class RequestMetrics:
                 series.tokens_per_second.observe(TOKENS_PER_SECOND_BUCKETS, (outcome.tokens_out - 1) / (seconds - ttfb))
         series.prompt_tokens += outcome.tokens_in
         series.completion_tokens += outcome.tokens_out
+        if outcome.tool_parse_failures:
+            model = key[1]
+            self._tool_parse_failures[model] = self._tool_parse_failures.get(model, 0) + outcome.tool_parse_failures
 
     def collect(self) -> Iterator[Metric]:
         labels = ("route", "model", "provider")
@@ -171,7 +175,14 @@ class RequestMetrics:
             )
             prompt.add_metric(key, series.prompt_tokens)
             completion.add_metric(key, series.completion_tokens)
-        yield from (requests, latency, first_token, tokens_per_second, prompt, completion)
+        parse_failures = CounterMetricFamily(
+            f"{PREFIX}_tool_call_parse_failures",
+            "Tool calls a model generated that could not be parsed (their text went out as content), by model.",
+            labels=("model",),
+        )
+        for model, count in list(self._tool_parse_failures.items()):
+            parse_failures.add_metric((model,), count)
+        yield from (requests, latency, first_token, tokens_per_second, prompt, completion, parse_failures)
 
 
 def resident_bytes(pid: int) -> int | None:

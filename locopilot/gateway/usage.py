@@ -57,6 +57,7 @@ class Outcome:
     tokens_in: int = 0
     tokens_out: int = 0
     tokens_cached: int = 0  # of tokens_in, those the provider's prompt cache supplied
+    tool_parse_failures: int = 0  # tool calls the model generated that could not be parsed
     streaming: bool = False  # the 200 and the first bytes have gone out
     routing: Decision | None = None
     admission: Admission | None = None
@@ -79,6 +80,7 @@ class Outcome:
         """Take the token counts from the provider's final word on the reply."""
         self.tokens_in, self.tokens_out = finish.prompt_tokens, finish.completion_tokens
         self.tokens_cached = finish.cached_tokens
+        self.tool_parse_failures = finish.tool_parse_failures
 
 
 class UsageRecorder:

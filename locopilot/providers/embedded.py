@@ -42,6 +42,23 @@ def failure_error(failed: Failed, input_param: str) -> LocopilotError:
             return LocopilotError("the engine failed on this request; the server log says why")
 
 
+def refuse_unseeable(request: GenerationRequest) -> None:
+    """InvalidRequest for what the embedded engine cannot take yet: images and token-id prompts."""
+    if request.prompt_tokens is not None:
+        raise InvalidRequest(
+            "The embedded engine takes prompts as text, not token ids; send the text, or route the request "
+            "to an upstream that accepts token ids.",
+            param="prompt",
+        )
+    for index, message in enumerate(request.messages or ()):
+        if message.images:
+            raise InvalidRequest(
+                "The embedded engine cannot read images yet (no vision support); route the request to an "
+                "upstream whose model can.",
+                param=f"messages[{index}].content",
+            )
+
+
 class EmbeddedProvider:
     name = "embedded"
     locality: Locality = "local"
@@ -99,6 +116,7 @@ class EmbeddedProvider:
             return
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
+        refuse_unseeable(request)
         job = Generate(
             id=0,
             prompt=request.prompt,

@@ -5,6 +5,12 @@ top level, and ``num_ctx`` is always sent so that a long prompt is not cut at
 Ollama's default context size. A text completion is sent to ``/api/generate``
 with ``raw`` set, so Ollama applies no template to the prompt.
 
+Tools go to ``/api/chat`` in Ollama's form (:func:`chat_messages`, :func:`offered_tools`):
+call arguments as objects, tool results with ``tool_name``, images as bare base64.
+Ollama sends each call whole in one line; it becomes one ToolCallDelta with the
+arguments as JSON text and an OpenAI-style id (made when Ollama sends none), and a
+reply with calls finishes with ``tool_calls``.
+
 httpx exceptions are translated by type in :func:`translate_transport_errors`:
 
     httpx.TimeoutException, httpx.TransportError,
@@ -19,6 +25,7 @@ and HTTP answers by status in :func:`status_error`:
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,15 +34,35 @@ import httpx
 import msgspec
 
 from locopilot.errors import InvalidRequest, LocopilotError, ModelNotFound, UpstreamError
-from locopilot.providers.base import EmbeddingResult, Finish, GenerationRequest, Locality, StreamEvent, TextDelta
+from locopilot.providers.base import (
+    EmbeddingResult,
+    Finish,
+    GenerationRequest,
+    Locality,
+    Message,
+    StreamEvent,
+    TextDelta,
+    ToolCallDelta,
+)
 from locopilot.providers.http import upstream_transport
 
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=5.0)
 """Reads may wait minutes: a long prompt on a CPU is evaluated before the first token arrives."""
 
 
+class _Function(msgspec.Struct):
+    name: str
+    arguments: dict[str, Any] = {}
+
+
+class _ToolCall(msgspec.Struct):
+    function: _Function
+    id: str | None = None  # Ollama sends one since 0.12; older versions send none
+
+
 class _Message(msgspec.Struct):
     content: str = ""
+    tool_calls: list[_ToolCall] | None = None
 
 
 class _StreamLine(msgspec.Struct):
@@ -145,6 +172,61 @@ def options(request: GenerationRequest, num_ctx: int) -> dict[str, Any]:
     return opts
 
 
+def new_call_id() -> str:
+    """An id for a call Ollama gave none, in the form Ollama and OpenAI use."""
+    return "call_" + secrets.token_hex(12)
+
+
+def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """Messages as ``/api/chat`` takes them: call arguments as objects, images as bare base64,
+    and each tool result with ``tool_name``, the name of the call it answers."""
+    names: dict[str, str] = {}
+    wire: list[dict[str, Any]] = []
+    for index, message in enumerate(messages):
+        item: dict[str, Any] = {"role": message.role, "content": message.content}
+        if message.images:
+            item["images"] = [inline_image(image.url, index) for image in message.images]
+        if message.tool_calls:
+            calls = []
+            for call in message.tool_calls:
+                names[call.id] = call.name
+                arguments = msgspec.json.decode(call.arguments) if call.arguments else {}
+                calls.append({"id": call.id, "function": {"name": call.name, "arguments": arguments}})
+            item["tool_calls"] = calls
+        if message.role == "tool":
+            name = names.get(message.tool_call_id or "") or message.name
+            if name:
+                item["tool_name"] = name
+            if message.tool_call_id:
+                item["tool_call_id"] = message.tool_call_id
+        wire.append(item)
+    return wire
+
+
+def inline_image(url: str, index: int) -> str:
+    """The base64 data of a ``data:`` URL: Ollama takes images inline, never as links."""
+    head, comma, data = url.partition(",")
+    if not (head.startswith("data:") and head.endswith(";base64") and comma):
+        raise InvalidRequest("Ollama takes images as base64 data: URLs, not links.", param=f"messages[{index}].content")
+    return data
+
+
+def offered_tools(request: GenerationRequest) -> list[dict[str, Any]]:
+    """The tools to send Ollama, which has no tool_choice: none for ``none``, only the named
+    one for a named choice (Ollama cannot force a call; the model may still answer in text)."""
+    choice = request.tool_choice
+    if choice.mode == "none":
+        return []
+    tools = [tool for tool in request.tools if choice.mode != "function" or tool.name == choice.name]
+    wire = []
+    for tool in tools:
+        function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters}
+        if tool.description is not None:
+            function["description"] = tool.description
+        wire.append({"type": "function", "function": function})
+    return wire
+
+
 class OllamaProvider:
     """One Ollama server. The provider owns its HTTP client and closes it in :meth:`aclose`."""
 
@@ -180,7 +262,11 @@ class OllamaProvider:
         body: dict[str, Any] = {"model": request.model}
         if request.messages is not None:
             path = "/api/chat"
-            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            body["messages"] = chat_messages(request.messages)
+            if tools := offered_tools(request):
+                body["tools"] = tools
+        elif request.prompt_tokens is not None:
+            raise InvalidRequest("Ollama takes prompts as text, not token ids.", param="prompt")
         elif request.prompt is not None:
             path = "/api/generate"
             body["prompt"] = request.prompt
@@ -205,6 +291,7 @@ class OllamaProvider:
                     raise status_error(self.name, request.model, response, await response.aread())
                 if request.echo and request.prompt is not None:
                     yield TextDelta(request.prompt, 0)
+                calls = 0
                 async for raw in response.aiter_lines():
                     if not raw.strip():
                         continue
@@ -221,8 +308,18 @@ class OllamaProvider:
                     text = line.message.content if line.message is not None else line.response
                     if text:
                         yield TextDelta(text, 1)
+                    # Ollama sends each call whole, its arguments as an object.
+                    for call in line.message.tool_calls or () if line.message is not None else ():
+                        yield ToolCallDelta(
+                            call=calls,
+                            id=call.id or new_call_id(),
+                            name=call.function.name,
+                            arguments=_encoder.encode(call.function.arguments).decode(),
+                        )
+                        calls += 1
                     if line.done:
-                        reason = "length" if line.done_reason == "length" else "stop"
+                        # Ollama says "stop" after calls; OpenAI's clients look for "tool_calls".
+                        reason = "length" if line.done_reason == "length" else "tool_calls" if calls else "stop"
                         yield Finish(reason, line.prompt_eval_count, line.eval_count)
                         return
         raise UpstreamError(f"Ollama provider {self.name} ended the stream before it was done", retryable=True)

@@ -5,9 +5,12 @@ also when the client waits for the whole reply: the upstream timeout then bounds
 the wait for each chunk, not for the whole answer, so a long generation on a
 slow upstream is not cut off. Text is forwarded as each network read brings it.
 A server that sends no usage in streams (llama_cpp.server) leaves the prompt
-uncounted. Errors:
+uncounted. Requests go out in OpenAI's wire form, tools, tool calls and results,
+image parts, token prompts, ``n``, logprobs and ``suffix`` included; streamed
+``delta.tool_calls`` come back as ToolCallDelta events, and every choice's text
+(with its logprobs) as TextDelta events of its ``index``. Errors:
 
-    before the first TextDelta
+    before the first event
       connect error, timeout, broken connection   UpstreamError(retryable=True)
       HTTP 429 or 5xx                             UpstreamError(retryable=True, retry_after from Retry-After)
       HTTP 404 with code model_not_found          ModelNotFound
@@ -16,7 +19,7 @@ uncounted. Errors:
                                                   status and raw body for passthrough (a 401/403 upsell)
       a malformed event                           UpstreamError(retryable=True)
     after it
-      any of the above, an error event, or a      UpstreamError(retryable=False): the client has text
+      any of the above, an error event, or a      UpstreamError(retryable=False): the client has output
       stream that ends before it finished         already, so nothing may fail over
 
 An error event (``data: {"error": ...}``, or llama-server's own ``error:``
@@ -40,7 +43,19 @@ import msgspec
 from locopilot import __version__
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import ContextLengthExceeded, InvalidRequest, LocopilotError, ModelNotFound, UpstreamError
-from locopilot.providers.base import EmbeddingResult, Finish, GenerationRequest, Locality, StreamEvent, TextDelta
+from locopilot.providers.base import (
+    EmbeddingResult,
+    Finish,
+    FunctionTool,
+    GenerationRequest,
+    Locality,
+    Message,
+    StreamEvent,
+    TextDelta,
+    TokenLogprob,
+    ToolCallDelta,
+    TopLogprob,
+)
 from locopilot.providers.http import upstream_transport
 
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=30.0)
@@ -71,8 +86,42 @@ class _ErrorBody(msgspec.Struct):
     code: str | int | None = None
 
 
+class _FunctionDelta(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallDelta(msgspec.Struct):
+    index: int | None = None
+    id: str | None = None
+    function: _FunctionDelta | None = None
+
+
 class _Delta(msgspec.Struct):
     content: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
+
+
+class _TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class _TokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[_TopLogprob] | None = None
+
+
+class _Logprobs(msgspec.Struct):
+    """A chat choice's ``content`` list, or a text completion's parallel lists."""
+
+    content: list[_TokenLogprob] | None = None
+    tokens: list[str] | None = None
+    token_logprobs: list[float | None] | None = None
+    top_logprobs: list[dict[str, float] | None] | None = None
 
 
 class _Choice(msgspec.Struct):
@@ -80,6 +129,7 @@ class _Choice(msgspec.Struct):
     delta: _Delta | None = None
     text: str | None = None
     finish_reason: str | None = None
+    logprobs: _Logprobs | None = None
 
 
 class _PromptTokensDetails(msgspec.Struct):
@@ -192,21 +242,21 @@ class OpenAICompatProvider:
                     content = await _read_capped(response)
                     raise self._status_error(response.status_code, response.headers, content, param)
                 events = EventParser()
-                # Whatever one network read brings goes out as one delta: no waiting for
-                # more, and no hop per event when a fast upstream sends many at once.
+                # Whatever one network read brings goes out as one delta per choice: no waiting
+                # for more, and no hop per event when a fast upstream sends many at once.
                 async for data in response.aiter_bytes():
-                    texts: list[str] = []
+                    read: list[TextDelta | ToolCallDelta] = []
                     failure: LocopilotError | None = None
                     try:
                         for event in events.feed(data):
                             # After [DONE], read on to the end of the body: httpx reuses
                             # a connection only once its response was read to the end.
-                            if not reader.done and (text := reader.read(*event)):
-                                texts.append(text)
+                            if not reader.done:
+                                reader.read(*event, read)
                     except LocopilotError as exc:
                         failure = exc
-                    if texts:  # the text before a failing event still reaches the client
-                        yield TextDelta("".join(texts), len(texts))
+                    for delta in read:  # what came before a failing event still reaches the client
+                        yield delta
                     if failure is not None:
                         raise failure
         except httpx.HTTPError as exc:
@@ -323,19 +373,37 @@ class _Prepared:
 
 
 def generation_body(request: GenerationRequest) -> tuple[str, dict[str, Any], str]:
-    """The path, JSON body and input field name of the upstream request for ``request``."""
+    """The path, JSON body and input field name of the upstream request for ``request``, in OpenAI's wire form."""
     sampling = request.sampling
     body: dict[str, Any] = {"model": request.model}
     if request.messages is not None:
         path, param = "/chat/completions", "messages"
-        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
-    elif request.prompt is not None:
+        body["messages"] = [wire_message(m) for m in request.messages]
+        if request.tools:
+            body["tools"] = [wire_tool(tool) for tool in request.tools]
+            choice = request.tool_choice
+            if choice.mode == "function":
+                body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+            else:
+                body["tool_choice"] = choice.mode
+            if not request.parallel_tool_calls:  # OpenAI's default is true; some servers know no such field
+                body["parallel_tool_calls"] = False
+        if request.logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = request.logprobs
+    elif request.prompt is not None or request.prompt_tokens is not None:
         path, param = "/completions", "prompt"
-        body["prompt"] = request.prompt
+        body["prompt"] = request.prompt if request.prompt is not None else request.prompt_tokens
         if request.echo:
             body["echo"] = True
+        if request.suffix is not None:
+            body["suffix"] = request.suffix
+        if request.logprobs is not None:
+            body["logprobs"] = request.logprobs
     else:
         raise InvalidRequest("a generation needs a prompt or messages")
+    if request.n != 1:
+        body["n"] = request.n
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
     if request.max_tokens is not None:
@@ -361,6 +429,42 @@ def generation_body(request: GenerationRequest) -> tuple[str, dict[str, Any], st
     if request.json_schema is not None:
         body["response_format"] = response_format(request.json_schema)
     return path, body, param
+
+
+def wire_message(message: Message) -> dict[str, Any]:
+    """One message as OpenAI's chat API takes it."""
+    content: str | list[dict[str, Any]] | None = message.content
+    if message.images:
+        parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}] if message.content else []
+        for image in message.images:
+            url: dict[str, Any] = {"url": image.url}
+            if image.detail is not None:
+                url["detail"] = image.detail
+            parts.append({"type": "image_url", "image_url": url})
+        content = parts
+    elif message.tool_calls and not message.content:
+        content = None  # OpenAI's form of an assistant turn that is only calls
+    wire: dict[str, Any] = {"role": message.role, "content": content}
+    if message.tool_calls:
+        wire["tool_calls"] = [
+            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        wire["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        wire["name"] = message.name
+    return wire
+
+
+def wire_tool(tool: FunctionTool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description is not None:
+        function["description"] = tool.description
+    function["parameters"] = tool.parameters
+    if tool.strict is not None:
+        function["strict"] = tool.strict
+    return {"type": "function", "function": function}
 
 
 def response_format(json_schema: str) -> dict[str, Any]:
@@ -441,7 +545,7 @@ class EventParser:
 
 
 class _ChunkReader:
-    """The state of one stream: what has been said, why it stopped, what it cost."""
+    """The state of one stream: what has been said, why each choice stopped, what it cost."""
 
     def __init__(self, name: str, *, chat: bool, param: str) -> None:
         self.name = name
@@ -449,16 +553,22 @@ class _ChunkReader:
         self.param = param
         self.done = False
         self.deltas = 0
-        self.finish_reason: str | None = None
+        self.reasons: dict[int, str] = {}
+        self.calls: dict[int, int] = {}  # choice -> calls seen, for upstreams that number none
         self.usage: _Usage | None = None
 
-    def read(self, field: str, data: str) -> str | None:
-        """The text of one event (or None); raises for an error event or a malformed one."""
+    @property
+    def finish_reason(self) -> str | None:
+        return self.reasons.get(0)
+
+    def read(self, field: str, data: str, out: list[TextDelta | ToolCallDelta]) -> None:
+        """Append the events of one SSE event to ``out``, text of one choice joined to the text
+        before it; raises for an error event or a malformed one."""
         if field == "error":
             raise self._error_event(_decode_error_detail(data))
         if data == "[DONE]":
             self.done = True
-            return None
+            return
         try:
             chunk = _chunk_decoder.decode(data)
         except msgspec.DecodeError as exc:
@@ -472,24 +582,43 @@ class _ChunkReader:
                 raise self._error_event(_ErrorDetail(message=message))
         if chunk.usage is not None:
             self.usage = chunk.usage
-        text = None
         for choice in chunk.choices:
-            if choice.index != 0:
-                continue
             if choice.finish_reason:
-                self.finish_reason = choice.finish_reason
-            text = (choice.delta.content if choice.delta else None) if self.chat else choice.text
-        if text:
-            self.deltas += 1
-        return text
+                self.reasons[choice.index] = choice.finish_reason
+            delta = choice.delta
+            text = (delta.content if delta else None) if self.chat else choice.text
+            if text:
+                self.deltas += 1
+                logprobs = _token_logprobs(choice.logprobs) if choice.logprobs is not None else ()
+                last = out[-1] if out else None
+                if isinstance(last, TextDelta) and last.index == choice.index:
+                    out[-1] = TextDelta(last.text + text, last.tokens + 1, choice.index, last.logprobs + logprobs)
+                else:
+                    out.append(TextDelta(text, 1, choice.index, logprobs))
+            if delta is not None and delta.tool_calls:
+                for call in delta.tool_calls:
+                    self.deltas += 1
+                    out.append(self._call_delta(choice.index, call))
+
+    def _call_delta(self, index: int, call: _ToolCallDelta) -> ToolCallDelta:
+        function = call.function or _FunctionDelta()
+        seen = self.calls.get(index, 0)
+        # Without an index, a piece with an id starts the next call and one without continues the last.
+        number = call.index if call.index is not None else seen if call.id is not None else max(seen - 1, 0)
+        self.calls[index] = max(seen, number + 1)
+        return ToolCallDelta(
+            call=number, index=index, id=call.id, name=function.name, arguments=function.arguments or ""
+        )
 
     def finish(self) -> Finish:
         reason = self.finish_reason or "stop"
+        choices = max(self.reasons, default=0) + 1
+        reasons = tuple(self.reasons.get(i, "stop") for i in range(choices)) if choices > 1 else ()
         if self.usage is None:
-            return Finish(reason, 0, self.deltas)
+            return Finish(reason, 0, self.deltas, reasons=reasons)
         details = self.usage.prompt_tokens_details
         cached = details.cached_tokens or 0 if details is not None else 0
-        return Finish(reason, self.usage.prompt_tokens, self.usage.completion_tokens, cached)
+        return Finish(reason, self.usage.prompt_tokens, self.usage.completion_tokens, cached, reasons)
 
     def _error_event(self, detail: _ErrorDetail) -> LocopilotError:
         said = detail.message or "no message"
@@ -497,6 +626,31 @@ class _ChunkReader:
             return ContextLengthExceeded(said, param=self.param, quotes_input=True)
         message = f"upstream {self.name!r} reported an error mid-stream: {said}"
         return UpstreamError(message, retryable=False, quotes_input=True)
+
+
+def _token_logprobs(logprobs: _Logprobs) -> tuple[TokenLogprob, ...]:
+    """A chunk's logprobs in the internal form, from a chat choice's or a text completion's."""
+    if logprobs.content is not None:
+        return tuple(
+            TokenLogprob(
+                token=item.token,
+                logprob=item.logprob,
+                bytes=item.bytes,
+                top=tuple(TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes) for t in item.top_logprobs or ()),
+            )
+            for item in logprobs.content
+        )
+    tokens = logprobs.tokens or []
+    values = logprobs.token_logprobs or []
+    tops = logprobs.top_logprobs or []
+    return tuple(
+        TokenLogprob(
+            token=token,
+            logprob=(values[i] if i < len(values) else None) or 0.0,
+            top=tuple(TopLogprob(token=t, logprob=lp) for t, lp in ((tops[i] or {}).items() if i < len(tops) else ())),
+        )
+        for i, token in enumerate(tokens)
+    )
 
 
 def _decode_error_detail(data: str) -> _ErrorDetail:

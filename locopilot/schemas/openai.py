@@ -28,6 +28,8 @@ StopStrings = StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP_
 MAX_MESSAGES = 500
 MAX_LOGIT_BIAS = 300
 ShortText = Annotated[str, Meta(max_length=256)]
+MAX_TOOLS = 128  # OpenAI's limit (checked again, with the front's param, by locopilot.api.tools)
+MAX_TOOL_CALLS = 128
 
 
 # Requests
@@ -37,8 +39,13 @@ class TextPart(Struct, tag="text", tag_field="type"):
     text: str
 
 
+class ImageUrl(Struct):
+    url: Annotated[str, Meta(min_length=1)]
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ImageUrlPart(Struct, tag="image_url", tag_field="type"):
-    image_url: dict[str, str]
+    image_url: ImageUrl
 
 
 class InputAudioPart(Struct, tag="input_audio", tag_field="type"):
@@ -48,10 +55,53 @@ class InputAudioPart(Struct, tag="input_audio", tag_field="type"):
 ContentPart = TextPart | ImageUrlPart | InputAudioPart
 
 
+class CalledFunction(Struct):
+    # Empty defaults, so that a missing name or arguments is the handler's 400 with its param.
+    name: str = ""
+    arguments: str = ""
+
+
+class ToolCallSpec(Struct):
+    """A call in an assistant message of the history."""
+
+    id: Annotated[str, Meta(max_length=256)] = ""
+    type: Literal["function"] = "function"
+    function: CalledFunction = msgspec.field(default_factory=CalledFunction)
+
+
 class ChatMessage(Struct):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: ShortText | None = None
+    tool_calls: Annotated[list[ToolCallSpec], Meta(max_length=MAX_TOOL_CALLS)] | None = None
+    tool_call_id: Annotated[str, Meta(max_length=256)] | None = None
+
+
+class FunctionDefinition(Struct):
+    name: str = ""  # a missing name is the handler's 400, with its param
+    description: str | None = None
+    parameters: dict[str, object] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(Struct):
+    """A tool the model may call. Only ``function`` tools exist on this API; another
+    ``type`` is refused by the handler, naming it."""
+
+    type: ShortText = "function"
+    function: FunctionDefinition = msgspec.field(default_factory=FunctionDefinition)
+
+
+class ChosenFunction(Struct):
+    name: str
+
+
+class NamedToolChoice(Struct):
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+ToolChoiceSpec = Literal["auto", "none", "required"] | NamedToolChoice
 
 
 class StreamOptions(Struct):
@@ -99,8 +149,9 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: TokenCount | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, object]] | None = None
-    tool_choice: str | dict[str, object] | None = None
+    tools: Annotated[list[ToolSpec], Meta(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoiceSpec | None = None
+    parallel_tool_calls: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
 
 
@@ -135,9 +186,24 @@ class Usage(Struct):
     prompt_tokens_details: PromptTokensDetails = msgspec.field(default_factory=PromptTokensDetails)
 
 
+class FunctionCall(Struct):
+    name: str
+    arguments: str
+    """The JSON text of an object."""
+
+
+class ToolCallOut(Struct):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class AssistantMessage(Struct):
-    content: str
+    """``content`` is null when the reply is only tool calls; ``tool_calls`` is absent when there are none."""
+
+    content: str | None
     role: str = "assistant"
+    tool_calls: list[ToolCallOut] | UnsetType = UNSET
 
 
 class ChatChoice(Struct):
@@ -157,9 +223,25 @@ class ChatCompletion(Struct):
     system_fingerprint: str | None = None
 
 
+class FunctionCallDelta(Struct):
+    name: str | UnsetType = UNSET
+    arguments: str | UnsetType = UNSET
+
+
+class ToolCallChunk(Struct):
+    """One piece of a streamed call: ``index`` says which call; ``id``, ``type`` and the
+    function's ``name`` come in its first piece only, as OpenAI streams them."""
+
+    index: int
+    function: FunctionCallDelta
+    id: str | UnsetType = UNSET
+    type: str | UnsetType = UNSET
+
+
 class ChatDelta(Struct):
     role: str | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    tool_calls: list[ToolCallChunk] | UnsetType = UNSET
 
 
 class ChatChunkChoice(Struct):

@@ -27,6 +27,18 @@ OpenAI sends it (``data: {...}`` events, a usage chunk when
     no_usage        200, the answer with finish_reason "length" and no usage chunk
     stall_after_1   200, one content chunk, then waits until the client hangs up (``client_gone`` is set)
 
+Tools, in ok mode, as OpenAI answers them: a chat request with ``tools`` (and a
+``tool_choice`` other than "none") whose last message is not a tool result gets
+``calls`` calls (1 by default) of the named tool, or else of the declared tools in
+turn, with arguments made from each tool's schema (:func:`tests.fakes.ollama.sample_arguments`).
+Streamed, each call's first delta carries its ``index``, ``id``, ``type`` and name with
+empty arguments, then the arguments come in pieces of :data:`ARGUMENT_PIECE` characters,
+then a chunk with ``finish_reason`` "tool_calls" (content is null throughout). A request
+whose last message is a tool result is answered ``The tool said: <its content>``.
+
+With ``n`` above 1, each choice streams the same words under its own ``index``;
+with ``logprobs`` asked for, each word carries :func:`word_logprobs`.
+
 ``delay`` (seconds, 0 by default) holds every generation's answer back that
 long before its first byte, whatever the mode: a slow but healthy upstream.
 
@@ -43,6 +55,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from tests.fakes.ollama import sample_arguments
+
+ARGUMENT_PIECE = 7
 PRO_REQUIRED_BODY = (
     b'{"error": {"message": "Pro plan required", "type": "invalid_request_error",'
     b' "code": "pro_subscription_required", "upgrade_url": "https://example.invalid/upgrade"}}'
@@ -81,6 +96,7 @@ class FaultUpstream:
         self.requests: list[RecordedRequest] = []
         self.client_gone = threading.Event()
         self.delay = 0.0
+        self.calls = 1
         self._mode = "ok"
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -290,17 +306,71 @@ class FaultUpstream:
                     pass  # a reset is a hang-up too
                 self.client_gone.set()
                 return
+            case _ if (calls := self._calls(chat, body)) is not None:
+                for call in calls:
+                    arguments = call["function"]["arguments"]
+                    opening = {**call, "function": {**call["function"], "arguments": ""}}
+                    event(json.dumps(call_chunk(model, opening, first=call["index"] == 0)))
+                    for start in range(0, len(arguments), ARGUMENT_PIECE):
+                        piece = {
+                            "index": call["index"],
+                            "function": {"arguments": arguments[start : start + ARGUMENT_PIECE]},
+                        }
+                        event(json.dumps(call_chunk(model, piece)))
+                event(json.dumps(chunk(chat, model, "", "tool_calls")))
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    event(json.dumps({**chunk(chat, model, "", None), "choices": [], "usage": self._usage()}))
+                event("[DONE]")
             case _:
-                for i in range(len(self.WORDS)):
-                    content(i)
+                words = self._words(chat, body)
+                choices = body.get("n") or 1
+                logprobs = body.get("logprobs") if chat else isinstance(body.get("logprobs"), int)
+                for i, word in enumerate(words):
+                    for index in range(choices):
+                        piece = chunk(chat, model, word, None, first=i == 0, index=index)
+                        if logprobs:
+                            piece["choices"][0]["logprobs"] = word_logprobs(chat, word, i)
+                        event(json.dumps(piece))
                 reason = "length" if mode == "no_usage" else "stop"
-                event(json.dumps(chunk(chat, model, "", reason)))
+                for index in range(choices):
+                    event(json.dumps(chunk(chat, model, "", reason, index=index)))
                 include_usage = (body.get("stream_options") or {}).get("include_usage")
                 if include_usage and mode != "no_usage":
                     usage_chunk = {**chunk(chat, model, "", None), "choices": [], "usage": self._usage()}
                     event(json.dumps(usage_chunk))
                 event("[DONE]")
         conn.sendall(b"0\r\n\r\n")
+
+    def _calls(self, chat: bool, body: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """The calls OpenAI would answer ``body`` with, or None for a text answer."""
+        tools = [tool["function"] for tool in body.get("tools") or [] if tool.get("type") == "function"]
+        messages = body.get("messages") or [{}]
+        if not chat or not tools or body.get("tool_choice") == "none" or messages[-1].get("role") == "tool":
+            return None
+        choice = body.get("tool_choice")
+        if isinstance(choice, dict):
+            tools = [tool for tool in tools if tool["name"] == choice["function"]["name"]]
+        return [
+            {
+                "index": i,
+                "id": f"call_fault{i}",
+                "type": "function",
+                "function": {
+                    "name": tools[i % len(tools)]["name"],
+                    "arguments": json.dumps(sample_arguments(tools[i % len(tools)].get("parameters"))),
+                },
+            }
+            for i in range(self.calls)
+        ]
+
+    def _words(self, chat: bool, body: dict[str, Any]) -> list[str]:
+        """The text answer, in pieces: the tool's result when the last message is one."""
+        last = (body.get("messages") or [{}])[-1] if chat else {}
+        if last.get("role") == "tool":
+            said = f"The tool said: {last.get('content')}"
+            first, *rest = said.split(" ")
+            return [first, *(" " + word for word in rest)]
+        return list(self.WORDS)
 
     def _usage(self) -> dict[str, int]:
         completion = len(self.WORDS)
@@ -311,14 +381,23 @@ class FaultUpstream:
         }
 
     def _whole_answer(self, chat: bool, body: dict[str, Any]) -> dict[str, Any]:
-        text = "".join(self.WORDS)
-        if chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
+        text = "".join(self._words(chat, body))
+        calls = self._calls(chat, body)
+        if calls is not None:
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{key: value for key, value in call.items() if key != "index"} for call in calls],
+            }
+            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "tool_calls"}
+            kind, prefix = "chat.completion", "chatcmpl"
+        elif chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
             kind, prefix = "chat.completion", "chatcmpl"
         else:
             choice = {"index": 0, "text": text, "logprobs": None}
             kind, prefix = "text_completion", "cmpl"
-        choice["finish_reason"] = "stop"
+        choice.setdefault("finish_reason", "stop")
         return {
             "id": f"{prefix}-fault",
             "object": kind,
@@ -329,17 +408,48 @@ class FaultUpstream:
         }
 
 
-def chunk(chat: bool, model: str, text: str, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+def chunk(
+    chat: bool, model: str, text: str, finish_reason: str | None, first: bool = False, index: int = 0
+) -> dict[str, Any]:
     if chat:
         delta: dict[str, str] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         kind, prefix = "chat.completion.chunk", "chatcmpl"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
         kind, prefix = "text_completion", "cmpl"
     return {
         "id": f"{prefix}-fault",
         "object": kind,
+        "created": 1700000000,
+        "model": model,
+        "choices": [choice],
+        "usage": None,
+    }
+
+
+def word_logprobs(chat: bool, word: str, position: int) -> dict[str, Any]:
+    """The logprobs of one word as OpenAI writes them: -0.5 times its position, one alternative."""
+    logprob = -0.5 * position
+    if chat:
+        item = {
+            "token": word,
+            "logprob": logprob,
+            "bytes": list(word.encode()),
+            "top_logprobs": [{"token": "x", "logprob": logprob - 1, "bytes": [120]}],
+        }
+        return {"content": [item], "refusal": None}
+    return {"tokens": [word], "token_logprobs": [logprob], "top_logprobs": [{"x": logprob - 1}], "text_offset": [0]}
+
+
+def call_chunk(model: str, call: dict[str, Any], first: bool = False) -> dict[str, Any]:
+    """A chunk with one piece of a tool call; the first of the reply also says the role."""
+    delta: dict[str, Any] = {"role": "assistant", "content": None} if first else {}
+    delta["tool_calls"] = [call]
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+    return {
+        "id": "chatcmpl-fault",
+        "object": "chat.completion.chunk",
         "created": 1700000000,
         "model": model,
         "choices": [choice],

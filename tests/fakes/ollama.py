@@ -13,6 +13,15 @@ a word listed in ``options.stop`` (``done_reason`` "stop") or after
 the answer is the JSON text ``{"reply": SENTENCE}``. ``prompt_eval_count`` is
 the number of whitespace-separated words in the prompt or messages.
 
+Tools, as Ollama answers them: a chat request with ``tools`` whose last message is
+not a tool result gets a call of the first tool (or of each tool named in
+``call_tools``), arguments made from its schema by :func:`sample_arguments` as a
+JSON object, in one chunk with empty content and ``tool_calls`` (an ``id`` of
+the form ``call_xxxxxxxx`` and ``function.index``, as Ollama 0.12 and later send;
+none when ``call_ids`` is False, as older versions did), then the final chunk with
+``done_reason`` "stop". A request whose last message is a tool result is answered
+in words: ``The tool <tool_name> said: <content>``.
+
 Faults, for tests: :meth:`OllamaStandIn.fail_next` answers the next API
 request with a given status and body; ``endless`` streams words until the
 client goes away (each such disconnect sets ``disconnected``); ``error_after``
@@ -27,8 +36,10 @@ import hashlib
 import itertools
 import json
 import math
+import random
 import select
 import socket
+import string
 import sys
 import threading
 import time
@@ -53,6 +64,33 @@ def pieces(text: str) -> list[str]:
 
 def now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def sample_value(schema: Any) -> Any:
+    """A value of the JSON type ``schema`` declares (its first enum value when it has one)."""
+    if not isinstance(schema, dict):
+        return None
+    if schema.get("enum"):
+        return schema["enum"][0]
+    return {
+        "string": "Paris",
+        "integer": 3,
+        "number": 1.5,
+        "boolean": True,
+        "array": [],
+        "object": sample_arguments(schema),
+    }.get(schema.get("type"))
+
+
+def sample_arguments(schema: Any) -> JSONObject:
+    """An object with a value for each property of the object schema ``schema``."""
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    return {name: sample_value(sub) for name, sub in (properties or {}).items()}
+
+
+def call_id() -> str:
+    """An id as Ollama makes one: ``call_`` and eight lowercase letters or digits."""
+    return "call_" + "".join(random.choices(string.ascii_lowercase + string.digits, k=8))
 
 
 def word_count(body: JSONObject, chat: bool) -> int:
@@ -285,7 +323,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.stream_lines(chunk(piece) | {"done": False} for piece in itertools.cycle(pieces(SENTENCE)))
             return
 
-        text = json.dumps({"reply": SENTENCE}) if body.get("format") else SENTENCE
+        messages = body.get("messages") or [{}]
+        last = messages[-1] if isinstance(messages[-1], dict) else {}
+        if chat and body.get("tools") and last.get("role") != "tool":
+            self.call_tools(body, final)
+            return
+        if chat and last.get("role") == "tool":
+            text = f"The tool {last.get('tool_name', '')} said: {last.get('content', '')}"
+        else:
+            text = json.dumps({"reply": SENTENCE}) if body.get("format") else SENTENCE
         words, reason = self.limit(pieces(text), options)
 
         if body.get("stream", True) is False:
@@ -298,6 +344,26 @@ class _Handler(BaseHTTPRequestHandler):
             self.stream_lines([*lines[:count], {"error": message}])
             return
         self.stream_lines([*lines, final("", reason, len(words))])
+
+    def call_tools(self, body: JSONObject, final: Any) -> None:
+        """Answer with calls, streamed or not, as Ollama does: one chunk holding every call."""
+        stand_in = self.server.stand_in
+        tools = {tool["function"]["name"]: tool["function"] for tool in body["tools"]}
+        names = stand_in.call_tools or [next(iter(tools))]
+        calls: list[JSONObject] = []
+        for index, name in enumerate(names):
+            function = {"index": index, "name": name, "arguments": sample_arguments(tools[name].get("parameters"))}
+            calls.append({"id": call_id(), "function": function} if stand_in.call_ids else {"function": function})
+        if body.get("stream", True) is False:
+            done = final("", "stop", 15)
+            done["message"]["tool_calls"] = calls
+            self.send_json(200, done)
+            return
+        model = body["model"] if ":" in body["model"] else f"{body['model']}:latest"
+        message = {"role": "assistant", "content": "", "tool_calls": calls}
+        self.stream_lines(
+            [{"model": model, "created_at": now(), "message": message, "done": False}, final("", "stop", 15)]
+        )
 
     @staticmethod
     def limit(words: list[str], options: JSONObject) -> tuple[list[str], str]:
@@ -350,6 +416,8 @@ class OllamaStandIn:
     """An Ollama stand-in serving ``models`` on a free loopback port; also a context manager.
 
     ``requests`` holds every API request received, as ``(path, JSON body)``.
+    ``call_tools`` names the tools a tool request calls (the first declared when empty);
+    ``call_ids`` False leaves the calls without ids, as Ollama before 0.12 did.
     """
 
     def __init__(
@@ -361,6 +429,8 @@ class OllamaStandIn:
         self.endless = False
         self.chunk_interval = 0.01
         self.error_after: tuple[int, str] | None = None
+        self.call_tools: list[str] = []
+        self.call_ids = True
         self.disconnected = threading.Event()
         self.stopping = threading.Event()
         self._faults: list[Fault] = []
