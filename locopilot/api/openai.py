@@ -502,6 +502,7 @@ def model_card(entry: ModelEntry, loaded: bool, lineage: Lineage | None = None) 
         parameter_count=entry.parameter_count,
         context_length=entry.context_length,
         chat_template=entry.chat_template,
+        tools=entry.tools,
         loaded=loaded,
         error=entry.error,
         lineage=lineage,

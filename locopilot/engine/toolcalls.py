@@ -535,7 +535,7 @@ class CallStream:
         if not self.started and self.fmt.at_start is not None:
             match = re.match(self.fmt.at_start, self.pending)
             if match:
-                hits.append(match.start(1))
+                hits.append(match.start())
         return min(hits) if hits else None
 
     def _hold(self) -> int:
