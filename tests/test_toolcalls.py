@@ -119,7 +119,10 @@ def test_a_template_that_drops_calls_gets_them_as_the_models_own_text() -> None:
     support = ToolSupport(renderer.template.source, lambda m, t: renderer.render(m, tools=t), lambda _: None)
     assert support.caps() == (False, True)
     plan = support.plan(conversation(), (WEATHER,), ToolChoice(mode="auto"), True)
-    assert plan.messages[2]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert (
+        plan.messages[2]["content"]
+        == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    )
 
 
 def test_gemma_gets_results_as_user_turns_that_alternate() -> None:
@@ -133,7 +136,9 @@ def test_gemma_gets_results_as_user_turns_that_alternate() -> None:
     plan = support.plan(messages, (WEATHER,), ToolChoice(mode="auto"), True)
     roles = [m["role"] for m in plan.messages]
     assert roles == ["system", "user", "assistant", "user"]
-    assert json.loads(plan.messages[2]["content"]) == {"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    assert json.loads(plan.messages[2]["content"]) == {
+        "tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}
+    }
     assert "You can call these tools" in plan.messages[0]["content"]
     renderer.render(plan.messages, tools=plan.tools)  # alternates, so Gemma's template does not raise
 
@@ -216,7 +221,7 @@ def test_llama3_json_counts_as_a_call_only_at_the_start() -> None:
 def test_the_generic_response_streams_as_content_with_escapes_decoded() -> None:
     stream = GenericStream(fmt("generic"), ["get_weather"])
     out = []
-    for piece in ['{"resp', 'onse": "Hel', 'lo \\', 'n\\u00e9', 't\\"e"', "}"]:
+    for piece in ['{"resp', 'onse": "Hel', "lo \\", "n\\u00e9", 't\\"e"', "}"]:
         out += stream.feed(piece)
     out += stream.close()
     assert "".join(out) == 'Hello \nét"e' and stream.failures == 0
