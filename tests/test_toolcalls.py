@@ -247,3 +247,28 @@ def test_every_grammar_compiles(format_name: str, parallel: bool) -> None:
     LlamaGrammar.from_string(grammar, verbose=False)
     if format_name == "generic":
         LlamaGrammar.from_string(fmt(format_name).grammar_with_response(tools, parallel), verbose=False)
+
+
+def test_a_named_choice_describes_every_tool_and_allows_only_the_named_one() -> None:
+    renderer = TemplateRenderer(ChatTemplate("gguf", source("Qwen-Qwen2.5-7B-Instruct")))
+    support = ToolSupport(renderer.template.source, lambda m, t: renderer.render(m, tools=t), lambda _: None)
+    other = FunctionTool(name="get_time", parameters={"type": "object", "properties": {}})
+    plan = support.plan(conversation()[:2], (other, WEATHER), ToolChoice(mode="function", name="get_weather"), True)
+    assert [t["function"]["name"] for t in plan.tools or []] == ["get_time", "get_weather"]
+    assert plan.grammar is not None and not plan.lazy
+    assert "get_weather" in plan.grammar and "get_time" not in plan.grammar
+    assert plan.stream is not None and plan.stream.allowed == {"get_weather"}
+
+
+def test_auto_is_lazy_and_none_bans_a_single_token_marker() -> None:
+    renderer = TemplateRenderer(ChatTemplate("gguf", source("Qwen-Qwen2.5-7B-Instruct")))
+    tokens = {"<tool_call>": 151657}
+    support = ToolSupport(renderer.template.source, lambda m, t: renderer.render(m, tools=t), tokens.get)
+    auto = support.plan(conversation()[:2], (WEATHER,), ToolChoice(mode="auto"), True)
+    assert auto.lazy and auto.trigger_tokens == (151657,) and auto.trigger_patterns == ()
+    none = support.plan(conversation()[:2], (WEATHER,), ToolChoice(mode="none"), True)
+    assert none.grammar is None and none.stream is None and none.banned == (151657,)
+    assert none.tools is not None  # the model still knows the tools
+    untokenized = ToolSupport(renderer.template.source, lambda m, t: renderer.render(m, tools=t), lambda _: None)
+    lazy = untokenized.plan(conversation()[:2], (WEATHER,), ToolChoice(mode="auto"), True)
+    assert lazy.trigger_patterns == ("<tool_call>",) and lazy.trigger_tokens == ()

@@ -715,23 +715,24 @@ class ToolSupport:
         if not tools:
             return ToolPlan(chat)
         parallel = parallel and fmt.parallel
+        described = tool_dicts(tools)  # every tool is described; a named choice constrains the grammar alone
         if choice.mode == "function":
             tools = [t for t in tools if t.name == choice.name]
         if choice.mode == "none":
             if not fmt.native:
                 return ToolPlan(chat)
             banned = (self._single_token(m) for m in fmt.markers)
-            return ToolPlan(chat, tool_dicts(tools), banned=tuple(t for t in banned if t is not None))
+            return ToolPlan(chat, described, banned=tuple(t for t in banned if t is not None))
         forced = choice.mode in ("required", "function")
         allowed = [t.name for t in tools]
         if isinstance(fmt, Generic):
             chat = with_system(chat, fmt.instructions(tools, choice, parallel))
             grammar = fmt.grammar(tools, parallel) if forced else fmt.grammar_with_response(tools, parallel)
-            return ToolPlan(chat, tool_dicts(tools), grammar=grammar, stream=GenericStream(fmt, allowed))
+            return ToolPlan(chat, described, grammar=grammar, stream=GenericStream(fmt, allowed))
         tokens = {m: self._single_token(m) for m in fmt.markers}
         return ToolPlan(
             chat,
-            tool_dicts(tools),
+            described,
             grammar=fmt.grammar(tools, parallel),
             lazy=not forced,
             trigger_patterns=(
