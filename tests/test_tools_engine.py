@@ -9,6 +9,7 @@ a validator independent of the grammar.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -43,6 +44,14 @@ TIME: Any = {
     },
 }
 ASK: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[openai.OpenAI]:
+    """The shared server's client, patient: on a loaded 2-core machine a 40-token reply has taken over 2 minutes."""
+    patient = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
+    yield patient
+    patient.close()
 
 
 def valid_call(call: Any, name: str = "get_weather", schema: Any = WEATHER_SCHEMA) -> dict[str, Any]:
