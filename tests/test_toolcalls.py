@@ -10,15 +10,8 @@ import pytest
 
 from locopilot.engine.protocol import FunctionTool, Message, ToolCall, ToolChoice
 from locopilot.engine.templates import ChatTemplate, TemplateRenderer
-from locopilot.engine.toolcalls import (
-    FORMATS,
-    CallStream,
-    GenericStream,
-    ParsedCall,
-    ToolSupport,
-    capability,
-    detect_format,
-)
+from locopilot.engine.toolcalls import CallStream, GenericStream, ToolSupport
+from locopilot.engine.toolformats import FORMATS, ParsedCall, capability, detect_format
 
 TEMPLATES = Path(__file__).parent / "templates"
 

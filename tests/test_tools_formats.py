@@ -74,6 +74,7 @@ def test_a_forced_call_in_each_format_parses_into_tool_calls(formats_server: Ser
         messages=[{"role": "user", "content": "What is the weather in Paris?"}],
         tools=[OTHER, WEATHER],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
         temperature=0,
         max_tokens=80,
     )

@@ -40,7 +40,8 @@ from locopilot.engine.protocol import (
 from locopilot.engine.sampling import StopMatcher, build_sampler
 from locopilot.engine.template_process import IsolatedRenderer
 from locopilot.engine.templates import TemplateError, choose_template
-from locopilot.engine.toolcalls import CallStream, ParsedCall, Part, ToolSupport, new_call_id
+from locopilot.engine.toolcalls import CallStream, ToolSupport, new_call_id
+from locopilot.engine.toolformats import ParsedCall, Part
 
 log = logging.getLogger("locopilot.runner")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 
 from locopilot.engine.templates import choose_template
-from locopilot.engine.toolcalls import capability
+from locopilot.engine.toolformats import capability
 from locopilot.errors import InvalidModelName, InvalidRequest, ModelNotFound
 from locopilot.models.gguf import GGUFError, GGUFHeader, read_header
 
