@@ -250,7 +250,7 @@ def test_a_named_choice_describes_every_tool_and_allows_only_the_named_one() -> 
     assert [t["function"]["name"] for t in plan.tools or []] == ["get_time", "get_weather"]
     assert plan.grammar is not None and not plan.lazy
     assert "get_weather" in plan.grammar and "get_time" not in plan.grammar
-    assert plan.stream is not None and plan.stream.allowed == {"get_weather"}
+    assert plan.stream is not None and plan.stream().allowed == {"get_weather"}
 
 
 def test_auto_is_lazy_and_none_bans_a_single_token_marker() -> None:

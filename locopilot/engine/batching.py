@@ -253,7 +253,7 @@ class Engine:
             max_tokens=max_tokens,
             sampler=sampler,
             matcher=StopMatcher(stops),
-            calls=plan.stream if plan is not None else None,
+            calls=plan.stream() if plan is not None and plan.stream is not None else None,
         )
         out: list[FromRunner] = [Started(id=job.id, prompt_tokens=len(tokens))]
         if job.echo:

@@ -263,7 +263,8 @@ class ToolPlan:
     grammar takes the text from group 1, else from the match).
     ``trigger_tokens``: tokens that trigger it (markers that are one token of the vocabulary).
     ``banned``: tokens a model may not write (``tool_choice`` ``none``: single-token markers).
-    ``stream`` is None when no call can come.
+    ``stream`` makes each generated sequence its reader (several with ``n`` > 1); None when
+    no call can come.
     """
 
     messages: list[dict[str, Any]]
@@ -273,7 +274,7 @@ class ToolPlan:
     trigger_patterns: tuple[str, ...] = ()
     trigger_tokens: tuple[int, ...] = ()
     banned: tuple[int, ...] = ()
-    stream: CallStream | None = None
+    stream: Callable[[], CallStream] | None = None
 
 
 Render = Callable[[list[dict[str, Any]], list[dict[str, Any]] | None], str]
@@ -343,7 +344,7 @@ class ToolSupport:
         if isinstance(fmt, Generic):
             chat = with_system(chat, fmt.instructions(tools, choice, parallel))
             grammar = fmt.grammar(tools, parallel) if forced else fmt.grammar_with_response(tools, parallel)
-            return ToolPlan(chat, described, grammar=grammar, stream=GenericStream(fmt, allowed))
+            return ToolPlan(chat, described, grammar=grammar, stream=lambda: GenericStream(fmt, allowed))
         tokens = {m: self._single_token(m) for m in fmt.markers}
         return ToolPlan(
             chat,
@@ -355,5 +356,5 @@ class ToolSupport:
                 *((fmt.at_start,) if fmt.at_start else ()),
             ),
             trigger_tokens=tuple(t for t in tokens.values() if t is not None),
-            stream=CallStream(fmt, allowed),
+            stream=lambda: CallStream(fmt, allowed),
         )
