@@ -87,7 +87,7 @@ def test_tool_dicts_and_messages_are_what_hf_templates_expect() -> None:
     assert plan.tools == [
         {
             "type": "function",
-            "function": {"name": "get_weather", "parameters": WEATHER.parameters, "description": WEATHER.description},
+            "function": {"name": "get_weather", "description": WEATHER.description, "parameters": WEATHER.parameters},
         }
     ]
     assistant, tool = plan.messages[2], plan.messages[3]
@@ -251,6 +251,14 @@ def test_a_named_choice_describes_every_tool_and_allows_only_the_named_one() -> 
     assert plan.grammar is not None and not plan.lazy
     assert "get_weather" in plan.grammar and "get_time" not in plan.grammar
     assert plan.stream is not None and plan.stream().allowed == {"get_weather"}
+
+
+def test_a_tool_without_a_description_renders_in_hermes_3() -> None:
+    renderer = TemplateRenderer(ChatTemplate("gguf", source("NousResearch-Hermes-3-Llama-3.1-8B-tool_use")))
+    support = ToolSupport(renderer.template.source, lambda m, t: renderer.render(m, tools=t), lambda _: None)
+    bare = FunctionTool(name="get_time", parameters={"type": "object", "properties": {}})
+    plan = support.plan(conversation()[:2], (bare,), ToolChoice(mode="auto"), True)
+    assert "get_time" in renderer.render(plan.messages, tools=plan.tools)
 
 
 def test_auto_is_lazy_and_none_bans_a_single_token_marker() -> None:

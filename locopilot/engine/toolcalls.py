@@ -94,13 +94,9 @@ def with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any
 
 def tool_dicts(tools: Sequence[FunctionTool]) -> list[dict[str, Any]]:
     """Tools the way templates read them: ``{"type": "function", "function": {...}}``."""
-    out = []
-    for tool in tools:
-        function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters}
-        if tool.description is not None:
-            function["description"] = tool.description
-        out.append({"type": "function", "function": function})
-    return out
+    # Always a description: templates concatenate it (Hermes 3's fails on a missing one).
+    function = ({"name": t.name, "description": t.description or "", "parameters": t.parameters} for t in tools)
+    return [{"type": "function", "function": f} for f in function]
 
 
 # Generated text → content and calls
