@@ -90,6 +90,7 @@ def test_add_copies(catalog: ModelCatalog, folder: Path, source: Path) -> None:
         context_length=4096,
         parameter_count=32,
         chat_template="gguf",
+        tools="generic",  # TEMPLATE knows no tools
     )
     assert not path.is_symlink()
     assert path.read_bytes() == source.read_bytes()

@@ -506,6 +506,7 @@ def model_card(
         parameter_count=entry.parameter_count,
         context_length=entry.context_length,
         chat_template=entry.chat_template,
+        tools=entry.tools,
         loaded=loaded,
         error=entry.error,
         lineage=lineage,

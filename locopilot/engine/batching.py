@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from locopilot.engine.embedding import Embedder
 from locopilot.engine.protocol import (
+    CallDelta,
     Delta,
     Done,
     Embed,
@@ -39,6 +40,8 @@ from locopilot.engine.protocol import (
 from locopilot.engine.sampling import StopMatcher, build_sampler
 from locopilot.engine.template_process import IsolatedRenderer
 from locopilot.engine.templates import ChatTemplate, TemplateError, choose_template
+from locopilot.engine.toolcalls import CallStream, ToolSupport, new_call_id
+from locopilot.engine.toolformats import ParsedCall, Part
 
 log = logging.getLogger("locopilot.runner")
 
@@ -70,6 +73,7 @@ class Sequence:
     next_token: int | None = None  # sampled, not yet decoded
     generated: int = 0
     unsent: int = 0
+    calls: CallStream | None = None  # reads tool calls out of the text, when the request offers tools
 
 
 @dataclass
@@ -159,6 +163,9 @@ class Engine:
         self._pieces: dict[int, bytes] = {}
         self.embedder = Embedder(self.model, self.metadata, n_ctx_slot, load.threads)
         self.renderer.check()
+        self.tools = ToolSupport(
+            self.template.source, lambda messages, tools: self.renderer.render(messages, tools=tools), self._one_token
+        )
         self.add_bos = bos >= 0 and self.metadata.get("tokenizer.ggml.add_bos_token", "true") != "false"
 
     def ready(self) -> Ready:
@@ -172,6 +179,11 @@ class Engine:
             threads=self.threads,
             threads_batch=self.threads_batch,
         )
+
+    def _one_token(self, text: str) -> int | None:
+        """The token that is ``text``, if one is (a special token such as ``<tool_call>``)."""
+        tokens: list[int] = self.model.tokenize(text.encode(), add_bos=False, special=True)
+        return tokens[0] if len(tokens) == 1 else None
 
     def tokenize(self, text: str) -> list[int]:
         tokens: list[int] = self.model.tokenize(text.encode(), add_bos=False, special=True)
@@ -196,9 +208,15 @@ class Engine:
         """
         import llama_cpp
 
+        plan = None
         if job.messages is not None:
             try:
-                prompt = self.renderer.render([{"role": m.role, "content": m.content} for m in job.messages])
+                plan = self.tools.plan(job.messages, job.tools, job.tool_choice, job.parallel_tool_calls)
+            except ValueError as exc:
+                message = f"the tools' schemas could not be turned into a grammar: {exc}"
+                raise RequestError("invalid", message, "tools") from exc
+            try:
+                prompt = self.renderer.render(plan.messages, tools=plan.tools)
             except TemplateError as exc:
                 raise RequestError("template", str(exc), "messages") from exc
             stops = [*job.stop, *self.template.stop]
@@ -219,7 +237,7 @@ class Engine:
             )
         budget = self.n_ctx - len(tokens)
         max_tokens = min(job.max_tokens, budget) if job.max_tokens else budget
-        sampler = build_sampler(job, self.vocab, self.n_vocab)
+        sampler = build_sampler(job, self.vocab, self.n_vocab, plan)
 
         free = [slot for slot in self.slots if slot.sequence is None]
         # At least the prompt's last token is decoded again: its logits start the reply.
@@ -239,6 +257,7 @@ class Engine:
             max_tokens=max_tokens,
             sampler=sampler,
             matcher=StopMatcher(stops),
+            calls=plan.stream() if plan is not None and plan.stream is not None else None,
         )
         out: list[FromRunner] = [Started(id=job.id, prompt_tokens=len(tokens))]
         if job.echo:
@@ -328,17 +347,16 @@ class Engine:
 
         sequence = slot.sequence
         assert sequence is not None
-        job_id = sequence.job.id
         token = llama_cpp.llama_sampler_sample(sequence.sampler, self.ctx, index)
         if llama_cpp.llama_vocab_is_eog(self.vocab, token):
             return self._flush(slot, "stop")
         sequence.generated += 1
         sequence.unsent += 1
-        text, hit = sequence.matcher.feed(sequence.decoder.decode(self.piece(token)))
+        piece = self.piece(token, special=sequence.calls is not None)
+        text, hit = sequence.matcher.feed(sequence.decoder.decode(piece))
         out: list[FromRunner] = []
         if text:
-            out.append(Delta(id=job_id, text=text, tokens=sequence.unsent))
-            sequence.unsent = 0
+            out.extend(self._text(sequence, text))
         if hit:
             return [*out, *self._flush(slot, "stop")]
         if sequence.generated >= sequence.max_tokens:
@@ -346,21 +364,44 @@ class Engine:
         sequence.next_token = token
         return out
 
-    def piece(self, token: int) -> bytes:
+    def piece(self, token: int, special: bool = False) -> bytes:
         """The bytes of one generated token, as llama-cpp-python's ``detokenize([token])`` gives them
-        (special tokens as nothing), kept: each is two calls through ctypes otherwise."""
-        piece = self._pieces.get(token)
+        (special tokens as nothing unless ``special``: a reply that may call tools needs their
+        markers, ``<tool_call>`` say), kept: each is two calls through ctypes otherwise."""
+        key = -1 - token if special else token
+        piece = self._pieces.get(key)
         if piece is None:
-            piece = self._pieces[token] = self.model.detokenize([token])
+            piece = self._pieces[key] = self.model.detokenize([token], special=special)
         return piece
+
+    def _text(self, sequence: Sequence, text: str, last: bool = False) -> list[FromRunner]:
+        """Messages for generated ``text``: Deltas, or with tools offered, content and calls
+        as :class:`CallStream` finds them (``last``: the reply ends here)."""
+        job_id = sequence.job.id
+        parts: list[Part] = [text] if text else []
+        if sequence.calls is not None:
+            parts = sequence.calls.feed(text) + (sequence.calls.close() if last else [])
+        out: list[FromRunner] = []
+        # The stream counts the calls it has parsed, these included: the first here is number `call`.
+        call = (sequence.calls.calls if sequence.calls else 0) - sum(isinstance(p, ParsedCall) for p in parts)
+        for part in parts:
+            if isinstance(part, ParsedCall):
+                out.append(
+                    CallDelta(id=job_id, call=call, call_id=new_call_id(), name=part.name, tokens=sequence.unsent)
+                )
+                out.append(CallDelta(id=job_id, call=call, arguments=part.arguments))
+                call += 1
+            else:
+                out.append(Delta(id=job_id, text=part, tokens=sequence.unsent))
+            sequence.unsent = 0
+        return out
 
     def _flush(self, slot: Slot, reason: Literal["stop", "length"]) -> list[FromRunner]:
         sequence = slot.sequence
         assert sequence is not None
         out: list[FromRunner] = []
         tail = sequence.matcher.flush() + sequence.decoder.decode(b"", final=True)
-        if tail:
-            out.append(Delta(id=sequence.job.id, text=tail, tokens=sequence.unsent))
+        out.extend(self._text(sequence, tail, last=True))
         out.append(self._finish(slot, reason))
         return out
 
@@ -368,12 +409,14 @@ class Engine:
         sequence = slot.sequence
         assert sequence is not None
         self._release(slot)
+        calls = sequence.calls
         return Done(
             id=sequence.job.id,
-            finish_reason=reason,
+            finish_reason="tool_calls" if reason == "stop" and calls is not None and calls.calls else reason,
             prompt_tokens=len(sequence.tokens),
             completion_tokens=sequence.generated,
             cached_tokens=sequence.cached,
+            tool_parse_failures=calls.failures if calls is not None else 0,
         )
 
     def _release(self, slot: Slot) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from locopilot.engine.protocol import Generate, RequestError
+
+if TYPE_CHECKING:
+    from locopilot.engine.toolcalls import ToolPlan
 
 PENALTY_WINDOW = 64
 
@@ -55,8 +58,34 @@ class StopMatcher:
         return out
 
 
-def build_sampler(job: Generate, vocab: Any, n_vocab: int) -> Any:
-    """A llama.cpp sampler chain for one request (the caller frees it); RequestError for bad parameters."""
+def _tool_grammar(vocab: Any, plan: ToolPlan) -> Any:
+    """The grammar sampler of a tool plan: lazy (waiting for a trigger) or from the first token."""
+    import ctypes
+
+    import llama_cpp
+
+    assert plan.grammar is not None
+    if not plan.lazy:
+        return llama_cpp.llama_sampler_init_grammar(vocab, plan.grammar.encode(), b"root")
+    patterns = (ctypes.c_char_p * max(1, len(plan.trigger_patterns)))(*(p.encode() for p in plan.trigger_patterns))
+    tokens = (llama_cpp.llama_token * max(1, len(plan.trigger_tokens)))(*plan.trigger_tokens)
+    return llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+        vocab,
+        plan.grammar.encode(),
+        b"root",
+        patterns,
+        len(plan.trigger_patterns),
+        tokens,
+        len(plan.trigger_tokens),
+    )
+
+
+def build_sampler(job: Generate, vocab: Any, n_vocab: int, tools: ToolPlan | None = None) -> Any:
+    """A llama.cpp sampler chain for one request (the caller frees it); RequestError for bad parameters.
+
+    ``tools``: the request's tool plan (:mod:`locopilot.engine.toolcalls`), whose grammar and
+    banned tokens join the chain.
+    """
     import llama_cpp
     from llama_cpp.llama_grammar import LlamaGrammar
 
@@ -78,11 +107,17 @@ def build_sampler(job: Generate, vocab: Any, n_vocab: int) -> Any:
             "invalid", f"response_format could not be turned into a grammar: {exc}", "response_format"
         ) from exc
 
+    tool_grammar = tools is not None and tools.grammar is not None
+    if tool_grammar and gbnf is not None:
+        raise RequestError("invalid", "response_format cannot be combined with tools on this model", "response_format")
+    bias = dict(sampling.logit_bias)
+    if tools is not None:
+        bias.update((token, float("-inf")) for token in tools.banned)
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     parts = []
-    if sampling.logit_bias:
-        biases = (llama_cpp.llama_logit_bias * len(sampling.logit_bias))()
-        for i, (token, value) in enumerate(sampling.logit_bias.items()):
+    if bias:
+        biases = (llama_cpp.llama_logit_bias * len(bias))()
+        for i, (token, value) in enumerate(bias.items()):
             biases[i] = llama_cpp.llama_logit_bias(token, value)
         parts.append(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
     if sampling.repeat_penalty != 1.0 or sampling.frequency_penalty or sampling.presence_penalty:
@@ -104,6 +139,14 @@ def build_sampler(job: Generate, vocab: Any, n_vocab: int) -> Any:
                 llama_cpp.llama_sampler_free(part)
             llama_cpp.llama_sampler_free(chain)
             raise RequestError("invalid", "response_format could not be turned into a grammar", "response_format")
+        parts.append(grammar)
+    if tools is not None and tools.grammar is not None:
+        grammar = _tool_grammar(vocab, tools)
+        if not grammar:
+            for part in parts:
+                llama_cpp.llama_sampler_free(part)
+            llama_cpp.llama_sampler_free(chain)
+            raise RequestError("invalid", "the tools' schemas could not be turned into a grammar", "tools")
         parts.append(grammar)
     seed = sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(2**31)
     if sampling.temperature == 0:

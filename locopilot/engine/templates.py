@@ -23,6 +23,7 @@ is capped (:mod:`locopilot.engine.template_process`).
 
 from __future__ import annotations
 
+import json
 import operator
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +32,9 @@ from types import FrameType
 from typing import Any
 
 import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
 import msgspec
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -161,6 +165,23 @@ def choose_template(metadata: Mapping[str, Any]) -> ChatTemplate:
     return ChatTemplate(name, source, stop)
 
 
+class _GenerationBlock(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}``: Hugging Face transformers marks the assistant's
+    part of a template with it (SmolLM3's does); here it renders its body unchanged."""
+
+    tags = {"generation"}  # noqa: RUF012 - the type Extension declares
+
+    def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _tojson(value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+    """Hugging Face's ``tojson`` (the one chat templates are written for): plain JSON, not Jinja's
+    HTML-escaped kind, which would turn ``<`` into ``\\u003c`` inside a prompt."""
+    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
@@ -173,7 +194,10 @@ class TemplateRenderer:
     """Compiles one template once; :meth:`render` turns messages into a prompt."""
 
     def __init__(self, template: ChatTemplate, *, bos_token: str = "", eos_token: str = "") -> None:
-        env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
+        env = _BoundedSandbox(
+            trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined, extensions=[_GenerationBlock]
+        )
+        env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
         self.template = template

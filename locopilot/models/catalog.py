@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 
 from locopilot.engine.templates import choose_template
+from locopilot.engine.toolformats import capability
 from locopilot.errors import InvalidModelName, InvalidRequest, ModelNotFound
 from locopilot.models.gguf import GGUFError, GGUFHeader, read_header
 
@@ -36,7 +37,9 @@ class ModelEntry(msgspec.Struct, frozen=True):
     and ``modified`` (unix seconds) are the target's. A file whose header does
     not parse has ``error`` set, and None for everything read from the header.
     ``chat_template`` is ``gguf`` when the file carries its own, else the name of
-    the fallback :func:`choose_template` picks.
+    the fallback :func:`choose_template` picks. ``tools`` says how the engine calls tools with
+    it: ``native:<format>`` (the template's own syntax, see :mod:`locopilot.engine.toolcalls`)
+    or ``generic`` (a template that knows no tools).
     """
 
     name: str
@@ -48,6 +51,7 @@ class ModelEntry(msgspec.Struct, frozen=True):
     context_length: int | None = None
     parameter_count: int | None = None
     chat_template: str | None = None
+    tools: str | None = None
     error: str | None = None
 
 
@@ -233,6 +237,7 @@ class ModelCatalog:
             self._cache[path] = (key, result)
         if isinstance(result, str):
             return ModelEntry(name, str(path), st.st_size, int(st.st_mtime), error=result)
+        template = choose_template(result.metadata)
         return ModelEntry(
             name,
             str(path),
@@ -242,5 +247,6 @@ class ModelCatalog:
             quantization=result.quantization,
             context_length=result.context_length,
             parameter_count=result.parameter_count,
-            chat_template=choose_template(result.metadata).name,
+            chat_template=template.name,
+            tools=capability(template.source if template.name == "gguf" else None),
         )

@@ -312,6 +312,9 @@ class ModelCard(Struct):
     parameter_count: int | None = None
     context_length: int | None = None
     chat_template: str | None = None
+    tools: str | None = None
+    """How the embedded engine calls tools with this model: ``native:<format>`` (its template's own
+    syntax: hermes, llama3, mistral, mistral-args) or ``generic`` (a template that knows no tools)."""
     loaded: bool = False
     error: str | None = None
     lineage: Lineage | None = None
