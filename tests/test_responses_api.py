@@ -335,6 +335,19 @@ def test_built_in_tools_are_refused_by_name(client: openai.OpenAI, kind: str) ->
         ({"input": []}, "input"),
         ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
         ({"input": [{"type": "item_reference", "id": "msg_nope"}]}, "input[0].id"),
+        ({"input": [{"type": "function_call_output", "call_id": "call_x", "output": "1"}]}, "input[0].tool_call_id"),
+        (
+            {"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]},
+            "tools[0].parameters",
+        ),
+        (
+            {
+                "input": "hi",
+                "tools": [{"type": "function", "name": "f"}],
+                "tool_choice": {"type": "function", "name": "g"},
+            },
+            "tool_choice",
+        ),
     ],
 )
 def test_bad_requests_name_the_field(server: Server, alice: Key, body: dict[str, Any], param: str) -> None:
@@ -368,6 +381,70 @@ def test_any_provider_serves_it(upstream: FaultUpstream, client: openai.OpenAI) 
     assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
     with client.responses.stream(model="fault-small", input="Hello") as stream:
         assert stream.get_final_response().output_text == "".join(upstream.WORDS)
+
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    "strict": True,
+}
+
+
+def test_a_function_call_round_trip_through_an_upstream(upstream: FaultUpstream, client: openai.OpenAI) -> None:
+    first = client.responses.create(
+        model="fault-small", input="Weather in Paris?", tools=[WEATHER], tool_choice="required"
+    )
+    [call] = first.output
+    assert call.type == "function_call" and call.status == "completed"
+    assert call.name == "get_weather" and call.call_id == "call_fault0" and call.id and call.id.startswith("fc_")
+    assert set(json.loads(call.arguments)) == {"city"}
+    sent = upstream.requests[-1].body
+    assert [tool["function"]["name"] for tool in sent["tools"]] == ["get_weather"]
+    assert sent["tools"][0]["function"]["parameters"] == WEATHER["parameters"]
+    assert sent["tool_choice"] == "required"
+    assert first.tools[0].name == "get_weather" and first.tool_choice == "required"
+
+    # The call's result, continuing the stored response: the upstream sees the call and the result.
+    second = client.responses.create(
+        model="fault-small",
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "22 C and sunny"}],
+        tools=[WEATHER],
+    )
+    assert second.output_text == "The tool said: 22 C and sunny"
+    *_, asked, answered = upstream.requests[-1].body["messages"]
+    assert asked["role"] == "assistant"
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in asked["tool_calls"]] == [
+        (call.call_id, "get_weather", call.arguments)
+    ]
+    assert answered["role"] == "tool" and answered["tool_call_id"] == call.call_id
+    assert answered["content"] == "22 C and sunny"
+    items = client.responses.input_items.list(second.id, order="asc").data
+    assert [item.type for item in items] == ["message", "function_call", "function_call_output"]
+
+
+def test_a_streamed_function_call(upstream: FaultUpstream, client: openai.OpenAI) -> None:
+    named = {"type": "function", "name": "get_weather"}
+    with client.responses.stream(
+        model="fault-small",
+        input="Weather in Oslo?",
+        tools=[WEATHER],
+        tool_choice=named,  # type: ignore[arg-type]
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [event.type for event in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert kinds[-3:] == ["response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    assert set(kinds[3:-3]) == {"response.function_call_arguments.delta"}
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    [call] = final.output
+    assert call.type == "function_call"
+    pieces = [event.delta for event in events if event.type == "response.function_call_arguments.delta"]
+    assert len(pieces) > 1 and "".join(pieces) == call.arguments
+    assert upstream.requests[-1].body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
 
 
 def test_a_chain_survives_a_restart(server: Server, alice: Key) -> None:

@@ -30,10 +30,11 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from locopilot.api.generation import serve_generation
-from locopilot.api.openai import check_schema_bounds, check_text_size
+from locopilot.api.openai import check_text_size
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
 from locopilot.api.responses_format import ResponsesFormatter, new_id
 from locopilot.api.services import Services
+from locopilot.api.tools import ToolParams, check_schema_bounds, check_tools
 from locopilot.errors import InvalidRequest, LocopilotError, NotFound
 from locopilot.gateway.auth import Principal, principal_of
 from locopilot.gateway.streaming import Reply
@@ -262,7 +263,7 @@ def tool_choice_of(value: str | dict[str, Any] | None) -> tuple[str | FunctionCh
 def json_schema_of(text: TextConfig | None) -> str | None:
     match text.format if text is not None else None:
         case JsonSchemaTextFormat(schema=schema):
-            check_schema_bounds(schema)
+            check_schema_bounds(schema, "text.format.schema")
             return json.dumps(schema)
         case JsonObjectTextFormat():
             return '{"type": "object"}'
@@ -366,8 +367,8 @@ def translate(body: ResponsesRequest, prepared: Prepared, max_text: int) -> Tran
         raise InvalidRequest("input is empty: send text or at least one message.", param="input")
     echoed_tools, tools = tools_of(body.tools)
     echoed_choice, choice = tool_choice_of(body.tool_choice)
-    # TODO(tools-api): check_tools(tools, choice, conversation.messages, ToolParams(tool="tools[{}]",
-    # message="input[{}]", message_origin=tuple(conversation.origin))) once api/tools.py is on main.
+    params = ToolParams(tool="tools[{}]", message="input[{}]", message_origin=tuple(conversation.origin))
+    check_tools(tools, choice, conversation.messages, params)
     defaults = SamplingParams()
     generation = GenerationRequest(
         model=body.model,
