@@ -383,6 +383,24 @@ def test_any_provider_serves_it(upstream: FaultUpstream, client: openai.OpenAI) 
         assert stream.get_final_response().output_text == "".join(upstream.WORDS)
 
 
+def test_an_error_mid_stream_fails_the_response(upstream: FaultUpstream, server: Server, alice: Key) -> None:
+    upstream.mode = "error_event"
+    try:
+        body = {"model": "fault-small", "input": "Hello", "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/responses", json=body, headers=alice.headers, timeout=30) as reply:
+            assert reply.status_code == 200
+            events = [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: ")]
+    finally:
+        upstream.mode = "ok"
+    assert [event["type"] for event in events][-3:] == ["response.output_text.delta", "error", "response.failed"]
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    assert "lost its GPU" in events[-2]["message"]
+    # A failed response is not stored.
+    assert httpx.get(f"{server.url}/v1/responses/{failed['id']}", headers=alice.headers).status_code == 404
+
+
 WEATHER = {
     "type": "function",
     "name": "get_weather",
