@@ -22,6 +22,7 @@ from locopilot.api import engine as engine_api
 from locopilot.api import files as files_api
 from locopilot.api import models as models_api
 from locopilot.api import openai as openai_api
+from locopilot.api import openai_responses as responses_api
 from locopilot.api import training as training_api
 from locopilot.api.services import EngineStatus, Services, get_services
 from locopilot.engine.protocol import probe_decoder
@@ -52,6 +53,7 @@ from locopilot.providers.http import upstream_transport
 from locopilot.providers.ollama import OllamaProvider
 from locopilot.providers.openai_compat import OpenAICompatProvider
 from locopilot.settings import Settings, UpstreamConfig
+from locopilot.store import responses as stored_responses
 from locopilot.store.db import Database, StoreError
 from locopilot.store.upkeep import fail_interrupted_jobs, purge_older_than
 from locopilot.training.jobs import JobService
@@ -73,6 +75,7 @@ INFERENCE_ENDPOINTS = {
     "/v1/chat/completions": "chat.completions",
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses",
 }
 
 
@@ -132,15 +135,21 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return error_response(LocopilotError("Internal server error."), request.url.path)
 
 
-async def retain_logs(db: Database, days: int) -> None:
-    """Delete request-log and audit rows older than ``days`` days, now and every hour; 0 keeps them."""
-    if days <= 0:
+async def retain_logs(db: Database, days: int, response_days: int = 0) -> None:
+    """Delete request-log and audit rows older than ``days`` days, and stored responses older than
+    ``response_days`` days, now and every hour; 0 keeps them."""
+    if days <= 0 and response_days <= 0:
         return
     while True:
         try:
             deleted = await anyio.to_thread.run_sync(purge_older_than, db, days)
+            if response_days > 0:
+                cutoff = time.time() - response_days * 86400
+                purged = await anyio.to_thread.run_sync(stored_responses.purge_before, db, cutoff)
+                if purged:
+                    log.info("deleted %d stored responses older than %d days", purged, response_days)
         except StoreError as exc:
-            log.warning("could not delete old log rows: %s", exc)
+            log.warning("could not delete old rows: %s", exc)
         else:
             if deleted:
                 log.info("deleted %d log rows older than %d days", deleted, days)
@@ -264,7 +273,7 @@ def create_app(settings: Settings) -> Litestar:
                 )
                 tasks.start_soon(probe_engine, engine, settings)
                 tasks.start_soon(manager.reap_idle)
-                tasks.start_soon(retain_logs, db, settings.log_retention_days)
+                tasks.start_soon(retain_logs, db, settings.log_retention_days, settings.responses_retention_days)
                 tasks.start_soon(shutdown.watch_parent)
                 await tasks.start(training.run)
                 if len(router.states) > 1:
@@ -286,6 +295,7 @@ def create_app(settings: Settings) -> Litestar:
     app = Litestar(
         route_handlers=[
             *openai_api.ROUTES,
+            *responses_api.ROUTES,
             *engine_api.ROUTES,
             *admin_api.ROUTES,
             *files_api.ROUTES,

@@ -282,6 +282,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             ),
         ),
     ] = 30
+    responses_retention_days: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=36500,
+            description=(
+                "Days stored Responses API responses (`POST /v1/responses` with `store` left on) are kept, with "
+                "their input and output items; older ones are deleted at start and hourly. 0 keeps them forever."
+            ),
+        ),
+    ] = 30
     log_prompts: Annotated[
         bool,
         Meta(

@@ -15,9 +15,9 @@ either way, and the settings refuse ``*``.
 :func:`screen_request` reads an inference request's body before it is decoded and refuses
 (400) JSON nested deeper than :data:`MAX_JSON_DEPTH` (msgspec would recurse into it) and any
 object key in :data:`REDIRECT_FIELDS`, at any depth: a request must not choose where it is sent
-or with which upstream key. The subtrees under ``response_format`` and ``tools`` are exempt
-(their keys are the caller's JSON-schema property names: a tool may well take an ``api_key``),
-and so are ``logit_bias``'s token ids.
+or with which upstream key. The subtrees under ``response_format``, ``tools`` and (on the
+Responses API) ``text`` are exempt (their keys are the caller's JSON-schema property names: a tool
+may well take an ``api_key``), and so are ``logit_bias``'s token ids.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ REDIRECT_FIELDS = frozenset({"api_base", "base_url", "api_url", "api_key", "cust
 #: Request bodies are shallow; JSON schemas in ``response_format`` are the deepest part.
 MAX_JSON_DEPTH = 64
 #: Routes whose bodies are screened.
-SCREENED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+SCREENED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
 #: Top-level fields whose keys are data, not options.
-DATA_FIELDS = frozenset({"response_format", "logit_bias", "tools"})
+DATA_FIELDS = frozenset({"response_format", "logit_bias", "tools", "text"})
 EXPOSED_HEADERS = ["X-Locopilot-Provider", "X-Locopilot-Model", "X-Request-Id", "Retry-After"]
 
 

@@ -179,6 +179,37 @@ def _create_model_records(conn: apsw.Connection) -> None:
     )
 
 
+def _create_responses(conn: apsw.Connection) -> None:
+    # Stored Responses API responses (locopilot.store.responses): the Response object as
+    # answered, and its input and output items in order, to replay a chain and find items by id.
+    conn.execute(
+        """
+        CREATE TABLE responses (
+            id                   TEXT PRIMARY KEY,
+            key_id               TEXT,  -- the API key that created it; NULL on an open server
+            model                TEXT NOT NULL,
+            status               TEXT NOT NULL CHECK (
+                status IN ('completed', 'incomplete', 'failed', 'cancelled', 'in_progress', 'queued')
+            ),
+            previous_response_id TEXT,  -- not a foreign key: the previous one may be deleted first
+            created_at           REAL NOT NULL,  -- unix seconds
+            body                 TEXT NOT NULL CHECK (json_valid(body))
+        ) STRICT;
+        CREATE INDEX responses_created_at ON responses (created_at);
+
+        CREATE TABLE response_items (
+            response_id TEXT NOT NULL REFERENCES responses (id) ON DELETE CASCADE,
+            position    INTEGER NOT NULL,  -- input items first, then output items
+            output      INTEGER NOT NULL CHECK (output IN (0, 1)),
+            item_id     TEXT NOT NULL,
+            item        TEXT NOT NULL CHECK (json_valid(item)),
+            PRIMARY KEY (response_id, position)
+        ) STRICT;
+        CREATE INDEX response_items_item_id ON response_items (item_id);
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[apsw.Connection], None]] = [
     _create_inference_logs_and_training_jobs,
     _add_routing_decisions,
@@ -187,6 +218,7 @@ MIGRATIONS: list[Callable[[apsw.Connection], None]] = [
     _add_prompt_and_completion,
     _add_training_service,
     _create_model_records,
+    _create_responses,
 ]
 
 

@@ -118,6 +118,8 @@ def served_model(case: Any) -> None:
         body["max_tokens"] = min(body.get("max_tokens") or MAX_TOKENS, MAX_TOKENS)
         if body.get("max_completion_tokens") is not None:
             body["max_completion_tokens"] = min(body["max_completion_tokens"], MAX_TOKENS)
+        if case.operation.path == "/v1/responses":
+            body["max_output_tokens"] = min(body.get("max_output_tokens") or MAX_TOKENS, MAX_TOKENS)
 
 
 @schema.parametrize()
