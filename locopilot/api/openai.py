@@ -34,6 +34,7 @@ from locopilot.providers.base import (
     TextDelta,
     ToolCallDelta,
 )
+from locopilot.schemas import anthropic as anthropic_wire
 from locopilot.schemas.openai import (
     AssistantMessage,
     ChatChoice,
@@ -448,9 +449,15 @@ async def all_cards(services: Services, principal: Principal) -> list[ModelCard]
     return cards
 
 
+#: Sent by Anthropic's clients on every request: they get Anthropic's model list shape.
+ANTHROPIC_VERSION = "anthropic-version"
+
+
 @get("/v1/models", responses=answers(ModelList, 200, *GUARDED, 502, 503))
 async def list_models(services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     cards = await all_cards(services, principal_of(request))
+    if ANTHROPIC_VERSION in request.headers:
+        return Response(encoder.encode(anthropic_wire.model_page(cards)), media_type="application/json")
     return Response(encoder.encode(ModelList(cards)), media_type="application/json")
 
 
@@ -461,7 +468,8 @@ async def get_model(model_id: str, services: Services, request: Request[Any, Any
     cards = await all_cards(services, principal_of(request))
     for card in cards:
         if model_id in (card.id, f"{card.provider}:{card.id}", f"{card.provider}/{card.id}"):
-            return Response(encoder.encode(card), media_type="application/json")
+            found = anthropic_wire.model_info(card) if ANTHROPIC_VERSION in request.headers else card
+            return Response(encoder.encode(found), media_type="application/json")
     validate_model_name(model_id.split("/", 1)[-1])
     raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
 

@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 from locopilot.engine.embedding import Embedder
 from locopilot.engine.protocol import (
+    Count,
+    Counted,
     Delta,
     Done,
     Embed,
@@ -183,6 +185,21 @@ class Engine:
         free = [slot for slot in self.slots if slot.sequence is None]
         return free[0] if free else None
 
+    def render(self, job: Generate) -> tuple[str, list[str]]:
+        """The prompt text ``job`` asks for (its messages through the chat template) and its stop strings."""
+        if job.messages is not None:
+            try:
+                prompt = self.renderer.render([{"role": m.role, "content": m.content} for m in job.messages])
+            except TemplateError as exc:
+                raise RequestError("template", str(exc), "messages") from exc
+            return prompt, [*job.stop, *self.template.stop]
+        return job.prompt or "", list(job.stop)
+
+    def count(self, count: Count) -> Counted:
+        """The tokens ``count.job``'s prompt has, as :meth:`start` would feed them."""
+        prompt, _ = self.render(count.job)
+        return Counted(id=count.id, prompt_tokens=len(self.tokenize(prompt)))
+
     def start(self, job: Generate) -> list[FromRunner]:
         """Admit ``job`` to a free slot (there must be one); its first messages.
 
@@ -192,15 +209,7 @@ class Engine:
         """
         import llama_cpp
 
-        if job.messages is not None:
-            try:
-                prompt = self.renderer.render([{"role": m.role, "content": m.content} for m in job.messages])
-            except TemplateError as exc:
-                raise RequestError("template", str(exc), "messages") from exc
-            stops = [*job.stop, *self.template.stop]
-        else:
-            prompt = job.prompt or ""
-            stops = list(job.stop)
+        prompt, stops = self.render(job)
         tokens = self.tokenize(prompt)
         if not tokens:
             # Nothing to decode (an empty prompt on a model that adds no BOS): such a request never finished.
@@ -370,6 +379,7 @@ class Engine:
             prompt_tokens=len(sequence.tokens),
             completion_tokens=sequence.generated,
             cached_tokens=sequence.cached,
+            stop=sequence.matcher.matched,
         )
 
     def _release(self, slot: Slot) -> None:
@@ -395,7 +405,7 @@ class Engine:
 
 def serve(
     engine: Engine,
-    jobs: queue.Queue[Generate | Embed | None],
+    jobs: queue.Queue[Generate | Embed | Count | None],
     send: Send,
     cancellations: Cancellations,
 ) -> None:
@@ -403,7 +413,7 @@ def serve(
 
     Between decode steps it takes new jobs, ends cancelled sequences and admits
     waiting jobs to free slots; each step then advances every active sequence.
-    An embedding request runs whole between two steps. What a round produces
+    An embedding request (or a token count) runs whole between two steps. What a round produces
     goes out in two writes at most: one before the step, one after it.
     """
     outbox = Outbox(send, cancellations)
@@ -418,6 +428,9 @@ def serve(
                     open_ = False
                 elif isinstance(job, Embed):
                     outbox.put(embed_one(engine, job, cancellations))
+                    outbox.flush()
+                elif isinstance(job, Count):
+                    outbox.put(count_one(engine, job))
                     outbox.flush()
                 else:
                     waiting.append(job)
@@ -468,7 +481,7 @@ class Outbox:
         messages, self.messages = self.messages, []
         self.send(messages)
         for message in messages:
-            if isinstance(message, Done | Failed | Embeddings):
+            if isinstance(message, Done | Failed | Embeddings | Counted):
                 self.cancellations.finish(message.id)
 
 
@@ -513,6 +526,17 @@ def embed_one(engine: Engine, job: Embed, cancelled: Cancellations) -> FromRunne
         if job.id in cancelled:
             return Done(id=job.id, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0)
         return engine.embed(job)
+    except RequestError as exc:
+        return Failed(id=job.id, kind=exc.kind, message=str(exc), param=exc.param)
+    except Exception as exc:
+        log.exception("request %s failed", job.id)
+        return Failed(id=job.id, kind="internal", message=f"{type(exc).__name__}: {exc}")
+
+
+def count_one(engine: Engine, job: Count) -> FromRunner:
+    """The one answer to a token count: Counted, or Failed (a template that fails, say)."""
+    try:
+        return engine.count(job)
     except RequestError as exc:
         return Failed(id=job.id, kind=exc.kind, message=str(exc), param=exc.param)
     except Exception as exc:

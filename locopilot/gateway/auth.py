@@ -77,6 +77,8 @@ ROUTE_SCOPES: dict[str, Requirement] = {
     "POST /v1/chat/completions": "inference",
     "POST /v1/completions": "inference",
     "POST /v1/embeddings": "inference",
+    "POST /v1/messages": "inference",
+    "POST /v1/messages/count_tokens": "inference",
     "GET /v1/models": "inference",
     "GET /v1/models/{model_id}": "inference",
     "GET /v1/engine/health": "admin",
@@ -302,7 +304,9 @@ class Authenticator:
         if presented is None and isinstance(required, _Public):
             return ANONYMOUS
         if presented is None:
-            raise KeyRefused("missing", "Missing API key. Send it as 'Authorization: Bearer <API key>'.")
+            raise KeyRefused(
+                "missing", "Missing API key. Send it as 'Authorization: Bearer <API key>' or 'x-api-key: <API key>'."
+            )
         if len(presented) > MAX_KEY_LENGTH:
             raise KeyRefused("invalid", "Invalid API key.")
         presented_hash = keys.hash_secret(presented)
