@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
-import re
 from typing import Any
 
 import msgspec
@@ -25,9 +25,10 @@ from litestar import Request, Response, post
 from litestar.response import Stream
 
 from locopilot.api.generation import privacy_of, provider_headers, serve_generation
-from locopilot.api.openai import check_schema_bounds, check_text_size
+from locopilot.api.openai import check_text_size
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
 from locopilot.api.services import Services
+from locopilot.api.tools import ToolParams, check_tools
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import InvalidRequest, LocopilotError, render
 from locopilot.gateway.access import outcome_id
@@ -67,7 +68,6 @@ from locopilot.schemas.anthropic import (
     encoder,
 )
 
-TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
 #: Anthropic's limit on one image (5 MB decoded); LOCOPILOT_MAX_BODY_BYTES bounds the body first.
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
 
@@ -123,19 +123,23 @@ def tool_result(block: ToolResultBlock, limit: int, param: str) -> Message:
     return Message(role="tool", content=content, images=tuple(images), tool_call_id=block.tool_use_id)
 
 
-def chat_messages(body: PromptFields, limit: int) -> list[Message]:
-    """``system`` and ``messages`` as internal messages; tool results become ``tool`` messages
-    (ahead of the user's other content, as OpenAI-style chats want them after the call)."""
+def chat_messages(body: PromptFields, limit: int) -> tuple[list[Message], tuple[int, ...]]:
+    """``system`` and ``messages`` as internal messages, and the index in ``messages`` each came
+    from; tool results become ``tool`` messages (ahead of the user's other content, as
+    OpenAI-style chats want them right after the call)."""
     messages: list[Message] = []
     match body.system:
         case str(text) if text:
             messages.append(Message(role="system", content=check_text_size(text, limit, "system")))
         case [*blocks] if blocks:
             messages.append(Message(role="system", content=joined([b.text for b in blocks], limit, "system")))
+    origin = [0] * len(messages)
     called: set[str] = set()
     for i, message in enumerate(body.messages):
-        messages.extend(translate(i, message, limit, called))
-    return messages
+        translated = translate(i, message, limit, called)
+        messages.extend(translated)
+        origin.extend([i] * len(translated))
+    return messages, tuple(origin)
 
 
 def translate(i: int, message: InputMessage, limit: int, called: set[str]) -> list[Message]:
@@ -179,8 +183,12 @@ def translate(i: int, message: InputMessage, limit: int, called: set[str]) -> li
     return out
 
 
+ANTHROPIC_TOOLS = ToolParams(tool="tools[{}]", tool_choice="tool_choice", message="messages[{}]")
+
+
 def function_tools(body: PromptFields) -> tuple[tuple[FunctionTool, ...], ToolChoice, bool]:
-    """The tools, the tool choice and whether calls may be parallel."""
+    """The tools, the tool choice and whether calls may be parallel (checked with the messages
+    by :func:`locopilot.api.tools.check_tools` in :func:`prompt_generation`)."""
     tools: list[FunctionTool] = []
     for i, tool in enumerate(body.tools or []):
         if tool.type not in (None, "custom"):
@@ -188,48 +196,36 @@ def function_tools(body: PromptFields) -> tuple[tuple[FunctionTool, ...], ToolCh
                 f"Server tools ({tool.type!r}) are not supported; only client tools with an input_schema.",
                 param=f"tools[{i}].type",
             )
-        if not TOOL_NAME.match(tool.name):
-            raise InvalidRequest("Tool names are 1 to 128 letters, digits, '_' or '-'.", param=f"tools[{i}].name")
         if tool.input_schema is None:
             raise InvalidRequest("A tool needs an input_schema.", param=f"tools[{i}].input_schema")
         if tool.input_schema.get("type") != "object":
-            raise InvalidRequest("A tool's input_schema must be of type 'object'.", param=f"tools[{i}].input_schema")
-        try:
-            check_schema_bounds(tool.input_schema)
-        except InvalidRequest as exc:
             raise InvalidRequest(
-                exc.message.replace("json_schema", "input_schema"), param=f"tools[{i}].input_schema"
-            ) from None
-        if any(t.name == tool.name for t in tools):
-            raise InvalidRequest(f"Two tools are named {tool.name!r}.", param=f"tools[{i}].name")
+                'A tool\'s input_schema must be a JSON Schema with "type": "object".', param=f"tools[{i}].input_schema"
+            )
         tools.append(FunctionTool(name=tool.name, description=tool.description, parameters=tool.input_schema))
-    parallel = True
     match body.tool_choice:
-        case None | wire.ToolChoiceAuto():
-            choice = ToolChoice(mode="auto")
         case wire.ToolChoiceNone():
             choice = ToolChoice(mode="none")
         case wire.ToolChoiceAny():
             choice = ToolChoice(mode="required")
         case wire.ToolChoiceTool(name=name):
-            if not any(t.name == name for t in tools):
-                raise InvalidRequest(
-                    f"tool_choice names {name!r}, which is not among the tools.", param="tool_choice.name"
-                )
             choice = ToolChoice(mode="function", name=name)
+        case _:
+            choice = ToolChoice(mode="auto")
+    parallel = True
     if isinstance(body.tool_choice, wire.ToolChoiceAuto | wire.ToolChoiceAny | wire.ToolChoiceTool):
         parallel = not body.tool_choice.disable_parallel_tool_use
-    if choice.mode in ("required", "function") and not tools:
-        raise InvalidRequest("tool_choice asks for a tool call, but no tools are given.", param="tool_choice")
     return tuple(tools), choice, parallel
 
 
 def prompt_generation(body: PromptFields, max_text: int) -> GenerationRequest:
     """The prompt ``body`` describes, as a generation of nothing yet (what count_tokens counts)."""
     tools, choice, parallel = function_tools(body)
+    messages, origin = chat_messages(body, max_text)
+    check_tools(tools, choice, messages, dataclasses.replace(ANTHROPIC_TOOLS, message_origin=origin))
     return GenerationRequest(
         model=body.model,
-        messages=chat_messages(body, max_text),
+        messages=messages,
         tools=tools,
         tool_choice=choice,
         parallel_tool_calls=parallel,
