@@ -17,6 +17,7 @@ import anthropic
 import apsw
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import SMOL, Server, free_port, start_server
 from tests.fakes.fault_upstream import FaultUpstream
@@ -105,6 +106,32 @@ def test_create_answers_a_message(claude: anthropic.Anthropic, local: Server) ->
     row = logged(local, raw.headers["x-request-id"])
     assert row["endpoint"] == "messages" and row["provider"] == "embedded" and row["http_status"] == 200
     assert row["tokens_out"] == message.usage.output_tokens
+    metrics = text_string_to_metric_families(httpx.get(f"{local.url}/metrics", timeout=10).text)
+    served = {"route": "/v1/messages", "model": SMOL, "provider": "embedded", "status": "200"}
+    counted = [
+        s
+        for f in metrics
+        for s in f.samples
+        if s.name == "locopilot_requests_total" and served.items() <= s.labels.items()
+    ]
+    assert counted and counted[0].value >= 1
+
+
+def test_claude_code_style_request(claude: anthropic.Anthropic) -> None:
+    """As a coding agent sends it: ``?beta=true``, beta headers, cache_control everywhere, fields we do not know."""
+    message = claude.messages.create(
+        model="claude-haiku-4-5",
+        max_tokens=2,
+        system=[{"type": "text", "text": "You are a coding agent.", "cache_control": {"type": "ephemeral"}}],
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}
+        ],
+        tools=[{**WEATHER, "cache_control": {"type": "ephemeral"}}],  # type: ignore[list-item]
+        extra_query={"beta": "true"},
+        extra_headers={"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14"},
+        extra_body={"context_management": {"edits": []}, "output_config": {"effort": "low"}, "service_tier": "auto"},
+    )
+    assert message.usage.output_tokens > 0
 
 
 def test_block_content_and_system_reach_the_model(claude: anthropic.Anthropic, local: Server) -> None:
@@ -143,17 +170,25 @@ def test_max_tokens_stop(claude: anthropic.Anthropic) -> None:
     assert message.usage.output_tokens == 3
 
 
-def test_stop_sequences_say_which_one_matched(claude: anthropic.Anthropic) -> None:
-    ask = {"model": SMOL, "max_tokens": 40, "messages": [{"role": "user", "content": QUESTION}], "extra_body": GREEDY}
-    whole = text_of(claude.messages.create(**ask))
+@pytest.mark.parametrize("where", ["embedded", "peer"])
+def test_stop_sequences_say_which_one_matched(
+    claude: anthropic.Anthropic, routed: anthropic.Anthropic, where: str
+) -> None:
+    """Through a second locopilot too: its OpenAI answer names the stop string as vLLM does (``stop_reason``)."""
+    client, model = (claude, SMOL) if where == "embedded" else (routed, f"peer:{SMOL}")
+    ask = {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": QUESTION}], "extra_body": GREEDY}
+    whole = text_of(client.messages.create(**ask))
     words = whole.split()
     assert len(words) >= 4, whole
     stop = " " + words[2]
     cut = whole.index(stop)
-    message = claude.messages.create(**ask, stop_sequences=["never-said-zzz", stop])
+    message = client.messages.create(**ask, stop_sequences=["never-said-zzz", stop])
     assert message.stop_reason == "stop_sequence"
     assert message.stop_sequence == stop
     assert text_of(message) == whole[:cut]
+    with client.messages.stream(**ask, stop_sequences=[stop]) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence, text_of(final)) == ("stop_sequence", stop, whole[:cut])
 
 
 def test_streaming_helper(claude: anthropic.Anthropic) -> None:

@@ -233,8 +233,10 @@ class ChatFormatter(ReplyIdentity):
         super().__init__(request_id, model, include_usage)
         self.n = n
 
-    def _chunk(self, delta: ChatDelta, finish: str | None = None, index: int = 0) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(index, delta, finish)
+    def _chunk(
+        self, delta: ChatDelta, finish: str | None = None, index: int = 0, stop: str | None = None
+    ) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(index, delta, finish, stop_reason=msgspec.UNSET if stop is None else stop)
         return ChatCompletionChunk(self.request_id, self.created, self.model, [choice], usage=self.usage)
 
     def opening(self) -> bytes:
@@ -247,14 +249,21 @@ class ChatFormatter(ReplyIdentity):
 
     def closing(self, finish: Finish) -> bytes:
         reasons = choice_reasons(finish, self.n)
-        return self._end(finish, [self._chunk(ChatDelta(), reason, i) for i, reason in enumerate(reasons)])
+        chunks: list[msgspec.Struct] = [
+            self._chunk(ChatDelta(), reason, i, finish.stop if i == 0 else None) for i, reason in enumerate(reasons)
+        ]
+        return self._end(finish, chunks)
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(self.request_id, self.created, self.model, [], usage=usage)
 
     def whole(self, reply: Reply) -> ChatCompletion:
+        stop = reply.finish.stop if reply.finish is not None and reply.finish.stop is not None else msgspec.UNSET
         choices = [
-            ChatChoice(i, AssistantMessage(choice.content), reply.reason(i)) for i, choice in enumerate(reply.choices)
+            ChatChoice(
+                i, AssistantMessage(choice.content), reply.reason(i), stop_reason=stop if i == 0 else msgspec.UNSET
+            )
+            for i, choice in enumerate(reply.choices)
         ]
         return ChatCompletion(self.request_id, self.created, self.model, choices, reply.usage)
 

@@ -379,7 +379,8 @@ class Engine:
             prompt_tokens=len(sequence.tokens),
             completion_tokens=sequence.generated,
             cached_tokens=sequence.cached,
-            stop=sequence.matcher.matched,
+            # The request's own stop string, not the chat template's end marker.
+            stop=sequence.matcher.matched if sequence.matcher.matched in sequence.job.stop else None,
         )
 
     def _release(self, slot: Slot) -> None:

@@ -218,7 +218,7 @@ class Done(msgspec.Struct, tag="done", frozen=True, kw_only=True):
     cached_tokens: int = 0  # prompt tokens whose KV cache was reused, not computed
     reasons: tuple[FinishReason, ...] = ()
     tool_parse_failures: int = 0
-    stop: str | None = None  # the stop string that ended choice 0, when one did (the template's or the request's)
+    stop: str | None = None  # the request's stop string that ended choice 0, when one did
 
 
 class Embeddings(msgspec.Struct, tag="embeddings", frozen=True, kw_only=True):

@@ -119,9 +119,9 @@ class Finish(msgspec.Struct, frozen=True):
     prompt cache instead of computing (0 when it does not say).
     ``tool_parse_failures``: calls the model generated that could not be parsed
     (counted per model in the metrics; their text went out as content).
-    ``stop``: the stop string that ended choice 0 (one of the request's ``stop`` or the chat
-    template's end marker), when the backend says; None for the end-of-generation token
-    or when it does not say (OpenAI-compatible upstreams do not).
+    ``stop``: which of the request's ``stop`` strings ended choice 0, when one did and the
+    backend says (the embedded engine does; OpenAI-compatible upstreams that send vLLM's
+    ``stop_reason``, locopilot among them, do); None otherwise.
     """
 
     reason: str

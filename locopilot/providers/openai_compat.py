@@ -80,6 +80,7 @@ class _Choice(msgspec.Struct):
     delta: _Delta | None = None
     text: str | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM's (and locopilot's): the stop string (or token id) that matched
 
 
 class _PromptTokensDetails(msgspec.Struct):
@@ -450,6 +451,7 @@ class _ChunkReader:
         self.done = False
         self.deltas = 0
         self.finish_reason: str | None = None
+        self.stop: str | None = None
         self.usage: _Usage | None = None
 
     def read(self, field: str, data: str) -> str | None:
@@ -478,6 +480,8 @@ class _ChunkReader:
                 continue
             if choice.finish_reason:
                 self.finish_reason = choice.finish_reason
+            if isinstance(choice.stop_reason, str):
+                self.stop = choice.stop_reason
             text = (choice.delta.content if choice.delta else None) if self.chat else choice.text
         if text:
             self.deltas += 1
@@ -486,10 +490,10 @@ class _ChunkReader:
     def finish(self) -> Finish:
         reason = self.finish_reason or "stop"
         if self.usage is None:
-            return Finish(reason, 0, self.deltas)
+            return Finish(reason, 0, self.deltas, stop=self.stop)
         details = self.usage.prompt_tokens_details
         cached = details.cached_tokens or 0 if details is not None else 0
-        return Finish(reason, self.usage.prompt_tokens, self.usage.completion_tokens, cached)
+        return Finish(reason, self.usage.prompt_tokens, self.usage.completion_tokens, cached, stop=self.stop)
 
     def _error_event(self, detail: _ErrorDetail) -> LocopilotError:
         said = detail.message or "no message"
