@@ -471,7 +471,9 @@ def msgspec_json(value: Any) -> bytes:
 def test_tool_use_with_any_and_a_tool_result_round_trip(
     claude: anthropic.Anthropic, routed: anthropic.Anthropic, where: str
 ) -> None:
-    client, model = (claude, SMOL) if where == "embedded" else (routed, f"peer:{SMOL}")
+    # Grammar-constrained sampling is slow on a loaded 2-core machine (24 tokens took 110-140 s at load 15).
+    client = (claude if where == "embedded" else routed).with_options(timeout=600)
+    model = SMOL if where == "embedded" else f"peer:{SMOL}"
     ask: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
     called = client.messages.create(
         model=model,
@@ -494,3 +496,23 @@ def test_tool_use_with_any_and_a_tool_result_round_trip(
         final = stream.get_final_message()
     assert final.stop_reason in ("end_turn", "max_tokens", "tool_use")
     assert final.usage.output_tokens > 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the embedded provider's refusal of images (tools-api); remove this mark when it lands",
+)
+def test_an_image_is_refused_by_a_model_that_cannot_see(claude: anthropic.Anthropic) -> None:
+    pixel = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": pixel}}
+    content: list[Any] = [image, {"type": "text", "text": "What is this?"}]
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude.messages.create(model=SMOL, max_tokens=2, messages=[{"role": "user", "content": content}])
+    assert refused.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert "image" in refused.value.body["error"]["message"]  # type: ignore[index]
+
+
+def test_an_image_that_is_not_base64_is_refused(claude: anthropic.Anthropic) -> None:
+    bad = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "not base64!"}}
+    with pytest.raises(anthropic.BadRequestError, match="base64"):
+        claude.messages.create(model=SMOL, max_tokens=2, messages=[{"role": "user", "content": [bad]}])
