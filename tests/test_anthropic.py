@@ -265,6 +265,9 @@ def test_errors_in_anthropic_shape(claude: anthropic.Anthropic, local: Server) -
             max_tokens=2,
             messages=[{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_x", "content": "1"}]}],
         )
+    result = {"type": "tool_result", "tool_use_id": "toolu_x", "content": "1"}
+    with pytest.raises(anthropic.BadRequestError, match="may not hold a 'tool_result' block"):
+        claude.messages.create(model=SMOL, max_tokens=2, messages=[*hi, {"role": "assistant", "content": [result]}])
     document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}
     with pytest.raises(anthropic.BadRequestError, match="document"):
         claude.messages.create(model=SMOL, max_tokens=2, messages=[{"role": "user", "content": [document]}])

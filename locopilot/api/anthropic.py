@@ -173,9 +173,8 @@ def translate(i: int, message: InputMessage, limit: int, called: set[str]) -> li
             case DocumentBlock():
                 raise InvalidRequest("document blocks are not supported.", param=where)
             case _:
-                raise InvalidRequest(
-                    f"A {message.role} message may not hold a {type(block).__name__} block.", param=where
-                )
+                kind = block.__struct_config__.tag
+                raise InvalidRequest(f"A {message.role} message may not hold a '{kind}' block.", param=where)
     out = results
     if texts or images or calls or not results:
         content = joined(texts, limit, param)
