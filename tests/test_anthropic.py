@@ -74,7 +74,7 @@ def logged(server: Server, request_id: str) -> dict[str, Any]:
     try:
         conn.set_busy_timeout(5000)
         cursor = conn.execute(
-            "SELECT endpoint, model, provider, tokens_in, tokens_out, prompt, completion, http_status "
+            "SELECT endpoint, model, provider, tokens_in, tokens_out, prompt, completion, http_status, routing "
             "FROM inference_logs WHERE request_id = ?",
             (request_id,),
         )
@@ -232,12 +232,14 @@ def test_count_tokens_is_the_prompt_the_model_sees(claude: anthropic.Anthropic) 
     assert with_system.input_tokens > counted + 20
 
 
-def test_model_aliases_and_anthropic_model_list(claude: anthropic.Anthropic) -> None:
+def test_model_aliases_and_anthropic_model_list(claude: anthropic.Anthropic, local: Server) -> None:
     raw = claude.messages.with_raw_response.create(
         model="claude-sonnet-4-5", max_tokens=2, messages=[{"role": "user", "content": QUESTION}]
     )
     assert raw.parse().model == "claude-sonnet-4-5"
     assert raw.headers["x-locopilot-model"] == SMOL
+    routing = json.loads(logged(local, raw.headers["x-request-id"])["routing"])
+    assert (routing["requested"], routing["alias_of"]) == (SMOL, "claude-sonnet-4-5")
     page = claude.models.list()
     assert [model.id for model in page.data] == [SMOL]
     assert page.data[0].type == "model" and page.data[0].display_name == SMOL
