@@ -18,6 +18,7 @@ from litestar.openapi.config import OpenAPIConfig
 
 from locopilot import __version__
 from locopilot.api import admin as admin_api
+from locopilot.api import anthropic as anthropic_api
 from locopilot.api import engine as engine_api
 from locopilot.api import files as files_api
 from locopilot.api import models as models_api
@@ -76,6 +77,8 @@ INFERENCE_ENDPOINTS = {
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
     "/v1/responses": "responses",
+    "/v1/messages": "messages",
+    "/v1/messages/count_tokens": "messages.count_tokens",
 }
 
 
@@ -241,6 +244,7 @@ def create_app(settings: Settings) -> Litestar:
                     [ProviderState(embedded, 0, local_engine=True), *upstream_states(settings)],
                     settings.default_model,
                     breaker_cooldown=settings.breaker_cooldown,
+                    aliases=settings.model_alias_pairs,
                 )
                 engine = EngineStatus()
                 shutdown = Shutdown(settings.shutdown_grace)
@@ -296,6 +300,7 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[
             *openai_api.ROUTES,
             *responses_api.ROUTES,
+            *anthropic_api.ROUTES,
             *engine_api.ROUTES,
             *admin_api.ROUTES,
             *files_api.ROUTES,

@@ -343,7 +343,9 @@ def render(exc: LocopilotError, front: Front) -> tuple[int, bytes]:
             # Anthropic says 529 overloaded_error where the service cannot take the request now.
             status = 529 if isinstance(exc, Unavailable) else exc.status_code
             kind = ANTHROPIC_TYPES.get(status, "api_error")
-            return status, _encoder.encode(AnthropicErrorBody(AnthropicErrorDetail(kind, exc.message)))
+            # Anthropic's shape has no param: its own messages start with the field's path.
+            message = exc.message if not exc.param or exc.param in exc.message else f"{exc.param}: {exc.message}"
+            return status, _encoder.encode(AnthropicErrorBody(AnthropicErrorDetail(kind, message)))
         case "ollama":
             return exc.status_code, _encoder.encode(OllamaErrorBody(exc.message))
         case _:

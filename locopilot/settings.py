@@ -465,6 +465,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             ),
         ),
     ] = ""
+    model_aliases: Annotated[
+        str,
+        Meta(
+            description=(
+                "Model names to serve under other names, as a JSON object: a name or a glob (`*`, `?`, `[…]`) "
+                '-> the model to route to, e.g. `{"claude-*": "smollm2-135m-instruct"}` for agents that send '
+                "their own model names. Applied to every API before routing; an exact name wins over a glob, "
+                "globs are tried in the order given."
+            )
+        ),
+    ] = ""
     # Derived from the upstream settings by load_settings; not an environment variable.
     upstream_configs: tuple[UpstreamConfig, ...] = ()
     # The bootstrap admin key from ADMIN_KEY or ADMIN_KEY_FILE; derived, never printed.
@@ -473,6 +484,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     model_overrides: tuple[tuple[str, ModelSettings], ...] = ()
     # Hosts NO_PROXY exempts from the pull proxy; derived from the environment.
     pull_no_proxy: tuple[str, ...] = ()
+    # LOCOPILOT_MODEL_ALIASES as (pattern, model) pairs, exact names first; derived.
+    model_alias_pairs: tuple[tuple[str, str], ...] = ()
 
     @property
     def data_path(self) -> Path:
@@ -597,6 +610,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         pull_proxy=settings.pull_proxy or _environment_proxy(environ),
         pull_no_proxy=_no_proxy(environ),
         model_overrides=_model_overrides(settings.model_settings),
+        model_alias_pairs=_model_aliases(settings.model_aliases),
     )
 
 
@@ -646,6 +660,30 @@ def _check_tls(settings: Settings) -> None:
     for variable, value in (("LOCOPILOT_TLS_CERT", settings.tls_cert), ("LOCOPILOT_TLS_KEY", settings.tls_key)):
         if value and not Path(value).expanduser().is_file():
             raise SettingsError(variable, f"{value} is not a readable file")
+
+
+MODEL_ALIAS = re.compile(r"^[^\s]{1,256}$")
+GLOB_CHARS = frozenset("*?[")
+
+
+def _model_aliases(value: str) -> tuple[tuple[str, str], ...]:
+    """LOCOPILOT_MODEL_ALIASES as (name or glob, model) pairs: exact names first, then globs in order."""
+    if not value:
+        return ()
+    variable = "LOCOPILOT_MODEL_ALIASES"
+    try:
+        aliases = msgspec.json.decode(value, type=dict[str, str])
+    except msgspec.DecodeError as exc:
+        raise SettingsError(variable, f"{exc} (expected a JSON object of model name or glob -> model name)") from exc
+    for name, model in aliases.items():
+        for text in (name, model):
+            if not MODEL_ALIAS.match(text):
+                raise SettingsError(variable, f"{text!r} is not a model name (1 to 256 characters, no spaces)")
+        if GLOB_CHARS & set(model):
+            raise SettingsError(variable, f"the alias {name!r} must name one model, not the pattern {model!r}")
+    exact = [(name, model) for name, model in aliases.items() if not GLOB_CHARS & set(name)]
+    globs = [(name, model) for name, model in aliases.items() if GLOB_CHARS & set(name)]
+    return tuple(exact + globs)
 
 
 MIN_ADMIN_KEY_LENGTH = 16

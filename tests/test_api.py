@@ -166,6 +166,7 @@ def test_stop_strings_end_the_reply(client: openai.OpenAI) -> None:
     )
     assert reply.choices[0].finish_reason == "stop"
     assert reply.choices[0].message.content == text[: text.index("3")]
+    assert reply.choices[0].model_extra == {"stop_reason": "3"}  # vLLM's extension: which stop string
 
 
 def test_logit_bias_bans_a_token(client: openai.OpenAI) -> None:

@@ -301,3 +301,17 @@ def test_serve_refuses_bad_setting(tmp_path: Path, variable: str, value: str) ->
     assert variable in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists()  # it stopped before touching anything
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['["claude-*"]', '{"claude-*": 3}', '{"claude-*": "two words"}', '{"": "m"}', '{"a": "m-*"}', "{not json"],
+)
+def test_bad_model_aliases_name_the_variable(value: str) -> None:
+    assert refusal({"LOCOPILOT_MODEL_ALIASES": value}).variable == "LOCOPILOT_MODEL_ALIASES"
+
+
+def test_model_aliases_put_exact_names_before_globs() -> None:
+    value = '{"claude-*": "small", "claude-opus": "large", "gpt-?": "small"}'
+    loaded = load_settings({"LOCOPILOT_MODEL_ALIASES": value, "LOCOPILOT_DATA_DIR": "/nonexistent"})
+    assert loaded.model_alias_pairs == (("claude-opus", "large"), ("claude-*", "small"), ("gpt-?", "small"))

@@ -390,7 +390,6 @@ def test_embedded_refuses_images_and_token_prompts(server: Server) -> None:
     assert "token ids" in caught.value.body["message"]  # type: ignore[index]
 
 
-@pytest.mark.skip(reason="enable once the embedded engine's tool calling (tools-engine) lands")
 def test_tool_call_through_second_locopilot_from_its_engine(
     tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path
 ) -> None:

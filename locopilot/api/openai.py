@@ -39,6 +39,7 @@ from locopilot.providers.base import (
     ToolCallDelta,
     ToolChoice,
 )
+from locopilot.schemas import anthropic as anthropic_wire
 from locopilot.schemas.openai import (
     AssistantMessage,
     ChatChoice,
@@ -324,8 +325,10 @@ class ChatFormatter(ReplyIdentity):
         super().__init__(request_id, model, include_usage)
         self.n = n
 
-    def _chunk(self, delta: ChatDelta, finish: str | None = None, index: int = 0) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(index, delta, finish)
+    def _chunk(
+        self, delta: ChatDelta, finish: str | None = None, index: int = 0, stop: str | None = None
+    ) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(index, delta, finish, stop_reason=msgspec.UNSET if stop is None else stop)
         return ChatCompletionChunk(self.request_id, self.created, self.model, [choice], usage=self.usage)
 
     def opening(self) -> bytes:
@@ -351,13 +354,20 @@ class ChatFormatter(ReplyIdentity):
 
     def closing(self, finish: Finish) -> bytes:
         reasons = choice_reasons(finish, self.n)
-        return self._end(finish, [self._chunk(ChatDelta(), reason, i) for i, reason in enumerate(reasons)])
+        chunks: list[msgspec.Struct] = [
+            self._chunk(ChatDelta(), reason, i, finish.stop if i == 0 else None) for i, reason in enumerate(reasons)
+        ]
+        return self._end(finish, chunks)
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(self.request_id, self.created, self.model, [], usage=usage)
 
     def whole(self, reply: Reply) -> ChatCompletion:
-        choices = [ChatChoice(i, assistant_message(choice), reply.reason(i)) for i, choice in enumerate(reply.choices)]
+        stop = reply.finish.stop if reply.finish is not None and reply.finish.stop is not None else msgspec.UNSET
+        choices = [
+            ChatChoice(i, assistant_message(choice), reply.reason(i), stop_reason=stop if i == 0 else msgspec.UNSET)
+            for i, choice in enumerate(reply.choices)
+        ]
         return ChatCompletion(self.request_id, self.created, self.model, choices, reply.usage)
 
 
@@ -543,9 +553,15 @@ async def all_cards(services: Services, principal: Principal) -> list[ModelCard]
     return cards
 
 
+#: Sent by Anthropic's clients on every request: they get Anthropic's model list shape.
+ANTHROPIC_VERSION = "anthropic-version"
+
+
 @get("/v1/models", responses=answers(ModelList, 200, *GUARDED, 502, 503))
 async def list_models(services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     cards = await all_cards(services, principal_of(request))
+    if ANTHROPIC_VERSION in request.headers:
+        return Response(encoder.encode(anthropic_wire.model_page(cards)), media_type="application/json")
     return Response(encoder.encode(ModelList(cards)), media_type="application/json")
 
 
@@ -556,7 +572,8 @@ async def get_model(model_id: str, services: Services, request: Request[Any, Any
     cards = await all_cards(services, principal_of(request))
     for card in cards:
         if model_id in (card.id, f"{card.provider}:{card.id}", f"{card.provider}/{card.id}"):
-            return Response(encoder.encode(card), media_type="application/json")
+            found = anthropic_wire.model_info(card) if ANTHROPIC_VERSION in request.headers else card
+            return Response(encoder.encode(found), media_type="application/json")
     validate_model_name(model_id.split("/", 1)[-1])
     raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
 

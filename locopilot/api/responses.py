@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from litestar.openapi.datastructures import ResponseSpec
 
-from locopilot.errors import ErrorBody
+from locopilot.errors import AnthropicErrorBody, ErrorBody, Front
 
 #: Every route but ``/health``: no key or a bad one, a missing scope or a foreign Host, a bug.
 GUARDED = (401, 403, 500)
@@ -36,9 +36,12 @@ _DESCRIPTIONS = {
 }
 
 
-def answers(success: type, status: int = 200, *errors: int) -> dict[int, ResponseSpec]:
-    """The responses of a route that answers ``success`` with ``status``, and ``errors`` in OpenAI's error shape."""
+def answers(success: type, status: int = 200, *errors: int, front: Front = "openai") -> dict[int, ResponseSpec]:
+    """The responses of a route that answers ``success`` with ``status``, and ``errors`` in ``front``'s
+    error shape (Anthropic's answers 529 where the others answer 503; see :func:`locopilot.errors.render`)."""
     specs = {status: ResponseSpec(success, generate_examples=False, description="Success")}
+    body: type = AnthropicErrorBody if front == "anthropic" else ErrorBody
     for code in sorted(set(errors)):
-        specs[code] = ResponseSpec(ErrorBody, generate_examples=False, description=_DESCRIPTIONS[code])
+        shown = 529 if front == "anthropic" and code == 503 else code
+        specs[shown] = ResponseSpec(body, generate_examples=False, description=_DESCRIPTIONS[code])
     return specs

@@ -25,6 +25,8 @@ from typing import Any, Literal
 from locopilot.engine.embedding import Embedder
 from locopilot.engine.protocol import (
     CallDelta,
+    Count,
+    Counted,
     Delta,
     Done,
     Embed,
@@ -40,7 +42,7 @@ from locopilot.engine.protocol import (
 from locopilot.engine.sampling import StopMatcher, build_sampler
 from locopilot.engine.template_process import IsolatedRenderer
 from locopilot.engine.templates import ChatTemplate, TemplateError, choose_template
-from locopilot.engine.toolcalls import CallStream, ToolSupport, new_call_id
+from locopilot.engine.toolcalls import CallStream, ToolPlan, ToolSupport, new_call_id
 from locopilot.engine.toolformats import ParsedCall, Part
 
 log = logging.getLogger("locopilot.runner")
@@ -199,6 +201,27 @@ class Engine:
         free = [slot for slot in self.slots if slot.sequence is None]
         return free[0] if free else None
 
+    def render(self, job: Generate) -> tuple[str, list[str], ToolPlan | None]:
+        """The prompt text ``job`` asks for (its messages and tools through the chat template), its stop
+        strings, and for a chat its tool plan (grammar and call parser)."""
+        if job.messages is None:
+            return job.prompt or "", list(job.stop), None
+        try:
+            plan = self.tools.plan(job.messages, job.tools, job.tool_choice, job.parallel_tool_calls)
+        except ValueError as exc:
+            message = f"the tools' schemas could not be turned into a grammar: {exc}"
+            raise RequestError("invalid", message, "tools") from exc
+        try:
+            prompt = self.renderer.render(plan.messages, tools=plan.tools)
+        except TemplateError as exc:
+            raise RequestError("template", str(exc), "messages") from exc
+        return prompt, [*job.stop, *self.template.stop], plan
+
+    def count(self, count: Count) -> Counted:
+        """The tokens ``count.job``'s prompt has, as :meth:`start` would feed them."""
+        prompt, _, _ = self.render(count.job)
+        return Counted(id=count.id, prompt_tokens=len(self.tokenize(prompt)))
+
     def start(self, job: Generate) -> list[FromRunner]:
         """Admit ``job`` to a free slot (there must be one); its first messages.
 
@@ -208,21 +231,7 @@ class Engine:
         """
         import llama_cpp
 
-        plan = None
-        if job.messages is not None:
-            try:
-                plan = self.tools.plan(job.messages, job.tools, job.tool_choice, job.parallel_tool_calls)
-            except ValueError as exc:
-                message = f"the tools' schemas could not be turned into a grammar: {exc}"
-                raise RequestError("invalid", message, "tools") from exc
-            try:
-                prompt = self.renderer.render(plan.messages, tools=plan.tools)
-            except TemplateError as exc:
-                raise RequestError("template", str(exc), "messages") from exc
-            stops = [*job.stop, *self.template.stop]
-        else:
-            prompt = job.prompt or ""
-            stops = list(job.stop)
+        prompt, stops, plan = self.render(job)
         tokens = self.tokenize(prompt)
         if not tokens:
             # Nothing to decode (an empty prompt on a model that adds no BOS): such a request never finished.
@@ -417,6 +426,8 @@ class Engine:
             completion_tokens=sequence.generated,
             cached_tokens=sequence.cached,
             tool_parse_failures=calls.failures if calls is not None else 0,
+            # The request's own stop string, not the chat template's end marker.
+            stop=sequence.matcher.matched if sequence.matcher.matched in sequence.job.stop else None,
         )
 
     def _release(self, slot: Slot) -> None:
@@ -442,7 +453,7 @@ class Engine:
 
 def serve(
     engine: Engine,
-    jobs: queue.Queue[Generate | Embed | None],
+    jobs: queue.Queue[Generate | Embed | Count | None],
     send: Send,
     cancellations: Cancellations,
 ) -> None:
@@ -450,7 +461,7 @@ def serve(
 
     Between decode steps it takes new jobs, ends cancelled sequences and admits
     waiting jobs to free slots; each step then advances every active sequence.
-    An embedding request runs whole between two steps. What a round produces
+    An embedding request (or a token count) runs whole between two steps. What a round produces
     goes out in two writes at most: one before the step, one after it.
     """
     outbox = Outbox(send, cancellations)
@@ -465,6 +476,9 @@ def serve(
                     open_ = False
                 elif isinstance(job, Embed):
                     outbox.put(embed_one(engine, job, cancellations))
+                    outbox.flush()
+                elif isinstance(job, Count):
+                    outbox.put(count_one(engine, job))
                     outbox.flush()
                 else:
                     waiting.append(job)
@@ -515,7 +529,7 @@ class Outbox:
         messages, self.messages = self.messages, []
         self.send(messages)
         for message in messages:
-            if isinstance(message, Done | Failed | Embeddings):
+            if isinstance(message, Done | Failed | Embeddings | Counted):
                 self.cancellations.finish(message.id)
 
 
@@ -560,6 +574,17 @@ def embed_one(engine: Engine, job: Embed, cancelled: Cancellations) -> FromRunne
         if job.id in cancelled:
             return Done(id=job.id, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0)
         return engine.embed(job)
+    except RequestError as exc:
+        return Failed(id=job.id, kind=exc.kind, message=str(exc), param=exc.param)
+    except Exception as exc:
+        log.exception("request %s failed", job.id)
+        return Failed(id=job.id, kind="internal", message=f"{type(exc).__name__}: {exc}")
+
+
+def count_one(engine: Engine, job: Count) -> FromRunner:
+    """The one answer to a token count: Counted, or Failed (a template that fails, say)."""
+    try:
+        return engine.count(job)
     except RequestError as exc:
         return Failed(id=job.id, kind=exc.kind, message=str(exc), param=exc.param)
     except Exception as exc:

@@ -144,11 +144,18 @@ class Embed(msgspec.Struct, tag="embed", frozen=True, kw_only=True):
     inputs: list[str]
 
 
+class Count(msgspec.Struct, tag="count", frozen=True, kw_only=True):
+    """Render and tokenize ``job``'s prompt as ``Generate`` would, and generate nothing: answered by Counted."""
+
+    id: int
+    job: Generate
+
+
 class Cancel(msgspec.Struct, tag="cancel", frozen=True, kw_only=True):
     id: int
 
 
-ToRunner = Load | Generate | Embed | Cancel
+ToRunner = Load | Generate | Embed | Count | Cancel
 
 
 # runner → API process
@@ -215,6 +222,7 @@ class Done(msgspec.Struct, tag="done", frozen=True, kw_only=True):
     cached_tokens: int = 0  # prompt tokens whose KV cache was reused, not computed
     reasons: tuple[FinishReason, ...] = ()
     tool_parse_failures: int = 0
+    stop: str | None = None  # the request's stop string that ended choice 0, when one did
 
 
 class Embeddings(msgspec.Struct, tag="embeddings", frozen=True, kw_only=True):
@@ -222,6 +230,13 @@ class Embeddings(msgspec.Struct, tag="embeddings", frozen=True, kw_only=True):
     vectors: list[list[float]]
     prompt_tokens: int
     decodes: int = 0  # llama.cpp decode calls it took (several inputs share one)
+
+
+class Counted(msgspec.Struct, tag="counted", frozen=True, kw_only=True):
+    """The tokens of a Count's prompt, as the model would see it."""
+
+    id: int
+    prompt_tokens: int
 
 
 class Failed(msgspec.Struct, tag="failed", frozen=True, kw_only=True):
@@ -233,7 +248,7 @@ class Failed(msgspec.Struct, tag="failed", frozen=True, kw_only=True):
     param: str | None = None
 
 
-FromRunner = Ready | LoadFailed | Started | Delta | CallDelta | Done | Embeddings | Failed
+FromRunner = Ready | LoadFailed | Started | Delta | CallDelta | Done | Embeddings | Counted | Failed
 
 
 # ``_runner --probe``: one JSON object on stdout

@@ -30,7 +30,7 @@ import msgspec
 
 from locopilot.engine import protocol
 from locopilot.engine.batching import Cancellations, Engine, serve
-from locopilot.engine.protocol import Cancel, CpuBackend, Embed, FromRunner, Generate, Load, LoadFailed, Probe
+from locopilot.engine.protocol import Cancel, Count, CpuBackend, Embed, FromRunner, Generate, Load, LoadFailed, Probe
 
 log = logging.getLogger("locopilot.runner")
 
@@ -183,7 +183,7 @@ def main() -> int:
         return 1
     channel.send(engine.ready())
 
-    jobs: queue.Queue[Generate | Embed | None] = queue.Queue()
+    jobs: queue.Queue[Generate | Embed | Count | None] = queue.Queue()
     cancellations = Cancellations()
 
     def read_requests() -> None:
@@ -192,7 +192,7 @@ def main() -> int:
                 match protocol.decode_to_runner(frame):
                     case Cancel(id=job_id):
                         cancellations.cancel(job_id)
-                    case Generate() | Embed() as job:
+                    case Generate() | Embed() | Count() as job:
                         cancellations.begin(job.id)
                         jobs.put(job)
                     case Load():

@@ -30,18 +30,20 @@ class StopMatcher:
     """Holds back text that could be the start of a stop string.
 
     ``feed`` returns the text that is safe to send and whether a stop string
-    was found (text after it is dropped).
+    was found (text after it is dropped); ``matched`` is then the one found first.
     """
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.matched: str | None = None
 
     def feed(self, text: str) -> tuple[str, bool]:
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := self.pending.find(s)) >= 0]
         if hits:
-            out, self.pending = self.pending[: min(hits)], ""
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            out, self.pending = self.pending[:at], ""
             return out, True
         keep = 0
         for stop in self.stops:

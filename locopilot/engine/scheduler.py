@@ -33,6 +33,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from locopilot.engine import protocol
 from locopilot.engine.protocol import (
     Cancel,
+    Count,
+    Counted,
     Delta,
     Done,
     Embed,
@@ -52,7 +54,7 @@ from locopilot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-TERMINAL = (Done, Failed, Embeddings)
+TERMINAL = (Done, Failed, Embeddings, Counted)
 
 
 def runner_command() -> list[str]:
@@ -276,7 +278,7 @@ class RunnerProcess:
                 ticket.release()
             ticket.send.send_nowait(message)
 
-    async def request(self, job: Generate | Embed, queue_size: int) -> AsyncGenerator[FromRunner, None]:
+    async def request(self, job: Generate | Embed | Count, queue_size: int) -> AsyncGenerator[FromRunner, None]:
         """Wait for the runner's slot, send one job, yield its messages through the terminal one.
 
         Raises QueueFull (nothing waits) when ``queue_size`` requests already

@@ -82,6 +82,8 @@ ROUTE_SCOPES: dict[str, Requirement] = {
     "DELETE /v1/responses/{response_id}": "inference",
     "POST /v1/responses/{response_id}/cancel": "inference",
     "GET /v1/responses/{response_id}/input_items": "inference",
+    "POST /v1/messages": "inference",
+    "POST /v1/messages/count_tokens": "inference",
     "GET /v1/models": "inference",
     "GET /v1/models/{model_id}": "inference",
     "GET /v1/engine/health": "admin",
@@ -312,7 +314,9 @@ class Authenticator:
         if presented is None and isinstance(required, _Public):
             return ANONYMOUS
         if presented is None:
-            raise KeyRefused("missing", "Missing API key. Send it as 'Authorization: Bearer <API key>'.")
+            raise KeyRefused(
+                "missing", "Missing API key. Send it as 'Authorization: Bearer <API key>' or 'x-api-key: <API key>'."
+            )
         if len(presented) > MAX_KEY_LENGTH:
             raise KeyRefused("invalid", "Invalid API key.")
         presented_hash = keys.hash_secret(presented)

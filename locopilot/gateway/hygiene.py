@@ -15,9 +15,10 @@ either way, and the settings refuse ``*``.
 :func:`screen_request` reads an inference request's body before it is decoded and refuses
 (400) JSON nested deeper than :data:`MAX_JSON_DEPTH` (msgspec would recurse into it) and any
 object key in :data:`REDIRECT_FIELDS`, at any depth: a request must not choose where it is sent
-or with which upstream key. The subtrees under ``response_format``, ``tools`` and (on the
-Responses API) ``text`` are exempt (their keys are the caller's JSON-schema property names: a tool
-may well take an ``api_key``), and so are ``logit_bias``'s token ids.
+or with which upstream key. The subtrees under ``response_format`` and (on the Responses API)
+``text`` are exempt (their keys are the caller's JSON-schema property names), and so are
+``logit_bias``'s token ids; below the root, a tool's schema and a tool call's arguments are
+screened for depth only (:data:`TOOL_DATA_FIELDS`): a tool may well take an ``api_key``.
 """
 
 from __future__ import annotations
@@ -39,9 +40,22 @@ REDIRECT_FIELDS = frozenset({"api_base", "base_url", "api_url", "api_key", "cust
 #: Request bodies are shallow; JSON schemas in ``response_format`` are the deepest part.
 MAX_JSON_DEPTH = 64
 #: Routes whose bodies are screened.
-SCREENED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
+SCREENED_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+    }
+)
 #: Top-level fields whose keys are data, not options.
-DATA_FIELDS = frozenset({"response_format", "logit_bias", "tools", "text"})
+DATA_FIELDS = frozenset({"response_format", "logit_bias", "text"})
+#: Below the root, fields whose keys are the caller's names (a tool's JSON schema, a tool call's
+#: arguments in Anthropic's ``tool_use`` blocks and Ollama's calls): not screened for redirect
+#: fields, still for depth.
+TOOL_DATA_FIELDS = frozenset({"input_schema", "parameters", "input", "arguments"})
 EXPOSED_HEADERS = ["X-Locopilot-Provider", "X-Locopilot-Model", "X-Request-Id", "Retry-After"]
 
 
@@ -123,23 +137,24 @@ def screen(body: bytes) -> None:
         raise too_deep() from None
     except msgspec.DecodeError:
         return  # not JSON: the handler's decoder says so
-    top: list[tuple[Any, int, bool]] = [(value, 1, True)]
+    # (node, depth, at the root, inside a tool's schema or arguments)
+    top: list[tuple[Any, int, bool, bool]] = [(value, 1, True, False)]
     while top:
-        node, depth, is_root = top.pop()
+        node, depth, is_root, is_data = top.pop()
         if depth > MAX_JSON_DEPTH:
             raise too_deep()
         if isinstance(node, dict):
             for key, child in node.items():
-                if key in REDIRECT_FIELDS:
+                if key in REDIRECT_FIELDS and not is_data:
                     raise InvalidRequest(
                         f"'{key}' may not be set in a request: upstreams are chosen by the server's configuration.",
                         param=key,
                         code="forbidden_field",
                     )
                 if not (is_root and key in DATA_FIELDS):
-                    top.append((child, depth + 1, False))
+                    top.append((child, depth + 1, False, is_data or (not is_root and key in TOOL_DATA_FIELDS)))
         elif isinstance(node, list):
-            top.extend((child, depth + 1, False) for child in node)
+            top.extend((child, depth + 1, False, is_data) for child in node)
 
 
 def too_deep() -> InvalidRequest:

@@ -1,6 +1,8 @@
 """Routing: a request's model name and privacy policy → an ordered list of candidates.
 
-1. ``default`` names ``LOCOPILOT_DEFAULT_MODEL``.
+1. A name ``LOCOPILOT_MODEL_ALIASES`` maps (exactly, or by a glob) is replaced by its
+   model, for every API front alike (:meth:`Router.resolve`); then ``default`` names
+   ``LOCOPILOT_DEFAULT_MODEL``.
 2. ``name:model`` or ``name/model``, where ``name`` is a configured provider
    (split on the first separator, since Ollama tags contain ``:``), goes to
    that provider only. ``auto`` is the first provider that can serve anything.
@@ -28,6 +30,7 @@ its answers, and a short-lived cache of the models each provider serves.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import time
@@ -154,6 +157,8 @@ class Decision(msgspec.Struct, kw_only=True):
 
     policy: Privacy
     requested: str
+    alias_of: str | None = None
+    """The name the request sent, when LOCOPILOT_MODEL_ALIASES mapped it to ``requested``."""
     explicit: bool = False
     candidates: list[str] = []
     skipped: list[Skipped] = []
@@ -177,8 +182,10 @@ class Router:
         default_model: str,
         *,
         breaker_cooldown: float = BREAKER_COOLDOWN,
+        aliases: tuple[tuple[str, str], ...] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.aliases = aliases
         for state in providers:
             state.breaker.cooldown = breaker_cooldown
         self.states = {state.provider.name: state for state in providers}
@@ -204,8 +211,9 @@ class Router:
         explicit remote provider under ``local_only``, Unavailable when every
         provider that could serve it is skipped.
         """
-        requested = self.default_model if model == "default" else model
-        decision = Decision(policy=policy, requested=requested)
+        resolved = self.resolve(model)
+        requested = self.default_model if resolved == "default" else resolved
+        decision = Decision(policy=policy, requested=requested, alias_of=model if resolved != model else None)
         explicit = self._explicit(requested)
         if explicit is not None:
             state, name = explicit
@@ -237,6 +245,13 @@ class Router:
                 raise Unavailable(f"no provider can serve '{requested}' now ({reasons})", retry_after=5)
             raise ModelNotFound(f"The model '{requested}' does not exist", param="model")
         return Plan(usable, decision)
+
+    def resolve(self, model: str) -> str:
+        """``model`` with LOCOPILOT_MODEL_ALIASES applied: an exact name first, then the globs in order."""
+        for pattern, target in self.aliases:
+            if pattern == model or fnmatch.fnmatchcase(model, pattern):
+                return target
+        return model
 
     def fastest_first(self, routes: list[Route], decision: Decision) -> list[Route]:
         """``routes`` (in priority order) reordered for ``any``: due a measurement, then fastest first.

@@ -19,7 +19,7 @@ closes it (``aclose``), which cancels the work in the backend.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import msgspec
 
@@ -35,6 +35,7 @@ from locopilot.engine.protocol import (
 )
 
 __all__ = [
+    "CountsTokens",
     "EmbeddingResult",
     "Finish",
     "FunctionTool",
@@ -118,6 +119,9 @@ class Finish(msgspec.Struct, frozen=True):
     prompt cache instead of computing (0 when it does not say).
     ``tool_parse_failures``: calls the model generated that could not be parsed
     (counted per model in the metrics; their text went out as content).
+    ``stop``: which of the request's ``stop`` strings ended choice 0, when one did and the
+    backend says (the embedded engine does; OpenAI-compatible upstreams that send vLLM's
+    ``stop_reason``, locopilot among them, do); None otherwise.
     """
 
     reason: str
@@ -126,6 +130,7 @@ class Finish(msgspec.Struct, frozen=True):
     cached_tokens: int = 0
     reasons: tuple[str, ...] = ()
     tool_parse_failures: int = 0
+    stop: str | None = None
 
 
 StreamEvent = TextDelta | ToolCallDelta | Finish
@@ -157,4 +162,14 @@ class Provider(Protocol):
 
     async def aclose(self) -> None:
         """Release connections; called once at shutdown."""
+        ...
+
+
+@runtime_checkable
+class CountsTokens(Protocol):
+    """A provider that can count a prompt's tokens as its model sees them (the embedded engine)."""
+
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        """The tokens of ``request``'s prompt: its messages (and tools) through the model's
+        chat template, tokenized by the model's tokenizer. Raises as ``stream`` would before its first event."""
         ...

@@ -7,7 +7,19 @@ from collections.abc import AsyncGenerator
 import anyio
 import msgspec
 
-from locopilot.engine.protocol import CallDelta, Delta, Done, Embed, Embeddings, Failed, FromRunner, Generate, Started
+from locopilot.engine.protocol import (
+    CallDelta,
+    Count,
+    Counted,
+    Delta,
+    Done,
+    Embed,
+    Embeddings,
+    Failed,
+    FromRunner,
+    Generate,
+    Started,
+)
 from locopilot.engine.scheduler import ModelManager, RunnerGone
 from locopilot.errors import (
     ContextLengthExceeded,
@@ -59,6 +71,27 @@ def refuse_unseeable(request: GenerationRequest) -> None:
             )
 
 
+def generate_job(request: GenerationRequest) -> Generate:
+    """The runner job for ``request`` (its id is given when it is sent)."""
+    return Generate(
+        id=0,
+        prompt=request.prompt,
+        messages=request.messages,
+        suffix=request.suffix,
+        max_tokens=request.max_tokens,
+        stop=request.stop,
+        echo=request.echo,
+        grammar=request.grammar,
+        json_schema=request.json_schema,
+        tools=request.tools,
+        tool_choice=request.tool_choice,
+        parallel_tool_calls=request.parallel_tool_calls,
+        logprobs=request.logprobs,
+        n=request.n,
+        sampling=request.sampling,
+    )
+
+
 class EmbeddedProvider:
     name = "embedded"
     locality: Locality = "local"
@@ -87,7 +120,7 @@ class EmbeddedProvider:
         if entry.error is not None:
             raise ModelNotFound(f"The model '{model}' is not a usable GGUF file: {entry.error}", param="model")
 
-    async def _request(self, model: str, job: Generate | Embed) -> AsyncGenerator[FromRunner, None]:
+    async def _request(self, model: str, job: Generate | Embed | Count) -> AsyncGenerator[FromRunner, None]:
         """The job's messages from a live runner; a runner that died while the job waited is replaced once.
 
         A model not loaded yet is checked first (:meth:`_check_loadable`).
@@ -117,23 +150,7 @@ class EmbeddedProvider:
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         refuse_unseeable(request)
-        job = Generate(
-            id=0,
-            prompt=request.prompt,
-            messages=request.messages,
-            suffix=request.suffix,
-            max_tokens=request.max_tokens,
-            stop=request.stop,
-            echo=request.echo,
-            grammar=request.grammar,
-            json_schema=request.json_schema,
-            tools=request.tools,
-            tool_choice=request.tool_choice,
-            parallel_tool_calls=request.parallel_tool_calls,
-            logprobs=request.logprobs,
-            n=request.n,
-            sampling=request.sampling,
-        )
+        job = generate_job(request)
         input_param = "messages" if request.messages is not None else "prompt"
         messages = self._request(request.model, job)
         try:
@@ -160,6 +177,7 @@ class EmbeddedProvider:
                             message.cached_tokens,
                             message.reasons,
                             message.tool_parse_failures,
+                            message.stop,
                         )
                     case Failed():
                         raise failure_error(message, input_param)
@@ -167,6 +185,22 @@ class EmbeddedProvider:
                         raise EngineUnavailable(f"unexpected {type(message).__name__} from the runner")
         finally:
             await messages.aclose()
+
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        """The tokens of ``request``'s prompt as the model sees it: its messages (and tools)
+        through the model's chat template, tokenized by the model's tokenizer."""
+        input_param = "messages" if request.messages is not None else "prompt"
+        messages = self._request(request.model, Count(id=0, job=generate_job(request)))
+        try:
+            async for message in messages:
+                match message:
+                    case Counted(prompt_tokens=tokens):
+                        return tokens
+                    case Failed():
+                        raise failure_error(message, input_param)
+        finally:
+            await messages.aclose()
+        raise EngineUnavailable("the runner ended the token count without a result")
 
     async def embed(self, model: str, inputs: list[str]) -> EmbeddingResult:
         messages = self._request(model, Embed(id=0, inputs=inputs))

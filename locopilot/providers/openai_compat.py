@@ -130,6 +130,7 @@ class _Choice(msgspec.Struct):
     text: str | None = None
     finish_reason: str | None = None
     logprobs: _Logprobs | None = None
+    stop_reason: str | int | None = None  # vLLM's (and locopilot's): the stop string (or token id) that matched
 
 
 class _PromptTokensDetails(msgspec.Struct):
@@ -555,6 +556,7 @@ class _ChunkReader:
         self.deltas = 0
         self.reasons: dict[int, str] = {}
         self.calls: dict[int, int] = {}  # choice -> calls seen, for upstreams that number none
+        self.stop: str | None = None
         self.usage: _Usage | None = None
 
     @property
@@ -585,6 +587,8 @@ class _ChunkReader:
         for choice in chunk.choices:
             if choice.finish_reason:
                 self.reasons[choice.index] = choice.finish_reason
+            if choice.index == 0 and isinstance(choice.stop_reason, str):
+                self.stop = choice.stop_reason
             delta = choice.delta
             text = (delta.content if delta else None) if self.chat else choice.text
             if text:
@@ -615,10 +619,10 @@ class _ChunkReader:
         choices = max(self.reasons, default=0) + 1
         reasons = tuple(self.reasons.get(i, "stop") for i in range(choices)) if choices > 1 else ()
         if self.usage is None:
-            return Finish(reason, 0, self.deltas, reasons=reasons)
+            return Finish(reason, 0, self.deltas, reasons=reasons, stop=self.stop)
         details = self.usage.prompt_tokens_details
         cached = details.cached_tokens or 0 if details is not None else 0
-        return Finish(reason, self.usage.prompt_tokens, self.usage.completion_tokens, cached, reasons)
+        return Finish(reason, self.usage.prompt_tokens, self.usage.completion_tokens, cached, reasons, stop=self.stop)
 
     def _error_event(self, detail: _ErrorDetail) -> LocopilotError:
         said = detail.message or "no message"

@@ -211,6 +211,8 @@ class ChatChoice(Struct):
     message: AssistantMessage
     finish_reason: str | None
     logprobs: None = None
+    # vLLM's extension, present when a stop string ended the choice: which one.
+    stop_reason: str | UnsetType = UNSET
 
 
 class ChatCompletion(Struct):
@@ -249,6 +251,7 @@ class ChatChunkChoice(Struct):
     delta: ChatDelta
     finish_reason: str | None = None
     logprobs: None = None
+    stop_reason: str | UnsetType = UNSET  # as ChatChoice's
 
 
 class ChatCompletionChunk(Struct):

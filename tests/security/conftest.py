@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import apsw
 import httpx
@@ -21,6 +22,7 @@ import pytest
 from litestar.exceptions import LitestarDeprecationWarning
 
 from locopilot.app import create_app
+from locopilot.errors import front_of
 from locopilot.settings import load_settings
 from tests.conftest import Server
 from tests.fakes.fault_upstream import FaultUpstream
@@ -147,20 +149,28 @@ def request(server: Server, route: Route, headers: dict[str, str] | None = None)
 
 
 def assert_unauthorized(response: httpx.Response, secret: str | None = None) -> None:
-    """401 in OpenAI's shape with a Bearer challenge; the presented key is nowhere in it."""
+    """401 in the shape of the route's API (OpenAI's, or Anthropic's on /v1/messages) with a Bearer
+    challenge; the presented key is nowhere in it."""
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"].startswith("Bearer")
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == "invalid_request_error"
-    assert error["code"] == "invalid_api_key"
+    if front_of(response.request.url.path) == "anthropic":
+        assert response.json() == {"type": "error", "error": {"type": "authentication_error", "message": ANY}}
+    else:
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["type"] == "invalid_request_error"
+        assert error["code"] == "invalid_api_key"
     if secret:
         assert secret not in response.text
         assert secret not in str(response.headers)
 
 
 def assert_forbidden(response: httpx.Response, code: str) -> None:
+    """403 with ``code`` in OpenAI's shape; Anthropic's (/v1/messages) has no code, only its type."""
     assert response.status_code == 403, response.text
+    if front_of(response.request.url.path) == "anthropic":
+        assert response.json() == {"type": "error", "error": {"type": "permission_error", "message": ANY}}
+        return
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == code
