@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import array
 import base64
+import codecs
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from locopilot.gateway.access import outcome_id
 from locopilot.gateway.auth import Principal, principal_of
 from locopilot.gateway.failover import first_success
 from locopilot.gateway.router import Route
-from locopilot.gateway.streaming import Reply, sse, unless_disconnected, usage_of
+from locopilot.gateway.streaming import ChoiceParts, Reply, sse, unless_disconnected, usage_of
 from locopilot.gateway.usage import Outcome
 from locopilot.models.catalog import ModelEntry, validate_model_name
 from locopilot.providers.base import (
@@ -32,6 +34,7 @@ from locopilot.providers.base import (
     GenerationRequest,
     Message,
     TextDelta,
+    TokenLogprob,
     ToolCallDelta,
 )
 from locopilot.schemas.openai import (
@@ -42,9 +45,13 @@ from locopilot.schemas.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
     ChatMessage,
+    ChatTokenLogprob,
+    ChatTopLogprob,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     EmbeddingData,
     EmbeddingList,
@@ -88,11 +95,28 @@ def sampling_params(body: SamplingFields) -> SamplingParams:
     )
 
 
-def check_common(body: SamplingFields) -> None:
-    if body.n != 1:
-        raise InvalidRequest("Only n=1 is supported.", param="n")
-    if body.logprobs:
-        raise InvalidRequest("logprobs are not supported.", param="logprobs")
+def chat_logprobs(body: ChatCompletionRequest) -> int | None:
+    """How many alternatives a chat asks for beside each token's own logprob; None: no logprobs."""
+    if body.logprobs is not None and not isinstance(body.logprobs, bool):
+        raise InvalidRequest(
+            "logprobs must be true or false here; top_logprobs says how many alternatives (0-20).", param="logprobs"
+        )
+    if not body.logprobs:
+        if body.top_logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
+        return None
+    return body.top_logprobs or 0
+
+
+def completion_logprobs(body: CompletionRequest) -> int | None:
+    """A text completion's ``logprobs``: how many alternatives (0-20) beside each token's own; None: none."""
+    match body.logprobs:
+        case None | False:
+            return None
+        case True:
+            raise InvalidRequest("logprobs must be a number of alternatives (0-20) here.", param="logprobs")
+        case count:
+            return count
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
@@ -162,7 +186,7 @@ def check_schema_bounds(schema: dict[str, object]) -> None:
 
 def chat_generation(body: ChatCompletionRequest, model: str, max_text: int) -> GenerationRequest:
     """The generation ``body`` asks for; ``max_text`` bounds each message's text in bytes."""
-    check_common(body)
+    logprobs = chat_logprobs(body)
     if body.tools:
         raise InvalidRequest("tools are not supported yet.", param="tools")
     messages = [
@@ -188,35 +212,44 @@ def chat_generation(body: ChatCompletionRequest, model: str, max_text: int) -> G
         max_tokens=body.max_completion_tokens or body.max_tokens,
         stop=stop_list(body.stop),
         json_schema=json_schema,
+        logprobs=logprobs,
+        n=body.n,
         sampling=sampling_params(body),
     )
 
 
 def completion_generation(body: CompletionRequest, model: str, max_text: int) -> GenerationRequest:
-    """The generation ``body`` asks for; ``max_text`` bounds the prompt in bytes."""
-    check_common(body)
-    match body.prompt:
-        case str(text):
-            prompt = text
-        case [str(text)]:
-            prompt = text
-        case [str(), str(), *_]:
-            raise InvalidRequest("Only one prompt per request is supported.", param="prompt")
-        case _:
-            raise InvalidRequest("prompt must be a string; token arrays are not supported.", param="prompt")
+    """The generation ``body`` asks for; ``max_text`` bounds the prompt and the suffix in bytes."""
+    logprobs = completion_logprobs(body)
+    prompt = prompt_text(body)
     check_text_size(prompt, max_text, "prompt")
-    if body.suffix:
-        raise InvalidRequest("suffix (fill-in-the-middle) is not supported.", param="suffix")
+    # An empty suffix asks for nothing to fill before: a plain completion (any model can do that).
+    suffix = check_text_size(body.suffix, max_text, "suffix") if body.suffix else None
     if body.best_of not in (None, 1):
         raise InvalidRequest("best_of is not supported.", param="best_of")
     return GenerationRequest(
         model=model,
         prompt=prompt,
+        suffix=suffix,
         max_tokens=body.max_tokens or 16,  # OpenAI's default for text completions
         stop=stop_list(body.stop),
         echo=body.echo,
+        logprobs=logprobs,
+        n=body.n,
         sampling=sampling_params(body),
     )
+
+
+def prompt_text(body: CompletionRequest) -> str:
+    match body.prompt:
+        case str(text):
+            return text
+        case [str(text)]:
+            return text
+        case [str(), str(), *_]:
+            raise InvalidRequest("Only one prompt per request is supported.", param="prompt")
+        case _:
+            raise InvalidRequest("prompt must be a string; token arrays are not supported.", param="prompt")
 
 
 # Wire formatters
@@ -254,13 +287,34 @@ def choice_reasons(finish: Finish, n: int) -> list[str]:
     return [finish.reason] * n
 
 
+def padded(reply: Reply, n: int) -> list[ChoiceParts]:
+    """Each of ``n`` choices' parts: one that sent nothing at all still gets its choice."""
+    return reply.choices + [ChoiceParts() for _ in range(n - len(reply.choices))]
+
+
+def chat_logprobs_of(logprobs: Sequence[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(
+        [
+            ChatTokenLogprob(
+                each.token, each.logprob, each.bytes, [ChatTopLogprob(t.token, t.logprob, t.bytes) for t in each.top]
+            )
+            for each in logprobs
+        ]
+    )
+
+
 class ChatFormatter(ReplyIdentity):
-    def __init__(self, request_id: str, model: str, include_usage: bool, n: int = 1) -> None:
+    """``logprobs``: the request asked for them (each choice then carries ``logprobs.content``)."""
+
+    def __init__(self, request_id: str, model: str, include_usage: bool, n: int = 1, logprobs: bool = False) -> None:
         super().__init__(request_id, model, include_usage)
         self.n = n
+        self.logprobs = logprobs
 
-    def _chunk(self, delta: ChatDelta, finish: str | None = None, index: int = 0) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(index, delta, finish)
+    def _chunk(
+        self, delta: ChatDelta, finish: str | None = None, index: int = 0, logprobs: ChatLogprobs | None = None
+    ) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(index, delta, finish, logprobs)
         return ChatCompletionChunk(self.request_id, self.created, self.model, [choice], usage=self.usage)
 
     def opening(self) -> bytes:
@@ -268,7 +322,8 @@ class ChatFormatter(ReplyIdentity):
 
     def event(self, event: TextDelta | ToolCallDelta) -> bytes:
         if isinstance(event, TextDelta):
-            return sse(self._chunk(ChatDelta(content=event.text), index=event.index))
+            logprobs = chat_logprobs_of(event.logprobs) if self.logprobs and event.logprobs else None
+            return sse(self._chunk(ChatDelta(content=event.text), index=event.index, logprobs=logprobs))
         raise NotImplementedError("tool call deltas")
 
     def closing(self, finish: Finish) -> bytes:
@@ -280,26 +335,60 @@ class ChatFormatter(ReplyIdentity):
 
     def whole(self, reply: Reply) -> ChatCompletion:
         choices = [
-            ChatChoice(i, AssistantMessage(choice.content), reply.reason(i)) for i, choice in enumerate(reply.choices)
+            ChatChoice(
+                i,
+                AssistantMessage(choice.content),
+                reply.reason(i),
+                chat_logprobs_of(choice.logprobs) if self.logprobs else None,
+            )
+            for i, choice in enumerate(padded(reply, self.n))
         ]
         return ChatCompletion(self.request_id, self.created, self.model, choices, reply.usage)
 
 
 class CompletionFormatter(ReplyIdentity):
-    def __init__(self, request_id: str, model: str, include_usage: bool, n: int = 1) -> None:
+    """``logprobs``: the request asked for them; ``prompt_chars``: the prompt's length, where
+    ``text_offset`` starts counting the generated text (as OpenAI counts it, from the prompt's start)."""
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        include_usage: bool,
+        n: int = 1,
+        logprobs: bool = False,
+        prompt_chars: int = 0,
+    ) -> None:
         super().__init__(request_id, model, include_usage)
         self.n = n
+        self.logprobs = logprobs
+        self.prompt_chars = prompt_chars
+        self.offsets: dict[int, TextOffsets] = {}
 
-    def _chunk(self, text: str, finish: str | None = None, index: int = 0) -> Completion:
-        choice = CompletionChoice(index, text, finish)
+    def _chunk(
+        self, text: str, finish: str | None = None, index: int = 0, logprobs: CompletionLogprobs | None = None
+    ) -> Completion:
+        choice = CompletionChoice(index, text, finish, logprobs)
         return Completion(self.request_id, self.created, self.model, [choice], usage=self.usage)
+
+    def _logprobs(self, index: int, logprobs: Sequence[TokenLogprob]) -> CompletionLogprobs:
+        """The next tokens of choice ``index`` in the legacy form; offsets go on from its previous tokens."""
+        offsets = self.offsets.setdefault(index, TextOffsets(self.prompt_chars))
+        return CompletionLogprobs(
+            tokens=[each.token for each in logprobs],
+            token_logprobs=[each.logprob for each in logprobs],
+            # OpenAI: the token's own logprob is always among them (so up to logprobs + 1 entries).
+            top_logprobs=[{t.token: t.logprob for t in each.top} | {each.token: each.logprob} for each in logprobs],
+            text_offset=[offsets.next(each) for each in logprobs],
+        )
 
     def opening(self) -> bytes:
         return b""
 
     def event(self, event: TextDelta | ToolCallDelta) -> bytes:
         if isinstance(event, TextDelta):
-            return sse(self._chunk(event.text, index=event.index))
+            logprobs = self._logprobs(event.index, event.logprobs) if self.logprobs and event.logprobs else None
+            return sse(self._chunk(event.text, index=event.index, logprobs=logprobs))
         return b""  # a text completion has no tools
 
     def closing(self, finish: Finish) -> bytes:
@@ -310,8 +399,28 @@ class CompletionFormatter(ReplyIdentity):
         return Completion(self.request_id, self.created, self.model, [], usage=usage)
 
     def whole(self, reply: Reply) -> Completion:
-        choices = [CompletionChoice(i, choice.content, reply.reason(i)) for i, choice in enumerate(reply.choices)]
+        choices = [
+            CompletionChoice(
+                i, choice.content, reply.reason(i), self._logprobs(i, choice.logprobs) if self.logprobs else None
+            )
+            for i, choice in enumerate(padded(reply, self.n))
+        ]
         return Completion(self.request_id, self.created, self.model, choices, usage=reply.usage)
+
+
+class TextOffsets:
+    """Where each token's text starts, in characters: its bytes decoded as the engine decodes
+    them, so a character split over two tokens counts once, at the token that completes it."""
+
+    def __init__(self, start: int) -> None:
+        self.position = start
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def next(self, token: TokenLogprob) -> int:
+        """``token``'s offset; moves past its text."""
+        offset = self.position
+        self.position += len(self.decoder.decode(bytes(token.bytes))) if token.bytes is not None else len(token.token)
+        return offset
 
 
 # Routes
@@ -330,7 +439,7 @@ async def chat_completions(
         model=data.model,
         stream=data.stream,
         build=lambda: chat_generation(data, data.model, services.settings.max_message_bytes),
-        formatter=lambda request_id: ChatFormatter(request_id, data.model, include_usage, data.n),
+        formatter=lambda request_id: ChatFormatter(request_id, data.model, include_usage, data.n, bool(data.logprobs)),
     )
 
 
@@ -347,7 +456,14 @@ async def completions(
         model=data.model,
         stream=data.stream,
         build=lambda: completion_generation(data, data.model, services.settings.max_message_bytes),
-        formatter=lambda request_id: CompletionFormatter(request_id, data.model, include_usage, data.n),
+        formatter=lambda request_id: CompletionFormatter(
+            request_id,
+            data.model,
+            include_usage,
+            data.n,
+            logprobs=data.logprobs is not None and data.logprobs is not False,
+            prompt_chars=len(prompt_text(data)),  # checked by the build step, which runs first
+        ),
     )
 
 
