@@ -545,8 +545,8 @@ class Engine:
         choices = sequence.choices
         choices.reasons[sequence.index] = reason
         choices.completion_tokens += sequence.generated
-        if slot in choices.waiting:  # cancelled before choice 0 had decoded the prompt
-            choices.waiting.remove(slot)
+        # Cancelled before choice 0 had decoded the prompt: nothing to copy to it.
+        choices.waiting = [other for other in choices.waiting if other is not slot]
         return [choices.done()] if None not in choices.reasons else []
 
     def _release(self, slot: Slot) -> None:
