@@ -11,7 +11,7 @@ import pytest
 
 from locopilot.engine import protocol
 from locopilot.engine.batching import Cancellations, Outbox
-from locopilot.engine.protocol import Delta, Done, FromRunner, Started
+from locopilot.engine.protocol import Delta, Done, FromRunner, Started, TokenLogprob
 from locopilot.engine.runner import Channel
 from locopilot.engine.scheduler import FrameReader, _coalesced
 
@@ -79,6 +79,26 @@ def test_deltas_waiting_together_come_as_one_and_the_terminal_message_after_them
         Delta(id=1, text="abc", tokens=3),
         Done(id=1, finish_reason="length", prompt_tokens=2, completion_tokens=3),
         Delta(id=1, text="late", tokens=1),
+    ]
+
+
+def test_deltas_of_different_choices_stay_apart_and_keep_their_logprobs() -> None:
+    first, second, third = (TokenLogprob(token=t, logprob=-0.5) for t in "abc")
+
+    async def main() -> list[FromRunner]:
+        send, receive = anyio.create_memory_object_stream[FromRunner](10)
+        send.send_nowait(Delta(id=1, text="a", tokens=1, index=0, logprobs=(first,)))
+        send.send_nowait(Delta(id=1, text="b", tokens=1, index=0, logprobs=(second,)))
+        send.send_nowait(Delta(id=1, text="c", tokens=1, index=1, logprobs=(third,)))
+        send.send_nowait(Delta(id=1, text="d", tokens=1, index=0))
+        send.close()
+        with receive:
+            return [message async for message in _coalesced(receive)]
+
+    assert anyio.run(main) == [
+        Delta(id=1, text="ab", tokens=2, index=0, logprobs=(first, second)),
+        Delta(id=1, text="c", tokens=1, index=1, logprobs=(third,)),
+        Delta(id=1, text="d", tokens=1, index=0),
     ]
 
 

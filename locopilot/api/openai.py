@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import array
 import base64
+import codecs
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from locopilot.providers.base import (
     ImagePart,
     Message,
     TextDelta,
+    TokenLogprob,
     ToolCall,
     ToolCallDelta,
     ToolChoice,
@@ -48,9 +51,13 @@ from locopilot.schemas.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
     ChatMessage,
+    ChatTokenLogprob,
+    ChatTopLogprob,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     EmbeddingData,
     EmbeddingList,
@@ -103,11 +110,28 @@ def sampling_params(body: SamplingFields) -> SamplingParams:
     )
 
 
-def check_common(body: SamplingFields) -> None:
-    if body.n != 1:
-        raise InvalidRequest("Only n=1 is supported.", param="n")
-    if body.logprobs:
-        raise InvalidRequest("logprobs are not supported.", param="logprobs")
+def chat_logprobs(body: ChatCompletionRequest) -> int | None:
+    """How many alternatives a chat asks for beside each token's own logprob; None: no logprobs."""
+    if body.logprobs is not None and not isinstance(body.logprobs, bool):
+        raise InvalidRequest(
+            "logprobs must be true or false here; top_logprobs says how many alternatives (0-20).", param="logprobs"
+        )
+    if not body.logprobs:
+        if body.top_logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
+        return None
+    return body.top_logprobs or 0
+
+
+def completion_logprobs(body: CompletionRequest) -> int | None:
+    """A text completion's ``logprobs``: how many alternatives (0-20) beside each token's own; None: none."""
+    match body.logprobs:
+        case None | False:
+            return None
+        case True:
+            raise InvalidRequest("logprobs must be a number of alternatives (0-20) here.", param="logprobs")
+        case count:
+            return count
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
@@ -205,7 +229,7 @@ def tool_choice(choice: ToolChoiceSpec | None) -> ToolChoice:
 
 def chat_generation(body: ChatCompletionRequest, model: str, max_text: int) -> GenerationRequest:
     """The generation ``body`` asks for; ``max_text`` bounds each message's text in bytes."""
-    check_common(body)
+    logprobs = chat_logprobs(body)
     messages = [chat_message(i, m, max_text) for i, m in enumerate(body.messages)]
     tools = function_tools(body.tools or [])
     choice = tool_choice(body.tool_choice)
@@ -232,6 +256,8 @@ def chat_generation(body: ChatCompletionRequest, model: str, max_text: int) -> G
         tools=tools,
         tool_choice=choice,
         parallel_tool_calls=True if body.parallel_tool_calls is None else body.parallel_tool_calls,
+        logprobs=logprobs,
+        n=body.n,
         sampling=sampling_params(body),
     )
 
@@ -267,20 +293,23 @@ def prompt_of(prompt: str | list[str | int | list[int]], max_text: int) -> tuple
 
 
 def completion_generation(body: CompletionRequest, model: str, max_text: int) -> GenerationRequest:
-    """The generation ``body`` asks for; ``max_text`` bounds the prompt in bytes."""
-    check_common(body)
+    """The generation ``body`` asks for; ``max_text`` bounds the prompt and the suffix in bytes."""
+    logprobs = completion_logprobs(body)
     prompt, tokens = prompt_of(body.prompt, max_text)
-    if body.suffix:
-        raise InvalidRequest("suffix (fill-in-the-middle) is not supported.", param="suffix")
+    # An empty suffix asks for nothing to fill before: a plain completion (any model can do that).
+    suffix = check_text_size(body.suffix, max_text, "suffix") if body.suffix else None
     if body.best_of not in (None, 1):
         raise InvalidRequest("best_of is not supported.", param="best_of")
     return GenerationRequest(
         model=model,
         prompt=prompt,
         prompt_tokens=tokens,
+        suffix=suffix,
         max_tokens=body.max_tokens or 16,  # OpenAI's default for text completions
         stop=stop_list(body.stop),
         echo=body.echo,
+        logprobs=logprobs,
+        n=body.n,
         sampling=sampling_params(body),
     )
 
@@ -320,15 +349,39 @@ def choice_reasons(finish: Finish, n: int) -> list[str]:
     return [finish.reason] * n
 
 
+def padded(reply: Reply, n: int) -> list[ChoiceParts]:
+    """Each of ``n`` choices' parts: one that sent nothing at all still gets its choice."""
+    return reply.choices + [ChoiceParts() for _ in range(n - len(reply.choices))]
+
+
+def chat_logprobs_of(logprobs: Sequence[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(
+        [
+            ChatTokenLogprob(
+                each.token, each.logprob, each.bytes, [ChatTopLogprob(t.token, t.logprob, t.bytes) for t in each.top]
+            )
+            for each in logprobs
+        ]
+    )
+
+
 class ChatFormatter(ReplyIdentity):
-    def __init__(self, request_id: str, model: str, include_usage: bool, n: int = 1) -> None:
+    """``logprobs``: the request asked for them (each choice then carries ``logprobs.content``)."""
+
+    def __init__(self, request_id: str, model: str, include_usage: bool, n: int = 1, logprobs: bool = False) -> None:
         super().__init__(request_id, model, include_usage)
         self.n = n
+        self.logprobs = logprobs
 
     def _chunk(
-        self, delta: ChatDelta, finish: str | None = None, index: int = 0, stop: str | None = None
+        self,
+        delta: ChatDelta,
+        finish: str | None = None,
+        index: int = 0,
+        stop: str | None = None,
+        logprobs: ChatLogprobs | None = None,
     ) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(index, delta, finish, stop_reason=msgspec.UNSET if stop is None else stop)
+        choice = ChatChunkChoice(index, delta, finish, logprobs, stop_reason=msgspec.UNSET if stop is None else stop)
         return ChatCompletionChunk(self.request_id, self.created, self.model, [choice], usage=self.usage)
 
     def opening(self) -> bytes:
@@ -336,7 +389,8 @@ class ChatFormatter(ReplyIdentity):
 
     def event(self, event: TextDelta | ToolCallDelta) -> bytes:
         if isinstance(event, TextDelta):
-            return sse(self._chunk(ChatDelta(content=event.text), index=event.index))
+            logprobs = chat_logprobs_of(event.logprobs) if self.logprobs and event.logprobs else None
+            return sse(self._chunk(ChatDelta(content=event.text), index=event.index, logprobs=logprobs))
         if event.id is None and event.name is None:
             return self._call_chunk(event, ToolCallChunk(event.call, FunctionCallDelta(arguments=event.arguments)))
         # A call's first piece says what it calls, with empty arguments; the arguments follow
@@ -365,8 +419,14 @@ class ChatFormatter(ReplyIdentity):
     def whole(self, reply: Reply) -> ChatCompletion:
         stop = reply.finish.stop if reply.finish is not None and reply.finish.stop is not None else msgspec.UNSET
         choices = [
-            ChatChoice(i, assistant_message(choice), reply.reason(i), stop_reason=stop if i == 0 else msgspec.UNSET)
-            for i, choice in enumerate(reply.choices)
+            ChatChoice(
+                i,
+                assistant_message(choice),
+                reply.reason(i),
+                chat_logprobs_of(choice.logprobs) if self.logprobs else None,
+                stop_reason=stop if i == 0 else msgspec.UNSET,
+            )
+            for i, choice in enumerate(padded(reply, self.n))
         ]
         return ChatCompletion(self.request_id, self.created, self.model, choices, reply.usage)
 
@@ -381,20 +441,48 @@ def assistant_message(choice: ChoiceParts) -> AssistantMessage:
 
 
 class CompletionFormatter(ReplyIdentity):
-    def __init__(self, request_id: str, model: str, include_usage: bool, n: int = 1) -> None:
+    """``logprobs``: the request asked for them; ``prompt_chars``: the prompt's length, where
+    ``text_offset`` starts counting the generated text (as OpenAI counts it, from the prompt's start)."""
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        include_usage: bool,
+        n: int = 1,
+        logprobs: bool = False,
+        prompt_chars: int = 0,
+    ) -> None:
         super().__init__(request_id, model, include_usage)
         self.n = n
+        self.logprobs = logprobs
+        self.prompt_chars = prompt_chars
+        self.offsets: dict[int, TextOffsets] = {}
 
-    def _chunk(self, text: str, finish: str | None = None, index: int = 0) -> Completion:
-        choice = CompletionChoice(index, text, finish)
+    def _chunk(
+        self, text: str, finish: str | None = None, index: int = 0, logprobs: CompletionLogprobs | None = None
+    ) -> Completion:
+        choice = CompletionChoice(index, text, finish, logprobs)
         return Completion(self.request_id, self.created, self.model, [choice], usage=self.usage)
+
+    def _logprobs(self, index: int, logprobs: Sequence[TokenLogprob]) -> CompletionLogprobs:
+        """The next tokens of choice ``index`` in the legacy form; offsets go on from its previous tokens."""
+        offsets = self.offsets.setdefault(index, TextOffsets(self.prompt_chars))
+        return CompletionLogprobs(
+            tokens=[each.token for each in logprobs],
+            token_logprobs=[each.logprob for each in logprobs],
+            # OpenAI: the token's own logprob is always among them (so up to logprobs + 1 entries).
+            top_logprobs=[{t.token: t.logprob for t in each.top} | {each.token: each.logprob} for each in logprobs],
+            text_offset=[offsets.next(each) for each in logprobs],
+        )
 
     def opening(self) -> bytes:
         return b""
 
     def event(self, event: TextDelta | ToolCallDelta) -> bytes:
         if isinstance(event, TextDelta):
-            return sse(self._chunk(event.text, index=event.index))
+            logprobs = self._logprobs(event.index, event.logprobs) if self.logprobs and event.logprobs else None
+            return sse(self._chunk(event.text, index=event.index, logprobs=logprobs))
         return b""  # a text completion has no tools
 
     def closing(self, finish: Finish) -> bytes:
@@ -405,8 +493,28 @@ class CompletionFormatter(ReplyIdentity):
         return Completion(self.request_id, self.created, self.model, [], usage=usage)
 
     def whole(self, reply: Reply) -> Completion:
-        choices = [CompletionChoice(i, choice.content, reply.reason(i)) for i, choice in enumerate(reply.choices)]
+        choices = [
+            CompletionChoice(
+                i, choice.content, reply.reason(i), self._logprobs(i, choice.logprobs) if self.logprobs else None
+            )
+            for i, choice in enumerate(padded(reply, self.n))
+        ]
         return Completion(self.request_id, self.created, self.model, choices, usage=reply.usage)
+
+
+class TextOffsets:
+    """Where each token's text starts, in characters: its bytes decoded as the engine decodes
+    them, so a character split over two tokens counts once, at the token that completes it."""
+
+    def __init__(self, start: int) -> None:
+        self.position = start
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def next(self, token: TokenLogprob) -> int:
+        """``token``'s offset; moves past its text."""
+        offset = self.position
+        self.position += len(self.decoder.decode(bytes(token.bytes))) if token.bytes is not None else len(token.token)
+        return offset
 
 
 # Routes
@@ -425,7 +533,7 @@ async def chat_completions(
         model=data.model,
         stream=data.stream,
         build=lambda: chat_generation(data, data.model, services.settings.max_message_bytes),
-        formatter=lambda request_id: ChatFormatter(request_id, data.model, include_usage, data.n),
+        formatter=lambda request_id: ChatFormatter(request_id, data.model, include_usage, data.n, bool(data.logprobs)),
     )
 
 
@@ -442,7 +550,15 @@ async def completions(
         model=data.model,
         stream=data.stream,
         build=lambda: completion_generation(data, data.model, services.settings.max_message_bytes),
-        formatter=lambda request_id: CompletionFormatter(request_id, data.model, include_usage, data.n),
+        formatter=lambda request_id: CompletionFormatter(
+            request_id,
+            data.model,
+            include_usage,
+            data.n,
+            logprobs=data.logprobs is not None and data.logprobs is not False,
+            # Checked by the build step, which runs first; a prompt of token ids has no text to offset.
+            prompt_chars=len(prompt_of(data.prompt, services.settings.max_message_bytes)[0] or ""),
+        ),
     )
 
 

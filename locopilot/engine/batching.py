@@ -7,6 +7,10 @@ Cancellations are recorded by the runner's reader thread and acted on between
 steps, so a cancelled generation stops within a step and its slot is free for
 the next request. Each slot keeps the tokens its KV cache holds; a prompt that
 begins the same way reuses them.
+
+A request for ``n`` choices takes ``n`` slots (:class:`Choices`): its prompt is
+decoded once and its KV cache copied to the others. It waits until that many
+slots are free; one that asks for more than the runner has is refused.
 """
 
 from __future__ import annotations
@@ -32,14 +36,16 @@ from locopilot.engine.protocol import (
     Embed,
     Embeddings,
     Failed,
+    FinishReason,
     FromRunner,
     Generate,
     Load,
     Ready,
     RequestError,
     Started,
+    TokenLogprob,
 )
-from locopilot.engine.sampling import StopMatcher, build_sampler
+from locopilot.engine.sampling import StopMatcher, build_sampler, token_logprob
 from locopilot.engine.template_process import IsolatedRenderer
 from locopilot.engine.templates import ChatTemplate, TemplateError, choose_template
 from locopilot.engine.toolcalls import CallStream, ToolPlan, ToolSupport, new_call_id
@@ -56,11 +62,77 @@ BATCH = 512
 PREFILL_CHUNK = 256
 DEFAULT_SLOTS = 4
 DEFAULT_KV_TOKENS = 32768
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class PendingLogprobs:
+    """Logprobs of generated tokens whose text has not gone out yet.
+
+    The UTF-8 decoder and the stop-string matcher hold text back, so a token's text
+    may leave in a later Delta than its own step's. Its logprob leaves with the Delta
+    that carries the start of its text; a token that begins inside a stop string is
+    never reported, as its text is not.
+    """
+
+    top: int  # alternatives per token
+    waiting: deque[tuple[int, TokenLogprob]] = field(default_factory=deque)  # (first character, logprob)
+    produced: int = 0  # characters decoded
+    sent: int = 0  # characters sent
+
+    def add(self, logprob: TokenLogprob, text: str) -> None:
+        self.waiting.append((self.produced, logprob))
+        self.produced += len(text)
+
+    def take(self, text: str) -> tuple[TokenLogprob, ...]:
+        """The logprobs that go out with ``text`` (the next text sent)."""
+        self.sent += len(text)
+        out: list[TokenLogprob] = []
+        while self.waiting and self.waiting[0][0] < self.sent:
+            out.append(self.waiting.popleft()[1])
+        return tuple(out)
+
+    def rest(self) -> tuple[TokenLogprob, ...]:
+        out = tuple(logprob for _, logprob in self.waiting)
+        self.waiting.clear()
+        return out
+
+
+@dataclass
+class Choices:
+    """The ``n`` choices of one request, each a :class:`Sequence` in a slot of its own.
+
+    Choice 0 decodes the prompt. The others wait (``waiting``) until it has, then take a
+    copy of its KV cache (``llama_memory_seq_cp``) and sample their first token from the
+    same logits, each with its own sampler. The request is done when every choice is.
+    """
+
+    job: Generate
+    prompt_tokens: int
+    cached: int  # prompt tokens reused from an earlier request's cache
+    waiting: list[Slot]
+    reasons: list[FinishReason | None]
+    completion_tokens: int = 0
+    tool_parse_failures: int = 0
+    stop: str | None = None  # the request's stop string that ended choice 0
+
+    def done(self) -> Done:
+        reasons = [reason or "cancelled" for reason in self.reasons]
+        return Done(
+            id=self.job.id,
+            finish_reason=reasons[0],
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached_tokens=self.cached,
+            reasons=tuple(reasons) if len(reasons) > 1 else (),
+            tool_parse_failures=self.tool_parse_failures,
+            stop=self.stop,
+        )
 
 
 @dataclass
 class Sequence:
-    """One request in a slot: its prompt, sampler chain and progress."""
+    """One choice of a request in a slot: its prompt, sampler chain and progress."""
 
     job: Generate
     tokens: list[int]
@@ -69,6 +141,9 @@ class Sequence:
     max_tokens: int
     sampler: Any  # llama_sampler * (a chain), freed when the sequence ends
     matcher: StopMatcher
+    choices: Choices
+    index: int = 0  # which choice; only choice 0 decodes the prompt
+    logprobs: PendingLogprobs | None = None  # when the request asked for them
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
@@ -163,6 +238,12 @@ class Engine:
         self.decode_seconds = 0.0
         self.decode_calls = 0
         self._pieces: dict[int, bytes] = {}
+        self._logprob_scratch: Any = None  # a float32 row for token_logprob, made on first use
+        self.fim = (
+            llama_cpp.llama_vocab_fim_pre(self.vocab),
+            llama_cpp.llama_vocab_fim_suf(self.vocab),
+            llama_cpp.llama_vocab_fim_mid(self.vocab),
+        )
         self.embedder = Embedder(self.model, self.metadata, n_ctx_slot, load.threads)
         self.renderer.check()
         self.tools = ToolSupport(
@@ -197,9 +278,47 @@ class Engine:
     def busy(self) -> bool:
         return any(slot.sequence is not None for slot in self.slots)
 
-    def free_slot(self) -> Slot | None:
-        free = [slot for slot in self.slots if slot.sequence is None]
-        return free[0] if free else None
+    def can_start(self, job: Generate) -> bool:
+        """Whether ``job`` may be started now: a slot free for each of its choices (or
+        it asks for more than there are, and :meth:`start` refuses it at once)."""
+        free = sum(1 for slot in self.slots if slot.sequence is None)
+        return free >= job.n or job.n > len(self.slots)
+
+    def check(self, job: Generate) -> None:
+        """RequestError if this model cannot serve ``job`` as asked (before any work)."""
+        if job.n > len(self.slots):
+            raise RequestError(
+                "invalid",
+                f"n={job.n} asks for more choices than this model's {len(self.slots)} parallel sequences "
+                "(LOCOPILOT_PARALLEL); each choice takes one.",
+                "n",
+            )
+        if job.logprobs is not None and not 0 <= job.logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError("invalid", f"at most {MAX_TOP_LOGPROBS} top logprobs per token", "logprobs")
+        if job.logprobs is not None and job.echo:
+            raise RequestError(
+                "invalid", "logprobs of the prompt (echo with logprobs) are not supported; ask without echo", "logprobs"
+            )
+        if job.suffix is not None:
+            if job.messages is not None:
+                raise RequestError("invalid", "suffix is for text completions, not chat", "suffix")
+            if min(self.fim) < 0:
+                raise RequestError(
+                    "invalid",
+                    "This model's vocabulary has no fill-in-the-middle tokens (prefix, suffix and middle), "
+                    "so it cannot complete between a prompt and a suffix. Leave suffix out or use a code model "
+                    "trained for it.",
+                    "suffix",
+                )
+
+    def infill_tokens(self, prefix: str, suffix: str) -> list[int]:
+        """A fill-in-the-middle prompt as llama-server's ``/infill`` builds one (the prefix-suffix-middle
+        order): BOS if the model adds one, FIM_PRE, the prefix, FIM_SUF, the suffix, FIM_MID. The text
+        is tokenized without parsing special tokens, so code that spells one stays text."""
+        pre, suf, mid = self.fim
+        tokens = [pre, *self.model.tokenize(prefix.encode(), add_bos=False, special=False)]
+        tokens += [suf, *self.model.tokenize(suffix.encode(), add_bos=False, special=False), mid]
+        return [self.bos, *tokens] if self.add_bos else tokens
 
     def render(self, job: Generate) -> tuple[str, list[str], ToolPlan | None]:
         """The prompt text ``job`` asks for (its messages and tools through the chat template), its stop
@@ -223,16 +342,18 @@ class Engine:
         return Counted(id=count.id, prompt_tokens=len(self.tokenize(prompt)))
 
     def start(self, job: Generate) -> list[FromRunner]:
-        """Admit ``job`` to a free slot (there must be one); its first messages.
+        """Admit ``job``, a choice to each of ``job.n`` free slots (:meth:`can_start`); its first messages.
 
         Raises RequestError before any work when the request cannot run. Of
-        the free slots it takes the one whose cached tokens share the longest
-        beginning with the prompt, and keeps that much of its KV cache.
+        the free slots, choice 0 takes the one whose cached tokens share the
+        longest beginning with the prompt, and keeps that much of its KV cache;
+        the other choices take those with the least cached.
         """
         import llama_cpp
 
+        self.check(job)
         prompt, stops, plan = self.render(job)
-        tokens = self.tokenize(prompt)
+        tokens = self.tokenize(prompt) if job.suffix is None else self.infill_tokens(prompt, job.suffix)
         if not tokens:
             # Nothing to decode (an empty prompt on a model that adds no BOS): such a request never finished.
             raise RequestError(
@@ -246,7 +367,7 @@ class Engine:
             )
         budget = self.n_ctx - len(tokens)
         max_tokens = min(job.max_tokens, budget) if job.max_tokens else budget
-        sampler = build_sampler(job, self.vocab, self.n_vocab, plan)
+        samplers = self._samplers(job, plan)
 
         free = [slot for slot in self.slots if slot.sequence is None]
         # At least the prompt's last token is decoded again: its logits start the reply.
@@ -258,20 +379,40 @@ class Engine:
             reuse = 0
         del slot.cached[reuse:]
         self.cached_tokens_total += reuse
-        slot.sequence = Sequence(
-            job=job,
-            tokens=tokens,
-            fed=reuse,
-            cached=reuse,
-            max_tokens=max_tokens,
-            sampler=sampler,
-            matcher=StopMatcher(stops),
-            calls=plan.stream() if plan is not None and plan.stream is not None else None,
-        )
+        # The other choices' slots get a copy of choice 0's cache: those whose own cache is smallest.
+        others = sorted((s for s in free if s is not slot), key=lambda s: len(s.cached))[: job.n - 1]
+        choices = Choices(job=job, prompt_tokens=len(tokens), cached=reuse, waiting=others, reasons=[None] * job.n)
+        for index, (each, sampler) in enumerate(zip([slot, *others], samplers, strict=True)):
+            each.sequence = Sequence(
+                job=job,
+                tokens=tokens,
+                fed=reuse if index == 0 else len(tokens),
+                cached=reuse,
+                max_tokens=max_tokens,
+                sampler=sampler,
+                matcher=StopMatcher(stops),
+                choices=choices,
+                index=index,
+                logprobs=None if job.logprobs is None else PendingLogprobs(job.logprobs),
+                calls=plan.stream() if plan is not None and plan.stream is not None else None,
+            )
         out: list[FromRunner] = [Started(id=job.id, prompt_tokens=len(tokens))]
         if job.echo:
-            out.append(Delta(id=job.id, text=prompt, tokens=0))
+            out.extend(Delta(id=job.id, text=prompt, tokens=0, index=index) for index in range(job.n))
         return out
+
+    def _samplers(self, job: Generate, plan: ToolPlan | None) -> list[Any]:
+        """A sampler chain for each of ``job``'s choices; RequestError (none left allocated) for bad parameters."""
+        import llama_cpp
+
+        samplers = [build_sampler(job, self.vocab, self.n_vocab, plan)]
+        try:
+            samplers.extend(build_sampler(job, self.vocab, self.n_vocab, plan, choice) for choice in range(1, job.n))
+        except BaseException:
+            for sampler in samplers:
+                llama_cpp.llama_sampler_free(sampler)
+            raise
+        return samplers
 
     def cancel(self, cancelled: Callable[[int], bool]) -> list[FromRunner]:
         """End the sequences whose jobs were cancelled; their Done messages."""
@@ -279,7 +420,7 @@ class Engine:
         for slot in self.slots:
             sequence = slot.sequence
             if sequence is not None and cancelled(sequence.job.id):
-                out.append(self._finish(slot, "cancelled"))
+                out.extend(self._finish(slot, "cancelled"))
         return out
 
     def step(self) -> list[FromRunner]:
@@ -289,7 +430,10 @@ class Engine:
 
         batch = self.batch
         generating = [s for s in self.slots if s.sequence is not None and s.sequence.next_token is not None]
-        prefilling = [s for s in self.slots if s.sequence is not None and s.sequence.next_token is None]
+        # Only choice 0 decodes a prompt; the other choices copy its cache (see Choices).
+        prefilling = [
+            s for s in self.slots if s.sequence is not None and s.sequence.next_token is None and s.sequence.index == 0
+        ]
         # A long prompt joins in chunks, so the running streams keep getting tokens.
         room = BATCH - len(generating)
         if generating:
@@ -336,13 +480,13 @@ class Engine:
         if status != 0:
             log.error("llama_decode returned %s for %d tokens", status, n)
             out: list[FromRunner] = []
-            for slot, _ in fed:
-                sequence = slot.sequence
-                assert sequence is not None
-                out.append(Failed(id=sequence.job.id, kind="internal", message=f"llama_decode returned {status}"))
-                self._release(slot)
-                llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
-                slot.cached.clear()
+            for job in dict.fromkeys(slot.sequence.job for slot, _ in fed if slot.sequence is not None):
+                out.append(Failed(id=job.id, kind="internal", message=f"llama_decode returned {status}"))
+                for slot in self.slots:
+                    if slot.sequence is not None and slot.sequence.job is job:
+                        self._release(slot)
+                        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+                        slot.cached.clear()
             return out
         for slot, tokens in fed:
             slot.cached.extend(tokens)
@@ -352,6 +496,23 @@ class Engine:
         return out
 
     def _sample(self, slot: Slot, index: int) -> list[FromRunner]:
+        """The next token of ``slot``'s sequence from output row ``index``. When that row ends a prompt
+        that other choices share, they take a copy of the prompt's cache and sample from it too."""
+        import llama_cpp
+
+        sequence = slot.sequence
+        assert sequence is not None
+        waiting, sequence.choices.waiting = sequence.choices.waiting, []
+        for other in waiting:
+            # Copied whole (separate KV buffers per slot) at the start of the next decode, before it writes.
+            llama_cpp.llama_memory_seq_cp(self.memory, slot.seq_id, other.seq_id, -1, -1)
+            other.cached = list(slot.cached)
+        out = self._sample_one(slot, index)
+        for other in waiting:
+            out.extend(self._sample_one(other, index))
+        return out
+
+    def _sample_one(self, slot: Slot, index: int) -> list[FromRunner]:
         import llama_cpp
 
         sequence = slot.sequence
@@ -361,17 +522,32 @@ class Engine:
             return self._flush(slot, "stop")
         sequence.generated += 1
         sequence.unsent += 1
-        piece = self.piece(token, special=sequence.calls is not None)
-        text, hit = sequence.matcher.feed(sequence.decoder.decode(piece))
+        decoded = sequence.decoder.decode(self.piece(token, special=sequence.calls is not None))
+        logprobs = sequence.logprobs
+        if logprobs is not None:
+            logprobs.add(self.logprob(index, token, logprobs.top), decoded)
+        text, hit = sequence.matcher.feed(decoded)
         out: list[FromRunner] = []
         if text:
-            out.extend(self._text(sequence, text))
+            out.extend(self._text(sequence, text, () if logprobs is None else logprobs.take(text)))
         if hit:
+            if logprobs is not None:
+                logprobs.waiting.clear()  # the stop string's tokens: their text is not sent either
             return [*out, *self._flush(slot, "stop")]
         if sequence.generated >= sequence.max_tokens:
             return [*out, *self._flush(slot, "length")]
         sequence.next_token = token
         return out
+
+    def logprob(self, index: int, token: int, top: int) -> TokenLogprob:
+        """``token``'s logprob (and ``top`` alternatives) from output row ``index`` of the last decode."""
+        import llama_cpp
+        import numpy as np
+
+        if self._logprob_scratch is None:
+            self._logprob_scratch = np.empty(self.n_vocab, dtype=np.float32)
+        logits = llama_cpp.llama_get_logits_ith(self.ctx, index)
+        return token_logprob(logits, self._logprob_scratch, token, top, self.piece)
 
     def piece(self, token: int, special: bool = False) -> bytes:
         """The bytes of one generated token, as llama-cpp-python's ``detokenize([token])`` gives them
@@ -383,10 +559,13 @@ class Engine:
             piece = self._pieces[key] = self.model.detokenize([token], special=special)
         return piece
 
-    def _text(self, sequence: Sequence, text: str, last: bool = False) -> list[FromRunner]:
-        """Messages for generated ``text``: Deltas, or with tools offered, content and calls
-        as :class:`CallStream` finds them (``last``: the reply ends here)."""
-        job_id = sequence.job.id
+    def _text(
+        self, sequence: Sequence, text: str, logprobs: tuple[TokenLogprob, ...] = (), last: bool = False
+    ) -> list[FromRunner]:
+        """Messages for generated ``text`` (with its tokens' ``logprobs``): Deltas, or with tools
+        offered, content and calls as :class:`CallStream` finds them (``last``: the reply ends here).
+        The logprobs go with the first Delta; text that became calls has none."""
+        job_id, index = sequence.job.id, sequence.index
         parts: list[Part] = [text] if text else []
         if sequence.calls is not None:
             parts = sequence.calls.feed(text) + (sequence.calls.close() if last else [])
@@ -396,12 +575,23 @@ class Engine:
         for part in parts:
             if isinstance(part, ParsedCall):
                 out.append(
-                    CallDelta(id=job_id, call=call, call_id=new_call_id(), name=part.name, tokens=sequence.unsent)
+                    CallDelta(
+                        id=job_id,
+                        call=call,
+                        index=index,
+                        call_id=new_call_id(),
+                        name=part.name,
+                        tokens=sequence.unsent,
+                    )
                 )
-                out.append(CallDelta(id=job_id, call=call, arguments=part.arguments))
+                out.append(CallDelta(id=job_id, call=call, index=index, arguments=part.arguments))
                 call += 1
             else:
-                out.append(Delta(id=job_id, text=part, tokens=sequence.unsent))
+                out.append(Delta(id=job_id, text=part, tokens=sequence.unsent, index=index, logprobs=logprobs))
+                logprobs = ()
+            sequence.unsent = 0
+        if logprobs and not any(isinstance(message, Delta) for message in out):
+            out.append(Delta(id=job_id, text="", tokens=sequence.unsent, index=index, logprobs=logprobs))
             sequence.unsent = 0
         return out
 
@@ -410,25 +600,29 @@ class Engine:
         assert sequence is not None
         out: list[FromRunner] = []
         tail = sequence.matcher.flush() + sequence.decoder.decode(b"", final=True)
-        out.extend(self._text(sequence, tail, last=True))
-        out.append(self._finish(slot, reason))
+        logprobs = () if sequence.logprobs is None else sequence.logprobs.rest()
+        out.extend(self._text(sequence, tail, logprobs, last=True))
+        out.extend(self._finish(slot, reason))
         return out
 
-    def _finish(self, slot: Slot, reason: Literal["stop", "length", "cancelled"]) -> Done:
+    def _finish(self, slot: Slot, reason: Literal["stop", "length", "cancelled"]) -> list[FromRunner]:
+        """End ``slot``'s choice; the request's Done once it was the last of its choices."""
         sequence = slot.sequence
         assert sequence is not None
         self._release(slot)
+        choices = sequence.choices
         calls = sequence.calls
-        return Done(
-            id=sequence.job.id,
-            finish_reason="tool_calls" if reason == "stop" and calls is not None and calls.calls else reason,
-            prompt_tokens=len(sequence.tokens),
-            completion_tokens=sequence.generated,
-            cached_tokens=sequence.cached,
-            tool_parse_failures=calls.failures if calls is not None else 0,
-            # The request's own stop string, not the chat template's end marker.
-            stop=sequence.matcher.matched if sequence.matcher.matched in sequence.job.stop else None,
+        choices.reasons[sequence.index] = (
+            "tool_calls" if reason == "stop" and calls is not None and calls.calls else reason
         )
+        choices.completion_tokens += sequence.generated
+        choices.tool_parse_failures += calls.failures if calls is not None else 0
+        if sequence.index == 0 and sequence.matcher.matched in sequence.job.stop:
+            # The request's own stop string, not the chat template's end marker.
+            choices.stop = sequence.matcher.matched
+        # Cancelled before choice 0 had decoded the prompt: nothing to copy to it.
+        choices.waiting = [other for other in choices.waiting if other is not slot]
+        return [choices.done()] if None not in choices.reasons else []
 
     def _release(self, slot: Slot) -> None:
         import llama_cpp
@@ -490,7 +684,7 @@ def serve(
         for job in [j for j in waiting if j.id in cancellations]:
             waiting.remove(job)
             outbox.put(Done(id=job.id, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0))
-        while waiting and engine.free_slot() is not None:
+        while waiting and engine.can_start(waiting[0]):
             job = waiting.popleft()
             try:
                 for message in engine.start(job):

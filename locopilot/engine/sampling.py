@@ -1,11 +1,12 @@
-"""Per-request sampling in the runner: llama.cpp sampler chains, JSON grammars, stop strings."""
+"""Per-request sampling in the runner: llama.cpp sampler chains, JSON grammars, stop strings, logprobs."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from locopilot.engine.protocol import Generate, RequestError
+from locopilot.engine.protocol import Generate, RequestError, TokenLogprob, TopLogprob
 
 if TYPE_CHECKING:
     from locopilot.engine.toolcalls import ToolPlan
@@ -82,11 +83,13 @@ def _tool_grammar(vocab: Any, plan: ToolPlan) -> Any:
     )
 
 
-def build_sampler(job: Generate, vocab: Any, n_vocab: int, tools: ToolPlan | None = None) -> Any:
-    """A llama.cpp sampler chain for one request (the caller frees it); RequestError for bad parameters.
+def build_sampler(job: Generate, vocab: Any, n_vocab: int, tools: ToolPlan | None = None, choice: int = 0) -> Any:
+    """A llama.cpp sampler chain for one choice of a request (the caller frees it); RequestError for bad
+    parameters.
 
     ``tools``: the request's tool plan (:mod:`locopilot.engine.toolcalls`), whose grammar and
-    banned tokens join the chain.
+    banned tokens join the chain. Choice ``i`` of a seeded request samples with ``seed + i``, so
+    choices differ and each is reproducible.
     """
     import llama_cpp
     from llama_cpp.llama_grammar import LlamaGrammar
@@ -150,7 +153,10 @@ def build_sampler(job: Generate, vocab: Any, n_vocab: int, tools: ToolPlan | Non
             llama_cpp.llama_sampler_free(chain)
             raise RequestError("invalid", "the tools' schemas could not be turned into a grammar", "tools")
         parts.append(grammar)
-    seed = sampling.seed if sampling.seed is not None else random.SystemRandom().randrange(2**31)
+    # 0xFFFFFFFF is llama.cpp's "pick a random seed": a seed wraps around below it.
+    seed = (
+        (sampling.seed + choice) % 0xFFFFFFFF if sampling.seed is not None else random.SystemRandom().randrange(2**31)
+    )
     if sampling.temperature == 0:
         parts.append(llama_cpp.llama_sampler_init_greedy())
     else:
@@ -163,3 +169,44 @@ def build_sampler(job: Generate, vocab: Any, n_vocab: int, tools: ToolPlan | Non
     for part in parts:
         llama_cpp.llama_sampler_chain_add(chain, part)
     return chain
+
+
+def token_text(piece: bytes) -> str:
+    """A token's bytes as text: the part that is whole UTF-8 (a token may end inside a character)."""
+    try:
+        return piece.decode()
+    except UnicodeDecodeError as exc:
+        return piece[: exc.start].decode()
+
+
+def token_logprob(logits: Any, scratch: Any, token: int, top: int, piece: Callable[[int], bytes]) -> TokenLogprob:
+    """``token``'s log probability at one position, and with ``top`` > 0 the ``top`` likeliest tokens'.
+
+    ``logits`` is llama.cpp's row for the position (``llama_get_logits_ith``: the model's raw
+    output, which samplers only ever copy), so this is the model's own distribution, before
+    temperature, penalties, biases, grammars and top-k/p cuts, as OpenAI reports it and as
+    llama-server does with ``n_probs``. ``scratch`` is a float32 array of the vocabulary's
+    size, reused between calls. ``piece`` gives a token's bytes.
+    """
+    import numpy as np
+
+    n_vocab = scratch.shape[0]
+    row = np.ctypeslib.as_array(logits, shape=(n_vocab,))
+    peak = row.max()
+    np.subtract(row, peak, out=scratch)
+    np.exp(scratch, out=scratch)
+    log_total = float(peak) + float(np.log(scratch.sum(dtype=np.float64)))
+    alternatives: tuple[TopLogprob, ...] = ()
+    if top > 0:
+        best = np.argpartition(row, n_vocab - top)[n_vocab - top :] if top < n_vocab else np.arange(n_vocab)
+        best = best[np.argsort(-row[best], kind="stable")]
+        alternatives = tuple(
+            TopLogprob(token=token_text(p), logprob=min(0.0, float(row[t]) - log_total), bytes=list(p))
+            for t in best.tolist()
+            for p in (piece(t),)
+        )
+    own = piece(token)
+    # Rounding can put a near-certain token a hair above 0.
+    return TokenLogprob(
+        token=token_text(own), logprob=min(0.0, float(row[token]) - log_total), bytes=list(own), top=alternatives
+    )

@@ -47,7 +47,7 @@ from locopilot.engine.protocol import (
     Ready,
 )
 from locopilot.engine.templates import FALLBACKS
-from locopilot.errors import EngineUnavailable, InsufficientMemory, QueueFull
+from locopilot.errors import EngineUnavailable, InsufficientMemory, InvalidRequest, QueueFull
 from locopilot.models.gguf import GGUFError, read_header
 from locopilot.models.memory import Estimate, available, estimate, gib
 from locopilot.settings import Settings
@@ -131,11 +131,12 @@ class RunnerGone(EngineUnavailable):
 
 
 class _Ticket:
-    """One request's hold on the runner's slot, given back exactly once."""
+    """One request's hold on the runner's slots (one per choice), given back exactly once."""
 
-    def __init__(self, runner: RunnerProcess, send: MemoryObjectSendStream[FromRunner]) -> None:
+    def __init__(self, runner: RunnerProcess, send: MemoryObjectSendStream[FromRunner], slots: int = 1) -> None:
         self.runner = runner
         self.send = send
+        self.slots = slots
         self.held = True
 
     def release(self) -> None:
@@ -143,7 +144,8 @@ class _Ticket:
             self.held = False
             self.runner.in_flight -= 1
             self.runner.last_used = self.runner.clock()
-            self.runner._slot.release()
+            for _ in range(self.slots):
+                self.runner._slot.release()
             if self.runner.in_flight == 0:
                 self.runner.on_idle()
 
@@ -181,6 +183,9 @@ class RunnerProcess:
         self._write_lock = anyio.Lock()
         # As many requests in the runner as it has slots; the queue behind them is ours.
         self._slot = anyio.Semaphore(ready.slots)
+        # A request for n choices takes n slots, one at a time: one such request gathers at once,
+        # so two cannot each hold part of what the other waits for.
+        self._gathering = anyio.Lock()
 
     @classmethod
     async def start(
@@ -288,19 +293,26 @@ class RunnerProcess:
         was busy come as one (see :func:`_coalesced`). The slot is given back as soon as the
         runner finishes the job, or at once when the job is abandoned.
         """
-        if self._slot.value == 0 and self.waiting >= queue_size:
+        slots = job.n if isinstance(job, Generate) else 1
+        if slots > self.ready.slots:
+            raise InvalidRequest(
+                f"n={slots} asks for more choices than model '{self.name}' generates at once "
+                f"({self.ready.slots}, LOCOPILOT_PARALLEL); each choice takes one of its slots.",
+                param="n",
+            )
+        if self._slot.value < slots and self.waiting >= queue_size:
             raise QueueFull(
                 f"model '{self.name}' is busy and {self.waiting} requests are already waiting; try again shortly",
                 retry_after=1,
             )
         self.waiting += 1
         try:
-            await self._slot.acquire()
+            await self._acquire(slots)
         finally:
             self.waiting -= 1
         self.in_flight += 1
         send, receive = anyio.create_memory_object_stream[FromRunner](math.inf)
-        ticket = _Ticket(self, send)
+        ticket = _Ticket(self, send, slots)
         if not self.alive:
             ticket.release()
             raise RunnerGone(self.exit_reason or f"the runner for model '{self.name}' has stopped")
@@ -322,6 +334,21 @@ class RunnerProcess:
             if not finished and self.alive:
                 with anyio.CancelScope(shield=True):
                     await self._send(Cancel(id=job.id))
+
+    async def _acquire(self, slots: int) -> None:
+        if slots == 1:
+            await self._slot.acquire()
+            return
+        taken = 0
+        try:
+            async with self._gathering:
+                while taken < slots:
+                    await self._slot.acquire()
+                    taken += 1
+        except BaseException:
+            for _ in range(taken):
+                self._slot.release()
+            raise
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -430,11 +457,17 @@ async def _coalesced(receive: MemoryObjectReceiveStream[FromRunner]) -> AsyncGen
             except anyio.EndOfStream:
                 yield message
                 return
-            if not isinstance(following, Delta):
+            if isinstance(following, Delta) and following.index == message.index:
+                message = Delta(
+                    id=message.id,
+                    text=message.text + following.text,
+                    tokens=message.tokens + following.tokens,
+                    index=message.index,
+                    logprobs=message.logprobs + following.logprobs,
+                )
+            else:  # another choice's text, or not text
                 yield message
                 message = following
-                break
-            message = Delta(id=message.id, text=message.text + following.text, tokens=message.tokens + following.tokens)
         yield message
 
 

@@ -265,6 +265,10 @@ class OllamaProvider:
             raise InvalidRequest("logit_bias is not supported by Ollama", param="logit_bias")
         if request.grammar is not None:
             raise InvalidRequest("grammar is not supported by Ollama", param="grammar")
+        if request.n > 1:
+            raise InvalidRequest("Ollama gives one choice per request: n must be 1 there.", param="n")
+        if request.logprobs is not None:
+            raise InvalidRequest("logprobs are not supported by Ollama.", param="logprobs")
         body: dict[str, Any] = {"model": request.model}
         if request.messages is not None:
             path = "/api/chat"
@@ -277,6 +281,8 @@ class OllamaProvider:
             path = "/api/generate"
             body["prompt"] = request.prompt
             body["raw"] = True
+            if request.suffix is not None:
+                body["suffix"] = request.suffix
         else:
             raise InvalidRequest("either prompt or messages is required")
         body["stream"] = True

@@ -206,11 +206,42 @@ class AssistantMessage(Struct):
     tool_calls: list[ToolCallOut] | UnsetType = UNSET
 
 
+class ChatTopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(Struct):
+    """One generated token: its text, log probability, UTF-8 bytes and likeliest alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(Struct):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(Struct):
+    """The legacy completions form: parallel lists, one entry per token. ``top_logprobs`` maps token
+    text to logprob (the token's own among them); ``text_offset`` is where each token's text starts,
+    counted in characters from the start of the prompt."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class ChatChoice(Struct):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     # vLLM's extension, present when a stop string ended the choice: which one.
     stop_reason: str | UnsetType = UNSET
 
@@ -250,7 +281,7 @@ class ChatChunkChoice(Struct):
     index: int
     delta: ChatDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     stop_reason: str | UnsetType = UNSET  # as ChatChoice's
 
 
@@ -269,7 +300,7 @@ class CompletionChoice(Struct):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(Struct):

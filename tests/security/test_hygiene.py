@@ -221,7 +221,6 @@ REFUSED_FIELDS = {
     "logit_bias value": (chat(logit_bias={"1": 101}), None),
     "n zero": (chat(n=0), "n"),
     "n huge": (chat(n=10**6), "n"),
-    "n two": (chat(n=2), "n"),
     "top_logprobs": (chat(top_logprobs=10**6), "top_logprobs"),
     "schema deep": (chat(response_format=schema_format(nested_schema(28))), "response_format"),
     "schema large": (
