@@ -20,6 +20,8 @@ from locopilot import __version__
 from locopilot.api import admin as admin_api
 from locopilot.api import engine as engine_api
 from locopilot.api import files as files_api
+from locopilot.api import ollama as ollama_api
+from locopilot.api import ollama_models as ollama_models_api
 from locopilot.api import openai as openai_api
 from locopilot.api import training as training_api
 from locopilot.api.services import EngineStatus, Services, get_services
@@ -71,6 +73,10 @@ INFERENCE_ENDPOINTS = {
     "/v1/chat/completions": "chat.completions",
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
+    "/api/chat": "ollama.chat",
+    "/api/generate": "ollama.generate",
+    "/api/embed": "ollama.embed",
+    "/api/embeddings": "ollama.embeddings",
 }
 
 
@@ -283,6 +289,8 @@ def create_app(settings: Settings) -> Litestar:
     app = Litestar(
         route_handlers=[
             *openai_api.ROUTES,
+            *ollama_api.ROUTES,
+            *ollama_models_api.ROUTES,
             *engine_api.ROUTES,
             *admin_api.ROUTES,
             *files_api.ROUTES,

@@ -29,14 +29,16 @@ _DESCRIPTIONS = {
     413: "The body is too large",
     429: "Over the key's quota",
     500: "A bug in locopilot",
+    501: "Not something this server does (yet)",
     502: "An upstream provider failed",
     503: "The engine or every provider is unavailable, or too busy",
 }
 
 
-def answers(success: type, status: int = 200, *errors: int) -> dict[int, ResponseSpec]:
-    """The responses of a route that answers ``success`` with ``status``, and ``errors`` in OpenAI's error shape."""
+def answers(success: type, status: int = 200, *errors: int, error: type = ErrorBody) -> dict[int, ResponseSpec]:
+    """The responses of a route that answers ``success`` with ``status``, and ``errors`` in the
+    shape ``error`` (OpenAI's by default; the Ollama front's is ``OllamaErrorBody``)."""
     specs = {status: ResponseSpec(success, generate_examples=False, description="Success")}
     for code in sorted(set(errors)):
-        specs[code] = ResponseSpec(ErrorBody, generate_examples=False, description=_DESCRIPTIONS[code])
+        specs[code] = ResponseSpec(error, generate_examples=False, description=_DESCRIPTIONS[code])
     return specs

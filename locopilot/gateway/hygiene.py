@@ -38,9 +38,19 @@ REDIRECT_FIELDS = frozenset({"api_base", "base_url", "api_url", "api_key", "cust
 #: Request bodies are shallow; JSON schemas in ``response_format`` are the deepest part.
 MAX_JSON_DEPTH = 64
 #: Routes whose bodies are screened.
-SCREENED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+SCREENED_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/api/chat",
+        "/api/generate",
+        "/api/embed",
+        "/api/embeddings",
+    }
+)
 #: Top-level fields whose keys are data, not options.
-DATA_FIELDS = frozenset({"response_format", "logit_bias"})
+DATA_FIELDS = frozenset({"response_format", "logit_bias", "format"})
 EXPOSED_HEADERS = ["X-Locopilot-Provider", "X-Locopilot-Model", "X-Request-Id", "Retry-After"]
 
 

@@ -118,6 +118,8 @@ class Finish(msgspec.Struct, frozen=True):
     prompt cache instead of computing (0 when it does not say).
     ``tool_parse_failures``: calls the model generated that could not be parsed
     (counted per model in the metrics; their text went out as content).
+    ``load_seconds``: of the time before the first event, how long the model took to
+    load for this request (0 when it was loaded already, or the backend does not say).
     """
 
     reason: str
@@ -126,6 +128,7 @@ class Finish(msgspec.Struct, frozen=True):
     cached_tokens: int = 0
     reasons: tuple[str, ...] = ()
     tool_parse_failures: int = 0
+    load_seconds: float = 0.0
 
 
 StreamEvent = TextDelta | ToolCallDelta | Finish

@@ -1,0 +1,535 @@
+"""Ollama's generation routes (``/api/chat``, ``/api/generate``, ``/api/embed``, ``/api/embeddings``).
+
+A translator, not a second pipeline: each body becomes one GenerationRequest run by
+:func:`~locopilot.api.generation.serve_generation` (embeddings: :func:`serve_embedding`),
+and :class:`OllamaFormatter` writes the events as Ollama does: NDJSON by default, one
+object with ``"stream": false``. The last object's statistics are measured here, as the
+gateway sees the request: ``total_duration`` from the handler's start to the last byte,
+``load_duration`` the provider's (the embedded engine's runner start, an Ollama upstream's
+own), ``prompt_eval_duration`` the rest of the time to the first token, ``eval_duration``
+from the first token to the last.
+
+``keep_alive`` sets how long an embedded model stays loaded after the request
+(:meth:`~locopilot.engine.scheduler.ModelManager.keep`); a request with nothing to
+generate from loads the model, or with ``keep_alive`` 0 unloads it, as in Ollama.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from litestar import Request, Response, post
+from litestar.response import Stream
+
+from locopilot.api.generation import privacy_of, serve_embedding, serve_generation
+from locopilot.api.openai import check_schema_bounds, check_text_size
+from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
+from locopilot.api.services import Services
+from locopilot.engine.protocol import SamplingParams
+from locopilot.errors import InvalidRequest, LocopilotError, OllamaErrorBody
+from locopilot.gateway.router import served_name
+from locopilot.gateway.streaming import Reply
+from locopilot.providers.base import (
+    Finish,
+    FunctionTool,
+    GenerationRequest,
+    ImagePart,
+    Message,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+)
+from locopilot.providers.embedded import EmbeddedProvider
+from locopilot.schemas.ollama import (
+    CallOut,
+    ChatChunk,
+    ChatMessage,
+    ChatRequest,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    EmbedRequest,
+    EmbedResponse,
+    FunctionCall,
+    GenerateChunk,
+    GenerateRequest,
+    GenerationFields,
+    KeepAlive,
+    MessageOut,
+    Options,
+    Statistics,
+    encoder,
+)
+from locopilot.schemas.ollama import ToolCall as OllamaToolCall
+
+# Ollama's reasons: a reply that ends in tool calls ended with "stop" there.
+DONE_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop", "cancelled": "stop"}
+_GO_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# The first bytes of base64 images, for the data: URL a provider that can see expects.
+_IMAGE_TYPES = {"iVBOR": "image/png", "/9j/": "image/jpeg", "R0lGOD": "image/gif", "UklGR": "image/webp"}
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+# Request → GenerationRequest
+
+
+def keep_alive_seconds(value: KeepAlive | None) -> float | None:
+    """Ollama's ``keep_alive`` in seconds (negative: keep loaded), or None when not sent.
+
+    A number is seconds; a string is a number of seconds or a Go duration (``5m``, ``1h30m``, ``0``).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidRequest("keep_alive must be a duration such as '5m' or a number of seconds", param="keep_alive")
+    if isinstance(value, int | float):
+        return -1.0 if value < 0 else float(value)
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-")
+        parts = _GO_DURATION.findall(body)
+        if not body or "".join(number + unit for number, unit in parts) != body:
+            raise InvalidRequest(f'time: invalid duration "{value}"', param="keep_alive") from None
+        seconds = sign * sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+    return -1.0 if seconds < 0 else seconds
+
+
+def json_schema_of(format: str | dict[str, Any] | None) -> str | None:
+    """``format`` as the JSON Schema text of the grammar path: ``"json"`` is any object."""
+    match format:
+        case None | "":
+            return None
+        case "json":
+            return '{"type": "object"}'
+        case dict(schema):
+            check_schema_bounds(schema)
+            return json.dumps(schema)
+        case _:
+            raise InvalidRequest('invalid format: expected "json" or a valid JSON schema', param="format")
+
+
+def sampling_of(options: Options | None) -> SamplingParams:
+    defaults = SamplingParams()
+    if options is None:
+        return defaults
+    return SamplingParams(
+        temperature=defaults.temperature if options.temperature is None else options.temperature,
+        top_p=defaults.top_p if options.top_p is None else options.top_p,
+        top_k=defaults.top_k if options.top_k is None else options.top_k,
+        min_p=defaults.min_p if options.min_p is None else options.min_p,
+        presence_penalty=options.presence_penalty or 0.0,
+        frequency_penalty=options.frequency_penalty or 0.0,
+        repeat_penalty=defaults.repeat_penalty if options.repeat_penalty is None else options.repeat_penalty,
+        seed=None if options.seed is None or options.seed < 0 else options.seed,
+    )
+
+
+def max_tokens_of(options: Options | None) -> int | None:
+    """``num_predict``: 0 or negative (Ollama's -1 and -2) generate until the model stops or the context is full."""
+    if options is None or options.num_predict is None or options.num_predict <= 0:
+        return None
+    return options.num_predict
+
+
+def check_generation_fields(body: GenerationFields) -> None:
+    if body.think not in (None, False):
+        raise InvalidRequest(f'"{body.model}" does not support thinking', param="think")
+    if body.logprobs:
+        raise InvalidRequest("logprobs are not supported by this server yet", param="logprobs")
+
+
+def check_num_ctx(options: Options | None, context: int | None) -> None:
+    """A ``num_ctx`` above the context the model is loaded with is refused: nothing is cut silently."""
+    if options is not None and options.num_ctx is not None and context is not None and options.num_ctx > context:
+        raise InvalidRequest(
+            f"num_ctx {options.num_ctx} is larger than the {context} tokens this model is loaded with "
+            "(LOCOPILOT_CTX_SIZE); locopilot does not resize a model's context per request",
+            param="options.num_ctx",
+        )
+
+
+def image_parts(images: list[str] | None, param: str) -> tuple[ImagePart, ...]:
+    parts = []
+    for index, data in enumerate(images or []):
+        kind = next((kind for prefix, kind in _IMAGE_TYPES.items() if data.startswith(prefix)), None)
+        if kind is None:
+            raise InvalidRequest(f"{param}[{index}] is not a base64 PNG, JPEG, GIF or WebP image", param=param)
+        parts.append(ImagePart(url=f"data:{kind};base64,{data}"))
+    return tuple(parts)
+
+
+def chat_messages(messages: list[ChatMessage], limit: int) -> list[Message]:
+    """Ollama's messages as the internal ones. A tool result names its tool (``tool_name``), not a call:
+    it answers the earliest call to that tool (or, unnamed, the earliest call) not answered yet."""
+    result: list[Message] = []
+    unanswered: list[ToolCall] = []
+    for index, message in enumerate(messages):
+        content = check_text_size(message.content, limit, f"messages[{index}].content")
+        images = image_parts(message.images, f"messages[{index}].images")
+        match message.role:
+            case "assistant":
+                calls = tuple(
+                    ToolCall(id=call.id or f"call_{index}_{n}", name=call.function.name, arguments=arguments(call))
+                    for n, call in enumerate(message.tool_calls or [])
+                )
+                unanswered = list(calls)
+                result.append(Message(role="assistant", content=content, images=images, tool_calls=calls))
+            case "tool":
+                answered = next((c for c in unanswered if c.name == message.tool_name), None)
+                if answered is None and message.tool_name is None and unanswered:
+                    answered = unanswered[0]
+                if answered is not None:
+                    unanswered.remove(answered)
+                call_id = answered.id if answered is not None else None
+                result.append(Message(role="tool", content=content, tool_call_id=call_id, name=message.tool_name))
+            case role:
+                result.append(Message(role=role, content=content, images=images))
+    return result
+
+
+def arguments(call: OllamaToolCall) -> str:
+    return json.dumps(call.function.arguments)
+
+
+def chat_generation(body: ChatRequest, max_text: int, context: int | None) -> GenerationRequest:
+    check_generation_fields(body)
+    check_num_ctx(body.options, context)
+    tools = tuple(
+        FunctionTool(name=tool.function.name, description=tool.function.description)
+        if tool.function.parameters is None
+        else FunctionTool(
+            name=tool.function.name, description=tool.function.description, parameters=tool.function.parameters
+        )
+        for tool in body.tools or []
+    )
+    return GenerationRequest(
+        model=body.model,
+        messages=chat_messages(body.messages, max_text),
+        max_tokens=max_tokens_of(body.options),
+        stop=list(body.options.stop or []) if body.options else [],
+        json_schema=json_schema_of(body.format),
+        tools=tools,
+        tool_choice=ToolChoice(mode="auto"),
+        sampling=sampling_of(body.options),
+    )
+
+
+def generate_generation(body: GenerateRequest, max_text: int, context: int | None) -> GenerationRequest:
+    """``raw`` sends the prompt as it is; ``suffix`` asks for the text between prompt and suffix
+    (fill-in-the-middle); otherwise the prompt (after ``system``) goes through the chat template."""
+    check_generation_fields(body)
+    check_num_ctx(body.options, context)
+    if body.template is not None:
+        raise InvalidRequest(
+            "template is not supported: locopilot applies the model's own chat template, or none with raw",
+            param="template",
+        )
+    if body.context is not None:
+        raise InvalidRequest(
+            "context is not supported (Ollama deprecated it): send the conversation to /api/chat as messages",
+            param="context",
+        )
+    prompt = check_text_size(body.prompt, max_text, "prompt")
+    common: dict[str, Any] = {
+        "model": body.model,
+        "max_tokens": max_tokens_of(body.options),
+        "stop": list(body.options.stop or []) if body.options else [],
+        "json_schema": json_schema_of(body.format),
+        "sampling": sampling_of(body.options),
+    }
+    if body.raw or body.suffix:
+        if body.system:
+            raise InvalidRequest("raw mode and suffix do not support system", param="system")
+        if body.images:
+            raise InvalidRequest("raw mode and suffix do not support images", param="images")
+        suffix = check_text_size(body.suffix, max_text, "suffix") if body.suffix else None
+        return GenerationRequest(prompt=prompt, suffix=suffix, **common)
+    messages = [Message(role="system", content=check_text_size(body.system, max_text, "system"))] if body.system else []
+    messages.append(Message(role="user", content=prompt, images=image_parts(body.images, "images")))
+    return GenerationRequest(messages=messages, **common)
+
+
+# Events → NDJSON
+
+
+class OllamaFormatter:
+    """``/api/chat`` (``chat``) or ``/api/generate`` objects of one reply; ``started_ns`` is when
+    the handler began (``time.perf_counter_ns``). Made just before the request is routed."""
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, model: str, *, chat: bool, started_ns: int) -> None:
+        self.model = model
+        self.chat = chat
+        self.started_ns = started_ns
+        self.routed_ns = time.perf_counter_ns()
+        self.first_ns = self.routed_ns
+        self.calls = Reply()
+
+    def _object(
+        self, text: str, done: bool, stats: Statistics, calls: list[CallOut] | None = None
+    ) -> ChatChunk | GenerateChunk:
+        extra = {f: getattr(stats, f) for f in stats.__struct_fields__}
+        if self.chat:
+            message = MessageOut(content=text, tool_calls=calls) if calls else MessageOut(content=text)
+            return ChatChunk(model=self.model, created_at=now_rfc3339(), message=message, done=done, **extra)
+        return GenerateChunk(model=self.model, created_at=now_rfc3339(), response=text, done=done, **extra)
+
+    def _line(self, obj: ChatChunk | GenerateChunk) -> bytes:
+        return encoder.encode(obj) + b"\n"
+
+    def statistics(self, finish: Finish) -> Statistics:
+        end = time.perf_counter_ns()
+        load = int(finish.load_seconds * 1e9)
+        return Statistics(
+            done_reason=DONE_REASONS.get(finish.reason, finish.reason),
+            total_duration=end - self.started_ns,
+            load_duration=load,
+            prompt_eval_count=finish.prompt_tokens,
+            prompt_eval_duration=max(0, self.first_ns - self.routed_ns - load),
+            eval_count=finish.completion_tokens,
+            eval_duration=end - self.first_ns,
+        )
+
+    def opening(self) -> bytes:
+        self.first_ns = time.perf_counter_ns()
+        return b""
+
+    def event(self, event: TextDelta | ToolCallDelta) -> bytes:
+        if isinstance(event, TextDelta):
+            return self._line(self._object(event.text, False, Statistics())) if event.text else b""
+        self.calls.add(event)  # sent whole once the reply is complete, as Ollama sends parsed calls
+        return b""
+
+    def closing(self, finish: Finish) -> bytes:
+        calls = tool_calls_of(self.calls)
+        lines = self._line(self._object("", False, Statistics(), calls)) if calls else b""
+        return lines + self._line(self._object("", True, self.statistics(finish)))
+
+    def failure(self, error: LocopilotError) -> bytes:
+        return encoder.encode(OllamaErrorBody(error.message)) + b"\n"
+
+    def whole(self, reply: Reply) -> ChatChunk | GenerateChunk:
+        assert reply.finish is not None
+        self.first_ns = reply.first_event_ns
+        return self._object(reply.choices[0].content, True, self.statistics(reply.finish), tool_calls_of(reply))
+
+
+def tool_calls_of(reply: Reply) -> list[CallOut]:
+    """The reply's calls with their arguments as objects (providers send only calls whose arguments parse)."""
+    return [
+        CallOut(function=FunctionCall(name=call.name, arguments=json.loads(call.arguments or "{}"), index=index))
+        for index, call in enumerate(reply.choices[0].tool_calls())
+    ]
+
+
+# Where a model runs
+
+
+async def embedded_name(services: Services, model: str) -> str | None:
+    """The embedded engine's name for ``model`` (``name`` and ``name:latest`` are one), if it has one."""
+    requested = services.router.default_model if model == "default" else model
+    for prefix in ("embedded:", "embedded/"):
+        requested = requested.removeprefix(prefix)
+    state = services.router.states.get(EmbeddedProvider.name)
+    names = await services.router.models_of(state) if state is not None else None
+    return served_name(requested, names or [])
+
+
+async def loaded_context(services: Services, name: str | None) -> int | None:
+    """Tokens one request of embedded model ``name`` may hold; None for a routed model."""
+    if name is None:
+        return None
+    if services.settings.ctx_size:
+        return services.settings.ctx_size
+    entry = await anyio.to_thread.run_sync(services.catalog.get, name)
+    return entry.context_length
+
+
+def embedded_provider(services: Services) -> EmbeddedProvider:
+    provider = services.router.states[EmbeddedProvider.name].provider
+    assert isinstance(provider, EmbeddedProvider)
+    return provider
+
+
+async def load_or_unload(services: Services, request: Request[Any, Any, Any], model: str, keep: float | None) -> str:
+    """Ollama's request with nothing to generate: load the model (``"load"``) or, with ``keep_alive``
+    0, unload it (``"unload"``). An upstream's model is only checked: it loads its models itself."""
+    policy = privacy_of(request, services.settings.routing_privacy)
+    plan = await services.auth.plan(request, services.router, model, policy)
+    route = plan.routes[0]
+    if not isinstance(route.provider, EmbeddedProvider):
+        return "unload" if keep == 0 else "load"
+    if keep == 0:
+        await services.manager.expire(route.model)
+        return "unload"
+    await route.provider.load(route.model)
+    services.manager.keep(route.model, keep)
+    return "load"
+
+
+def load_answer(model: str, reason: str, *, chat: bool) -> Response[bytes]:
+    stats = Statistics(done_reason=reason)
+    extra = {f: getattr(stats, f) for f in stats.__struct_fields__}
+    now = now_rfc3339()
+    obj: ChatChunk | GenerateChunk = (
+        ChatChunk(model=model, created_at=now, message=MessageOut(), done=True, **extra)
+        if chat
+        else GenerateChunk(model=model, created_at=now, response="", done=True, **extra)
+    )
+    return Response(encoder.encode(obj), media_type="application/json")
+
+
+# Routes
+
+OLLAMA_ERRORS = {"error": OllamaErrorBody}
+
+
+@post("/api/chat", status_code=200, responses=answers(ChatChunk, 200, *GUARDED, *BODY, *ROUTED, **OLLAMA_ERRORS))
+async def chat(data: ChatRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+    started = time.perf_counter_ns()
+    keep = keep_alive_seconds(data.keep_alive)
+    if not data.messages:
+        return load_answer(data.model, await load_or_unload(services, request, data.model, keep), chat=True)
+    local = await embedded_name(services, data.model)
+    context = await loaded_context(services, local)
+
+    def build() -> GenerationRequest:
+        generation = chat_generation(data, services.settings.max_message_bytes, context)
+        if local is not None:
+            services.manager.keep(local, keep)
+        return generation
+
+    return await serve_generation(
+        services,
+        request,
+        endpoint="ollama.chat",
+        id_prefix="ollama",
+        model=data.model,
+        stream=data.stream,
+        build=build,
+        formatter=lambda _: OllamaFormatter(data.model, chat=True, started_ns=started),
+    )
+
+
+@post(
+    "/api/generate", status_code=200, responses=answers(GenerateChunk, 200, *GUARDED, *BODY, *ROUTED, **OLLAMA_ERRORS)
+)
+async def generate(
+    data: GenerateRequest, services: Services, request: Request[Any, Any, Any]
+) -> Response[bytes] | Stream:
+    started = time.perf_counter_ns()
+    keep = keep_alive_seconds(data.keep_alive)
+    if not data.prompt:
+        return load_answer(data.model, await load_or_unload(services, request, data.model, keep), chat=False)
+    local = await embedded_name(services, data.model)
+    context = await loaded_context(services, local)
+
+    def build() -> GenerationRequest:
+        generation = generate_generation(data, services.settings.max_message_bytes, context)
+        if local is not None:
+            services.manager.keep(local, keep)
+        return generation
+
+    return await serve_generation(
+        services,
+        request,
+        endpoint="ollama.generate",
+        id_prefix="ollama",
+        model=data.model,
+        stream=data.stream,
+        build=build,
+        formatter=lambda _: OllamaFormatter(data.model, chat=False, started_ns=started),
+    )
+
+
+def embed_texts(inputs: list[str], max_text: int, param: str) -> list[str]:
+    for index, text in enumerate(inputs):
+        if not text:
+            raise InvalidRequest(f"{param}[{index}] is an empty string", param=param)
+        check_text_size(text, max_text, f"{param}[{index}]")
+    return inputs
+
+
+async def embedded_load_seconds(services: Services, local: str | None, since: float) -> float:
+    runner = services.manager.runners.get(local) if local is not None else None
+    return runner.load_seconds if runner is not None and runner.loaded_at >= since else 0.0
+
+
+@post("/api/embed", status_code=200, responses=answers(EmbedResponse, 200, *GUARDED, *BODY, *ROUTED, **OLLAMA_ERRORS))
+async def embed(data: EmbedRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    started, began = time.perf_counter_ns(), services.manager.clock()
+    keep = keep_alive_seconds(data.keep_alive)
+    inputs = ([data.input] if data.input else []) if isinstance(data.input, str) else list(data.input)
+    if data.dimensions is not None:
+        raise InvalidRequest("dimensions is not supported", param="dimensions")
+    if not inputs:
+        await load_or_unload(services, request, data.model, keep)
+        empty = EmbedResponse(
+            model=data.model,
+            embeddings=[],
+            total_duration=time.perf_counter_ns() - started,
+            load_duration=0,
+            prompt_eval_count=0,
+        )
+        return Response(encoder.encode(empty), media_type="application/json")
+    local = await embedded_name(services, data.model)
+    if local is not None:
+        services.manager.keep(local, keep)
+    _, result, headers = await serve_embedding(
+        services,
+        request,
+        endpoint="ollama.embed",
+        id_prefix="ollama",
+        model=data.model,
+        inputs=lambda: embed_texts(inputs, services.settings.max_message_bytes, "input"),
+    )
+    load = await embedded_load_seconds(services, local, began)
+    body = EmbedResponse(
+        model=data.model,
+        embeddings=result.vectors,
+        total_duration=time.perf_counter_ns() - started,
+        load_duration=int(load * 1e9),
+        prompt_eval_count=result.prompt_tokens,
+    )
+    return Response(encoder.encode(body), media_type="application/json", headers=headers)
+
+
+@post(
+    "/api/embeddings",
+    status_code=200,
+    responses=answers(EmbeddingsResponse, 200, *GUARDED, *BODY, *ROUTED, **OLLAMA_ERRORS),
+)
+async def embeddings(data: EmbeddingsRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    keep = keep_alive_seconds(data.keep_alive)
+    if not data.prompt:
+        await load_or_unload(services, request, data.model, keep)
+        return Response(encoder.encode(EmbeddingsResponse(embedding=[])), media_type="application/json")
+    local = await embedded_name(services, data.model)
+    if local is not None:
+        services.manager.keep(local, keep)
+    _, result, headers = await serve_embedding(
+        services,
+        request,
+        endpoint="ollama.embeddings",
+        id_prefix="ollama",
+        model=data.model,
+        inputs=lambda: embed_texts([data.prompt], services.settings.max_message_bytes, "prompt"),
+    )
+    body = EmbeddingsResponse(embedding=result.vectors[0])
+    return Response(encoder.encode(body), media_type="application/json", headers=headers)
+
+
+ROUTES = [chat, generate, embed, embeddings]
