@@ -205,7 +205,7 @@ async def ps(services: Services, request: Request[Any, Any, Any]) -> Response[by
                 details=details_of(entry.architecture, entry.parameter_count, entry.quantization),
                 expires_at=expires.isoformat().replace("+00:00", "Z"),
                 size_vram=0,
-                context_length=info.n_ctx // max(1, info.slots),
+                context_length=info.n_ctx,
             )
         )
     running.sort(key=lambda model: model.expires_at, reverse=True)

@@ -21,6 +21,7 @@ import pytest
 from litestar.exceptions import LitestarDeprecationWarning
 
 from locopilot.app import create_app
+from locopilot.errors import front_of
 from locopilot.settings import load_settings
 from tests.conftest import Server
 from tests.fakes.fault_upstream import FaultUpstream
@@ -147,20 +148,34 @@ def request(server: Server, route: Route, headers: dict[str, str] | None = None)
 
 
 def assert_unauthorized(response: httpx.Response, secret: str | None = None) -> None:
-    """401 in OpenAI's shape with a Bearer challenge; the presented key is nowhere in it."""
+    """401 in the shape of the route's API (OpenAI's, or Ollama's ``{"error": "..."}`` under ``/api``)
+    with a Bearer challenge; the presented key is nowhere in it."""
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"].startswith("Bearer")
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == "invalid_request_error"
-    assert error["code"] == "invalid_api_key"
+    if front_of(response.request.url.path) == "ollama":
+        assert isinstance(error, str) and "API key" in error
+    else:
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["type"] == "invalid_request_error"
+        assert error["code"] == "invalid_api_key"
     if secret:
         assert secret not in response.text
         assert secret not in str(response.headers)
 
 
 def assert_forbidden(response: httpx.Response, code: str) -> None:
+    """403 with ``code``; under ``/api`` Ollama's shape has a message alone (``{"error": "..."}``)."""
     assert response.status_code == 403, response.text
     error = response.json()["error"]
+    if front_of(response.request.url.path) == "ollama":
+        assert isinstance(error, str)
+        return
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == code
+
+
+def error_message(response: httpx.Response) -> str:
+    """The error's message, in OpenAI's shape or Ollama's."""
+    error = response.json()["error"]
+    return error if isinstance(error, str) else str(error["message"])
