@@ -7,6 +7,8 @@ through the client's ``headers``); refusals in Ollama's shape, raised by the cli
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import httpx
 import ollama
 import pytest
@@ -19,8 +21,21 @@ from tests.security.test_policy import generations, log_rows
 HI = [{"role": "user", "content": "hi"}]
 
 
-def client(server: Server, key: Key | None = None, **headers: str) -> ollama.Client:
-    return ollama.Client(host=server.url, timeout=30, headers={**(key.headers if key else {}), **headers})
+Connect = Callable[..., ollama.Client]
+
+
+@pytest.fixture
+def client() -> Iterator[Connect]:
+    """``client(server, key, **headers)``: an ollama client sending ``key``, closed after the test."""
+    made: list[ollama.Client] = []
+
+    def connect(server: Server, key: Key | None = None, **headers: str) -> ollama.Client:
+        made.append(ollama.Client(host=server.url, timeout=30, headers={**(key.headers if key else {}), **headers}))
+        return made[-1]
+
+    yield connect
+    for each in made:
+        each.close()
 
 
 def refusal(call: object) -> ollama.ResponseError:
@@ -29,7 +44,7 @@ def refusal(call: object) -> ollama.ResponseError:
     return caught.value
 
 
-def test_no_key_is_401_in_ollamas_shape(secured: Server) -> None:
+def test_no_key_is_401_in_ollamas_shape(client: Connect, secured: Server) -> None:
     error = refusal(lambda: client(secured).list())
     assert error.status_code == 401
     assert "API key" in error.error
@@ -41,7 +56,7 @@ def test_no_key_is_401_in_ollamas_shape(secured: Server) -> None:
     assert httpx.get(f"{secured.url}/", timeout=10).text == "Ollama is running"
 
 
-def test_an_inference_key_chats_lists_and_is_logged(secured: Server, lan: FaultUpstream) -> None:
+def test_an_inference_key_chats_lists_and_is_logged(client: Connect, secured: Server, lan: FaultUpstream) -> None:
     key = create_key(secured, name="ollama-inference")
     ollama_client = client(secured, key)
     names = {model.model for model in ollama_client.list().models}
@@ -55,7 +70,7 @@ def test_an_inference_key_chats_lists_and_is_logged(secured: Server, lan: FaultU
     assert [(row["endpoint"], row["provider"]) for row in rows] == [("ollama.chat", "lan")]
 
 
-def test_model_routes_need_the_models_scope(secured: Server) -> None:
+def test_model_routes_need_the_models_scope(client: Connect, secured: Server) -> None:
     key = create_key(secured, name="ollama-no-models")
     ollama_client = client(secured, key)
     for call in (
@@ -68,7 +83,7 @@ def test_model_routes_need_the_models_scope(secured: Server) -> None:
         assert "'models' scope" in error.error
 
 
-def test_the_allowlist_applies(secured: Server) -> None:
+def test_the_allowlist_applies(client: Connect, secured: Server) -> None:
     key = create_key(secured, name="ollama-lan-only", models=["lan-model"])
     ollama_client = client(secured, key)
     assert {model.model for model in ollama_client.list().models} == {"lan-model:latest"}
@@ -77,7 +92,7 @@ def test_the_allowlist_applies(secured: Server) -> None:
     assert ollama_client.chat(model="lan-model:latest", messages=HI).done
 
 
-def test_the_privacy_pin_keeps_requests_off_the_remote(secured: Server, cloud: FaultUpstream) -> None:
+def test_the_privacy_pin_keeps_requests_off_the_remote(client: Connect, secured: Server, cloud: FaultUpstream) -> None:
     pinned = create_key(secured, name="ollama-pinned", privacy="local_only")
     before = generations(cloud)
     for headers in ({}, {"X-Routing-Privacy": "any"}):
@@ -93,7 +108,7 @@ def test_the_privacy_pin_keeps_requests_off_the_remote(secured: Server, cloud: F
     assert generations(cloud) == before + 1
 
 
-def test_a_quota_is_429_in_ollamas_shape(secured: Server) -> None:
+def test_a_quota_is_429_in_ollamas_shape(client: Connect, secured: Server) -> None:
     key = create_key(secured, name="ollama-rpm", rpm=1)
     ollama_client = client(secured, key)
     assert ollama_client.chat(model="lan-model", messages=HI).done
