@@ -17,6 +17,7 @@ from litestar.response import Stream
 from locopilot.api.generation import serve_embedding, serve_generation
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
 from locopilot.api.services import Services
+from locopilot.api.tools import check_schema_bounds
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import InvalidRequest, LocopilotError, ModelNotFound
 from locopilot.gateway.auth import Principal, principal_of
@@ -127,34 +128,6 @@ def message_text(index: int, message: ChatMessage, limit: int) -> str:
             return check_text_size("\n".join(texts), limit, f"messages[{index}].content")
 
 
-SCHEMA_COUNT_KEYS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
-MAX_SCHEMA_COUNT = 4096
-MAX_SCHEMA_BYTES = 64 * 1024
-MAX_SCHEMA_DEPTH = 48  # JSON nesting levels: an object property is two (its object, properties)
-
-
-def check_schema_bounds(schema: dict[str, object]) -> None:
-    """Refuse schemas whose grammar would be huge: a ``minLength`` of 10^8 is a 500 MB grammar."""
-    if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
-        raise InvalidRequest(f"json_schema is larger than {MAX_SCHEMA_BYTES} bytes.", param="response_format")
-    stack: list[tuple[object, int]] = [(schema, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_SCHEMA_DEPTH:
-            raise InvalidRequest(
-                f"json_schema is nested more than {MAX_SCHEMA_DEPTH} levels deep.", param="response_format"
-            )
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in SCHEMA_COUNT_KEYS and isinstance(value, int | float) and value > MAX_SCHEMA_COUNT:
-                    raise InvalidRequest(
-                        f"json_schema {key} of {value} exceeds {MAX_SCHEMA_COUNT}.", param="response_format"
-                    )
-                stack.append((value, depth + 1))
-        elif isinstance(node, list):
-            stack.extend((value, depth + 1) for value in node)
-
-
 def chat_generation(body: ChatCompletionRequest, model: str, max_text: int) -> GenerationRequest:
     """The generation ``body`` asks for; ``max_text`` bounds each message's text in bytes."""
     check_common(body)
@@ -175,7 +148,7 @@ def chat_generation(body: ChatCompletionRequest, model: str, max_text: int) -> G
                     raise InvalidRequest(
                         "response_format.json_schema.schema is required", param="response_format.json_schema"
                     )
-                check_schema_bounds(spec.schema)
+                check_schema_bounds(spec.schema, "response_format")
                 json_schema = json.dumps(spec.schema)
     return GenerationRequest(
         model=model,
