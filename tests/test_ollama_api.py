@@ -258,8 +258,9 @@ def test_embed_and_embeddings(client: ollama.Client) -> None:
 
 
 def runner_pids(front: Server) -> dict[str, int]:
-    runners = front.engine_health()["runners"]
-    assert isinstance(runners, list)
+    engine = front.engine_health()["engine"]
+    assert isinstance(engine, dict)
+    runners = engine["runners"]
     return {runner["model"]: runner["pid"] for runner in runners}
 
 
@@ -300,11 +301,16 @@ def test_keep_alive_loads_and_unloads(client: ollama.Client, front: Server) -> N
 
 def test_routed_to_ollama_with_the_latest_tag(client: ollama.Client, stand_in: OllamaStandIn) -> None:
     stand_in.requests.clear()
-    reply = client.chat(
-        model="llama3.2", messages=[{"role": "user", "content": "hi"}], options={"temperature": 0.3, "seed": 5}
-    )
+    stand_in.load_duration = 250_000_000
+    try:
+        reply = client.chat(
+            model="llama3.2", messages=[{"role": "user", "content": "hi"}], options={"temperature": 0.3, "seed": 5}
+        )
+    finally:
+        stand_in.load_duration = 0
     assert reply.message.content == SENTENCE
     assert reply.model == "llama3.2"
+    assert reply.load_duration == 250_000_000  # the upstream's own, passed through
     sent = next(stand_in.bodies("/api/chat"))
     assert sent["model"] == "llama3.2:latest"
     assert (sent["options"]["temperature"], sent["options"]["seed"]) == (0.3, 5)

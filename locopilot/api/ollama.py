@@ -27,9 +27,10 @@ from litestar import Request, Response, post
 from litestar.response import Stream
 
 from locopilot.api.generation import privacy_of, serve_embedding, serve_generation
-from locopilot.api.openai import check_schema_bounds, check_text_size
+from locopilot.api.openai import check_text_size
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
 from locopilot.api.services import Services
+from locopilot.api.tools import ToolParams, check_schema_bounds, check_tools
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import InvalidRequest, LocopilotError, OllamaErrorBody
 from locopilot.gateway.router import served_name
@@ -67,6 +68,8 @@ from locopilot.schemas.ollama import (
 )
 from locopilot.schemas.ollama import ToolCall as OllamaToolCall
 
+#: Ollama's tool results name no call: they answer the call of their tool (see chat_messages).
+OLLAMA_TOOLS = ToolParams(call_ids=False)
 # Ollama's reasons: a reply that ends in tool calls ended with "stop" there.
 DONE_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop", "cancelled": "stop"}
 _GO_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|ms|s|m|h)")
@@ -114,7 +117,7 @@ def json_schema_of(format: str | dict[str, Any] | None) -> str | None:
         case "json":
             return '{"type": "object"}'
         case dict(schema):
-            check_schema_bounds(schema)
+            check_schema_bounds(schema, "format", "format's JSON schema")
             return json.dumps(schema)
         case _:
             raise InvalidRequest('invalid format: expected "json" or a valid JSON schema', param="format")
@@ -214,14 +217,17 @@ def chat_generation(body: ChatRequest, max_text: int, context: int | None) -> Ge
         )
         for tool in body.tools or []
     )
+    messages = chat_messages(body.messages, max_text)
+    choice = ToolChoice(mode="auto")
+    check_tools(tools, choice, messages, OLLAMA_TOOLS)
     return GenerationRequest(
         model=body.model,
-        messages=chat_messages(body.messages, max_text),
+        messages=messages,
         max_tokens=max_tokens_of(body.options),
         stop=list(body.options.stop or []) if body.options else [],
         json_schema=json_schema_of(body.format),
         tools=tools,
-        tool_choice=ToolChoice(mode="auto"),
+        tool_choice=choice,
         sampling=sampling_of(body.options),
     )
 

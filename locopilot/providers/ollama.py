@@ -47,6 +47,7 @@ class _StreamLine(msgspec.Struct):
     done_reason: str | None = None
     prompt_eval_count: int = 0
     eval_count: int = 0
+    load_duration: int = 0  # nanoseconds
     error: str | None = None
 
 
@@ -223,7 +224,9 @@ class OllamaProvider:
                         yield TextDelta(text, 1)
                     if line.done:
                         reason = "length" if line.done_reason == "length" else "stop"
-                        yield Finish(reason, line.prompt_eval_count, line.eval_count)
+                        yield Finish(
+                            reason, line.prompt_eval_count, line.eval_count, load_seconds=line.load_duration / 1e9
+                        )
                         return
         raise UpstreamError(f"Ollama provider {self.name} ended the stream before it was done", retryable=True)
 

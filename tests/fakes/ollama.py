@@ -265,7 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "done": True,
                 "done_reason": reason,
                 "total_duration": elapsed,
-                "load_duration": 0,
+                "load_duration": stand_in.load_duration,
                 "prompt_eval_count": word_count(body, chat),
                 "prompt_eval_duration": elapsed // 2,
                 "eval_count": count,
@@ -361,6 +361,8 @@ class OllamaStandIn:
         self.endless = False
         self.chunk_interval = 0.01
         self.error_after: tuple[int, str] | None = None
+        self.load_duration = 0
+        """Nanoseconds the last object of a generation says loading the model took."""
         self.disconnected = threading.Event()
         self.stopping = threading.Event()
         self._faults: list[Fault] = []
