@@ -228,6 +228,7 @@ async def delete_model(data: ModelRequest, services: Services, request: Request[
         raise ModelNotFound(f"model '{model}' not found", param="model")
     await services.manager.unload(entry.name)
     await anyio.to_thread.run_sync(services.catalog.remove, entry.name)
+    services.router.models_changed(EmbeddedProvider.name)
     return Response(b"", media_type=MediaType.JSON)
 
 
@@ -240,6 +241,7 @@ async def copy_model(data: CopyRequest, services: Services, request: Request[Any
     destination = validate_model_name(data.destination.removesuffix(DEFAULT_TAG))
     source = Path(entry.path)
     await anyio.to_thread.run_sync(lambda: services.catalog.add(source, name=destination, link=True))
+    services.router.models_changed(EmbeddedProvider.name)
     return Response(b"", media_type=MediaType.JSON)
 
 

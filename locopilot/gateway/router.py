@@ -297,6 +297,12 @@ class Router:
             await self._refresh(state)
         return state.models
 
+    def models_changed(self, provider: str) -> None:
+        """Forget ``provider``'s cached model list: a model was added or removed there."""
+        state = self.states.get(provider)
+        if state is not None:
+            state.models = None
+
     async def _refresh(self, state: ProviderState) -> None:
         started = self.clock()
         try:
