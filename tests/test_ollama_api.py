@@ -20,6 +20,9 @@ import httpx
 import ollama
 import pytest
 
+from locopilot.api.ollama import keep_alive_seconds
+from locopilot.errors import InvalidRequest
+from locopilot.gateway.router import served_name
 from tests.conftest import SMOL, Server, start_server
 from tests.fakes.ollama import SENTENCE, OllamaStandIn
 
@@ -342,6 +345,10 @@ def test_an_upstream_error_mid_stream_is_an_error_line(client: ollama.Client, st
 # Errors in Ollama's shape
 
 
+def tool(name: str, kind: str = "object") -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": kind, "properties": {}}}}
+
+
 @pytest.mark.parametrize(
     ("route", "body", "status", "fragment"),
     [
@@ -354,6 +361,9 @@ def test_an_upstream_error_mid_stream_is_an_error_line(client: ollama.Client, st
         ("/api/chat", {"model": SMOL, "messages": CAPITAL, "format": "xml"}, 400, "format"),
         ("/api/chat", {"model": SMOL, "messages": CAPITAL, "keep_alive": "soon"}, 400, "duration"),
         ("/api/chat", {"model": SMOL, "messages": CAPITAL, "think": True}, 400, "thinking"),
+        ("/api/chat", {"model": SMOL, "messages": CAPITAL, "tools": [tool("bad name")]}, 400, "tool name"),
+        ("/api/chat", {"model": SMOL, "messages": CAPITAL, "tools": [tool("f", "array")]}, 400, '"type": "object"'),
+        ("/api/chat", {"model": SMOL, "messages": CAPITAL, "tools": [tool("f"), tool("f")]}, 400, "twice"),
         ("/api/generate", {"model": SMOL, "prompt": "hi", "template": "{{ .Prompt }}"}, 400, "template"),
         ("/api/generate", {"model": SMOL, "prompt": "hi", "context": [1, 2, 3]}, 400, "context"),
         ("/api/generate", {"model": SMOL, "prompt": "hi", "raw": True, "system": "x"}, 400, "system"),
@@ -423,3 +433,43 @@ def test_the_request_log_and_metrics_name_the_ollama_api(client: ollama.Client, 
     wait_for(lambda: {"ollama.chat", "ollama.generate", "ollama.embed"} <= logged())
     metrics = httpx.get(f"{front.url}/metrics", timeout=10).text
     assert 'route="/api/chat"' in metrics and 'route="/api/embed"' in metrics
+
+
+# The pieces, alone
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (None, None),
+        (0, 0.0),
+        (30, 30.0),
+        (-1, -1.0),
+        ("0", 0.0),
+        ("5m", 300.0),
+        ("1h30m", 5400.0),
+        ("1.5s", 1.5),
+        ("300ms", 0.3),
+        ("-1", -1.0),
+        ("-5m", -1.0),
+        ("45", 45.0),
+    ],
+)
+def test_keep_alive_reads_as_ollama_does(value: float | str | None, seconds: float | None) -> None:
+    assert keep_alive_seconds(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "5 m", "m", "", "1x", True])
+def test_keep_alive_refuses_what_is_no_duration(value: str | bool) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        keep_alive_seconds(value)
+    assert caught.value.param == "keep_alive"
+
+
+def test_a_name_without_a_tag_is_its_latest() -> None:
+    names = ["llama3.2:latest", "qwen2.5:0.5b", "smol"]
+    assert served_name("llama3.2", names) == "llama3.2:latest"
+    assert served_name("llama3.2:latest", names) == "llama3.2:latest"
+    assert served_name("smol:latest", names) == "smol"
+    assert served_name("qwen2.5", names) is None
+    assert served_name("llama3.2:1b", names) is None

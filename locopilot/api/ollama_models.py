@@ -217,7 +217,7 @@ async def version() -> Response[bytes]:
     return Response(encoder.encode(Version(version=OLLAMA_VERSION)), media_type=MediaType.JSON)
 
 
-@delete("/api/delete", status_code=200, responses=answers(type(None), 200, *GUARDED, *BODY, 404, **OLLAMA_ERRORS))
+@delete("/api/delete", status_code=200, responses=answers(None, 200, *GUARDED, *BODY, 404, **OLLAMA_ERRORS))
 async def delete_model(data: ModelRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Delete an embedded model (unloading it first); an upstream's models are not ours to delete."""
     model = data.model_name
@@ -232,7 +232,7 @@ async def delete_model(data: ModelRequest, services: Services, request: Request[
     return Response(b"", media_type=MediaType.JSON)
 
 
-@post("/api/copy", status_code=200, responses=answers(type(None), 200, *GUARDED, *BODY, 404, **OLLAMA_ERRORS))
+@post("/api/copy", status_code=200, responses=answers(None, 200, *GUARDED, *BODY, 404, **OLLAMA_ERRORS))
 async def copy_model(data: CopyRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     """``destination`` becomes another name of the embedded model ``source``: a link to the same file."""
     entry = await embedded_entry(services, request, data.source)
@@ -245,7 +245,7 @@ async def copy_model(data: CopyRequest, services: Services, request: Request[Any
     return Response(b"", media_type=MediaType.JSON)
 
 
-@post("/api/pull", status_code=200, responses=answers(type(None), 200, *GUARDED, *BODY, 501, **OLLAMA_ERRORS))
+@post("/api/pull", status_code=200, responses=answers(None, 200, *GUARDED, *BODY, 501, **OLLAMA_ERRORS))
 async def pull(data: ModelRequest) -> Response[bytes]:
     raise PullUnavailable(
         f"this server cannot pull '{data.model_name}' yet: add a GGUF file with `locopilot models add FILE`",
