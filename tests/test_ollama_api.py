@@ -20,7 +20,7 @@ import httpx
 import ollama
 import pytest
 
-from locopilot.api.ollama import keep_alive_seconds
+from locopilot.api.ollama_requests import keep_alive_seconds
 from locopilot.errors import InvalidRequest
 from locopilot.gateway.router import served_name
 from tests.conftest import SMOL, Server, start_server

@@ -35,9 +35,7 @@ _DESCRIPTIONS = {
 }
 
 
-def answers(
-    success: type | None, status: int = 200, *errors: int, error: type = ErrorBody
-) -> dict[int, ResponseSpec]:
+def answers(success: type | None, status: int = 200, *errors: int, error: type = ErrorBody) -> dict[int, ResponseSpec]:
     """The responses of a route that answers ``success`` (None: an empty body) with ``status``, and
     ``errors`` in the shape ``error`` (OpenAI's by default; the Ollama front's is ``OllamaErrorBody``)."""
     specs = {status: ResponseSpec(success, generate_examples=False, description="Success")}
