@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import anyio
 from litestar import Request, Response, delete, get, post, route
@@ -24,7 +24,7 @@ from locopilot.api.openai import all_cards
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
 from locopilot.api.services import Services
 from locopilot.engine.templates import choose_template
-from locopilot.errors import InvalidRequest, LocopilotError, ModelNotFound
+from locopilot.errors import InvalidRequest, ModelNotFound
 from locopilot.gateway.auth import principal_of
 from locopilot.gateway.guard import EXCLUDE_FROM_AUTH
 from locopilot.gateway.router import DEFAULT_TAG
@@ -50,14 +50,6 @@ OLLAMA_VERSION = "0.12.0"
 ROOT_TEXT = "Ollama is running"
 #: What ``/api/ps`` shows as the expiry of a model kept loaded until unloaded (as Ollama does, far ahead).
 FOREVER = datetime(2318, 1, 1, tzinfo=UTC)
-
-
-class PullUnavailable(LocopilotError):
-    """``/api/pull`` before locopilot can fetch models itself."""
-
-    status_code: ClassVar[int] = 501
-    error_type: ClassVar[str] = "not_implemented"
-    default_code: ClassVar[str | None] = "not_implemented"
 
 
 def tag_name(name: str) -> str:
@@ -245,11 +237,14 @@ async def copy_model(data: CopyRequest, services: Services, request: Request[Any
     return Response(b"", media_type=MediaType.JSON)
 
 
-@post("/api/pull", status_code=200, responses=answers(None, 200, *GUARDED, *BODY, 501, **OLLAMA_ERRORS))
+@post("/api/pull", status_code=200, responses=answers(None, 200, *GUARDED, *BODY, **OLLAMA_ERRORS))
 async def pull(data: ModelRequest) -> Response[bytes]:
-    raise PullUnavailable(
-        f"this server cannot pull '{data.model_name}' yet: add a GGUF file with `locopilot models add FILE`",
+    """Until locopilot fetches models itself: a 400 that says what to do instead (a 501 would read
+    as the server failing, and clients retry 5xx)."""
+    raise InvalidRequest(
+        f"this server cannot pull models yet ('{data.model_name}'): add a GGUF file with `locopilot models add FILE`",
         param="model",
+        code="pull_unavailable",
     )
 
 

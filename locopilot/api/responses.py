@@ -29,7 +29,6 @@ _DESCRIPTIONS = {
     413: "The body is too large",
     429: "Over the key's quota",
     500: "A bug in locopilot",
-    501: "Not something this server does (yet)",
     502: "An upstream provider failed",
     503: "The engine or every provider is unavailable, or too busy",
 }
