@@ -8,6 +8,7 @@ model starts a new runner.
 
 :class:`ModelManager` keeps at most ``max_loaded_models`` runners (least
 recently used goes first), unloads idle ones after ``model_idle_ttl`` seconds
+(or the time a request set for that model, Ollama's ``keep_alive``: :meth:`ModelManager.keep`)
 and bounds how many requests may wait for a busy model (``queue_size``).
 """
 
