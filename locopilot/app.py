@@ -22,6 +22,8 @@ from locopilot.api import anthropic as anthropic_api
 from locopilot.api import engine as engine_api
 from locopilot.api import files as files_api
 from locopilot.api import models as models_api
+from locopilot.api import ollama as ollama_api
+from locopilot.api import ollama_models as ollama_models_api
 from locopilot.api import openai as openai_api
 from locopilot.api import openai_responses as responses_api
 from locopilot.api import training as training_api
@@ -79,6 +81,10 @@ INFERENCE_ENDPOINTS = {
     "/v1/responses": "responses",
     "/v1/messages": "messages",
     "/v1/messages/count_tokens": "messages.count_tokens",
+    "/api/chat": "ollama.chat",
+    "/api/generate": "ollama.generate",
+    "/api/embed": "ollama.embed",
+    "/api/embeddings": "ollama.embeddings",
 }
 
 
@@ -301,6 +307,8 @@ def create_app(settings: Settings) -> Litestar:
             *openai_api.ROUTES,
             *responses_api.ROUTES,
             *anthropic_api.ROUTES,
+            *ollama_api.ROUTES,
+            *ollama_models_api.ROUTES,
             *engine_api.ROUTES,
             *admin_api.ROUTES,
             *files_api.ROUTES,

@@ -21,11 +21,11 @@ from locopilot.api.services import Services
 from locopilot.errors import InvalidRequest
 from locopilot.gateway.access import outcome_id
 from locopilot.gateway.auth import principal_of
-from locopilot.gateway.failover import open_stream
+from locopilot.gateway.failover import first_success, open_stream
 from locopilot.gateway.router import PRIVACY_LEVELS, Route
 from locopilot.gateway.streaming import Formatter, OnReply, collect, sse_response, unless_disconnected
 from locopilot.gateway.usage import Outcome
-from locopilot.providers.base import GenerationRequest, StreamEvent
+from locopilot.providers.base import EmbeddingResult, GenerationRequest, StreamEvent
 from locopilot.schemas.openai import encoder
 from locopilot.settings import Privacy
 
@@ -108,3 +108,41 @@ async def serve_generation(
             shutdown=services.shutdown,
             on_reply=on_reply,
         )
+
+
+async def serve_embedding(
+    services: Services,
+    request: Request[Any, Any, Any],
+    *,
+    endpoint: str,
+    id_prefix: str,
+    model: str,
+    inputs: Callable[[], list[str]],
+) -> tuple[Route, EmbeddingResult, dict[str, str]]:
+    """Limit, check, route (with failover) and record one embedding request, for every front.
+
+    ``inputs`` checks the body and gives the texts (raising InvalidRequest) once the request is
+    admitted. Returns where it was served, the vectors and the response headers to send.
+    """
+    request_id = outcome_id(request.scope, id_prefix)
+    principal = principal_of(request)
+    outcome = Outcome(request_id, endpoint, model, key_id=principal.key_id)
+    async with services.recorder.recording(outcome):
+        admission = outcome.admission = services.limiter.admit(principal)
+        texts = inputs()
+        if services.settings.log_prompts:
+            outcome.keep_text(texts, reply=False)
+        policy = privacy_of(request, services.settings.routing_privacy)
+        plan = await services.auth.plan(request, services.router, model, policy)
+        outcome.routing = plan.decision
+
+        async def attempt(route: Route) -> EmbeddingResult:
+            return await route.provider.embed(route.model, texts)
+
+        route, result = await unless_disconnected(
+            request.receive, lambda: first_success(services.router, plan, attempt), services.shutdown
+        )
+        outcome.model, outcome.provider = route.model, route.provider.name
+    outcome.tokens_in = result.prompt_tokens
+    await services.recorder.settle(outcome)
+    return route, result, {**provider_headers(route.provider.name, route.model), **admission.headers()}

@@ -16,21 +16,16 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 
-from locopilot.api.generation import privacy_of, provider_headers, serve_generation
+from locopilot.api.generation import serve_embedding, serve_generation
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
 from locopilot.api.services import Services
 from locopilot.api.tools import check_schema_bounds, check_tools
 from locopilot.engine.protocol import SamplingParams
 from locopilot.errors import InvalidRequest, LocopilotError, ModelNotFound
-from locopilot.gateway.access import outcome_id
 from locopilot.gateway.auth import Principal, principal_of
-from locopilot.gateway.failover import first_success
-from locopilot.gateway.router import Route
-from locopilot.gateway.streaming import ChoiceParts, Reply, sse, unless_disconnected, usage_of
-from locopilot.gateway.usage import Outcome
+from locopilot.gateway.streaming import ChoiceParts, Reply, sse, usage_of
 from locopilot.models.catalog import ModelEntry, validate_model_name
 from locopilot.providers.base import (
-    EmbeddingResult,
     Finish,
     FunctionTool,
     GenerationRequest,
@@ -582,37 +577,20 @@ def embedding_inputs(body: EmbeddingRequest, max_text: int) -> list[str]:
 
 @post("/v1/embeddings", status_code=200, responses=answers(EmbeddingList, 200, *GUARDED, *BODY, *ROUTED))
 async def embeddings(data: EmbeddingRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
-    request_id = outcome_id(request.scope, "emb")
-    principal = principal_of(request)
-    outcome = Outcome(request_id, "embeddings", data.model, key_id=principal.key_id)
-    async with services.recorder.recording(outcome):
-        admission = outcome.admission = services.limiter.admit(principal)
-        inputs = embedding_inputs(data, services.settings.max_message_bytes)
-        if services.settings.log_prompts:
-            outcome.keep_text(inputs, reply=False)
-        policy = privacy_of(request, services.settings.routing_privacy)
-        plan = await services.auth.plan(request, services.router, data.model, policy)
-        outcome.routing = plan.decision
-
-        async def attempt(route: Route) -> EmbeddingResult:
-            return await route.provider.embed(route.model, inputs)
-
-        route, result = await unless_disconnected(
-            request.receive, lambda: first_success(services.router, plan, attempt), services.shutdown
-        )
-        outcome.model, outcome.provider = route.model, route.provider.name
-    outcome.tokens_in = result.prompt_tokens
-    await services.recorder.settle(outcome)
+    _, result, headers = await serve_embedding(
+        services,
+        request,
+        endpoint="embeddings",
+        id_prefix="emb",
+        model=data.model,
+        inputs=lambda: embedding_inputs(data, services.settings.max_message_bytes),
+    )
     data_items = [
         EmbeddingData(i, base64.b64encode(_float32(v)).decode() if data.encoding_format == "base64" else v)
         for i, v in enumerate(result.vectors)
     ]
     body = EmbeddingList(data_items, data.model, EmbeddingUsage(result.prompt_tokens, result.prompt_tokens))
-    return Response(
-        encoder.encode(body),
-        media_type="application/json",
-        headers={**provider_headers(route.provider.name, route.model), **admission.headers()},
-    )
+    return Response(encoder.encode(body), media_type="application/json", headers=headers)
 
 
 def _float32(vector: list[float]) -> bytes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from litestar.openapi.datastructures import ResponseSpec
 
-from locopilot.errors import AnthropicErrorBody, ErrorBody, Front
+from locopilot.errors import AnthropicErrorBody, ErrorBody, Front, OllamaErrorBody
 
 #: Every route but ``/health``: no key or a bad one, a missing scope or a foreign Host, a bug.
 GUARDED = (401, 403, 500)
@@ -36,11 +36,12 @@ _DESCRIPTIONS = {
 }
 
 
-def answers(success: type, status: int = 200, *errors: int, front: Front = "openai") -> dict[int, ResponseSpec]:
-    """The responses of a route that answers ``success`` with ``status``, and ``errors`` in ``front``'s
-    error shape (Anthropic's answers 529 where the others answer 503; see :func:`locopilot.errors.render`)."""
+def answers(success: type | None, status: int = 200, *errors: int, front: Front = "openai") -> dict[int, ResponseSpec]:
+    """The responses of a route that answers ``success`` (None: an empty body) with ``status``, and
+    ``errors`` in ``front``'s error shape (Anthropic's answers 529 where the others answer 503; see
+    :func:`locopilot.errors.render`)."""
     specs = {status: ResponseSpec(success, generate_examples=False, description="Success")}
-    body: type = AnthropicErrorBody if front == "anthropic" else ErrorBody
+    body: type = {"anthropic": AnthropicErrorBody, "ollama": OllamaErrorBody}.get(front, ErrorBody)
     for code in sorted(set(errors)):
         shown = 529 if front == "anthropic" and code == 503 else code
         specs[shown] = ResponseSpec(body, generate_examples=False, description=_DESCRIPTIONS[code])

@@ -8,6 +8,7 @@ model starts a new runner.
 
 :class:`ModelManager` keeps at most ``max_loaded_models`` runners (least
 recently used goes first), unloads idle ones after ``model_idle_ttl`` seconds
+(or the time a request set for that model, Ollama's ``keep_alive``: :meth:`ModelManager.keep`)
 and bounds how many requests may wait for a busy model (``queue_size``).
 """
 
@@ -160,6 +161,7 @@ class RunnerProcess:
         ready: Ready,
         clock: Callable[[], float],
         on_idle: Callable[[], None] = lambda: None,
+        load_seconds: float = 0.0,
     ) -> None:
         self.name = name
         self.on_idle = on_idle
@@ -167,6 +169,9 @@ class RunnerProcess:
         self.ready = ready
         self.clock = clock
         self.last_used = clock()
+        self.loaded_at = self.last_used
+        self.load_seconds = load_seconds
+        """How long starting the process and loading the model took."""
         self.in_flight = 0
         self.waiting = 0
         self.tokens_generated = 0
@@ -224,6 +229,7 @@ class RunnerProcess:
         assert process.stderr is not None
         tasks.start_soon(relay_stderr, process.stderr, name, process.pid, name=f"runner-stderr:{name}")
         failed = f"model '{name}' failed to load; the server log says why"
+        started = clock()
         try:
             await process.stdin.send(protocol.encode(load))
             with anyio.fail_after(settings.load_timeout):
@@ -238,7 +244,7 @@ class RunnerProcess:
         match first:
             case Ready():
                 log.info("loaded model %s in runner pid %s (n_ctx=%s)", name, first.pid, first.n_ctx)
-                return cls(name, process, first, clock, on_idle)
+                return cls(name, process, first, clock, on_idle, load_seconds=clock() - started)
             case LoadFailed(message=message):
                 log.error("model %s failed to load: %s", name, message)
             case None:
@@ -523,6 +529,9 @@ class ModelManager:
         self._loading = anyio.Lock()
         self._some_idle = anyio.Event()
         self._died: set[str] = set()
+        self.keep_alive: dict[str, float] = {}
+        """Seconds a model's runner may sit idle, by model, where a request set it (Ollama's
+        ``keep_alive``) for the model's current load; negative keeps it loaded. Else ``model_idle_ttl``."""
         self.restarts: Counter[str] = Counter()
         """Since start, by model: runners started after the model's previous runner died."""
 
@@ -650,8 +659,31 @@ class ModelManager:
     def _runner_idle(self) -> None:
         self._some_idle.set()
 
+    def idle_ttl(self, name: str) -> float:
+        """Seconds ``name``'s runner may sit idle before it is unloaded; negative: forever."""
+        return self.keep_alive.get(name, self.settings.for_model(name).idle_ttl)
+
+    def keep(self, name: str, seconds: float | None) -> None:
+        """Keep ``name`` loaded ``seconds`` after its last request (negative: until evicted or
+        unloaded); None goes back to ``model_idle_ttl``. The reaper applies it within a second."""
+        if seconds is None:
+            self.keep_alive.pop(name, None)
+        else:
+            self.keep_alive[name] = seconds
+
+    async def expire(self, name: str) -> bool:
+        """Unload ``name`` now if it is idle, else as soon as its requests are done; whether it was loaded."""
+        runner = self.runners.get(name)
+        if runner is None:
+            return False
+        self.keep_alive[name] = 0
+        if runner.in_flight == 0 and runner.waiting == 0:
+            await self.unload(name)
+        return True
+
     async def unload(self, name: str) -> bool:
         runner = self.runners.pop(name, None)
+        self.keep_alive.pop(name, None)
         if runner is None:
             return False
         log.info("unloading model %s", name)
@@ -659,12 +691,12 @@ class ModelManager:
         return True
 
     async def reap_idle(self, interval: float = 1.0) -> None:
-        """Forever: unload runners idle longer than the TTL, forget dead ones."""
+        """Forever: unload runners idle longer than their TTL (:meth:`idle_ttl`), forget dead ones."""
         while True:
             await anyio.sleep(interval)
             now = self.clock()
             for name, runner in list(self.runners.items()):
-                ttl = self.settings.for_model(name).idle_ttl
+                ttl = self.idle_ttl(name)
                 if not runner.alive and runner.in_flight == 0:
                     self._forget_dead(name)
                 elif ttl >= 0 and runner.in_flight == 0 and runner.waiting == 0 and now - runner.last_used > ttl:

@@ -9,7 +9,7 @@ that table needs ``admin``, so a new route is never open by accident. It puts th
 
 Who gets in:
 
-- ``GET /health`` (``exclude_from_auth``): always, no key looked at.
+- ``GET /health`` and Ollama's root probe ``GET|HEAD /`` (``exclude_from_auth``): always, no key looked at.
 - ``GET /v1/models`` and ``GET /v1/models/{id}`` with ``LOCOPILOT_PUBLIC_MODELS``, and
   ``GET /metrics`` with ``LOCOPILOT_METRICS_PUBLIC``: without a key; a key, if sent, must be valid.
 - Open mode: no admin key and no key ever created (a revoked key still counts,
@@ -86,6 +86,17 @@ ROUTE_SCOPES: dict[str, Requirement] = {
     "POST /v1/messages/count_tokens": "inference",
     "GET /v1/models": "inference",
     "GET /v1/models/{model_id}": "inference",
+    "POST /api/chat": "inference",
+    "POST /api/generate": "inference",
+    "POST /api/embed": "inference",
+    "POST /api/embeddings": "inference",
+    "GET /api/tags": "inference",
+    "POST /api/show": "inference",
+    "GET /api/ps": "inference",
+    "GET /api/version": "inference",
+    "DELETE /api/delete": "models",
+    "POST /api/copy": "models",
+    "POST /api/pull": "models",
     "GET /v1/engine/health": "admin",
     "GET /v1/engine/stats": "admin",
     "GET /v1/admin/keys": "admin",

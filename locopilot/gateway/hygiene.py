@@ -48,10 +48,14 @@ SCREENED_PATHS = frozenset(
         "/v1/responses",
         "/v1/messages",
         "/v1/messages/count_tokens",
+        "/api/chat",
+        "/api/generate",
+        "/api/embed",
+        "/api/embeddings",
     }
 )
 #: Top-level fields whose keys are data, not options.
-DATA_FIELDS = frozenset({"response_format", "logit_bias", "text"})
+DATA_FIELDS = frozenset({"response_format", "logit_bias", "text", "format"})
 #: Below the root, fields whose keys are the caller's names (a tool's JSON schema, a tool call's
 #: arguments in Anthropic's ``tool_use`` blocks and Ollama's calls): not screened for redirect
 #: fields, still for depth.

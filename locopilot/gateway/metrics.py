@@ -53,6 +53,10 @@ ROUTES = {
     "responses": "/v1/responses",
     "messages": "/v1/messages",
     "messages.count_tokens": "/v1/messages/count_tokens",
+    "ollama.chat": "/api/chat",
+    "ollama.generate": "/api/generate",
+    "ollama.embed": "/api/embed",
+    "ollama.embeddings": "/api/embeddings",
 }
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TOKENS_PER_SECOND_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)

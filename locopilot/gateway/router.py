@@ -6,7 +6,8 @@
 2. ``name:model`` or ``name/model``, where ``name`` is a configured provider
    (split on the first separator, since Ollama tags contain ``:``), goes to
    that provider only. ``auto`` is the first provider that can serve anything.
-3. Otherwise every provider that serves the model is a candidate, in priority
+3. Otherwise every provider that serves the model (``name`` and ``name:latest`` are one
+   model, see :func:`served_name`) is a candidate, in priority
    order (lower first); ``local_preferred`` puts local providers first,
    ``local_only`` drops remote ones entirely.
 4. A provider whose circuit breaker is open is skipped, with the reason kept
@@ -294,7 +295,7 @@ class Router:
             return None
         if model == "auto":
             return names[0] if names else None
-        return model if model in names else None
+        return served_name(model, names)
 
     async def models_of(self, state: ProviderState) -> list[str] | None:
         """The provider's models: configured, else cached for MODELS_TTL; None if it cannot be asked."""
@@ -310,6 +311,12 @@ class Router:
         if state.models is None or self.clock() - state.models_at > MODELS_TTL:
             await self._refresh(state)
         return state.models
+
+    def models_changed(self, provider: str) -> None:
+        """Forget ``provider``'s cached model list: a model was added or removed there."""
+        state = self.states.get(provider)
+        if state is not None:
+            state.models = None
 
     async def _refresh(self, state: ProviderState) -> None:
         started = self.clock()
@@ -364,6 +371,18 @@ class Router:
     async def aclose(self) -> None:
         for state in self.states.values():
             await state.provider.aclose()
+
+
+DEFAULT_TAG = ":latest"
+
+
+def served_name(requested: str, names: list[str]) -> str | None:
+    """``requested`` as ``names`` spell it, or None: ``llama3.2`` and ``llama3.2:latest`` are one
+    model (Ollama's default tag), whichever way the client and the provider write it."""
+    if requested in names:
+        return requested
+    base = requested.removesuffix(DEFAULT_TAG)
+    return next((name for name in names if name.removesuffix(DEFAULT_TAG) == base), None)
 
 
 def failover_reason(error: LocopilotError) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
@@ -99,10 +100,14 @@ class ChoiceParts:
 
 @dataclass
 class Reply:
-    """A whole reply: each choice's text, tool calls and logprobs, and the provider's Finish."""
+    """A whole reply: each choice's text, tool calls and logprobs, and the provider's Finish.
+
+    ``first_event_ns``: when its first event was in hand (``time.perf_counter_ns``); a Reply is made then.
+    """
 
     choices: list[ChoiceParts] = field(default_factory=lambda: [ChoiceParts()])
     finish: Finish | None = None
+    first_event_ns: int = field(default_factory=time.perf_counter_ns)
 
     def add(self, event: TextDelta | ToolCallDelta) -> None:
         while len(self.choices) <= event.index:

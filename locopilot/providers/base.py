@@ -122,6 +122,8 @@ class Finish(msgspec.Struct, frozen=True):
     ``stop``: which of the request's ``stop`` strings ended choice 0, when one did and the
     backend says (the embedded engine does; OpenAI-compatible upstreams that send vLLM's
     ``stop_reason``, locopilot among them, do); None otherwise.
+    ``load_seconds``: of the time before the first event, how long the model took to
+    load for this request (0 when it was loaded already, or the backend does not say).
     """
 
     reason: str
@@ -131,6 +133,7 @@ class Finish(msgspec.Struct, frozen=True):
     reasons: tuple[str, ...] = ()
     tool_parse_failures: int = 0
     stop: str | None = None
+    load_seconds: float = 0.0
 
 
 StreamEvent = TextDelta | ToolCallDelta | Finish

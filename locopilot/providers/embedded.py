@@ -152,6 +152,7 @@ class EmbeddedProvider:
         refuse_unseeable(request)
         job = generate_job(request)
         input_param = "messages" if request.messages is not None else "prompt"
+        began = self.manager.clock()
         messages = self._request(request.model, job)
         try:
             async for message in messages:
@@ -177,7 +178,8 @@ class EmbeddedProvider:
                             message.cached_tokens,
                             message.reasons,
                             message.tool_parse_failures,
-                            message.stop,
+                            stop=message.stop,
+                            load_seconds=self._load_seconds(request.model, began),
                         )
                     case Failed():
                         raise failure_error(message, input_param)
@@ -201,6 +203,17 @@ class EmbeddedProvider:
         finally:
             await messages.aclose()
         raise EngineUnavailable("the runner ended the token count without a result")
+
+    def _load_seconds(self, model: str, began: float) -> float:
+        """How long ``model``'s runner took to load, if it was loaded since ``began`` (for this request)."""
+        runner = self.manager.runners.get(model)
+        return runner.load_seconds if runner is not None and runner.loaded_at >= began else 0.0
+
+    async def load(self, model: str) -> None:
+        """Load ``model`` now (Ollama's request with nothing to generate); raises ModelNotFound, EngineUnavailable."""
+        if model not in self.manager.loaded():
+            await self._check_loadable(model)
+        await self.manager.runner(model)
 
     async def embed(self, model: str, inputs: list[str]) -> EmbeddingResult:
         messages = self._request(model, Embed(id=0, inputs=inputs))

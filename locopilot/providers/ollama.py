@@ -74,6 +74,7 @@ class _StreamLine(msgspec.Struct):
     done_reason: str | None = None
     prompt_eval_count: int = 0
     eval_count: int = 0
+    load_duration: int = 0  # nanoseconds
     error: str | None = None
 
 
@@ -332,7 +333,9 @@ class OllamaProvider:
                     if line.done:
                         # Ollama says "stop" after calls; OpenAI's clients look for "tool_calls".
                         reason = "length" if line.done_reason == "length" else "tool_calls" if calls else "stop"
-                        yield Finish(reason, line.prompt_eval_count, line.eval_count)
+                        yield Finish(
+                            reason, line.prompt_eval_count, line.eval_count, load_seconds=line.load_duration / 1e9
+                        )
                         return
         raise UpstreamError(f"Ollama provider {self.name} ended the stream before it was done", retryable=True)
 

@@ -303,7 +303,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "done": True,
                 "done_reason": reason,
                 "total_duration": elapsed,
-                "load_duration": 0,
+                "load_duration": stand_in.load_duration,
                 "prompt_eval_count": word_count(body, chat),
                 "prompt_eval_duration": elapsed // 2,
                 "eval_count": count,
@@ -431,6 +431,8 @@ class OllamaStandIn:
         self.error_after: tuple[int, str] | None = None
         self.call_tools: list[str] = []
         self.call_ids = True
+        self.load_duration = 0
+        """Nanoseconds the last object of a generation says loading the model took."""
         self.disconnected = threading.Event()
         self.stopping = threading.Event()
         self._faults: list[Fault] = []

@@ -149,12 +149,16 @@ def request(server: Server, route: Route, headers: dict[str, str] | None = None)
 
 
 def assert_unauthorized(response: httpx.Response, secret: str | None = None) -> None:
-    """401 in the shape of the route's API (OpenAI's, or Anthropic's on /v1/messages) with a Bearer
-    challenge; the presented key is nowhere in it."""
+    """401 in the shape of the route's API (OpenAI's, Anthropic's on /v1/messages, or Ollama's
+    ``{"error": "..."}`` under ``/api``) with a Bearer challenge; the presented key is nowhere in it."""
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"].startswith("Bearer")
-    if front_of(response.request.url.path) == "anthropic":
+    front = front_of(response.request.url.path)
+    if front == "anthropic":
         assert response.json() == {"type": "error", "error": {"type": "authentication_error", "message": ANY}}
+    elif front == "ollama":
+        error = response.json()["error"]
+        assert isinstance(error, str) and "API key" in error
     else:
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}
@@ -166,11 +170,21 @@ def assert_unauthorized(response: httpx.Response, secret: str | None = None) -> 
 
 
 def assert_forbidden(response: httpx.Response, code: str) -> None:
-    """403 with ``code`` in OpenAI's shape; Anthropic's (/v1/messages) has no code, only its type."""
+    """403 with ``code`` in OpenAI's shape; Anthropic's (/v1/messages) has no code, only its type;
+    under ``/api`` Ollama's shape has a message alone (``{"error": "..."}``)."""
     assert response.status_code == 403, response.text
     if front_of(response.request.url.path) == "anthropic":
         assert response.json() == {"type": "error", "error": {"type": "permission_error", "message": ANY}}
         return
     error = response.json()["error"]
+    if front_of(response.request.url.path) == "ollama":
+        assert isinstance(error, str)
+        return
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == code
+
+
+def error_message(response: httpx.Response) -> str:
+    """The error's message, in OpenAI's shape, Anthropic's or Ollama's."""
+    error = response.json()["error"]
+    return error if isinstance(error, str) else str(error["message"])

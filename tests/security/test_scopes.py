@@ -15,6 +15,7 @@ from tests.security.conftest import (
     assert_forbidden,
     audit_events,
     create_key,
+    error_message,
     request,
 )
 
@@ -38,7 +39,7 @@ def test_each_route_admits_its_scope_and_refuses_the_others(
             assert response.status_code not in (401, 403), (scope, response.text)
         else:
             assert_forbidden(response, "insufficient_scope")
-            assert str(needed) in response.json()["error"]["message"]
+            assert str(needed) in error_message(response)
 
 
 def test_documentation_needs_a_key_of_any_scope(secured: Server, one_scope_keys: dict[str, Key]) -> None:

@@ -1,0 +1,328 @@
+"""Ollama's generation routes (``/api/chat``, ``/api/generate``, ``/api/embed``, ``/api/embeddings``).
+
+A translator, not a second pipeline: each body becomes one GenerationRequest run by
+:func:`~locopilot.api.generation.serve_generation` (embeddings: :func:`serve_embedding`),
+and :class:`OllamaFormatter` writes the events as Ollama does: NDJSON by default, one
+object with ``"stream": false``. The last object's statistics are measured here, as the
+gateway sees the request: ``total_duration`` from the handler's start to the last byte,
+``load_duration`` the provider's (the embedded engine's runner start, an Ollama upstream's
+own), ``prompt_eval_duration`` the rest of the time to the first token, ``eval_duration``
+from the first token to the last.
+
+``keep_alive`` sets how long an embedded model stays loaded after the request
+(:meth:`~locopilot.engine.scheduler.ModelManager.keep`); a request with nothing to
+generate from loads the model, or with ``keep_alive`` 0 unloads it, as in Ollama.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from litestar import Request, Response, post
+from litestar.response import Stream
+
+from locopilot.api.generation import privacy_of, serve_embedding, serve_generation
+from locopilot.api.ollama_requests import chat_generation, generate_generation, keep_alive_seconds
+from locopilot.api.openai import check_text_size
+from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
+from locopilot.api.services import Services
+from locopilot.errors import InvalidRequest, LocopilotError, OllamaErrorBody
+from locopilot.gateway.router import served_name
+from locopilot.gateway.streaming import Reply
+from locopilot.providers.base import (
+    Finish,
+    GenerationRequest,
+    TextDelta,
+    ToolCallDelta,
+)
+from locopilot.providers.embedded import EmbeddedProvider
+from locopilot.schemas.ollama import (
+    CallOut,
+    ChatChunk,
+    ChatRequest,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    EmbedRequest,
+    EmbedResponse,
+    FunctionCall,
+    GenerateChunk,
+    GenerateRequest,
+    MessageOut,
+    Statistics,
+    encoder,
+)
+
+# Ollama's reasons: a reply that ends in tool calls ended with "stop" there.
+DONE_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop", "cancelled": "stop"}
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+# Events → NDJSON
+
+
+class OllamaFormatter:
+    """``/api/chat`` (``chat``) or ``/api/generate`` objects of one reply; ``started_ns`` is when
+    the handler began (``time.perf_counter_ns``). Made just before the request is routed."""
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, model: str, *, chat: bool, started_ns: int) -> None:
+        self.model = model
+        self.chat = chat
+        self.started_ns = started_ns
+        self.routed_ns = time.perf_counter_ns()
+        self.first_ns = self.routed_ns
+        self.calls = Reply()
+
+    def _object(
+        self, text: str, done: bool, stats: Statistics, calls: list[CallOut] | None = None
+    ) -> ChatChunk | GenerateChunk:
+        extra = {f: getattr(stats, f) for f in stats.__struct_fields__}
+        if self.chat:
+            message = MessageOut(content=text, tool_calls=calls) if calls else MessageOut(content=text)
+            return ChatChunk(model=self.model, created_at=now_rfc3339(), message=message, done=done, **extra)
+        return GenerateChunk(model=self.model, created_at=now_rfc3339(), response=text, done=done, **extra)
+
+    def _line(self, obj: ChatChunk | GenerateChunk) -> bytes:
+        return encoder.encode(obj) + b"\n"
+
+    def statistics(self, finish: Finish) -> Statistics:
+        end = time.perf_counter_ns()
+        load = int(finish.load_seconds * 1e9)
+        return Statistics(
+            done_reason=DONE_REASONS.get(finish.reason, finish.reason),
+            total_duration=end - self.started_ns,
+            load_duration=load,
+            prompt_eval_count=finish.prompt_tokens,
+            prompt_eval_duration=max(0, self.first_ns - self.routed_ns - load),
+            eval_count=finish.completion_tokens,
+            eval_duration=end - self.first_ns,
+        )
+
+    def opening(self) -> bytes:
+        self.first_ns = time.perf_counter_ns()
+        return b""
+
+    def event(self, event: TextDelta | ToolCallDelta) -> bytes:
+        if isinstance(event, TextDelta):
+            return self._line(self._object(event.text, False, Statistics())) if event.text else b""
+        self.calls.add(event)  # sent whole once the reply is complete, as Ollama sends parsed calls
+        return b""
+
+    def closing(self, finish: Finish) -> bytes:
+        calls = tool_calls_of(self.calls)
+        lines = self._line(self._object("", False, Statistics(), calls)) if calls else b""
+        return lines + self._line(self._object("", True, self.statistics(finish)))
+
+    def failure(self, error: LocopilotError) -> bytes:
+        return encoder.encode(OllamaErrorBody(error.message)) + b"\n"
+
+    def whole(self, reply: Reply) -> ChatChunk | GenerateChunk:
+        assert reply.finish is not None
+        self.first_ns = reply.first_event_ns
+        return self._object(reply.choices[0].content, True, self.statistics(reply.finish), tool_calls_of(reply))
+
+
+def tool_calls_of(reply: Reply) -> list[CallOut]:
+    """The reply's calls with their arguments as objects (providers send only calls whose arguments parse)."""
+    return [
+        CallOut(function=FunctionCall(name=call.name, arguments=json.loads(call.arguments or "{}"), index=index))
+        for index, call in enumerate(reply.choices[0].tool_calls())
+    ]
+
+
+# Where a model runs
+
+
+async def embedded_name(services: Services, model: str) -> str | None:
+    """The embedded engine's name for ``model`` (``name`` and ``name:latest`` are one), if it has one."""
+    requested = services.router.default_model if model == "default" else model
+    for prefix in ("embedded:", "embedded/"):
+        requested = requested.removeprefix(prefix)
+    state = services.router.states.get(EmbeddedProvider.name)
+    names = await services.router.models_of(state) if state is not None else None
+    return served_name(requested, names or [])
+
+
+async def loaded_context(services: Services, name: str | None) -> int | None:
+    """Tokens one request of embedded model ``name`` may hold; None for a routed model."""
+    if name is None:
+        return None
+    if services.settings.ctx_size:
+        return services.settings.ctx_size
+    entry = await anyio.to_thread.run_sync(services.catalog.get, name)
+    return entry.context_length
+
+
+async def load_or_unload(services: Services, request: Request[Any, Any, Any], model: str, keep: float | None) -> str:
+    """Ollama's request with nothing to generate: load the model (``"load"``) or, with ``keep_alive``
+    0, unload it (``"unload"``). An upstream's model is only checked: it loads its models itself."""
+    policy = privacy_of(request, services.settings.routing_privacy)
+    plan = await services.auth.plan(request, services.router, model, policy)
+    route = plan.routes[0]
+    if not isinstance(route.provider, EmbeddedProvider):
+        return "unload" if keep == 0 else "load"
+    if keep == 0:
+        await services.manager.expire(route.model)
+        return "unload"
+    await route.provider.load(route.model)
+    services.manager.keep(route.model, keep)
+    return "load"
+
+
+def load_answer(model: str, reason: str, *, chat: bool) -> Response[bytes]:
+    stats = Statistics(done_reason=reason)
+    extra = {f: getattr(stats, f) for f in stats.__struct_fields__}
+    now = now_rfc3339()
+    obj: ChatChunk | GenerateChunk = (
+        ChatChunk(model=model, created_at=now, message=MessageOut(), done=True, **extra)
+        if chat
+        else GenerateChunk(model=model, created_at=now, response="", done=True, **extra)
+    )
+    return Response(encoder.encode(obj), media_type="application/json")
+
+
+# Routes
+
+
+@post("/api/chat", status_code=200, responses=answers(ChatChunk, 200, *GUARDED, *BODY, *ROUTED, front="ollama"))
+async def chat(data: ChatRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+    started = time.perf_counter_ns()
+    keep = keep_alive_seconds(data.keep_alive)
+    if not data.messages:
+        return load_answer(data.model, await load_or_unload(services, request, data.model, keep), chat=True)
+    local = await embedded_name(services, data.model)
+    context = await loaded_context(services, local)
+
+    def build() -> GenerationRequest:
+        generation = chat_generation(data, services.settings.max_message_bytes, context)
+        if local is not None:
+            services.manager.keep(local, keep)
+        return generation
+
+    return await serve_generation(
+        services,
+        request,
+        endpoint="ollama.chat",
+        id_prefix="ollama",
+        model=data.model,
+        stream=data.stream,
+        build=build,
+        formatter=lambda _: OllamaFormatter(data.model, chat=True, started_ns=started),
+    )
+
+
+@post("/api/generate", status_code=200, responses=answers(GenerateChunk, 200, *GUARDED, *BODY, *ROUTED, front="ollama"))
+async def generate(
+    data: GenerateRequest, services: Services, request: Request[Any, Any, Any]
+) -> Response[bytes] | Stream:
+    started = time.perf_counter_ns()
+    keep = keep_alive_seconds(data.keep_alive)
+    if not data.prompt:
+        return load_answer(data.model, await load_or_unload(services, request, data.model, keep), chat=False)
+    local = await embedded_name(services, data.model)
+    context = await loaded_context(services, local)
+
+    def build() -> GenerationRequest:
+        generation = generate_generation(data, services.settings.max_message_bytes, context)
+        if local is not None:
+            services.manager.keep(local, keep)
+        return generation
+
+    return await serve_generation(
+        services,
+        request,
+        endpoint="ollama.generate",
+        id_prefix="ollama",
+        model=data.model,
+        stream=data.stream,
+        build=build,
+        formatter=lambda _: OllamaFormatter(data.model, chat=False, started_ns=started),
+    )
+
+
+def embed_texts(inputs: list[str], max_text: int, param: str) -> list[str]:
+    for index, text in enumerate(inputs):
+        if not text:
+            raise InvalidRequest(f"{param}[{index}] is an empty string", param=param)
+        check_text_size(text, max_text, f"{param}[{index}]")
+    return inputs
+
+
+async def embedded_load_seconds(services: Services, local: str | None, since: float) -> float:
+    runner = services.manager.runners.get(local) if local is not None else None
+    return runner.load_seconds if runner is not None and runner.loaded_at >= since else 0.0
+
+
+@post("/api/embed", status_code=200, responses=answers(EmbedResponse, 200, *GUARDED, *BODY, *ROUTED, front="ollama"))
+async def embed(data: EmbedRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    started, began = time.perf_counter_ns(), services.manager.clock()
+    keep = keep_alive_seconds(data.keep_alive)
+    inputs = ([data.input] if data.input else []) if isinstance(data.input, str) else list(data.input)
+    if data.dimensions is not None:
+        raise InvalidRequest("dimensions is not supported", param="dimensions")
+    if not inputs:
+        await load_or_unload(services, request, data.model, keep)
+        empty = EmbedResponse(
+            model=data.model,
+            embeddings=[],
+            total_duration=time.perf_counter_ns() - started,
+            load_duration=0,
+            prompt_eval_count=0,
+        )
+        return Response(encoder.encode(empty), media_type="application/json")
+    local = await embedded_name(services, data.model)
+    if local is not None:
+        services.manager.keep(local, keep)
+    _, result, headers = await serve_embedding(
+        services,
+        request,
+        endpoint="ollama.embed",
+        id_prefix="ollama",
+        model=data.model,
+        inputs=lambda: embed_texts(inputs, services.settings.max_message_bytes, "input"),
+    )
+    load = await embedded_load_seconds(services, local, began)
+    body = EmbedResponse(
+        model=data.model,
+        embeddings=result.vectors,
+        total_duration=time.perf_counter_ns() - started,
+        load_duration=int(load * 1e9),
+        prompt_eval_count=result.prompt_tokens,
+    )
+    return Response(encoder.encode(body), media_type="application/json", headers=headers)
+
+
+@post(
+    "/api/embeddings",
+    status_code=200,
+    responses=answers(EmbeddingsResponse, 200, *GUARDED, *BODY, *ROUTED, front="ollama"),
+)
+async def embeddings(data: EmbeddingsRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    keep = keep_alive_seconds(data.keep_alive)
+    if not data.prompt:
+        await load_or_unload(services, request, data.model, keep)
+        return Response(encoder.encode(EmbeddingsResponse(embedding=[])), media_type="application/json")
+    local = await embedded_name(services, data.model)
+    if local is not None:
+        services.manager.keep(local, keep)
+    _, result, headers = await serve_embedding(
+        services,
+        request,
+        endpoint="ollama.embeddings",
+        id_prefix="ollama",
+        model=data.model,
+        inputs=lambda: embed_texts([data.prompt], services.settings.max_message_bytes, "prompt"),
+    )
+    body = EmbeddingsResponse(embedding=result.vectors[0])
+    return Response(encoder.encode(body), media_type="application/json", headers=headers)
+
+
+ROUTES = [chat, generate, embed, embeddings]

@@ -1,0 +1,261 @@
+"""Ollama's model routes: ``/api/tags``, ``/api/show``, ``/api/ps``, ``/api/version``,
+``/api/delete``, ``/api/copy``, ``/api/pull``, and the root that Ollama clients probe.
+
+Names are ``name:tag`` as in Ollama: an embedded model without a tag is listed as
+``name:latest``, and either spelling finds it. What is shown of a model comes from its
+GGUF header (:meth:`~locopilot.models.catalog.ModelCatalog.header`); a model an upstream
+serves is listed by name, with the details locopilot does not know left empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+from litestar import Request, Response, delete, get, post, route
+from litestar.enums import MediaType
+
+from locopilot.api.generation import privacy_of
+from locopilot.api.ollama import embedded_name
+from locopilot.api.openai import all_cards
+from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
+from locopilot.api.services import Services
+from locopilot.engine.templates import choose_template
+from locopilot.errors import InvalidRequest, ModelNotFound
+from locopilot.gateway.auth import principal_of
+from locopilot.gateway.guard import EXCLUDE_FROM_AUTH
+from locopilot.gateway.router import DEFAULT_TAG
+from locopilot.models.catalog import ModelEntry, validate_model_name
+from locopilot.models.gguf import GGUFHeader
+from locopilot.providers.embedded import EmbeddedProvider
+from locopilot.schemas.ollama import (
+    CopyRequest,
+    ModelDetails,
+    ModelRequest,
+    RunningList,
+    RunningModel,
+    ShowResponse,
+    TagList,
+    TagModel,
+    Version,
+    encoder,
+)
+from locopilot.schemas.openai import ModelCard
+
+#: The Ollama release whose API this front follows; clients gate features on ``/api/version``.
+OLLAMA_VERSION = "0.12.0"
+ROOT_TEXT = "Ollama is running"
+#: What ``/api/ps`` shows as the expiry of a model kept loaded until unloaded (as Ollama does, far ahead).
+FOREVER = datetime(2318, 1, 1, tzinfo=UTC)
+
+
+def tag_name(name: str) -> str:
+    """``name`` as Ollama lists it: with a tag, ``:latest`` when it has none."""
+    return name if ":" in name else name + DEFAULT_TAG
+
+
+def rfc3339(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat().replace("+00:00", "Z")
+
+
+def human_count(count: int | None) -> str:
+    """A parameter count as Ollama writes it: ``134.52M``, ``1.2B``."""
+    if not count:
+        return ""
+    for size, unit, digits in ((1e9, "B", 1), (1e6, "M", 2), (1e3, "K", 0)):
+        if count >= size:
+            value = count / size
+            return f"{value:.0f}{unit}" if value == int(value) else f"{value:.{digits}f}{unit}"
+    return str(count)
+
+
+def details_of(architecture: str | None, parameter_count: int | None, quantization: str | None) -> ModelDetails:
+    family = architecture or ""
+    return ModelDetails(
+        family=family,
+        families=[family] if family else None,
+        parameter_size=human_count(parameter_count),
+        quantization_level=quantization or "",
+    )
+
+
+def digest_of(name: str, size: int, modified: int) -> str:
+    """An identifier of a model file's version (name, size, time): not the file's SHA-256, which
+    would mean reading gigabytes per listing; it changes when the file does."""
+    return hashlib.sha256(f"{name}\0{size}\0{modified}".encode()).hexdigest()
+
+
+def tag_of(card: ModelCard) -> TagModel:
+    name = tag_name(card.id)
+    size = card.size_bytes or 0
+    return TagModel(
+        name=name,
+        model=name,
+        modified_at=rfc3339(card.created),
+        size=size,
+        digest=digest_of(card.id, size, card.created),
+        details=details_of(card.architecture, card.parameter_count, card.quantization),
+    )
+
+
+@get("/api/tags", responses=answers(TagList, 200, *GUARDED, 502, 503, front="ollama"))
+async def tags(services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Every model a client may name: the embedded ones, then each upstream's (as ``/v1/models``)."""
+    cards = await all_cards(services, principal_of(request))
+    listed = TagList(models=[tag_of(card) for card in cards if card.error is None])
+    return Response(encoder.encode(listed), media_type=MediaType.JSON)
+
+
+async def embedded_entry(services: Services, request: Request[Any, Any, Any], model: str) -> ModelEntry | None:
+    """The embedded model ``model`` names, if the request's key may use it; None if there is none."""
+    name = await embedded_name(services, model)
+    if name is None or not services.auth.allows(principal_of(request), EmbeddedProvider.name, name):
+        return None
+    entry = await anyio.to_thread.run_sync(services.catalog.get, name)
+    return entry if entry.error is None else None
+
+
+def model_info(header: GGUFHeader) -> dict[str, Any]:
+    """The header's metadata as Ollama's ``model_info``: plain values, arrays left empty (as Ollama
+    does unless asked to be verbose), the chat template out (it is ``template``)."""
+    info: dict[str, Any] = {}
+    for key, value in header.metadata.items():
+        if key == "tokenizer.chat_template":
+            continue
+        info[key] = value if isinstance(value, str | int | float | bool) else []
+    info["general.parameter_count"] = header.parameter_count
+    return info
+
+
+def capabilities(header: GGUFHeader, template: str) -> list[str]:
+    """``embedding`` for an embedding model (it declares a pooling type), else ``completion``, and
+    ``tools`` when the chat template renders tools."""
+    arch = header.architecture or ""
+    if f"{arch}.pooling_type" in header.metadata:
+        return ["embedding"]
+    return ["completion", "tools"] if "tools" in template else ["completion"]
+
+
+@post("/api/show", status_code=200, responses=answers(ShowResponse, 200, *GUARDED, *BODY, *ROUTED, front="ollama"))
+async def show(data: ModelRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    model = data.model_name
+    if not model:
+        raise InvalidRequest("model is required", param="model")
+    entry = await embedded_entry(services, request, model)
+    if entry is None:
+        # A model an upstream serves: known by name only.
+        policy = privacy_of(request, services.settings.routing_privacy)
+        plan = await services.auth.plan(request, services.router, model, policy)
+        shown = ShowResponse(
+            modelfile=f"FROM {model}\n",
+            parameters="",
+            template="",
+            details=ModelDetails(),
+            model_info={},
+            capabilities=["completion"],
+            modified_at=rfc3339(0),
+        )
+        headers = {"X-Locopilot-Provider": plan.routes[0].provider.name}
+        return Response(encoder.encode(shown), media_type=MediaType.JSON, headers=headers)
+    header = await anyio.to_thread.run_sync(services.catalog.header, entry.name)
+    template = choose_template(header.metadata)
+    stops = "\n".join(f'stop "{stop}"' for stop in template.stop) if template.stop else ""
+    shown = ShowResponse(
+        modelfile=f"# locopilot model {entry.name}\nFROM {entry.name}\n",
+        parameters=stops,
+        template=template.source,
+        details=details_of(entry.architecture, entry.parameter_count, entry.quantization),
+        model_info=model_info(header),
+        capabilities=capabilities(header, template.source),
+        modified_at=rfc3339(entry.modified),
+    )
+    return Response(encoder.encode(shown), media_type=MediaType.JSON)
+
+
+@get("/api/ps", responses=answers(RunningList, 200, *GUARDED, front="ollama"))
+async def ps(services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    """The embedded models loaded now; ``size`` is the model file's, ``size_vram`` 0 on a CPU."""
+    principal = principal_of(request)
+    running = []
+    now = datetime.now(UTC)
+    for info in services.manager.describe():
+        if not info.alive or not services.auth.allows(principal, EmbeddedProvider.name, info.model):
+            continue
+        entry = await anyio.to_thread.run_sync(services.catalog.get, info.model)
+        ttl = services.manager.idle_ttl(info.model)
+        expires = FOREVER if ttl < 0 else now + timedelta(seconds=max(0.0, ttl - info.idle_seconds))
+        name = tag_name(info.model)
+        running.append(
+            RunningModel(
+                name=name,
+                model=name,
+                size=entry.size_bytes,
+                digest=digest_of(entry.name, entry.size_bytes, entry.modified),
+                details=details_of(entry.architecture, entry.parameter_count, entry.quantization),
+                expires_at=expires.isoformat().replace("+00:00", "Z"),
+                size_vram=0,
+                context_length=info.n_ctx,
+            )
+        )
+    running.sort(key=lambda model: model.expires_at, reverse=True)
+    return Response(encoder.encode(RunningList(models=running)), media_type=MediaType.JSON)
+
+
+@get("/api/version", responses=answers(Version, 200, *GUARDED, front="ollama"))
+async def version() -> Response[bytes]:
+    return Response(encoder.encode(Version(version=OLLAMA_VERSION)), media_type=MediaType.JSON)
+
+
+@delete("/api/delete", status_code=200, responses=answers(None, 200, *GUARDED, *BODY, 404, front="ollama"))
+async def delete_model(data: ModelRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Delete an embedded model (unloading it first); an upstream's models are not ours to delete."""
+    model = data.model_name
+    if not model:
+        raise InvalidRequest("model is required", param="model")
+    entry = await embedded_entry(services, request, model)
+    if entry is None:
+        raise ModelNotFound(f"model '{model}' not found", param="model")
+    await services.manager.unload(entry.name)
+    await anyio.to_thread.run_sync(services.catalog.remove, entry.name)
+    services.router.models_changed(EmbeddedProvider.name)
+    return Response(b"", media_type=MediaType.JSON)
+
+
+@post("/api/copy", status_code=200, responses=answers(None, 200, *GUARDED, *BODY, 404, front="ollama"))
+async def copy_model(data: CopyRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    """``destination`` becomes another name of the embedded model ``source``: a link to the same file."""
+    entry = await embedded_entry(services, request, data.source)
+    if entry is None:
+        raise ModelNotFound(f'model "{data.source}" not found', param="source")
+    destination = validate_model_name(data.destination.removesuffix(DEFAULT_TAG))
+    source = Path(entry.path)
+    await anyio.to_thread.run_sync(lambda: services.catalog.add(source, name=destination, link=True))
+    services.router.models_changed(EmbeddedProvider.name)
+    return Response(b"", media_type=MediaType.JSON)
+
+
+@post("/api/pull", status_code=200, responses=answers(None, 200, *GUARDED, *BODY, front="ollama"))
+async def pull(data: ModelRequest) -> Response[bytes]:
+    """Until locopilot fetches models itself: a 400 that says what to do instead (a 501 would read
+    as the server failing, and clients retry 5xx)."""
+    raise InvalidRequest(
+        f"this server cannot pull models yet ('{data.model_name}'): add a GGUF file with `locopilot models add FILE`",
+        param="model",
+        code="pull_unavailable",
+    )
+
+
+@route("/", http_method=["GET", "HEAD"], opt={EXCLUDE_FROM_AUTH: True}, include_in_schema=False)
+async def root() -> Response[str]:
+    """Ollama's answer to its clients' liveness probe, with no key needed (as ``/health``).
+
+    The seam for the console (a later issue): a browser asks for ``text/html`` (its ``Accept``
+    header), an Ollama client for JSON or anything; the console's page goes to the former here.
+    """
+    return Response(ROOT_TEXT, media_type=MediaType.TEXT)
+
+
+ROUTES = [tags, show, ps, version, delete_model, copy_model, pull, root]

@@ -1,0 +1,475 @@
+"""Ollama's API (/api/*) through the real server, driven by the official ``ollama`` client.
+
+Behind one locopilot (the front): SmolLM2 embedded, the Ollama stand-in (``llama3.2:latest``,
+``qwen2.5:0.5b``) and a second locopilot serving SmolLM2 as ``peer-smol`` over the OpenAI API.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import pytest
+
+from locopilot.api.ollama_requests import keep_alive_seconds
+from locopilot.errors import InvalidRequest
+from locopilot.gateway.router import served_name
+from tests.conftest import SMOL, Server, start_server
+from tests.fakes.ollama import SENTENCE, OllamaStandIn
+
+CAPITAL = [{"role": "user", "content": "Which city is the capital of France?"}]
+PEER = "peer-smol"
+# Greedy, and short: a reply that does not stop runs to the end of the context (minutes on two cores).
+GREEDY = {"temperature": 0, "num_predict": 12}
+
+
+@pytest.fixture(scope="module")
+def stand_in() -> Iterator[OllamaStandIn]:
+    with OllamaStandIn(models=["llama3.2:latest", "qwen2.5:0.5b"]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterator[Server]:
+    running = start_server(tmp_path_factory, {PEER: smollm2_path})
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def front(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, stand_in: OllamaStandIn, peer: Server
+) -> Iterator[Server]:
+    upstreams = [
+        {"name": "ollama", "kind": "ollama", "url": stand_in.url, "locality": "local", "priority": 10},
+        {"name": "peer", "url": f"{peer.url}/v1", "locality": "local", "priority": 20},
+    ]
+    running = start_server(tmp_path_factory, {SMOL: smollm2_path}, {"LOCOPILOT_UPSTREAMS": json.dumps(upstreams)})
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(front: Server) -> Iterator[ollama.Client]:
+    with ollama.Client(host=front.url, timeout=600) as running:
+        yield running
+
+
+def ndjson(response: httpx.Response) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in response.text.splitlines() if line.strip()]
+
+
+def assert_statistics(final: Any, *, loaded: bool = False) -> None:
+    """The last object's statistics: counted, and durations measured (nanoseconds, adding up)."""
+    assert final.done is True
+    assert final.prompt_eval_count > 0
+    assert final.eval_count > 0
+    assert final.eval_duration > 0
+    assert final.prompt_eval_duration > 0
+    assert final.load_duration >= 0 if loaded else final.load_duration == 0
+    parts = final.load_duration + final.prompt_eval_duration + final.eval_duration
+    assert parts <= final.total_duration < parts + 5_000_000_000
+    # The whole reply took less than the ten minutes the client waits: these are nanoseconds.
+    assert final.total_duration < 600 * 10**9
+
+
+# The root, the version, the model list
+
+
+def test_root_answers_like_ollama(front: Server) -> None:
+    for method in ("GET", "HEAD"):
+        response = httpx.request(method, f"{front.url}/", timeout=10)
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+    assert httpx.get(f"{front.url}/", timeout=10).text == "Ollama is running"
+
+
+def test_version(front: Server) -> None:
+    response = httpx.get(f"{front.url}/api/version", timeout=10)
+    assert response.status_code == 200
+    major, minor, _ = response.json()["version"].split(".")
+    assert (int(major), int(minor)) >= (0, 5)
+
+
+def test_list_names_every_model_with_a_tag(client: ollama.Client) -> None:
+    models = {model.model: model for model in client.list().models}
+    assert {f"{SMOL}:latest", "llama3.2:latest", "qwen2.5:0.5b", f"{PEER}:latest"} <= set(models)
+    smol = models[f"{SMOL}:latest"]
+    assert smol.details is not None
+    assert (smol.details.family, smol.details.format) == ("llama", "gguf")
+    assert smol.details.quantization_level == "Q4_1"
+    assert smol.details.parameter_size == "134.52M"
+    assert smol.size is not None and smol.size > 50_000_000
+    assert smol.digest is not None and len(smol.digest) == 64
+
+
+def test_show_reads_the_gguf_header(client: ollama.Client) -> None:
+    for name in (SMOL, f"{SMOL}:latest"):
+        shown = client.show(name)
+        assert shown.details is not None
+        assert (shown.details.family, shown.details.quantization_level) == ("llama", "Q4_1")
+        assert shown.modelinfo is not None
+        assert shown.modelinfo["general.architecture"] == "llama"
+        assert shown.modelinfo["llama.context_length"] == 8192
+        assert shown.modelinfo["general.parameter_count"] > 100_000_000
+        assert shown.capabilities == ["completion"]
+        assert shown.template is not None and "im_start" in shown.template
+
+
+def test_show_of_an_unknown_model_is_404(client: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.show("no-such-model")
+    assert caught.value.status_code == 404
+
+
+# Chat and generate on the embedded engine
+
+
+def test_chat_whole(client: ollama.Client) -> None:
+    reply = client.chat(model=SMOL, messages=CAPITAL, options=GREEDY)
+    assert "Paris" in (reply.message.content or "")
+    assert reply.message.role == "assistant"
+    assert reply.done_reason == "stop"
+    assert reply.model == SMOL
+    assert_statistics(reply, loaded=True)
+
+
+def test_chat_streamed_as_ndjson(client: ollama.Client, front: Server) -> None:
+    parts = list(client.chat(model=f"{SMOL}:latest", messages=CAPITAL, options=GREEDY, stream=True))
+    *chunks, final = parts
+    assert chunks and all(not part.done for part in chunks)
+    assert "Paris" in "".join(part.message.content or "" for part in chunks)
+    assert final.done_reason == "stop"
+    assert final.eval_count >= len(chunks)
+    assert_statistics(final, loaded=True)
+    response = httpx.post(
+        f"{front.url}/api/chat", json={"model": SMOL, "messages": CAPITAL, "options": {"num_predict": 3}}, timeout=600
+    )
+    assert response.headers["content-type"] == "application/x-ndjson"
+    lines = ndjson(response)
+    assert lines[-1]["done"] is True and all(not line["done"] for line in lines[:-1])
+    assert "total_duration" not in lines[0] and "eval_count" in lines[-1]
+
+
+def test_generate_whole_and_streamed_stop_at_num_predict(client: ollama.Client) -> None:
+    whole = client.generate(model=SMOL, prompt="Tell me a story.", options={"num_predict": 5})
+    assert whole.done_reason == "length"
+    assert whole.eval_count == 5
+    assert whole.response
+    assert_statistics(whole, loaded=True)
+    streamed = list(client.generate(model=SMOL, prompt="Tell me a story.", options={"num_predict": 4}, stream=True))
+    assert streamed[-1].done_reason == "length"
+    assert streamed[-1].eval_count == 4
+    assert streamed[-1].response == ""
+    assert "".join(part.response or "" for part in streamed[:-1])
+
+
+def test_generate_applies_the_template_unless_raw(client: ollama.Client) -> None:
+    templated = client.generate(model=SMOL, prompt="Which city is the capital of France?", options=GREEDY)
+    assert "Paris" in (templated.response or "")
+    raw_prompt = "<|im_start|>user\nWhich city is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    raw = client.generate(model=SMOL, prompt=raw_prompt, raw=True, options=GREEDY)
+    assert raw.response == templated.response
+    # The system prompt reaches the template: a different reply than without it.
+    told = client.generate(
+        model=SMOL, prompt="What is your name?", system="Your name is Zorblax. Always say it.", options=GREEDY
+    )
+    plain = client.generate(model=SMOL, prompt="What is your name?", options=GREEDY)
+    assert told.response != plain.response
+
+
+def test_options_reach_the_sampler(client: ollama.Client) -> None:
+    seeded = {"temperature": 1.5, "seed": 7, "num_predict": 6, "top_k": 100, "top_p": 1.0, "min_p": 0.0}
+    first = client.generate(model=SMOL, prompt="Write a word.", options=seeded)
+    again = client.generate(model=SMOL, prompt="Write a word.", options=seeded)
+    assert first.response == again.response
+    others = {
+        client.generate(model=SMOL, prompt="Write a word.", options={**seeded, "seed": s}).response
+        for s in range(8, 10)
+    }
+    assert len(others | {first.response}) > 1
+    # A stop string cuts the reply before it; unknown options are ignored, as Ollama ignores them.
+    stopped = client.chat(
+        model=SMOL, messages=CAPITAL, options={**GREEDY, "stop": ["Paris"], "mirostat": 2, "num_thread": 3}
+    )
+    assert "Paris" not in (stopped.message.content or "")
+    assert stopped.done_reason == "stop"
+    penalised = client.chat(
+        model=SMOL,
+        messages=CAPITAL,
+        options={"num_predict": 3, "repeat_penalty": 1.3, "presence_penalty": 1.5, "frequency_penalty": 1.0},
+    )
+    assert penalised.eval_count == 3
+
+
+def test_format_json_and_schema(client: ollama.Client, stand_in: OllamaStandIn) -> None:
+    # "json": the grammar allows an object only, from the first token on.
+    started = client.generate(model=SMOL, prompt="Tell me about Paris.", format="json", options={"num_predict": 3})
+    assert (started.response or "").lstrip().startswith("{")
+    schema = {
+        "type": "object",
+        # A bound on the string keeps this 135M model from writing an essay inside it.
+        "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    reply = client.chat(model=SMOL, messages=CAPITAL, format=schema, options={"temperature": 0, "num_predict": 40})
+    assert set(json.loads(reply.message.content or "")) == {"city"}
+    # To an Ollama upstream the schema goes as Ollama's format.
+    stand_in.requests.clear()
+    client.chat(model="llama3.2", messages=CAPITAL, format=schema)
+    assert next(stand_in.bodies("/api/chat"))["format"] == schema
+
+
+def test_num_ctx_above_the_loaded_context_is_refused(client: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.chat(model=SMOL, messages=CAPITAL, options={"num_ctx": 4096})
+    assert caught.value.status_code == 400
+    assert "num_ctx" in caught.value.error
+    fits = client.chat(model=SMOL, messages=CAPITAL, options={**GREEDY, "num_ctx": 2048, "num_predict": 2})
+    assert fits.done
+
+
+# Embeddings
+
+
+def test_embed_and_embeddings(client: ollama.Client) -> None:
+    result = client.embed(model=SMOL, input=["The sky is blue.", "Grass is green."])
+    assert len(result.embeddings) == 2
+    assert all(len(vector) == 576 for vector in result.embeddings)
+    assert math.isclose(math.fsum(v * v for v in result.embeddings[0]), 1.0, rel_tol=1e-3)
+    assert result.prompt_eval_count is not None and result.prompt_eval_count > 4
+    assert result.total_duration is not None and result.total_duration > 0
+    single = client.embed(model=f"{SMOL}:latest", input="The sky is blue.")
+    older = client.embeddings(model=SMOL, prompt="The sky is blue.")
+    assert len(single.embeddings) == 1
+    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(single.embeddings[0], older.embedding, strict=True))
+    routed = client.embed(model="llama3.2", input=["a", "b"])
+    assert [len(vector) for vector in routed.embeddings] == [8, 8]
+
+
+# keep_alive
+
+
+def runner_pids(front: Server) -> dict[str, int]:
+    engine = front.engine_health()["engine"]
+    assert isinstance(engine, dict)
+    runners = engine["runners"]
+    return {runner["model"]: runner["pid"] for runner in runners}
+
+
+def running(client: ollama.Client) -> dict[str, Any]:
+    return {model.model: model for model in client.ps().models}
+
+
+def wait_for(condition: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_keep_alive_loads_and_unloads(client: ollama.Client, front: Server) -> None:
+    loaded = client.generate(model=SMOL, keep_alive="10m")
+    assert (loaded.done, loaded.done_reason) == (True, "load")
+    model = running(client)[f"{SMOL}:latest"]
+    assert model.expires_at is not None
+    assert timedelta(minutes=9) < model.expires_at - datetime.now(UTC) <= timedelta(minutes=10)
+    assert model.context_length == 2048
+    client.chat(model=SMOL, messages=[], keep_alive=-1)
+    assert running(client)[f"{SMOL}:latest"].expires_at.year > 2300
+    pid = runner_pids(front)[SMOL]
+    unloaded = client.chat(model=SMOL, messages=[], keep_alive=0)
+    assert (unloaded.done, unloaded.done_reason) == (True, "unload")
+    assert f"{SMOL}:latest" not in running(client)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    # keep_alive 0 with a prompt unloads once the reply is done.
+    reply = client.generate(model=SMOL, prompt="Hi", keep_alive=0, options={"num_predict": 2})
+    assert reply.load_duration > 0  # it loaded again for this request
+    wait_for(lambda: f"{SMOL}:latest" not in running(client))
+
+
+# Routed to an Ollama upstream and to another locopilot
+
+
+def test_routed_to_ollama_with_the_latest_tag(client: ollama.Client, stand_in: OllamaStandIn) -> None:
+    stand_in.requests.clear()
+    stand_in.load_duration = 250_000_000
+    try:
+        reply = client.chat(
+            model="llama3.2", messages=[{"role": "user", "content": "hi"}], options={"temperature": 0.3, "seed": 5}
+        )
+    finally:
+        stand_in.load_duration = 0
+    assert reply.message.content == SENTENCE
+    assert reply.model == "llama3.2"
+    assert reply.load_duration == 250_000_000  # the upstream's own, passed through
+    sent = next(stand_in.bodies("/api/chat"))
+    assert sent["model"] == "llama3.2:latest"
+    assert (sent["options"]["temperature"], sent["options"]["seed"]) == (0.3, 5)
+    parts = list(client.generate(model="qwen2.5:0.5b", prompt="hi there", options={"num_predict": 3}, stream=True))
+    assert "".join(part.response or "" for part in parts) == "Hello from the"
+    assert parts[-1].done_reason == "length"
+    assert parts[-1].eval_count == 3
+
+
+def test_routed_to_another_locopilot(client: ollama.Client) -> None:
+    reply = client.chat(model=PEER, messages=CAPITAL, options=GREEDY)
+    assert "Paris" in (reply.message.content or "")
+    assert reply.eval_count > 0
+    streamed = list(client.generate(model=f"{PEER}:latest", prompt="Hello", stream=True, options={"num_predict": 3}))
+    assert streamed[-1].done_reason == "length"
+
+
+def test_an_upstream_error_mid_stream_is_an_error_line(client: ollama.Client, stand_in: OllamaStandIn) -> None:
+    stand_in.error_after = (2, "runner crashed")
+    try:
+        with pytest.raises(ollama.ResponseError) as caught:
+            for _ in client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True):
+                pass
+    finally:
+        stand_in.error_after = None
+    assert "runner crashed" in caught.value.error
+
+
+# Errors in Ollama's shape
+
+
+def tool(name: str, kind: str = "object") -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": kind, "properties": {}}}}
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "status", "fragment"),
+    [
+        ("/api/chat", {"model": "no-such-model", "messages": CAPITAL}, 404, "no-such-model"),
+        ("/api/generate", {"model": "no-such-model", "prompt": "hi"}, 404, "no-such-model"),
+        ("/api/embed", {"model": "no-such-model", "input": "hi"}, 404, "no-such-model"),
+        ("/api/chat", {"messages": CAPITAL}, 400, "model"),
+        ("/api/chat", {"model": SMOL, "messages": CAPITAL, "options": {"temperature": "hot"}}, 400, "temperature"),
+        ("/api/chat", {"model": SMOL, "messages": [{"role": "king", "content": "x"}]}, 400, "role"),
+        ("/api/chat", {"model": SMOL, "messages": CAPITAL, "format": "xml"}, 400, "format"),
+        ("/api/chat", {"model": SMOL, "messages": CAPITAL, "keep_alive": "soon"}, 400, "duration"),
+        ("/api/chat", {"model": SMOL, "messages": CAPITAL, "think": True}, 400, "thinking"),
+        ("/api/chat", {"model": SMOL, "messages": CAPITAL, "tools": [tool("bad name")]}, 400, "tool name"),
+        ("/api/chat", {"model": SMOL, "messages": CAPITAL, "tools": [tool("f", "array")]}, 400, '"type": "object"'),
+        ("/api/chat", {"model": SMOL, "messages": CAPITAL, "tools": [tool("f"), tool("f")]}, 400, "twice"),
+        ("/api/generate", {"model": SMOL, "prompt": "hi", "template": "{{ .Prompt }}"}, 400, "template"),
+        ("/api/generate", {"model": SMOL, "prompt": "hi", "context": [1, 2, 3]}, 400, "context"),
+        ("/api/generate", {"model": SMOL, "prompt": "hi", "raw": True, "system": "x"}, 400, "system"),
+        ("/api/embed", {"model": SMOL, "input": ["a", ""]}, 400, "input"),
+        ("/api/show", {}, 400, "model"),
+        ("/api/delete", {"model": "no-such-model"}, 404, "no-such-model"),
+        ("/api/copy", {"source": "no-such-model", "destination": "x"}, 404, "no-such-model"),
+        ("/api/pull", {"model": "llama3.2"}, 400, "locopilot models add"),
+    ],
+)
+def test_errors_have_ollamas_shape(front: Server, route: str, body: dict[str, Any], status: int, fragment: str) -> None:
+    method = "DELETE" if route == "/api/delete" else "POST"
+    response = httpx.request(method, f"{front.url}{route}", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert set(error) == {"error"}
+    assert isinstance(error["error"], str) and fragment in error["error"]
+
+
+def test_the_client_raises_response_errors(client: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.chat(model="no-such-model", messages=CAPITAL)
+    assert caught.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as caught:
+        list(client.generate(model=SMOL, prompt="hi", template="{{ .Prompt }}", stream=True))
+    assert caught.value.status_code == 400
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.pull("llama3.2")
+    assert caught.value.status_code == 400
+
+
+def test_malformed_json_is_400_in_ollamas_shape(front: Server) -> None:
+    response = httpx.post(f"{front.url}/api/chat", content=b"{not json", timeout=10)
+    assert response.status_code == 400
+    assert isinstance(response.json()["error"], str)
+
+
+# Copy and delete
+
+
+def test_copy_makes_an_alias_and_delete_removes_it(client: ollama.Client, front: Server) -> None:
+    assert client.copy(SMOL, "smol-alias:latest").status == "success"
+    names = {model.model for model in client.list().models}
+    assert {"smol-alias:latest", f"{SMOL}:latest"} <= names
+    assert (front.models_dir / "smol-alias.gguf").is_symlink()
+    assert client.show("smol-alias").details.family == "llama"  # type: ignore[union-attr]
+    assert client.delete("smol-alias").status == "success"
+    names = {model.model for model in client.list().models}
+    assert "smol-alias:latest" not in names and f"{SMOL}:latest" in names
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.delete("smol-alias")
+    assert caught.value.status_code == 404
+
+
+# The request log and metrics name the API
+
+
+def test_the_request_log_and_metrics_name_the_ollama_api(client: ollama.Client, front: Server) -> None:
+    client.chat(model=SMOL, messages=CAPITAL, options={"num_predict": 2})
+    client.generate(model=SMOL, prompt="Hi", options={"num_predict": 2})
+    client.embed(model=SMOL, input="Hi")
+
+    def logged() -> set[str]:
+        with sqlite3.connect(front.db_path) as conn:
+            return {row[0] for row in conn.execute("SELECT endpoint FROM inference_logs")}
+
+    wait_for(lambda: {"ollama.chat", "ollama.generate", "ollama.embed"} <= logged())
+    metrics = httpx.get(f"{front.url}/metrics", timeout=10).text
+    assert 'route="/api/chat"' in metrics and 'route="/api/embed"' in metrics
+
+
+# The pieces, alone
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (None, None),
+        (0, 0.0),
+        (30, 30.0),
+        (-1, -1.0),
+        ("0", 0.0),
+        ("5m", 300.0),
+        ("1h30m", 5400.0),
+        ("1.5s", 1.5),
+        ("300ms", 0.3),
+        ("-1", -1.0),
+        ("-5m", -1.0),
+        ("45", 45.0),
+    ],
+)
+def test_keep_alive_reads_as_ollama_does(value: float | str | None, seconds: float | None) -> None:
+    assert keep_alive_seconds(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "5 m", "m", "", "1x", True])
+def test_keep_alive_refuses_what_is_no_duration(value: str | bool) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        keep_alive_seconds(value)
+    assert caught.value.param == "keep_alive"
+
+
+def test_a_name_without_a_tag_is_its_latest() -> None:
+    names = ["llama3.2:latest", "qwen2.5:0.5b", "smol"]
+    assert served_name("llama3.2", names) == "llama3.2:latest"
+    assert served_name("llama3.2:latest", names) == "llama3.2:latest"
+    assert served_name("smol:latest", names) == "smol"
+    assert served_name("qwen2.5", names) is None
+    assert served_name("llama3.2:1b", names) is None
