@@ -371,7 +371,7 @@ def tool(name: str, kind: str = "object") -> dict[str, Any]:
         ("/api/show", {}, 400, "model"),
         ("/api/delete", {"model": "no-such-model"}, 404, "no-such-model"),
         ("/api/copy", {"source": "no-such-model", "destination": "x"}, 404, "no-such-model"),
-        ("/api/pull", {"model": "llama3.2"}, 400, "locopilot models add"),
+        ("/api/pull", {"model": "../escape"}, 400, "escape"),
     ],
 )
 def test_errors_have_ollamas_shape(front: Server, route: str, body: dict[str, Any], status: int, fragment: str) -> None:
@@ -389,9 +389,6 @@ def test_the_client_raises_response_errors(client: ollama.Client) -> None:
     assert caught.value.status_code == 404
     with pytest.raises(ollama.ResponseError) as caught:
         list(client.generate(model=SMOL, prompt="hi", template="{{ .Prompt }}", stream=True))
-    assert caught.value.status_code == 400
-    with pytest.raises(ollama.ResponseError) as caught:
-        client.pull("llama3.2")
     assert caught.value.status_code == 400
 
 

@@ -32,7 +32,8 @@ def sha(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def blobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     tmp = tmp_path_factory.mktemp("gguf")
-    return {name: gguf_bytes(tmp, tensor_bytes=512 * 1024, seed=i) for i, name in enumerate("abcdefghij")}
+    made = {name: gguf_bytes(tmp, tensor_bytes=512 * 1024, seed=i) for i, name in enumerate("abcdefghij")}
+    return {**made, "client": gguf_bytes(tmp, tensor_bytes=512 * 1024, seed=10)}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,7 @@ def hubs(blobs: dict[str, bytes]) -> Iterator[ModelHubs]:
         running.add_hf("acme/Gated-GGUF", {"gated.Q4_K_M.gguf": blobs["f"]}, token="hf_secret")
         running.add_ollama("library/tiny:1b", blobs["g"], template="{{ .Prompt }}", params='{"stop":["<|end|>"]}')
         running.add_ollama("acme/other:q8", blobs["h"])
+        running.add_ollama("acme/client:1b", blobs["client"])
         yield running
 
 
@@ -304,6 +306,25 @@ def test_cancelled_pull_keeps_nothing_and_resumes(server: Server, hubs: ModelHub
     assert statuses(pull(server, {"model": "hf.co/acme/Slow-GGUF"}))[-1] == "success"
     assert (server.models_dir / "slow:q4_k_m.gguf").read_bytes() == data
     assert hubs.downloads(data)[-1].get("range") == f"bytes={size}-", (hubs.downloads(data), server.log()[-3000:])
+
+
+def test_the_ollama_client_pulls_with_progress(server: Server, blobs: dict[str, bytes]) -> None:
+    """Ollama's own client against /api/pull: its progress lines, then the model among /api/tags."""
+    import ollama
+
+    with ollama.Client(host=server.url, headers=HEADERS) as client:
+        with pytest.raises(ollama.ResponseError) as refused:
+            client.pull("../escape")
+        assert refused.value.status_code == 400
+        progress = list(client.pull("acme/client:1b", stream=True))
+        steps = [p.status for p in progress]
+        assert steps[0] == "pulling manifest" and steps[-1] == "success", steps
+        digest = f"sha256:{sha(blobs['client'])}"
+        counted = [p for p in progress if p.digest == digest]
+        assert counted and counted[-1].completed == counted[-1].total == len(blobs["client"])
+        # Model names hold no '/': a namespaced Ollama name is kept by its last part.
+        assert "client:1b" in [model.model for model in client.list().models]
+        assert client.pull("acme/client:1b").status == "success"  # whole (stream false): nothing to download again
 
 
 def test_model_routes_need_the_models_scope(server: Server) -> None:

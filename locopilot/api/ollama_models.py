@@ -10,13 +10,17 @@ serves is listed by name, with the details locopilot does not know left empty.
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 from litestar import Request, Response, delete, get, post, route
 from litestar.enums import MediaType
+from litestar.response import Stream
 
 from locopilot.api.generation import privacy_of
 from locopilot.api.ollama import embedded_name
@@ -24,12 +28,14 @@ from locopilot.api.openai import all_cards
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
 from locopilot.api.services import Services
 from locopilot.engine.templates import choose_template
-from locopilot.errors import InvalidRequest, ModelNotFound
+from locopilot.errors import InvalidRequest, LocopilotError, ModelNotFound, OllamaErrorBody
+from locopilot.gateway import auth
 from locopilot.gateway.auth import principal_of
 from locopilot.gateway.guard import EXCLUDE_FROM_AUTH
 from locopilot.gateway.router import DEFAULT_TAG
 from locopilot.models.catalog import ModelEntry, validate_model_name
 from locopilot.models.gguf import GGUFHeader
+from locopilot.models.pull import OllamaProgress, ollama_progress
 from locopilot.providers.embedded import EmbeddedProvider
 from locopilot.schemas.ollama import (
     CopyRequest,
@@ -50,6 +56,8 @@ OLLAMA_VERSION = "0.12.0"
 ROOT_TEXT = "Ollama is running"
 #: What ``/api/ps`` shows as the expiry of a model kept loaded until unloaded (as Ollama does, far ahead).
 FOREVER = datetime(2318, 1, 1, tzinfo=UTC)
+
+log = logging.getLogger(__name__)
 
 
 def tag_name(name: str) -> str:
@@ -237,15 +245,38 @@ async def copy_model(data: CopyRequest, services: Services, request: Request[Any
     return Response(b"", media_type=MediaType.JSON)
 
 
-@post("/api/pull", status_code=200, responses=answers(None, 200, *GUARDED, *BODY, front="ollama"))
-async def pull(data: ModelRequest) -> Response[bytes]:
-    """Until locopilot fetches models itself: a 400 that says what to do instead (a 501 would read
-    as the server failing, and clients retry 5xx)."""
-    raise InvalidRequest(
-        f"this server cannot pull models yet ('{data.model_name}'): add a GGUF file with `locopilot models add FILE`",
-        param="model",
-        code="pull_unavailable",
-    )
+@post("/api/pull", status_code=200, responses=answers(OllamaProgress, 200, *GUARDED, *BODY, 404, front="ollama"))
+async def pull(data: ModelRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+    """Ollama's pull, by the one puller (locopilot.models.pull): NDJSON status lines as Ollama writes
+    them (the default), or with ``stream`` false the last one alone. A bad name is a 400 before
+    anything is sent; a failure once the lines have begun is an ``{"error": ...}`` line, as in Ollama."""
+    lines = ollama_progress(services.puller, data.model_name, insecure=data.insecure)
+    first = await anext(lines)
+    auth.note(request, "model_pull", model=data.model_name)
+    if not data.stream:
+        last = first
+        try:
+            async for line in lines:
+                last = line
+        finally:
+            await lines.aclose()
+        return Response(_progress_encoder.encode(last), media_type=MediaType.JSON)
+    return Stream(_pull_lines(first, lines), media_type="application/x-ndjson")
+
+
+async def _pull_lines(first: OllamaProgress, lines: AsyncGenerator[OllamaProgress, None]) -> AsyncIterator[bytes]:
+    try:
+        yield _progress_encoder.encode(first) + b"\n"
+        async for line in lines:
+            yield _progress_encoder.encode(line) + b"\n"
+    except LocopilotError as exc:
+        log.warning("pull failed: %s", exc.loggable())
+        yield _progress_encoder.encode(OllamaErrorBody(exc.message)) + b"\n"
+    finally:
+        await lines.aclose()
+
+
+_progress_encoder = msgspec.json.Encoder()
 
 
 @route("/", http_method=["GET", "HEAD"], opt={EXCLUDE_FROM_AUTH: True}, include_in_schema=False)
