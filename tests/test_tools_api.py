@@ -439,3 +439,58 @@ def test_tool_parse_failures_are_counted_per_model() -> None:
 def test_metrics_endpoint_lists_the_counter(front: Server) -> None:
     text = httpx.get(f"{front.url}/metrics", timeout=10).text
     assert "# TYPE locopilot_tool_call_parse_failures_total counter" in text
+
+
+# The Ollama and Anthropic fronts: tools through the same translations
+
+
+def test_ollama_front_tool_calls_through_each_upstream(front: Server, ollama: OllamaStandIn) -> None:
+    """The official ollama client's /api/chat with tools: calls come back with object arguments,
+    whole and streamed, from an Ollama upstream and from an OpenAI-compatible one."""
+    import ollama as ollama_client
+
+    tools = [WEATHER, TIME]
+    with ollama_client.Client(host=front.url) as client:
+        for model in (OLLAMA_MODEL, PEER_MODEL):
+            reply = client.chat(model=model, messages=ASK, tools=tools)
+            (call,) = reply.message.tool_calls or []
+            assert call.function.name == "get_weather"
+            assert call.function.arguments["city"] == "Paris"
+            streamed_calls = [
+                c
+                for part in client.chat(model=model, messages=ASK, tools=tools, stream=True)
+                for c in part.message.tool_calls or []
+            ]
+            assert [c.function.name for c in streamed_calls] == ["get_weather"]
+        # A tool result goes back to the upstream as a tool message.
+        answered = client.chat(
+            model=OLLAMA_MODEL,
+            messages=[
+                *ASK,
+                {"role": "assistant", "content": "", "tool_calls": [reply_call(call)]},
+                {"role": "tool", "content": "11 degrees", "tool_name": "get_weather"},
+            ],
+            tools=tools,
+        )
+    assert answered.message.content == "The tool get_weather said: 11 degrees"
+
+
+def reply_call(call: Any) -> dict[str, Any]:
+    return {"function": {"name": call.function.name, "arguments": dict(call.function.arguments)}}
+
+
+def test_anthropic_tool_use_through_the_ollama_upstream(front: Server, ollama: OllamaStandIn) -> None:
+    """The official anthropic client's tool use, answered by an Ollama upstream."""
+    import anthropic
+
+    with anthropic.Anthropic(base_url=front.url, api_key="unused") as client:
+        message = client.messages.create(
+            model=OLLAMA_MODEL,
+            max_tokens=64,
+            messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+            tools=[{"name": "get_weather", "input_schema": WEATHER["function"]["parameters"]}],  # type: ignore[index]
+            tool_choice={"type": "any"},
+        )
+    assert message.stop_reason == "tool_use"
+    (use,) = [block for block in message.content if block.type == "tool_use"]
+    assert use.name == "get_weather" and use.input["city"] == "Paris"  # type: ignore[index]
