@@ -29,7 +29,7 @@ from locopilot.api.openai import check_text_size
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
 from locopilot.api.services import Services
 from locopilot.api.tools import ToolParams, check_tools
-from locopilot.engine.protocol import SamplingParams
+from locopilot.engine.protocol import sampling_of
 from locopilot.errors import InvalidRequest, LocopilotError, render
 from locopilot.gateway.access import outcome_id
 from locopilot.gateway.auth import principal_of
@@ -233,12 +233,7 @@ def prompt_generation(body: PromptFields, max_text: int) -> GenerationRequest:
 
 def messages_generation(body: MessagesRequest, max_text: int) -> GenerationRequest:
     """The generation ``body`` asks for; ``max_text`` bounds each message's text in bytes."""
-    defaults = SamplingParams()
-    sampling = SamplingParams(
-        temperature=defaults.temperature if body.temperature is None else body.temperature,
-        top_p=defaults.top_p if body.top_p is None else body.top_p,
-        top_k=defaults.top_k if body.top_k is None else body.top_k,
-    )
+    sampling = sampling_of(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k)
     return msgspec.structs.replace(
         prompt_generation(body, max_text),
         max_tokens=body.max_tokens,

@@ -14,7 +14,7 @@ from typing import Any
 
 from locopilot.api.openai import check_text_size
 from locopilot.api.tools import ToolParams, check_schema_bounds, check_tools
-from locopilot.engine.protocol import SamplingParams
+from locopilot.engine.protocol import SamplingParams, sampling_of
 from locopilot.errors import InvalidRequest
 from locopilot.providers.base import FunctionTool, GenerationRequest, ImagePart, Message, ToolCall, ToolChoice
 from locopilot.schemas.ollama import (
@@ -73,18 +73,18 @@ def json_schema_of(format: str | dict[str, Any] | None) -> str | None:
             raise InvalidRequest('invalid format: expected "json" or a valid JSON schema', param="format")
 
 
-def sampling_of(options: Options | None) -> SamplingParams:
-    defaults = SamplingParams()
+def options_sampling(options: Options | None) -> SamplingParams:
+    """The sampling Ollama's ``options`` ask for; what they leave out keeps the default."""
     if options is None:
-        return defaults
-    return SamplingParams(
-        temperature=defaults.temperature if options.temperature is None else options.temperature,
-        top_p=defaults.top_p if options.top_p is None else options.top_p,
-        top_k=defaults.top_k if options.top_k is None else options.top_k,
-        min_p=defaults.min_p if options.min_p is None else options.min_p,
-        presence_penalty=options.presence_penalty or 0.0,
-        frequency_penalty=options.frequency_penalty or 0.0,
-        repeat_penalty=defaults.repeat_penalty if options.repeat_penalty is None else options.repeat_penalty,
+        return SamplingParams()
+    return sampling_of(
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k,
+        min_p=options.min_p,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+        repeat_penalty=options.repeat_penalty,
         seed=None if options.seed is None or options.seed < 0 else options.seed,
     )
 
@@ -178,7 +178,7 @@ def chat_generation(body: ChatRequest, max_text: int, context: int | None) -> Ge
         json_schema=json_schema_of(body.format),
         tools=tools,
         tool_choice=choice,
-        sampling=sampling_of(body.options),
+        sampling=options_sampling(body.options),
     )
 
 
@@ -203,7 +203,7 @@ def generate_generation(body: GenerateRequest, max_text: int, context: int | Non
         "max_tokens": max_tokens_of(body.options),
         "stop": list(body.options.stop or []) if body.options else [],
         "json_schema": json_schema_of(body.format),
-        "sampling": sampling_of(body.options),
+        "sampling": options_sampling(body.options),
     }
     if body.raw or body.suffix:
         if body.system:

@@ -20,7 +20,7 @@ from locopilot.api.generation import serve_embedding, serve_generation
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
 from locopilot.api.services import Services
 from locopilot.api.tools import check_schema_bounds, check_tools
-from locopilot.engine.protocol import SamplingParams
+from locopilot.engine.protocol import SamplingParams, sampling_of
 from locopilot.errors import InvalidRequest, LocopilotError, ModelNotFound
 from locopilot.gateway.auth import Principal, principal_of
 from locopilot.gateway.streaming import ChoiceParts, Reply, sse, usage_of
@@ -85,21 +85,20 @@ MAX_EMBEDDING_INPUTS = 2048
 
 
 def sampling_params(body: SamplingFields) -> SamplingParams:
-    defaults = SamplingParams()
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():
         try:
             bias[int(key)] = value
         except ValueError:
             raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
-    return SamplingParams(
-        temperature=defaults.temperature if body.temperature is None else body.temperature,
-        top_p=defaults.top_p if body.top_p is None else body.top_p,
-        top_k=defaults.top_k if body.top_k is None else body.top_k,
-        min_p=defaults.min_p if body.min_p is None else body.min_p,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        repeat_penalty=defaults.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
+    return sampling_of(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repeat_penalty=body.repeat_penalty,
         seed=body.seed,
         logit_bias=bias,
     )

@@ -20,13 +20,13 @@ import msgspec
 from locopilot.api.openai import check_text_size
 from locopilot.api.responses_format import new_id
 from locopilot.api.tools import ToolParams, check_schema_bounds, check_tools
+from locopilot.engine.protocol import sampling_of
 from locopilot.errors import InvalidRequest, LocopilotError
 from locopilot.providers.base import (
     FunctionTool,
     GenerationRequest,
     ImagePart,
     Message,
-    SamplingParams,
     ToolCall,
     ToolChoice,
 )
@@ -314,7 +314,6 @@ def translate(body: ResponsesRequest, prepared: Prepared, max_text: int) -> Tran
         call_arguments="arguments",
     )
     check_tools(tools, choice, conversation.messages, params)
-    defaults = SamplingParams()
     generation = GenerationRequest(
         model=body.model,
         messages=conversation.messages,
@@ -323,9 +322,6 @@ def translate(body: ResponsesRequest, prepared: Prepared, max_text: int) -> Tran
         tools=tools,
         tool_choice=choice,
         parallel_tool_calls=True if body.parallel_tool_calls is None else body.parallel_tool_calls,
-        sampling=SamplingParams(
-            temperature=defaults.temperature if body.temperature is None else body.temperature,
-            top_p=defaults.top_p if body.top_p is None else body.top_p,
-        ),
+        sampling=sampling_of(temperature=body.temperature, top_p=body.top_p),
     )
     return Translated(generation, inputs, echoed_tools, echoed_choice)

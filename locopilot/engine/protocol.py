@@ -32,6 +32,12 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logit_bias: dict[int, float] = {}
 
 
+def sampling_of(**given: Any) -> SamplingParams:
+    """SamplingParams from a front's fields, where a field the request left out (None) keeps
+    the default (llama-server's): one place that says what an unset field means."""
+    return SamplingParams(**{name: value for name, value in given.items() if value is not None})
+
+
 # Chat content shared by every front, provider and the runner. The OpenAI, Anthropic,
 # Ollama and Responses fronts translate into these; providers translate out of them.
 
