@@ -32,7 +32,7 @@ from locopilot.errors import InvalidRequest, LocopilotError, ModelNotFound, Olla
 from locopilot.gateway import auth
 from locopilot.gateway.auth import principal_of
 from locopilot.gateway.guard import EXCLUDE_FROM_AUTH
-from locopilot.gateway.router import DEFAULT_TAG
+from locopilot.gateway.router import DEFAULT_TAG, served_name
 from locopilot.models.catalog import ModelEntry, validate_model_name
 from locopilot.models.gguf import GGUFHeader
 from locopilot.models.pull import OllamaProgress, ollama_progress
@@ -157,6 +157,11 @@ async def show(data: ModelRequest, services: Services, request: Request[Any, Any
         # A model an upstream serves: known by name only.
         policy = privacy_of(request, services.settings.routing_privacy)
         plan = await services.auth.plan(request, services.router, model, policy)
+        provider = plan.routes[0].provider.name
+        served = [card.id for card in await all_cards(services, principal_of(request)) if card.provider == provider]
+        requested = model.split(":", 1)[1] if model.startswith(f"{provider}:") else model.removeprefix(f"{provider}/")
+        if served_name(requested, served) is None:
+            raise ModelNotFound(f'model "{model}" not found', param="model")
         shown = ShowResponse(
             modelfile=f"FROM {model}\n",
             parameters="",
@@ -166,7 +171,7 @@ async def show(data: ModelRequest, services: Services, request: Request[Any, Any
             capabilities=["completion"],
             modified_at=rfc3339(0),
         )
-        headers = {"X-Locopilot-Provider": plan.routes[0].provider.name}
+        headers = {"X-Locopilot-Provider": provider}
         return Response(encoder.encode(shown), media_type=MediaType.JSON, headers=headers)
     header = await anyio.to_thread.run_sync(services.catalog.header, entry.name)
     template = choose_template(header.metadata)

@@ -31,7 +31,10 @@ MAX_REF = 2048
 _HF_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}$")
 _QUANT = re.compile(r"^[A-Za-z0-9_]{1,32}$")
 # Ollama's name grammar (types/model/name.go): host, namespace, model, tag.
-_OLLAMA_HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}$")
+# A registry host: DNS labels joined by single dots, and an optional port ("embedded:.." is none).
+_OLLAMA_HOST = re.compile(
+    r"^(?!.{254})[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*(?::[0-9]{1,5})?$"
+)
 _OLLAMA_NAMESPACE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,79}$")
 _OLLAMA_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
 #: ``-00001-of-00003.gguf``: one part of a split GGUF (llama.cpp's gguf-split names).

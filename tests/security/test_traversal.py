@@ -50,8 +50,12 @@ GENERATION_BODIES = {
     "/v1/embeddings": {"input": "hi"},
 }
 #: Routes with a parameter that names something: each is driven by a test below.
-#: Training routes whose path carries a server-chosen id (method, prefix, parameter, rest of the path).
+#: Routes whose path carries a server-chosen id (method, prefix, parameter, rest of the path).
 ID_ROUTES = [
+    ("GET", b"/v1/responses/", "response_id", ""),
+    ("DELETE", b"/v1/responses/", "response_id", ""),
+    ("POST", b"/v1/responses/", "response_id", "/cancel"),
+    ("GET", b"/v1/responses/", "response_id", "/input_items"),
     ("GET", b"/v1/files/", "file_id", ""),
     ("DELETE", b"/v1/files/", "file_id", ""),
     ("GET", b"/v1/locopilot/training/jobs/", "job_id", ""),
@@ -76,8 +80,22 @@ COVERED = {
     "GET /openapi/{path}",  # Litestar's OpenAPI viewers, rendered from code, not read from files
     *(f"{method} {prefix.decode()}{{{param}}}{suffix}" for method, prefix, param, suffix in ID_ROUTES),
 }
+#: The other fronts' bodies that name a ``model`` (each refuses in its own API's shape).
+FRONT_BODIES = {
+    "/v1/responses": {"input": "hi", "max_output_tokens": 1},
+    "/v1/messages": {"max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/messages/count_tokens": {"messages": [{"role": "user", "content": "hi"}]},
+    "/api/chat": {"messages": [{"role": "user", "content": "hi"}], "stream": False, "options": {"num_predict": 1}},
+    "/api/generate": {"prompt": "hi", "stream": False, "options": {"num_predict": 1}},
+    "/api/embed": {"input": "hi"},
+    "/api/embeddings": {"prompt": "hi"},
+    "/api/show": {},
+    "/api/pull": {"stream": False},
+    "/api/delete": {},
+}
 #: Routes whose body has a ``model`` field or a list of model names.
 COVERED_BODIES = {
+    *(f"{'DELETE' if path == '/api/delete' else 'POST'} {path}" for path in FRONT_BODIES),
     "POST /v1/chat/completions",
     "POST /v1/completions",
     "POST /v1/embeddings",
@@ -285,6 +303,22 @@ def test_model_management_paths(server: Server, plant: Plant, method: str, suffi
 
 
 @pytest.mark.usefixtures("untouched")
+@pytest.mark.parametrize("route", sorted(FRONT_BODIES))
+def test_model_fields_of_the_other_fronts(server: Server, plant: Plant, route: str) -> None:
+    """The Responses, Anthropic and Ollama routes: each name, as is and forced onto the embedded
+    engine, is refused (a pull of a valid-looking name fails from nowhere) and never opened."""
+    method = "DELETE" if route == "/api/delete" else "POST"
+    for name in plant.names():
+        for model in (name, f"embedded:{name}"):
+            body = {**FRONT_BODIES[route], "model": model}
+            response = httpx.request(method, f"{server.url}{route}", json=body, headers=ADMIN, timeout=60)
+            what = f"{route} {model[:60]!r}: {response.status_code} {response.content[:300]!r}"
+            assert 400 <= response.status_code < 500 or (route == "/api/pull" and response.status_code == 502), what
+            assert SECRET.encode() not in response.content, what
+            assert b"root:x:0:0" not in response.content, what
+
+
+@pytest.mark.usefixtures("untouched")
 def test_pull_names_and_refs(server: Server, plant: Plant) -> None:
     url = "http://127.0.0.1:9/model.gguf"
     for name in plant.names():
@@ -313,7 +347,7 @@ def test_other_path_parameters(server: Server, plant: Plant, method: str, prefix
 
 @pytest.mark.usefixtures("untouched")
 @pytest.mark.parametrize(("method", "prefix", "param", "suffix"), ID_ROUTES)
-def test_training_ids_in_the_path(
+def test_server_chosen_ids_in_the_path(
     server: Server, plant: Plant, method: str, prefix: bytes, param: str, suffix: str
 ) -> None:
     for name in plant.names():
