@@ -96,7 +96,7 @@ def test_a_key_without_the_inference_scope_is_a_permission_error(
 
 
 def test_the_model_allowlist(secured: Server, cloud: FaultUpstream, clients: list[anthropic.Anthropic]) -> None:
-    key = create_key(secured, name="lan-only", models=["lan-model"])
+    key = create_key(secured, name="anthropic-lan-only", models=["lan-model"])
     client = by_x_api_key(secured, clients, key.secret)
     before = generations(cloud)
     with pytest.raises(anthropic.PermissionDeniedError, match="may not use the model"):
