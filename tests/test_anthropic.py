@@ -475,12 +475,14 @@ def test_tool_use_with_any_and_a_tool_result_round_trip(
     client = (claude if where == "embedded" else routed).with_options(timeout=600)
     model = SMOL if where == "embedded" else f"peer:{SMOL}"
     ask: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    # Greedy, with room: sampled at the default temperature, the call's JSON once ran past 64 tokens.
     called = client.messages.create(
         model=model,
-        max_tokens=64,
+        max_tokens=256,
         tools=[WEATHER],
         tool_choice={"type": "any"},
         messages=ask,  # type: ignore[list-item]
+        extra_body={"temperature": 0},
     )
     assert called.stop_reason == "tool_use"
     uses = [block for block in called.content if block.type == "tool_use"]
