@@ -258,19 +258,22 @@ class Puller:
             finally:
                 await downloading.aclose()  # a pull closed early stops watching (see _download)
         yield PullEvent(status="verifying sha256 digest")
-        finals = [self._final(blob) for blob in plan.blobs]
-        try:
-            await anyio.to_thread.run_sync(read_header, finals[0])
-        except (GGUFError, OSError) as exc:
-            for path in finals:
-                path.unlink(missing_ok=True)
-            raise UpstreamError(
-                f"{plan.blobs[0].filename} is not a usable GGUF file ({exc}); it was deleted", retryable=False
-            ) from exc
-        yield PullEvent(status="writing manifest")
+        # Checked and placed under the install lock: two pulls that shared one download both get
+        # here, and the first to place the file moves it out of the downloads folder.
         async with self._install:
             if not await self._installed(request.name, plan):
+                finals = [self._final(blob) for blob in plan.blobs]
+                try:
+                    await anyio.to_thread.run_sync(read_header, finals[0])
+                except (GGUFError, OSError) as exc:
+                    for path in finals:
+                        path.unlink(missing_ok=True)
+                    raise UpstreamError(
+                        f"{plan.blobs[0].filename} is not a usable GGUF file ({exc}); it was deleted",
+                        retryable=False,
+                    ) from exc
                 await anyio.to_thread.run_sync(self._place, request, plan)
+        yield PullEvent(status="writing manifest")
         yield PullEvent(status="success", model=request.name)
 
     def _final(self, blob: Blob) -> Path:
