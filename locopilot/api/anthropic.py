@@ -35,7 +35,7 @@ from locopilot.gateway.access import outcome_id
 from locopilot.gateway.auth import principal_of
 from locopilot.gateway.failover import first_success
 from locopilot.gateway.router import Route
-from locopilot.gateway.streaming import Reply, unless_disconnected
+from locopilot.gateway.streaming import Reply, sse, sse_data, unless_disconnected
 from locopilot.gateway.usage import Outcome
 from locopilot.providers.base import (
     CountsTokens,
@@ -250,10 +250,6 @@ def message_id(request_id: str) -> str:
     return "msg_" + request_id.removeprefix("msg-")
 
 
-def event(payload: msgspec.Struct, name: str) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + encoder.encode(payload) + b"\n\n"
-
-
 def tool_input(call: ToolCall) -> dict[str, Any]:
     """A call's arguments as the object Anthropic's ``input`` is (providers send only parsable calls)."""
     try:
@@ -315,10 +311,10 @@ class MessagesFormatter:
             stop_sequence=None,
             usage=wire.Usage(input_tokens=0, output_tokens=0),
         )
-        return event(wire.MessageStart(start), "message_start") + event(wire.Ping(), "ping")
+        return sse(wire.MessageStart(start), "message_start") + sse(wire.Ping(), "ping")
 
     def _close(self) -> bytes:
-        return event(wire.ContentBlockStop(self.block), "content_block_stop") if self.block >= 0 else b""
+        return sse(wire.ContentBlockStop(self.block), "content_block_stop") if self.block >= 0 else b""
 
     def event(self, delta: TextDelta | ToolCallDelta) -> bytes:
         out = b""
@@ -329,28 +325,28 @@ class MessagesFormatter:
                 out += self._close()
                 self.block += 1
                 self.open_call = None
-                out += event(wire.ContentBlockStart(self.block, wire.TextContent("")), "content_block_start")
-            return out + event(wire.ContentBlockDelta(self.block, wire.TextDelta(delta.text)), "content_block_delta")
+                out += sse(wire.ContentBlockStart(self.block, wire.TextContent("")), "content_block_start")
+            return out + sse(wire.ContentBlockDelta(self.block, wire.TextDelta(delta.text)), "content_block_delta")
         if self.open_call != delta.call or self.block < 0:
             out += self._close()
             self.block += 1
             self.open_call = delta.call
             self.calls += 1
             block = wire.ToolUseContent(delta.id or f"toolu_{self.id[4:]}_{delta.call}", delta.name or "", {})
-            out += event(wire.ContentBlockStart(self.block, block), "content_block_start")
+            out += sse(wire.ContentBlockStart(self.block, block), "content_block_start")
         if delta.arguments:
             partial = wire.InputJsonDelta(delta.arguments)
-            out += event(wire.ContentBlockDelta(self.block, partial), "content_block_delta")
+            out += sse(wire.ContentBlockDelta(self.block, partial), "content_block_delta")
         return out
 
     def closing(self, finish: Finish) -> bytes:
         reason, sequence = self._stop(finish, self.calls)
         message_delta = wire.MessageDelta(wire.StopDelta(reason, sequence), self._usage(finish))
-        return self._close() + event(message_delta, "message_delta") + event(wire.MessageStop(), "message_stop")
+        return self._close() + sse(message_delta, "message_delta") + sse(wire.MessageStop(), "message_stop")
 
     def failure(self, error: LocopilotError) -> bytes:
         _, body = render(error, "anthropic")
-        return b"event: error\ndata: " + body + b"\n\n"
+        return sse_data(body, "error")
 
     # Whole
 

@@ -29,6 +29,7 @@ from locopilot.api.responses import BODY, GUARDED, answers
 from locopilot.api.services import Services
 from locopilot.errors import Conflict, LocopilotError, ModelNotFound
 from locopilot.gateway import auth
+from locopilot.gateway.streaming import sse
 from locopilot.models.pull import SPLITS, PullEvent, prepare
 from locopilot.schemas.openai import ModelCard, encoder
 from locopilot.store import models as records
@@ -79,10 +80,6 @@ PULL_STREAM = ResponseSpec(
 )
 
 
-def _sse(event: str, body: msgspec.Struct) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + encoder.encode(body) + b"\n\n"
-
-
 async def card_of(services: Services, name: str) -> ModelCard:
     """The model card of embedded model ``name``; raises InvalidModelName or ModelNotFound."""
     entry = await anyio.to_thread.run_sync(services.catalog.get, name)
@@ -131,13 +128,13 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     try:
         for event in primed:
-            yield _sse("progress", event)
+            yield sse(event, "progress")
         async for event in events:
-            yield _sse("progress", event)
-        yield _sse("model", await card_of(services, name))
+            yield sse(event, "progress")
+        yield sse(await card_of(services, name), "model")
     except LocopilotError as exc:
         log.warning("pull of %s failed: %s", name, exc.loggable())
-        yield _sse("error", exc.body())
+        yield sse(exc.body(), "error")
     finally:
         await events.aclose()
 

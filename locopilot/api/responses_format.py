@@ -21,9 +21,8 @@ from typing import Literal
 import msgspec
 
 from locopilot.errors import LocopilotError
-from locopilot.gateway.streaming import Reply
+from locopilot.gateway.streaming import Reply, sse
 from locopilot.providers.base import Finish, TextDelta, ToolCallDelta
-from locopilot.schemas.openai import encoder
 from locopilot.schemas.responses import (
     ArgumentsDelta,
     ArgumentsDone,
@@ -107,7 +106,7 @@ class ResponsesFormatter:
         event = make(sequence_number=self._sequence, **fields)
         self._sequence += 1
         kind: str = type(event).__struct_config__.tag  # type: ignore[assignment]
-        return b"event: " + kind.encode() + b"\ndata: " + encoder.encode(event) + b"\n\n"
+        return sse(event, kind)
 
     def opening(self) -> bytes:
         self.streamed = True

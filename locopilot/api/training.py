@@ -30,6 +30,7 @@ from locopilot.api.responses import BODY, GUARDED, answers
 from locopilot.api.services import Services
 from locopilot.errors import InvalidRequest
 from locopilot.gateway.auth import principal_of
+from locopilot.gateway.streaming import sse
 from locopilot.schemas.openai import encoder
 from locopilot.store import jobs as store
 from locopilot.store.jobs import JobEvent, JobStatus, TrainingJob
@@ -207,10 +208,6 @@ EVENT_STREAM = ResponseSpec(
 )
 
 
-def sse(event: str, body: msgspec.Struct) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + encoder.encode(body) + b"\n\n"
-
-
 async def follow(services: Services, job_id: str, after: int) -> AsyncIterator[bytes]:
     """The job's events from ``after`` on as SSE, then ``end`` with the job once it is over.
 
@@ -223,16 +220,16 @@ async def follow(services: Services, job_id: str, after: int) -> AsyncIterator[b
         found: list[JobEvent] = await anyio.to_thread.run_sync(partial(store.events, services.db, job_id, after=after))
         for event in found:
             after = event.id
-            yield sse(event.type, LogEvent(event.id, event.created_at, event.level, event.message, event.data))
+            yield sse(LogEvent(event.id, event.created_at, event.level, event.message, event.data), event.type)
         if job.final:
             # The job's last events are written just after its status: one more look for them.
             if final_seen and not found:
-                yield sse("end", job_info(job))
+                yield sse(job_info(job), "end")
                 return
             final_seen = True
         if services.shutdown.draining:
             yield sse(
-                "error", JobErrorInfo("shutting_down", "The server is shutting down; follow the job again later.")
+                JobErrorInfo("shutting_down", "The server is shutting down; follow the job again later."), "error"
             )
             return
         await anyio.sleep(FOLLOW_INTERVAL_S)

@@ -140,8 +140,15 @@ class Reply:
         return usage_of(self.finish)
 
 
-def sse(payload: msgspec.Struct) -> bytes:
-    return b"data: " + encoder.encode(payload) + b"\n\n"
+def sse(payload: msgspec.Struct, event: str | None = None) -> bytes:
+    """One server-sent event: the payload's JSON as ``data``, after an ``event:`` line when named."""
+    return sse_data(encoder.encode(payload), event)
+
+
+def sse_data(data: bytes, event: str | None = None) -> bytes:
+    """One server-sent event of ``data`` (one line of JSON), named ``event`` if given."""
+    head = b"" if event is None else b"event: " + event.encode() + b"\n"
+    return head + b"data: " + data + b"\n\n"
 
 
 def usage_of(finish: Finish) -> Usage:
