@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -192,17 +193,25 @@ def load_answer(model: str, reason: str, *, chat: bool) -> Response[bytes]:
 # Routes
 
 
-@post("/api/chat", status_code=200, responses=answers(ChatChunk, 200, *GUARDED, *BODY, *ROUTED, front="ollama"))
-async def chat(data: ChatRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+async def serve_ollama(
+    services: Services,
+    request: Request[Any, Any, Any],
+    data: ChatRequest | GenerateRequest,
+    translate: Callable[[int | None], GenerationRequest],
+) -> Response[bytes] | Stream:
+    """``/api/chat`` and ``/api/generate``: with nothing to generate, Ollama's load or unload;
+    otherwise ``translate(the model's loaded context)`` through the one pipeline, whose reply
+    the Ollama formatter writes. ``keep_alive`` sets the embedded model's idle time."""
     started = time.perf_counter_ns()
+    chat = isinstance(data, ChatRequest)
     keep = keep_alive_seconds(data.keep_alive)
-    if not data.messages:
-        return load_answer(data.model, await load_or_unload(services, request, data.model, keep), chat=True)
+    if not (data.messages if isinstance(data, ChatRequest) else data.prompt):
+        return load_answer(data.model, await load_or_unload(services, request, data.model, keep), chat=chat)
     local = await embedded_name(services, data.model)
     context = await loaded_context(services, local)
 
     def build() -> GenerationRequest:
-        generation = chat_generation(data, services.settings.max_message_bytes, context)
+        generation = translate(context)
         if local is not None:
             services.manager.keep(local, keep)
         return generation
@@ -210,42 +219,27 @@ async def chat(data: ChatRequest, services: Services, request: Request[Any, Any,
     return await serve_generation(
         services,
         request,
-        endpoint="ollama.chat",
+        endpoint="ollama.chat" if chat else "ollama.generate",
         id_prefix="ollama",
         model=data.model,
         stream=data.stream,
         build=build,
-        formatter=lambda _: OllamaFormatter(data.model, chat=True, started_ns=started),
+        formatter=lambda _: OllamaFormatter(data.model, chat=chat, started_ns=started),
     )
+
+
+@post("/api/chat", status_code=200, responses=answers(ChatChunk, 200, *GUARDED, *BODY, *ROUTED, front="ollama"))
+async def chat(data: ChatRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+    limit = services.settings.max_message_bytes
+    return await serve_ollama(services, request, data, lambda context: chat_generation(data, limit, context))
 
 
 @post("/api/generate", status_code=200, responses=answers(GenerateChunk, 200, *GUARDED, *BODY, *ROUTED, front="ollama"))
 async def generate(
     data: GenerateRequest, services: Services, request: Request[Any, Any, Any]
 ) -> Response[bytes] | Stream:
-    started = time.perf_counter_ns()
-    keep = keep_alive_seconds(data.keep_alive)
-    if not data.prompt:
-        return load_answer(data.model, await load_or_unload(services, request, data.model, keep), chat=False)
-    local = await embedded_name(services, data.model)
-    context = await loaded_context(services, local)
-
-    def build() -> GenerationRequest:
-        generation = generate_generation(data, services.settings.max_message_bytes, context)
-        if local is not None:
-            services.manager.keep(local, keep)
-        return generation
-
-    return await serve_generation(
-        services,
-        request,
-        endpoint="ollama.generate",
-        id_prefix="ollama",
-        model=data.model,
-        stream=data.stream,
-        build=build,
-        formatter=lambda _: OllamaFormatter(data.model, chat=False, started_ns=started),
-    )
+    limit = services.settings.max_message_bytes
+    return await serve_ollama(services, request, data, lambda context: generate_generation(data, limit, context))
 
 
 def embed_texts(inputs: list[str], max_text: int, param: str) -> list[str]:
