@@ -491,7 +491,11 @@ def test_a_disk_that_fills_during_the_download_keeps_nothing(tmp_path: Path, hub
     hubs.add_hf("acme/Fill-B-GGUF", {"b.Q4_K_M.gguf": second})
     with tmpfs(tmp_path / "small", "1m") as small:
         env = {**environment(hubs, tmp_path), "LOCOPILOT_MODELS_DIR": str(small)}
-        hubs.rate = 300_000  # slow enough that the two downloads overlap
+        hubs.rate = 300_000
+        # Both bodies start together, so the two downloads overlap however slowly the two
+        # CLI processes start (under load, one finished before the other began and was
+        # refused by the free-space check instead of filling the disk).
+        hubs.together = threading.Barrier(2)
         try:
             runs = [
                 subprocess.Popen(
@@ -506,6 +510,7 @@ def test_a_disk_that_fills_during_the_download_keeps_nothing(tmp_path: Path, hub
             results = [(run.wait(60), run.communicate()[1]) for run in runs]
         finally:
             hubs.rate = None
+            hubs.together = None
         codes = sorted(code for code, _ in results)
         assert codes == [0, 1], results
         assert any("The disk is full" in err for code, err in results if code == 1), results
