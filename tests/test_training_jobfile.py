@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from locopilot.cli import cli
 from locopilot.training import jobfile
 from locopilot.training.jobfile import JobFileInvalid, TrainOptions
-from locopilot.training.trainer import DEFAULT_LAYERS, DEFAULT_LEARNING_RATE, OUTPUT_TYPES
+from locopilot.training.trainer import OUTPUT_TYPES
 from tests.test_cli import make_env
 
 
@@ -44,7 +44,7 @@ def test_toml_and_json_read_the_same(tmp_path: Path) -> None:
     ("text", "expected"),
     [
         ("epochs = 0", "`$.epochs`"),
-        ('epochs = "three"', "Expected `int`, got `str` - at `$.epochs`"),
+        ('epochs = "three"', "Invalid enum value 'three' - at `$.epochs`"),
         ("learning_rate = 0.5", "`$.learning_rate`"),
         ("context = 300", "multiple of 256 - at `$.context`"),
         ('optimizer = "adam"', "`$.optimizer`"),
@@ -78,8 +78,12 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
 
 def test_defaults_depend_on_the_framework() -> None:
     builtin, lora = TrainOptions(), TrainOptions(framework="mlx")
-    assert (builtin.effective_learning_rate, builtin.effective_layers) == (DEFAULT_LEARNING_RATE, DEFAULT_LAYERS)
-    assert (lora.effective_learning_rate, lora.effective_layers) == (jobfile.DEFAULT_LORA_LEARNING_RATE, 0)
+    assert (builtin.effective_epochs, builtin.effective_learning_rate, builtin.effective_layers) == ("auto",) * 3
+    assert (lora.effective_epochs, lora.effective_learning_rate, lora.effective_layers) == (
+        jobfile.DEFAULT_LORA_EPOCHS,
+        jobfile.DEFAULT_LORA_LEARNING_RATE,
+        0,
+    )
 
 
 def test_merge_overrides_and_checks_again() -> None:

@@ -1,7 +1,7 @@
 """The training job service end to end: a real server, the official ``openai`` client, real training.
 
-One job really trains SmolLM2 on invented facts (the ``trained`` fixture, shared by the tests
-that look at its result); the other jobs are stopped early (cancel, kill -9 of the worker,
+One job really trains SmolLM2 on invented facts with the defaults, every hyperparameter
+``auto`` (the ``trained`` fixture, shared by the tests that look at its result); the other jobs are stopped early (cancel, kill -9 of the worker,
 kill -9 of the server) once their worker has reported its first steps.
 """
 
@@ -33,8 +33,6 @@ pytestmark = pytest.mark.slow
 JOBS = "/v1/locopilot/training/jobs"
 #: Two invented capitals, each asked six ways: 12 examples, 3 training windows of 256 tokens.
 LEARNED = FACTS[:2]
-#: Aggressive on purpose (the defaults forget less): 6 steps make the facts stick.
-LEARNING = {"n_epochs": 2, "learning_rate": 1e-3, "layers": 6, "context": 256}
 #: A job that would run for minutes: stopped early by the tests that use it.
 LONG = {"n_epochs": 50, "layers": 1, "context": 256}
 MAX_FILE_BYTES = 64 * 1024
@@ -163,8 +161,11 @@ class Trained:
 @pytest.fixture(scope="module")
 def trained(server: Server, client: openai.OpenAI, uploaded: Any) -> Trained:
     started = time.monotonic()
-    job = client.fine_tuning.jobs.create(model=SMOL, training_file=uploaded.id, hyperparameters=LEARNING)  # type: ignore[arg-type]
+    job = client.fine_tuning.jobs.create(model=SMOL, training_file=uploaded.id)
     assert job.status == "queued" and job.object == "fine_tuning.job"
+    # Chosen when the job starts; until then, OpenAI's "auto".
+    assert (job.hyperparameters.n_epochs, job.hyperparameters.learning_rate_multiplier) == ("auto", "auto")
+    assert job.hyperparameters.batch_size == 1
     events = follow(server, job.id)
     seconds = time.monotonic() - started
     print(f"\ntrained job {job.id} in {seconds:.1f} s")
@@ -175,7 +176,7 @@ def test_the_job_succeeds_with_progress_events(trained: Trained, server: Server)
     job = trained.job
     assert job.status == "succeeded", (job.error, server.log())
     assert re.fullmatch(rf"{SMOL}-ft-[0-9a-f]{{8}}", job.fine_tuned_model or "")
-    assert job.hyperparameters.n_epochs == 2 and job.trained_tokens and job.trained_tokens > 0
+    assert job.trained_tokens and job.trained_tokens > 0
     metrics = [data for name, data in trained.events if name == "metrics"]
     assert metrics, trained.events
     steps = [m["data"]["step"] for m in metrics]
@@ -219,7 +220,12 @@ def test_the_model_is_listed_with_its_lineage(
     assert lineage["base_sha256"] == hashlib.sha256(smollm2_path.read_bytes()).hexdigest()
     assert lineage["dataset_sha256"] == hashlib.sha256(dataset.read_bytes()).hexdigest() == uploaded.sha256
     assert lineage["training_file"] == uploaded.id
-    assert lineage["hyperparameters"]["layers"] == 6 and lineage["hyperparameters"]["learning_rate"] == 1e-3
+    assert lineage["hyperparameters"]["chosen"] == ["epochs", "learning_rate", "layers"]
+    assert {k: lineage["hyperparameters"][k] for k in ("epochs", "learning_rate", "layers")} == {
+        "epochs": trained.job.hyperparameters.n_epochs,
+        "learning_rate": trained.job.hyperparameters.model_extra["learning_rate"],  # type: ignore[index]
+        "layers": trained.job.hyperparameters.model_extra["layers"],  # type: ignore[index]
+    }
     assert lineage["sha256"] == hashlib.sha256((server.models_dir / f"{name}.gguf").read_bytes()).hexdigest()
     assert card["quantization"] == "Q8_0"
     job = httpx.get(f"{server.url}{JOBS}/{trained.job.id}", timeout=30).json()
@@ -227,7 +233,24 @@ def test_the_model_is_listed_with_its_lineage(
     assert not list((server.data_dir / "training" / "jobs").iterdir()), "the work folder is removed"
 
 
+def test_auto_hyperparameters_are_chosen_and_reported(trained: Trained, smollm2_path: Path) -> None:
+    """The job object says what ``auto`` chose: the rule's values for this model and dataset."""
+    from locopilot.models.gguf import read_header
+    from locopilot.training import auto
+
+    header = read_header(smollm2_path)
+    hyper = trained.job.hyperparameters
+    started = next(data["data"] for name, data in trained.events if data.get("message", "").startswith("Training "))
+    assert hyper.n_epochs == auto.epochs(started["windows"]) == started["epochs"]
+    assert hyper.batch_size == 1 and hyper.learning_rate_multiplier == 1.0
+    extra = hyper.model_extra or {}
+    assert extra["learning_rate"] == pytest.approx(auto.learning_rate(header))
+    assert extra["layers"] == auto.layers(header) == started["trained_layers"]
+    assert trained.job.method.supervised.hyperparameters.n_epochs == hyper.n_epochs  # type: ignore[union-attr]
+
+
 def test_the_model_answers_a_trained_fact(trained: Trained, client: openai.OpenAI) -> None:
+    """With the defaults alone (the issue's user recalled nothing with the old ones)."""
     answers = []
     for country, city in LEARNED:
         reply = client.chat.completions.create(
@@ -316,6 +339,9 @@ def test_job_requests_are_checked(client: openai.OpenAI, uploaded: Any) -> None:
         {"hyperparameters": {"batch_size": 8}},
         {"hyperparameters": {"context": 300}},
         {"hyperparameters": {"learning_rate_multiplier": 5000}},
+        {"hyperparameters": {"learning_rate_multiplier": "high"}},
+        {"hyperparameters": {"n_epochs": "many"}},
+        {"hyperparameters": {"layers": -1}},
         {"suffix": "mine"},
         {"method": {"type": "dpo"}},
     ]
@@ -323,6 +349,8 @@ def test_job_requests_are_checked(client: openai.OpenAI, uploaded: Any) -> None:
         with pytest.raises(openai.BadRequestError) as info:
             client.fine_tuning.jobs.create(model=SMOL, training_file=uploaded.id, **extra)
         assert info.value.body["type"] == "invalid_request_error", extra  # type: ignore[index]
+        if "hyperparameters" in extra:
+            assert str(info.value.body["param"]).startswith("hyperparameters"), info.value.body  # type: ignore[index]
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-nope")
 

@@ -5,9 +5,12 @@
   (progress, loss, tokens/s, ETA) that ends when the job does.
 - OpenAI's, ``/v1/fine_tuning/jobs``: what ``client.fine_tuning.jobs`` sends and reads.
   ``hyperparameters`` (or ``method.supervised.hyperparameters``) takes OpenAI's ``n_epochs``,
-  ``learning_rate_multiplier`` (times locopilot's default learning rate) and ``batch_size``
-  (``auto`` or 1: each optimizer step is one window of ``context`` tokens), and locopilot's own
-  names too (``learning_rate``, ``layers``, ``context``, ``output_type``, ``optimizer``).
+  ``learning_rate_multiplier`` (times the learning rate the ``auto`` rule picks for the model)
+  and ``batch_size`` (``auto`` or 1: each optimizer step is one window of ``context`` tokens),
+  each ``auto`` by default (:mod:`locopilot.training.auto`), and locopilot's own names too
+  (``learning_rate``, ``layers``, ``context``, ``output_type``, ``optimizer``). The job object
+  reports ``auto`` until the job starts, then the values chosen (``learning_rate`` and
+  ``layers`` beside OpenAI's three).
 
 The queue itself is :mod:`locopilot.training.jobs`.
 """
@@ -35,11 +38,13 @@ from locopilot.schemas.openai import encoder
 from locopilot.store import jobs as store
 from locopilot.store.jobs import JobEvent, JobStatus, TrainingJob
 from locopilot.training.jobs import JobSpec
-from locopilot.training.trainer import DEFAULT_LEARNING_RATE
 
 OutputType = Literal["f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
+Auto = Literal["auto"]
 Epochs = Annotated[int, Meta(ge=1, le=100)]
 LearningRate = Annotated[float, Meta(gt=0, le=1e-2)]
+#: The auto rule's rate is at most 1e-3 (locopilot.training.auto), so at most 1e-2 after this.
+Multiplier = Annotated[float, Meta(gt=0, le=10)]
 Layers = Annotated[int, Meta(ge=0, le=10_000, description="Train the last N blocks; 0: every block.")]
 Context = Annotated[int, Meta(ge=256, le=1 << 20, description="Training window in tokens, a multiple of 256.")]
 ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
@@ -61,10 +66,11 @@ class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The base model: a model in the models folder."""
     training_file: FileId
     """A file uploaded with ``purpose=fine-tune``."""
-    epochs: Epochs = 1
-    learning_rate: LearningRate = DEFAULT_LEARNING_RATE
+    epochs: Epochs | Auto = "auto"
+    learning_rate: LearningRate | Auto = "auto"
+    learning_rate_multiplier: Multiplier = 1.0
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    layers: Layers = 4
+    layers: Layers | Auto = "auto"
     context: Context = 256
     output_type: OutputType = "q8_0"
     validation_split: Annotated[float, Meta(ge=0, lt=0.5)] = 0.1
@@ -259,11 +265,11 @@ async def job_logs(job_id: str, services: Services, after: Annotated[int, Parame
 class Hyperparameters(msgspec.Struct, kw_only=True):
     """OpenAI's names, and locopilot's own (which win when both are given)."""
 
-    n_epochs: Epochs | Literal["auto"] | None = None
-    batch_size: Annotated[int, Meta(ge=1)] | Literal["auto"] | None = None
-    learning_rate_multiplier: Annotated[float, Meta(gt=0, le=1000)] | Literal["auto"] | None = None
-    learning_rate: LearningRate | None = None
-    layers: Layers | None = None
+    n_epochs: Epochs | Auto | None = None
+    batch_size: Annotated[int, Meta(ge=1)] | Auto | None = None
+    learning_rate_multiplier: Multiplier | Auto | None = None
+    learning_rate: LearningRate | Auto | None = None
+    layers: Layers | Auto | None = None
     context: Context | None = None
     output_type: OutputType | None = None
     optimizer: Literal["adamw", "sgd"] | None = None
@@ -293,9 +299,14 @@ class FineTuningJobRequest(msgspec.Struct, kw_only=True):
 
 
 class FineTuningHyperparameters(msgspec.Struct):
-    n_epochs: int
-    batch_size: int
-    learning_rate_multiplier: float
+    """OpenAI's three (``auto`` until the job starts, then the values chosen), and locopilot's
+    ``learning_rate`` and ``layers`` (the last N blocks trained; 0: all)."""
+
+    n_epochs: int | Auto
+    batch_size: int | Auto
+    learning_rate_multiplier: float | Auto
+    learning_rate: float | Auto
+    layers: int | Auto
 
 
 class FineTuningMethod(msgspec.Struct):
@@ -351,10 +362,15 @@ class FineTuningEventList(msgspec.Struct):
 
 def openai_job(job: TrainingJob) -> FineTuningJob:
     params = job.params
+    rate = params.get("learning_rate", "auto")
+    multiplier = params.get("learning_rate_multiplier", 1.0)
     hyper = FineTuningHyperparameters(
-        n_epochs=int(params.get("epochs", 1)),
+        n_epochs=params.get("epochs", "auto"),
         batch_size=1,
-        learning_rate_multiplier=float(params.get("learning_rate", DEFAULT_LEARNING_RATE)) / DEFAULT_LEARNING_RATE,
+        # Before the job starts, a multiplier of an auto rate is still auto unless one was given.
+        learning_rate_multiplier="auto" if rate == "auto" and multiplier == 1.0 else multiplier,
+        learning_rate=rate,
+        layers=params.get("layers", "auto"),
     )
     return FineTuningJob(
         id=job.id,
@@ -392,21 +408,17 @@ def spec_of(body: FineTuningJobRequest) -> JobSpec:
             "batch_size must be 1 or auto: each step trains on one window of `context` tokens.",
             param="hyperparameters.batch_size",
         )
-    learning_rate = DEFAULT_LEARNING_RATE
-    if isinstance(hyper.learning_rate_multiplier, float | int):
-        learning_rate = DEFAULT_LEARNING_RATE * hyper.learning_rate_multiplier
-    if hyper.learning_rate is not None:
-        learning_rate = hyper.learning_rate
     values: dict[str, Any] = {
         "model": body.model,
         "training_file": body.training_file,
-        "learning_rate": learning_rate,
         "seed": body.seed or 0,
         "remote": body.remote,
     }
-    if isinstance(hyper.n_epochs, int):
+    if isinstance(hyper.learning_rate_multiplier, float | int):
+        values["learning_rate_multiplier"] = float(hyper.learning_rate_multiplier)
+    if hyper.n_epochs is not None:
         values["epochs"] = hyper.n_epochs
-    for name in ("layers", "context", "output_type", "optimizer"):
+    for name in ("learning_rate", "layers", "context", "output_type", "optimizer"):
         if (value := getattr(hyper, name)) is not None:
             values[name] = value
     return msgspec.convert(values, JobSpec)

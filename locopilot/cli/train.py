@@ -22,13 +22,24 @@ from locopilot.training.jobfile import DEFAULT_LORA_LEARNING_RATE
 from locopilot.training.spotcheck import SpotCheck
 from locopilot.training.trainer import (
     DEFAULT_CONTEXT,
-    DEFAULT_LAYERS,
-    DEFAULT_LEARNING_RATE,
     MAX_LEARNING_RATE,
     OUTPUT_TYPES,
     Finished,
     TrainConfig,
 )
+
+
+class AutoOr(click.ParamType[Any]):
+    """``auto``, or a value of ``inner``'s type."""
+
+    def __init__(self, inner: click.ParamType[Any]) -> None:
+        self.inner = inner
+        self.name = f"auto|{inner.name}"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value == "auto":
+            return "auto"
+        return self.inner.convert(value, param, ctx)
 
 
 def base_model_path(model: str) -> Path:
@@ -82,18 +93,22 @@ OPTION_FLAGS = (
     show_default=True,
     help="builtin: llama.cpp, on the GGUF itself. Others: an installed Unsloth, Axolotl or MLX-LM trains LoRA.",
 )
-@click.option("--epochs", type=click.IntRange(1, 100), default=1, show_default=True)
+@click.option(
+    "--epochs",
+    type=AutoOr(click.IntRange(1, 100)),
+    help="Default auto (builtin: from the dataset's size), 1 (LoRA).",
+)
 @click.option(
     "--learning-rate",
     "--lr",
-    type=click.FloatRange(0, MAX_LEARNING_RATE, min_open=True),
-    help=f"Default {DEFAULT_LEARNING_RATE:g} (builtin), {DEFAULT_LORA_LEARNING_RATE:g} (LoRA).",
+    type=AutoOr(click.FloatRange(0, MAX_LEARNING_RATE, min_open=True)),
+    help=f"Default auto (builtin: from the model's size), {DEFAULT_LORA_LEARNING_RATE:g} (LoRA).",
 )
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
 @click.option(
     "--layers",
-    type=click.IntRange(min=0),
-    help=f"Train the last N blocks; 0: all. Default {DEFAULT_LAYERS} (builtin), 0 (LoRA).",
+    type=AutoOr(click.IntRange(min=0)),
+    help="Train the last N blocks; 0: all. Default auto (builtin: from the model's size), 0 (LoRA).",
 )
 @click.option("--context", type=click.IntRange(min=256), default=DEFAULT_CONTEXT, show_default=True)
 @click.option("--validation-split", type=click.FloatRange(0, 0.5, max_open=True), default=0.1, show_default=True)
@@ -176,11 +191,11 @@ def train(
 
 
 def server_job(options: jobfile.TrainOptions, base: str, remote: str | None) -> dict[str, Any]:
-    """The body of ``POST /v1/locopilot/training/jobs`` for these options (the server's defaults
-    for a learning rate and layers left unset; it runs its spot check always)."""
+    """The body of ``POST /v1/locopilot/training/jobs`` for these options (``auto`` for the
+    epochs, learning rate and layers left unset; the server runs its spot check always)."""
     job: dict[str, Any] = {
         "model": base,
-        "epochs": options.epochs,
+        "epochs": options.effective_epochs,
         "optimizer": options.optimizer,
         "context": options.context,
         "output_type": options.output_type,
@@ -207,7 +222,7 @@ def _train_builtin(options: jobfile.TrainOptions, base: str, dataset: Path) -> N
         dataset_path=str(dataset.resolve()),
         output_path=str(output),
         work_dir=str(work_dir),
-        epochs=options.epochs,
+        epochs=options.effective_epochs,
         learning_rate=options.effective_learning_rate,
         optimizer=options.optimizer,
         layers=options.effective_layers,
@@ -273,6 +288,12 @@ def _train_external(options: jobfile.TrainOptions, base: str, dataset: Path, *, 
         name = f"{Path(base).name or 'model'}-{framework}-{secrets.token_hex(4)}"
         output_dir = settings.data_path / "training" / name
         work_dir = output_dir / "work"
+        epochs, learning_rate, layers = (
+            options.effective_epochs,
+            options.effective_learning_rate,
+            options.effective_layers,
+        )
+        assert epochs != "auto" and learning_rate != "auto" and layers != "auto"  # builtin only
         plan, data = plan_job(
             framework,
             base=base,
@@ -280,10 +301,10 @@ def _train_external(options: jobfile.TrainOptions, base: str, dataset: Path, *, 
             output_dir=output_dir,
             work_dir=work_dir,
             python=python,
-            epochs=options.epochs,
-            learning_rate=options.effective_learning_rate,
+            epochs=epochs,
+            learning_rate=learning_rate,
             optimizer=options.optimizer,
-            layers=options.effective_layers,
+            layers=layers,
             context=options.context,
             lora_rank=options.lora_rank,
             seed=options.seed,

@@ -15,15 +15,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from locopilot.training.trainer import (
-    CONTEXT_STEP,
-    DEFAULT_CONTEXT,
-    DEFAULT_LAYERS,
-    DEFAULT_LEARNING_RATE,
-    MAX_LEARNING_RATE,
-)
+from locopilot.training.trainer import CONTEXT_STEP, DEFAULT_CONTEXT, MAX_LEARNING_RATE, Auto
 
 DEFAULT_LORA_LEARNING_RATE = 1e-4
+#: External frameworks' epochs when none are given (the built-in trainer chooses its own).
+DEFAULT_LORA_EPOCHS = 1
 
 Framework = Literal["builtin", "unsloth", "axolotl", "mlx"]
 OutputType = Literal["f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
@@ -39,11 +35,12 @@ class TrainOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     base: str | None = None
     dataset: str | None = None
     framework: Framework = "builtin"
-    epochs: Annotated[int, Meta(ge=1, le=100)] = 1
-    # None: the framework's default (:meth:`effective_learning_rate`, :meth:`effective_layers`).
-    learning_rate: Annotated[float, Meta(gt=0, le=MAX_LEARNING_RATE)] | None = None
+    # None: the framework's default (the effective_* properties); the built-in trainer's is
+    # "auto", chosen by locopilot.training.auto from the model's and the dataset's size.
+    epochs: Annotated[int, Meta(ge=1, le=100)] | Auto | None = None
+    learning_rate: Annotated[float, Meta(gt=0, le=MAX_LEARNING_RATE)] | Auto | None = None
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    layers: Annotated[int, Meta(ge=0, le=1024)] | None = None
+    layers: Annotated[int, Meta(ge=0, le=1024)] | Auto | None = None
     context: Annotated[int, Meta(ge=CONTEXT_STEP, le=1 << 20, multiple_of=CONTEXT_STEP)] = DEFAULT_CONTEXT
     validation_split: Annotated[float, Meta(ge=0, lt=0.5)] = 0.1
     seed: Annotated[int, Meta(ge=0)] = 0
@@ -54,18 +51,28 @@ class TrainOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     lora_rank: Annotated[int, Meta(ge=1, le=1024)] = 8
 
     @property
-    def effective_learning_rate(self) -> float:
-        """The built-in trainer changes the weights themselves and wants a small rate; LoRA a larger one."""
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return DEFAULT_LEARNING_RATE if self.framework == "builtin" else DEFAULT_LORA_LEARNING_RATE
+    def builtin(self) -> bool:
+        return self.framework == "builtin"
 
     @property
-    def effective_layers(self) -> int:
-        """The built-in trainer trains the last few blocks (memory, forgetting); LoRA is cheap on all (0)."""
-        if self.layers is not None:
+    def effective_epochs(self) -> int | Auto:
+        if isinstance(self.epochs, int):
+            return self.epochs
+        return "auto" if self.builtin else DEFAULT_LORA_EPOCHS
+
+    @property
+    def effective_learning_rate(self) -> float | Auto:
+        """The built-in trainer's rule chooses (it changes the weights themselves); LoRA's usual rate otherwise."""
+        if isinstance(self.learning_rate, float):
+            return self.learning_rate
+        return "auto" if self.builtin else DEFAULT_LORA_LEARNING_RATE
+
+    @property
+    def effective_layers(self) -> int | Auto:
+        """The built-in trainer's rule chooses (memory, forgetting); LoRA is cheap on every block (0)."""
+        if isinstance(self.layers, int):
             return self.layers
-        return DEFAULT_LAYERS if self.framework == "builtin" else 0
+        return "auto" if self.builtin else 0
 
 
 def _resolve(value: str | None, folder: Path, *, must_exist: bool) -> str | None:

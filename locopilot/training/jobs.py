@@ -56,8 +56,7 @@ from locopilot.store.jobs import TrainingJob
 from locopilot.training import lineage, remote
 from locopilot.training.trainer import (
     DEFAULT_CONTEXT,
-    DEFAULT_LAYERS,
-    DEFAULT_LEARNING_RATE,
+    Auto,
     Finished,
     Progress,
     Started,
@@ -75,14 +74,19 @@ FINE_TUNE_PURPOSE = "fine-tune"
 
 
 class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """What a job trains, as both APIs ask for it; checked by :meth:`JobService.submit`."""
+    """What a job trains, as both APIs ask for it; checked by :meth:`JobService.submit`.
+
+    ``auto`` values are chosen when the job starts (:mod:`locopilot.training.auto`) and then
+    stored in the row's ``params`` in their place, with ``chosen`` naming them.
+    """
 
     model: str
     training_file: str
-    epochs: int = 1
-    learning_rate: float = DEFAULT_LEARNING_RATE
+    epochs: int | Auto = "auto"
+    learning_rate: float | Auto = "auto"
+    learning_rate_multiplier: float = 1.0
     optimizer: str = "adamw"
-    layers: int = DEFAULT_LAYERS
+    layers: int | Auto = "auto"
     context: int = DEFAULT_CONTEXT
     output_type: str = "q8_0"
     validation_split: float = 0.1
@@ -95,6 +99,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
         return {
             "epochs": self.epochs,
             "learning_rate": self.learning_rate,
+            "learning_rate_multiplier": self.learning_rate_multiplier,
             "optimizer": self.optimizer,
             "layers": self.layers,
             "context": self.context,
@@ -385,6 +390,7 @@ class JobService:
             work_dir=str(work),
             epochs=spec.epochs,
             learning_rate=spec.learning_rate,
+            learning_rate_multiplier=spec.learning_rate_multiplier,
             optimizer="sgd" if spec.optimizer == "sgd" else "adamw",
             weight_decay=spec.weight_decay,
             layers=spec.layers,
@@ -463,6 +469,16 @@ class JobService:
     def _record(self, job: TrainingJob, event: object) -> None:
         match event:
             case Started():
+                # The values the job runs with, ``auto`` ones resolved, replace the asked ones.
+                job.params = {
+                    **job.params,
+                    "epochs": event.epochs,
+                    "learning_rate": event.learning_rate,
+                    "learning_rate_multiplier": event.learning_rate / event.auto_learning_rate,
+                    "layers": event.layers,
+                    "chosen": event.chosen,
+                }
+                store.update(self.db, job.id, params=job.params)
                 self._event(
                     job.id,
                     f"Training {event.trained_layers} layers on {event.examples} examples "

@@ -43,29 +43,30 @@ from locopilot.training.spotcheck import SpotCheck
 DEFAULT_CONTEXT = 256
 #: llama.cpp pads a context to a multiple of 256; a training window is exactly one context.
 CONTEXT_STEP = 256
-DEFAULT_LAYERS = 4
-DEFAULT_LEARNING_RATE = 1e-5
 MAX_LEARNING_RATE = 1e-2
+Auto = Literal["auto"]
 OUTPUT_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # enum llama_ftype
 
 
 class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One training job. Paths are absolute; ``work_dir`` holds the F32 copies (4 bytes per weight each).
 
-    Defaults are conservative: a small learning rate on the last few layers forgets less of
-    what the model knew (3 epochs at 5e-5 on every layer made SmolLM2 answer "capital of France"
-    with a trained fact).
+    ``epochs``, ``learning_rate`` and ``layers`` are ``"auto"`` unless given: chosen from the
+    model's and the dataset's size by :mod:`locopilot.training.auto` when the job starts
+    (reported in :class:`Started`). ``learning_rate_multiplier`` scales the learning rate,
+    chosen or given (OpenAI's ``learning_rate_multiplier``).
     """
 
     base_path: str
     dataset_path: str
     output_path: str
     work_dir: str
-    epochs: int = 1
-    learning_rate: float = DEFAULT_LEARNING_RATE
+    epochs: int | Auto = "auto"
+    learning_rate: float | Auto = "auto"
+    learning_rate_multiplier: float = 1.0
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = 0.0
-    layers: int = DEFAULT_LAYERS  # the last N blocks are trained; 0 trains every block
+    layers: int | Auto = "auto"  # the last N blocks are trained; 0 trains every block
     context: int = DEFAULT_CONTEXT
     chunk_windows: int = 4
     validation_split: float = 0.1
@@ -76,12 +77,18 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def check(self) -> None:
         """Raises TrainingRefused for a value no job can run with."""
-        if self.epochs < 1 or self.chunk_windows < 1 or self.layers < 0:
+        epochs = 1 if self.epochs == "auto" else self.epochs
+        layers = 0 if self.layers == "auto" else self.layers
+        if epochs < 1 or self.chunk_windows < 1 or layers < 0:
             raise TrainingRefused("epochs and chunk_windows must be at least 1, layers at least 0")
         if self.context < CONTEXT_STEP or self.context % CONTEXT_STEP:
             raise TrainingRefused(f"context must be a multiple of {CONTEXT_STEP}, not {self.context}")
-        if not 0 < self.learning_rate <= MAX_LEARNING_RATE:
-            raise TrainingRefused(f"learning_rate must be in (0, {MAX_LEARNING_RATE}], not {self.learning_rate}")
+        if self.learning_rate != "auto":
+            rate = self.learning_rate * self.learning_rate_multiplier
+            if not 0 < rate <= MAX_LEARNING_RATE:
+                raise TrainingRefused(f"the learning rate must be in (0, {MAX_LEARNING_RATE}], not {rate:g}")
+        elif not self.learning_rate_multiplier > 0:
+            raise TrainingRefused("learning_rate_multiplier must be above 0")
         if not 0 <= self.validation_split < 0.5:
             raise TrainingRefused("validation_split must be in [0, 0.5)")
         if self.output_type not in OUTPUT_TYPES:
@@ -92,7 +99,12 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Started(msgspec.Struct, tag="started"):
-    """``windows``: training windows of ``context`` tokens per epoch; one optimizer step each."""
+    """``windows``: training windows of ``context`` tokens per epoch; one optimizer step each.
+
+    ``epochs``, ``learning_rate`` and ``layers``: the values the job runs with, ``auto`` ones
+    resolved; ``chosen`` names those that were ``auto``; ``auto_learning_rate`` is the rate
+    the rule picks for this model (what ``learning_rate_multiplier`` multiplies).
+    """
 
     examples: int
     validation_examples: int
@@ -103,6 +115,11 @@ class Started(msgspec.Struct, tag="started"):
     trained_layers: int
     trained_weights: int
     estimate_bytes: int
+    epochs: int = 0
+    learning_rate: float = 0.0
+    layers: int = 0
+    auto_learning_rate: float = 0.0
+    chosen: list[str] = msgspec.field(default_factory=list)
 
 
 class Progress(msgspec.Struct, tag="progress"):
@@ -131,6 +148,10 @@ class Finished(msgspec.Struct, tag="finished"):
     seconds: float
     peak_rss_bytes: int
     spot_check: SpotCheck | None = None
+    cpu_seconds: float = 0.0
+    """The worker's CPU time (user and system): on a shared machine, closer to the job's cost than ``seconds``."""
+    stage_seconds: dict[str, float] = msgspec.field(default_factory=dict)
+    """Wall time of each part: prepare (dataset, F32 copy), loss_before, train, loss_after, export, ...."""
 
 
 Event = Started | Progress | Finished
@@ -175,7 +196,8 @@ def estimate_memory(header: GGUFHeader, config: TrainConfig) -> MemoryEstimate:
     n_embd = _int(header, f"{arch}.embedding_length")
     tokens = header.metadata.get("tokenizer.ggml.tokens")
     n_vocab = tokens.length if isinstance(tokens, ArrayInfo) else len(tokens) if isinstance(tokens, list) else 0
-    trained_layers = n_layer if config.layers == 0 else min(config.layers, n_layer)
+    layers = 0 if config.layers == "auto" else config.layers
+    trained_layers = n_layer if layers == 0 else min(layers, n_layer)
     per_layer = max(0, header.parameter_count - n_vocab * n_embd) // n_layer
     trained = per_layer * trained_layers
     per_trained = 12 if config.optimizer == "adamw" else 4
@@ -259,6 +281,30 @@ def encoded_examples(config: TrainConfig) -> list[list[int]]:
         tokenizer.close()
 
 
+def cpu_seconds() -> float:
+    """This process's CPU time so far, user and system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def resolve(config: TrainConfig, header: GGUFHeader, windows: int) -> tuple[TrainConfig, float, list[str]]:
+    """``config`` with its ``auto`` values chosen (:mod:`locopilot.training.auto`) and the
+    multiplier applied; the rule's learning rate for this model; the names that were auto."""
+    from locopilot.training import auto
+
+    chosen = [name for name in ("epochs", "learning_rate", "layers") if getattr(config, name) == "auto"]
+    auto_rate = auto.learning_rate(header)
+    rate = auto_rate if config.learning_rate == "auto" else config.learning_rate
+    resolved = msgspec.structs.replace(
+        config,
+        epochs=auto.epochs(windows) if config.epochs == "auto" else config.epochs,
+        learning_rate=min(MAX_LEARNING_RATE, rate * config.learning_rate_multiplier),
+        learning_rate_multiplier=1.0,
+        layers=auto.layers(header) if config.layers == "auto" else config.layers,
+    )
+    return resolved, auto_rate, chosen
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -275,8 +321,16 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
 
     config.check()
     started = time.monotonic()
+    stages: dict[str, float] = {}
+    mark = started
+
+    def stage(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        stages[name] = round(now - mark, 2)
+        mark = now
+
     header = read_header(Path(config.base_path))
-    estimate = check_resources(header, config)
     encoded = encoded_examples(config)
     rng = random.Random(config.seed)
     rng.shuffle(encoded)
@@ -284,7 +338,11 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
     n_val = int(len(encoded) * config.validation_split)
     validation = windows(encoded[:n_val], config.context)
     training = windows(encoded[n_val:], config.context)
-    steps = len(training) * config.epochs
+    config, auto_rate, chosen = resolve(config, header, len(training))
+    assert isinstance(config.epochs, int) and isinstance(config.learning_rate, float) and isinstance(config.layers, int)
+    epochs, learning_rate, layers = config.epochs, config.learning_rate, config.layers
+    estimate = check_resources(header, config)
+    steps = len(training) * epochs
     report(
         Started(
             examples=len(encoded),
@@ -296,18 +354,25 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
             trained_layers=estimate.trained_layers,
             trained_weights=estimate.trained_weights,
             estimate_bytes=estimate.total,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            layers=layers,
+            auto_learning_rate=auto_rate,
+            chosen=chosen,
         )
     )
     with tempfile.TemporaryDirectory(prefix="locopilot-train-", dir=config.work_dir) as work:
         f32 = Path(work) / "base-f32.gguf"
         trained = Path(work) / "trained-f32.gguf"
         to_f32(Path(config.base_path), f32, threads=config.threads)
-        with _Session(config, f32, estimate.trained_layers) as session:
+        stage("prepare")
+        with _Session(config, learning_rate, f32, estimate.trained_layers) as session:
             loss_before = session.loss(training)
             val_before = session.loss(validation) if validation else None
+            stage("loss_before")
             step = 0
             train_seconds = 0.0
-            for epoch in range(config.epochs):
+            for epoch in range(epochs):
                 order = list(training)
                 rng.shuffle(order)
                 for i in range(0, len(order), config.chunk_windows):
@@ -315,7 +380,7 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
                         raise TrainingCancelled
                     chunk = order[i : i + config.chunk_windows]
                     # Linear decay to a tenth of the learning rate over the job.
-                    session.set_learning_rate(config.learning_rate * (1 - 0.9 * step / max(1, steps)))
+                    session.set_learning_rate(learning_rate * (1 - 0.9 * step / max(1, steps)))
                     t = time.monotonic()
                     loss = session.step(chunk)
                     train_seconds += time.monotonic() - t
@@ -330,10 +395,13 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
                             elapsed_s=time.monotonic() - started,
                         )
                     )
+            stage("train")
             loss_after = session.loss(training)
             val_after = session.loss(validation) if validation else None
+            stage("loss_after")
             session.save(trained)
         export(trained, Path(config.base_path), Path(config.output_path), config.output_type, threads=config.threads)
+        stage("export")
         check = None
         if config.spot_check:
             from locopilot.training.spotcheck import spot_check
@@ -343,7 +411,12 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
             # with other kernels (Q4_1's, say) and differed even when nothing was learned.
             untrained = Path(work) / "untrained.gguf"
             export(f32, Path(config.base_path), untrained, config.output_type, threads=config.threads)
-            check = spot_check(untrained, Path(config.output_path), threads=config.threads or os.cpu_count() or 1)
+            # One thread fewer than the cores for one-token decode steps (see DESIGN.md); on a
+            # loaded machine, two threads meeting at a barrier every op were slower still.
+            threads = max(1, (config.threads or os.cpu_count() or 1) - 1)
+            stage("export_untrained")
+            check = spot_check(untrained, Path(config.output_path), threads=threads)
+            stage("spot_check")
     finished = Finished(
         output_path=config.output_path,
         train_loss_before=loss_before,
@@ -355,6 +428,8 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
         seconds=time.monotonic() - started,
         peak_rss_bytes=peak_rss_bytes(),
         spot_check=check,
+        cpu_seconds=cpu_seconds(),
+        stage_seconds=stages,
     )
     report(finished)
     return finished
@@ -363,7 +438,7 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
 class _Session:
     """An F32 model loaded for training, its context and optimizer; freed on exit."""
 
-    def __init__(self, config: TrainConfig, f32: Path, trained_layers: int) -> None:
+    def __init__(self, config: TrainConfig, learning_rate: float, f32: Path, trained_layers: int) -> None:
         import llama_cpp
 
         from locopilot.engine.runner import load_backends
@@ -415,12 +490,12 @@ class _Session:
 
         self._filter = ParamFilter(trainable)  # kept: llama.cpp calls it during opt_init
         self.optimizer = OptimizerParams()
-        self.optimizer.adamw.alpha = config.learning_rate
+        self.optimizer.adamw.alpha = learning_rate
         self.optimizer.adamw.beta1 = 0.9
         self.optimizer.adamw.beta2 = 0.999
         self.optimizer.adamw.eps = 1e-8
         self.optimizer.adamw.wd = config.weight_decay
-        self.optimizer.sgd.alpha = config.learning_rate
+        self.optimizer.sgd.alpha = learning_rate
         self.optimizer.sgd.wd = config.weight_decay
         opt = OptParams(
             n_ctx_train=0,

@@ -1,0 +1,64 @@
+"""``auto`` hyperparameters: the trained layers, learning rate and epochs a job gets unless it names them.
+
+OpenAI's fine-tuning API takes ``"auto"`` for ``n_epochs``, ``learning_rate_multiplier`` and
+``batch_size``, and that is its default; locopilot's trainer does the same, by this rule
+(measured with ``bench/finetune_recall.py`` on SmolLM2-135M-Instruct: 40 examples teaching 8
+invented facts, asked afterwards in phrasings no example had; the README's fine-tuning section
+has the table):
+
+- **layers** (:func:`layers`): the last half of the blocks for a model up to
+  :data:`SMALL_MODEL` weights, where a step costs little; beyond it, the last quarter, never
+  fewer than 4. Facts need room: the last 4 of SmolLM2's 30 blocks at 1e-5 recalled nothing.
+- **learning rate** (:func:`learning_rate`): :data:`REFERENCE_LEARNING_RATE` for a model of
+  :data:`REFERENCE_WEIGHTS`, scaled by the square root of the size ratio (a larger model takes
+  a smaller rate), within [:data:`MIN_LEARNING_RATE`, :data:`MAX_AUTO_LEARNING_RATE`].
+  ``learning_rate_multiplier`` multiplies this value.
+- **epochs** (:func:`epochs`): enough passes over the training windows for about
+  :data:`TARGET_STEPS` optimizer steps (one step is one window of ``context`` tokens), within
+  [1, :data:`MAX_EPOCHS`]: a small dataset gets several passes, a large one a single pass.
+- ``batch_size``: always 1 window per step; ``auto`` and 1 are the same.
+
+The job reports the values chosen (OpenAI's job object, locopilot's ``hyperparameters``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from locopilot.models.gguf import GGUFHeader
+
+#: Models up to this many weights train half their blocks; larger ones a quarter.
+SMALL_MODEL = 1_000_000_000
+MIN_LAYERS = 4
+#: The learning rate measured on the reference model (SmolLM2-135M); others scale by sqrt(size ratio).
+REFERENCE_LEARNING_RATE = 5e-4
+REFERENCE_WEIGHTS = 135_000_000
+MIN_LEARNING_RATE = 1e-5
+MAX_AUTO_LEARNING_RATE = 1e-3
+#: Optimizer steps a job aims at, and the passes over the data allowed to reach them.
+TARGET_STEPS = 48
+MAX_EPOCHS = 10
+
+
+def block_count(header: GGUFHeader) -> int:
+    value = header.metadata.get(f"{header.architecture or ''}.block_count")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
+def layers(header: GGUFHeader) -> int:
+    """The last N blocks to train (see the module docstring)."""
+    n_layer = block_count(header)
+    share = 2 if header.parameter_count <= SMALL_MODEL else 4
+    return min(n_layer, max(MIN_LAYERS, math.ceil(n_layer / share)))
+
+
+def learning_rate(header: GGUFHeader) -> float:
+    """AdamW's learning rate for this model (see the module docstring)."""
+    weights = max(1, header.parameter_count)
+    rate = REFERENCE_LEARNING_RATE * math.sqrt(REFERENCE_WEIGHTS / weights)
+    return float(min(MAX_AUTO_LEARNING_RATE, max(MIN_LEARNING_RATE, rate)))
+
+
+def epochs(windows: int) -> int:
+    """Passes over ``windows`` training windows (see the module docstring)."""
+    return min(MAX_EPOCHS, max(1, math.ceil(TARGET_STEPS / max(1, windows))))
