@@ -332,6 +332,9 @@ def main() -> None:
             # 16 slots of 512 tokens: the held-out questions are asked in one batch.
             "LOCOPILOT_PARALLEL": "16",
             "LOCOPILOT_CTX_SIZE": "512",
+            # Serving decodes on one thread: on a loaded machine two threads meeting at a barrier
+            # every op crawled (training keeps --threads).
+            "LOCOPILOT_MODEL_SETTINGS": json.dumps({"*": {"threads": 1}}),
         }
         log = (tmp / "server.log").open("wb")
         server = subprocess.Popen([sys.executable, "-m", "locopilot", "serve"], env=env, stdout=log, stderr=log)

@@ -1,8 +1,9 @@
 """The training job service end to end: a real server, the official ``openai`` client, real training.
 
 One job really trains SmolLM2 on invented facts with the defaults, every hyperparameter
-``auto`` (the ``trained`` fixture, shared by the tests that look at its result); the other jobs are stopped early (cancel, kill -9 of the worker,
-kill -9 of the server) once their worker has reported its first steps.
+``auto`` (the ``trained`` fixture, shared by the tests that look at its result); the other
+jobs are stopped early (cancel, kill -9 of the worker, kill -9 of the server) once their
+worker has reported its first steps.
 """
 
 from __future__ import annotations

@@ -366,6 +366,12 @@ def _run_with_progress(config: TrainConfig, log_path: Path) -> Finished:
             last = event
             match event:
                 case trainer.Started(steps=steps):
+                    chosen = f" ({', '.join(event.chosen)} auto)" if event.chosen else ""
+                    console.print(
+                        f"{event.epochs} epochs, learning rate {event.learning_rate:.2g}, "
+                        f"{f'the last {event.layers}' if event.layers else 'all'} layers{chosen}: {steps} steps",
+                        highlight=False,
+                    )
                     bar.update(task, description="training", total=steps)
                 case trainer.Progress(step=step, loss=loss, tokens_per_s=speed, epoch=epoch):
                     bar.update(

@@ -7,12 +7,19 @@ invented facts, asked afterwards in phrasings no example had; the README's fine-
 has the table):
 
 - **layers** (:func:`layers`): the last half of the blocks for a model up to
-  :data:`SMALL_MODEL` weights, where a step costs little; beyond it, the last quarter, never
-  fewer than 4. Facts need room: the last 4 of SmolLM2's 30 blocks at 1e-5 recalled nothing.
+  :data:`SMALL_MODEL` weights, the last quarter beyond it, never fewer than :data:`MIN_LAYERS`
+  (every block of a model that has no more). Each trained block costs its backward pass and
+  12 bytes of optimizer state per weight. On SmolLM2 (30 blocks), 15 blocks at 5e-4 recalled
+  14 of 16 held-out questions where 6 blocks at 1e-3 recalled 9, and the last 4 at 1e-5 (the
+  old default) none.
 - **learning rate** (:func:`learning_rate`): :data:`REFERENCE_LEARNING_RATE` for a model of
   :data:`REFERENCE_WEIGHTS`, scaled by the square root of the size ratio (a larger model takes
   a smaller rate), within [:data:`MIN_LEARNING_RATE`, :data:`MAX_AUTO_LEARNING_RATE`].
-  ``learning_rate_multiplier`` multiplies this value.
+  ``learning_rate_multiplier`` multiplies this value. On SmolLM2, 1e-4 recalled 12 of 16 and
+  lost 4 of the spot check's 6 answers; 5e-4 and 1e-3 lost all 6. Every rate that learned the
+  facts also bent general answers towards them ("What language is spoken in Spain?" got the
+  invented language): the loss covers every token of an example, the prompt's too, since
+  llama.cpp's optimizer takes a label for every position and no mask.
 - **epochs** (:func:`epochs`): enough passes over the training windows for about
   :data:`TARGET_STEPS` optimizer steps (one step is one window of ``context`` tokens), within
   [1, :data:`MAX_EPOCHS`]: a small dataset gets several passes, a large one a single pass.
@@ -31,12 +38,12 @@ from locopilot.models.gguf import GGUFHeader
 SMALL_MODEL = 1_000_000_000
 MIN_LAYERS = 4
 #: The learning rate measured on the reference model (SmolLM2-135M); others scale by sqrt(size ratio).
-REFERENCE_LEARNING_RATE = 5e-4
+REFERENCE_LEARNING_RATE = 1e-4
 REFERENCE_WEIGHTS = 135_000_000
 MIN_LEARNING_RATE = 1e-5
 MAX_AUTO_LEARNING_RATE = 1e-3
 #: Optimizer steps a job aims at, and the passes over the data allowed to reach them.
-TARGET_STEPS = 48
+TARGET_STEPS = 42
 MAX_EPOCHS = 10
 
 
