@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
@@ -59,7 +60,6 @@ from locopilot.store.models import FilePart, ModelRecord
 log = logging.getLogger(__name__)
 
 DOWNLOADS = ".downloads"
-SPLITS = ".splits"
 PROGRESS_INTERVAL_S = 0.25
 RATE_WINDOW_S = 5.0
 
@@ -373,16 +373,10 @@ class Puller:
         else:
             # llama.cpp finds a split model's other parts by the first part's name: they keep their names,
             # together in a folder of their own, and the model is a link to the first part.
-            folder = self.catalog.models_dir / SPLITS / name
-            if folder.exists():
-                shutil.rmtree(folder)
-            folder.mkdir(mode=0o700, parents=True)
+            folder = Path(tempfile.mkdtemp(dir=self.catalog.models_dir, prefix=f".{target.name}.", suffix=".parts"))
             for blob, path in zip(plan.blobs, finals, strict=True):
                 os.replace(path, folder / blob.filename.rsplit("/", 1)[-1])
-            link = target.with_name(f".{target.name}.link")
-            link.unlink(missing_ok=True)
-            link.symlink_to(Path(SPLITS) / name / plan.blobs[0].filename.rsplit("/", 1)[-1])
-            os.replace(link, target)
+            self.catalog.place_split(folder, plan.blobs[0].filename.rsplit("/", 1)[-1], target)
         size = sum(blob.size or target.stat().st_size for blob in plan.blobs)
         records.put(
             self.db,

@@ -513,8 +513,9 @@ async def _read_capped(response: httpx.Response) -> bytes:
 
 
 class EventParser:
-    """Server-sent events from the bytes of a stream: ``("data", text)`` per event, and
-    ``("error", text)`` per ``error:`` line, which llama-server sends in place of a data event.
+    """Server-sent events from the bytes of a stream: ``("data", text)`` per event, ``(name, text)``
+    for an event named by an ``event:`` line (locopilot's pull progress), and ``("error", text)``
+    per ``error:`` line, which llama-server sends in place of a data event.
 
     Comments and other fields are ignored; an event cut off by the end of the
     stream is dropped, as the SSE spec says. Lines end in LF, CRLF or CR.
@@ -524,6 +525,7 @@ class EventParser:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._partial = ""
         self._data: list[str] = []
+        self._event = ""
 
     def feed(self, chunk: bytes) -> list[tuple[str, str]]:
         """The events completed by ``chunk``."""
@@ -533,13 +535,16 @@ class EventParser:
         for line in lines:
             if not line:
                 if self._data:
-                    events.append(("data", "\n".join(self._data)))
+                    events.append((self._event or "data", "\n".join(self._data)))
                     self._data.clear()
+                self._event = ""
             elif not line.startswith(":"):
                 field, _, value = line.partition(":")
                 value = value.removeprefix(" ")
                 if field == "data":
                     self._data.append(value)
+                elif field == "event":
+                    self._event = value
                 elif field == "error":
                     events.append(("error", value))
         return events
