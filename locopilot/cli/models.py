@@ -65,7 +65,7 @@ def unseen(path: Path) -> Hint:
     """A hint for a path the server says is missing although this command sees it."""
 
     def hint(error: dict[str, Any]) -> str | None:
-        if error.get("param") in ("path", "folder") and path.exists():
+        if error.get("code") == arrivals.NOT_FOUND and path.exists():
             return (
                 f"the server cannot see {path}, which is here: a system service reads no home folders "
                 "(ProtectHome=); put it where the service can read it, e.g. under /srv or /var/lib/locopilot"

@@ -165,8 +165,11 @@ def connected(choice: Choice, *, needed_for: str | None = None) -> Iterator[http
         try:
             probe = client.get("/health", timeout=PROBE_TIMEOUT_S)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            if needed_for or choice.url:
-                print_error(f"no server answers at {server.url} ({exc}); {needed_for or 'this'} needs one")
+            if needed_for:
+                print_error(f"{needed_for} needs a running server, and none answers at {server.url}")
+                raise SystemExit(1) from exc
+            if choice.url:
+                print_error(f"no server answers at {server.url}: {exc}")
                 raise SystemExit(1) from exc
             folder = settings_or_exit().models_path
             errors.print(

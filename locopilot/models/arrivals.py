@@ -29,6 +29,10 @@ from locopilot.store.db import Database
 from locopilot.store.models import FilePart, ModelRecord
 
 
+#: The error code of a path that the machine doing the work cannot see.
+NOT_FOUND = "path_not_found"
+
+
 class Imported(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One model an import found: ``linked`` or ``copied`` into the models folder, or ``skipped`` (``reason``)."""
 
@@ -86,7 +90,7 @@ def add_file(
     (of a split's first part), or nothing is added."""
     name = validate_model_name(name or default_name(path))
     if not path.is_file():
-        raise InvalidRequest(f"The file {path} does not exist or is not a regular file", param="path")
+        raise InvalidRequest(f"The file {path} does not exist or is not a regular file", param="path", code=NOT_FOUND)
     if _taken(catalog, name):
         raise Conflict(f"The model '{name}' already exists", param="name", code="model_exists")
     digest = None
@@ -115,7 +119,7 @@ def import_folder(catalog: ModelCatalog, db: Database, folder: Path, *, copy: bo
     """Add every model :func:`locopilot.models.imports.found_in` ``folder`` holds, linked or copied (split
     models too); a name that exists is skipped. Raises InvalidRequest (``param`` folder) if there is none."""
     if not folder.is_dir():
-        raise InvalidRequest(f"The folder {folder} does not exist or is not a folder", param="folder")
+        raise InvalidRequest(f"The folder {folder} does not exist or is not a folder", param="folder", code=NOT_FOUND)
     found = imports.found_in(folder)
     if not found:
         raise InvalidRequest(f"no GGUF models found in {folder} (read as {imports.kind_of(folder)})", param="folder")
