@@ -568,3 +568,43 @@ def test_a_disk_that_fills_during_the_download_keeps_nothing(tmp_path: Path, hub
         assert any("The disk is full" in err for code, err in results if code == 1), results
         assert len([p for p in small.iterdir() if p.name.endswith(".gguf")]) == 1
         assert list((small / ".downloads").iterdir()) == []
+
+
+def test_a_pull_that_fits_only_without_another_under_way_is_refused_before_downloading(
+    tmp_path: Path, hubs: ModelHubs
+) -> None:
+    """One server, two different pulls that each fit alone but not together: the second is refused with a
+    507 before a byte of it is fetched (it counts what the first will still write), and the first completes."""
+    first, second = (gguf_bytes(tmp_path, tensor_bytes=640 * 1024, seed=s) for s in (43, 44))
+    hubs.add_hf("acme/Room-A-GGUF", {"a.Q4_K_M.gguf": first})
+    hubs.add_hf("acme/Room-B-GGUF", {"b.Q4_K_M.gguf": second})
+    with tmpfs(tmp_path / "small", "1m") as small:
+        env = environment(hubs, tmp_path, LOCOPILOT_ADMIN_KEY=ADMIN, LOCOPILOT_MODELS_DIR=str(small))
+        env = {k: v for k, v in env.items() if k not in ("LOCOPILOT_DATA_DIR", "LOCOPILOT_PORT")}
+        server = Server(tmp_path / "server", {}, env).start(path="/health")
+        hubs.rate = 200_000
+        try:
+            body = {"model": "hf.co/acme/Room-A-GGUF", "name": "room-a"}
+            with httpx.stream(
+                "POST", f"{server.url}/v1/locopilot/models/pull", json=body, headers=HEADERS, timeout=60
+            ) as response:
+                events = sse_events(response)
+                for kind, data in events:
+                    if kind == "progress" and (data.get("completed") or 0) > 0:
+                        break  # the first download is under way
+                before = len(hubs.downloads(second))
+                refused = httpx.post(
+                    f"{server.url}/v1/locopilot/models/pull",
+                    json={"model": "hf.co/acme/Room-B-GGUF", "name": "room-b", "stream": False},
+                    headers=HEADERS,
+                    timeout=60,
+                )
+                assert refused.status_code == 507, refused.text
+                assert "promised to other pulls under way" in refused.json()["error"]["message"]
+                assert len(hubs.downloads(second)) == before
+                assert [kind for kind, _ in events][-1] == "model"
+        finally:
+            hubs.rate = None
+            server.stop()
+        assert (small / "room-a.gguf").read_bytes() == first
+        assert not (small / "room-b.gguf").exists() and list((small / ".downloads").iterdir()) == []
