@@ -28,7 +28,6 @@ from locopilot.store import models as records
 from locopilot.store.db import Database
 from locopilot.store.models import FilePart, ModelRecord
 
-
 #: The error code of a path that the machine doing the work cannot see.
 NOT_FOUND = "path_not_found"
 
