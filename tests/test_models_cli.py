@@ -19,6 +19,8 @@ import httpx
 import openai
 import pytest
 
+from locopilot.models.gguf import read_header
+from locopilot.models.memory import model_header
 from tests.conftest import Server, free_port
 from tests.fakes.hubs import split_gguf
 
@@ -104,6 +106,8 @@ def test_every_command_works_on_the_service_folder(
     assert "removed linked" in cli(env, "models", "rm", "linked").stdout
     assert card(server, "linked").status_code == 404
     assert "does not exist" in cli(env, "models", "show", "linked", code=1).stderr
+    assert "Invalid model name '../smol'" in cli(env, "models", "rm", "../smol", code=1).stderr
+    assert (server.models_dir / "smol.gguf").is_symlink()
     # The operator's own folder was never touched.
     assert not (tmp_path / "cli-models").exists() and not (tmp_path / "cli-data").exists()
 
@@ -210,3 +214,11 @@ def test_a_split_added_by_its_first_part_brings_the_others(
     cli(env, "models", "add", str(folder / split_parts[0].name), "--link", "--name", "added-split")
     assert len(list((server.models_dir / ".splits" / "added-split").iterdir())) == 3
     cli(env, "models", "rm", "added-split")
+
+
+def test_the_memory_check_counts_every_part_of_a_split(split_parts: list[Path], smollm2_path: Path) -> None:
+    whole = read_header(smollm2_path)
+    first = read_header(split_parts[0])
+    assert 0 < first.tensor_bytes < whole.tensor_bytes  # the first part's own tensors alone
+    assert model_header(split_parts[0]).tensor_bytes == whole.tensor_bytes
+    assert model_header(smollm2_path) == whole

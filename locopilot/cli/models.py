@@ -24,7 +24,7 @@ from locopilot.cli.remote import Choice, Hint, checked, connected, server_option
 from locopilot.errors import LocopilotError
 from locopilot.models import arrivals
 from locopilot.models.arrivals import Imported, ImportReport, Verification
-from locopilot.models.catalog import ModelCatalog
+from locopilot.models.catalog import ModelCatalog, validate_model_name
 from locopilot.models.gguf import GGUFError
 from locopilot.schemas.openai import ModelCard, ModelList
 from locopilot.store import models as records
@@ -53,6 +53,12 @@ def local_work() -> Iterator[None]:
     except LocopilotError as exc:
         print_error(exc.message)
         raise SystemExit(1) from exc
+
+
+def named(name: str) -> str:
+    """``name`` if it is a valid model name (before it goes into a URL); otherwise the command ends with 1."""
+    with local_work():
+        return validate_model_name(name)
 
 
 def decoded(response: httpx.Response, kind: type[Any], hint: Hint | None = None) -> Any:
@@ -202,7 +208,7 @@ def verify_models(name: str | None, server: Choice) -> None:
     """
     with connected(server) as client:
         if client is not None:
-            names = [name] if name else [card.id for card in decoded(client.get(MODELS), ModelList).data]
+            names = [named(name)] if name else [card.id for card in decoded(client.get(MODELS), ModelList).data]
             results: list[Verification] = [
                 decoded(client.post(f"{MODELS}/{one}/verify"), Verification) for one in names
             ]
@@ -235,7 +241,7 @@ def remove_model(name: str, server: Choice) -> None:
     """Remove a model from the models folder (a link is removed, not its target); the server unloads it first."""
     with connected(server) as client:
         if client is not None:
-            checked(client.delete(f"{MODELS}/{name}"))
+            checked(client.delete(f"{MODELS}/{named(name)}"))
         else:
             models_catalog = catalog()
             with local_work():
@@ -252,7 +258,7 @@ def load_model(name: str, server: Choice) -> None:
     """Load a model into a runner of the server now (it counts towards LOCOPILOT_MAX_LOADED_MODELS)."""
     with connected(server, needed_for="loading a model") as client:
         assert client is not None
-        checked(client.post(f"{MODELS}/{name}/load"))
+        checked(client.post(f"{MODELS}/{named(name)}/load"))
     console.print(f"loaded {name}", highlight=False)
 
 
@@ -263,7 +269,7 @@ def unload_model(name: str, server: Choice) -> None:
     """Unload a model from the server: its runner ends and gives its memory back."""
     with connected(server, needed_for="unloading a model") as client:
         assert client is not None
-        checked(client.post(f"{MODELS}/{name}/unload"))
+        checked(client.post(f"{MODELS}/{named(name)}/unload"))
     console.print(f"unloaded {name}", highlight=False)
 
 
@@ -275,7 +281,7 @@ def show_model(name: str, server: Choice) -> None:
     table = Table("field", "value", box=None)
     with connected(server) as client:
         if client is not None:
-            card: ModelCard = decoded(client.get(f"{MODELS}/{name}"), ModelCard)
+            card: ModelCard = decoded(client.get(f"{MODELS}/{named(name)}"), ModelCard)
             _card_rows(table, card)
             table.add_row("loaded", "yes" if card.loaded else "no")
         else:

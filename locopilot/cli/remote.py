@@ -62,14 +62,11 @@ def service_env_files(environ: Mapping[str, str]) -> list[Path]:
 
 @dataclass(frozen=True)
 class Server:
-    """Where the server is and what to send it. ``env_file``: the service env file read, if any;
-    ``unreadable``: one that exists but could not be read (it may hold the key)."""
+    """Where the server is and what to send it (``key`` may be empty: send none)."""
 
     url: str
     key: str = field(repr=False)
     verify: ssl.SSLContext | bool = True
-    env_file: Path | None = None
-    unreadable: Path | None = None
 
 
 def find_server(environ: Mapping[str, str], url: str | None = None, key_file: Path | None = None) -> Server:
@@ -77,20 +74,15 @@ def find_server(environ: Mapping[str, str], url: str | None = None, key_file: Pa
     from locopilot.service import envfile
 
     values = {name: environ[name] for name in (*SERVER_VARIABLES, *KEY_VARIABLES) if name in environ}
-    read = unreadable = None
     for path in service_env_files(environ):
         try:
             text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            continue
-        except OSError:
-            unreadable = unreadable or path
+        except OSError:  # missing, or root's (key_hint says so if the server wants a key)
             continue
         try:
             found = envfile.parse(text)
         except ValueError as exc:
             raise SettingsError(str(path), str(exc)) from exc
-        read = path
         for name in SERVER_VARIABLES:
             if name not in values and name in found:
                 values[name] = found[name]
@@ -105,7 +97,7 @@ def find_server(environ: Mapping[str, str], url: str | None = None, key_file: Pa
         # The server's own certificate: enough to trust a self-signed one.
         verify = ssl.create_default_context()
         verify.load_verify_locations(settings.tls_cert)
-    return Server(url or base_url(settings), key, verify, read, unreadable)
+    return Server(url or base_url(settings), key, verify)
 
 
 @dataclass(frozen=True)
@@ -183,12 +175,14 @@ def connected(choice: Choice, *, needed_for: str | None = None) -> Iterator[http
         except httpx.TransportError as exc:
             print_error(f"cannot talk to the server at {server.url}: {exc}")
             raise SystemExit(1) from exc
-        if probe.status_code not in (200, 503):
+        if probe.status_code == 404:
             print_error(
-                f"{server.url} answers, but not as a locopilot server (GET /health: HTTP {probe.status_code}); "
+                f"{server.url} answers, but not as a locopilot server (GET /health: HTTP 404); "
                 "pass --url, or --local to work on the local folder"
             )
             raise SystemExit(1)
+        if probe.status_code != 503:  # a draining server answers the request itself
+            checked(probe)  # a refused Host name, say: the server's words
         try:
             yield client
         except httpx.TransportError as exc:
