@@ -9,6 +9,11 @@ them. Whether one thread fewer than the cores is faster depends on the machine: 
 the candidates for a few one-token steps, keeps the faster, and times them again after
 a while, since the machine's load changes. Steps of several tokens (several requests, a
 prompt) always use every thread (``threads_batch``); they are long enough not to suffer.
+
+The candidates take turns in blocks of a few steps, and the first step after a switch is
+not timed: ggml's OpenMP threads spin for a while after a step of several threads, so a
+one-thread step right after one shares its core with a spinning thread that a run of
+one-thread steps does not have.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ PROBE_STEPS = 8
 """One-token steps timed for each candidate in one round of measuring."""
 HOLD_STEPS = 2048
 """One-token steps served with the chosen count before measuring again."""
+BLOCK_STEPS = 4
+"""One-token steps in a row with one candidate while measuring (the first is not timed)."""
 
 
 class DecodeThreads:
@@ -37,8 +44,9 @@ class DecodeThreads:
         self.threads = candidates[0]
         self.reason = fixed_reason if len(candidates) == 1 else "not measured yet (timed on the first one-token steps)"
         self._samples: dict[int, list[float]] | None = None  # step times by candidate while measuring
+        self._block = 0  # steps left in the current block while measuring
         self._hold = 0  # one-token steps left before measuring again
-        self._last: tuple[float, int] | None = None  # (start, threads) of the previous one-token step
+        self._last: tuple[float, int, bool] | None = None  # the previous one-token step: start, threads, timed
         self._applied = self.threads  # what the context has now
         if len(candidates) > 1:
             self._samples = {c: [] for c in candidates}
@@ -53,23 +61,30 @@ class DecodeThreads:
             return False
         changed = False
         samples = self._samples
-        if samples is not None and last is not None:
+        if samples is not None and last is not None and last[2]:
             samples[last[1]].append(now - last[0])
             if all(len(s) >= PROBE_STEPS for s in samples.values()):
                 changed = self._choose(samples)
         if (measuring := self._samples) is not None:
-            # The candidate timed least so far: they alternate, so a stream's context growing
-            # (its steps slowing) weighs on each alike.
-            threads = min(self.candidates, key=lambda c: len(measuring[c]))
+            if self._block <= 0:
+                # The candidate timed least so far: they alternate, so a stream's context
+                # growing (its steps slowing) weighs on each alike.
+                threads = min(self.candidates, key=lambda c: len(measuring[c]))
+                self._block = BLOCK_STEPS
+            else:
+                threads = self._applied
+            self._block -= 1
         else:
             threads = self.threads
             self._hold -= 1
             if self._hold <= 0:
                 self._samples = {c: [] for c in self.candidates}
+                self._block = 0
+        timed = threads == self._applied and last is not None
         if threads != self._applied:
             self.apply(threads)
             self._applied = threads
-        self._last = (now, threads)
+        self._last = (now, threads, timed)
         return changed
 
     def _choose(self, samples: dict[int, list[float]]) -> bool:
