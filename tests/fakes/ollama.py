@@ -9,8 +9,9 @@ unknown model is 404, an unknown route a plain-text ``404 page not found``).
 Every generation answers with the words of :data:`SENTENCE`, one chunk per
 word (later words carry their leading space, as Ollama's tokens do), cut before
 a word listed in ``options.stop`` (``done_reason`` "stop") or after
-``options.num_predict`` chunks (``done_reason`` "length"). With ``format`` set
-the answer is the JSON text ``{"reply": SENTENCE}``. ``prompt_eval_count`` is
+``options.num_predict`` chunks (``done_reason`` "length"). With ``format`` "json"
+the answer is the JSON text ``{"reply": SENTENCE}``; with a JSON schema, an object that
+follows it, as Ollama's constrained sampling makes one (:func:`schema_answer`). ``prompt_eval_count`` is
 the number of whitespace-separated words in the prompt or messages.
 
 Tools, as Ollama answers them: a chat request with ``tools`` whose last message is
@@ -106,6 +107,17 @@ def sample_arguments(schema: Any) -> JSONObject:
     """An object with a value for each property of the object schema ``schema``."""
     properties = schema.get("properties") if isinstance(schema, dict) else None
     return {name: sample_value(sub) for name, sub in (properties or {}).items()}
+
+
+def schema_answer(schema: JSONObject) -> JSONObject:
+    """An object with every property of the object schema ``schema``: strings are SENTENCE."""
+    properties = schema.get("properties") or {}
+    return {
+        name: SENTENCE
+        if isinstance(sub, dict) and sub.get("type") == "string" and not sub.get("enum")
+        else sample_value(sub)
+        for name, sub in properties.items()
+    }
 
 
 def word_logprob(word: str, position: int, top: int) -> JSONObject:
@@ -428,7 +440,12 @@ class _Handler(BaseHTTPRequestHandler):
         if chat and last.get("role") == "tool":
             text = f"The tool {last.get('tool_name', '')} said: {last.get('content', '')}"
         else:
-            text = json.dumps({"reply": SENTENCE}) if body.get("format") else SENTENCE
+            format = body.get("format")
+            text = (
+                SENTENCE
+                if not format
+                else json.dumps(schema_answer(format) if isinstance(format, dict) else {"reply": SENTENCE})
+            )
         words, reason = self.limit(pieces(text), options)
         thoughts = pieces(THOUGHT) if thinks else []
         logprobs = [word_logprob(word, n, top) for n, word in enumerate(words)] if body.get("logprobs") else []
