@@ -122,7 +122,8 @@ def test_show_reads_the_gguf_header(client: ollama.Client) -> None:
         assert shown.modelinfo["general.architecture"] == "llama"
         assert shown.modelinfo["llama.context_length"] == 8192
         assert shown.modelinfo["general.parameter_count"] > 100_000_000
-        assert shown.capabilities == ["completion"]
+        # SmolLM2's template knows no tools; the engine's generic tool calling serves it.
+        assert shown.capabilities == ["completion", "tools"]
         assert shown.template is not None and "im_start" in shown.template
 
 

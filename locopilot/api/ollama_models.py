@@ -128,13 +128,15 @@ def model_info(header: GGUFHeader) -> dict[str, Any]:
     return info
 
 
-def capabilities(header: GGUFHeader, template: str) -> list[str]:
-    """``embedding`` for an embedding model (it declares a pooling type), else ``completion``, and
-    ``tools`` when the chat template renders tools."""
+def capabilities(header: GGUFHeader) -> list[str]:
+    """``embedding`` for an embedding model (it declares a pooling type), else ``completion`` and
+    ``tools``: the engine calls tools with any model, in its template's own format or, where the
+    template knows none, the grammar-constrained generic one (clients such as Copilot Chat offer
+    a model for tool use only when ``tools`` is listed)."""
     arch = header.architecture or ""
     if f"{arch}.pooling_type" in header.metadata:
         return ["embedding"]
-    return ["completion", "tools"] if "tools" in template else ["completion"]
+    return ["completion", "tools"]
 
 
 @post("/api/show", status_code=200, responses=answers(ShowResponse, 200, *GUARDED, *BODY, *ROUTED, front="ollama"))
@@ -154,7 +156,7 @@ async def show(data: ModelRequest, services: Services, request: Request[Any, Any
         template=template.source,
         details=details_of(entry.architecture, entry.parameter_count, entry.quantization),
         model_info=model_info(header),
-        capabilities=capabilities(header, template.source),
+        capabilities=capabilities(header),
         modified_at=rfc3339(entry.modified),
     )
     return Response(encoder.encode(shown), media_type=MediaType.JSON)
