@@ -96,7 +96,7 @@ def wait_ready(process: subprocess.Popen[bytes], url: str) -> None:
 def start_locopilot(
     model: Path, threads: int | None, parallel: int, folder: Path
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """``threads`` None: locopilot's own default (every core, one fewer for one-token steps)."""
+    """``threads`` None: locopilot's own default (every core; one-token steps measured, see engine/threads.py)."""
     models = folder / "models"
     models.mkdir()
     (models / "bench.gguf").symlink_to(model)
@@ -232,8 +232,8 @@ def profile_engine(
 ) -> dict[int, dict[str, float]]:
     """locopilot's engine alone, in this process: the runner's decode loop without HTTP or IPC.
 
-    Every step runs on ``threads`` (the server, left to its default, gives one-token steps
-    one core fewer for its own work, which this process does not have).
+    Every step runs on ``threads`` (the server, left to its default, measures whether one-token
+    steps go faster with one core fewer, left to its own work, which this process does not have).
 
     Per level, the generation steps after the first (which also fills the KV cache
     with the prompts): tokens/s, ms per step inside llama_decode, ms per step of
@@ -333,6 +333,8 @@ def main() -> None:
             for clients in levels:
                 table["locopilot", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid, ban)
             caches["locopilot"] = prompt_cache(url, ban)
+            runner = httpx.get(f"{url}/v1/engine/health", timeout=10).json()["runners"][0]
+            tuned = f"one-token steps on {runner['threads']} threads: {runner['threads_reason']}"
         finally:
             stop(process)
     if binary is not None:
@@ -354,8 +356,9 @@ def main() -> None:
             stop(process)
 
     print(f"\nmodel {args.model.name}, {args.tokens} tokens greedy per request, ctx {CTX} per sequence, ", end="")
-    mine = "the same" if args.threads else "its default (every core, one fewer for a one-token step)"
+    mine = "the same" if args.threads else "its default: every core, one-token steps as the runner measures"
     print(f"{threads} threads (locopilot: {mine}), {args.rounds} rounds per level")
+    print(f"locopilot's runner at the end: {tuned}")
     header = f"{'server':<18} {'clients':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'stream tok/s':>13}"
     print(header + f" {'locopilot/llama-server':>23} {'locopilot/llama-cpp-python':>27}")
     for (name, clients), row in sorted(table.items(), key=lambda item: (item[0][1], ORDER.index(item[0][0]))):

@@ -134,8 +134,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             ge=0,
             le=1024,
             description=(
-                "CPU threads per loaded model; 0 picks the number of CPU cores, and one fewer for a step that "
-                "generates for a single request, which leaves a core to the server's own per-token work."
+                "CPU threads per loaded model; 0 picks the number of CPU cores, and for a step that generates "
+                "for a single request, every core or one fewer, whichever the runner measures faster while it "
+                "serves (engine health says which and why). A number fixes both."
             ),
         ),
     ] = 0
@@ -520,7 +521,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             parallel=self.parallel if own.parallel is None else own.parallel,
             gpu_layers=self.gpu_layers if own.gpu_layers is None else own.gpu_layers,
             threads=threads or self.effective_threads(),
-            decode_threads=threads or self.decode_threads(),
+            # 0: the runner measures whether one thread fewer serves one-token steps faster.
+            decode_threads=threads or self.threads,
             idle_ttl=-1 if own.keep_loaded else self.model_idle_ttl if own.idle_ttl is None else own.idle_ttl,
             keep_loaded=own.keep_loaded,
             chat_template=own.chat_template,
@@ -528,20 +530,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     def effective_threads(self) -> int:
         return self.threads or max(1, os.cpu_count() or 1)
-
-    def decode_threads(self) -> int:
-        """llama.cpp's threads for a step of one token (one request generating).
-
-        Such a step is short (SmolLM2: 5 ms on 2 cores), and llama.cpp's threads wait on
-        each other at every operation, so the API process's work for each token (0.5 ms
-        of CPU) stalls all of them when it takes one of their cores: single-stream
-        tokens/s through the server was 0.92x llama-server's with both cores, 0.98x with
-        one left free (medians of bench/engine.py runs on 2 cores). Steps of several tokens (several requests, or a
-        prompt) keep every core: one thread fewer there cost 42% at 8 requests.
-        """
-        if self.threads:
-            return self.threads
-        return max(1, (os.cpu_count() or 1) - 1)
 
     def __repr__(self) -> str:
         # Settings hold API keys: a repr in a log or traceback must not show them.

@@ -44,10 +44,12 @@ from locopilot.engine.protocol import (
     RequestError,
     Started,
     TokenLogprob,
+    Tuned,
 )
 from locopilot.engine.sampling import StopMatcher, build_sampler, token_logprob
 from locopilot.engine.template_process import IsolatedRenderer
 from locopilot.engine.templates import ChatTemplate, TemplateError, choose_template
+from locopilot.engine.threads import DecodeThreads
 from locopilot.engine.toolcalls import CallStream, ToolPlan, ToolSupport, new_call_id
 from locopilot.engine.toolformats import ParsedCall, Part
 
@@ -221,12 +223,21 @@ class Engine:
         params.kv_unified = False
         # llama.cpp computes a step of one token with n_threads and any larger one (several
         # sequences, a prompt) with n_threads_batch (llama_context::graph_compute).
-        params.n_threads = load.decode_threads or load.threads
+        candidates: tuple[int, ...]
+        if load.decode_threads:
+            candidates, reason = (load.decode_threads,), "set (LOCOPILOT_THREADS or the model's settings)"
+        elif load.threads > 1:
+            candidates, reason = (load.threads, load.threads - 1), ""
+        else:
+            candidates, reason = (1,), "one core"
+        params.n_threads = candidates[0]
         params.n_threads_batch = load.threads
         self.context = internals.LlamaContext(model=self.model, params=params, verbose=False)
         self.ctx = self.context.ctx
-        self.threads = llama_cpp.llama_n_threads(self.ctx)
         self.threads_batch = llama_cpp.llama_n_threads_batch(self.ctx)
+        self.decode_threads = DecodeThreads(
+            candidates, lambda n: llama_cpp.llama_set_n_threads(self.ctx, n, self.threads_batch), reason
+        )
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = n_ctx_slot
         self.batch = llama_cpp.llama_batch_init(BATCH, 0, 1)
@@ -259,8 +270,9 @@ class Engine:
             template=self.template.name,
             pid=os.getpid(),
             slots=len(self.slots),
-            threads=self.threads,
+            threads=self.decode_threads.threads,
             threads_batch=self.threads_batch,
+            threads_reason=self.decode_threads.reason,
         )
 
     def _one_token(self, text: str) -> int | None:
@@ -474,12 +486,14 @@ class Engine:
             return []
         batch.n_tokens = n
         started = time.perf_counter()
+        out: list[FromRunner] = []
+        if self.decode_threads.step(n, started):
+            out.append(Tuned(threads=self.decode_threads.threads, reason=self.decode_threads.reason))
         status = llama_cpp.llama_decode(self.ctx, batch)
         self.decode_seconds += time.perf_counter() - started
         self.decode_calls += 1
         if status != 0:
             log.error("llama_decode returned %s for %d tokens", status, n)
-            out: list[FromRunner] = []
             for job in dict.fromkeys(slot.sequence.job for slot, _ in fed if slot.sequence is not None):
                 out.append(Failed(id=job.id, kind="internal", message=f"llama_decode returned {status}"))
                 for slot in self.slots:
@@ -490,7 +504,6 @@ class Engine:
             return out
         for slot, tokens in fed:
             slot.cached.extend(tokens)
-        out = []
         for slot, index in outputs:
             out.extend(self._sample(slot, index))
         return out
