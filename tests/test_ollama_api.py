@@ -24,6 +24,8 @@ import pytest
 from locopilot.api.ollama_requests import keep_alive_seconds
 from locopilot.errors import InvalidRequest
 from locopilot.gateway.router import served_name
+from locopilot.providers.base import ModelDescription
+from locopilot.providers.openai_compat import described
 from tests.conftest import SMOL, Server, start_server
 from tests.fakes.ollama import CONTEXT_LENGTH, LICENSE, SENTENCE, TEMPLATE, THOUGHT, OllamaStandIn
 
@@ -641,3 +643,16 @@ def test_think_is_refused_where_it_cannot_be_passed_on(front: Server, model: str
     bad = httpx.post(f"{front.url}/api/generate", json={"model": model, "prompt": "hi", "think": "hard"}, timeout=30)
     assert bad.status_code == 400
     assert bad.json()["error"].startswith('invalid think value: "hard"')
+
+
+def test_what_a_model_list_entry_says_and_no_more() -> None:
+    """vLLM's and llama-server's /v1/models entries, and a cloud's that says nothing but its id."""
+    vllm = described({"id": "Qwen/Qwen2.5-0.5B", "object": "model", "created": 1700000000, "max_model_len": 32768})
+    assert vllm.model_info == {}  # a context length, but no architecture to key it by
+    assert (vllm.family, vllm.capabilities, vllm.modified_at) == (None, ("completion",), "2023-11-14T22:13:20Z")
+    meta = {"vocab_type": 2, "n_vocab": 49152, "n_ctx_train": 8192, "n_embd": 576, "n_params": 134515008}
+    llama_server = described({"id": "smol.gguf", "object": "model", "created": 0, "meta": meta})
+    assert llama_server.parameter_size == "134.52M"
+    assert llama_server.model_info == {"general.parameter_count": 134515008}
+    assert (llama_server.template, llama_server.modified_at) == (None, None)
+    assert described({"id": "gpt-x"}) == ModelDescription(capabilities=("completion",))

@@ -463,9 +463,10 @@ def described(entry: dict[str, Any]) -> ModelDescription:
     """What one ``/v1/models`` entry says of its model, and nothing more. Read: locopilot's own
     fields (``architecture``, ``parameter_count``, ``quantization``, ``context_length``, ``tools``;
     its ``chat_template`` names a template and holds none, so no template is given), vLLM's
-    ``max_model_len`` and llama-server's ``meta`` (``n_params``, ``n_ctx_train``). A context length is given under ``<architecture>.context_length``
-    only when the architecture is known, as Ollama's keys go; ``tools`` only when locopilot says
-    how it calls them. Every model listed takes completions, so ``completion`` is always there."""
+    ``max_model_len`` and llama-server's ``meta`` (``n_params``, ``n_ctx_train``). A context
+    length is given under ``<architecture>.context_length`` only when the architecture is known,
+    as Ollama's keys go; ``tools`` only when locopilot says how it calls them. Every model listed
+    takes completions, so ``completion`` is always there."""
     found = entry.get("meta")
     meta: dict[str, Any] = found if isinstance(found, dict) else {}
     family = _text(entry.get("architecture"))
