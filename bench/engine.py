@@ -94,22 +94,30 @@ def wait_ready(process: subprocess.Popen[bytes], url: str) -> None:
 
 
 def start_locopilot(
-    model: Path, threads: int | None, parallel: int, folder: Path
+    model: Path,
+    threads: int | None,
+    parallel: int,
+    folder: Path,
+    ctx: int = CTX,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """``threads`` None: locopilot's own default (every core; one-token steps measured, see engine/threads.py)."""
+    """``threads`` None: locopilot's own default (every core; one-token steps measured, see engine/threads.py).
+    ``folder`` may hold an earlier start's data (a restart)."""
     models = folder / "models"
-    models.mkdir()
-    (models / "bench.gguf").symlink_to(model)
+    models.mkdir(exist_ok=True)
+    if not (models / "bench.gguf").exists():
+        (models / "bench.gguf").symlink_to(model)
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("LOCOPILOT_")},
         "LOCOPILOT_PORT": str(port),
         "LOCOPILOT_DATA_DIR": str(folder / "data"),
         "LOCOPILOT_MODELS_DIR": str(models),
-        "LOCOPILOT_CTX_SIZE": str(CTX),
+        "LOCOPILOT_CTX_SIZE": str(ctx),
         **({} if threads is None else {"LOCOPILOT_THREADS": str(threads)}),
         "LOCOPILOT_PARALLEL": str(parallel),
         "LOCOPILOT_LOG_LEVEL": "warning",
+        **(env or {}),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "locopilot", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -134,13 +142,15 @@ def start_llama_cpp_server(model: Path, threads: int) -> tuple[subprocess.Popen[
     return process, url
 
 
-def start_llama_server(binary: Path, model: Path, threads: int, parallel: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_llama_server(
+    binary: Path, model: Path, threads: int, parallel: int, ctx: int = CTX
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     args = [
         "--model", str(model), "--alias", "bench", "--host", "127.0.0.1", "--port", str(port),
         # -c is the whole KV cache; with -np set, llama-server splits it per slot (no unified
         # KV), as locopilot does, so each sequence gets CTX.
-        "--ctx-size", str(CTX * parallel), "--parallel", str(parallel),
+        "--ctx-size", str(ctx * parallel), "--parallel", str(parallel),
         "--threads", str(threads), "--threads-batch", str(threads), "--no-webui",
     ]  # fmt: skip
     process = subprocess.Popen([str(binary), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -207,6 +207,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             ),
         ),
     ] = 0
+    prompt_cache_mb: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=1 << 30,
+            description=(
+                "Megabytes of disk for prompt caches kept across restarts, idle unloads and model swaps, in "
+                "`<DATA_DIR>/prompt-cache` (all models together; the least recently used go first). A runner with "
+                "nothing to do writes each slot's KV cache that holds at least `LOCOPILOT_PROMPT_CACHE_MIN_TOKENS` "
+                "tokens, and a prompt that begins the same way later loads it instead of decoding it. 0 turns it off."
+            ),
+        ),
+    ] = 2048
+    prompt_cache_min_tokens: Annotated[
+        int,
+        Meta(ge=1, le=1_048_576, description="Fewest tokens a prompt cache must hold to be kept on disk."),
+    ] = 1024
     load_timeout: Annotated[
         int, Meta(ge=1, le=3600, description="Seconds a model may take to load before the request fails with 503.")
     ] = 300
@@ -499,6 +516,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     @property
     def db_path(self) -> Path:
         return self.data_path / "locopilot.db"
+
+    @property
+    def prompt_cache_path(self) -> Path:
+        return self.data_path / "prompt-cache"
 
     @property
     def allowed_host_names(self) -> frozenset[str]:

@@ -115,6 +115,11 @@ class Load(msgspec.Struct, tag="load", frozen=True, kw_only=True):
     template_name: str = ""
     template_source: str = ""
     template_stop: tuple[str, ...] = ()
+    # Prompt caches on disk (engine/kvdisk.py): their folder ("" for none), its size bound, and
+    # the fewest tokens a slot's cache must hold to be written.
+    prompt_cache_dir: str = ""
+    prompt_cache_bytes: int = 0
+    prompt_cache_min_tokens: int = 1024
 
 
 class Generate(msgspec.Struct, tag="generate", frozen=True, kw_only=True):

@@ -218,6 +218,9 @@ class RunnerProcess:
             decode_threads=runtime.decode_threads,
             gpu_layers=runtime.gpu_layers,
             parallel=runtime.parallel,
+            prompt_cache_dir=str(settings.prompt_cache_path) if settings.prompt_cache_mb else "",
+            prompt_cache_bytes=settings.prompt_cache_mb * 1024 * 1024,
+            prompt_cache_min_tokens=settings.prompt_cache_min_tokens,
             **_template_override(runtime.chat_template),
         )
         process = await anyio.open_process(
