@@ -27,7 +27,6 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import Stream
 from msgspec import Meta
 
-from locopilot.api.openai import model_card
 from locopilot.api.responses import BODY, GUARDED, answers
 from locopilot.api.services import Services
 from locopilot.errors import Conflict, LocopilotError, ModelNotFound
@@ -37,7 +36,7 @@ from locopilot.models import arrivals
 from locopilot.models.arrivals import ImportReport, Verification
 from locopilot.models.catalog import MAX_MODEL_NAME, validate_model_name
 from locopilot.models.pull import PullEvent, prepare
-from locopilot.schemas.openai import ModelCard, ModelList, encoder
+from locopilot.schemas.openai import ModelCard, ModelList, encoder, model_card
 from locopilot.store import models as records
 from locopilot.training.lineage import read as read_lineage
 

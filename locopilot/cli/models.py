@@ -26,7 +26,7 @@ from locopilot.models import arrivals
 from locopilot.models.arrivals import Imported, ImportReport, Verification
 from locopilot.models.catalog import ModelCatalog, validate_model_name
 from locopilot.models.gguf import GGUFError
-from locopilot.schemas.openai import ModelCard, ModelList
+from locopilot.schemas.openai import ModelCard, ModelList, model_card
 from locopilot.store import models as records
 
 MODELS = "/v1/locopilot/models"
@@ -124,20 +124,7 @@ def _local_cards() -> list[ModelCard]:
     except OSError as exc:
         print_error(f"cannot list {models_catalog.models_dir}: {exc.strerror or exc}")
         raise SystemExit(1) from exc
-    return [
-        ModelCard(
-            id=entry.name,
-            created=entry.modified,
-            owned_by="locopilot",
-            size_bytes=entry.size_bytes,
-            architecture=entry.architecture,
-            quantization=entry.quantization,
-            context_length=entry.context_length,
-            chat_template=entry.chat_template,
-            error=entry.error,
-        )
-        for entry in entries
-    ]
+    return [model_card(entry, loaded=False) for entry in entries]
 
 
 @models.command("add")

@@ -31,7 +31,7 @@ from locopilot.errors import LocopilotError
 from locopilot.models.catalog import ModelCatalog
 from locopilot.models.pull import Puller, PullEvent, PullRequest, prepare
 from locopilot.providers.openai_compat import EventParser
-from locopilot.schemas.openai import ModelCard
+from locopilot.schemas.openai import ModelCard, model_card
 from locopilot.settings import Settings
 from locopilot.store.db import Database
 
@@ -147,11 +147,4 @@ async def _pull_local(settings: Settings, db: Database, request: PullRequest) ->
             bars = Bars(progress)
             async for event in puller.pull(request):
                 bars.show(event)
-    entry = catalog.get(request.name)
-    return ModelCard(
-        id=entry.name,
-        created=entry.modified,
-        owned_by="locopilot",
-        size_bytes=entry.size_bytes,
-        quantization=entry.quantization,
-    )
+    return model_card(catalog.get(request.name), loaded=False)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from locopilot.engine.embedding import Embedder
-from locopilot.engine.kvdisk import GAIN, DiskPromptCache
+from locopilot.engine.kvdisk import GAIN, DiskPromptCache, common_prefix
 from locopilot.engine.protocol import (
     CallDelta,
     Count,
@@ -165,15 +165,6 @@ class Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)
     sequence: Sequence | None = None
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Engine:
@@ -395,10 +386,10 @@ class Engine:
         free = [slot for slot in self.slots if slot.sequence is None]
         # At least the prompt's last token is decoded again: its logits start the reply.
         # On a tie, the slot with the least cached: another prompt may still want the rest.
-        slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -len(s.cached)))
+        slot = max(free, key=lambda s: (common_prefix(s.cached, tokens), -len(s.cached)))
         if self.disk is not None:
             self._load_from_disk(slot, tokens)
-        reuse = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
+        reuse = min(common_prefix(slot.cached, tokens), len(tokens) - 1)
         if not llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1):
             llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
             reuse = 0
@@ -437,7 +428,7 @@ class Engine:
             return
         name, common = found
         held = self.disk.entries[name]
-        if common < _common_prefix(slot.cached, tokens) + GAIN or len(held) >= self.n_ctx:
+        if common < common_prefix(slot.cached, tokens) + GAIN or len(held) >= self.n_ctx:
             return
         llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
         slot.cached.clear()

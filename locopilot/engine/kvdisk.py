@@ -40,7 +40,8 @@ def model_key(model_path: str) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
-def _common(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens ``a`` and ``b`` share from the start."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -93,7 +94,7 @@ class DiskPromptCache:
         """The file sharing the longest beginning with ``tokens`` (at least ``min_tokens``), and that length."""
         found: tuple[str, int] | None = None
         for name, held in self.entries.items():
-            common = _common(held, tokens)
+            common = common_prefix(held, tokens)
             if common >= self.min_tokens and (found is None or common > found[1]):
                 found = (name, common)
         return found
