@@ -332,32 +332,41 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         ),
     ] = "local_preferred"
     ollama_url: Annotated[
-        str, Meta(description="An Ollama server to route to (provider `ollama`, local), e.g. `http://127.0.0.1:11434`.")
+        str,
+        Meta(
+            extra={"kind": "URL"},
+            description="An Ollama server to route to (provider `ollama`, local), e.g. `http://127.0.0.1:11434`.",
+        ),
     ] = ""
     llamacpp_url: Annotated[
         str,
         Meta(
-            description="A llama.cpp llama-server to route to (provider `llamacpp`, local), e.g. `http://127.0.0.1:8081`."
+            extra={"kind": "URL"},
+            description="A llama.cpp llama-server to route to (provider `llamacpp`, local), e.g. `http://127.0.0.1:8081`.",
         ),
     ] = ""
     remote_url: Annotated[
         str,
         Meta(
+            extra={"kind": "URL"},
             description=(
                 "An OpenAI-compatible cloud used as the fallback (provider `remote`, remote), "
                 "with its `/v1`, e.g. `https://api.example.com/v1`."
-            )
+            ),
         ),
     ] = ""
-    remote_api_key: Annotated[str, Meta(description="API key for `LOCOPILOT_REMOTE_URL`. Never printed.")] = ""
+    remote_api_key: Annotated[
+        str, Meta(extra={"kind": "secret"}, description="API key for `LOCOPILOT_REMOTE_URL`. Never printed.")
+    ] = ""
     upstreams: Annotated[
         str,
         Meta(
+            extra={"kind": "JSON"},
             description=(
                 "Any number of upstreams as a JSON list of objects: `name`, `kind` (`openai` or `ollama`), `url`, "
                 "`api_key` or `api_key_env` (the name of a variable holding it), `locality` (`local` or `remote`), "
                 "`priority` (lower goes first; the embedded engine is 0), `models` (optional list)."
-            )
+            ),
         ),
     ] = ""
     upstream_timeout: Annotated[
@@ -382,10 +391,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     admin_key: Annotated[
         str,
         Meta(
+            extra={"kind": "secret"},
             description=(
                 "A bootstrap API key with every scope, for an install that must need no interactive step "
                 "(at least 16 characters). Never printed."
-            )
+            ),
         ),
     ] = ""
     admin_key_file: Annotated[
@@ -443,13 +453,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     model_settings: Annotated[
         str,
         Meta(
+            extra={"kind": "JSON"},
             description=(
                 "Settings per model, over the global ones: a JSON object keyed by model name or glob "
                 '(`{"llama3*": {"ctx_size": 8192, "parallel": 2}}`; an exact name wins, then the first glob '
                 "that matches) with `ctx_size`, `parallel`, `gpu_layers`, `threads`, `idle_ttl` (seconds; -1 "
                 "never), `keep_loaded` (true: never unloaded to make room or for idling) and `chat_template` "
                 "(`chatml`, `gemma` or a Jinja file's path, over the model's own)."
-            )
+            ),
         ),
     ] = ""
     # -- Getting models (locopilot.models.pull) --
@@ -461,7 +472,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         ),
     ] = "https://huggingface.co"
     hf_token: Annotated[
-        str, Meta(description="A Hugging Face access token, for gated and private repositories. Never printed.")
+        str,
+        Meta(
+            extra={"kind": "secret"},
+            description="A Hugging Face access token, for gated and private repositories. Never printed.",
+        ),
     ] = ""
     ollama_registry: Annotated[
         str,
@@ -486,12 +501,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     model_aliases: Annotated[
         str,
         Meta(
+            extra={"kind": "JSON"},
             description=(
                 "Model names to serve under other names, as a JSON object: a name or a glob (`*`, `?`, `[…]`) "
                 '-> the model to route to, e.g. `{"claude-*": "smollm2-135m-instruct"}` for agents that send '
                 "their own model names. Applied to every API before routing; an exact name wins over a glob, "
                 "globs are tried in the order given."
-            )
+            ),
         ),
     ] = ""
     # Derived from the upstream settings by load_settings; not an environment variable.
@@ -812,6 +828,8 @@ def _type_name(base: Any, meta: Meta) -> str:
         low = "" if meta.ge is None else str(meta.ge)
         high = "" if meta.le is None else str(meta.le)
         return f"integer {low}…{high}" if low or high else "integer"
+    if base is str and meta.extra and "kind" in meta.extra:
+        return str(meta.extra["kind"])  # URL, secret or JSON: text that is no file's path
     return "path" if base is str and meta.pattern is None and meta.min_length is None else "text"
 
 
