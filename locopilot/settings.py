@@ -134,8 +134,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             ge=0,
             le=1024,
             description=(
-                "CPU threads per loaded model; 0 picks the number of CPU cores, and one fewer for a step that "
-                "generates for a single request, which leaves a core to the server's own per-token work."
+                "CPU threads per loaded model; 0 picks the number of CPU cores, and for a step that generates "
+                "for a single request, every core or one fewer, whichever the runner measures faster while it "
+                "serves (engine health says which and why). A number fixes both."
             ),
         ),
     ] = 0
@@ -206,6 +207,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             ),
         ),
     ] = 0
+    prompt_cache_mb: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=1 << 30,
+            description=(
+                "Megabytes of disk for prompt caches kept across restarts, idle unloads and model swaps, in "
+                "`<DATA_DIR>/prompt-cache` (all models together; the least recently used go first). A runner with "
+                "nothing to do writes each slot's KV cache that holds at least `LOCOPILOT_PROMPT_CACHE_MIN_TOKENS` "
+                "tokens, and a prompt that begins the same way later loads it instead of decoding it. 0 turns it off."
+            ),
+        ),
+    ] = 2048
+    prompt_cache_min_tokens: Annotated[
+        int,
+        Meta(ge=1, le=1_048_576, description="Fewest tokens a prompt cache must hold to be kept on disk."),
+    ] = 1024
     load_timeout: Annotated[
         int, Meta(ge=1, le=3600, description="Seconds a model may take to load before the request fails with 503.")
     ] = 300
@@ -314,32 +332,41 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         ),
     ] = "local_preferred"
     ollama_url: Annotated[
-        str, Meta(description="An Ollama server to route to (provider `ollama`, local), e.g. `http://127.0.0.1:11434`.")
+        str,
+        Meta(
+            extra={"kind": "URL"},
+            description="An Ollama server to route to (provider `ollama`, local), e.g. `http://127.0.0.1:11434`.",
+        ),
     ] = ""
     llamacpp_url: Annotated[
         str,
         Meta(
-            description="A llama.cpp llama-server to route to (provider `llamacpp`, local), e.g. `http://127.0.0.1:8081`."
+            extra={"kind": "URL"},
+            description="A llama.cpp llama-server to route to (provider `llamacpp`, local), e.g. `http://127.0.0.1:8081`.",
         ),
     ] = ""
     remote_url: Annotated[
         str,
         Meta(
+            extra={"kind": "URL"},
             description=(
                 "An OpenAI-compatible cloud used as the fallback (provider `remote`, remote), "
                 "with its `/v1`, e.g. `https://api.example.com/v1`."
-            )
+            ),
         ),
     ] = ""
-    remote_api_key: Annotated[str, Meta(description="API key for `LOCOPILOT_REMOTE_URL`. Never printed.")] = ""
+    remote_api_key: Annotated[
+        str, Meta(extra={"kind": "secret"}, description="API key for `LOCOPILOT_REMOTE_URL`. Never printed.")
+    ] = ""
     upstreams: Annotated[
         str,
         Meta(
+            extra={"kind": "JSON"},
             description=(
                 "Any number of upstreams as a JSON list of objects: `name`, `kind` (`openai` or `ollama`), `url`, "
                 "`api_key` or `api_key_env` (the name of a variable holding it), `locality` (`local` or `remote`), "
                 "`priority` (lower goes first; the embedded engine is 0), `models` (optional list)."
-            )
+            ),
         ),
     ] = ""
     upstream_timeout: Annotated[
@@ -364,10 +391,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     admin_key: Annotated[
         str,
         Meta(
+            extra={"kind": "secret"},
             description=(
                 "A bootstrap API key with every scope, for an install that must need no interactive step "
                 "(at least 16 characters). Never printed."
-            )
+            ),
         ),
     ] = ""
     admin_key_file: Annotated[
@@ -425,13 +453,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     model_settings: Annotated[
         str,
         Meta(
+            extra={"kind": "JSON"},
             description=(
                 "Settings per model, over the global ones: a JSON object keyed by model name or glob "
                 '(`{"llama3*": {"ctx_size": 8192, "parallel": 2}}`; an exact name wins, then the first glob '
                 "that matches) with `ctx_size`, `parallel`, `gpu_layers`, `threads`, `idle_ttl` (seconds; -1 "
                 "never), `keep_loaded` (true: never unloaded to make room or for idling) and `chat_template` "
                 "(`chatml`, `gemma` or a Jinja file's path, over the model's own)."
-            )
+            ),
         ),
     ] = ""
     # -- Getting models (locopilot.models.pull) --
@@ -443,7 +472,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         ),
     ] = "https://huggingface.co"
     hf_token: Annotated[
-        str, Meta(description="A Hugging Face access token, for gated and private repositories. Never printed.")
+        str,
+        Meta(
+            extra={"kind": "secret"},
+            description="A Hugging Face access token, for gated and private repositories. Never printed.",
+        ),
     ] = ""
     ollama_registry: Annotated[
         str,
@@ -468,12 +501,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     model_aliases: Annotated[
         str,
         Meta(
+            extra={"kind": "JSON"},
             description=(
                 "Model names to serve under other names, as a JSON object: a name or a glob (`*`, `?`, `[…]`) "
                 '-> the model to route to, e.g. `{"claude-*": "smollm2-135m-instruct"}` for agents that send '
                 "their own model names. Applied to every API before routing; an exact name wins over a glob, "
                 "globs are tried in the order given."
-            )
+            ),
         ),
     ] = ""
     # Derived from the upstream settings by load_settings; not an environment variable.
@@ -500,6 +534,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return self.data_path / "locopilot.db"
 
     @property
+    def prompt_cache_path(self) -> Path:
+        return self.data_path / "prompt-cache"
+
+    @property
     def allowed_host_names(self) -> frozenset[str]:
         """``LOCOPILOT_ALLOWED_HOSTS`` as lower-case names (IPv6 literals keep their brackets)."""
         return frozenset(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
@@ -520,7 +558,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             parallel=self.parallel if own.parallel is None else own.parallel,
             gpu_layers=self.gpu_layers if own.gpu_layers is None else own.gpu_layers,
             threads=threads or self.effective_threads(),
-            decode_threads=threads or self.decode_threads(),
+            # 0: the runner measures whether one thread fewer serves one-token steps faster.
+            decode_threads=threads or self.threads,
             idle_ttl=-1 if own.keep_loaded else self.model_idle_ttl if own.idle_ttl is None else own.idle_ttl,
             keep_loaded=own.keep_loaded,
             chat_template=own.chat_template,
@@ -528,20 +567,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     def effective_threads(self) -> int:
         return self.threads or max(1, os.cpu_count() or 1)
-
-    def decode_threads(self) -> int:
-        """llama.cpp's threads for a step of one token (one request generating).
-
-        Such a step is short (SmolLM2: 5 ms on 2 cores), and llama.cpp's threads wait on
-        each other at every operation, so the API process's work for each token (0.5 ms
-        of CPU) stalls all of them when it takes one of their cores: single-stream
-        tokens/s through the server was 0.92x llama-server's with both cores, 0.98x with
-        one left free (medians of bench/engine.py runs on 2 cores). Steps of several tokens (several requests, or a
-        prompt) keep every core: one thread fewer there cost 42% at 8 requests.
-        """
-        if self.threads:
-            return self.threads
-        return max(1, (os.cpu_count() or 1) - 1)
 
     def __repr__(self) -> str:
         # Settings hold API keys: a repr in a log or traceback must not show them.
@@ -803,6 +828,8 @@ def _type_name(base: Any, meta: Meta) -> str:
         low = "" if meta.ge is None else str(meta.ge)
         high = "" if meta.le is None else str(meta.le)
         return f"integer {low}…{high}" if low or high else "integer"
+    if base is str and meta.extra and "kind" in meta.extra:
+        return str(meta.extra["kind"])  # URL, secret or JSON: text that is no file's path
     return "path" if base is str and meta.pattern is None and meta.min_length is None else "text"
 
 

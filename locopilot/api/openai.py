@@ -24,7 +24,7 @@ from locopilot.engine.protocol import SamplingParams, sampling_of
 from locopilot.errors import InvalidRequest, LocopilotError, ModelNotFound
 from locopilot.gateway.auth import Principal, principal_of
 from locopilot.gateway.streaming import ChoiceParts, Reply, sse, usage_of
-from locopilot.models.catalog import ModelEntry, validate_model_name
+from locopilot.models.catalog import validate_model_name
 from locopilot.providers.base import (
     Finish,
     FunctionTool,
@@ -72,10 +72,9 @@ from locopilot.schemas.openai import (
     ToolSpec,
     Usage,
     encoder,
+    model_card,
 )
 from locopilot.store import models as model_records
-from locopilot.store.models import ModelRecord
-from locopilot.training.lineage import Lineage
 from locopilot.training.lineage import read as read_lineage
 
 MAX_EMBEDDING_INPUTS = 2048
@@ -594,29 +593,6 @@ async def embeddings(data: EmbeddingRequest, services: Services, request: Reques
 
 def _float32(vector: list[float]) -> bytes:
     return array.array("f", vector).tobytes()
-
-
-def model_card(
-    entry: ModelEntry, loaded: bool, lineage: Lineage | None = None, record: ModelRecord | None = None
-) -> ModelCard:
-    return ModelCard(
-        id=entry.name,
-        created=entry.modified,
-        owned_by="locopilot",
-        size_bytes=entry.size_bytes,
-        architecture=entry.architecture,
-        quantization=entry.quantization,
-        parameter_count=entry.parameter_count,
-        context_length=entry.context_length,
-        chat_template=entry.chat_template,
-        tools=entry.tools,
-        loaded=loaded,
-        error=entry.error,
-        lineage=lineage,
-        source=record.source if record else None,
-        sha256=record.sha256 if record else None,
-        arrived_at=record.arrived_at if record else None,
-    )
 
 
 async def all_cards(services: Services, principal: Principal) -> list[ModelCard]:

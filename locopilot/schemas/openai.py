@@ -10,12 +10,16 @@ encoded as they are defined here.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from locopilot.training.lineage import Lineage
+
+if TYPE_CHECKING:
+    from locopilot.models.catalog import ModelEntry
+    from locopilot.store.models import ModelRecord
 
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
@@ -358,6 +362,30 @@ class ModelCard(Struct):
     sha256: str | None = None
     arrived_at: float | None = None
     """Unix seconds."""
+
+
+def model_card(
+    entry: ModelEntry, loaded: bool, lineage: Lineage | None = None, record: ModelRecord | None = None
+) -> ModelCard:
+    """The card of an embedded model: its header's facts, and where it came from when recorded."""
+    return ModelCard(
+        id=entry.name,
+        created=entry.modified,
+        owned_by="locopilot",
+        size_bytes=entry.size_bytes,
+        architecture=entry.architecture,
+        quantization=entry.quantization,
+        parameter_count=entry.parameter_count,
+        context_length=entry.context_length,
+        chat_template=entry.chat_template,
+        tools=entry.tools,
+        loaded=loaded,
+        error=entry.error,
+        lineage=lineage,
+        source=record.source if record else None,
+        sha256=record.sha256 if record else None,
+        arrived_at=record.arrived_at if record else None,
+    )
 
 
 class ModelList(Struct):
