@@ -41,6 +41,7 @@ from locopilot.errors import (
 )
 from locopilot.gateway.access import AccessLog, outcome_id
 from locopilot.gateway.auth import DOCS_PATH, Authenticator, principal_of
+from locopilot.gateway.balance import Load
 from locopilot.gateway.guard import GuardMiddleware
 from locopilot.gateway.hygiene import cors_config
 from locopilot.gateway.metrics import Metrics
@@ -216,7 +217,12 @@ PROVIDER_KINDS: dict[str, Callable[[UpstreamConfig, Settings], Provider]] = {
 
 
 def upstream_states(settings: Settings) -> list[ProviderState]:
-    return [ProviderState(PROVIDER_KINDS[c.kind](c, settings), c.priority, c.models) for c in settings.upstream_configs]
+    return [
+        ProviderState(
+            PROVIDER_KINDS[c.kind](c, settings), c.priority, c.models, load=Load(weight=c.weight, cap=c.max_concurrent)
+        )
+        for c in settings.upstream_configs
+    ]
 
 
 async def announce_access(authenticator: Authenticator) -> None:
@@ -251,6 +257,7 @@ def create_app(settings: Settings) -> Litestar:
                     settings.default_model,
                     breaker_cooldown=settings.breaker_cooldown,
                     aliases=settings.model_alias_pairs,
+                    affinity_load_factor=settings.affinity_load_factor,
                 )
                 engine = EngineStatus()
                 shutdown = Shutdown(settings.shutdown_grace)

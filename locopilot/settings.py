@@ -31,6 +31,7 @@ LogFormat = Literal["auto", "json", "text"]
 
 Privacy = Literal["local_only", "local_preferred", "any"]
 UpstreamTransport = Literal["aiohttp", "httpx"]
+RoutingAffinity = Literal["prefix", "session", "off"]
 PROVIDER_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
 # Host names or IP literals (IPv6 in brackets), comma-separated; ports are not part of an entry.
 HOST_LIST = r"^\s*([a-zA-Z0-9.-]+|\[[0-9a-fA-F:.]+\])?(\s*,\s*([a-zA-Z0-9.-]+|\[[0-9a-fA-F:.]+\]))*\s*$"
@@ -48,6 +49,10 @@ class UpstreamConfig:
     locality: Literal["local", "remote"] = "remote"
     priority: Annotated[int, Meta(ge=-1000, le=1000)] = 50
     models: tuple[str, ...] = ()
+    weight: Annotated[float, Meta(ge=0, le=1000)] = 1.0
+    """Its share of its pool's traffic against the other replicas' weights; 0 takes none while another can."""
+    max_concurrent: Annotated[int, Meta(ge=0, le=100_000)] = 0
+    """Requests it is sent at once; 0 is no cap. One more goes to another replica, or is refused with 503."""
     api_key_env: str | None = None
     api_key: str | None = field(default=None, repr=False)
 
@@ -338,10 +343,36 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             description=(
                 "Any number of upstreams as a JSON list of objects: `name`, `kind` (`openai` or `ollama`), `url`, "
                 "`api_key` or `api_key_env` (the name of a variable holding it), `locality` (`local` or `remote`), "
-                "`priority` (lower goes first; the embedded engine is 0), `models` (optional list)."
+                "`priority` (lower goes first; the embedded engine is 0), `models` (optional list), `weight` "
+                "(share of its pool, default 1; 0 drains it) and `max_concurrent` (requests at once, 0 no cap). "
+                "Upstreams of one locality and priority that serve the same model form a pool of replicas: "
+                "each request goes to the least busy (see `LOCOPILOT_ROUTING_AFFINITY`)."
             )
         ),
     ] = ""
+    routing_affinity: Annotated[
+        RoutingAffinity,
+        Meta(
+            description=(
+                "Which replica of a pool a request goes to: `prefix` keeps a conversation on one replica, so "
+                "its prompt cache is reused (by the `X-Session-Id` header, else the OpenAI `user` field, else a "
+                "fingerprint of the leading messages up to the first user message), while that replica is not "
+                "much busier than the rest; `session` does so only for requests with an `X-Session-Id` or "
+                "`user`; `off` always picks the least busy replica."
+            )
+        ),
+    ] = "prefix"
+    affinity_load_factor: Annotated[
+        float,
+        Meta(
+            ge=1.0,
+            le=100,
+            description=(
+                "How much busier than its weighted share of the pool's requests in flight a replica may be and "
+                "still take a conversation it has the cache of; over that, the conversation spills to another."
+            ),
+        ),
+    ] = 1.25
     upstream_timeout: Annotated[
         float,
         Meta(
