@@ -283,7 +283,7 @@ class Router:
 
         A pool counts as measured by its fastest member with a fresh latency, and as due when none has one
         and some member is due. The first due pool's due members are marked as under trial, since this
-        request will try one of them.
+        request will try one of them (a pool of one: the route this request tries first).
         """
         now = self.clock()
         due: list[list[Route]] = []
@@ -303,10 +303,13 @@ class Router:
             else:
                 waiting.append(pool)
         measured.sort(key=lambda pair: pair[0])  # a stable sort: equal latencies keep priority order
+        decision.measuring = [
+            r.provider.name for pool in due for r in pool if self.states[r.provider.name].latency.due(now)
+        ]
         if due:
-            decision.measuring = [r.provider.name for r in due[0] if self.states[r.provider.name].latency.due(now)]
-            for name in decision.measuring:
-                self.states[name].latency.trial_at = now
+            for route in due[0]:
+                if self.states[route.provider.name].latency.due(now):
+                    self.states[route.provider.name].latency.trial_at = now
         decision.order = "latency"
         return due + [pool for _, pool in measured] + waiting
 
