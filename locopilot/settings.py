@@ -350,6 +350,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             )
         ),
     ] = ""
+    upstreams_file: Annotated[
+        str,
+        Meta(
+            description=(
+                "A JSON file with more upstreams, in the form of `LOCOPILOT_UPSTREAMS`. Read at start and again "
+                "on SIGHUP: upstreams added, changed or removed there take effect without a restart, and requests "
+                "in flight finish where they started. A file that does not parse on SIGHUP is logged and ignored."
+            )
+        ),
+    ] = ""
     routing_affinity: Annotated[
         RoutingAffinity,
         Meta(
@@ -762,20 +772,24 @@ def _upstream_configs(settings: Settings, environ: Mapping[str, str]) -> tuple[U
     ):
         if value and not value.startswith(("http://", "https://")):
             raise SettingsError(variable, "must be an http:// or https:// URL")
+    listed: list[tuple[str, UpstreamConfig]] = []
     if settings.upstreams:
+        listed += [("LOCOPILOT_UPSTREAMS", c) for c in _listed_upstreams("LOCOPILOT_UPSTREAMS", settings.upstreams)]
+    if settings.upstreams_file:
+        variable = "LOCOPILOT_UPSTREAMS_FILE"
+        path = Path(settings.upstreams_file).expanduser()
         try:
-            listed = msgspec.json.decode(settings.upstreams, type=list[UpstreamConfig])
-        except msgspec.DecodeError as exc:
-            raise SettingsError("LOCOPILOT_UPSTREAMS", f"{exc} (expected a JSON list of upstream objects)") from exc
-        for config in listed:
-            api_key = config.api_key
-            if config.api_key_env:
-                if config.api_key_env not in environ:
-                    raise SettingsError(
-                        "LOCOPILOT_UPSTREAMS", f"upstream {config.name!r} names {config.api_key_env}, which is not set"
-                    )
-                api_key = environ[config.api_key_env]
-            configs.append(dataclasses.replace(config, api_key=api_key))
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(variable, f"cannot read {path}: {exc}") from exc
+        listed += [(variable, c) for c in _listed_upstreams(variable, text)]
+    for variable, config in listed:
+        api_key = config.api_key
+        if config.api_key_env:
+            if config.api_key_env not in environ:
+                raise SettingsError(variable, f"upstream {config.name!r} names {config.api_key_env}, which is not set")
+            api_key = environ[config.api_key_env]
+        configs.append(dataclasses.replace(config, api_key=api_key))
     names = [c.name for c in configs]
     for name in names:
         if name == "embedded" or names.count(name) > 1:
@@ -783,6 +797,19 @@ def _upstream_configs(settings: Settings, environ: Mapping[str, str]) -> tuple[U
                 "LOCOPILOT_UPSTREAMS", f"the provider name {name!r} is taken; give each upstream its own"
             )
     return tuple(configs)
+
+
+def _listed_upstreams(variable: str, text: str) -> list[UpstreamConfig]:
+    try:
+        return msgspec.json.decode(text, type=list[UpstreamConfig])
+    except msgspec.DecodeError as exc:
+        raise SettingsError(variable, f"{exc} (expected a JSON list of upstream objects)") from exc
+
+
+def reload_upstreams(settings: Settings, environ: Mapping[str, str] | None = None) -> tuple[UpstreamConfig, ...]:
+    """The upstreams as they are configured now: the environment's (which a running process cannot see
+    change) and ``LOCOPILOT_UPSTREAMS_FILE``'s, read again. Raises SettingsError as at start."""
+    return _upstream_configs(settings, os.environ if environ is None else environ)
 
 
 def _settings_error(exc: msgspec.ValidationError) -> SettingsError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import threading
 import time
 from collections import Counter
@@ -368,3 +369,57 @@ def test_later_turns_reuse_the_prompt_cache_of_one_embedded_replica(
             ]
         assert len(set(served)) == 1, served
         assert cached[1] > 100 and cached[2] > cached[1], cached
+
+
+def workers_of(pid: int) -> str:
+    """The child processes of granian's main process (its worker)."""
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().strip()
+
+
+def test_sighup_reloads_the_upstreams_file_under_load(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, replicas: list[FaultUpstream]
+) -> None:
+    a, b, _ = replicas
+    listing = tmp_path / "upstreams.json"
+    listing.write_text(json.dumps([replica("a", a)]))
+    env = {"LOCOPILOT_UPSTREAMS_FILE": str(listing), "LOCOPILOT_ROUTING_AFFINITY": "off"}
+    running = start_server(tmp_path_factory, {}, env)
+    try:
+        assert served_by(ask(running)) == "a"
+        assert running.process is not None
+        worker_pids = workers_of(running.process.pid)
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(timeout=30) as client:
+                while not stop.is_set():
+                    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello?"}]}
+                    statuses.append(client.post(f"{running.url}/v1/chat/completions", json=body).status_code)
+
+        a.delay = 1.0  # a's answers are in flight when it is removed
+        workers = [threading.Thread(target=load) for _ in range(3)]
+        for thread in workers:
+            thread.start()
+        wait_for(lambda: in_flight(running).get("a", 0) > 0)
+        listing.write_text(json.dumps([replica("b", b)]))
+        running.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: set(in_flight(running)) == {"b"})
+        served = chats(a)
+        wait_for(lambda: len(statuses) >= 12)
+        assert chats(a) == served  # nothing new reaches a removed upstream
+        listing.write_text("[not json")  # a bad file changes nothing
+        running.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "upstreams not reloaded" in running.log())
+        listing.write_text(json.dumps([replica("a", a), replica("b", b)]))
+        running.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: set(in_flight(running)) == {"a", "b"})
+        wait_for(lambda: chats(a) > served)  # back in the pool
+        stop.set()
+        for thread in workers:
+            thread.join()
+        assert statuses and set(statuses) == {200}  # no request failed, the ones in flight on a included
+        assert workers_of(running.process.pid) == worker_pids  # reloaded in place, not restarted
+        assert served_by(ask(running)) in ("a", "b")
+    finally:
+        running.stop()

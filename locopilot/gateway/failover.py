@@ -76,7 +76,7 @@ async def _first_success(
             break
         lease = router.lease(route)
         if lease is None:
-            cap = router.states[route.provider.name].load.cap
+            cap = router.state_of(route).load.cap
             decision.skipped.append(Skipped(route.provider.name, f"at its cap of {cap} requests at once"))
             continue
         attempts += 1

@@ -53,7 +53,7 @@ import msgspec
 from locopilot.errors import LocopilotError, ModelNotFound, PolicyForbidden, QueueFull, Unavailable, UpstreamError
 from locopilot.gateway.balance import AffinityKind, Lease, Load, choose
 from locopilot.providers.base import Provider
-from locopilot.settings import Privacy
+from locopilot.settings import Privacy, UpstreamConfig
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,8 @@ class ProviderState:
     priority: int
     configured_models: tuple[str, ...] = ()
     local_engine: bool = False
+    config: UpstreamConfig | None = None
+    """The settings it was made from (an upstream's); a reload replaces it when they change."""
     breaker: Breaker = field(default_factory=Breaker)
     models: list[str] | None = None
     models_at: float = -1e9
@@ -206,11 +208,15 @@ class Router:
         rng: random.Random | None = None,
     ) -> None:
         self.aliases = aliases
+        self.breaker_cooldown = breaker_cooldown
         self.affinity_load_factor = affinity_load_factor
         self.rng = rng or random.Random()
         for state in providers:
             state.breaker.cooldown = breaker_cooldown
         self.states = {state.provider.name: state for state in providers}
+        self.retired: dict[int, ProviderState] = {}
+        """Upstreams a reload removed or replaced, by ``id`` of their provider, until their requests in flight
+        end (see :meth:`reconfigure`)."""
         self.default_model = default_model
         self.clock = clock
         self.failovers: Counter[tuple[str, str]] = Counter()
@@ -218,6 +224,41 @@ class Router:
         self.affinity_routes: Counter[tuple[str, str]] = Counter()
         """Since start, by (replica that served, ``hit`` or ``spill``): requests with an affinity key served by a
         pool's replica, the one the key ranks first (a hit) or another (a spill)."""
+
+    def state_of(self, route: Route) -> ProviderState:
+        """``route``'s provider state, also for a route planned just before a reload retired it."""
+        state = self.states.get(route.provider.name)
+        if state is not None and state.provider is route.provider:
+            return state
+        # Retired, or closed already (planned just before): a state of its own, for the attempt to fail over.
+        return self.retired.get(id(route.provider)) or ProviderState(route.provider, 0)
+
+    def reconfigure(
+        self, configs: tuple[UpstreamConfig, ...], build: Callable[[UpstreamConfig], ProviderState]
+    ) -> list[ProviderState]:
+        """Make the upstreams ``configs``: keep those whose settings did not change (with their health, latency
+        and requests in flight), ``build`` the new and changed ones, and retire the rest. The local engine
+        stays. Returns the retired states: the caller closes each with :meth:`retire`."""
+        wanted = {config.name: config for config in configs}
+        retired = []
+        for name, state in list(self.states.items()):
+            if not state.local_engine and state.config != wanted.get(name):
+                retired.append(self.states.pop(name))
+                self.retired[id(state.provider)] = state
+        for config in configs:
+            if config.name not in self.states:
+                state = build(config)
+                state.breaker.cooldown = self.breaker_cooldown
+                self.states[config.name] = state
+        return retired
+
+    async def retire(self, state: ProviderState, grace: float) -> None:
+        """Close a retired upstream's client once its requests in flight have ended (or after ``grace``)."""
+        with anyio.move_on_after(grace):
+            while state.load.in_flight:  # noqa: ASYNC110 (leases end in sync code; a poll beats an Event per lease)
+                await anyio.sleep(0.1)
+        self.retired.pop(id(state.provider), None)
+        await state.provider.aclose()
 
     def ordered(self, policy: Privacy) -> list[ProviderState]:
         states = sorted(self.states.values(), key=lambda s: s.priority)
@@ -256,7 +297,7 @@ class Router:
                     routes.append(Route(state.provider, served))
         usable = []
         for route in routes:
-            state = self.states[route.provider.name]
+            state = self.state_of(route)
             if state.breaker.state(self.clock()) == "open":
                 decision.skipped.append(Skipped(route.provider.name, f"circuit open after: {state.last_error}"))
             else:
@@ -292,24 +333,22 @@ class Router:
         for pool in pools:
             fresh = []
             for route in pool:
-                ms = self.states[route.provider.name].latency.fresh(now)
+                ms = self.state_of(route).latency.fresh(now)
                 if ms is not None:
                     fresh.append(ms)
                     decision.latency_ms[route.provider.name] = round(ms, 3)
             if fresh:
                 measured.append((min(fresh), pool))
-            elif any(self.states[r.provider.name].latency.due(now) for r in pool):
+            elif any(self.state_of(r).latency.due(now) for r in pool):
                 due.append(pool)
             else:
                 waiting.append(pool)
         measured.sort(key=lambda pair: pair[0])  # a stable sort: equal latencies keep priority order
-        decision.measuring = [
-            r.provider.name for pool in due for r in pool if self.states[r.provider.name].latency.due(now)
-        ]
+        decision.measuring = [r.provider.name for pool in due for r in pool if self.state_of(r).latency.due(now)]
         if due:
             for route in due[0]:
-                if self.states[route.provider.name].latency.due(now):
-                    self.states[route.provider.name].latency.trial_at = now
+                if self.state_of(route).latency.due(now):
+                    self.state_of(route).latency.trial_at = now
         decision.order = "latency"
         return due + [pool for _, pool in measured] + waiting
 
@@ -324,7 +363,7 @@ class Router:
         return pools
 
     def _pool_key(self, route: Route) -> tuple[int, str]:
-        state = self.states[route.provider.name]
+        state = self.state_of(route)
         return state.priority, state.provider.locality
 
     def balance(self, plan: Plan, affinity: tuple[AffinityKind, bytes] | None = None) -> None:
@@ -340,7 +379,7 @@ class Router:
             if len(pool) < 2:
                 ordered.extend(pool)
                 continue
-            loads = [self.states[r.provider.name].load for r in pool]
+            loads = [self.state_of(r).load for r in pool]
             names = [r.provider.name for r in pool]
             choice = choose(
                 loads,
@@ -362,7 +401,7 @@ class Router:
     def lease(self, route: Route) -> Lease | None:
         """Count a request in flight on ``route``'s provider until the lease is released; None when it is at
         its cap (nothing may be sent to it now)."""
-        load = self.states[route.provider.name].load
+        load = self.state_of(route).load
         return None if load.full() else Lease(load)
 
     def _explicit(self, model: str) -> tuple[ProviderState, str] | None:
@@ -432,7 +471,7 @@ class Router:
     def succeeded(self, route: Route, first_event: float | None = None, decision: Decision | None = None) -> None:
         """Note a success; ``first_event`` is the seconds it took to the first event, if measured.
         ``decision``: counts an affinity hit or spill when the request was kept with a pool's replica."""
-        state = self.states[route.provider.name]
+        state = self.state_of(route)
         if decision is not None and decision.affinity_to is not None and route.provider.name in decision.pool:
             outcome = "hit" if route.provider.name == decision.affinity_to else "spill"
             self.affinity_routes[route.provider.name, outcome] += 1
@@ -443,7 +482,7 @@ class Router:
     def failed(self, route: Route, error: LocopilotError) -> None:
         """Note a failure. A busy queue is load, not ill health; the local engine keeps its own
         health per model (a broken file must not take the other models down), so neither trips a breaker."""
-        state = self.states[route.provider.name]
+        state = self.state_of(route)
         state.last_error = error.loggable()
         log.warning("provider %s failed: %s", route.provider.name, state.last_error)
         if not state.local_engine and not isinstance(error, QueueFull):
