@@ -283,6 +283,9 @@ def test_affinity_keeps_a_conversation_on_one_replica(
         hits = re.findall(r'locopilot_affinity_routes_total\{outcome="hit",provider="(\w+)"\} (\d+)', metrics)
         assert sum(int(count) for _, count in hits) == 24 + 12
         assert {name for name, _ in hits} == {"a", "b"}
+        routing = httpx.get(f"{running.url}/v1/engine/stats", timeout=30).json()["since_start"]["routing"]
+        assert sum(routing["affinity_hits"].values()) == 24 + 12
+        assert routing["affinity_spills"] == {}
 
 
 def test_affinity_spills_when_its_replica_is_busy_or_capped(
@@ -327,6 +330,9 @@ def test_affinity_spills_when_its_replica_is_busy_or_capped(
         metrics = httpx.get(f"{running.url}/metrics", timeout=10).text
         assert f'locopilot_affinity_routes_total{{outcome="spill",provider="{other}"}} 1.0' in metrics
         assert 'locopilot_provider_max_concurrent{provider="a"} 1.0' in metrics
+        routing = httpx.get(f"{running.url}/v1/engine/stats", timeout=30).json()["since_start"]["routing"]
+        assert routing["affinity_spills"] == {other: 1}
+        assert routing["affinity_hits"][home] >= 2
 
 
 @pytest.fixture(scope="module")
@@ -369,6 +375,9 @@ def test_later_turns_reuse_the_prompt_cache_of_one_embedded_replica(
             ]
         assert len(set(served)) == 1, served
         assert cached[1] > 100 and cached[2] > cached[1], cached
+        stats = httpx.get(f"{running.url}/v1/engine/stats", timeout=30).json()["since_start"]
+        (row,) = stats["by_provider_model"]
+        assert (row["provider"], row["tokens_cached"]) == (served[0], cached[0] + cached[1] + cached[2])
 
 
 def workers_of(pid: int) -> str:

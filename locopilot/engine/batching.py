@@ -346,8 +346,8 @@ class Engine:
 
         Raises RequestError before any work when the request cannot run. Of
         the free slots, choice 0 takes the one whose cached tokens share the
-        longest beginning with the prompt, and keeps that much of its KV cache;
-        the other choices take those with the least cached.
+        longest beginning with the prompt for what it would discard, and keeps that much of its KV
+        cache; the other choices take those with the least cached.
         """
         import llama_cpp
 
@@ -371,8 +371,10 @@ class Engine:
 
         free = [slot for slot in self.slots if slot.sequence is None]
         # At least the prompt's last token is decoded again: its logits start the reply.
-        # On a tie, the slot with the least cached: another prompt may still want the rest.
-        slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -len(s.cached)))
+        # The slot that keeps more of the cache than it throws away: a new conversation that shares only
+        # a system prompt with a slot takes an empty one rather than evict another conversation's turns
+        # (which its next turn would reuse); on a tie, the longer shared beginning.
+        slot = max(free, key=lambda s: (2 * (common := _common_prefix(s.cached, tokens)) - len(s.cached), common))
         reuse = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
         if not llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1):
             llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
