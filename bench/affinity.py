@@ -22,7 +22,7 @@ shared machine the numbers are noisy, and they are only comparable within one
 run.
 
 Usage: python bench/affinity.py [--conversations 8] [--turns 4] [--clients 2]
-           [--slots 4] [--threads 1] [--rounds 1] [--max-tokens 12]
+           [--slots 6] [--threads 1] [--rounds 1] [--max-tokens 12]
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--slots", type=int, default=4, help="LOCOPILOT_PARALLEL of each replica")
+    parser.add_argument("--slots", type=int, default=6, help="LOCOPILOT_PARALLEL of each replica")
     parser.add_argument("--threads", type=int, default=1, help="LOCOPILOT_THREADS of each replica")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=12)
