@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -11,6 +13,7 @@ from typing import Any
 import anyio
 import httpx
 import msgspec
+from anyio.abc import TaskGroup
 from litestar import Litestar, MediaType, Request, Response
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
@@ -41,6 +44,7 @@ from locopilot.errors import (
 )
 from locopilot.gateway.access import AccessLog, outcome_id
 from locopilot.gateway.auth import DOCS_PATH, Authenticator, principal_of
+from locopilot.gateway.balance import Load
 from locopilot.gateway.guard import GuardMiddleware
 from locopilot.gateway.hygiene import cors_config
 from locopilot.gateway.metrics import Metrics
@@ -55,7 +59,8 @@ from locopilot.providers.embedded import EmbeddedProvider
 from locopilot.providers.http import upstream_transport
 from locopilot.providers.ollama import OllamaProvider
 from locopilot.providers.openai_compat import OpenAICompatProvider
-from locopilot.settings import Settings, UpstreamConfig
+from locopilot.settings import Settings, SettingsError, UpstreamConfig
+from locopilot.settings import reload_upstreams as read_upstreams
 from locopilot.store import responses as stored_responses
 from locopilot.store.db import Database, StoreError
 from locopilot.store.upkeep import fail_interrupted_jobs, purge_older_than
@@ -215,8 +220,47 @@ PROVIDER_KINDS: dict[str, Callable[[UpstreamConfig, Settings], Provider]] = {
 }
 
 
+def upstream_state(config: UpstreamConfig, settings: Settings) -> ProviderState:
+    return ProviderState(
+        PROVIDER_KINDS[config.kind](config, settings),
+        config.priority,
+        config.models,
+        config=config,
+        load=Load(weight=config.weight, cap=config.max_concurrent),
+    )
+
+
 def upstream_states(settings: Settings) -> list[ProviderState]:
-    return [ProviderState(PROVIDER_KINDS[c.kind](c, settings), c.priority, c.models) for c in settings.upstream_configs]
+    return [upstream_state(c, settings) for c in settings.upstream_configs]
+
+
+RELOAD_SIGNAL = signal.SIGHUP
+"""Reloads the upstream settings; granian's main process passes it on to the worker (see locopilot.server)."""
+
+
+def listen_for_reload(reload: Callable[[], None]) -> None:
+    """Call ``reload`` on :data:`RELOAD_SIGNAL`. Does nothing off the main thread (an app run by a test client)."""
+    try:
+        asyncio.get_running_loop().add_signal_handler(RELOAD_SIGNAL, reload)
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        log.debug("not listening for %s: %s", RELOAD_SIGNAL.name, exc)
+
+
+def reload_upstreams(settings: Settings, router: Router, tasks: TaskGroup) -> None:
+    """On SIGHUP: read the upstream settings again (``LOCOPILOT_UPSTREAMS_FILE``) and route by them from now on;
+    requests in flight finish where they are, then a removed upstream's client is closed. A bad file is logged
+    and changes nothing."""
+    try:
+        configs = read_upstreams(settings)
+    except SettingsError as exc:
+        log.error("upstreams not reloaded: %s", exc)
+        return
+    retired = router.reconfigure(configs, lambda config: upstream_state(config, settings))
+    for state in retired:
+        tasks.start_soon(router.retire, state, settings.upstream_timeout + settings.shutdown_grace)
+    log.info(
+        "upstreams reloaded: %s", ", ".join(c.name for c in configs) or "none", extra={"event": "upstreams_reloaded"}
+    )
 
 
 async def announce_access(authenticator: Authenticator) -> None:
@@ -251,6 +295,7 @@ def create_app(settings: Settings) -> Litestar:
                     settings.default_model,
                     breaker_cooldown=settings.breaker_cooldown,
                     aliases=settings.model_alias_pairs,
+                    affinity_load_factor=settings.affinity_load_factor,
                 )
                 engine = EngineStatus()
                 shutdown = Shutdown(settings.shutdown_grace)
@@ -286,8 +331,9 @@ def create_app(settings: Settings) -> Litestar:
                 tasks.start_soon(retain_logs, db, settings.log_retention_days, settings.responses_retention_days)
                 tasks.start_soon(shutdown.watch_parent)
                 await tasks.start(training.run)
-                if len(router.states) > 1:
+                if len(router.states) > 1 or settings.upstreams_file:
                     tasks.start_soon(router.probe_forever, settings.probe_interval)
+                listen_for_reload(lambda: reload_upstreams(settings, router, tasks))
                 try:
                     yield
                 finally:

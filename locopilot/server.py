@@ -8,7 +8,8 @@ report not-ready nor cut off a stream at the end of the grace. :class:`DrainingS
 therefore also sends the worker :data:`~locopilot.gateway.shutdown.DRAIN_SIGNAL` (the app's
 side is :mod:`locopilot.gateway.shutdown`), gives the worker the grace plus
 :data:`STOP_SECONDS` to stop runners and close the database, and exits at once on a second
-signal.
+signal. SIGHUP is passed on to the worker, where the app reloads its upstream settings
+(granian itself would restart the worker).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def app_from_environment(_target: str = "") -> Any:
     from locopilot.app import create_app
     from locopilot.gateway.shutdown import DRAIN_SIGNAL
 
-    # Until the app listens for it, a drain signal must not end the worker (its default action).
+    # Until the app listens for them, a drain or reload signal must not end the worker (their default action).
     signal.signal(DRAIN_SIGNAL, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = load_settings(os.environ)
     configure_logging(settings.log_level, resolve_format(settings.log_format))
     return create_app(settings)
@@ -71,6 +73,13 @@ class DrainingServer(MPServer):
             if worker.inner.pid is not None:
                 os.kill(worker.inner.pid, DRAIN_SIGNAL)
         super().signal_handler_interrupt(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def signal_handler_reload(self, *args: Any, **kwargs: Any) -> None:
+        # granian would respawn the worker (the app, its runners and requests in flight); locopilot's
+        # SIGHUP reloads only the upstream settings, in the worker (locopilot.app.listen_for_reload).
+        for worker in self.wrks:
+            if worker.inner.pid is not None:
+                os.kill(worker.inner.pid, signal.SIGHUP)
 
 
 class ServeRefused(Exception):

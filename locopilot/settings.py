@@ -31,6 +31,7 @@ LogFormat = Literal["auto", "json", "text"]
 
 Privacy = Literal["local_only", "local_preferred", "any"]
 UpstreamTransport = Literal["aiohttp", "httpx"]
+RoutingAffinity = Literal["prefix", "session", "off"]
 PROVIDER_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
 # Host names or IP literals (IPv6 in brackets), comma-separated; ports are not part of an entry.
 HOST_LIST = r"^\s*([a-zA-Z0-9.-]+|\[[0-9a-fA-F:.]+\])?(\s*,\s*([a-zA-Z0-9.-]+|\[[0-9a-fA-F:.]+\]))*\s*$"
@@ -48,6 +49,10 @@ class UpstreamConfig:
     locality: Literal["local", "remote"] = "remote"
     priority: Annotated[int, Meta(ge=-1000, le=1000)] = 50
     models: tuple[str, ...] = ()
+    weight: Annotated[float, Meta(ge=0, le=1000)] = 1.0
+    """Its share of its pool's traffic against the other replicas' weights; 0 takes none while another can."""
+    max_concurrent: Annotated[int, Meta(ge=0, le=100_000)] = 0
+    """Requests it is sent at once; 0 is no cap. One more goes to another replica, or is refused with 503."""
     api_key_env: str | None = None
     api_key: str | None = field(default=None, repr=False)
 
@@ -365,10 +370,46 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             description=(
                 "Any number of upstreams as a JSON list of objects: `name`, `kind` (`openai` or `ollama`), `url`, "
                 "`api_key` or `api_key_env` (the name of a variable holding it), `locality` (`local` or `remote`), "
-                "`priority` (lower goes first; the embedded engine is 0), `models` (optional list)."
+                "`priority` (lower goes first; the embedded engine is 0), `models` (optional list), `weight` "
+                "(share of its pool, default 1; 0 drains it) and `max_concurrent` (requests at once, 0 no cap). "
+                "Upstreams of one locality and priority that serve the same model form a pool of replicas: "
+                "each request goes to the least busy (see `LOCOPILOT_ROUTING_AFFINITY`)."
             ),
         ),
     ] = ""
+    upstreams_file: Annotated[
+        str,
+        Meta(
+            description=(
+                "A JSON file with more upstreams, in the form of `LOCOPILOT_UPSTREAMS`. Read at start and again "
+                "on SIGHUP: upstreams added, changed or removed there take effect without a restart, and requests "
+                "in flight finish where they started. A file that does not parse on SIGHUP is logged and ignored."
+            )
+        ),
+    ] = ""
+    routing_affinity: Annotated[
+        RoutingAffinity,
+        Meta(
+            description=(
+                "Which replica of a pool a request goes to: `prefix` keeps a conversation on one replica, so "
+                "its prompt cache is reused (by the `X-Session-Id` header, else the OpenAI `user` field, else a "
+                "fingerprint of the leading messages up to the first user message), while that replica is not "
+                "much busier than the rest; `session` does so only for requests with an `X-Session-Id` or "
+                "`user`; `off` always picks the least busy replica."
+            )
+        ),
+    ] = "prefix"
+    affinity_load_factor: Annotated[
+        float,
+        Meta(
+            ge=1.0,
+            le=100,
+            description=(
+                "How much busier than its weighted share of the pool's requests in flight a replica may be and "
+                "still take a conversation it has the cache of; over that, the conversation spills to another."
+            ),
+        ),
+    ] = 1.25
     upstream_timeout: Annotated[
         float,
         Meta(
@@ -756,20 +797,24 @@ def _upstream_configs(settings: Settings, environ: Mapping[str, str]) -> tuple[U
     ):
         if value and not value.startswith(("http://", "https://")):
             raise SettingsError(variable, "must be an http:// or https:// URL")
+    listed: list[tuple[str, UpstreamConfig]] = []
     if settings.upstreams:
+        listed += [("LOCOPILOT_UPSTREAMS", c) for c in _listed_upstreams("LOCOPILOT_UPSTREAMS", settings.upstreams)]
+    if settings.upstreams_file:
+        variable = "LOCOPILOT_UPSTREAMS_FILE"
+        path = Path(settings.upstreams_file).expanduser()
         try:
-            listed = msgspec.json.decode(settings.upstreams, type=list[UpstreamConfig])
-        except msgspec.DecodeError as exc:
-            raise SettingsError("LOCOPILOT_UPSTREAMS", f"{exc} (expected a JSON list of upstream objects)") from exc
-        for config in listed:
-            api_key = config.api_key
-            if config.api_key_env:
-                if config.api_key_env not in environ:
-                    raise SettingsError(
-                        "LOCOPILOT_UPSTREAMS", f"upstream {config.name!r} names {config.api_key_env}, which is not set"
-                    )
-                api_key = environ[config.api_key_env]
-            configs.append(dataclasses.replace(config, api_key=api_key))
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(variable, f"cannot read {path}: {exc}") from exc
+        listed += [(variable, c) for c in _listed_upstreams(variable, text)]
+    for variable, config in listed:
+        api_key = config.api_key
+        if config.api_key_env:
+            if config.api_key_env not in environ:
+                raise SettingsError(variable, f"upstream {config.name!r} names {config.api_key_env}, which is not set")
+            api_key = environ[config.api_key_env]
+        configs.append(dataclasses.replace(config, api_key=api_key))
     names = [c.name for c in configs]
     for name in names:
         if name == "embedded" or names.count(name) > 1:
@@ -777,6 +822,19 @@ def _upstream_configs(settings: Settings, environ: Mapping[str, str]) -> tuple[U
                 "LOCOPILOT_UPSTREAMS", f"the provider name {name!r} is taken; give each upstream its own"
             )
     return tuple(configs)
+
+
+def _listed_upstreams(variable: str, text: str) -> list[UpstreamConfig]:
+    try:
+        return msgspec.json.decode(text, type=list[UpstreamConfig])
+    except msgspec.DecodeError as exc:
+        raise SettingsError(variable, f"{exc} (expected a JSON list of upstream objects)") from exc
+
+
+def reload_upstreams(settings: Settings, environ: Mapping[str, str] | None = None) -> tuple[UpstreamConfig, ...]:
+    """The upstreams as they are configured now: the environment's (which a running process cannot see
+    change) and ``LOCOPILOT_UPSTREAMS_FILE``'s, read again. Raises SettingsError as at start."""
+    return _upstream_configs(settings, os.environ if environ is None else environ)
 
 
 def _settings_error(exc: msgspec.ValidationError) -> SettingsError:

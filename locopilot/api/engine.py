@@ -46,7 +46,8 @@ class EngineHealth(msgspec.Struct):
 
 class ProviderHealth(msgspec.Struct):
     """``ttfb_ms``: the smoothed time to first event of recent answers (what ``any`` routing orders by);
-    null until measured, or when the last measurement is more than a minute old."""
+    null until measured, or when the last measurement is more than a minute old. A provider is one
+    replica when several serve a model at one priority (a pool)."""
 
     name: str
     locality: str
@@ -57,6 +58,12 @@ class ProviderHealth(msgspec.Struct):
     probe_ms: float | None
     ttfb_ms: float | None
     models: list[str] | None
+    in_flight: int = 0
+    """Requests it is serving now (from the attempt to the end of the reply)."""
+    weight: float = 1.0
+    """Its share of a pool of replicas that serve the same model at the same priority."""
+    max_concurrent: int | None = None
+    """Its cap on requests at once; null when it has none."""
 
 
 class Health(msgspec.Struct):
@@ -100,6 +107,9 @@ async def engine_health(services: Services) -> Response[bytes]:
             probe_ms=None if state.probe_ms is None else round(state.probe_ms, 3),
             ttfb_ms=None if (ttfb := state.latency.fresh(router.clock())) is None else round(ttfb, 3),
             models=list(state.configured_models) or state.models,
+            in_flight=state.load.in_flight,
+            weight=state.load.weight,
+            max_concurrent=state.load.cap or None,
         )
         for name, state in router.states.items()
     ]

@@ -21,6 +21,7 @@ from locopilot.api.services import Services
 from locopilot.errors import InvalidRequest
 from locopilot.gateway.access import outcome_id
 from locopilot.gateway.auth import principal_of
+from locopilot.gateway.balance import affinity_key
 from locopilot.gateway.failover import first_success, open_stream
 from locopilot.gateway.router import PRIVACY_LEVELS, Route
 from locopilot.gateway.streaming import Formatter, OnReply, collect, sse_response, unless_disconnected
@@ -58,13 +59,16 @@ async def serve_generation(
     build: Callable[[], GenerationRequest],
     formatter: Callable[[str], Formatter],
     on_reply: OnReply | None = None,
+    session: str | None = None,
 ) -> Response[bytes] | Stream:
     """Limit, check, route (with failover before the first byte), generate and record one reply.
 
     ``build`` translates and checks the body (raising InvalidRequest) once the request
     is admitted; ``formatter`` makes the reply's wire form from the request id
     (``id_prefix`` + a unique part). ``endpoint`` names the API in the request log and
-    metrics. ``on_reply`` sees the whole reply before its last bytes go out.
+    metrics. ``on_reply`` sees the whole reply before its last bytes go out. ``session`` is the body's
+    own session id (OpenAI's ``user``), which keeps a conversation on one replica of a pool unless an
+    ``X-Session-Id`` header names another.
     """
     request_id = outcome_id(request.scope, id_prefix)
     principal = principal_of(request)
@@ -78,12 +82,15 @@ async def serve_generation(
         plan = await services.auth.plan(request, services.router, model, policy)
         outcome.routing = plan.decision
         wire = formatter(request_id)
+        affinity = affinity_key(
+            generation, request.headers.get("x-session-id") or session, services.settings.routing_affinity
+        )
 
         def request_for(routed: str) -> GenerationRequest:
             return msgspec.structs.replace(generation, model=routed)
 
         async def opened() -> tuple[Route, StreamEvent, AsyncGenerator[StreamEvent, None]]:
-            route, first, events = await open_stream(services.router, plan, request_for)
+            route, first, events = await open_stream(services.router, plan, request_for, affinity)
             outcome.model, outcome.provider = route.model, route.provider.name
             outcome.ttfb = services.recorder.clock() - outcome.started
             return route, first, events

@@ -527,6 +527,7 @@ async def chat_completions(
         stream=data.stream,
         build=lambda: chat_generation(data, data.model, services.settings.max_message_bytes),
         formatter=lambda request_id: ChatFormatter(request_id, data.model, include_usage, data.n, bool(data.logprobs)),
+        session=data.user,
     )
 
 
@@ -552,6 +553,7 @@ async def completions(
             # Checked by the build step, which runs first; a prompt of token ids has no text to offset.
             prompt_chars=len(prompt_of(data.prompt, services.settings.max_message_bytes)[0] or ""),
         ),
+        session=data.user,
     )
 
 

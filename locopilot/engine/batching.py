@@ -165,6 +165,15 @@ class Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)
     sequence: Sequence | None = None
+    started: int = 0
+    """When a sequence last started here (the engine's count of starts): 0 never."""
+
+
+def _slot_value(slot: Slot, tokens: list[int]) -> tuple[bool, int, int]:
+    """How good ``slot`` is for a prompt of ``tokens``: more is better (see :meth:`Engine.start`)."""
+    common = common_prefix(slot.cached, tokens)
+    gain = 2 * common - len(slot.cached)
+    return gain > 0, gain if gain > 0 else -slot.started, common
 
 
 class Engine:
@@ -239,6 +248,7 @@ class Engine:
         self.vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab()
         self.cached_tokens_total = 0
+        self.starts = 0
         # Time inside llama_decode and the number of calls, for bench/engine.py --profile.
         self.decode_seconds = 0.0
         self.decode_calls = 0
@@ -360,8 +370,8 @@ class Engine:
 
         Raises RequestError before any work when the request cannot run. Of
         the free slots, choice 0 takes the one whose cached tokens share the
-        longest beginning with the prompt, and keeps that much of its KV cache;
-        the other choices take those with the least cached.
+        longest beginning with the prompt for what it would discard, and keeps that much of its KV
+        cache; the other choices take those with the least cached.
         """
         import llama_cpp
 
@@ -385,8 +395,12 @@ class Engine:
 
         free = [slot for slot in self.slots if slot.sequence is None]
         # At least the prompt's last token is decoded again: its logits start the reply.
-        # On a tie, the slot with the least cached: another prompt may still want the rest.
-        slot = max(free, key=lambda s: (common_prefix(s.cached, tokens), -len(s.cached)))
+        # The slot that keeps more of its cache than it throws away, the most kept first; if none does (a
+        # new conversation that shares only a system prompt), the least recently used, an empty one first:
+        # another conversation's turns stay cached for its next turn, and stale ones are evicted first.
+        slot = max(free, key=lambda s: _slot_value(s, tokens))
+        self.starts += 1
+        slot.started = self.starts
         if self.disk is not None:
             self._load_from_disk(slot, tokens)
         reuse = min(common_prefix(slot.cached, tokens), len(tokens) - 1)

@@ -300,7 +300,20 @@ class StateCollector:
             "Each provider's smoothed time to first event over the last minute (what `any` routing orders by).",
             labels=label,
         )
+        in_flight = GaugeMetricFamily(
+            f"{PREFIX}_provider_in_flight",
+            "Requests each provider (each replica of a pool) is serving now, from the attempt to the end of the reply.",
+            labels=label,
+        )
+        cap = GaugeMetricFamily(
+            f"{PREFIX}_provider_max_concurrent",
+            "The cap on requests at once of each provider that has one (`max_concurrent` in LOCOPILOT_UPSTREAMS).",
+            labels=label,
+        )
         for name, state in list(self.router.states.items()):
+            in_flight.add_metric((name,), state.load.in_flight)
+            if state.load.cap:
+                cap.add_metric((name,), state.load.cap)
             current = state.breaker.state(now)
             ok = self.engine_ready() if state.local_engine else current == "closed" and state.breaker.failures == 0
             healthy.add_metric((name,), 1 if ok else 0)
@@ -310,7 +323,17 @@ class StateCollector:
             ms = state.latency.fresh(now)
             if ms is not None:
                 ttfb.add_metric((name,), ms / 1000)
-        yield from (healthy, circuit, failures, ttfb)
+        yield from (healthy, circuit, failures, ttfb, in_flight, cap)
+        affinity = CounterMetricFamily(
+            f"{PREFIX}_affinity_routes",
+            "Requests with an affinity key (a session id or a conversation's fingerprint) served by a replica of a "
+            "pool: `hit` by the replica the key ranks first (its prompt cache), `spill` by another, as that one "
+            "was too busy, at its cap or failed.",
+            labels=("provider", "outcome"),
+        )
+        for (name, outcome), count in list(self.router.affinity_routes.items()):
+            affinity.add_metric((name, outcome), count)
+        yield affinity
         failovers = CounterMetricFamily(
             f"{PREFIX}_failovers",
             "Requests moved on to the next provider after one failed before its first byte, "

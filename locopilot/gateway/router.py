@@ -22,6 +22,11 @@
    to a due provider to measure it; while that one is under way the provider
    waits behind the measured ones, so a burst does not all go to the slow one.
    Ties keep priority order. The decision records the latencies it used.
+6. Candidates of one priority and locality are a *pool* of replicas of the model
+   (:meth:`Router.balance`, when the request is tried): the least busy goes first,
+   or the one that has the conversation's prompt cache (see
+   :mod:`locopilot.gateway.balance`); the others follow as failover, least busy
+   first. Under ``any`` a pool moves as one, by its fastest member's latency.
 
 The router also keeps each provider's health: a breaker fed by request
 outcomes and by the active probe (:meth:`Router.probe_forever`), the last
@@ -34,6 +39,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -45,8 +51,9 @@ import httpx
 import msgspec
 
 from locopilot.errors import LocopilotError, ModelNotFound, PolicyForbidden, QueueFull, Unavailable, UpstreamError
+from locopilot.gateway.balance import AffinityKind, Lease, Load, choose
 from locopilot.providers.base import Provider
-from locopilot.settings import Privacy
+from locopilot.settings import Privacy, UpstreamConfig
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +135,16 @@ class ProviderState:
     priority: int
     configured_models: tuple[str, ...] = ()
     local_engine: bool = False
+    config: UpstreamConfig | None = None
+    """The settings it was made from (an upstream's); a reload replaces it when they change."""
     breaker: Breaker = field(default_factory=Breaker)
     models: list[str] | None = None
     models_at: float = -1e9
     last_error: str | None = None
     probe_ms: float | None = None
     latency: Latency = field(default_factory=Latency)
+    load: Load = field(default_factory=Load)
+    """Its weight in a pool, its cap on requests at once and its requests in flight."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,14 @@ class Decision(msgspec.Struct, kw_only=True):
     order: Literal["priority", "latency"] = "priority"
     latency_ms: dict[str, float] = {}
     measuring: list[str] = []
+    pool: list[str] = []
+    """The replicas of the first pool of more than one (see :meth:`Router.balance`), in the order tried."""
+    in_flight: dict[str, int] = {}
+    """Their requests in flight when this one was balanced."""
+    affinity: AffinityKind | None = None
+    """What kept the request with a replica: a ``session`` id or the ``prefix`` fingerprint."""
+    affinity_to: str | None = None
+    """The replica the affinity key ranks first; ``chosen`` differs from it when the request spilled."""
 
 
 @dataclass
@@ -184,16 +203,62 @@ class Router:
         *,
         breaker_cooldown: float = BREAKER_COOLDOWN,
         aliases: tuple[tuple[str, str], ...] = (),
+        affinity_load_factor: float = 1.25,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self.aliases = aliases
+        self.breaker_cooldown = breaker_cooldown
+        self.affinity_load_factor = affinity_load_factor
+        self.rng = rng or random.Random()
         for state in providers:
             state.breaker.cooldown = breaker_cooldown
         self.states = {state.provider.name: state for state in providers}
+        self.retired: dict[int, ProviderState] = {}
+        """Upstreams a reload removed or replaced, by ``id`` of their provider, until their requests in flight
+        end (see :meth:`reconfigure`)."""
         self.default_model = default_model
         self.clock = clock
         self.failovers: Counter[tuple[str, str]] = Counter()
         """Since start, by (provider that failed, :func:`failover_reason`): requests moved on to the next candidate."""
+        self.affinity_routes: Counter[tuple[str, str]] = Counter()
+        """Since start, by (replica that served, ``hit`` or ``spill``): requests with an affinity key served by a
+        pool's replica, the one the key ranks first (a hit) or another (a spill)."""
+
+    def state_of(self, route: Route) -> ProviderState:
+        """``route``'s provider state, also for a route planned just before a reload retired it."""
+        state = self.states.get(route.provider.name)
+        if state is not None and state.provider is route.provider:
+            return state
+        # Retired, or closed already (planned just before): a state of its own, for the attempt to fail over.
+        return self.retired.get(id(route.provider)) or ProviderState(route.provider, 0)
+
+    def reconfigure(
+        self, configs: tuple[UpstreamConfig, ...], build: Callable[[UpstreamConfig], ProviderState]
+    ) -> list[ProviderState]:
+        """Make the upstreams ``configs``: keep those whose settings did not change (with their health, latency
+        and requests in flight), ``build`` the new and changed ones, and retire the rest. The local engine
+        stays. Returns the retired states: the caller closes each with :meth:`retire`."""
+        wanted = {config.name: config for config in configs}
+        retired = []
+        for name, state in list(self.states.items()):
+            if not state.local_engine and state.config != wanted.get(name):
+                retired.append(self.states.pop(name))
+                self.retired[id(state.provider)] = state
+        for config in configs:
+            if config.name not in self.states:
+                state = build(config)
+                state.breaker.cooldown = self.breaker_cooldown
+                self.states[config.name] = state
+        return retired
+
+    async def retire(self, state: ProviderState, grace: float) -> None:
+        """Close a retired upstream's client once its requests in flight have ended (or after ``grace``)."""
+        with anyio.move_on_after(grace):
+            while state.load.in_flight:  # noqa: ASYNC110 (leases end in sync code; a poll beats an Event per lease)
+                await anyio.sleep(0.1)
+        self.retired.pop(id(state.provider), None)
+        await state.provider.aclose()
 
     def ordered(self, policy: Privacy) -> list[ProviderState]:
         states = sorted(self.states.values(), key=lambda s: s.priority)
@@ -232,13 +297,13 @@ class Router:
                     routes.append(Route(state.provider, served))
         usable = []
         for route in routes:
-            state = self.states[route.provider.name]
+            state = self.state_of(route)
             if state.breaker.state(self.clock()) == "open":
                 decision.skipped.append(Skipped(route.provider.name, f"circuit open after: {state.last_error}"))
             else:
                 usable.append(route)
         if policy == "any" and explicit is None:
-            usable = self.fastest_first(usable, decision)
+            usable = [route for pool in self.fastest_first(self.pools(usable), decision) for route in pool]
         decision.candidates = [r.provider.name for r in usable]
         if not usable:
             if decision.skipped:
@@ -254,31 +319,90 @@ class Router:
                 return target
         return model
 
-    def fastest_first(self, routes: list[Route], decision: Decision) -> list[Route]:
-        """``routes`` (in priority order) reordered for ``any``: due a measurement, then fastest first.
+    def fastest_first(self, pools: list[list[Route]], decision: Decision) -> list[list[Route]]:
+        """``pools`` (in priority order) reordered for ``any``: due a measurement, then fastest first.
 
-        The first due route is marked as under trial, since it is the one this request will try.
+        A pool counts as measured by its fastest member with a fresh latency, and as due when none has one
+        and some member is due. The first due pool's due members are marked as under trial, since this
+        request will try one of them (a pool of one: the route this request tries first).
         """
         now = self.clock()
-        due: list[Route] = []
-        measured: list[tuple[float, Route]] = []
-        waiting: list[Route] = []
-        for route in routes:
-            latency = self.states[route.provider.name].latency
-            ms = latency.fresh(now)
-            if ms is not None:
-                measured.append((ms, route))
-                decision.latency_ms[route.provider.name] = round(ms, 3)
-            elif latency.due(now):
-                due.append(route)
+        due: list[list[Route]] = []
+        measured: list[tuple[float, list[Route]]] = []
+        waiting: list[list[Route]] = []
+        for pool in pools:
+            fresh = []
+            for route in pool:
+                ms = self.state_of(route).latency.fresh(now)
+                if ms is not None:
+                    fresh.append(ms)
+                    decision.latency_ms[route.provider.name] = round(ms, 3)
+            if fresh:
+                measured.append((min(fresh), pool))
+            elif any(self.state_of(r).latency.due(now) for r in pool):
+                due.append(pool)
             else:
-                waiting.append(route)
+                waiting.append(pool)
         measured.sort(key=lambda pair: pair[0])  # a stable sort: equal latencies keep priority order
+        decision.measuring = [r.provider.name for pool in due for r in pool if self.state_of(r).latency.due(now)]
         if due:
-            self.states[due[0].provider.name].latency.trial_at = now
+            for route in due[0]:
+                if self.state_of(route).latency.due(now):
+                    self.state_of(route).latency.trial_at = now
         decision.order = "latency"
-        decision.measuring = [r.provider.name for r in due]
-        return due + [route for _, route in measured] + waiting
+        return due + [pool for _, pool in measured] + waiting
+
+    def pools(self, routes: list[Route]) -> list[list[Route]]:
+        """``routes`` cut into runs of one priority and locality: the replicas of a pool, or one route alone."""
+        pools: list[list[Route]] = []
+        for route in routes:
+            if pools and self._pool_key(pools[-1][0]) == self._pool_key(route):
+                pools[-1].append(route)
+            else:
+                pools.append([route])
+        return pools
+
+    def _pool_key(self, route: Route) -> tuple[int, str]:
+        state = self.state_of(route)
+        return state.priority, state.provider.locality
+
+    def balance(self, plan: Plan, affinity: tuple[AffinityKind, bytes] | None = None) -> None:
+        """Order each pool of ``plan`` for this moment (see :mod:`locopilot.gateway.balance`): the replica
+        to try first, then the others for failover. ``affinity`` keeps a conversation on one replica.
+
+        Call it just before trying the plan: it reads the requests in flight now. An explicit provider is
+        never a pool.
+        """
+        decision = plan.decision
+        ordered: list[Route] = []
+        for pool in self.pools(plan.routes) if not decision.explicit else [plan.routes]:
+            if len(pool) < 2:
+                ordered.extend(pool)
+                continue
+            loads = [self.state_of(r).load for r in pool]
+            names = [r.provider.name for r in pool]
+            choice = choose(
+                loads,
+                None if affinity is None else affinity[1],
+                names,
+                load_factor=self.affinity_load_factor,
+                rng=self.rng,
+            )
+            pool = [pool[i] for i in choice.order]
+            if not decision.pool:
+                decision.pool = [r.provider.name for r in pool]
+                decision.in_flight = {name: load.in_flight for name, load in zip(names, loads, strict=True)}
+                if affinity is not None and choice.preferred is not None:
+                    decision.affinity, decision.affinity_to = affinity[0], names[choice.preferred]
+            ordered.extend(pool)
+        plan.routes = ordered
+        decision.candidates = [r.provider.name for r in ordered]
+
+    def lease(self, route: Route) -> Lease | None:
+        """Count a request in flight on ``route``'s provider until the lease is released; None when it is at
+        its cap (nothing may be sent to it now)."""
+        load = self.state_of(route).load
+        return None if load.full() else Lease(load)
 
     def _explicit(self, model: str) -> tuple[ProviderState, str] | None:
         cut = min((i for i in (model.find(":"), model.find("/")) if i > 0), default=-1)
@@ -344,9 +468,13 @@ class Router:
             for state in self.states.values()
         )
 
-    def succeeded(self, route: Route, first_event: float | None = None) -> None:
-        """Note a success; ``first_event`` is the seconds it took to the first event, if measured."""
-        state = self.states[route.provider.name]
+    def succeeded(self, route: Route, first_event: float | None = None, decision: Decision | None = None) -> None:
+        """Note a success; ``first_event`` is the seconds it took to the first event, if measured.
+        ``decision``: counts an affinity hit or spill when the request was kept with a pool's replica."""
+        state = self.state_of(route)
+        if decision is not None and decision.affinity_to is not None and route.provider.name in decision.pool:
+            outcome = "hit" if route.provider.name == decision.affinity_to else "spill"
+            self.affinity_routes[route.provider.name, outcome] += 1
         state.breaker.success()
         if first_event is not None:
             state.latency.add(first_event * 1000, self.clock())
@@ -354,7 +482,7 @@ class Router:
     def failed(self, route: Route, error: LocopilotError) -> None:
         """Note a failure. A busy queue is load, not ill health; the local engine keeps its own
         health per model (a broken file must not take the other models down), so neither trips a breaker."""
-        state = self.states[route.provider.name]
+        state = self.state_of(route)
         state.last_error = error.loggable()
         log.warning("provider %s failed: %s", route.provider.name, state.last_error)
         if not state.local_engine and not isinstance(error, QueueFull):

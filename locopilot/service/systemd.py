@@ -166,5 +166,6 @@ def unit(executable: str = DEFAULT_EXECUTABLE, *, user: bool = False) -> str:
         sandbox = _SYSTEM_SANDBOX
         install = "[Install]\nWantedBy=multi-user.target\n"
         header = _SYSTEM_HEADER
-    service = f"[Service]\nType=exec\nExecStart={executable} serve\n{identity}"
+    # SIGHUP re-reads LOCOPILOT_UPSTREAMS_FILE (`systemctl reload`); nothing restarts.
+    service = f"[Service]\nType=exec\nExecStart={executable} serve\nExecReload=/bin/kill -HUP $MAINPID\n{identity}"
     return "\n".join([header, unit_section, service, _UNPACK, _STOP, _SECCOMP, sandbox, install]).rstrip("\n") + "\n"

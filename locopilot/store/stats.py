@@ -19,6 +19,8 @@ class ProviderModelStats(msgspec.Struct):
     tokens_out: int
     avg_latency_ms: float | None
     avg_ttfb_ms: float | None
+    tokens_cached: int = 0
+    """Of ``tokens_in``, those the provider's prompt cache supplied (what affinity to a replica buys)."""
 
 
 class ErrorStats(msgspec.Struct):
@@ -36,13 +38,17 @@ class FailoverStats(msgspec.Struct):
 
 
 class RoutingStats(msgspec.Struct):
-    """``failed_over``: requests served by another candidate after one failed."""
+    """``failed_over``: requests served by another candidate after one failed. ``affinity_hits`` and
+    ``affinity_spills``, by the replica that served: requests with an affinity key served by the replica
+    the key ranks first, or by another (its pool's, or on failover a lower priority's)."""
 
     decided: int
     explicit: int
     failed_over: int
     by_policy: dict[str, int]
     chosen: dict[str, int]
+    affinity_hits: dict[str, int] = {}
+    affinity_spills: dict[str, int] = {}
 
 
 class WindowStats(msgspec.Struct):
@@ -64,7 +70,7 @@ def window(db: Database, since: float) -> WindowStats:
             for row in conn.execute(
                 """SELECT provider, model, count(*),
                           sum(status = 'ok'), sum(status = 'error'), sum(status = 'cancelled'),
-                          sum(tokens_in), sum(tokens_out), avg(latency_ms), avg(ttfb_ms)
+                          sum(tokens_in), sum(tokens_out), avg(latency_ms), avg(ttfb_ms), sum(tokens_cached)
                    FROM inference_logs WHERE created_at >= ?
                    GROUP BY provider, model ORDER BY count(*) DESC, provider, model""",
                 (since,),
@@ -104,6 +110,15 @@ def window(db: Database, since: float) -> WindowStats:
                 (since,),
             )
         }
+        affinity: dict[bool, dict[str, int]] = {True: {}, False: {}}
+        for provider, hit, count in conn.execute(
+            """SELECT routing ->> '$.chosen', routing ->> '$.chosen' = routing ->> '$.affinity_to', count(*)
+               FROM inference_logs
+               WHERE created_at >= ? AND routing ->> '$.affinity_to' IS NOT NULL AND routing ->> '$.chosen' IS NOT NULL
+               GROUP BY 1, 2""",
+            (since,),
+        ):
+            affinity[bool(hit)][str(provider)] = int(count or 0)
         failovers = [
             FailoverStats(*row)
             for row in conn.execute(
@@ -119,7 +134,7 @@ def window(db: Database, since: float) -> WindowStats:
             requests=total,
             by_provider_model=by_provider_model,
             errors=errors,
-            routing=RoutingStats(decided, explicit, failed_over, by_policy, chosen),
+            routing=RoutingStats(decided, explicit, failed_over, by_policy, chosen, affinity[True], affinity[False]),
             failovers=failovers,
         )
 
