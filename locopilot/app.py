@@ -19,6 +19,7 @@ from litestar.openapi.config import OpenAPIConfig
 from locopilot import __version__
 from locopilot.api import admin as admin_api
 from locopilot.api import anthropic as anthropic_api
+from locopilot.api import console as console_api
 from locopilot.api import engine as engine_api
 from locopilot.api import files as files_api
 from locopilot.api import models as models_api
@@ -314,6 +315,7 @@ def create_app(settings: Settings) -> Litestar:
             *files_api.ROUTES,
             *training_api.ROUTES,
             *models_api.ROUTES,
+            *console_api.ROUTES,
         ],
         # Host check, then auth, then body screening (locopilot.gateway.guard).
         middleware=[GuardMiddleware(settings)],
