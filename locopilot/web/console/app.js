@@ -1,0 +1,106 @@
+// The console's entry point: who is signed in (GET /v1/locopilot/me), the pages that key
+// may see, and hash navigation between them.
+
+import { ApiError, getJson, storeKey, storedKey } from "./api.js";
+import { chatPage } from "./chat.js";
+import { clear, h, table } from "./dom.js";
+import { auditPage, keysPage } from "./keys.js";
+import { modelsPage } from "./models.js";
+import { trafficPage } from "./traffic.js";
+
+const main = document.getElementById("main");
+const nav = document.getElementById("nav");
+const who = document.getElementById("who");
+const signOut = document.getElementById("signout");
+
+/** Each page, the scope it needs and how it is drawn. */
+const PAGES = [
+  { id: "chat", title: "Chat", scope: "inference", draw: (root) => chatPage(root) },
+  { id: "models", title: "Models", scope: "models", draw: (root) => modelsPage(root, { canManage: true }) },
+  { id: "traffic", title: "Traffic", scope: "admin", draw: (root) => trafficPage(root) },
+  { id: "keys", title: "Keys", scope: "admin", draw: (root) => keysPage(root) },
+  { id: "audit", title: "Audit", scope: "admin", draw: (root) => auditPage(root) },
+  { id: "usage", title: "My usage", scope: null, draw: (root, me) => usagePage(root, me) },
+];
+
+let principal = null;
+
+function usagePage(root, me) {
+  const rows = me.usage_last_day.map((u) => [u.model, String(u.requests), String(u.errors), String(u.tokens_in), String(u.tokens_out)]);
+  root.append(
+    h("h2", {}, "My usage"),
+    h("p", {}, me.open ? "This server needs no API key (loopback, none created)." : `Signed in as ${me.name} with scopes: ${me.scopes.join(", ")}.`),
+    table("Requests over the last day", ["Model", "Requests", "Errors", "Tokens in", "Tokens out"], rows),
+  );
+}
+
+function allowed(page) {
+  return principal && (page.scope === null || principal.scopes.includes(page.scope));
+}
+
+function show() {
+  const wanted = location.hash.replace(/^#\/?/, "") || "chat";
+  const visible = PAGES.filter(allowed);
+  const page = visible.find((p) => p.id === wanted) || visible[0];
+  for (const link of nav.querySelectorAll("a")) {
+    if (link.dataset.page === page.id) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  clear(main);
+  document.title = `${page.title} · locopilot`;
+  const root = h("div", { class: `page page-${page.id}` });
+  main.append(root);
+  page.draw(root, principal);
+}
+
+function signInForm(message) {
+  const key = h("input", { id: "signin-key", type: "password", autocomplete: "off", required: true, spellcheck: "false" });
+  const problem = h("p", { class: "error", role: "alert", id: "signin-error" }, message || "");
+  const form = h(
+    "form",
+    { class: "panel signin", "aria-label": "Sign in" },
+    h("h2", {}, "Sign in"),
+    h("p", {}, "Enter an API key. It is kept in this tab only and sent to this server as a bearer header."),
+    h("label", { for: "signin-key" }, "API key"),
+    key,
+    h("div", { class: "buttons" }, h("button", { type: "submit", id: "signin-submit" }, "Sign in")),
+    problem,
+  );
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    storeKey(key.value.trim());
+    start();
+  });
+  clear(nav);
+  clear(main).append(form);
+  who.textContent = "";
+  signOut.hidden = true;
+  key.focus();
+}
+
+async function start() {
+  try {
+    principal = await getJson("/v1/locopilot/me");
+  } catch (error) {
+    principal = null;
+    const hadKey = Boolean(storedKey());
+    storeKey(null);
+    if (error instanceof ApiError && error.status === 401) signInForm(hadKey ? error.message : "");
+    else signInForm(`The server could not be asked: ${error.message}`);
+    return;
+  }
+  clear(nav);
+  for (const page of PAGES.filter(allowed)) nav.append(h("a", { href: `#/${page.id}`, "data-page": page.id }, page.title));
+  who.textContent = principal.open ? "no key needed (loopback)" : `${principal.name}`;
+  signOut.hidden = principal.open;
+  show();
+}
+
+signOut.addEventListener("click", () => {
+  storeKey(null);
+  principal = null;
+  location.hash = "";
+  signInForm("");
+});
+window.addEventListener("hashchange", () => principal && show());
+start();

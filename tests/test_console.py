@@ -1,0 +1,289 @@
+"""The web console in a real headless Chromium against a real server.
+
+Debian's ``chromium`` driven by Playwright for Python (``executable_path``); the browser is
+found as ``LOCOPILOT_CHROMIUM`` or ``chromium`` on PATH, and the tests skip (saying so)
+without one (.ci/run installs it). Every page load records the browser's requests and its
+console: no request may go anywhere but the server, and no console error or CSP violation
+may appear (a 401/403 the test provokes on purpose excepted). Screenshots of each page go
+to ``.cache/console-screenshots/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, SMOL, Server
+from tests.fakes.fault_upstream import FaultUpstream
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+ADMIN_KEY = "console-admin-key-0123456789"
+SCREENSHOTS = ROOT / ".cache" / "console-screenshots"
+HOSTILE = ("Look: ", '<img src=x onerror="window.__pwned=1">', " <script>window.__pwned=2</script>", " **done**")
+TIMEOUT_MS = 120_000
+
+
+def chromium_path() -> str | None:
+    return os.environ.get("LOCOPILOT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("no Chromium: install Debian's chromium package (or set LOCOPILOT_CHROMIUM)")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FaultUpstream]:
+    fake = FaultUpstream()
+    fake.WORDS = HOSTILE  # type: ignore[misc]
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, upstream: FaultUpstream) -> Iterator[Server]:
+    upstreams = [{"name": "fault", "url": upstream.url, "locality": "local", "priority": 5}]
+    env = {"LOCOPILOT_ADMIN_KEY": ADMIN_KEY, "LOCOPILOT_UPSTREAMS": json.dumps(upstreams)}
+    running = Server(tmp_path_factory.mktemp("console"), {SMOL: smollm2_path}, env).start(path="/health")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def open_server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterator[Server]:
+    running = Server(tmp_path_factory.mktemp("console-open"), {SMOL: smollm2_path}).start(path="/health")
+    yield running
+    running.stop()
+
+
+@dataclass
+class Tab:
+    """A page in a fresh browser context, with what it asked for and what it logged."""
+
+    page: sync_api.Page
+    server: Server
+    requests: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    expected_errors: tuple[str, ...] = ()
+
+    def shot(self, name: str) -> None:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+    def sign_in(self, key: str) -> None:
+        self.page.fill("#signin-key", key)
+        self.page.click("#signin-submit")
+
+    def nav(self) -> list[str]:
+        self.page.wait_for_selector("#nav a")
+        return [text.strip() for text in self.page.locator("#nav a").all_inner_texts()]
+
+
+@pytest.fixture
+def tab(browser: sync_api.Browser, request: pytest.FixtureRequest) -> Iterator[Tab]:
+    server: Server = request.getfixturevalue(request.param)
+    # On a server that needs keys, the console's first question (who am I, with no key yet) is a 401,
+    # which Chromium logs as an error.
+    expected = ("status of 401",) if request.param == "keyed" else ()
+    context = browser.new_context(service_workers="block")
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    opened = Tab(page, server, expected_errors=expected)
+    context.on("request", lambda req: opened.requests.append(req.url))
+    page.on("console", lambda message: message.type == "error" and opened.errors.append(message.text))
+    page.on("pageerror", lambda exc: opened.errors.append(f"page error: {exc}"))
+    page.goto(f"{server.url}/")
+    yield opened
+    context.close()
+    foreign = [url for url in opened.requests if not url.startswith(f"{server.url}/")]
+    assert foreign == [], f"the console asked another host: {foreign}"
+    unexpected = [e for e in opened.errors if not any(allowed in e for allowed in opened.expected_errors)]
+    assert unexpected == [], unexpected
+
+
+def test_root_is_the_console_for_browsers_and_ollama_text_for_the_rest(keyed: Server) -> None:
+    page = httpx.get(f"{keyed.url}/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}, timeout=10)
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["referrer-policy"] == "no-referrer"
+    assert '<script type="module" src="/console/app.js">' in page.text
+    for accept in (None, "application/json", "*/*"):
+        headers = {"Accept": accept} if accept else {}
+        plain = httpx.get(f"{keyed.url}/", headers=headers, timeout=10)
+        assert plain.text == "Ollama is running", accept
+    head = httpx.head(f"{keyed.url}/", headers={"Accept": "text/html"}, timeout=10)
+    assert head.headers["content-type"].startswith("text/plain")
+    script = httpx.get(f"{keyed.url}/console/app.js", timeout=10)
+    assert script.status_code == 200
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert "content-security-policy" in script.headers
+    missing = httpx.get(f"{keyed.url}/console/nothing.js", timeout=10)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["message"] == "The console has no file 'nothing.js'."
+    # The console's data routes need a key like any other.
+    assert httpx.get(f"{keyed.url}/v1/locopilot/me", timeout=10).status_code == 401
+
+
+@pytest.mark.parametrize("tab", ["open_server"], indirect=True)
+def test_open_server_chats_with_a_streamed_reply_kept_across_reloads(tab: Tab) -> None:
+    page = tab.page
+    assert tab.nav() == ["Chat", "Models", "Traffic", "Keys", "Audit", "My usage"]
+    assert page.is_hidden("#signout")
+    page.wait_for_selector(f"#chat-model option[value='{SMOL}']", state="attached")
+    page.select_option("#chat-model", SMOL)
+    page.fill("#chat-temperature", "0")
+    page.fill("#chat-max-tokens", "24")
+    page.fill("#chat-prompt", "Which city is the capital of France?")
+    page.click("#chat-send")
+    stats = page.locator("article.assistant .stats")
+    stats.wait_for()
+    page.wait_for_function("document.querySelector('#chat-send').disabled === false")
+    reply = page.locator("article.assistant .body").inner_text()
+    assert "Paris" in reply
+    assert "completion tokens" in stats.inner_text()
+    assert "tokens/s" in stats.inner_text()
+    assert "via embedded" in stats.inner_text()
+    tab.shot("chat")
+    page.reload()
+    page.wait_for_selector("article.assistant")
+    assert "Paris" in page.locator("article.assistant .body").inner_text()
+    assert page.locator(".conversations li").count() == 1
+
+
+@pytest.mark.parametrize("tab", ["keyed"], indirect=True)
+def test_model_html_is_shown_as_text_and_never_runs(tab: Tab, upstream: FaultUpstream) -> None:
+    page = tab.page
+    tab.sign_in(ADMIN_KEY)
+    page.wait_for_selector("#chat-model option[value='fault-small']", state="attached")
+    page.select_option("#chat-model", "fault-small")
+    page.fill("#chat-prompt", "Say something dangerous")
+    page.click("#chat-send")
+    page.wait_for_selector("article.assistant .stats:has-text('completion tokens')")
+    body = page.locator("article.assistant .body")
+    text = body.inner_text()
+    assert '<img src=x onerror="window.__pwned=1">' in text
+    assert "<script>window.__pwned=2</script>" in text
+    assert body.locator("strong").inner_text() == "done"  # Markdown still renders
+    assert body.locator("img, script").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    # The policy itself: an inline script put into the page does not run, and is reported.
+    page.evaluate(
+        """() => { window.__violations = 0;
+                   document.addEventListener('securitypolicyviolation', () => { window.__violations += 1; });
+                   const s = document.createElement('script'); s.textContent = 'window.__pwned = 3';
+                   document.body.append(s); }"""
+    )
+    page.wait_for_function("window.__violations > 0")
+    assert page.evaluate("window.__pwned") is None
+    tab.expected_errors += ("Content Security Policy",)  # the violation provoked just above
+
+
+@pytest.mark.parametrize("tab", ["keyed"], indirect=True)
+def test_stop_button_ends_the_stream_upstream_too(tab: Tab, upstream: FaultUpstream) -> None:
+    page = tab.page
+    tab.sign_in(ADMIN_KEY)
+    page.wait_for_selector("#chat-model option[value='fault-small']", state="attached")
+    page.select_option("#chat-model", "fault-small")
+    upstream.client_gone.clear()
+    upstream.mode = "stall_after_1"
+    try:
+        page.fill("#chat-prompt", "Go on forever")
+        page.click("#chat-send")
+        page.wait_for_selector("article.assistant .body:has-text('Look')")
+        assert page.is_enabled("#chat-stop")
+        page.click("#chat-stop")
+        page.wait_for_selector("article.assistant .stats:has-text('stopped')")
+        assert upstream.client_gone.wait(30), "the upstream still streams after Stop"
+        assert page.is_disabled("#chat-stop")
+    finally:
+        upstream.mode = "ok"
+
+
+@pytest.mark.parametrize("tab", ["keyed"], indirect=True)
+def test_admin_creates_a_key_that_sees_chat_only_then_revokes_it(tab: Tab) -> None:
+    page = tab.page
+    page.wait_for_selector("#signin-key")
+    tab.shot("signin")
+    tab.sign_in("not-a-key")
+    page.wait_for_selector("#signin-error:has-text('Invalid API key')")
+    tab.sign_in(ADMIN_KEY)
+    assert "Keys" in tab.nav()
+    page.click("#nav a[data-page='keys']")
+    page.fill("#key-name", "console-inference")
+    page.click("#key-create")
+    secret = page.locator("#key-secret-value").inner_text()
+    assert secret.startswith("lp-") or len(secret) > 20
+    tab.shot("keys")
+    assert page.locator("#keys-list tr:has-text('console-inference')").count() == 1
+
+    page.click("#signout")
+    tab.sign_in(secret)
+    assert tab.nav() == ["Chat", "My usage"]
+    before = len(tab.requests)
+    page.evaluate("location.hash = '#/keys'")
+    page.wait_for_selector("#chat-prompt")  # a page it may not see shows chat instead
+    assert not [url for url in tab.requests[before:] if "/v1/admin/" in url or "/traffic" in url]
+    page.click("#nav a[data-page='usage']")
+    page.wait_for_selector("text=Signed in as console-inference")
+    tab.shot("usage-inference")
+    headers = {"Authorization": f"Bearer {secret}"}
+    assert httpx.get(f"{tab.server.url}/v1/admin/keys", headers=headers, timeout=10).status_code == 403
+
+    page.click("#signout")
+    tab.sign_in(ADMIN_KEY)
+    page.click("#nav a[data-page='keys']")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("button[aria-label='Revoke console-inference']")
+    page.wait_for_selector("#keys-list tr:has-text('console-inference'):has-text('revoked')")
+    assert httpx.get(f"{tab.server.url}/v1/models", headers=headers, timeout=10).status_code == 401
+    page.click("#nav a[data-page='audit']")
+    page.wait_for_selector("#audit-list td:has-text('key_revoked')")
+    tab.shot("audit")
+
+
+@pytest.mark.parametrize("tab", ["keyed"], indirect=True)
+def test_models_load_and_unload_and_traffic_charts(tab: Tab) -> None:
+    page = tab.page
+    tab.sign_in(ADMIN_KEY)
+    client = tab.server.client()
+    client.api_key = ADMIN_KEY
+    for _ in range(2):
+        client.chat.completions.create(model="fault-small", messages=[{"role": "user", "content": "hi"}])
+    page.click("#nav a[data-page='models']")
+    row = page.locator(f"#models-list tr:has-text('{SMOL}')")
+    row.wait_for()
+    assert "embedded (local)" in row.inner_text()
+    assert "Q4_1" in row.inner_text()
+    row.locator("button:has-text('Load')").click()
+    page.wait_for_selector(f"#models-list tr:has-text('{SMOL}') td:text-is('loaded')")
+    assert SMOL in httpx.get(f"{tab.server.url}/api/ps", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
+    tab.shot("models")
+    page.locator(f"#models-list tr:has-text('{SMOL}') button:has-text('Unload')").click()
+    page.wait_for_selector(f"#models-list tr:has-text('{SMOL}') td:text-is('not loaded')")
+
+    page.click("#nav a[data-page='traffic']")
+    series = page.locator("section.series[aria-label='fault fault-small']")
+    series.wait_for()
+    assert series.locator("svg rect.bar").count() >= 1
+    assert "latency p50" in series.inner_text()
+    page.wait_for_selector("#traffic-health td:text-is('fault')")
+    tab.shot("traffic")
