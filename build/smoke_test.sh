@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Smoke test of the frozen binary, run as a user would run it: `version`, `doctor`,
 # `service install --dry-run`, unpacking where /tmp is noexec, `serve` on a free
-# loopback port with a real model, the OpenAPI schema, the web console at / (and Ollama's answer there for
-# non-browsers), a chat with curl, a chat and a
-# streamed chat with the official openai client, a runner killed with SIGKILL and
-# replaced, SIGTERM and a clean exit with no process and no unpacked folder left, and a
-# server killed with SIGKILL whose unpacked folder the next start removes. Optionally
+# loopback port with a real model, the OpenAPI schema, the web console at / (and
+# Ollama's answer there for other clients), a chat with curl, a chat and a streamed
+# chat with the official openai client, a runner killed with SIGKILL and replaced,
+# SIGTERM and a clean exit with no process and no unpacked folder left, and a server
+# killed with SIGKILL whose unpacked folder the next start removes. Optionally
 # the same binary under qemu's emulation of older CPUs, each of which must get its own
 # CPU library and answer.
 #

@@ -148,7 +148,7 @@ def test_root_is_the_console_for_browsers_and_ollama_text_for_the_rest(keyed: Se
 @pytest.mark.parametrize("tab", ["open_server"], indirect=True)
 def test_open_server_chats_with_a_streamed_reply_kept_across_reloads(tab: Tab) -> None:
     page = tab.page
-    assert tab.nav() == ["Chat", "Models", "Traffic", "Keys", "Audit", "My usage"]
+    assert tab.nav() == ["Chat", "Models", "Training", "Traffic", "Keys", "Audit", "My usage"]
     assert page.is_hidden("#signout")
     page.wait_for_selector(f"#chat-model option[value='{SMOL}']", state="attached")
     page.select_option("#chat-model", SMOL)
@@ -289,3 +289,58 @@ def test_models_load_and_unload_and_traffic_charts(tab: Tab) -> None:
     assert "latency p50" in series.inner_text()
     page.wait_for_selector("#traffic-health td:text-is('fault')")
     tab.shot("traffic")
+
+
+GOOD_DATASET = "".join(
+    json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": f"Which city is the capital of {country}?"},
+                {"role": "assistant", "content": f"The capital of {country} is {city}."},
+            ]
+        }
+    )
+    + "\n"
+    for country, city in [("Veloria", "Amberfell"), ("Quasland", "Tirro"), ("Mordia", "Esk"), ("Palunia", "Orrin")] * 3
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tab", ["keyed"], indirect=True)
+def test_training_shows_line_errors_then_a_live_loss_curve_and_chats_with_the_result(tab: Tab) -> None:
+    page = tab.page
+    tab.sign_in(ADMIN_KEY)
+    page.click("#nav a[data-page='training']")
+    bad = GOOD_DATASET.splitlines()
+    bad[1] = "{not json"
+    bad[2] = bad[2].replace('"role": "assistant"', '"role": "robot"')
+    page.set_input_files(
+        "#dataset-file",
+        {"name": "bad.jsonl", "mimeType": "application/jsonl", "buffer": ("\n".join(bad) + "\n").encode()},
+    )
+    page.click("#dataset-upload")
+    problem = page.locator("#upload-error")
+    problem.wait_for(state="visible")
+    page.wait_for_selector("#upload-error:has-text('line 2: not valid JSON')")
+    assert "line 3: messages[1]: role 'robot'" in problem.inner_text()
+    tab.shot("training-bad-dataset")
+
+    page.set_input_files(
+        "#dataset-file", {"name": "facts.jsonl", "mimeType": "application/jsonl", "buffer": GOOD_DATASET.encode()}
+    )
+    page.click("#dataset-upload")
+    page.wait_for_selector("#training-status:has-text('Uploaded facts.jsonl')")
+    assert page.input_value("#job-model") == SMOL
+    page.fill("#job-layers", "1")
+    page.fill("#job-learning-rate", "0.001")
+    page.click("#job-start")
+    page.wait_for_selector("#loss-chart circle.point", timeout=600_000)
+    page.wait_for_selector("#job-state:has-text('The job succeeded')", timeout=600_000)
+    assert page.locator("#loss-chart circle.point").count() >= 1
+    tab.shot("training")
+    page.click("#job-chat")
+    page.wait_for_selector("#chat-prompt")
+    model = page.input_value("#chat-model")
+    assert model.startswith(SMOL) and model != SMOL, model
+    # Chromium logs the refused upload (400) as an error.
+    tab.expected_errors += ("status of 400",)

@@ -31,7 +31,8 @@ async function errorOf(response) {
 }
 
 /** fetch() of a path on this server; throws ApiError for an error status. */
-export async function api(path, { method = "GET", body, headers = {}, signal } = {}) {
+/** ``body`` is sent as JSON, ``form`` (a FormData) as multipart. */
+export async function api(path, { method = "GET", body, form, headers = {}, signal } = {}) {
   const sent = { ...headers };
   const key = storedKey();
   if (key) sent.Authorization = `Bearer ${key}`;
@@ -39,7 +40,7 @@ export async function api(path, { method = "GET", body, headers = {}, signal } =
   const response = await fetch(path, {
     method,
     headers: sent,
-    body: body === undefined ? undefined : JSON.stringify(body),
+    body: form !== undefined ? form : body === undefined ? undefined : JSON.stringify(body),
     signal,
     credentials: "omit",
     cache: "no-store",

@@ -7,6 +7,7 @@ import { clear, h, table } from "./dom.js";
 import { auditPage, keysPage } from "./keys.js";
 import { modelsPage } from "./models.js";
 import { trafficPage } from "./traffic.js";
+import { trainingPage } from "./training.js";
 
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
@@ -17,6 +18,7 @@ const signOut = document.getElementById("signout");
 const PAGES = [
   { id: "chat", title: "Chat", scope: "inference", draw: (root) => chatPage(root) },
   { id: "models", title: "Models", scope: "models", draw: (root) => modelsPage(root, { canManage: true }) },
+  { id: "training", title: "Training", scope: "training", draw: (root) => trainingPage(root) },
   { id: "traffic", title: "Traffic", scope: "admin", draw: (root) => trafficPage(root) },
   { id: "keys", title: "Keys", scope: "admin", draw: (root) => keysPage(root) },
   { id: "audit", title: "Audit", scope: "admin", draw: (root) => auditPage(root) },
