@@ -11,6 +11,7 @@ provokes on purpose excepted). Screenshots of each page go to ``.cache/console-s
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 from collections.abc import Iterator
@@ -344,3 +345,47 @@ def test_training_shows_line_errors_then_a_live_loss_curve_and_chats_with_the_re
     assert model.startswith(SMOL) and model != SMOL, model
     # Chromium logs the refused upload (400) as an error.
     tab.expected_errors += ("status of 400",)
+
+
+def test_service_worker_lists_every_console_file() -> None:
+    folder = ROOT / "locopilot" / "web" / "console"
+    script = (folder / "sw.js").read_text()
+    listed = set(re.findall(r'"/console/([^"]+)"', script))
+    assert listed == {path.name for path in folder.iterdir()} - {"sw.js"}
+
+
+def test_installable_shell_opens_offline_and_no_api_answer_is_cached(browser: sync_api.Browser, keyed: Server) -> None:
+    context = browser.new_context(service_workers="allow")
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    requests: list[str] = []
+    context.on("request", lambda req: requests.append(req.url))
+    try:
+        page.goto(f"{keyed.url}/")
+        page.fill("#signin-key", ADMIN_KEY)
+        page.click("#signin-submit")
+        page.wait_for_selector("#chat-model option[value='fault-small']", state="attached")
+        page.evaluate("navigator.serviceWorker.ready.then(() => true)")
+        manifest = page.evaluate("fetch('/console/manifest.json').then((r) => r.json())")
+        assert manifest["start_url"] == "/" and manifest["display"] == "standalone"
+        page.reload()  # now under the worker's control
+        page.wait_for_selector("#chat-model option[value='fault-small']", state="attached")
+        assert page.evaluate("navigator.serviceWorker.controller !== null")
+        cached = page.evaluate(
+            """async () => { const urls = [];
+                 for (const name of await caches.keys()) {
+                   for (const request of await (await caches.open(name)).keys()) urls.push(request.url); }
+                 return urls; }"""
+        )
+        paths = {url.removeprefix(keyed.url) for url in cached}
+        assert "/" in paths and "/console/app.js" in paths
+        assert all(path == "/" or path.startswith("/console/") for path in paths), paths
+        context.set_offline(True)
+        page.reload()
+        page.wait_for_selector("#start-error:has-text('The server could not be asked')")
+        context.set_offline(False)
+        page.click("#start-again")  # the key was kept: signed in again without asking
+        page.wait_for_selector("#chat-model option[value='fault-small']", state="attached")
+    finally:
+        context.close()
+    assert [url for url in requests if not url.startswith(f"{keyed.url}/")] == []

@@ -57,6 +57,8 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-cache",
 }
 INDEX = "index.html"
+#: The service worker's file; it may control the whole origin (the page is at ``/``).
+SERVICE_WORKER = "sw.js"
 
 
 @functools.cache
@@ -69,7 +71,12 @@ def asset_response(name: str) -> Response[bytes]:
     asset = assets().get(name)
     if asset is None:
         raise NotFound(f"The console has no file '{name}'.")
-    return Response(asset.body, media_type=asset.content_type, headers=SECURITY_HEADERS)
+    headers = dict(SECURITY_HEADERS)
+    if name == SERVICE_WORKER:
+        headers["Service-Worker-Allowed"] = "/"
+    if name == INDEX:
+        headers["Vary"] = "Accept"  # "/" answers text to other clients
+    return Response(asset.body, media_type=asset.content_type, headers=headers)
 
 
 def wants_page(request: Request[Any, Any, Any]) -> bool:

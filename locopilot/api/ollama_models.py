@@ -291,7 +291,7 @@ async def root(request: Request[Any, Any, Any]) -> Response[str] | Response[byte
     (a GET asking for ``text/html``) gets the web console's page instead (:mod:`locopilot.api.console`)."""
     if console.wants_page(request):
         return console.page()
-    return Response(ROOT_TEXT, media_type=MediaType.TEXT)
+    return Response(ROOT_TEXT, media_type=MediaType.TEXT, headers={"Vary": "Accept"})
 
 
 ROUTES = [tags, show, ps, version, delete_model, copy_model, pull, root]

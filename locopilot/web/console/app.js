@@ -80,15 +80,28 @@ function signInForm(message) {
   key.focus();
 }
 
+/** The server did not answer (offline, stopped): say so, keep the key, offer to ask again. */
+function unreachable(error) {
+  const again = h("button", { type: "button", id: "start-again" }, "Try again");
+  again.addEventListener("click", start);
+  clear(nav);
+  clear(main).append(
+    h("div", { class: "panel signin" }, h("p", { class: "error", role: "alert", id: "start-error" }, `The server could not be asked: ${error.message}`), again),
+  );
+}
+
 async function start() {
   try {
     principal = await getJson("/v1/locopilot/me");
   } catch (error) {
     principal = null;
-    const hadKey = Boolean(storedKey());
-    storeKey(null);
-    if (error instanceof ApiError && error.status === 401) signInForm(hadKey ? error.message : "");
-    else signInForm(`The server could not be asked: ${error.message}`);
+    if (error instanceof ApiError && error.status === 401) {
+      const hadKey = Boolean(storedKey());
+      storeKey(null);
+      signInForm(hadKey ? error.message : "");
+    } else {
+      unreachable(error);
+    }
     return;
   }
   clear(nav);
@@ -105,4 +118,8 @@ signOut.addEventListener("click", () => {
   signInForm("");
 });
 window.addEventListener("hashchange", () => principal && show());
+if ("serviceWorker" in navigator) {
+  // Installable, and the shell opens offline; refused (blocked, or an insecure origin): no matter.
+  navigator.serviceWorker.register("/console/sw.js", { scope: "/" }).catch(() => {});
+}
 start();
