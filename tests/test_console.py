@@ -11,8 +11,8 @@ provokes on purpose excepted). Screenshots of each page go to ``.cache/console-s
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -142,6 +142,11 @@ def test_root_is_the_console_for_browsers_and_ollama_text_for_the_rest(keyed: Se
     missing = httpx.get(f"{keyed.url}/console/nothing.js", timeout=10)
     assert missing.status_code == 404
     assert missing.json()["error"]["message"] == "The console has no file 'nothing.js'."
+    # Litestar's documentation viewers (scripts from public CDNs) are not served; the schema is.
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    for viewer in ("swagger", "redoc", "elements", "rapidoc", "scalar"):
+        assert httpx.get(f"{keyed.url}/openapi/{viewer}", headers=admin, timeout=10).status_code == 404, viewer
+    assert "/v1/chat/completions" in httpx.get(f"{keyed.url}/openapi", headers=admin, timeout=10).json()["paths"]
     # The console's data routes need a key like any other.
     assert httpx.get(f"{keyed.url}/v1/locopilot/me", timeout=10).status_code == 401
 
@@ -149,7 +154,7 @@ def test_root_is_the_console_for_browsers_and_ollama_text_for_the_rest(keyed: Se
 @pytest.mark.parametrize("tab", ["open_server"], indirect=True)
 def test_open_server_chats_with_a_streamed_reply_kept_across_reloads(tab: Tab) -> None:
     page = tab.page
-    assert tab.nav() == ["Chat", "Models", "Training", "Traffic", "Keys", "Audit", "My usage"]
+    assert tab.nav() == ["Chat", "Models", "Training", "Traffic", "Keys", "Audit", "My usage", "API"]
     assert page.is_hidden("#signout")
     page.wait_for_selector(f"#chat-model option[value='{SMOL}']", state="attached")
     page.select_option("#chat-model", SMOL)
@@ -240,7 +245,7 @@ def test_admin_creates_a_key_that_sees_chat_only_then_revokes_it(tab: Tab) -> No
 
     page.click("#signout")
     tab.sign_in(secret)
-    assert tab.nav() == ["Chat", "My usage"]
+    assert tab.nav() == ["Chat", "My usage", "API"]
     before = len(tab.requests)
     page.evaluate("location.hash = '#/keys'")
     page.wait_for_selector("#chat-prompt")  # a page it may not see shows chat instead
@@ -248,6 +253,11 @@ def test_admin_creates_a_key_that_sees_chat_only_then_revokes_it(tab: Tab) -> No
     page.click("#nav a[data-page='usage']")
     page.wait_for_selector("text=Signed in as console-inference")
     tab.shot("usage-inference")
+    page.click("#nav a[data-page='reference']")
+    page.fill("#reference-filter", "chat/completions")
+    page.wait_for_selector(".operation:has-text('/v1/chat/completions')")
+    assert page.locator(".operation:visible").count() == 1
+    tab.shot("reference")
     headers = {"Authorization": f"Bearer {secret}"}
     assert httpx.get(f"{tab.server.url}/v1/admin/keys", headers=headers, timeout=10).status_code == 403
 

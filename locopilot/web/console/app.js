@@ -6,6 +6,7 @@ import { chatPage } from "./chat.js";
 import { clear, h, table } from "./dom.js";
 import { auditPage, keysPage } from "./keys.js";
 import { modelsPage } from "./models.js";
+import { referencePage } from "./reference.js";
 import { trafficPage } from "./traffic.js";
 import { trainingPage } from "./training.js";
 
@@ -23,6 +24,7 @@ const PAGES = [
   { id: "keys", title: "Keys", scope: "admin", draw: (root) => keysPage(root) },
   { id: "audit", title: "Audit", scope: "admin", draw: (root) => auditPage(root) },
   { id: "usage", title: "My usage", scope: null, draw: (root, me) => usagePage(root, me) },
+  { id: "reference", title: "API", scope: null, draw: (root) => referencePage(root) },
 ];
 
 let principal = null;

@@ -16,6 +16,7 @@ const SHELL = [
   "/console/manifest.json",
   "/console/markdown.js",
   "/console/models.js",
+  "/console/reference.js",
   "/console/style.css",
   "/console/training.js",
   "/console/traffic.js",
