@@ -10,10 +10,15 @@ provokes on purpose excepted). Screenshots of each page go to ``.cache/console-s
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
 import shutil
+import subprocess
+import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +35,11 @@ ADMIN_KEY = "console-admin-key-0123456789"
 SCREENSHOTS = ROOT / ".cache" / "console-screenshots"
 HOSTILE = ("Look: ", '<img src=x onerror="window.__pwned=1">', " <script>window.__pwned=2</script>", " **done**")
 TIMEOUT_MS = 120_000
+#: axe-core (MPL-2.0) from the npm registry, fetched once with npm into .cache and checked against
+#: the registry's integrity hash: the accessibility check of every page.
+AXE_VERSION = "4.14.1"
+AXE_INTEGRITY = "sha512-FHfa+lmNjQZfJz1q8wKqIDwC6DExcHt/pkjNQb09a3NPjCKg2rhu5qb2S4r76ASyFNNtuFooJpZe37OgudVGtQ=="
+AXE_PATH = ROOT / ".cache" / "axe-core" / AXE_VERSION / "axe.min.js"
 
 
 def chromium_path() -> str | None:
@@ -399,3 +409,77 @@ def test_installable_shell_opens_offline_and_no_api_answer_is_cached(browser: sy
     finally:
         context.close()
     assert [url for url in requests if not url.startswith(f"{keyed.url}/")] == []
+
+
+@pytest.fixture(scope="module")
+def axe_source() -> str:
+    if not AXE_PATH.is_file():
+        npm = shutil.which("npm")
+        if npm is None:
+            if os.environ.get("CONSOLE_TESTS_NEED_CHROMIUM"):
+                pytest.fail("no npm to fetch axe-core with")
+            pytest.skip("no npm to fetch axe-core with (Debian's npm package)")
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(
+                [npm, "pack", f"axe-core@{AXE_VERSION}", "--pack-destination", tmp, "--silent"],
+                check=True,
+                timeout=300,
+                capture_output=True,
+            )
+            (tarball,) = Path(tmp).glob("axe-core-*.tgz")
+            digest = "sha512-" + base64.b64encode(hashlib.sha512(tarball.read_bytes()).digest()).decode()
+            assert digest == AXE_INTEGRITY, "axe-core's tarball is not the one pinned"
+            with tarfile.open(tarball) as tar:
+                member = tar.extractfile("package/axe.min.js")
+                assert member is not None
+                AXE_PATH.parent.mkdir(parents=True, exist_ok=True)
+                AXE_PATH.write_bytes(member.read())
+    return AXE_PATH.read_text()
+
+
+#: Each page and what shows that it has drawn its data.
+A11Y_PAGES = {
+    "chat": "#chat-model option",
+    "models": "#models-list table",
+    "training": "#jobs-list table",
+    "traffic": "#traffic-health table",
+    "keys": "#keys-list table",
+    "audit": "#audit-list table",
+    "usage": "table",
+    "reference": ".operation",
+}
+
+
+def serious_violations(page: sync_api.Page, axe: str) -> list[str]:
+    page.evaluate(axe)
+    found = page.evaluate("axe.run(document, {resultTypes: ['violations']}).then((r) => r.violations)")
+    return [
+        f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']][:3]}"
+        for v in found
+        if v["impact"] in ("serious", "critical")
+    ]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_every_page_passes_axe(browser: sync_api.Browser, keyed: Server, axe_source: str, scheme: str) -> None:
+    # Only here is the page's CSP bypassed: axe is injected as a script of the test's own.
+    context = browser.new_context(service_workers="block", bypass_csp=True, color_scheme=scheme)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(f"{keyed.url}/")
+        page.wait_for_selector("#signin-key")
+        problems = {"signin": serious_violations(page, axe_source)}
+        page.fill("#signin-key", ADMIN_KEY)
+        page.click("#signin-submit")
+        page.wait_for_selector("#nav a")
+        for name, ready in A11Y_PAGES.items():
+            page.click(f"#nav a[data-page='{name}']")
+            page.wait_for_selector(f".page-{name} {ready}", state="attached")
+            problems[name] = serious_violations(page, axe_source)
+            if scheme == "dark":
+                SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(SCREENSHOTS / f"dark-{name}.png"), full_page=True)
+    finally:
+        context.close()
+    assert {name: found for name, found in problems.items() if found} == {}
