@@ -28,6 +28,7 @@ import pytest
 
 from tests.conftest import ROOT, SMOL, Server
 from tests.fakes.fault_upstream import FaultUpstream
+from tests.fakes.hubs import ModelHubs, gguf_bytes
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -69,9 +70,25 @@ def upstream() -> Iterator[FaultUpstream]:
 
 
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, upstream: FaultUpstream) -> Iterator[Server]:
+def hubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelHubs]:
+    """A Hugging Face stand-in with one small GGUF, sent at 1 MB/s so that a pull shows progress."""
+    with ModelHubs() as running:
+        blob = gguf_bytes(tmp_path_factory.mktemp("gguf"), tensor_bytes=2 * 1024 * 1024)
+        running.add_hf("acme/Tiny-GGUF", {"tiny.Q4_K_M.gguf": blob})
+        running.rate = 1024 * 1024
+        yield running
+
+
+@pytest.fixture(scope="module")
+def keyed(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, upstream: FaultUpstream, hubs: ModelHubs
+) -> Iterator[Server]:
     upstreams = [{"name": "fault", "url": upstream.url, "locality": "local", "priority": 5}]
-    env = {"LOCOPILOT_ADMIN_KEY": ADMIN_KEY, "LOCOPILOT_UPSTREAMS": json.dumps(upstreams)}
+    env = {
+        "LOCOPILOT_ADMIN_KEY": ADMIN_KEY,
+        "LOCOPILOT_UPSTREAMS": json.dumps(upstreams),
+        "LOCOPILOT_HF_ENDPOINT": hubs.hub_url,
+    }
     running = Server(tmp_path_factory.mktemp("console"), {SMOL: smollm2_path}, env).start(path="/health")
     yield running
     running.stop()
@@ -284,7 +301,7 @@ def test_admin_creates_a_key_that_sees_chat_only_then_revokes_it(tab: Tab) -> No
 
 
 @pytest.mark.parametrize("tab", ["keyed"], indirect=True)
-def test_models_load_and_unload_and_traffic_charts(tab: Tab) -> None:
+def test_models_load_unload_pull_delete_and_traffic_charts(tab: Tab) -> None:
     page = tab.page
     tab.sign_in(ADMIN_KEY)
     client = tab.server.client()
@@ -302,6 +319,27 @@ def test_models_load_and_unload_and_traffic_charts(tab: Tab) -> None:
     tab.shot("models")
     page.locator(f"#models-list tr:has-text('{SMOL}') button:has-text('Unload')").click()
     page.wait_for_selector(f"#models-list tr:has-text('{SMOL}') td:text-is('not loaded')")
+
+    # Pull with live progress, then delete.
+    page.evaluate(
+        """() => { window.__pullLines = [];
+                   const line = document.querySelector('#pull-status');
+                   new MutationObserver(() => window.__pullLines.push(line.textContent))
+                     .observe(line, {childList: true, characterData: true, subtree: true}); }"""
+    )
+    page.fill("#pull-ref", "hf.co/acme/Tiny-GGUF")
+    page.fill("#pull-name", "console-tiny")
+    page.click("form[aria-label='Pull a model'] button[type='submit']")
+    page.wait_for_selector("#pull-status:has-text('Pulled console-tiny')")
+    lines = page.evaluate("window.__pullLines")
+    assert any(" of " in line and "MB" in line for line in lines), lines
+    row = page.locator("#models-list tr:has-text('console-tiny')")
+    row.wait_for()
+    assert "hf.co/acme/Tiny-GGUF" in row.inner_text()
+    page.once("dialog", lambda dialog: dialog.accept())
+    row.locator("button:has-text('Delete')").click()
+    page.wait_for_selector("#models-status:has-text('Delete console-tiny: done')")
+    assert page.locator("#models-list tr:has-text('console-tiny')").count() == 0
 
     page.click("#nav a[data-page='traffic']")
     series = page.locator("section.series[aria-label='fault fault-small']")
