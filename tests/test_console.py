@@ -181,7 +181,7 @@ def test_root_is_the_console_for_browsers_and_ollama_text_for_the_rest(keyed: Se
 @pytest.mark.parametrize("tab", ["open_server"], indirect=True)
 def test_open_server_chats_with_a_streamed_reply_kept_across_reloads(tab: Tab) -> None:
     page = tab.page
-    assert tab.nav() == ["Chat", "Models", "Training", "Traffic", "Keys", "Audit", "My usage", "API"]
+    assert tab.nav() == ["Chat", "Models", "Training", "Traffic", "Keys", "Audit", "Settings", "My usage", "API"]
     assert page.is_hidden("#signout")
     page.wait_for_selector(f"#chat-model option[value='{SMOL}']", state="attached")
     page.select_option("#chat-model", SMOL)
@@ -298,6 +298,13 @@ def test_admin_creates_a_key_that_sees_chat_only_then_revokes_it(tab: Tab) -> No
     page.click("#nav a[data-page='audit']")
     page.wait_for_selector("#audit-list td:has-text('key_revoked')")
     tab.shot("audit")
+    page.click("#nav a[data-page='settings']")
+    admin_row = page.locator("#settings-list tr").filter(
+        has=page.locator("td:first-child", has_text=re.compile(r"^LOCOPILOT_ADMIN_KEY$"))
+    )
+    assert "********" in admin_row.inner_text()
+    assert ADMIN_KEY not in page.content()
+    tab.shot("settings")
 
 
 @pytest.mark.parametrize("tab", ["keyed"], indirect=True)
@@ -483,6 +490,7 @@ A11Y_PAGES = {
     "traffic": "#traffic-health table",
     "keys": "#keys-list table",
     "audit": "#audit-list table",
+    "settings": "#settings-list table",
     "usage": "table",
     "reference": ".operation",
 }

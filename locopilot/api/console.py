@@ -10,7 +10,8 @@ server, so a model's answer shown in it can never run or fetch anything.
 ``GET /v1/locopilot/me`` (any key) says who the key is, its scopes and its own usage: the console
 decides from it which pages to show. ``GET /v1/locopilot/traffic`` (admin) is the last hour of the
 request log in one-minute buckets by provider and model, for the traffic charts; ``GET
-/v1/locopilot/usage`` (admin) every key's usage over the last day, for the keys page.
+/v1/locopilot/usage`` (admin) every key's usage over the last day, for the keys page; ``GET
+/v1/locopilot/settings`` (admin) the effective configuration with secrets masked.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from locopilot.errors import NotFound
 from locopilot.gateway.auth import OPEN, principal_of
 from locopilot.gateway.guard import EXCLUDE_FROM_AUTH
 from locopilot.schemas.openai import encoder
-from locopilot.settings import Privacy
+from locopilot.settings import Privacy, describe, effective_items
 from locopilot.store import stats
 from locopilot.web import Asset, console_assets
 
@@ -166,4 +167,27 @@ async def usage(services: Services) -> Response[bytes]:
     return Response(encoder.encode(UsageList(rows)), media_type=MediaType.JSON)
 
 
-ROUTES = [console_file, me, traffic, usage]
+class Setting(msgspec.Struct):
+    variable: str
+    value: str
+    default: str
+    description: str
+
+
+class SettingList(msgspec.Struct):
+    data: list[Setting]
+    object: str = "list"
+
+
+@get("/v1/locopilot/settings", responses=answers(SettingList, 200, *GUARDED))
+async def effective_settings(services: Services) -> Response[bytes]:
+    """The server's effective configuration, each variable with its value (secrets masked), default and
+    description, as ``locopilot config`` prints it."""
+    values = dict(effective_items(services.settings))
+    body = SettingList(
+        [Setting(info.variable, values[info.variable], info.default, info.description) for info in describe()]
+    )
+    return Response(encoder.encode(body), media_type=MediaType.JSON)
+
+
+ROUTES = [console_file, me, traffic, usage, effective_settings]

@@ -128,6 +128,7 @@ ROUTE_SCOPES: dict[str, Requirement] = {
     "GET /v1/locopilot/me": ANY_KEY,
     "GET /v1/locopilot/traffic": "admin",
     "GET /v1/locopilot/usage": "admin",
+    "GET /v1/locopilot/settings": "admin",
 }
 #: Answered without a key when LOCOPILOT_PUBLIC_MODELS is true.
 PUBLIC_MODEL_ROUTES = frozenset({"GET /v1/models", "GET /v1/models/{model_id}"})

@@ -7,6 +7,7 @@ import { clear, h, table } from "./dom.js";
 import { auditPage, keysPage } from "./keys.js";
 import { modelsPage } from "./models.js";
 import { referencePage } from "./reference.js";
+import { settingsPage } from "./settings.js";
 import { trafficPage } from "./traffic.js";
 import { trainingPage } from "./training.js";
 
@@ -23,6 +24,7 @@ const PAGES = [
   { id: "traffic", title: "Traffic", scope: "admin", draw: (root) => trafficPage(root) },
   { id: "keys", title: "Keys", scope: "admin", draw: (root) => keysPage(root) },
   { id: "audit", title: "Audit", scope: "admin", draw: (root) => auditPage(root) },
+  { id: "settings", title: "Settings", scope: "admin", draw: (root) => settingsPage(root) },
   { id: "usage", title: "My usage", scope: null, draw: (root, me) => usagePage(root, me) },
   { id: "reference", title: "API", scope: null, draw: (root) => referencePage(root) },
 ];

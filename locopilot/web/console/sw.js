@@ -17,6 +17,7 @@ const SHELL = [
   "/console/markdown.js",
   "/console/models.js",
   "/console/reference.js",
+  "/console/settings.js",
   "/console/style.css",
   "/console/training.js",
   "/console/traffic.js",
