@@ -264,11 +264,12 @@ def test_admin_creates_a_key_that_sees_chat_only_then_revokes_it(tab: Tab) -> No
     assert "Keys" in tab.nav()
     page.click("#nav a[data-page='keys']")
     page.fill("#key-name", "console-inference")
+    page.fill("#key-rpm", "600")
     page.click("#key-create")
     secret = page.locator("#key-secret-value").inner_text()
     assert secret.startswith("lcp_")
     tab.shot("keys")
-    assert page.locator("#keys-list tr:has-text('console-inference')").count() == 1
+    assert "600/min" in page.locator("#keys-list tr:has-text('console-inference')").inner_text()
 
     page.click("#signout")
     tab.sign_in(secret)

@@ -14,6 +14,8 @@ export async function keysPage(root) {
   const scopes = SCOPES.map((scope) => h("input", { type: "checkbox", id: `key-scope-${scope}`, value: scope, checked: scope === "inference" }));
   const privacy = h("select", { id: "key-privacy" }, h("option", { value: "" }, "none"), ["local_only", "local_preferred", "any"].map((v) => h("option", { value: v }, v)));
   const expires = h("input", { id: "key-expires", placeholder: "30d, 12h or an ISO date" });
+  const rpm = h("input", { id: "key-rpm", type: "number", min: 1, placeholder: "server default" });
+  const tpm = h("input", { id: "key-tpm", type: "number", min: 1, placeholder: "server default" });
   const form = h(
     "form",
     { class: "panel", "aria-label": "Create a key" },
@@ -29,6 +31,10 @@ export async function keysPage(root) {
       privacy,
       h("label", { for: "key-expires" }, "Expires"),
       expires,
+      h("label", { for: "key-rpm" }, "Requests per minute"),
+      rpm,
+      h("label", { for: "key-tpm" }, "Tokens per minute"),
+      tpm,
     ),
     h("div", { class: "buttons" }, h("button", { type: "submit", id: "key-create" }, "Create")),
   );
@@ -37,6 +43,8 @@ export async function keysPage(root) {
     const body = { name: name.value.trim(), scopes: scopes.filter((b) => b.checked).map((b) => b.value) };
     if (privacy.value) body.privacy = privacy.value;
     if (expires.value.trim()) body.expires = expires.value.trim();
+    if (rpm.value) body.rpm = Number(rpm.value);
+    if (tpm.value) body.tpm = Number(tpm.value);
     try {
       const created = await getJson("/v1/admin/keys", { method: "POST", body });
       showSecret(created);
@@ -95,13 +103,14 @@ export async function keysPage(root) {
           key.scopes.join(", "),
           key.state,
           key.privacy || "",
+          [key.rpm ? `${key.rpm}/min` : "", key.tpm ? `${key.tpm} tokens/min` : ""].filter(Boolean).join(", ") || "default",
           `${total.requests} requests, ${total.tokens} tokens`,
           formatTime(key.created_at),
           formatTime(key.last_used_at),
           key.state === "active" ? h("button", { type: "button", class: "danger", "aria-label": `Revoke ${key.name}`, onclick: () => revoke(key) }, "Revoke") : "",
         ];
       });
-      clear(listing).append(table("API keys (usage over the last day)", ["Name", "Prefix", "Scopes", "State", "Privacy", "Usage", "Created", "Last used", ""], rows));
+      clear(listing).append(table("API keys (usage over the last day)", ["Name", "Prefix", "Scopes", "State", "Privacy", "Quota", "Usage", "Created", "Last used", ""], rows));
     } catch (error) {
       status.textContent = `Keys could not be listed: ${error.message}`;
     }
