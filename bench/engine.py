@@ -94,22 +94,30 @@ def wait_ready(process: subprocess.Popen[bytes], url: str) -> None:
 
 
 def start_locopilot(
-    model: Path, threads: int | None, parallel: int, folder: Path
+    model: Path,
+    threads: int | None,
+    parallel: int,
+    folder: Path,
+    ctx: int = CTX,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """``threads`` None: locopilot's own default (every core, one fewer for one-token steps)."""
+    """``threads`` None: locopilot's own default (every core; one-token steps measured, see engine/threads.py).
+    ``folder`` may hold an earlier start's data (a restart)."""
     models = folder / "models"
-    models.mkdir()
-    (models / "bench.gguf").symlink_to(model)
+    models.mkdir(exist_ok=True)
+    if not (models / "bench.gguf").exists():
+        (models / "bench.gguf").symlink_to(model)
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("LOCOPILOT_")},
         "LOCOPILOT_PORT": str(port),
         "LOCOPILOT_DATA_DIR": str(folder / "data"),
         "LOCOPILOT_MODELS_DIR": str(models),
-        "LOCOPILOT_CTX_SIZE": str(CTX),
+        "LOCOPILOT_CTX_SIZE": str(ctx),
         **({} if threads is None else {"LOCOPILOT_THREADS": str(threads)}),
         "LOCOPILOT_PARALLEL": str(parallel),
         "LOCOPILOT_LOG_LEVEL": "warning",
+        **(env or {}),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "locopilot", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -134,13 +142,15 @@ def start_llama_cpp_server(model: Path, threads: int) -> tuple[subprocess.Popen[
     return process, url
 
 
-def start_llama_server(binary: Path, model: Path, threads: int, parallel: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_llama_server(
+    binary: Path, model: Path, threads: int, parallel: int, ctx: int = CTX
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     args = [
         "--model", str(model), "--alias", "bench", "--host", "127.0.0.1", "--port", str(port),
         # -c is the whole KV cache; with -np set, llama-server splits it per slot (no unified
         # KV), as locopilot does, so each sequence gets CTX.
-        "--ctx-size", str(CTX * parallel), "--parallel", str(parallel),
+        "--ctx-size", str(ctx * parallel), "--parallel", str(parallel),
         "--threads", str(threads), "--threads-batch", str(threads), "--no-webui",
     ]  # fmt: skip
     process = subprocess.Popen([str(binary), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -232,8 +242,8 @@ def profile_engine(
 ) -> dict[int, dict[str, float]]:
     """locopilot's engine alone, in this process: the runner's decode loop without HTTP or IPC.
 
-    Every step runs on ``threads`` (the server, left to its default, gives one-token steps
-    one core fewer for its own work, which this process does not have).
+    Every step runs on ``threads`` (the server, left to its default, measures whether one-token
+    steps go faster with one core fewer, left to its own work, which this process does not have).
 
     Per level, the generation steps after the first (which also fills the KV cache
     with the prompts): tokens/s, ms per step inside llama_decode, ms per step of
@@ -333,6 +343,8 @@ def main() -> None:
             for clients in levels:
                 table["locopilot", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid, ban)
             caches["locopilot"] = prompt_cache(url, ban)
+            runner = httpx.get(f"{url}/v1/engine/health", timeout=10).json()["runners"][0]
+            tuned = f"one-token steps on {runner['threads']} threads: {runner['threads_reason']}"
         finally:
             stop(process)
     if binary is not None:
@@ -354,8 +366,9 @@ def main() -> None:
             stop(process)
 
     print(f"\nmodel {args.model.name}, {args.tokens} tokens greedy per request, ctx {CTX} per sequence, ", end="")
-    mine = "the same" if args.threads else "its default (every core, one fewer for a one-token step)"
+    mine = "the same" if args.threads else "its default: every core, one-token steps as the runner measures"
     print(f"{threads} threads (locopilot: {mine}), {args.rounds} rounds per level")
+    print(f"locopilot's runner at the end: {tuned}")
     header = f"{'server':<18} {'clients':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'stream tok/s':>13}"
     print(header + f" {'locopilot/llama-server':>23} {'locopilot/llama-cpp-python':>27}")
     for (name, clients), row in sorted(table.items(), key=lambda item: (item[0][1], ORDER.index(item[0][0]))):

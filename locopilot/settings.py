@@ -134,8 +134,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             ge=0,
             le=1024,
             description=(
-                "CPU threads per loaded model; 0 picks the number of CPU cores, and one fewer for a step that "
-                "generates for a single request, which leaves a core to the server's own per-token work."
+                "CPU threads per loaded model; 0 picks the number of CPU cores, and for a step that generates "
+                "for a single request, every core or one fewer, whichever the runner measures faster while it "
+                "serves (engine health says which and why). A number fixes both."
             ),
         ),
     ] = 0
@@ -206,6 +207,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             ),
         ),
     ] = 0
+    prompt_cache_mb: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=1 << 30,
+            description=(
+                "Megabytes of disk for prompt caches kept across restarts, idle unloads and model swaps, in "
+                "`<DATA_DIR>/prompt-cache` (all models together; the least recently used go first). A runner with "
+                "nothing to do writes each slot's KV cache that holds at least `LOCOPILOT_PROMPT_CACHE_MIN_TOKENS` "
+                "tokens, and a prompt that begins the same way later loads it instead of decoding it. 0 turns it off."
+            ),
+        ),
+    ] = 2048
+    prompt_cache_min_tokens: Annotated[
+        int,
+        Meta(ge=1, le=1_048_576, description="Fewest tokens a prompt cache must hold to be kept on disk."),
+    ] = 1024
     load_timeout: Annotated[
         int, Meta(ge=1, le=3600, description="Seconds a model may take to load before the request fails with 503.")
     ] = 300
@@ -500,6 +518,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return self.data_path / "locopilot.db"
 
     @property
+    def prompt_cache_path(self) -> Path:
+        return self.data_path / "prompt-cache"
+
+    @property
     def allowed_host_names(self) -> frozenset[str]:
         """``LOCOPILOT_ALLOWED_HOSTS`` as lower-case names (IPv6 literals keep their brackets)."""
         return frozenset(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
@@ -520,7 +542,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             parallel=self.parallel if own.parallel is None else own.parallel,
             gpu_layers=self.gpu_layers if own.gpu_layers is None else own.gpu_layers,
             threads=threads or self.effective_threads(),
-            decode_threads=threads or self.decode_threads(),
+            # 0: the runner measures whether one thread fewer serves one-token steps faster.
+            decode_threads=threads or self.threads,
             idle_ttl=-1 if own.keep_loaded else self.model_idle_ttl if own.idle_ttl is None else own.idle_ttl,
             keep_loaded=own.keep_loaded,
             chat_template=own.chat_template,
@@ -528,20 +551,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     def effective_threads(self) -> int:
         return self.threads or max(1, os.cpu_count() or 1)
-
-    def decode_threads(self) -> int:
-        """llama.cpp's threads for a step of one token (one request generating).
-
-        Such a step is short (SmolLM2: 5 ms on 2 cores), and llama.cpp's threads wait on
-        each other at every operation, so the API process's work for each token (0.5 ms
-        of CPU) stalls all of them when it takes one of their cores: single-stream
-        tokens/s through the server was 0.92x llama-server's with both cores, 0.98x with
-        one left free (medians of bench/engine.py runs on 2 cores). Steps of several tokens (several requests, or a
-        prompt) keep every core: one thread fewer there cost 42% at 8 requests.
-        """
-        if self.threads:
-            return self.threads
-        return max(1, (os.cpu_count() or 1) - 1)
 
     def __repr__(self) -> str:
         # Settings hold API keys: a repr in a log or traceback must not show them.

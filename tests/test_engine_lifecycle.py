@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import signal
 import threading
 import time
@@ -54,9 +55,8 @@ def test_a_killed_runner_costs_one_request_not_the_server(lone: Server) -> None:
     (before,) = runners(lone)
     pid = before["pid"]
     assert isinstance(pid, int)
-    # Every core for steps of several tokens, one fewer for a step of one (as llama.cpp reports them).
-    cores = os.cpu_count() or 1
-    assert (before["threads"], before["threads_batch"]) == (max(1, cores - 1), cores)
+    # Every core for steps of several tokens (as llama.cpp reports them); see the next test for one-token steps.
+    assert before["threads_batch"] == (os.cpu_count() or 1)
 
     errors: list[BaseException] = []
 
@@ -88,6 +88,25 @@ def test_a_killed_runner_costs_one_request_not_the_server(lone: Server) -> None:
     assert httpx.get(f"{lone.url}/health", timeout=5).status_code == 200
     failed = log_rows(lone, "http_status = 503 AND error LIKE '%exited%'")
     assert len(failed) == 1
+
+
+def test_one_token_steps_get_the_thread_count_the_runner_measured_faster(lone: Server) -> None:
+    """With LOCOPILOT_THREADS unset, a runner times one-token steps with every core and with one
+    fewer while it serves one stream, keeps the faster, and engine health says so with the times."""
+    cores = os.cpu_count() or 1
+    client = lone.client()
+    client.chat.completions.create(model=SMOL, messages=LONG, max_tokens=60, temperature=0, logit_bias=ENDLESS)
+    (info,) = runners(lone)
+    reason = info["threads_reason"]
+    assert isinstance(reason, str)
+    if cores == 1:
+        assert (info["threads"], reason) == (1, "one core")
+        return
+    assert reason.startswith("measured: "), reason
+    assert f"{cores} threads " in reason and f"{cores - 1} threads " in reason, reason
+    timed = {int(n): float(ms) for n, ms in re.findall(r"(\d+) threads ([\d.]+) ms/token", reason)}
+    assert info["threads"] == min(timed, key=lambda n: timed[n])
+    assert info["threads_batch"] == cores
 
 
 def test_client_disconnect_stops_generation(lone: Server) -> None:

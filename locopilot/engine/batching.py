@@ -16,6 +16,7 @@ slots are free; one that asks for more than the runner has is refused.
 from __future__ import annotations
 
 import codecs
+import ctypes
 import logging
 import os
 import queue
@@ -24,9 +25,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from locopilot.engine.embedding import Embedder
+from locopilot.engine.kvdisk import GAIN, DiskPromptCache
 from locopilot.engine.protocol import (
     CallDelta,
     Count,
@@ -44,10 +47,12 @@ from locopilot.engine.protocol import (
     RequestError,
     Started,
     TokenLogprob,
+    Tuned,
 )
 from locopilot.engine.sampling import StopMatcher, build_sampler, token_logprob
 from locopilot.engine.template_process import IsolatedRenderer
 from locopilot.engine.templates import ChatTemplate, TemplateError, choose_template
+from locopilot.engine.threads import DecodeThreads
 from locopilot.engine.toolcalls import CallStream, ToolPlan, ToolSupport, new_call_id
 from locopilot.engine.toolformats import ParsedCall, Part
 
@@ -221,12 +226,21 @@ class Engine:
         params.kv_unified = False
         # llama.cpp computes a step of one token with n_threads and any larger one (several
         # sequences, a prompt) with n_threads_batch (llama_context::graph_compute).
-        params.n_threads = load.decode_threads or load.threads
+        candidates: tuple[int, ...]
+        if load.decode_threads:
+            candidates, reason = (load.decode_threads,), "set (LOCOPILOT_THREADS or the model's settings)"
+        elif load.threads > 1:
+            candidates, reason = (load.threads, load.threads - 1), ""
+        else:
+            candidates, reason = (1,), "one core"
+        params.n_threads = candidates[0]
         params.n_threads_batch = load.threads
         self.context = internals.LlamaContext(model=self.model, params=params, verbose=False)
         self.ctx = self.context.ctx
-        self.threads = llama_cpp.llama_n_threads(self.ctx)
         self.threads_batch = llama_cpp.llama_n_threads_batch(self.ctx)
+        self.decode_threads = DecodeThreads(
+            candidates, lambda n: llama_cpp.llama_set_n_threads(self.ctx, n, self.threads_batch), reason
+        )
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = n_ctx_slot
         self.batch = llama_cpp.llama_batch_init(BATCH, 0, 1)
@@ -250,6 +264,14 @@ class Engine:
             self.template.source, lambda messages, tools: self.renderer.render(messages, tools=tools), self._one_token
         )
         self.add_bos = bos >= 0 and self.metadata.get("tokenizer.ggml.add_bos_token", "true") != "false"
+        self.disk: DiskPromptCache | None = None
+        if load.prompt_cache_dir and load.prompt_cache_bytes > 0:
+            try:
+                self.disk = DiskPromptCache(
+                    Path(load.prompt_cache_dir), load.model_path, load.prompt_cache_bytes, load.prompt_cache_min_tokens
+                )
+            except OSError as exc:
+                log.warning("prompt cache on disk off: %s", exc)
 
     def ready(self) -> Ready:
         return Ready(
@@ -259,8 +281,9 @@ class Engine:
             template=self.template.name,
             pid=os.getpid(),
             slots=len(self.slots),
-            threads=self.threads,
+            threads=self.decode_threads.threads,
             threads_batch=self.threads_batch,
+            threads_reason=self.decode_threads.reason,
         )
 
     def _one_token(self, text: str) -> int | None:
@@ -373,6 +396,8 @@ class Engine:
         # At least the prompt's last token is decoded again: its logits start the reply.
         # On a tie, the slot with the least cached: another prompt may still want the rest.
         slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -len(s.cached)))
+        if self.disk is not None:
+            self._load_from_disk(slot, tokens)
         reuse = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
         if not llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1):
             llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
@@ -400,6 +425,56 @@ class Engine:
         if job.echo:
             out.extend(Delta(id=job.id, text=prompt, tokens=0, index=index) for index in range(job.n))
         return out
+
+    def _load_from_disk(self, slot: Slot, tokens: list[int]) -> None:
+        """Fill ``slot`` from the prompt cache on disk when a file there shares a longer
+        beginning with ``tokens`` than the slot does (engine/kvdisk.py)."""
+        import llama_cpp
+
+        assert self.disk is not None
+        found = self.disk.best(tokens)
+        if found is None:
+            return
+        name, common = found
+        held = self.disk.entries[name]
+        if common < _common_prefix(slot.cached, tokens) + GAIN or len(held) >= self.n_ctx:
+            return
+        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+        slot.cached.clear()
+        out = (llama_cpp.llama_token * len(held))()
+        count = ctypes.c_size_t(0)
+        path = str(self.disk.state_path(name)).encode()
+        started = time.perf_counter()
+        loaded = llama_cpp.llama_state_seq_load_file(self.ctx, path, slot.seq_id, out, len(held), ctypes.byref(count))
+        if not loaded or out[: count.value] != held:
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            self.disk.drop(name)
+            return
+        slot.cached.extend(held)
+        self.disk.used(name)
+        log.info("prompt cache: %d tokens from disk in %.0f ms", len(held), (time.perf_counter() - started) * 1000)
+
+    def save_prompts(self) -> None:
+        """Write each idle slot's cache to disk that holds enough tokens no file holds yet."""
+        import llama_cpp
+
+        if self.disk is None:
+            return
+        for slot in self.slots:
+            cached = slot.cached
+            if slot.sequence is not None or len(cached) < self.disk.min_tokens or self.disk.holds(cached):
+                continue
+            ids = (llama_cpp.llama_token * len(cached))(*cached)
+            seq_id = slot.seq_id
+
+            def write(path: Path, ids: Any = ids, seq_id: int = seq_id, n: int = len(cached)) -> bool:
+                return bool(llama_cpp.llama_state_seq_save_file(self.ctx, str(path).encode(), seq_id, ids, n))
+
+            started = time.perf_counter()
+            if self.disk.save(cached, write):
+                log.info(
+                    "prompt cache: %d tokens to disk in %.0f ms", len(cached), (time.perf_counter() - started) * 1000
+                )
 
     def _samplers(self, job: Generate, plan: ToolPlan | None) -> list[Any]:
         """A sampler chain for each of ``job``'s choices; RequestError (none left allocated) for bad parameters."""
@@ -474,12 +549,14 @@ class Engine:
             return []
         batch.n_tokens = n
         started = time.perf_counter()
+        out: list[FromRunner] = []
+        if self.decode_threads.step(n, started):
+            out.append(Tuned(threads=self.decode_threads.threads, reason=self.decode_threads.reason))
         status = llama_cpp.llama_decode(self.ctx, batch)
         self.decode_seconds += time.perf_counter() - started
         self.decode_calls += 1
         if status != 0:
             log.error("llama_decode returned %s for %d tokens", status, n)
-            out: list[FromRunner] = []
             for job in dict.fromkeys(slot.sequence.job for slot, _ in fed if slot.sequence is not None):
                 out.append(Failed(id=job.id, kind="internal", message=f"llama_decode returned {status}"))
                 for slot in self.slots:
@@ -490,7 +567,6 @@ class Engine:
             return out
         for slot, tokens in fed:
             slot.cached.extend(tokens)
-        out = []
         for slot, index in outputs:
             out.extend(self._sample(slot, index))
         return out
@@ -663,6 +739,9 @@ def serve(
     open_ = True
     while open_ or engine.busy or waiting:
         idle = not engine.busy and not waiting
+        if idle and open_ and jobs.empty():
+            # Nothing to do: a moment to keep long prompts' caches on disk.
+            engine.save_prompts()
         try:
             job = jobs.get(block=idle and open_)
             while True:

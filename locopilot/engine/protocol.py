@@ -110,11 +110,16 @@ class Load(msgspec.Struct, tag="load", frozen=True, kw_only=True):
     threads: int
     gpu_layers: int
     parallel: int = 0  # slots; 0 lets the runner choose from the context size
-    decode_threads: int = 0  # for a step of one token (llama.cpp's n_threads); 0: threads
+    decode_threads: int = 0  # for a step of one token (llama.cpp's n_threads); 0: measured (engine/threads.py)
     # A chat template over the model's own (LOCOPILOT_MODEL_SETTINGS chat_template); "" keeps the model's.
     template_name: str = ""
     template_source: str = ""
     template_stop: tuple[str, ...] = ()
+    # Prompt caches on disk (engine/kvdisk.py): their folder ("" for none), its size bound, and
+    # the fewest tokens a slot's cache must hold to be written.
+    prompt_cache_dir: str = ""
+    prompt_cache_bytes: int = 0
+    prompt_cache_min_tokens: int = 1024
 
 
 class Generate(msgspec.Struct, tag="generate", frozen=True, kw_only=True):
@@ -168,7 +173,8 @@ ToRunner = Load | Generate | Embed | Count | Cancel
 
 
 class Ready(msgspec.Struct, tag="ready", frozen=True, kw_only=True):
-    """``threads``/``threads_batch``: what llama.cpp's context uses for one-token and larger steps."""
+    """``threads``/``threads_batch``: what llama.cpp's context uses for one-token and larger steps;
+    ``threads_reason`` says why (``Tuned`` reports a later choice: see engine/threads.py)."""
 
     n_ctx: int
     n_ctx_train: int
@@ -178,6 +184,14 @@ class Ready(msgspec.Struct, tag="ready", frozen=True, kw_only=True):
     slots: int = 1
     threads: int = 0
     threads_batch: int = 0
+    threads_reason: str = ""
+
+
+class Tuned(msgspec.Struct, tag="tuned", frozen=True, kw_only=True):
+    """The runner now gives one-token steps ``threads`` threads, for ``reason`` (it measured)."""
+
+    threads: int
+    reason: str
 
 
 class LoadFailed(msgspec.Struct, tag="load_failed", frozen=True, kw_only=True):
@@ -254,7 +268,7 @@ class Failed(msgspec.Struct, tag="failed", frozen=True, kw_only=True):
     param: str | None = None
 
 
-FromRunner = Ready | LoadFailed | Started | Delta | CallDelta | Done | Embeddings | Counted | Failed
+FromRunner = Ready | Tuned | LoadFailed | Started | Delta | CallDelta | Done | Embeddings | Counted | Failed
 
 
 # ``_runner --probe``: one JSON object on stdout

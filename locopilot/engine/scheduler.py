@@ -46,6 +46,7 @@ from locopilot.engine.protocol import (
     Load,
     LoadFailed,
     Ready,
+    Tuned,
 )
 from locopilot.engine.templates import FALLBACKS
 from locopilot.errors import EngineUnavailable, InsufficientMemory, InvalidRequest, QueueFull
@@ -177,6 +178,9 @@ class RunnerProcess:
         self.tokens_generated = 0
         self.cached_tokens = 0
         self.embedding_decodes = 0
+        self.threads = ready.threads
+        """llama.cpp's threads for a one-token step, and why (the runner measures them: ``Tuned``)."""
+        self.threads_reason = ready.threads_reason
         self.alive = True
         self.weights = 0
         """The estimated bytes of its model's weights (mapped from the file, so counted as page cache)."""
@@ -214,6 +218,9 @@ class RunnerProcess:
             decode_threads=runtime.decode_threads,
             gpu_layers=runtime.gpu_layers,
             parallel=runtime.parallel,
+            prompt_cache_dir=str(settings.prompt_cache_path) if settings.prompt_cache_mb else "",
+            prompt_cache_bytes=settings.prompt_cache_mb * 1024 * 1024,
+            prompt_cache_min_tokens=settings.prompt_cache_min_tokens,
             **_template_override(runtime.chat_template),
         )
         process = await anyio.open_process(
@@ -281,6 +288,10 @@ class RunnerProcess:
             self.cached_tokens += message.cached_tokens
         elif isinstance(message, Embeddings):
             self.embedding_decodes += message.decodes
+        elif isinstance(message, Tuned):
+            self.threads, self.threads_reason = message.threads, message.reason
+            log.info("runner for %s: %d threads for one-token steps, %s", self.name, message.threads, message.reason)
+            return
         ticket = self._pending.get(getattr(message, "id", -1))
         if ticket is not None:
             if isinstance(message, TERMINAL):
@@ -493,6 +504,8 @@ class RunnerInfo(msgspec.Struct, frozen=True):
     slots: int
     threads: int
     """llama.cpp's threads for a step of one token; ``threads_batch`` for larger ones."""
+    threads_reason: str
+    """Why ``threads``: measured (with the times), set, or one core."""
     threads_batch: int
     in_flight: int
     waiting: int
@@ -547,7 +560,8 @@ class ModelManager:
                 n_ctx=runner.ready.n_ctx,
                 chat_template=runner.ready.template,
                 slots=runner.ready.slots,
-                threads=runner.ready.threads,
+                threads=runner.threads,
+                threads_reason=runner.threads_reason,
                 threads_batch=runner.ready.threads_batch,
                 in_flight=runner.in_flight,
                 waiting=runner.waiting,
