@@ -278,8 +278,21 @@ def test_admin_creates_a_key_that_sees_chat_only_then_revokes_it(tab: Tab) -> No
     page.evaluate("location.hash = '#/keys'")
     page.wait_for_selector("#chat-prompt")  # a page it may not see shows chat instead
     assert not [url for url in tab.requests[before:] if "/v1/admin/" in url or "/traffic" in url]
+    page.wait_for_selector("#chat-model option[value='fault-small']", state="attached")
+    page.select_option("#chat-model", "fault-small")
+    page.fill("#chat-prompt", "Hello")
+    page.click("#chat-send")
+    page.wait_for_selector("article.assistant .stats:has-text('completion tokens')")
     page.click("#nav a[data-page='usage']")
     page.wait_for_selector("text=Signed in as console-inference")
+    for _ in range(50):  # the request log is written a moment after the reply
+        if page.locator("#usage-list td:text-is('fault-small')").count():
+            break
+        page.wait_for_timeout(200)
+        page.click("#nav a[data-page='chat']")
+        page.click("#nav a[data-page='usage']")
+        page.wait_for_selector("#usage-list")
+    assert page.locator("#usage-list tr:has-text('fault-small') td").nth(1).inner_text() == "1"
     tab.shot("usage-inference")
     page.click("#nav a[data-page='reference']")
     page.fill("#reference-filter", "chat/completions")

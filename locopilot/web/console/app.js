@@ -25,18 +25,25 @@ const PAGES = [
   { id: "keys", title: "Keys", scope: "admin", draw: (root) => keysPage(root) },
   { id: "audit", title: "Audit", scope: "admin", draw: (root) => auditPage(root) },
   { id: "settings", title: "Settings", scope: "admin", draw: (root) => settingsPage(root) },
-  { id: "usage", title: "My usage", scope: null, draw: (root, me) => usagePage(root, me) },
+  { id: "usage", title: "My usage", scope: null, draw: (root) => usagePage(root) },
   { id: "reference", title: "API", scope: null, draw: (root) => referencePage(root) },
 ];
 
 let principal = null;
 
-function usagePage(root, me) {
+async function usagePage(root) {
+  root.append(h("h2", {}, "My usage"));
+  let me;
+  try {
+    me = await getJson("/v1/locopilot/me");
+  } catch (error) {
+    root.append(h("p", { class: "error" }, `Usage could not be read: ${error.message}`));
+    return;
+  }
   const rows = me.usage_last_day.map((u) => [u.model, String(u.requests), String(u.errors), String(u.tokens_in), String(u.tokens_out)]);
   root.append(
-    h("h2", {}, "My usage"),
     h("p", {}, me.open ? "This server needs no API key (loopback, none created)." : `Signed in as ${me.name} with scopes: ${me.scopes.join(", ")}.`),
-    table("Requests over the last day", ["Model", "Requests", "Errors", "Tokens in", "Tokens out"], rows),
+    h("div", { id: "usage-list" }, table("Requests over the last day", ["Model", "Requests", "Errors", "Tokens in", "Tokens out"], rows)),
   );
 }
 
@@ -56,7 +63,7 @@ function show() {
   document.title = `${page.title} · locopilot`;
   const root = h("div", { class: `page page-${page.id}` });
   main.append(root);
-  page.draw(root, principal);
+  page.draw(root);
 }
 
 function signInForm(message) {
