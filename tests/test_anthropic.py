@@ -500,14 +500,40 @@ def test_tool_use_with_any_and_a_tool_result_round_trip(
     assert final.usage.output_tokens > 0
 
 
+PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+
+def test_images_reach_an_upstream_that_can_see_as_image_url_parts(
+    routed: anthropic.Anthropic, flaky: FaultUpstream
+) -> None:
+    """Routed to an OpenAI-compatible upstream, base64 and URL image blocks arrive as OpenAI's
+    ``image_url`` parts (a data: URL for base64) beside the text, and the answer comes back."""
+    flaky.requests.clear()
+    content: list[Any] = [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PIXEL}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}},
+        {"type": "text", "text": "What is this?"},
+    ]
+    message = routed.messages.create(
+        model="flaky:fault-small", max_tokens=8, messages=[{"role": "user", "content": content}]
+    )
+    assert text_of(message) == "".join(FaultUpstream.WORDS)
+    (sent,) = [r.body for r in flaky.requests if r.path == "/v1/chat/completions"]
+    (user,) = sent["messages"]
+    assert user["role"] == "user"
+    assert {"type": "text", "text": "What is this?"} in user["content"]
+    urls = [part["image_url"]["url"] for part in user["content"] if part["type"] == "image_url"]
+    assert urls == [f"data:image/png;base64,{PIXEL}", "https://example.com/cat.png"]
+
+
 def test_an_image_is_refused_by_a_model_that_cannot_see(claude: anthropic.Anthropic) -> None:
-    pixel = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
-    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": pixel}}
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PIXEL}}
     content: list[Any] = [image, {"type": "text", "text": "What is this?"}]
     with pytest.raises(anthropic.BadRequestError) as refused:
         claude.messages.create(model=SMOL, max_tokens=2, messages=[{"role": "user", "content": content}])
+    assert refused.value.status_code == 400
     assert refused.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
-    assert "image" in refused.value.body["error"]["message"]  # type: ignore[index]
+    assert "cannot read images" in refused.value.body["error"]["message"]  # type: ignore[index]
 
 
 def test_an_image_that_is_not_base64_is_refused(claude: anthropic.Anthropic) -> None:

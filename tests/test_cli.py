@@ -30,6 +30,10 @@ def make_env(tmp_path: Path, **settings: str) -> Env:
     env |= {
         "LOCOPILOT_DATA_DIR": str(tmp_path / "data"),
         "LOCOPILOT_MODELS_DIR": str(tmp_path / "models"),
+        # Nothing answers on port 1, so `models` and `pull` work on the folder (as with no server running),
+        # and no service env file of this machine is read.
+        "LOCOPILOT_PORT": "1",
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
         "COLUMNS": "250",  # rich wraps tables at the terminal width; keep every row on one line
         "NO_COLOR": "1",
     }

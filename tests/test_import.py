@@ -24,6 +24,8 @@ def cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
         **{k: v for k, v in os.environ.items() if not k.startswith("LOCOPILOT_")},
         "LOCOPILOT_DATA_DIR": str(root / "data"),
         "LOCOPILOT_MODELS_DIR": str(root / "models"),
+        "LOCOPILOT_PORT": "1",  # no server answers: the CLI works on the folder
+        "XDG_CONFIG_HOME": str(root / "config"),
         "COLUMNS": "300",
     }
     return subprocess.run([sys.executable, "-m", "locopilot", *args], env=env, capture_output=True, text=True)

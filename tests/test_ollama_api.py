@@ -1,7 +1,8 @@
 """Ollama's API (/api/*) through the real server, driven by the official ``ollama`` client.
 
 Behind one locopilot (the front): SmolLM2 embedded, the Ollama stand-in (``llama3.2:latest``,
-``qwen2.5:0.5b``) and a second locopilot serving SmolLM2 as ``peer-smol`` over the OpenAI API.
+``qwen2.5:0.5b``, and ``qwen3:0.6b`` which thinks) and a second locopilot serving SmolLM2 as
+``peer-smol`` over the OpenAI API.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import pytest
 from locopilot.api.ollama_requests import keep_alive_seconds
 from locopilot.errors import InvalidRequest
 from locopilot.gateway.router import served_name
+from locopilot.providers.base import ModelDescription
+from locopilot.providers.openai_compat import described
 from tests.conftest import SMOL, Server, start_server
-from tests.fakes.ollama import SENTENCE, OllamaStandIn
+from tests.fakes.ollama import CONTEXT_LENGTH, LICENSE, SENTENCE, TEMPLATE, THOUGHT, OllamaStandIn
 
 CAPITAL = [{"role": "user", "content": "Which city is the capital of France?"}]
 PEER = "peer-smol"
@@ -34,7 +37,7 @@ GREEDY = {"temperature": 0, "num_predict": 12}
 
 @pytest.fixture(scope="module")
 def stand_in() -> Iterator[OllamaStandIn]:
-    with OllamaStandIn(models=["llama3.2:latest", "qwen2.5:0.5b"]) as running:
+    with OllamaStandIn(models=["llama3.2:latest", "qwen2.5:0.5b", "qwen3:0.6b"], thinkers=["qwen3:0.6b"]) as running:
         yield running
 
 
@@ -121,7 +124,8 @@ def test_show_reads_the_gguf_header(client: ollama.Client) -> None:
         assert shown.modelinfo["general.architecture"] == "llama"
         assert shown.modelinfo["llama.context_length"] == 8192
         assert shown.modelinfo["general.parameter_count"] > 100_000_000
-        assert shown.capabilities == ["completion"]
+        # SmolLM2's template knows no tools; the engine's generic tool calling serves it.
+        assert shown.capabilities == ["completion", "tools"]
         assert shown.template is not None and "im_start" in shown.template
 
 
@@ -470,3 +474,185 @@ def test_a_name_without_a_tag_is_its_latest() -> None:
     assert served_name("smol:latest", names) == "smol"
     assert served_name("qwen2.5", names) is None
     assert served_name("llama3.2:1b", names) is None
+
+
+# /api/show of a model an upstream serves
+
+
+def test_show_asks_an_ollama_upstream_under_its_name(
+    client: ollama.Client, stand_in: OllamaStandIn, front: Server
+) -> None:
+    stand_in.requests.clear()
+    for name in ("llama3.2", "ollama:llama3.2:latest"):
+        shown = client.show(name)
+        assert shown.details is not None
+        assert (shown.details.family, shown.details.parameter_size) == ("llama", "1.2B")
+        assert shown.details.quantization_level == "Q4_K_M"
+        assert shown.modelinfo is not None
+        assert shown.modelinfo["llama.context_length"] == CONTEXT_LENGTH
+        assert shown.modelinfo["tokenizer.ggml.tokens"] == []
+        assert shown.template == TEMPLATE
+        assert shown.capabilities == ["completion", "tools"]
+        assert shown.license == LICENSE
+        assert shown.parameters is not None and '"<|eot_id|>"' in shown.parameters
+        # The upstream's modelfile names a path on its disk; this one names the model as the client did.
+        assert shown.modelfile is not None and f"FROM {name}\n" in shown.modelfile
+        assert "/root/.ollama" not in shown.modelfile
+    assert [body["model"] for body in stand_in.bodies("/api/show")] == ["llama3.2:latest"] * 2
+    assert client.show("qwen3:0.6b").capabilities == ["completion", "tools", "thinking"]
+    raw = httpx.post(f"{front.url}/api/show", json={"model": "llama3.2"}, timeout=30)
+    assert raw.headers["x-locopilot-provider"] == "ollama"
+    assert raw.json()["tensors"][0]["name"] == "token_embd.weight"
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.show("ollama:no-such-model")
+    assert caught.value.status_code == 404
+
+
+def test_show_of_an_openai_upstreams_model_gives_what_its_list_says(client: ollama.Client) -> None:
+    """The peer is a locopilot: its /v1/models entry names the architecture, size, quantization,
+    context and how it calls tools; nothing it does not say (a template, a license) is made up."""
+    shown = client.show(PEER)
+    assert shown.details is not None
+    assert (shown.details.family, shown.details.quantization_level) == ("llama", "Q4_1")
+    assert shown.details.parameter_size == "134.52M"
+    assert shown.details.format == ""
+    assert shown.modelinfo == {
+        "general.architecture": "llama",
+        "llama.context_length": 8192,
+        "general.parameter_count": shown.modelinfo["general.parameter_count"],
+    }
+    assert shown.modelinfo["general.parameter_count"] > 100_000_000
+    assert shown.capabilities == ["completion", "tools"]
+    assert not shown.template
+    assert shown.license is None
+
+
+# keep_alive, logprobs and think through each kind of backend
+
+
+def test_keep_alive_loads_and_unloads_on_an_ollama_upstream(client: ollama.Client, stand_in: OllamaStandIn) -> None:
+    stand_in.requests.clear()
+    stand_in.loaded.clear()
+    loaded = client.generate(model="llama3.2", keep_alive="10m")
+    assert (loaded.done, loaded.done_reason) == (True, "load")
+    assert next(stand_in.bodies("/api/generate"))["keep_alive"] == 600
+    assert 590 < stand_in.loaded["llama3.2:latest"] - time.time() <= 600
+    unloaded = client.chat(model="llama3.2", messages=[], keep_alive=0)
+    assert (unloaded.done, unloaded.done_reason) == (True, "unload")
+    assert "llama3.2:latest" not in stand_in.loaded
+    # With something to generate, keep_alive goes along with it.
+    client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}], keep_alive=-1)
+    assert next(stand_in.bodies("/api/chat"))["keep_alive"] == -1
+    assert stand_in.loaded["llama3.2:latest"] == math.inf
+    client.generate(model="qwen2.5:0.5b", prompt="hi", keep_alive="1h30m")  # sent to /api/chat, templated there
+    assert [body.get("keep_alive") for body in stand_in.bodies("/api/chat")][-1] == 5400
+    client.embed(model="qwen2.5:0.5b", input=[], keep_alive=0)
+    assert "qwen2.5:0.5b" not in stand_in.loaded
+    assert next(stand_in.bodies("/api/embed")) == {"model": "qwen2.5:0.5b", "input": [], "keep_alive": 0}
+
+
+def test_logprobs_from_the_embedded_engine(client: ollama.Client, front: Server) -> None:
+    reply = client.generate(model=SMOL, prompt=CAPITAL[0]["content"], logprobs=True, top_logprobs=3, options=GREEDY)
+    assert reply.logprobs is not None and len(reply.logprobs) == reply.eval_count
+    assert "".join(each.token for each in reply.logprobs) == reply.response
+    for each in reply.logprobs:
+        assert each.logprob <= 0
+        assert each.top_logprobs is not None and len(each.top_logprobs) == 3
+        # Greedy: the chosen token heads its own alternatives.
+        assert each.top_logprobs[0].token == each.token
+        assert each.top_logprobs[0].logprob == pytest.approx(each.logprob)
+    parts = list(client.chat(model=SMOL, messages=CAPITAL, logprobs=True, stream=True, options=GREEDY))
+    streamed = [each for part in parts for each in part.logprobs or []]
+    assert "".join(each.token for each in streamed) == "".join(part.message.content or "" for part in parts)
+    assert [each.token for each in streamed] == [each.token for each in reply.logprobs]
+    assert all(not each.top_logprobs for each in streamed)
+    raw = httpx.post(
+        f"{front.url}/api/chat",
+        json={"model": SMOL, "messages": CAPITAL, "stream": False, "logprobs": True, "options": GREEDY},
+        timeout=120,
+    ).json()
+    first = raw["logprobs"][0]
+    assert set(first) == {"token", "logprob", "bytes"}
+    assert first["bytes"] == list(first["token"].encode())
+    plain = httpx.post(
+        f"{front.url}/api/chat",
+        json={"model": SMOL, "messages": CAPITAL, "stream": False, "options": GREEDY},
+        timeout=120,
+    ).json()
+    assert "logprobs" not in plain
+
+
+def test_logprobs_through_an_ollama_upstream(client: ollama.Client, stand_in: OllamaStandIn) -> None:
+    stand_in.requests.clear()
+    whole = client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=2)
+    sent = next(stand_in.bodies("/api/chat"))
+    assert (sent["logprobs"], sent["top_logprobs"]) == (True, 2)
+    assert whole.logprobs is not None
+    assert [each.token for each in whole.logprobs] == SENTENCE.replace(" ", "\0 ").split("\0")
+    assert [each.logprob for each in whole.logprobs][:2] == [-0.125, -0.25]
+    assert [top.token for top in whole.logprobs[0].top_logprobs or []] == ["Hello", " alt1"]
+    parts = list(client.generate(model="llama3.2", prompt="hi", logprobs=True, stream=True))
+    assert [each.token for part in parts for each in part.logprobs or []] == [part.response for part in parts[:-1]]
+
+
+def test_top_logprobs_out_of_range_is_refused(front: Server) -> None:
+    for model in (SMOL, "llama3.2"):
+        body = {"model": model, "prompt": "hi", "logprobs": True, "top_logprobs": 21}
+        response = httpx.post(f"{front.url}/api/generate", json=body, timeout=30)
+        assert response.status_code == 400
+        assert response.json() == {"error": "top_logprobs must be between 0 and 20"}
+
+
+def test_think_through_an_ollama_upstream(client: ollama.Client, stand_in: OllamaStandIn) -> None:
+    stand_in.requests.clear()
+    hi = [{"role": "user", "content": "hi"}]
+    reply = client.chat(model="qwen3:0.6b", messages=hi, think=True)
+    assert (reply.message.thinking, reply.message.content) == (THOUGHT, SENTENCE)
+    assert next(stand_in.bodies("/api/chat"))["think"] is True
+    parts = list(client.chat(model="qwen3:0.6b", messages=hi, think="high", stream=True))
+    assert "".join(part.message.thinking or "" for part in parts) == THOUGHT
+    assert "".join(part.message.content or "" for part in parts) == SENTENCE
+    generated = client.generate(model="qwen3:0.6b", prompt="hi", think=True)
+    assert (generated.thinking, generated.response) == (THOUGHT, SENTENCE)
+    # Told not to think, or not told (the OpenAI-style answer: no reasoning in the reply), it answers alone.
+    for think in (False, None):
+        quiet = client.chat(model="qwen3:0.6b", messages=hi, think=think)
+        assert (quiet.message.thinking, quiet.message.content) == (None, SENTENCE)
+    assert [body.get("think") for body in stand_in.bodies("/api/chat")][-2:] == [False, None]
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.chat(model="llama3.2", messages=hi, think=True)
+    assert caught.value.status_code == 400
+    assert caught.value.error == '"llama3.2:latest" does not support thinking'
+
+
+@pytest.mark.parametrize("model", [SMOL, PEER])
+def test_think_is_refused_where_it_cannot_be_passed_on(front: Server, model: str) -> None:
+    for route, body in (
+        ("/api/chat", {"messages": CAPITAL}),
+        ("/api/generate", {"prompt": "hi"}),
+    ):
+        response = httpx.post(f"{front.url}{route}", json={"model": model, "think": True, **body}, timeout=30)
+        assert response.status_code == 400
+        assert response.json() == {"error": f'"{model}" does not support thinking'}
+    fine = httpx.post(
+        f"{front.url}/api/generate",
+        json={"model": model, "prompt": "hi", "think": False, "stream": False, "options": {"num_predict": 2}},
+        timeout=120,
+    )
+    assert fine.status_code == 200 and "thinking" not in fine.json()
+    bad = httpx.post(f"{front.url}/api/generate", json={"model": model, "prompt": "hi", "think": "hard"}, timeout=30)
+    assert bad.status_code == 400
+    assert bad.json()["error"].startswith('invalid think value: "hard"')
+
+
+def test_what_a_model_list_entry_says_and_no_more() -> None:
+    """vLLM's and llama-server's /v1/models entries, and a cloud's that says nothing but its id."""
+    vllm = described({"id": "Qwen/Qwen2.5-0.5B", "object": "model", "created": 1700000000, "max_model_len": 32768})
+    assert vllm.model_info == {}  # a context length, but no architecture to key it by
+    assert (vllm.family, vllm.capabilities, vllm.modified_at) == (None, ("completion",), "2023-11-14T22:13:20Z")
+    meta = {"vocab_type": 2, "n_vocab": 49152, "n_ctx_train": 8192, "n_embd": 576, "n_params": 134515008}
+    llama_server = described({"id": "smol.gguf", "object": "model", "created": 0, "meta": meta})
+    assert llama_server.parameter_size == "134.52M"
+    assert llama_server.model_info == {"general.parameter_count": 134515008}
+    assert (llama_server.template, llama_server.modified_at) == (None, None)
+    assert described({"id": "gpt-x"}) == ModelDescription(capabilities=("completion",))

@@ -236,13 +236,14 @@ async def test_too_many_requests_is_retryable_with_retry_after(provider: OllamaP
 
 
 @pytest.mark.anyio
-async def test_bad_request_is_not_retryable_and_keeps_the_body(provider: OllamaProvider, ollama: OllamaStandIn) -> None:
+async def test_bad_request_is_the_clients_with_ollamas_words(provider: OllamaProvider, ollama: OllamaStandIn) -> None:
+    """Ollama's 400 is about the request: a 400 for the client, in Ollama's words, no failover."""
     ollama.fail_next(400, b'{"error":"invalid format"}')
-    with pytest.raises(UpstreamError) as caught:
+    with pytest.raises(InvalidRequest) as caught:
         await collect(provider, chat())
-    assert not caught.value.retryable
-    assert caught.value.upstream_status == 400
-    assert caught.value.upstream_body == b'{"error":"invalid format"}'
+    assert caught.value.status_code == 400
+    assert caught.value.message == "invalid format"
+    assert caught.value.quotes_input
 
 
 @pytest.mark.anyio

@@ -507,12 +507,14 @@ def test_llama_cpp_extras_are_sent_only_when_set() -> None:
 @pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
 def test_events_do_not_depend_on_where_the_network_splits_the_bytes(newline: bytes) -> None:
     lines = [b": comment", b'data: {"text": "caf\xc3\xa9 \xf0\x9f\x8e\x89"}', b"", b"data: one", b"data: two", b""]
-    lines += [b'error: {"message": "bad"}', b"event: ignored", b"", b"data: [DONE]", b"", b"data: cut off"]
+    lines += [b'error: {"message": "bad"}', b"event: ignored", b"", b"event: progress", b"data: {}", b""]
+    lines += [b"data: [DONE]", b"", b"data: cut off"]
     stream = newline.join(lines)
     expected = [
         ("data", '{"text": "café 🎉"}'),
         ("data", "one\ntwo"),
         ("error", '{"message": "bad"}'),
+        ("progress", "{}"),  # a named event (locopilot's pull progress); the name lasts one event
         ("data", "[DONE]"),
     ]
     for split in range(len(stream) + 1):

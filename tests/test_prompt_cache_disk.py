@@ -91,7 +91,7 @@ def test_files_are_bounded_used_ones_kept_and_shorter_beginnings_replaced(tmp_pa
     disk = DiskPromptCache(root, str(model), max_bytes=2500, min_tokens=3)
     a, b = [1, 2, 3, 4], [9, 8, 7, 6]
     assert disk.save(a, fake_state(1000)) and disk.save(b, fake_state(1000))
-    assert disk.best([1, 2, 3, 4, 5]) == (disk.best(a) or ("", 0))[0:1] + (4,)
+    assert disk.best([1, 2, 3, 4, 5]) == (*(disk.best(a) or ("", 0))[0:1], 4)
     assert disk.best([1, 2, 5]) is None  # shares only two tokens: fewer than min_tokens
     # a longer prompt that begins with ``a`` replaces ``a``'s file: it holds all of it
     longer = [*a, 5, 6]

@@ -61,6 +61,9 @@ def environment(hubs: ModelHubs, root: Path, **extra: str) -> dict[str, str]:
         "LOCOPILOT_MODELS_DIR": str(root / "models"),
         "LOCOPILOT_HF_ENDPOINT": hubs.hub_url,
         "LOCOPILOT_OLLAMA_REGISTRY": hubs.hub_url,
+        # No server answers on port 1: the CLI pulls into the folder itself, reading no service env file.
+        "LOCOPILOT_PORT": "1",
+        "XDG_CONFIG_HOME": str(root / "config"),
         "COLUMNS": "300",  # rich wraps what it prints at the terminal's width
         **extra,
     }
@@ -76,7 +79,7 @@ def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.Comp
 def server(tmp_path_factory: pytest.TempPathFactory, hubs: ModelHubs, smollm2_path: Path) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("pull-server")
     env = environment(hubs, root, LOCOPILOT_ADMIN_KEY=ADMIN, LOCOPILOT_HF_TOKEN="hf_secret")
-    env = {k: v for k, v in env.items() if k not in ("LOCOPILOT_DATA_DIR", "LOCOPILOT_MODELS_DIR")}
+    env = {k: v for k, v in env.items() if k not in ("LOCOPILOT_DATA_DIR", "LOCOPILOT_MODELS_DIR", "LOCOPILOT_PORT")}
     running = Server(root, {"smol": smollm2_path}, env)
     running.start(path="/health")
     yield running
@@ -341,13 +344,62 @@ def test_model_routes_need_the_models_scope(server: Server) -> None:
         ("POST", "/v1/locopilot/models/smol/load", None),
         ("POST", "/v1/locopilot/models/smol/unload", None),
         ("DELETE", "/v1/locopilot/models/nothing-here", None),
+        ("GET", "/v1/locopilot/models", None),
+        ("POST", "/v1/locopilot/models/smol/verify", None),
+        ("POST", "/v1/locopilot/models", {"path": "/nowhere/x.gguf"}),
+        ("POST", "/v1/locopilot/models/import", {"folder": "/nowhere"}),
     ]
     for method, path, body in routes:
         refused = httpx.request(method, server.url + path, json=body, headers=inference)
         assert refused.status_code == 403, (method, path)
         assert refused.json()["error"]["code"] == "insufficient_scope"
         allowed = httpx.request(method, server.url + path, json=body, headers=models, timeout=120)
-        assert allowed.status_code in (200, 404), (method, path, allowed.text)
+        assert allowed.status_code in (200, 404) or allowed.json()["error"]["code"] == "path_not_found", (
+            method,
+            path,
+            allowed.text,
+        )
+
+
+def test_add_and_import_check_their_bodies_first(server: Server) -> None:
+    base = f"{server.url}/v1/locopilot/models"
+    for body, param in [
+        ({"path": "relative.gguf"}, "path"),
+        ({"path": "/x.gguf", "sha256": "abc"}, "sha256"),
+        ({"path": "/x.gguf", "name": "../evil"}, "model"),
+        ({"path": "/x.gguf", "surprise": 1}, None),
+    ]:
+        refused = httpx.post(base, json=body, headers=HEADERS)
+        assert refused.status_code == 400, (body, refused.text)
+        assert param is None or refused.json()["error"]["param"] == param, (body, refused.text)
+    refused = httpx.post(f"{base}/import", json={"folder": "x"}, headers=HEADERS)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "folder"
+    assert httpx.post(f"{base}/nothing-here/verify", headers=HEADERS).status_code == 404
+
+
+def test_cli_pulls_through_the_running_server(
+    server: Server, hubs: ModelHubs, tmp_path: Path, blobs: dict[str, bytes]
+) -> None:
+    # The operator's shell knows neither the server nor its key: the service's env file does.
+    env_file = tmp_path / "config" / "locopilot" / "locopilot.env"
+    env_file.parent.mkdir(parents=True)
+    env_file.write_text(f"LOCOPILOT_PORT={server.port}\nLOCOPILOT_ADMIN_KEY={ADMIN}\n")
+    env = {k: v for k, v in environment(hubs, tmp_path).items() if k != "LOCOPILOT_PORT"}
+    done = cli(env, "pull", "hf.co/acme/Split-GGUF:Q8_0", "--name", "via-server")
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert "pulling manifest" in done.stdout and "split-Q8_0-00003-of-00003.gguf" in done.stdout
+    assert "pulled via-server" in done.stdout and ADMIN not in done.stdout + done.stderr
+    assert (server.models_dir / ".splits" / "via-server").is_dir()
+    assert not (tmp_path / "models").exists()  # the CLI's own folder is not the service's
+    listed = cli(env, "models", "list", "--names")
+    assert "via-server" in listed.stdout.split() and listed.stderr == ""
+    # Errors come back as the server words them, before and after the stream starts.
+    missing = cli(env, "pull", "hf.co/acme/Absent-GGUF")
+    assert missing.returncode == 1 and "HTTP 4" in missing.stderr
+    taken = cli(env, "pull", "hf.co/acme/Tiny-GGUF", "--name", "via-server")
+    assert taken.returncode == 1 and "exists" in taken.stderr
+    assert cli(env, "models", "rm", "via-server").returncode == 0
+    assert not (server.models_dir / ".splits" / "via-server").exists()
 
 
 def test_load_unload_delete(server: Server, smollm2_path: Path) -> None:
@@ -516,3 +568,43 @@ def test_a_disk_that_fills_during_the_download_keeps_nothing(tmp_path: Path, hub
         assert any("The disk is full" in err for code, err in results if code == 1), results
         assert len([p for p in small.iterdir() if p.name.endswith(".gguf")]) == 1
         assert list((small / ".downloads").iterdir()) == []
+
+
+def test_a_pull_that_fits_only_without_another_under_way_is_refused_before_downloading(
+    tmp_path: Path, hubs: ModelHubs
+) -> None:
+    """One server, two different pulls that each fit alone but not together: the second is refused with a
+    507 before a byte of it is fetched (it counts what the first will still write), and the first completes."""
+    first, second = (gguf_bytes(tmp_path, tensor_bytes=640 * 1024, seed=s) for s in (43, 44))
+    hubs.add_hf("acme/Room-A-GGUF", {"a.Q4_K_M.gguf": first})
+    hubs.add_hf("acme/Room-B-GGUF", {"b.Q4_K_M.gguf": second})
+    with tmpfs(tmp_path / "small", "1m") as small:
+        env = environment(hubs, tmp_path, LOCOPILOT_ADMIN_KEY=ADMIN, LOCOPILOT_MODELS_DIR=str(small))
+        env = {k: v for k, v in env.items() if k not in ("LOCOPILOT_DATA_DIR", "LOCOPILOT_PORT")}
+        server = Server(tmp_path / "server", {}, env).start(path="/health")
+        hubs.rate = 200_000
+        try:
+            body = {"model": "hf.co/acme/Room-A-GGUF", "name": "room-a"}
+            with httpx.stream(
+                "POST", f"{server.url}/v1/locopilot/models/pull", json=body, headers=HEADERS, timeout=60
+            ) as response:
+                events = sse_events(response)
+                for kind, data in events:
+                    if kind == "progress" and (data.get("completed") or 0) > 0:
+                        break  # the first download is under way
+                before = len(hubs.downloads(second))
+                refused = httpx.post(
+                    f"{server.url}/v1/locopilot/models/pull",
+                    json={"model": "hf.co/acme/Room-B-GGUF", "name": "room-b", "stream": False},
+                    headers=HEADERS,
+                    timeout=60,
+                )
+                assert refused.status_code == 507, refused.text
+                assert "promised to other pulls under way" in refused.json()["error"]["message"]
+                assert len(hubs.downloads(second)) == before
+                assert [kind for kind, _ in events][-1] == "model"
+        finally:
+            hubs.rate = None
+            server.stop()
+        assert (small / "room-a.gguf").read_bytes() == first
+        assert not (small / "room-b.gguf").exists() and list((small / ".downloads").iterdir()) == []

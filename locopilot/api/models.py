@@ -1,4 +1,8 @@
-"""Model management (scope ``models``): pull, show, delete, load and unload the embedded engine's models.
+"""Model management (scope ``models``): list, add, import, pull, show, verify, delete, load and unload the
+embedded engine's models. ``locopilot models`` and ``locopilot pull`` are clients of these routes.
+
+Add and import name paths on the server's machine (:mod:`locopilot.models.arrivals` does the work);
+a path the server cannot see (a system service sees no home folders) is a 400 naming it.
 
 ``POST /v1/locopilot/models/pull`` streams the pull's progress as SSE (``event: progress``
 with a :class:`~locopilot.models.pull.PullEvent`, then ``event: model`` with the model
@@ -12,7 +16,6 @@ an unknown repository, file or tag a 404. A client that goes away cancels its pu
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,8 +33,11 @@ from locopilot.api.services import Services
 from locopilot.errors import Conflict, LocopilotError, ModelNotFound
 from locopilot.gateway import auth
 from locopilot.gateway.streaming import sse
-from locopilot.models.pull import SPLITS, PullEvent, prepare
-from locopilot.schemas.openai import ModelCard, encoder
+from locopilot.models import arrivals
+from locopilot.models.arrivals import ImportReport, Verification
+from locopilot.models.catalog import MAX_MODEL_NAME, validate_model_name
+from locopilot.models.pull import PullEvent, prepare
+from locopilot.schemas.openai import ModelCard, ModelList, encoder
 from locopilot.store import models as records
 from locopilot.training.lineage import read as read_lineage
 
@@ -56,6 +62,40 @@ class PullBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     insecure: Annotated[bool, Meta(description="Allow a plain-http registry.")] = False
     insecure_no_checksum: Annotated[bool, Meta(description="Take a URL's file without a sha256 pin.")] = False
     stream: bool = True
+
+
+MAX_PATH = 4096
+
+
+class AddBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    path: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=MAX_PATH,
+            description="The absolute path of a GGUF file on the server's machine (of a split model: its first part).",
+        ),
+    ]
+    name: (
+        Annotated[str, Meta(max_length=MAX_MODEL_NAME, description="The model name (default: the file's).")] | None
+    ) = None
+    link: Annotated[bool, Meta(description="Link to the file where it is instead of copying it.")] = False
+    sha256: Annotated[str, Meta(description="The file's expected sha256: refused unless it matches.")] | None = None
+
+
+class ImportBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    folder: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=MAX_PATH,
+            description=(
+                "The absolute path, on the server's machine, of an Ollama models folder, a Hugging Face hub cache, "
+                "an LM Studio folder or any folder of GGUFs."
+            ),
+        ),
+    ]
+    copy: Annotated[bool, Meta(description="Copy the files (default: link to them where they are).")] = False
 
 
 class LoadState(msgspec.Struct):
@@ -139,6 +179,51 @@ async def _stream(
         await events.aclose()
 
 
+@get("/v1/locopilot/models", responses=answers(ModelList, 200, *GUARDED))
+async def list_models(services: Services) -> Response[bytes]:
+    """Every model of the models folder, with its header facts, source and sha256 (no upstream's)."""
+    entries = await anyio.to_thread.run_sync(services.catalog.list)
+    cards = [await card_of(services, entry.name) for entry in entries]
+    return Response(encoder.encode(ModelList(cards)), media_type="application/json")
+
+
+@post("/v1/locopilot/models", status_code=201, responses=answers(ModelCard, 201, *GUARDED, *BODY, 409))
+async def add_model(data: AddBody, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Add a GGUF file of the server's machine, copied or linked; a pin is checked before it appears."""
+    path = arrivals.checked_path(data.path, "path")
+    pin = arrivals.check_pin(data.sha256)
+    if data.name is not None:
+        validate_model_name(data.name)
+    entry = await anyio.to_thread.run_sync(
+        lambda: arrivals.add_file(services.catalog, services.db, path, name=data.name, link=data.link, pin=pin)
+    )
+    auth.note(request, "model_added", model=entry.name, path=str(path))
+    return Response(encoder.encode(await card_of(services, entry.name)), media_type="application/json", status_code=201)
+
+
+@post("/v1/locopilot/models/import", status_code=200, responses=answers(ImportReport, 200, *GUARDED, *BODY))
+async def import_models(data: ImportBody, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Add the models a folder of the server's machine holds, named as its layout names them (no network)."""
+    folder = arrivals.checked_path(data.folder, "folder")
+    found = await anyio.to_thread.run_sync(
+        lambda: arrivals.import_folder(services.catalog, services.db, folder, copy=data.copy)
+    )
+    added = [item.name for item in found if item.result != "skipped"]
+    auth.note(request, "models_imported", folder=str(folder), models=added)
+    return Response(encoder.encode(ImportReport(found)), media_type="application/json")
+
+
+@post(
+    "/v1/locopilot/models/{model_id:str}/verify",
+    status_code=200,
+    responses=answers(Verification, 200, *GUARDED, 400, 404),
+)
+async def verify_model(model_id: str, services: Services) -> Response[bytes]:
+    """Hash the model's file again and compare with the sha256 recorded when it arrived (see Verification)."""
+    result = await anyio.to_thread.run_sync(arrivals.verify, services.catalog, services.db, model_id)
+    return Response(encoder.encode(result), media_type="application/json")
+
+
 @get("/v1/locopilot/models/{model_id:str}", responses=answers(ModelCard, 200, *GUARDED, 400, 404))
 async def show_model(model_id: str, services: Services) -> Response[bytes]:
     """One model of the models folder: its header facts, where it came from, its sha256, whether loaded."""
@@ -164,7 +249,6 @@ async def delete_model(model_id: str, services: Services, request: Request[Any, 
 
 def _remove(services: Services, name: str) -> None:
     services.catalog.remove(name)
-    shutil.rmtree(services.catalog.models_dir / SPLITS / name, ignore_errors=True)
     records.delete(services.db, name)
 
 
@@ -197,4 +281,14 @@ async def unload_model(model_id: str, services: Services) -> Response[bytes]:
     return Response(encoder.encode(LoadState(model_id, False)), media_type="application/json")
 
 
-ROUTES = [pull_model, show_model, delete_model, load_model, unload_model]
+ROUTES = [
+    list_models,
+    add_model,
+    import_models,
+    pull_model,
+    show_model,
+    verify_model,
+    delete_model,
+    load_model,
+    unload_model,
+]

@@ -10,19 +10,25 @@ own), ``prompt_eval_duration`` the rest of the time to the first token, ``eval_d
 from the first token to the last.
 
 ``keep_alive`` sets how long an embedded model stays loaded after the request
-(:meth:`~locopilot.engine.scheduler.ModelManager.keep`); a request with nothing to
-generate from loads the model, or with ``keep_alive`` 0 unloads it, as in Ollama.
+(:meth:`~locopilot.engine.scheduler.ModelManager.keep`), and goes on to an Ollama upstream
+with the request; a request with nothing to generate from loads the model, or with
+``keep_alive`` 0 unloads it, as in Ollama (an Ollama upstream is asked to do the same).
+
+``logprobs`` come from the TextDelta events (the engine's, an upstream's) and go out as
+Ollama writes them, on each chunk and all together in a whole reply; ``thinking`` the same
+way, from a provider that passed ``think`` on (see GenerationRequest.think).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import msgspec
 from litestar import Request, Response, post
 from litestar.response import Stream
 
@@ -37,7 +43,9 @@ from locopilot.gateway.streaming import Reply
 from locopilot.providers.base import (
     Finish,
     GenerationRequest,
+    KeepsModelsLoaded,
     TextDelta,
+    TokenLogprob,
     ToolCallDelta,
 )
 from locopilot.providers.embedded import EmbeddedProvider
@@ -52,8 +60,10 @@ from locopilot.schemas.ollama import (
     FunctionCall,
     GenerateChunk,
     GenerateRequest,
+    LogprobOut,
     MessageOut,
     Statistics,
+    TokenLogprobOut,
     encoder,
 )
 
@@ -83,13 +93,24 @@ class OllamaFormatter:
         self.calls = Reply()
 
     def _object(
-        self, text: str, done: bool, stats: Statistics, calls: list[CallOut] | None = None
+        self,
+        text: str,
+        done: bool,
+        stats: Statistics,
+        calls: list[CallOut] | None = None,
+        thinking: str = "",
+        logprobs: Sequence[TokenLogprob] = (),
     ) -> ChatChunk | GenerateChunk:
-        extra = {f: getattr(stats, f) for f in stats.__struct_fields__}
+        extra: dict[str, Any] = {f: getattr(stats, f) for f in stats.__struct_fields__}
+        if logprobs:
+            extra["logprobs"] = logprobs_out(logprobs)
+        thought = thinking or msgspec.UNSET
         if self.chat:
-            message = MessageOut(content=text, tool_calls=calls) if calls else MessageOut(content=text)
+            message = MessageOut(content=text, thinking=thought, tool_calls=calls or msgspec.UNSET)
             return ChatChunk(model=self.model, created_at=now_rfc3339(), message=message, done=done, **extra)
-        return GenerateChunk(model=self.model, created_at=now_rfc3339(), response=text, done=done, **extra)
+        return GenerateChunk(
+            model=self.model, created_at=now_rfc3339(), response=text, thinking=thought, done=done, **extra
+        )
 
     def _line(self, obj: ChatChunk | GenerateChunk) -> bytes:
         return encoder.encode(obj) + b"\n"
@@ -113,7 +134,11 @@ class OllamaFormatter:
 
     def event(self, event: TextDelta | ToolCallDelta) -> bytes:
         if isinstance(event, TextDelta):
-            return self._line(self._object(event.text, False, Statistics())) if event.text else b""
+            if not (event.text or event.thinking or event.logprobs):
+                return b""
+            return self._line(
+                self._object(event.text, False, Statistics(), thinking=event.thinking, logprobs=event.logprobs)
+            )
         self.calls.add(event)  # sent whole once the reply is complete, as Ollama sends parsed calls
         return b""
 
@@ -128,7 +153,35 @@ class OllamaFormatter:
     def whole(self, reply: Reply) -> ChatChunk | GenerateChunk:
         assert reply.finish is not None
         self.first_ns = reply.first_event_ns
-        return self._object(reply.choices[0].content, True, self.statistics(reply.finish), tool_calls_of(reply))
+        choice = reply.choices[0]
+        return self._object(
+            choice.content,
+            True,
+            self.statistics(reply.finish),
+            tool_calls_of(reply),
+            thinking=choice.reasoning,
+            logprobs=choice.logprobs,
+        )
+
+
+def logprobs_out(logprobs: Sequence[TokenLogprob]) -> list[LogprobOut]:
+    """Logprobs as Ollama writes them: each token's UTF-8 ``bytes`` beside it (none for an empty token)."""
+
+    def raw(token: str, given: list[int] | None) -> list[int] | msgspec.UnsetType:
+        return (given if given is not None else list(token.encode())) or msgspec.UNSET
+
+    return [
+        LogprobOut(
+            token=each.token,
+            logprob=each.logprob,
+            bytes=raw(each.token, each.bytes),
+            top_logprobs=[
+                TokenLogprobOut(token=t.token, logprob=t.logprob, bytes=raw(t.token, t.bytes)) for t in each.top
+            ]
+            or msgspec.UNSET,
+        )
+        for each in logprobs
+    ]
 
 
 def tool_calls_of(reply: Reply) -> list[CallOut]:
@@ -162,12 +215,17 @@ async def loaded_context(services: Services, name: str | None) -> int | None:
     return entry.context_length
 
 
-async def load_or_unload(services: Services, request: Request[Any, Any, Any], model: str, keep: float | None) -> str:
+async def load_or_unload(
+    services: Services, request: Request[Any, Any, Any], model: str, keep: float | None, *, embedding: bool = False
+) -> str:
     """Ollama's request with nothing to generate: load the model (``"load"``) or, with ``keep_alive``
-    0, unload it (``"unload"``). An upstream's model is only checked: it loads its models itself."""
+    0, unload it (``"unload"``). An Ollama upstream is asked to do that with its model (as an
+    embedding model, ``embedding``); another upstream's model is only checked: it loads its models itself."""
     policy = privacy_of(request, services.settings.routing_privacy)
     plan = await services.auth.plan(request, services.router, model, policy)
     route = plan.routes[0]
+    if isinstance(route.provider, KeepsModelsLoaded):
+        return await route.provider.keep_loaded(route.model, keep, embedding=embedding)
     if not isinstance(route.provider, EmbeddedProvider):
         return "unload" if keep == 0 else "load"
     if keep == 0:
@@ -214,7 +272,7 @@ async def serve_ollama(
         generation = translate(context)
         if local is not None:
             services.manager.keep(local, keep)
-        return generation
+        return msgspec.structs.replace(generation, keep_alive=keep)
 
     return await serve_generation(
         services,
@@ -263,7 +321,7 @@ async def embed(data: EmbedRequest, services: Services, request: Request[Any, An
     if data.dimensions is not None:
         raise InvalidRequest("dimensions is not supported", param="dimensions")
     if not inputs:
-        await load_or_unload(services, request, data.model, keep)
+        await load_or_unload(services, request, data.model, keep, embedding=True)
         empty = EmbedResponse(
             model=data.model,
             embeddings=[],
@@ -302,7 +360,7 @@ async def embed(data: EmbedRequest, services: Services, request: Request[Any, An
 async def embeddings(data: EmbeddingsRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     keep = keep_alive_seconds(data.keep_alive)
     if not data.prompt:
-        await load_or_unload(services, request, data.model, keep)
+        await load_or_unload(services, request, data.model, keep, embedding=True)
         return Response(encoder.encode(EmbeddingsResponse(embedding=[])), media_type="application/json")
     local = await embedded_name(services, data.model)
     if local is not None:

@@ -33,10 +33,11 @@ from locopilot.errors import InvalidRequest, LocopilotError, ModelNotFound, Olla
 from locopilot.gateway import auth
 from locopilot.gateway.auth import principal_of
 from locopilot.gateway.guard import EXCLUDE_FROM_AUTH
-from locopilot.gateway.router import DEFAULT_TAG, served_name
+from locopilot.gateway.router import DEFAULT_TAG
 from locopilot.models.catalog import ModelEntry, validate_model_name
 from locopilot.models.gguf import GGUFHeader
 from locopilot.models.pull import OllamaProgress, ollama_progress
+from locopilot.providers.base import DescribesModels, human_count
 from locopilot.providers.embedded import EmbeddedProvider
 from locopilot.schemas.ollama import (
     CopyRequest,
@@ -70,23 +71,12 @@ def rfc3339(unix: float) -> str:
     return datetime.fromtimestamp(unix, UTC).isoformat().replace("+00:00", "Z")
 
 
-def human_count(count: int | None) -> str:
-    """A parameter count as Ollama writes it: ``134.52M``, ``1.2B``."""
-    if not count:
-        return ""
-    for size, unit, digits in ((1e9, "B", 1), (1e6, "M", 2), (1e3, "K", 0)):
-        if count >= size:
-            value = count / size
-            return f"{value:.0f}{unit}" if value == int(value) else f"{value:.{digits}f}{unit}"
-    return str(count)
-
-
 def details_of(architecture: str | None, parameter_count: int | None, quantization: str | None) -> ModelDetails:
     family = architecture or ""
     return ModelDetails(
         family=family,
         families=[family] if family else None,
-        parameter_size=human_count(parameter_count),
+        parameter_size=human_count(parameter_count) or "",
         quantization_level=quantization or "",
     )
 
@@ -139,13 +129,15 @@ def model_info(header: GGUFHeader) -> dict[str, Any]:
     return info
 
 
-def capabilities(header: GGUFHeader, template: str) -> list[str]:
-    """``embedding`` for an embedding model (it declares a pooling type), else ``completion``, and
-    ``tools`` when the chat template renders tools."""
+def capabilities(header: GGUFHeader) -> list[str]:
+    """``embedding`` for an embedding model (it declares a pooling type), else ``completion`` and
+    ``tools``: the engine calls tools with any model, in its template's own format or, where the
+    template knows none, the grammar-constrained generic one (clients such as Copilot Chat offer
+    a model for tool use only when ``tools`` is listed)."""
     arch = header.architecture or ""
     if f"{arch}.pooling_type" in header.metadata:
         return ["embedding"]
-    return ["completion", "tools"] if "tools" in template else ["completion"]
+    return ["completion", "tools"]
 
 
 @post("/api/show", status_code=200, responses=answers(ShowResponse, 200, *GUARDED, *BODY, *ROUTED, front="ollama"))
@@ -155,25 +147,7 @@ async def show(data: ModelRequest, services: Services, request: Request[Any, Any
         raise InvalidRequest("model is required", param="model")
     entry = await embedded_entry(services, request, model)
     if entry is None:
-        # A model an upstream serves: known by name only.
-        policy = privacy_of(request, services.settings.routing_privacy)
-        plan = await services.auth.plan(request, services.router, model, policy)
-        provider = plan.routes[0].provider.name
-        served = [card.id for card in await all_cards(services, principal_of(request)) if card.provider == provider]
-        requested = model.split(":", 1)[1] if model.startswith(f"{provider}:") else model.removeprefix(f"{provider}/")
-        if served_name(requested, served) is None:
-            raise ModelNotFound(f'model "{model}" not found', param="model")
-        shown = ShowResponse(
-            modelfile=f"FROM {model}\n",
-            parameters="",
-            template="",
-            details=ModelDetails(),
-            model_info={},
-            capabilities=["completion"],
-            modified_at=rfc3339(0),
-        )
-        headers = {"X-Locopilot-Provider": provider}
-        return Response(encoder.encode(shown), media_type=MediaType.JSON, headers=headers)
+        return await upstream_show(services, request, model)
     header = await anyio.to_thread.run_sync(services.catalog.header, entry.name)
     template = choose_template(header.metadata)
     stops = "\n".join(f'stop "{stop}"' for stop in template.stop) if template.stop else ""
@@ -183,10 +157,46 @@ async def show(data: ModelRequest, services: Services, request: Request[Any, Any
         template=template.source,
         details=details_of(entry.architecture, entry.parameter_count, entry.quantization),
         model_info=model_info(header),
-        capabilities=capabilities(header, template.source),
+        capabilities=capabilities(header),
         modified_at=rfc3339(entry.modified),
     )
     return Response(encoder.encode(shown), media_type=MediaType.JSON)
+
+
+async def upstream_show(services: Services, request: Request[Any, Any, Any], model: str) -> Response[bytes]:
+    """``/api/show`` of a model an upstream serves, as far as that upstream can say (see
+    :class:`~locopilot.providers.base.DescribesModels`): an Ollama upstream's own ``/api/show``,
+    an OpenAI-compatible one's ``/v1/models`` entry. The upstream is asked under its name for the
+    model (``llama3.2`` may be its ``llama3.2:latest``); the answer names the model as the client did."""
+    policy = privacy_of(request, services.settings.routing_privacy)
+    plan = await services.auth.plan(request, services.router, model, policy)
+    route = plan.routes[0]
+    if not isinstance(route.provider, DescribesModels):
+        raise ModelNotFound(f'model "{model}" not found', param="model")
+    try:
+        described = await route.provider.describe(route.model)
+    except ModelNotFound:
+        raise ModelNotFound(f'model "{model}" not found', param="model") from None
+    details = ModelDetails(
+        parent_model=described.parent_model or "",
+        format=described.format or "",
+        family=described.family or "",
+        families=list(described.families) or None,
+        parameter_size=described.parameter_size or "",
+        quantization_level=described.quantization_level or "",
+    )
+    shown = ShowResponse(
+        modelfile=f"# {model} is served by the upstream {route.provider.name} as {route.model}\nFROM {model}\n",
+        parameters=described.parameters or "",
+        template=described.template or "",
+        details=details,
+        model_info=described.model_info,
+        capabilities=list(described.capabilities),
+        modified_at=described.modified_at or rfc3339(0),
+    )
+    body = {**described.extra, **msgspec.to_builtins(shown)}
+    headers = {"X-Locopilot-Provider": route.provider.name}
+    return Response(encoder.encode(body), media_type=MediaType.JSON, headers=headers)
 
 
 @get("/api/ps", responses=answers(RunningList, 200, *GUARDED, front="ollama"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Literal
 
 from locopilot.api.openai import check_text_size
 from locopilot.api.tools import ToolParams, check_schema_bounds, check_tools
@@ -96,11 +96,29 @@ def max_tokens_of(options: Options | None) -> int | None:
     return options.num_predict
 
 
-def check_generation_fields(body: GenerationFields) -> None:
-    if body.think not in (None, False):
-        raise InvalidRequest(f'"{body.model}" does not support thinking', param="think")
-    if body.logprobs:
-        raise InvalidRequest("logprobs are not supported by this server yet", param="logprobs")
+def think_of(body: GenerationFields) -> bool | Literal["low", "medium", "high", "max"] | None:
+    """``think`` as Ollama reads it: a boolean or an effort. Whether the model can think is the
+    provider's to say (only an Ollama upstream can pass it on; the others refuse it)."""
+    match body.think:
+        case None:
+            return None
+        case bool(flag):
+            return flag
+        case "low" | "medium" | "high" | "max" as level:
+            return level
+        case other:
+            raise InvalidRequest(
+                f'invalid think value: "{other}" (must be "high", "medium", "low", "max", true, or false)',
+                param="think",
+            )
+
+
+def logprobs_of(body: GenerationFields) -> int | None:
+    """How many alternatives beside each token's own logprob (0-20); None when ``logprobs`` is
+    not asked for (``top_logprobs`` alone asks for nothing, as in Ollama)."""
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
+        raise InvalidRequest("top_logprobs must be between 0 and 20", param="top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None
 
 
 def check_num_ctx(options: Options | None, context: int | None) -> None:
@@ -157,7 +175,7 @@ def arguments(call: OllamaToolCall) -> str:
 
 
 def chat_generation(body: ChatRequest, max_text: int, context: int | None) -> GenerationRequest:
-    check_generation_fields(body)
+    think, logprobs = think_of(body), logprobs_of(body)
     check_num_ctx(body.options, context)
     tools = tuple(
         FunctionTool(name=tool.function.name, description=tool.function.description)
@@ -179,13 +197,15 @@ def chat_generation(body: ChatRequest, max_text: int, context: int | None) -> Ge
         tools=tools,
         tool_choice=choice,
         sampling=options_sampling(body.options),
+        logprobs=logprobs,
+        think=think,
     )
 
 
 def generate_generation(body: GenerateRequest, max_text: int, context: int | None) -> GenerationRequest:
     """``raw`` sends the prompt as it is; ``suffix`` asks for the text between prompt and suffix
     (fill-in-the-middle); otherwise the prompt (after ``system``) goes through the chat template."""
-    check_generation_fields(body)
+    think, logprobs = think_of(body), logprobs_of(body)
     check_num_ctx(body.options, context)
     if body.template is not None:
         raise InvalidRequest(
@@ -204,6 +224,8 @@ def generate_generation(body: GenerateRequest, max_text: int, context: int | Non
         "stop": list(body.options.stop or []) if body.options else [],
         "json_schema": json_schema_of(body.format),
         "sampling": options_sampling(body.options),
+        "logprobs": logprobs,
+        "think": think,
     }
     if body.raw or body.suffix:
         if body.system:

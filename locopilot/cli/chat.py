@@ -12,16 +12,7 @@ import rich_click as click
 from rich.markup import escape
 
 from locopilot.cli import console, print_error, settings_or_exit
-from locopilot.settings import Settings
-
-
-def base_url(settings: Settings) -> str:
-    host = settings.host
-    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind is reached on loopback
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.port}"
+from locopilot.cli.remote import base_url
 
 
 class ChatError(Exception):

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from locopilot.cli import console
-from locopilot.cli.chat import base_url
+from locopilot.cli.remote import base_url
 from locopilot.engine.protocol import Probe, probe_decoder
 from locopilot.engine.scheduler import runner_command
 from locopilot.models.catalog import ModelCatalog

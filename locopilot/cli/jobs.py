@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from locopilot.cli import console, print_error, settings_or_exit
-from locopilot.cli.chat import base_url
+from locopilot.cli.remote import base_url, checked
 
 JOBS_PATH = "/v1/locopilot/training/jobs"
 STATUS_STYLES = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "dim"}
@@ -47,24 +47,6 @@ def server_client(url: str | None, key_file: Path | None) -> Iterator[httpx.Clie
     except httpx.TransportError as exc:
         print_error(f"cannot reach the server ({exc}); is `locopilot serve` running?")
         raise SystemExit(1) from exc
-
-
-def checked(response: httpx.Response) -> Any:
-    """The JSON of a successful answer; exits 1 with the error's message otherwise."""
-    if response.status_code >= 400:
-        response.read()
-        try:
-            error = response.json()["error"]
-            message = str(error["message"])
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:500] or f"HTTP {response.status_code}"
-        else:
-            # A remote locopilot that wants a paid plan says where to get one.
-            if isinstance(error, dict) and isinstance(error.get("upgrade_url"), str):
-                message += f"; see {error['upgrade_url']}"
-        print_error(f"{message} (HTTP {response.status_code})")
-        raise SystemExit(1)
-    return response.json()
 
 
 def when(seconds: float | None) -> str:

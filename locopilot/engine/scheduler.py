@@ -49,9 +49,9 @@ from locopilot.engine.protocol import (
     Tuned,
 )
 from locopilot.engine.templates import FALLBACKS
-from locopilot.errors import EngineUnavailable, InsufficientMemory, InvalidRequest, QueueFull
-from locopilot.models.gguf import GGUFError, read_header
-from locopilot.models.memory import Estimate, available, estimate, gib
+from locopilot.errors import EngineUnavailable, InsufficientMemory, InvalidRequest, LocopilotError, QueueFull
+from locopilot.models.gguf import GGUFError
+from locopilot.models.memory import Estimate, available, estimate, gib, model_header
 from locopilot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -637,8 +637,8 @@ class ModelManager:
         weights of loaded models, whose mapped pages it counts as reclaimable. None: no estimate could be made.
         """
         try:
-            header = await anyio.to_thread.run_sync(read_header, path)
-        except (GGUFError, OSError):
+            header = await anyio.to_thread.run_sync(model_header, path)
+        except (GGUFError, OSError, LocopilotError):
             return None  # the runner says what is wrong with the file
         need = estimate(header, self.settings.for_model(name))
         while True:

@@ -89,10 +89,15 @@ class ChoiceParts:
     text: list[str] = field(default_factory=list)
     calls: list[CallParts] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    thinking: list[str] = field(default_factory=list)
 
     @property
     def content(self) -> str:
         return "".join(self.text)
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self.thinking)
 
     def tool_calls(self) -> list[ToolCall]:
         return [parts.call() for parts in self.calls]
@@ -114,9 +119,11 @@ class Reply:
             self.choices.append(ChoiceParts())
         choice = self.choices[event.index]
         match event:
-            case TextDelta(text=text, logprobs=logprobs):
+            case TextDelta(text=text, logprobs=logprobs, thinking=thinking):
                 choice.text.append(text)
                 choice.logprobs.extend(logprobs)
+                if thinking:
+                    choice.thinking.append(thinking)
             case ToolCallDelta(call=call, id=call_id, name=name, arguments=arguments):
                 while len(choice.calls) <= call:
                     choice.calls.append(CallParts())

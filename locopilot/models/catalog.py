@@ -4,6 +4,11 @@ A model file is a regular file or a symlink to one elsewhere (``models add
 --link`` makes those). A model name never addresses a path outside the folder:
 names are checked against :data:`MODEL_NAME_RE` (no ``/``, no leading ``.``),
 and removing a model unlinks the name in the folder, never a link's target.
+
+A split model (``NAME-00001-of-0000N.gguf`` and its other parts) is a folder
+``.splits/NAME/`` holding the parts under their own names (copies, or links to
+them), and ``NAME.gguf``, a link to the first part: llama.cpp finds the other parts
+by the first part's file name.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import re
 import shutil
 import stat
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -22,12 +28,16 @@ from locopilot.engine.templates import choose_template
 from locopilot.engine.toolformats import capability
 from locopilot.errors import InvalidModelName, InvalidRequest, ModelNotFound
 from locopilot.models.gguf import GGUFError, GGUFHeader, read_header
+from locopilot.models.refs import SPLIT_RE
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME_RE = re.compile(r"^[a-zA-Z0-9:._-]+$")
 MAX_MODEL_NAME = 200
 SUFFIX = ".gguf"
+SPLITS = ".splits"
+#: Links followed at most when looking for the file to load (the kernel's own limit is 40).
+MAX_LINKS = 40
 
 
 class ModelEntry(msgspec.Struct, frozen=True):
@@ -80,6 +90,21 @@ def _key(st: os.stat_result) -> _Key:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def split_parts(first: Path) -> list[Path]:
+    """The parts of the split model whose first part is ``first`` (beside it, by name), in order; ``[first]``
+    for a file that is not a split's first part. Raises InvalidRequest if a part is missing."""
+    match = SPLIT_RE.search(first.name)
+    if match is None or int(match.group(1)) != 1:
+        return [first]
+    count = int(match.group(2))
+    stem, suffix = first.name[: match.start()], first.name[-len(SUFFIX) :]
+    parts = [first.with_name(f"{stem}-{index:05d}-of-{count:05d}{suffix}") for index in range(1, count + 1)]
+    for index, part in enumerate(parts, start=1):
+        if not part.is_file():
+            raise InvalidRequest(f"{first} is part 1 of {count} of a split model; part {index} ({part}) is missing")
+    return parts
+
+
 class ModelCatalog:
     """The models in one folder. Headers are parsed once per file version and cached.
 
@@ -104,10 +129,17 @@ class ModelCatalog:
         return path
 
     def load_path(self, name: str) -> Path:
-        """The file llama.cpp loads for ``name``: links resolved, since a split model's first part must
-        keep its own name (``-00001-of-0000N``) for llama.cpp to find the others. Raises InvalidModelName
-        or ModelNotFound."""
-        return self._existing(name).resolve()
+        """The file llama.cpp loads for ``name``: links resolved, but only up to a split model's first
+        part, which must keep its own name (``-00001-of-0000N``) for llama.cpp to find the others beside
+        it (a Hugging Face cache links that name to a blob named by its hash). Raises InvalidModelName or
+        ModelNotFound."""
+        path = self._existing(name)
+        for _ in range(MAX_LINKS):
+            if not path.is_symlink() or SPLIT_RE.search(path.name):
+                break
+            path = path.parent / os.readlink(path)
+        # The folders on the way are resolved; the name is kept.
+        return path.parent.resolve() / path.name if SPLIT_RE.search(path.name) else path.resolve()
 
     def list(self) -> list[ModelEntry]:
         """All models, sorted by name. Files that fail to parse are listed with ``error`` set."""
@@ -175,7 +207,10 @@ class ModelCatalog:
             raise InvalidRequest(f"The model '{name}' already exists")
 
         self.models_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if link:
+        parts = split_parts(source)
+        if len(parts) > 1:
+            self._add_split(parts, target, link=link)
+        elif link:
             try:
                 # symlink refuses an existing name, so a racing add cannot be overwritten.
                 target.symlink_to(source.resolve())
@@ -186,18 +221,53 @@ class ModelCatalog:
         return self.get(name)
 
     def remove(self, name: str) -> None:
-        """Delete model ``name``: the file, or for a link the link alone, and its lineage manifest
-        (see :mod:`locopilot.training.lineage`). Raises ModelNotFound if absent."""
+        """Delete model ``name``: the file, or for a link the link alone, its lineage manifest (see
+        :mod:`locopilot.training.lineage`) and a split model's folder of parts. Raises ModelNotFound if absent."""
         path = self._existing(name)
         path.unlink()
         path.with_name(path.name + ".lineage.json").unlink(missing_ok=True)
+        shutil.rmtree(self.split_folder(name), ignore_errors=True)
         self._cache.pop(path, None)
+
+    def split_folder(self, name: str) -> Path:
+        """Where split model ``name`` keeps its parts."""
+        return self.models_dir / SPLITS / validate_model_name(name)
+
+    def place_split(self, folder: Path, first: str, target: Path) -> None:
+        """Make ``folder`` (complete, holding the parts, in the models folder) split model ``target``'s parts:
+        it is moved to :meth:`split_folder` and ``target`` becomes a link to its part ``first``, atomically."""
+        name = target.name.removesuffix(SUFFIX)
+        home = self.split_folder(name)
+        if home.exists():
+            shutil.rmtree(home)
+        home.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.rename(home)
+        link = target.with_name(f".{target.name}.link")
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path(SPLITS) / name / first)
+        os.replace(link, target)
 
     def _existing(self, name: str) -> Path:
         path = self.path_for(name)
         if not (path.is_symlink() or path.is_file()):
             raise ModelNotFound(f"The model '{name}' does not exist", param="model")
         return path
+
+    def _add_split(self, parts: Sequence[Path], target: Path, *, link: bool) -> None:
+        """Copy (or link to) every part into a folder of their own, then place it (see the module docstring)."""
+        staging = Path(tempfile.mkdtemp(dir=self.models_dir, prefix=f".{target.name}.", suffix=".parts"))
+        try:
+            for part in parts:
+                if link:
+                    # The part's own file: a Hugging Face cache's snapshot name links to a blob.
+                    (staging / part.name).symlink_to(part.resolve())
+                else:
+                    self._copy(part, staging / part.name)
+            if target.is_symlink() or target.exists():
+                raise InvalidRequest(f"The model '{target.name.removesuffix(SUFFIX)}' already exists")
+            self.place_split(staging, parts[0].name, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _copy(self, source: Path, target: Path) -> None:
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")

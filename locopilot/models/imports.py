@@ -16,14 +16,17 @@ layout tells (nothing is hashed here):
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from locopilot.errors import InvalidRequest
 from locopilot.models.refs import SPLIT_RE, file_stem, safe_name
 from locopilot.models.sources import OLLAMA_METADATA_LAYERS, OLLAMA_MODEL_LAYER
 
 MAX_MANIFEST = 1024 * 1024
+MAX_ENTRIES = 100_000
 MAX_METADATA = 1024 * 1024
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -116,9 +119,28 @@ def _huggingface(folder: Path) -> list[Found]:
 def _folder(folder: Path) -> list[Found]:
     return [
         Found(file_stem(path.name), path, f"file:{path}", split=SPLIT_RE.search(path.name) is not None)
-        for path in sorted(folder.rglob("*.gguf"))
-        if path.is_file() and _wanted(path.name) and not any(part.startswith(".") for part in path.parts[-3:])
+        for path in _ggufs(folder)
+        if path.is_file() and _wanted(path.name)
     ]
+
+
+def _ggufs(folder: Path) -> list[Path]:
+    """The ``.gguf`` files below ``folder``, sorted, hidden folders and links to folders not entered.
+
+    Raises InvalidRequest past :data:`MAX_ENTRIES` entries: an import of ``/`` would walk the whole machine.
+    """
+    found = []
+    seen = 0
+    for top, folders, files in os.walk(folder):
+        seen += len(folders) + len(files)
+        if seen > MAX_ENTRIES:
+            raise InvalidRequest(
+                f"{folder} holds more than {MAX_ENTRIES:,} files and folders: name the folder the models are in",
+                param="folder",
+            )
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [Path(top) / name for name in files if name.lower().endswith(".gguf") and not name.startswith(".")]
+    return sorted(found)
 
 
 def _wanted(name: str) -> bool:

@@ -21,7 +21,8 @@ from pathlib import Path
 import msgspec
 
 from locopilot.engine.batching import BATCH, DEFAULT_KV_TOKENS, DEFAULT_SLOTS
-from locopilot.models.gguf import GGUFHeader
+from locopilot.models.catalog import split_parts
+from locopilot.models.gguf import GGUFHeader, read_header
 from locopilot.settings import ModelRuntime
 
 RUNNER_OVERHEAD = 96 * 1024 * 1024
@@ -38,6 +39,16 @@ class Estimate(msgspec.Struct, frozen=True):
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.compute
+
+
+def model_header(path: Path) -> GGUFHeader:
+    """The header of the model whose (first) file is ``path``, its ``tensor_bytes`` summed over every part
+    of a split model (the first part's header counts only its own tensors). Raises as read_header does."""
+    header = read_header(path)
+    if not isinstance(header.metadata.get("split.count"), int) or header.metadata["split.count"] < 2:
+        return header
+    parts = split_parts(path)
+    return msgspec.structs.replace(header, tensor_bytes=sum(read_header(part).tensor_bytes for part in parts))
 
 
 def _arch_int(header: GGUFHeader, key: str) -> int | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
@@ -59,7 +60,6 @@ from locopilot.store.models import FilePart, ModelRecord
 log = logging.getLogger(__name__)
 
 DOWNLOADS = ".downloads"
-SPLITS = ".splits"
 PROGRESS_INTERVAL_S = 0.25
 RATE_WINDOW_S = 5.0
 
@@ -222,6 +222,9 @@ class Puller:
         self.clock = clock
         self.transfers: dict[str, _Transfer] = {}
         self._install = anyio.Lock()
+        self._space = anyio.Lock()
+        # Blob key -> (its size, how many pulls under way count on it): the disk space promised to them.
+        self._promised: dict[str, tuple[int, int]] = {}
 
     @property
     def downloads(self) -> Path:
@@ -241,40 +244,52 @@ class Puller:
         if await self._installed(request.name, plan):
             yield PullEvent(status="success", model=request.name)
             return
-        await anyio.to_thread.run_sync(self._check_space, plan)
-        for blob in plan.blobs:
-            # Under the install lock: a pull of the same model that finished meanwhile has placed and
-            # recorded it (and moved its download away), so this one must not start the download again.
-            async with self._install:
-                if await self._installed(request.name, plan):
-                    yield PullEvent(status="success", model=request.name)
-                    return
-                downloading = self._download(blob)
-                first = await anext(downloading)
-            try:
-                yield first
-                async for event in downloading:
-                    yield event
-            finally:
-                await downloading.aclose()  # a pull closed early stops watching (see _download)
-        yield PullEvent(status="verifying sha256 digest")
-        # Checked and placed under the install lock: two pulls that shared one download both get
-        # here, and the first to place the file moves it out of the downloads folder.
-        async with self._install:
-            if not await self._installed(request.name, plan):
-                finals = [self._final(blob) for blob in plan.blobs]
+        # One check at a time, each counting what the pulls that passed before it will still write:
+        # two pulls that each fit alone but not together are not both started, to fail when the disk fills.
+        async with self._space:
+            await anyio.to_thread.run_sync(self._check_space, plan, dict(self._promised))
+            self._promise(plan, 1)
+        held = True
+        try:
+            for blob in plan.blobs:
+                # Under the install lock: a pull of the same model that finished meanwhile has placed and
+                # recorded it (and moved its download away), so this one must not start the download again.
+                async with self._install:
+                    if await self._installed(request.name, plan):
+                        yield PullEvent(status="success", model=request.name)
+                        return
+                    downloading = self._download(blob)
+                    first = await anext(downloading)
                 try:
-                    await anyio.to_thread.run_sync(read_header, finals[0])
-                except (GGUFError, OSError) as exc:
-                    for path in finals:
-                        path.unlink(missing_ok=True)
-                    raise UpstreamError(
-                        f"{plan.blobs[0].filename} is not a usable GGUF file ({exc}); it was deleted",
-                        retryable=False,
-                    ) from exc
-                await anyio.to_thread.run_sync(self._place, request, plan)
-        yield PullEvent(status="writing manifest")
-        yield PullEvent(status="success", model=request.name)
+                    yield first
+                    async for event in downloading:
+                        yield event
+                finally:
+                    await downloading.aclose()  # a pull closed early stops watching (see _download)
+            yield PullEvent(status="verifying sha256 digest")
+            # Checked and placed under the install lock: two pulls that shared one download both get
+            # here, and the first to place the file moves it out of the downloads folder.
+            async with self._install:
+                if not await self._installed(request.name, plan):
+                    finals = [self._final(blob) for blob in plan.blobs]
+                    try:
+                        await anyio.to_thread.run_sync(read_header, finals[0])
+                    except (GGUFError, OSError) as exc:
+                        for path in finals:
+                            path.unlink(missing_ok=True)
+                        raise UpstreamError(
+                            f"{plan.blobs[0].filename} is not a usable GGUF file ({exc}); it was deleted",
+                            retryable=False,
+                        ) from exc
+                    await anyio.to_thread.run_sync(self._place, request, plan)
+                # Placed: it takes no more space than it has, and must not count as still to come.
+                self._promise(plan, -1)
+                held = False
+            yield PullEvent(status="writing manifest")
+            yield PullEvent(status="success", model=request.name)
+        finally:
+            if held:
+                self._promise(plan, -1)
 
     def _final(self, blob: Blob) -> Path:
         return self.downloads / f"{blob.key}{SUFFIX}"
@@ -295,19 +310,39 @@ class Puller:
         first = plan.blobs[0]
         return first.sha256 is not None and record.sha256 == first.sha256
 
-    def _check_space(self, plan: Plan) -> None:
-        self.downloads.mkdir(mode=0o700, parents=True, exist_ok=True)
-        needed = 0
+    def _promise(self, plan: Plan, change: int) -> None:
         for blob in plan.blobs:
-            if blob.size is None or self._final(blob).exists():
+            if blob.size is None:
                 continue
-            partial = self.downloads / f"{blob.key}.partial"
-            have = partial.stat().st_size if partial.exists() else 0
-            needed += max(0, blob.size - have)
+            _, pulls = self._promised.get(blob.key, (blob.size, 0))
+            if pulls + change > 0:
+                self._promised[blob.key] = (blob.size, pulls + change)
+            else:
+                self._promised.pop(blob.key, None)
+
+    def _to_come(self, key: str, size: int) -> int:
+        """The bytes blob ``key`` of ``size`` still needs on disk (none once downloaded)."""
+        if (self.downloads / f"{key}{SUFFIX}").exists():
+            return 0
+        partial = self.downloads / f"{key}.partial"
+        try:
+            have = partial.stat().st_size
+        except FileNotFoundError:
+            have = 0
+        return max(0, size - have)
+
+    def _check_space(self, plan: Plan, promised: dict[str, tuple[int, int]]) -> None:
+        """Raise InsufficientStorage unless the disk holds what ``plan`` still needs, besides what the
+        downloads ``promised`` to other pulls (blob key -> (size, pulls)) will still write."""
+        self.downloads.mkdir(mode=0o700, parents=True, exist_ok=True)
+        keys = {blob.key for blob in plan.blobs}
+        needed = sum(self._to_come(blob.key, blob.size) for blob in plan.blobs if blob.size is not None)
+        coming = sum(self._to_come(key, size) for key, (size, _) in promised.items() if key not in keys)
         free = self.disk_free(self.downloads)
-        if needed > free:
+        if needed + coming > free:
+            others = f", {coming:,} of them promised to other pulls under way" if coming else ""
             raise InsufficientStorage(
-                f"Pulling needs {needed:,} more bytes in {self.catalog.models_dir}, which has {free:,} free",
+                f"Pulling needs {needed:,} more bytes in {self.catalog.models_dir}, which has {free:,} free{others}",
             )
 
     async def _download(self, blob: Blob) -> AsyncGenerator[PullEvent, None]:
@@ -373,16 +408,10 @@ class Puller:
         else:
             # llama.cpp finds a split model's other parts by the first part's name: they keep their names,
             # together in a folder of their own, and the model is a link to the first part.
-            folder = self.catalog.models_dir / SPLITS / name
-            if folder.exists():
-                shutil.rmtree(folder)
-            folder.mkdir(mode=0o700, parents=True)
+            folder = Path(tempfile.mkdtemp(dir=self.catalog.models_dir, prefix=f".{target.name}.", suffix=".parts"))
             for blob, path in zip(plan.blobs, finals, strict=True):
                 os.replace(path, folder / blob.filename.rsplit("/", 1)[-1])
-            link = target.with_name(f".{target.name}.link")
-            link.unlink(missing_ok=True)
-            link.symlink_to(Path(SPLITS) / name / plan.blobs[0].filename.rsplit("/", 1)[-1])
-            os.replace(link, target)
+            self.catalog.place_split(folder, plan.blobs[0].filename.rsplit("/", 1)[-1], target)
         size = sum(blob.size or target.stat().st_size for blob in plan.blobs)
         records.put(
             self.db,

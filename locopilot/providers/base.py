@@ -19,7 +19,7 @@ closes it (``aclose``), which cancels the work in the backend.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import msgspec
 
@@ -33,16 +33,20 @@ from locopilot.engine.protocol import (
     ToolChoice,
     TopLogprob,
 )
+from locopilot.errors import InvalidRequest
 
 __all__ = [
     "CountsTokens",
+    "DescribesModels",
     "EmbeddingResult",
     "Finish",
     "FunctionTool",
     "GenerationRequest",
     "ImagePart",
+    "KeepsModelsLoaded",
     "Locality",
     "Message",
+    "ModelDescription",
     "Provider",
     "SamplingParams",
     "StreamEvent",
@@ -52,6 +56,8 @@ __all__ = [
     "ToolCallDelta",
     "ToolChoice",
     "TopLogprob",
+    "human_count",
+    "refuse_thinking",
 ]
 
 Locality = Literal["local", "remote"]
@@ -66,6 +72,14 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     None for none, else how many alternatives (0-20) beside each token's own; ``n``
     choices share one prompt. Messages may carry images (:class:`ImagePart`), which
     only a provider that can see may accept; the others refuse with InvalidRequest.
+
+    ``think`` (Ollama's): None leaves it to the backend; False asks a reasoning model not to
+    think; True or an effort (``low``, ``medium``, ``high``, ``max``) asks it to, and its
+    reasoning comes back as :attr:`TextDelta.thinking`. Only a provider that can pass it on
+    accepts a thinking request (an Ollama upstream); the others refuse it with InvalidRequest.
+    ``keep_alive``: seconds the backend should keep the model loaded after this request
+    (negative: until unloaded), None for its default; passed on to an Ollama upstream (the
+    embedded engine's is set by the front through the ModelManager).
     """
 
     model: str
@@ -84,15 +98,23 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: int | None = None
     n: int = 1
     sampling: SamplingParams = SamplingParams()
+    think: bool | Literal["low", "medium", "high", "max"] | None = None
+    keep_alive: float | None = None
 
 
 class TextDelta(msgspec.Struct, frozen=True):
-    """Text of choice ``index``; ``tokens`` it took; ``logprobs`` one per token when asked for."""
+    """Text of choice ``index``; ``tokens`` it took; ``logprobs`` one per token when asked for.
+
+    ``thinking``: the model's reasoning (not its answer), only when the request asked it to
+    think (:attr:`GenerationRequest.think`); ``text`` may then be empty. A delta may also
+    carry logprobs with no text, where the backend held text back (Ollama does, around calls).
+    """
 
     text: str
     tokens: int
     index: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
+    thinking: str = ""
 
 
 class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True):
@@ -139,6 +161,13 @@ class Finish(msgspec.Struct, frozen=True):
 StreamEvent = TextDelta | ToolCallDelta | Finish
 
 
+def refuse_thinking(request: GenerationRequest) -> None:
+    """InvalidRequest (Ollama's words) for a request that asks to think, from a provider that
+    cannot pass thinking on; ``think`` False or absent is fine."""
+    if request.think not in (None, False):
+        raise InvalidRequest(f'"{request.model}" does not support thinking', param="think")
+
+
 class EmbeddingResult(msgspec.Struct, frozen=True):
     vectors: list[list[float]]
     prompt_tokens: int
@@ -175,4 +204,60 @@ class CountsTokens(Protocol):
     async def count_tokens(self, request: GenerationRequest) -> int:
         """The tokens of ``request``'s prompt: its messages (and tools) through the model's
         chat template, tokenized by the model's tokenizer. Raises as ``stream`` would before its first event."""
+        ...
+
+
+class ModelDescription(msgspec.Struct, frozen=True, kw_only=True):
+    """What a provider can honestly say of one of its models, in the terms of Ollama's
+    ``/api/show`` (the fullest description any backend gives). Unknown is None or empty,
+    never a guess. ``model_info`` holds GGUF-style keys (``general.architecture``,
+    ``<arch>.context_length``, ...); ``capabilities`` Ollama's words (``completion``,
+    ``tools``, ``thinking``, ``vision``, ``embedding``, ``insert``); ``modified_at`` RFC 3339.
+    ``extra``: other fields of an Ollama upstream's answer (``license``, ``system``,
+    ``tensors``, ``projector_info``, ...), passed on as they came.
+    """
+
+    family: str | None = None
+    families: tuple[str, ...] = ()
+    parameter_size: str | None = None
+    quantization_level: str | None = None
+    format: str | None = None
+    parent_model: str | None = None
+    template: str | None = None
+    parameters: str | None = None
+    modelfile: str | None = None
+    model_info: dict[str, Any] = {}
+    capabilities: tuple[str, ...] = ()
+    modified_at: str | None = None
+    extra: dict[str, Any] = {}
+
+
+def human_count(count: int | None) -> str | None:
+    """A parameter count as Ollama writes it (``134.52M``, ``1.2B``); None when unknown."""
+    if not count:
+        return None
+    for size, unit, digits in ((1e9, "B", 1), (1e6, "M", 2), (1e3, "K", 0)):
+        if count >= size:
+            value = count / size
+            return f"{value:.0f}{unit}" if value == int(value) else f"{value:.{digits}f}{unit}"
+    return str(count)
+
+
+@runtime_checkable
+class DescribesModels(Protocol):
+    """A provider that can describe one of its models (``model``: its own name for it)."""
+
+    async def describe(self, model: str) -> ModelDescription:
+        """Raises ModelNotFound when it does not serve ``model``, UpstreamError when it cannot be asked."""
+        ...
+
+
+@runtime_checkable
+class KeepsModelsLoaded(Protocol):
+    """A provider whose backend loads and unloads models on request (an Ollama upstream)."""
+
+    async def keep_loaded(self, model: str, seconds: float | None, *, embedding: bool = False) -> str:
+        """Load ``model`` and keep it ``seconds`` (negative: until unloaded; None: the backend's
+        default), or with 0 unload it; what the backend did (``load`` or ``unload``).
+        ``embedding``: ask as for an embedding model."""
         ...

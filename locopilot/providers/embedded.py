@@ -38,6 +38,7 @@ from locopilot.providers.base import (
     StreamEvent,
     TextDelta,
     ToolCallDelta,
+    refuse_thinking,
 )
 
 
@@ -150,6 +151,7 @@ class EmbeddedProvider:
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         refuse_unseeable(request)
+        refuse_thinking(request)
         job = generate_job(request)
         input_param = "messages" if request.messages is not None else "prompt"
         began = self.manager.clock()

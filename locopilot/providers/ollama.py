@@ -40,9 +40,12 @@ from locopilot.providers.base import (
     GenerationRequest,
     Locality,
     Message,
+    ModelDescription,
     StreamEvent,
     TextDelta,
+    TokenLogprob,
     ToolCallDelta,
+    TopLogprob,
 )
 from locopilot.providers.http import upstream_transport
 
@@ -62,7 +65,21 @@ class _ToolCall(msgspec.Struct):
 
 class _Message(msgspec.Struct):
     content: str = ""
+    thinking: str = ""
     tool_calls: list[_ToolCall] | None = None
+
+
+class _TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class _Logprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[_TopLogprob] | None = None
 
 
 class _StreamLine(msgspec.Struct):
@@ -70,6 +87,8 @@ class _StreamLine(msgspec.Struct):
 
     message: _Message | None = None
     response: str = ""
+    thinking: str = ""  # /api/generate's
+    logprobs: list[_Logprob] | None = None
     done: bool = False
     done_reason: str | None = None
     prompt_eval_count: int = 0
@@ -95,10 +114,42 @@ class _Embeddings(msgspec.Struct):
     prompt_eval_count: int = 0
 
 
+class _Details(msgspec.Struct):
+    parent_model: str = ""
+    format: str = ""
+    family: str = ""
+    families: list[str] | None = None
+    parameter_size: str = ""
+    quantization_level: str = ""
+
+
+class _Show(msgspec.Struct):
+    """What of ``/api/show``'s answer is read into a ModelDescription; :data:`SHOW_EXTRA` passes on."""
+
+    details: _Details = msgspec.field(default_factory=_Details)
+    model_info: dict[str, Any] | None = None
+    template: str = ""
+    parameters: str = ""
+    capabilities: list[str] | None = None
+    modified_at: str = ""
+
+
+class _Loaded(msgspec.Struct):
+    done_reason: str = ""
+
+
+SHOW_EXTRA = ("license", "system", "messages", "projector_info", "tensors", "renderer", "parser", "requires")
+"""Fields of an upstream's ``/api/show`` passed on as they are. Not its ``modelfile`` (its FROM
+line is a path on the upstream's disk) nor ``remote_host``."""
+
+
 _line_decoder = msgspec.json.Decoder(_StreamLine)
 _error_decoder = msgspec.json.Decoder(_ErrorBody)
 _tags_decoder = msgspec.json.Decoder(_Tags)
 _embeddings_decoder = msgspec.json.Decoder(_Embeddings)
+_show_decoder = msgspec.json.Decoder(_Show)
+_loaded_decoder = msgspec.json.Decoder(_Loaded)
+_any_decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
@@ -133,15 +184,18 @@ def status_error(provider: str, model: str, response: httpx.Response, body: byte
             upstream_body=body,
             retry_after=retry_after_seconds(response.headers.get("retry-after")),
         )
-    if status == 404:
+    try:
+        said = _error_decoder.decode(body).error
+    except msgspec.DecodeError:
+        said = None
+    if status == 404 and said is not None:
         # Ollama answers an unknown model with 404 and a JSON error; an unknown
         # route (a wrong base URL) is a plain-text 404 and stays an UpstreamError.
-        try:
-            _error_decoder.decode(body)
-        except msgspec.DecodeError:
-            pass
-        else:
-            return ModelNotFound(f"model {model!r} is not available from provider {provider}", param="model")
+        return ModelNotFound(f"model {model!r} is not available from provider {provider}", param="model")
+    if status == 400 and said is not None:
+        # Ollama's word on the request itself (a model that cannot think, a bad format): the
+        # client's to fix, with Ollama's own message (which may quote the request).
+        return InvalidRequest(said, quotes_input=True)
     return UpstreamError(
         f"Ollama provider {provider} answered {status}",
         retryable=False,
@@ -171,6 +225,42 @@ def options(request: GenerationRequest, num_ctx: int) -> dict[str, Any]:
     if request.stop:
         opts["stop"] = list(request.stop)
     return opts
+
+
+def token_logprobs(logprobs: list[_Logprob] | None) -> tuple[TokenLogprob, ...]:
+    """Ollama's ``logprobs`` of one line as the internal ones."""
+    return tuple(
+        TokenLogprob(
+            token=each.token,
+            logprob=each.logprob,
+            bytes=each.bytes,
+            top=tuple(
+                TopLogprob(token=top.token, logprob=top.logprob, bytes=top.bytes) for top in each.top_logprobs or ()
+            ),
+        )
+        for each in logprobs or ()
+    )
+
+
+def description(content: bytes) -> ModelDescription:
+    """An ``/api/show`` answer as a ModelDescription (raises msgspec.DecodeError if it is none)."""
+    shown = _show_decoder.decode(content)
+    whole = _any_decoder.decode(content)
+    details = shown.details
+    return ModelDescription(
+        family=details.family or None,
+        families=tuple(details.families or ()),
+        parameter_size=details.parameter_size or None,
+        quantization_level=details.quantization_level or None,
+        format=details.format or None,
+        parent_model=details.parent_model or None,
+        template=shown.template or None,
+        parameters=shown.parameters or None,
+        model_info=shown.model_info or {},
+        capabilities=tuple(shown.capabilities or ()),
+        modified_at=shown.modified_at or None,
+        extra={key: whole[key] for key in SHOW_EXTRA if whole.get(key) not in (None, "", [], {})},
+    )
 
 
 def new_call_id() -> str:
@@ -268,9 +358,14 @@ class OllamaProvider:
             raise InvalidRequest("grammar is not supported by Ollama", param="grammar")
         if request.n > 1:
             raise InvalidRequest("Ollama gives one choice per request: n must be 1 there.", param="n")
-        if request.logprobs is not None:
-            raise InvalidRequest("logprobs are not supported by Ollama.", param="logprobs")
         body: dict[str, Any] = {"model": request.model}
+        if request.logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = request.logprobs
+        if request.think is not None:
+            body["think"] = request.think
+        if request.keep_alive is not None:
+            body["keep_alive"] = request.keep_alive  # seconds, negative: until unloaded (as Ollama reads a number)
         if request.messages is not None:
             path = "/api/chat"
             body["messages"] = chat_messages(request.messages)
@@ -298,6 +393,7 @@ class OllamaProvider:
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         """Stream one generation; closing the generator closes the response, which stops Ollama generating."""
         path, body = self._body(request)
+        thinks = request.think not in (None, False)
         with translate_transport_errors(self.name):
             async with self.client.stream("POST", path, content=_encoder.encode(body)) as response:
                 if response.status_code >= 300:
@@ -318,9 +414,14 @@ class OllamaProvider:
                         raise UpstreamError(
                             f"Ollama provider {self.name} failed: {line.error}", retryable=False, quotes_input=True
                         )
-                    text = line.message.content if line.message is not None else line.response
-                    if text:
-                        yield TextDelta(text, 1)
+                    message = line.message
+                    text = message.content if message is not None else line.response
+                    # Reasoning goes out only when it was asked for: a thinking model's own default
+                    # (Ollama thinks unless told not to) reaches the OpenAI and Anthropic fronts as the answer alone.
+                    thinking = (message.thinking if message is not None else line.thinking) if thinks else ""
+                    logprobs = token_logprobs(line.logprobs) if request.logprobs is not None else ()
+                    if text or thinking or logprobs:
+                        yield TextDelta(text, 1 if text or thinking else 0, logprobs=logprobs, thinking=thinking)
                     # Ollama sends each call whole, its arguments as an object.
                     for call in line.message.tool_calls or () if line.message is not None else ():
                         yield ToolCallDelta(
@@ -354,6 +455,38 @@ class OllamaProvider:
                 retryable=True,
             )
         return EmbeddingResult(result.embeddings, result.prompt_eval_count)
+
+    async def describe(self, model: str) -> ModelDescription:
+        """The upstream's own ``/api/show`` of ``model`` (its name there)."""
+        with translate_transport_errors(self.name):
+            response = await self.client.post("/api/show", content=_encoder.encode({"model": model}))
+        if response.status_code >= 300:
+            raise status_error(self.name, model, response, response.content)
+        try:
+            return description(response.content)
+        except msgspec.DecodeError as exc:
+            raise UpstreamError(
+                f"Ollama provider {self.name} sent an unreadable model description", retryable=True
+            ) from exc
+
+    async def keep_loaded(self, model: str, seconds: float | None, *, embedding: bool = False) -> str:
+        """Ollama's request with nothing to generate: it loads ``model`` (keeping it ``seconds``)
+        or, with 0, unloads it. An embedding model is asked through ``/api/embed``, which answers
+        no reason: then the reason is the one asked for."""
+        asked = "unload" if seconds == 0 else "load"
+        body: dict[str, Any] = {"model": model, "input": []} if embedding else {"model": model, "stream": False}
+        if seconds is not None:
+            body["keep_alive"] = seconds
+        path = "/api/embed" if embedding else "/api/generate"
+        with translate_transport_errors(self.name):
+            response = await self.client.post(path, content=_encoder.encode(body))
+        if response.status_code >= 300:
+            raise status_error(self.name, model, response, response.content)
+        try:
+            reason = _loaded_decoder.decode(response.content).done_reason
+        except msgspec.DecodeError as exc:
+            raise UpstreamError(f"Ollama provider {self.name} sent an unreadable answer", retryable=True) from exc
+        return reason or asked
 
     async def models(self) -> list[str]:
         with translate_transport_errors(self.name):

@@ -35,6 +35,7 @@ import codecs
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -50,11 +51,14 @@ from locopilot.providers.base import (
     GenerationRequest,
     Locality,
     Message,
+    ModelDescription,
     StreamEvent,
     TextDelta,
     TokenLogprob,
     ToolCallDelta,
     TopLogprob,
+    human_count,
+    refuse_thinking,
 )
 from locopilot.providers.http import upstream_transport
 
@@ -314,6 +318,20 @@ class OpenAICompatProvider:
         except msgspec.DecodeError as exc:
             raise self._malformed("model list") from exc
 
+    async def describe(self, model: str) -> ModelDescription:
+        """What the upstream's ``/v1/models`` entry for ``model`` says (see :func:`described`);
+        ModelNotFound when the list has no such entry."""
+        content = await self._call("GET", "/models", None)
+        try:
+            listed = _any_decoder.decode(content)
+        except msgspec.DecodeError as exc:
+            raise self._malformed("model list") from exc
+        entries = listed.get("data") if isinstance(listed, dict) else None
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and entry.get("id") == model:
+                return described(entry)
+        raise ModelNotFound(f"model {model!r} is not available from provider {self.name}", param="model")
+
     async def _call(self, method: str, path: str, body: dict[str, Any] | None) -> bytes:
         """The body of a 2xx answer to a non-streaming request; anything else raises."""
         try:
@@ -375,6 +393,7 @@ class _Prepared:
 
 def generation_body(request: GenerationRequest) -> tuple[str, dict[str, Any], str]:
     """The path, JSON body and input field name of the upstream request for ``request``, in OpenAI's wire form."""
+    refuse_thinking(request)  # OpenAI's wire has no such field to pass it on in
     sampling = request.sampling
     body: dict[str, Any] = {"model": request.model}
     if request.messages is not None:
@@ -430,6 +449,48 @@ def generation_body(request: GenerationRequest) -> tuple[str, dict[str, Any], st
     if request.json_schema is not None:
         body["response_format"] = response_format(request.json_schema)
     return path, body, param
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def described(entry: dict[str, Any]) -> ModelDescription:
+    """What one ``/v1/models`` entry says of its model, and nothing more. Read: locopilot's own
+    fields (``architecture``, ``parameter_count``, ``quantization``, ``context_length``, ``tools``;
+    its ``chat_template`` names a template and holds none, so no template is given), vLLM's
+    ``max_model_len`` and llama-server's ``meta`` (``n_params``, ``n_ctx_train``). A context
+    length is given under ``<architecture>.context_length`` only when the architecture is known,
+    as Ollama's keys go; ``tools`` only when locopilot says how it calls them. Every model listed
+    takes completions, so ``completion`` is always there."""
+    found = entry.get("meta")
+    meta: dict[str, Any] = found if isinstance(found, dict) else {}
+    family = _text(entry.get("architecture"))
+    parameters = _count(entry.get("parameter_count")) or _count(meta.get("n_params"))
+    context = (
+        _count(entry.get("context_length")) or _count(entry.get("max_model_len")) or _count(meta.get("n_ctx_train"))
+    )
+    info: dict[str, Any] = {}
+    if family:
+        info["general.architecture"] = family
+        if context:
+            info[f"{family}.context_length"] = context
+    if parameters:
+        info["general.parameter_count"] = parameters
+    created = _count(entry.get("created"))
+    return ModelDescription(
+        family=family,
+        families=(family,) if family else (),
+        parameter_size=human_count(parameters),
+        quantization_level=_text(entry.get("quantization")),
+        model_info=info,
+        capabilities=("completion", "tools") if _text(entry.get("tools")) else ("completion",),
+        modified_at=datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z") if created else None,
+    )
 
 
 def wire_message(message: Message) -> dict[str, Any]:
@@ -513,8 +574,9 @@ async def _read_capped(response: httpx.Response) -> bytes:
 
 
 class EventParser:
-    """Server-sent events from the bytes of a stream: ``("data", text)`` per event, and
-    ``("error", text)`` per ``error:`` line, which llama-server sends in place of a data event.
+    """Server-sent events from the bytes of a stream: ``("data", text)`` per event, ``(name, text)``
+    for an event named by an ``event:`` line (locopilot's pull progress), and ``("error", text)``
+    per ``error:`` line, which llama-server sends in place of a data event.
 
     Comments and other fields are ignored; an event cut off by the end of the
     stream is dropped, as the SSE spec says. Lines end in LF, CRLF or CR.
@@ -524,6 +586,7 @@ class EventParser:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._partial = ""
         self._data: list[str] = []
+        self._event = ""
 
     def feed(self, chunk: bytes) -> list[tuple[str, str]]:
         """The events completed by ``chunk``."""
@@ -533,13 +596,16 @@ class EventParser:
         for line in lines:
             if not line:
                 if self._data:
-                    events.append(("data", "\n".join(self._data)))
+                    events.append((self._event or "data", "\n".join(self._data)))
                     self._data.clear()
+                self._event = ""
             elif not line.startswith(":"):
                 field, _, value = line.partition(":")
                 value = value.removeprefix(" ")
                 if field == "data":
                     self._data.append(value)
+                elif field == "event":
+                    self._event = value
                 elif field == "error":
                     events.append(("error", value))
         return events

@@ -183,6 +183,9 @@ class RunningList(Struct, kw_only=True):
 
 
 class ShowResponse(Struct, kw_only=True):
+    """``/api/show``'s answer. An upstream Ollama's ``license``, ``system``, ``tensors`` and the
+    like are added to it as they came (see locopilot.providers.ollama.SHOW_EXTRA)."""
+
     modelfile: str
     parameters: str
     template: str
@@ -210,7 +213,20 @@ class CallOut(Struct, kw_only=True):
 class MessageOut(Struct, kw_only=True):
     role: str = "assistant"
     content: str = ""
+    thinking: str | UnsetType = UNSET
     tool_calls: list[CallOut] | UnsetType = UNSET
+
+
+class TokenLogprobOut(Struct, kw_only=True):
+    """One token's log probability as Ollama writes it: ``bytes`` are the token's UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | UnsetType = UNSET
+
+
+class LogprobOut(TokenLogprobOut, kw_only=True):
+    top_logprobs: list[TokenLogprobOut] | UnsetType = UNSET
 
 
 class Statistics(Struct, kw_only=True):
@@ -230,13 +246,16 @@ class ChatChunk(Statistics, kw_only=True):
     created_at: str
     message: MessageOut
     done: bool
+    logprobs: list[LogprobOut] | UnsetType = UNSET
 
 
 class GenerateChunk(Statistics, kw_only=True):
     model: str
     created_at: str
     response: str
+    thinking: str | UnsetType = UNSET
     done: bool
+    logprobs: list[LogprobOut] | UnsetType = UNSET
 
 
 class EmbedResponse(Struct, kw_only=True):

@@ -37,6 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -62,6 +63,28 @@ def gguf_bytes(tmp: Any, *, tensor_bytes: int = 64 * 1024, seed: int = 0, arch: 
     data = path.read_bytes()
     path.unlink()
     return data
+
+
+def split_gguf(source: Path, folder: Path, stem: str, *, max_tensors: int = 100) -> list[Path]:
+    """``source`` (a real model) rewritten by gguf-py's writer as a split GGUF in ``folder``:
+    ``STEM-0000k-of-0000N.gguf``, at most ``max_tensors`` tensors a part, the metadata in the first."""
+    reader = gguf.GGUFReader(source)
+    architecture = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(folder / f"{stem}.gguf", architecture, split_max_tensors=max_tensors)
+    for item in reader.fields.values():
+        if item.name == gguf.Keys.General.ARCHITECTURE or item.name.startswith("GGUF."):
+            continue  # the writer writes these itself
+        value_type = item.types[0]
+        sub_type = item.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(item.name, item.contents(), value_type, sub_type=sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return sorted(folder.glob(f"{stem}-*-of-*.gguf"))
 
 
 def sha256(data: bytes) -> str:

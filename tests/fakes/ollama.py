@@ -9,8 +9,9 @@ unknown model is 404, an unknown route a plain-text ``404 page not found``).
 Every generation answers with the words of :data:`SENTENCE`, one chunk per
 word (later words carry their leading space, as Ollama's tokens do), cut before
 a word listed in ``options.stop`` (``done_reason`` "stop") or after
-``options.num_predict`` chunks (``done_reason`` "length"). With ``format`` set
-the answer is the JSON text ``{"reply": SENTENCE}``. ``prompt_eval_count`` is
+``options.num_predict`` chunks (``done_reason`` "length"). With ``format`` "json"
+the answer is the JSON text ``{"reply": SENTENCE}``; with a JSON schema, an object that
+follows it, as Ollama's constrained sampling makes one (:func:`schema_answer`). ``prompt_eval_count`` is
 the number of whitespace-separated words in the prompt or messages.
 
 Tools, as Ollama answers them: a chat request with ``tools`` whose last message is
@@ -21,6 +22,22 @@ the form ``call_xxxxxxxx`` and ``function.index``, as Ollama 0.12 and later send
 none when ``call_ids`` is False, as older versions did), then the final chunk with
 ``done_reason`` "stop". A request whose last message is a tool result is answered
 in words: ``The tool <tool_name> said: <content>``.
+
+Thinking, logprobs and keep_alive, as Ollama 0.12 and later answer them: a model listed in
+``thinkers`` thinks unless ``think`` is false (Ollama's default for a thinking model), sending
+the words of :data:`THOUGHT` as ``message.thinking`` (``thinking`` on ``/api/generate``) before
+its answer; ``think`` true (or an effort) for any other model is a 400 ``"NAME" does not support
+thinking``. ``logprobs`` true gives each chunk ``logprobs: [{token, logprob, bytes, top_logprobs}]``
+(:func:`word_logprob`; the whole reply carries them all); ``top_logprobs`` outside 0-20 is a 400.
+``keep_alive`` (seconds or a Go duration) sets how long a model stays in ``loaded`` (shown by
+``GET /api/ps``); an empty prompt or message list loads the model (``done_reason`` "load"), or
+with ``keep_alive`` 0 unloads it ("unload"); an empty ``/api/embed`` input loads it too.
+
+``/api/show`` answers as Ollama does for a GGUF model: a generated modelfile naming a blob
+path, ``parameters`` in Ollama's ``%-30s %#v`` layout, the template, details, ``model_info``
+(arrays longer than 5 emptied unless ``verbose``), ``tensors``, ``license``, ``capabilities``
+(``completion``, ``tools``, and ``thinking`` for a thinker) and ``modified_at``; an unknown
+model is a 404 ``model 'NAME' not found``.
 
 Faults, for tests: :meth:`OllamaStandIn.fail_next` answers the next API
 request with a given status and body; ``endless`` streams words until the
@@ -37,6 +54,7 @@ import itertools
 import json
 import math
 import random
+import re
 import select
 import socket
 import string
@@ -50,6 +68,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 SENTENCE = "Hello from the Ollama stand-in"
+THOUGHT = "The user greets me so I greet back"
+LICENSE = "LLAMA 3.2 COMMUNITY LICENSE AGREEMENT"
+TEMPLATE = "{{ if .System }}<|start_header_id|>system<|end_header_id|>{{ .System }}<|eot_id|>{{ end }}{{ .Prompt }}"
 CONTEXT_LENGTH = 131072
 EMBEDDING_SIZE = 8
 
@@ -86,6 +107,45 @@ def sample_arguments(schema: Any) -> JSONObject:
     """An object with a value for each property of the object schema ``schema``."""
     properties = schema.get("properties") if isinstance(schema, dict) else None
     return {name: sample_value(sub) for name, sub in (properties or {}).items()}
+
+
+def schema_answer(schema: JSONObject) -> JSONObject:
+    """An object with every property of the object schema ``schema``: strings are SENTENCE."""
+    properties = schema.get("properties") or {}
+    return {
+        name: SENTENCE
+        if isinstance(sub, dict) and sub.get("type") == "string" and not sub.get("enum")
+        else sample_value(sub)
+        for name, sub in properties.items()
+    }
+
+
+def word_logprob(word: str, position: int, top: int) -> JSONObject:
+    """One token's logprobs as Ollama writes them: the word itself most likely, then ``top - 1`` others."""
+    logprob = -0.125 * (position + 1)
+
+    def entry(token: str, value: float) -> JSONObject:
+        return {"token": token, "logprob": value, "bytes": list(token.encode())}
+
+    item = entry(word, logprob)
+    if top > 0:
+        item["top_logprobs"] = [entry(word, logprob), *(entry(f" alt{n}", logprob - n) for n in range(1, top))]
+    return item
+
+
+_DURATION = re.compile(r"(-?[0-9.]+)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(value: Any) -> float:
+    """A ``keep_alive`` as Ollama reads it (a number of seconds or a Go duration); negative: forever."""
+    if value is None:
+        return 300.0
+    if isinstance(value, int | float) or value.strip() in ("0", "-1"):
+        seconds = float(value)
+    else:
+        seconds = sum(float(number) * _UNITS[unit] for number, unit in _DURATION.findall(value))
+    return math.inf if seconds < 0 else seconds
 
 
 def call_id() -> str:
@@ -173,6 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
             ("GET", "/"): self.root,
             ("GET", "/api/version"): self.version,
             ("GET", "/api/tags"): self.tags,
+            ("GET", "/api/ps"): self.ps,
             ("POST", "/api/show"): self.show,
             ("POST", "/api/chat"): self.chat,
             ("POST", "/api/generate"): self.generate,
@@ -234,26 +295,56 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_json(200, {"models": [self.server.stand_in.tag(name) for name in self.server.stand_in.models]})
 
     def show(self, body: JSONObject) -> None:
-        model = self.known_model(body)
-        if model is None:
+        stand_in = self.server.stand_in
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            self.error(400, "model is required")
             return
+        model = name if ":" in name else f"{name}:latest"
+        if model not in stand_in.models:
+            self.error(404, f"model '{name}' not found")
+            return
+        verbose = body.get("verbose") is True
+        tokens = ["<|begin_of_text|>", "<|end_of_text|>", "a", "b", "c", "d"]
+        blob = "/root/.ollama/models/blobs/sha256-" + hashlib.sha256(model.encode()).hexdigest()
+        stops = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+        parameters = "\n".join(f"{'stop':<30} {json.dumps(stop)}" for stop in stops)
         self.send_json(
             200,
             {
-                "modelfile": f"FROM {model}\n",
-                "parameters": 'stop "<|eot_id|>"',
-                "template": "{{ .Prompt }}",
-                "details": self.server.stand_in.details(),
+                "license": LICENSE,
+                "modelfile": '# Modelfile generated by "ollama show"\n'
+                "# To build a new Modelfile based on this, replace FROM with:\n"
+                f"# FROM {model}\n\nFROM {blob}\nTEMPLATE {json.dumps(TEMPLATE)}\n"
+                + "".join(f"PARAMETER stop {json.dumps(stop)}\n" for stop in stops),
+                "parameters": parameters,
+                "template": TEMPLATE,
+                "details": stand_in.details(),
                 "model_info": {
                     "general.architecture": "llama",
+                    "general.file_type": 15,
                     "general.parameter_count": 1235814432,
-                    "llama.context_length": self.server.stand_in.context_length,
+                    "general.quantization_version": 2,
+                    "llama.context_length": stand_in.context_length,
                     "llama.embedding_length": 2048,
+                    "tokenizer.ggml.model": "gpt2",
+                    "tokenizer.ggml.tokens": tokens if verbose else [],
                 },
-                "capabilities": ["completion"],
-                "modified_at": "2025-01-01T00:00:00Z",
+                "tensors": [{"name": "token_embd.weight", "type": "Q6_K", "shape": [2048, 128256]}],
+                "capabilities": stand_in.capabilities(model),
+                "modified_at": "2025-01-01T00:00:00.123456789Z",
             },
         )
+
+    def ps(self, body: JSONObject) -> None:
+        stand_in = self.server.stand_in
+        with stand_in.loaded_lock:
+            loaded = dict(stand_in.loaded)
+        models = []
+        for name, until in loaded.items():
+            expires = "2318-01-01T00:00:00Z" if until == math.inf else datetime.fromtimestamp(until, UTC).isoformat()
+            models.append(stand_in.tag(name) | {"expires_at": expires, "size_vram": 0, "context_length": 4096})
+        self.send_json(200, {"models": models})
 
     def embed(self, body: JSONObject) -> None:
         model = self.known_model(body)
@@ -262,6 +353,7 @@ class _Handler(BaseHTTPRequestHandler):
         inputs = body.get("input")
         if isinstance(inputs, str):
             inputs = [inputs]
+        self.server.stand_in.keep(model, body.get("keep_alive"))
         if not isinstance(inputs, list) or not all(isinstance(text, str) for text in inputs):
             self.error(400, "invalid input type")
             return
@@ -291,11 +383,26 @@ class _Handler(BaseHTTPRequestHandler):
         stand_in = self.server.stand_in
         options = body.get("options") or {}
         started = time.monotonic_ns()
+        top = body.get("top_logprobs") or 0
+        if not isinstance(top, int) or not 0 <= top <= 20:
+            self.error(400, "top_logprobs must be between 0 and 20")
+            return
+        think = body.get("think")
+        if think not in (None, False, True, "high", "medium", "low", "max"):
+            self.error(400, f'invalid think value: "{think}" (must be "high", "medium", "low", "max", true, or false)')
+            return
+        thinks = model in stand_in.thinkers and think is not False
+        if model not in stand_in.thinkers and think not in (None, False):
+            self.error(400, f"{json.dumps(body['model'])} does not support thinking")
+            return
 
-        def chunk(text: str) -> JSONObject:
+        def chunk(text: str, thinking: str = "") -> JSONObject:
             if chat:
-                return {"model": model, "created_at": now(), "message": {"role": "assistant", "content": text}}
-            return {"model": model, "created_at": now(), "response": text}
+                message = {"role": "assistant", "content": text} | ({"thinking": thinking} if thinking else {})
+                return {"model": model, "created_at": now(), "message": message}
+            return {"model": model, "created_at": now(), "response": text} | (
+                {"thinking": thinking} if thinking else {}
+            )
 
         def final(text: str, reason: str, count: int) -> JSONObject:
             elapsed = time.monotonic_ns() - started
@@ -315,9 +422,11 @@ class _Handler(BaseHTTPRequestHandler):
 
         empty = not body.get("messages") if chat else not body.get("prompt")
         if empty:
-            # Ollama loads the model and answers at once when there is nothing to generate from.
-            self.send_json(200, chunk("") | {"done": True, "done_reason": "load"})
+            # Ollama loads the model, or with keep_alive 0 unloads it, and answers at once.
+            kept = stand_in.keep(model, body.get("keep_alive"))
+            self.send_json(200, chunk("") | {"done": True, "done_reason": "load" if kept else "unload"})
             return
+        stand_in.keep(model, body.get("keep_alive"))
 
         if stand_in.endless:
             self.stream_lines(chunk(piece) | {"done": False} for piece in itertools.cycle(pieces(SENTENCE)))
@@ -331,14 +440,28 @@ class _Handler(BaseHTTPRequestHandler):
         if chat and last.get("role") == "tool":
             text = f"The tool {last.get('tool_name', '')} said: {last.get('content', '')}"
         else:
-            text = json.dumps({"reply": SENTENCE}) if body.get("format") else SENTENCE
+            format = body.get("format")
+            text = (
+                SENTENCE
+                if not format
+                else json.dumps(schema_answer(format) if isinstance(format, dict) else {"reply": SENTENCE})
+            )
         words, reason = self.limit(pieces(text), options)
+        thoughts = pieces(THOUGHT) if thinks else []
+        logprobs = [word_logprob(word, n, top) for n, word in enumerate(words)] if body.get("logprobs") else []
 
         if body.get("stream", True) is False:
-            self.send_json(200, final("".join(words), reason, len(words)))
+            whole = final("".join(words), reason, len(words))
+            if thoughts:
+                (whole["message"] if chat else whole)["thinking"] = "".join(thoughts)
+            if logprobs:
+                whole["logprobs"] = logprobs
+            self.send_json(200, whole)
             return
 
-        lines: list[JSONObject] = [chunk(word) | {"done": False} for word in words]
+        lines: list[JSONObject] = [chunk("", thought) | {"done": False} for thought in thoughts]
+        for n, word in enumerate(words):
+            lines.append(chunk(word) | {"done": False} | ({"logprobs": [logprobs[n]]} if logprobs else {}))
         if stand_in.error_after is not None:
             count, message = stand_in.error_after
             self.stream_lines([*lines[:count], {"error": message}])
@@ -416,12 +539,17 @@ class OllamaStandIn:
     """An Ollama stand-in serving ``models`` on a free loopback port; also a context manager.
 
     ``requests`` holds every API request received, as ``(path, JSON body)``.
+    ``thinkers`` are the models that think; ``loaded`` the models keep_alive keeps loaded.
     ``call_tools`` names the tools a tool request calls (the first declared when empty);
     ``call_ids`` False leaves the calls without ids, as Ollama before 0.12 did.
     """
 
     def __init__(
-        self, models: Sequence[str] = ("llama3.2:1b", "qwen2.5:0.5b"), *, context_length: int = CONTEXT_LENGTH
+        self,
+        models: Sequence[str] = ("llama3.2:1b", "qwen2.5:0.5b"),
+        *,
+        context_length: int = CONTEXT_LENGTH,
+        thinkers: Iterable[str] = (),
     ) -> None:
         self.models = list(models)
         self.context_length = context_length
@@ -431,6 +559,10 @@ class OllamaStandIn:
         self.error_after: tuple[int, str] | None = None
         self.call_tools: list[str] = []
         self.call_ids = True
+        self.thinkers = set(thinkers)
+        self.loaded: dict[str, float] = {}
+        """Model → when it unloads (time.time(); math.inf: never), as keep_alive set it."""
+        self.loaded_lock = threading.Lock()
         self.load_duration = 0
         """Nanoseconds the last object of a generation says loading the model took."""
         self.disconnected = threading.Event()
@@ -485,6 +617,19 @@ class OllamaStandIn:
     def bodies(self, path: str) -> Iterator[JSONObject]:
         """The bodies of the requests received on ``path``, in order."""
         return (body for received, body in self.requests if received == path)
+
+    def keep(self, model: str, keep_alive: Any) -> bool:
+        """Apply a request's ``keep_alive`` to ``model``; whether it is loaded now."""
+        seconds = duration_seconds(keep_alive)
+        with self.loaded_lock:
+            if seconds == 0:
+                self.loaded.pop(model, None)
+                return False
+            self.loaded[model] = time.time() + seconds
+            return True
+
+    def capabilities(self, model: str) -> list[str]:
+        return ["completion", "tools", "thinking"] if model in self.thinkers else ["completion", "tools"]
 
     def details(self) -> JSONObject:
         return {

@@ -71,7 +71,7 @@ TRAINING_BODIES = {
     "/v1/fine_tuning/jobs": {"training_file": "file-missing"},
 }
 #: Model management: (method, suffix after the id).
-MODEL_ROUTES = [("GET", ""), ("DELETE", ""), ("POST", "/load"), ("POST", "/unload")]
+MODEL_ROUTES = [("GET", ""), ("DELETE", ""), ("POST", "/load"), ("POST", "/unload"), ("POST", "/verify")]
 COVERED = {
     "GET /v1/models/{model_id}",
     *(f"{method} /v1/locopilot/models/{{model_id}}{suffix}" for method, suffix in MODEL_ROUTES),
