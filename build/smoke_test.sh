@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Smoke test of the frozen binary, run as a user would run it: `version`, `doctor`,
 # `service install --dry-run`, unpacking where /tmp is noexec, `serve` on a free
-# loopback port with a real model, the OpenAPI schema, a chat with curl, a chat and a
-# streamed chat with the official openai client, a runner killed with SIGKILL and
-# replaced, SIGTERM and a clean exit with no process and no unpacked folder left, and a
-# server killed with SIGKILL whose unpacked folder the next start removes. Optionally
+# loopback port with a real model, the OpenAPI schema, the web console at / (and
+# Ollama's answer there for other clients), a chat with curl, a chat and a streamed
+# chat with the official openai client, a runner killed with SIGKILL and replaced,
+# SIGTERM and a clean exit with no process and no unpacked folder left, and a server
+# killed with SIGKILL whose unpacked folder the next start removes. Optionally
 # the same binary under qemu's emulation of older CPUs, each of which must get its own
 # CPU library and answer.
 #
@@ -230,6 +231,18 @@ step "OpenAPI schema"
 status="$(curl -sS -o "$WORK/openapi.json" -w '%{http_code}' "$BASE/openapi/openapi.json")" || fail "curl failed"
 [[ "$status" == 200 ]] || fail "GET /openapi/openapi.json answered $status: $(head -c 500 "$WORK/openapi.json")"
 grep -q '"/v1/chat/completions"' "$WORK/openapi.json" || fail "the OpenAPI schema has no /v1/chat/completions"
+
+step "web console at / (browsers) and Ollama's text (other clients)"
+status="$(curl -sS -o "$WORK/console.html" -D "$WORK/console.headers" -w '%{http_code}' -H 'Accept: text/html' "$BASE/")" ||
+    fail "curl failed"
+[[ "$status" == 200 ]] || fail "GET / for a browser answered $status: $(head -c 300 "$WORK/console.html")"
+grep -q 'src="/console/app.js"' "$WORK/console.html" || fail "GET / for a browser is not the console: $(head -c 300 "$WORK/console.html")"
+grep -qi "^content-security-policy: default-src 'none'" "$WORK/console.headers" || fail "the console page has no CSP"
+for file in app.js chat.js markdown.js style.css; do
+    status="$(curl -sS -o /dev/null -w '%{http_code}' "$BASE/console/$file")" || fail "curl failed"
+    [[ "$status" == 200 ]] || fail "GET /console/$file answered $status (not bundled?)"
+done
+[[ "$(curl -sS "$BASE/")" == "Ollama is running" ]] || fail "GET / without Accept: text/html is not Ollama's answer"
 
 step "chat completion (curl)"
 status="$(curl -sS --max-time 300 -o "$WORK/chat.json" -w '%{http_code}' \

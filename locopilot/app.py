@@ -18,10 +18,12 @@ from litestar import Litestar, MediaType, Request, Response
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
 
 from locopilot import __version__
 from locopilot.api import admin as admin_api
 from locopilot.api import anthropic as anthropic_api
+from locopilot.api import console as console_api
 from locopilot.api import engine as engine_api
 from locopilot.api import files as files_api
 from locopilot.api import models as models_api
@@ -360,6 +362,7 @@ def create_app(settings: Settings) -> Litestar:
             *files_api.ROUTES,
             *training_api.ROUTES,
             *models_api.ROUTES,
+            *console_api.ROUTES,
         ],
         # Host check, then auth, then body screening (locopilot.gateway.guard).
         middleware=[GuardMiddleware(settings)],
@@ -374,7 +377,15 @@ def create_app(settings: Settings) -> Litestar:
         },
         request_max_body_size=settings.max_body_bytes,
         after_request=json_not_found,
-        openapi_config=OpenAPIConfig(title="locopilot", version=__version__, path=DOCS_PATH),
+        # The schema only (JSON at /openapi and /openapi/openapi.json, and YAML): Litestar's viewer
+        # pages load their scripts from public CDNs, blank on an air-gapped machine and a request
+        # to another host from every other; the web console's API page shows the schema instead.
+        openapi_config=OpenAPIConfig(
+            title="locopilot",
+            version=__version__,
+            path=DOCS_PATH,
+            render_plugins=[JsonRenderPlugin(), YamlRenderPlugin()],
+        ),
         logging_config=None,
         debug=False,
     )

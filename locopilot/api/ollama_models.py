@@ -22,6 +22,7 @@ from litestar import Request, Response, delete, get, post, route
 from litestar.enums import MediaType
 from litestar.response import Stream
 
+from locopilot.api import console
 from locopilot.api.generation import privacy_of
 from locopilot.api.ollama import embedded_name
 from locopilot.api.openai import all_cards
@@ -295,13 +296,12 @@ _progress_encoder = msgspec.json.Encoder()
 
 
 @route("/", http_method=["GET", "HEAD"], opt={EXCLUDE_FROM_AUTH: True}, include_in_schema=False)
-async def root() -> Response[str]:
-    """Ollama's answer to its clients' liveness probe, with no key needed (as ``/health``).
-
-    The seam for the console (a later issue): a browser asks for ``text/html`` (its ``Accept``
-    header), an Ollama client for JSON or anything; the console's page goes to the former here.
-    """
-    return Response(ROOT_TEXT, media_type=MediaType.TEXT)
+async def root(request: Request[Any, Any, Any]) -> Response[str] | Response[bytes]:
+    """Ollama's answer to its clients' liveness probe, with no key needed (as ``/health``); a browser
+    (a GET asking for ``text/html``) gets the web console's page instead (:mod:`locopilot.api.console`)."""
+    if console.wants_page(request):
+        return console.page()
+    return Response(ROOT_TEXT, media_type=MediaType.TEXT, headers={"Vary": "Accept"})
 
 
 ROUTES = [tags, show, ps, version, delete_model, copy_model, pull, root]

@@ -9,7 +9,8 @@ that table needs ``admin``, so a new route is never open by accident. It puts th
 
 Who gets in:
 
-- ``GET /health`` and Ollama's root probe ``GET|HEAD /`` (``exclude_from_auth``): always, no key looked at.
+- ``GET /health``, Ollama's root probe ``GET|HEAD /`` (the console's page for a browser) and the
+  console's static files ``GET /console/{file}`` (``exclude_from_auth``): always, no key looked at.
 - ``GET /v1/models`` and ``GET /v1/models/{id}`` with ``LOCOPILOT_PUBLIC_MODELS``, and
   ``GET /metrics`` with ``LOCOPILOT_METRICS_PUBLIC``: without a key; a key, if sent, must be valid.
 - Open mode: no admin key and no key ever created (a revoked key still counts,
@@ -128,6 +129,10 @@ ROUTE_SCOPES: dict[str, Requirement] = {
     "DELETE /v1/locopilot/models/{model_id}": "models",
     "POST /v1/locopilot/models/{model_id}/load": "models",
     "POST /v1/locopilot/models/{model_id}/unload": "models",
+    "GET /v1/locopilot/me": ANY_KEY,
+    "GET /v1/locopilot/traffic": "admin",
+    "GET /v1/locopilot/usage": "admin",
+    "GET /v1/locopilot/settings": "admin",
 }
 #: Answered without a key when LOCOPILOT_PUBLIC_MODELS is true.
 PUBLIC_MODEL_ROUTES = frozenset({"GET /v1/models", "GET /v1/models/{model_id}"})

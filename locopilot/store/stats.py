@@ -174,3 +174,93 @@ def usage_by_key(db: Database, since: float) -> list[KeyModelUsage]:
         ]
 
     return db.read(fetch)
+
+
+class TrafficSeries(msgspec.Struct):
+    """One provider and model over a window, in ``bucket_seconds`` buckets from ``since`` (oldest first).
+
+    ``tokens_per_second``: completion tokens over the generation time of the bucket's successful
+    requests (latency less time to first token), null where there were none.
+    """
+
+    provider: str
+    model: str
+    requests: list[int]
+    errors: list[int]
+    tokens_out: list[int]
+    tokens_per_second: list[float | None]
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+
+
+class Traffic(msgspec.Struct):
+    since: float
+    bucket_seconds: int
+    series: list[TrafficSeries]
+
+
+#: Rows read for one traffic window at most (newest kept); about 28 requests a second for an hour.
+MAX_TRAFFIC_ROWS = 100_000
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float | None:
+    """The nearest-rank percentile of an ascending list, None for an empty one."""
+    if not sorted_values:
+        return None
+    rank = max(0, min(len(sorted_values) - 1, round(fraction * len(sorted_values) + 0.5) - 1))
+    return round(sorted_values[rank], 3)
+
+
+def traffic(db: Database, since: float, now: float, bucket_seconds: int = 60) -> Traffic:
+    """Requests, errors, output tokens, tokens/s per bucket and latency percentiles, by provider and model,
+    over rows created in ``[since, now]``. Blocks: run it in a thread."""
+
+    def fetch(conn: apsw.Connection) -> list[tuple[float, str, str, str, int, float, float | None]]:
+        return [
+            (float(row[0]), str(row[1]), str(row[2]), str(row[3]), int(row[4]), float(row[5]), row[6])
+            for row in conn.execute(
+                """SELECT created_at, provider, model, status, tokens_out, latency_ms, ttfb_ms
+                   FROM inference_logs WHERE created_at >= ? AND created_at <= ?
+                   ORDER BY created_at DESC LIMIT ?""",
+                (since, now, MAX_TRAFFIC_ROWS),
+            )
+        ]
+
+    rows = db.read(fetch)
+    count = max(1, int((now - since) // bucket_seconds) + 1)
+    grouped: dict[tuple[str, str], list[tuple[float, str, int, float, float | None]]] = {}
+    for created, provider, model, status, tokens_out, latency, ttfb in rows:
+        grouped.setdefault((provider or "-", model or "-"), []).append((created, status, tokens_out, latency, ttfb))
+    series = []
+    for (provider, model), items in sorted(grouped.items()):
+        requests, errors, tokens = [0] * count, [0] * count, [0] * count
+        generated = [0] * count
+        seconds = [0.0] * count
+        latencies = []
+        for created, status, tokens_out, latency, ttfb in items:
+            index = min(count - 1, int((created - since) // bucket_seconds))
+            requests[index] += 1
+            tokens[index] += tokens_out
+            if status == "error":
+                errors[index] += 1
+            if status == "ok":
+                latencies.append(latency)
+                generating = (latency - (ttfb or 0.0)) / 1000
+                if tokens_out > 1 and generating > 0:
+                    generated[index] += tokens_out
+                    seconds[index] += generating
+        latencies.sort()
+        rates = [round(g / s, 2) if s > 0 else None for g, s in zip(generated, seconds, strict=True)]
+        series.append(
+            TrafficSeries(
+                provider,
+                model,
+                requests,
+                errors,
+                tokens,
+                rates,
+                percentile(latencies, 0.5),
+                percentile(latencies, 0.95),
+            )
+        )
+    return Traffic(since, bucket_seconds, series)

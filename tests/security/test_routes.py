@@ -27,8 +27,9 @@ from tests.security.conftest import (
 )
 
 ROUTES = app_routes()
-#: Open to all: the liveness probes (``/`` is Ollama's, which its clients call first).
-OPEN_ROUTES = {"GET /health", "GET /"}
+#: Open to all: the liveness probes (``/`` is Ollama's, which its clients call first, and the web
+#: console's page for a browser) and the console's static files, which hold no data.
+OPEN_ROUTES = {"GET /health", "GET /", "GET /console/{name}"}
 GUARDED = [route for route in ROUTES if str(route) not in OPEN_ROUTES]
 
 

@@ -78,6 +78,7 @@ COVERED = {
     "GET /v1/admin/keys/{key_id}",
     "DELETE /v1/admin/keys/{key_id}",
     "GET /openapi/{path}",  # Litestar's OpenAPI viewers, rendered from code, not read from files
+    "GET /console/{name}",  # the web console's files, looked up by name among those read at start
     *(f"{method} {prefix.decode()}{{{param}}}{suffix}" for method, prefix, param, suffix in ID_ROUTES),
 }
 #: The other fronts' bodies that name a ``model`` (each refuses in its own API's shape).
@@ -336,7 +337,8 @@ def test_pull_names_and_refs(server: Server, plant: Plant) -> None:
 
 @pytest.mark.usefixtures("untouched")
 @pytest.mark.parametrize(
-    ("method", "prefix"), [("GET", b"/v1/admin/keys/"), ("DELETE", b"/v1/admin/keys/"), ("GET", b"/openapi/")]
+    ("method", "prefix"),
+    [("GET", b"/v1/admin/keys/"), ("DELETE", b"/v1/admin/keys/"), ("GET", b"/openapi/"), ("GET", b"/console/")],
 )
 def test_other_path_parameters(server: Server, plant: Plant, method: str, prefix: bytes) -> None:
     for name in plant.names():

@@ -1,0 +1,185 @@
+// Training: upload a dataset (the validator's errors by line), start a job with its
+// hyperparameters, follow its loss curve live, then chat with the result.
+
+import { api, events, getJson } from "./api.js";
+import { clear, formatTime, h, table } from "./dom.js";
+import { lineChart } from "./charts.js";
+
+const CHAT_SETTINGS = "locopilot.chat-settings";
+
+function number(id, value, attrs) {
+  return h("input", { id, type: "number", value, ...attrs });
+}
+
+export async function trainingPage(root) {
+  const status = h("p", { role: "status", id: "training-status" });
+  const uploadProblem = h("pre", { class: "problem", role: "alert", id: "upload-error" });
+  const file = h("input", { id: "dataset-file", type: "file", accept: ".jsonl,application/jsonl,application/json", required: true });
+  const upload = h(
+    "form",
+    { class: "panel", "aria-label": "Upload a dataset" },
+    h("h3", {}, "Upload a dataset"),
+    h("p", {}, "JSON Lines: one chat ({\"messages\": [...]}) or prompt/completion pair per line."),
+    h("label", { for: "dataset-file" }, "Dataset file"),
+    file,
+    h("div", { class: "buttons" }, h("button", { type: "submit", id: "dataset-upload" }, "Upload")),
+    uploadProblem,
+  );
+
+  const base = h("select", { id: "job-model" });
+  const dataset = h("select", { id: "job-file" });
+  const epochs = number("job-epochs", 1, { min: 1, max: 100 });
+  const rate = number("job-learning-rate", 0.00001, { min: 0, max: 0.01, step: "any" });
+  const layers = number("job-layers", 4, { min: 0, max: 10000 });
+  const context = number("job-context", 256, { min: 256, step: 256 });
+  const output = h("select", { id: "job-output" }, ["q8_0", "f16", "f32", "q4_k_m", "q5_k_m", "q6_k"].map((v) => h("option", { value: v }, v)));
+  const jobProblem = h("p", { class: "error", role: "alert", id: "job-error" });
+  const start = h(
+    "form",
+    { class: "panel", "aria-label": "Start a job" },
+    h("h3", {}, "Start a fine-tuning job"),
+    h(
+      "div",
+      { class: "grid" },
+      h("label", { for: "job-model" }, "Base model"),
+      base,
+      h("label", { for: "job-file" }, "Dataset"),
+      dataset,
+      h("label", { for: "job-epochs" }, "Epochs"),
+      epochs,
+      h("label", { for: "job-learning-rate" }, "Learning rate"),
+      rate,
+      h("label", { for: "job-layers" }, "Layers (last N; 0: all)"),
+      layers,
+      h("label", { for: "job-context" }, "Context (tokens)"),
+      context,
+      h("label", { for: "job-output" }, "Output type"),
+      output,
+    ),
+    h("div", { class: "buttons" }, h("button", { type: "submit", id: "job-start" }, "Start")),
+    jobProblem,
+  );
+  const jobs = h("div", { id: "jobs-list" });
+  const detail = h("section", { id: "job-detail", "aria-label": "Job" });
+  root.append(h("h2", {}, "Training"), status, upload, start, jobs, detail);
+
+  let following = null;
+
+  async function refreshChoices() {
+    try {
+      const [models, files] = await Promise.all([getJson("/v1/models"), getJson("/v1/files?purpose=fine-tune")]);
+      const keep = [base.value, dataset.value];
+      clear(base).append(...models.data.filter((m) => m.provider === "embedded").map((m) => h("option", { value: m.id }, m.id)));
+      clear(dataset).append(...files.data.map((f) => h("option", { value: f.id }, `${f.filename} (${f.id})`)));
+      if (keep[0]) base.value = keep[0];
+      if (keep[1]) dataset.value = keep[1];
+    } catch (error) {
+      status.textContent = `Models or files could not be listed: ${error.message}`;
+    }
+  }
+
+  async function refreshJobs() {
+    try {
+      const found = await getJson("/v1/locopilot/training/jobs");
+      const rows = found.data.map((job) => [
+        h("button", { type: "button", class: "link", "aria-label": `Follow ${job.id}`, onclick: () => follow(job.id) }, job.id),
+        job.model,
+        job.status,
+        `${Math.round(job.progress * 100)} %`,
+        job.fine_tuned_model || "",
+        formatTime(job.created_at),
+      ]);
+      clear(jobs).append(table("Jobs, newest first", ["Job", "Base", "Status", "Progress", "Result", "Created"], rows));
+    } catch (error) {
+      status.textContent = `Jobs could not be listed: ${error.message}`;
+    }
+  }
+
+  async function follow(jobId) {
+    if (following) following.abort();
+    const controller = new AbortController();
+    following = controller;
+    const points = [];
+    const chart = h("div", { id: "loss-chart" }, lineChart("Training loss by step", points));
+    const state = h("p", { role: "status", id: "job-state" }, "Following…");
+    const log = h("ol", { class: "job-log", id: "job-log" });
+    clear(detail).append(h("h3", {}, `Job ${jobId}`), state, chart, log);
+    try {
+      const response = await api(`/v1/locopilot/training/jobs/${encodeURIComponent(jobId)}/logs`, { signal: controller.signal });
+      for await (const { event, data } of events(response)) {
+        if (event === "metrics" && data.data && typeof data.data.train_loss === "number") {
+          points.push([data.data.step, data.data.train_loss]);
+          clear(chart).append(lineChart("Training loss by step", points));
+          const eta = data.data.eta_s ? `, about ${Math.ceil(data.data.eta_s)} s left` : "";
+          state.textContent = `Step ${data.data.step} of ${data.data.total_steps}: loss ${data.data.train_loss.toFixed(4)}${eta}`;
+        }
+        if (event === "message" || event === "metrics") log.append(h("li", {}, data.message));
+        if (event === "end") {
+          state.textContent = `The job ${data.status}.${data.error ? ` ${data.error.message}` : ""}`;
+          if (data.fine_tuned_model) {
+            const chat = h("button", { type: "button", id: "job-chat" }, `Chat with ${data.fine_tuned_model}`);
+            chat.addEventListener("click", () => {
+              let settings = {};
+              try {
+                settings = JSON.parse(localStorage.getItem(CHAT_SETTINGS) || "{}");
+              } catch {
+                // start from nothing
+              }
+              localStorage.setItem(CHAT_SETTINGS, JSON.stringify({ ...settings, model: data.fine_tuned_model }));
+              location.hash = "#/chat";
+            });
+            detail.append(chat);
+          }
+        }
+        if (event === "error") state.textContent = data.message || "The log stream ended.";
+      }
+    } catch (error) {
+      if (error.name !== "AbortError") state.textContent = `The job could not be followed: ${error.message}`;
+    } finally {
+      if (following === controller) following = null;
+      await refreshJobs();
+    }
+  }
+
+  upload.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    uploadProblem.textContent = "";
+    if (!file.files.length) return;
+    const form = new FormData();
+    form.append("purpose", "fine-tune");
+    form.append("file", file.files[0]);
+    try {
+      const stored = await getJson("/v1/files", { method: "POST", form });
+      status.textContent = `Uploaded ${stored.filename}: ${stored.id}.`;
+      await refreshChoices();
+      dataset.value = stored.id;
+    } catch (error) {
+      uploadProblem.textContent = error.message;
+    }
+  });
+
+  start.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    jobProblem.textContent = "";
+    const body = {
+      model: base.value,
+      training_file: dataset.value,
+      epochs: Number(epochs.value),
+      learning_rate: Number(rate.value),
+      layers: Number(layers.value),
+      context: Number(context.value),
+      output_type: output.value,
+    };
+    try {
+      const job = await getJson("/v1/locopilot/training/jobs", { method: "POST", body });
+      status.textContent = `Started ${job.id}.`;
+      await refreshJobs();
+      follow(job.id);
+    } catch (error) {
+      jobProblem.textContent = error.message;
+    }
+  });
+
+  window.addEventListener("hashchange", () => following && following.abort(), { once: true });
+  await Promise.all([refreshChoices(), refreshJobs()]);
+}
