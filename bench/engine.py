@@ -343,7 +343,7 @@ def main() -> None:
             for clients in levels:
                 table["locopilot", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid, ban)
             caches["locopilot"] = prompt_cache(url, ban)
-            runner = httpx.get(f"{url}/v1/engine/health", timeout=10).json()["runners"][0]
+            runner = httpx.get(f"{url}/v1/engine/health", timeout=10).json()["engine"]["runners"][0]
             tuned = f"one-token steps on {runner['threads']} threads: {runner['threads_reason']}"
         finally:
             stop(process)
