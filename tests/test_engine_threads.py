@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from locopilot.engine.threads import HOLD_STEPS, PROBE_STEPS, DecodeThreads
+from locopilot.engine.threads import BLOCK_STEPS, HOLD_STEPS, PROBE_STEPS, DecodeThreads
 
 MEASURED = "measured: 2 threads {:.2f} ms/token, 1 threads {:.2f} ms/token (medians of %d one-token steps each)"
 
@@ -40,19 +40,20 @@ class Machine:
 def test_it_keeps_the_faster_count_and_says_why() -> None:
     machine = Machine({2: 0.010, 1: 0.006})
     assert machine.tuner.threads == 2 and machine.tuner.reason.startswith("not measured")
-    machine.until_changed()
+    # So far apart that one block of each tells.
+    assert machine.until_changed() < 3 * BLOCK_STEPS
     assert machine.tuner.threads == 1
-    assert machine.tuner.reason == MEASURED.format(10, 6) % PROBE_STEPS
+    assert machine.tuner.reason == MEASURED.format(10, 6) % (BLOCK_STEPS - 1)
     machine.run(50)
     assert machine.applied[-1] == 1 and machine.tuner.threads == 1
 
 
-def test_the_step_after_a_switch_is_not_timed() -> None:
-    # A switch costs 20 ms once; counted, it would make the slower count look faster or hide the faster.
-    machine = Machine({2: 0.008, 1: 0.005}, switch=0.020)
-    machine.until_changed()
+def test_close_counts_are_timed_longer_and_the_step_after_a_switch_is_not() -> None:
+    # A switch costs 20 ms once; the medians leave it out.
+    machine = Machine({2: 0.008, 1: 0.0075}, switch=0.020)
+    assert machine.until_changed() > 2 * PROBE_STEPS
     assert machine.tuner.threads == 1
-    assert machine.tuner.reason == MEASURED.format(8, 5) % PROBE_STEPS
+    assert machine.tuner.reason == MEASURED.format(8, 7.5) % PROBE_STEPS
 
 
 def test_it_measures_again_and_follows_a_change_of_load() -> None:

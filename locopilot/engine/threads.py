@@ -22,7 +22,9 @@ import statistics
 from collections.abc import Callable
 
 PROBE_STEPS = 8
-"""One-token steps timed for each candidate in one round of measuring."""
+"""One-token steps timed for each candidate in one round of measuring, at most."""
+CLEAR = 1.25
+"""A round ends after one block of each candidate when one's median is this many times the other's."""
 HOLD_STEPS = 2048
 """One-token steps served with the chosen count before measuring again."""
 BLOCK_STEPS = 4
@@ -63,7 +65,7 @@ class DecodeThreads:
         samples = self._samples
         if samples is not None and last is not None and last[2]:
             samples[last[1]].append(now - last[0])
-            if all(len(s) >= PROBE_STEPS for s in samples.values()):
+            if all(len(s) >= PROBE_STEPS for s in samples.values()) or self._clear(samples):
                 changed = self._choose(samples)
         if (measuring := self._samples) is not None:
             if self._block <= 0:
@@ -87,13 +89,23 @@ class DecodeThreads:
         self._last = (now, threads, timed)
         return changed
 
+    @staticmethod
+    def _clear(samples: dict[int, list[float]]) -> bool:
+        """Whether a whole block of each shows one candidate far ahead: measuring on costs
+        more steps at the slower count than it could tell."""
+        if any(len(s) < BLOCK_STEPS - 1 for s in samples.values()):
+            return False
+        medians = sorted(statistics.median(s) for s in samples.values())
+        return medians[-1] >= CLEAR * medians[0]
+
     def _choose(self, samples: dict[int, list[float]]) -> bool:
         medians = {c: statistics.median(s) for c, s in samples.items()}
         best = min(self.candidates, key=lambda c: medians[c])
         timed = ", ".join(f"{c} threads {medians[c] * 1000:.2f} ms/token" for c in self.candidates)
         before = (self.threads, self.reason)
         self.threads = best
-        self.reason = f"measured: {timed} (medians of {PROBE_STEPS} one-token steps each)"
+        steps = min(len(s) for s in samples.values())
+        self.reason = f"measured: {timed} (medians of {steps} one-token steps each)"
         self._samples = None
         self._hold = HOLD_STEPS
         return (self.threads, self.reason) != before
