@@ -536,37 +536,36 @@ async def test_ollama_progress_lines(tmp_path: Path, hubs: ModelHubs, blobs: dic
 
 
 def test_a_disk_that_fills_during_the_download_keeps_nothing(tmp_path: Path, hubs: ModelHubs) -> None:
-    """Two pulls that each fit when they start, but not together: the one the disk runs out under
-    stops with a clean error and removes its partial file; the other completes."""
-    first, second = (gguf_bytes(tmp_path, tensor_bytes=640 * 1024, seed=s) for s in (41, 42))
-    hubs.add_hf("acme/Fill-A-GGUF", {"a.Q4_K_M.gguf": first})
-    hubs.add_hf("acme/Fill-B-GGUF", {"b.Q4_K_M.gguf": second})
+    """A pull that fits when it starts, but another writer fills the disk while it downloads: it stops
+    with a clean error and removes its partial file; the other writer's file stays."""
+    model = gguf_bytes(tmp_path, tensor_bytes=640 * 1024, seed=41)
+    hubs.add_hf("acme/Fill-GGUF", {"a.Q4_K_M.gguf": model})
     with tmpfs(tmp_path / "small", "1m") as small:
         env = {**environment(hubs, tmp_path), "LOCOPILOT_MODELS_DIR": str(small)}
-        hubs.rate = 300_000
-        # Both bodies start together, so the two downloads overlap however slowly the two
-        # CLI processes start (under load, one finished before the other began and was
-        # refused by the free-space check instead of filling the disk).
-        hubs.together = threading.Barrier(2)
+        # The body waits until the test has filled the disk: deterministic however slowly the
+        # CLI starts (two racing pulls, as this test once was, could both run out at once).
+        hubs.hold = threading.Event()
         try:
-            runs = [
-                subprocess.Popen(
-                    [sys.executable, "-m", "locopilot", "pull", f"hf.co/acme/Fill-{x}-GGUF"],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for x in "AB"
-            ]
-            results = [(run.wait(60), run.communicate()[1]) for run in runs]
+            run = subprocess.Popen(
+                [sys.executable, "-m", "locopilot", "pull", "hf.co/acme/Fill-GGUF"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            deadline = time.monotonic() + 60
+            while not hubs.downloads(model):
+                assert run.poll() is None, run.communicate()
+                assert time.monotonic() < deadline, "the pull never asked for the file"
+                time.sleep(0.05)
+            (small / "other-writer.bin").write_bytes(b"x" * 600 * 1024)
+            hubs.hold.set()
+            code, err = run.wait(60), run.communicate()[1]
         finally:
-            hubs.rate = None
-            hubs.together = None
-        codes = sorted(code for code, _ in results)
-        assert codes == [0, 1], results
-        assert any("The disk is full" in err for code, err in results if code == 1), results
-        assert len([p for p in small.iterdir() if p.name.endswith(".gguf")]) == 1
+            hubs.hold = None
+        assert code == 1, err
+        assert "The disk is full" in err, err
+        assert sorted(p.name for p in small.iterdir()) == [".downloads", "other-writer.bin"]
         assert list((small / ".downloads").iterdir()) == []
 
 

@@ -392,13 +392,14 @@ def test_sighup_reloads_the_upstreams_file_under_load(
     listing = tmp_path / "upstreams.json"
     listing.write_text(json.dumps([replica("a", a)]))
     env = {"LOCOPILOT_UPSTREAMS_FILE": str(listing), "LOCOPILOT_ROUTING_AFFINITY": "off"}
+    statuses: list[int] = []
+    stop = threading.Event()
+    workers: list[threading.Thread] = []
     running = start_server(tmp_path_factory, {}, env)
     try:
         assert served_by(ask(running)) == "a"
         assert running.process is not None
         worker_pids = workers_of(running.process.pid)
-        statuses: list[int] = []
-        stop = threading.Event()
 
         def load() -> None:
             with httpx.Client(timeout=30) as client:
@@ -407,7 +408,7 @@ def test_sighup_reloads_the_upstreams_file_under_load(
                     statuses.append(client.post(f"{running.url}/v1/chat/completions", json=body).status_code)
 
         a.delay = 1.0  # a's answers are in flight when it is removed
-        workers = [threading.Thread(target=load) for _ in range(3)]
+        workers += [threading.Thread(target=load) for _ in range(3)]
         for thread in workers:
             thread.start()
         wait_for(lambda: in_flight(running).get("a", 0) > 0)
@@ -419,7 +420,8 @@ def test_sighup_reloads_the_upstreams_file_under_load(
         assert chats(a) == served  # nothing new reaches a removed upstream
         listing.write_text("[not json")  # a bad file changes nothing
         running.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: "upstreams not reloaded" in running.log())
+        # The whole log: Server.log() is its last 5000 characters, which the load's access lines fill.
+        wait_for(lambda: "upstreams not reloaded" in running.log_path.read_text(errors="replace"))
         listing.write_text(json.dumps([replica("a", a), replica("b", b)]))
         running.process.send_signal(signal.SIGHUP)
         wait_for(lambda: set(in_flight(running)) == {"a", "b"})
@@ -431,4 +433,7 @@ def test_sighup_reloads_the_upstreams_file_under_load(
         assert workers_of(running.process.pid) == worker_pids  # reloaded in place, not restarted
         assert served_by(ask(running)) in ("a", "b")
     finally:
+        stop.set()  # also when an assertion failed: the load must not outlive the server
+        for thread in workers:
+            thread.join()
         running.stop()

@@ -22,8 +22,8 @@
 
 Faults, for tests: :meth:`cut_next` ends the next download of a file after some bytes
 (the connection closes mid-body); :meth:`corrupt` serves a file with one byte changed;
-``rate`` (bytes per second) slows every download; ``together`` (a barrier) holds each
-download's body until that many have been asked for. ``requests`` logs each request as
+``rate`` (bytes per second) slows every download; ``hold`` (an event) holds each
+download's body until it is set. ``requests`` logs each request as
 (server, method, path, headers).
 """
 
@@ -124,7 +124,7 @@ class ModelHubs:
     blobs: dict[str, bytes] = field(default_factory=dict)  # sha256 hex -> bytes
     requests: list[tuple[str, str, str, dict[str, str]]] = field(default_factory=list)
     rate: int | None = None
-    together: threading.Barrier | None = None  # blob bodies start only once this many are asked for
+    hold: threading.Event | None = None  # blob bodies start only once it is set
     cuts: dict[str, int] = field(default_factory=dict)
     corrupted: set[str] = field(default_factory=set)
 
@@ -420,8 +420,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if method == "HEAD":
             return
-        if hubs.together is not None:
-            hubs.together.wait(timeout=30)
+        if hubs.hold is not None:
+            hubs.hold.wait(timeout=30)
         with hubs.lock:
             cut = hubs.cuts.pop(digest, None) if hubs.cuts.get(digest) is not None else None
         limit = len(body) if cut is None else max(0, cut - start)
