@@ -27,7 +27,6 @@ from locopilot.errors import InvalidRequest, LocopilotError, NotFound, UpstreamE
 from locopilot.settings import UpstreamConfig
 
 JOBS_PATH = "/locopilot/training/jobs"
-TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
 
 def client_for(upstream: UpstreamConfig, *, read_timeout: float | None = 60.0) -> httpx.AsyncClient:

@@ -113,13 +113,6 @@ class TrainingFramework(Protocol):
     def plan(self, job: ExternalJob, work_dir: Path, python: str) -> Plan: ...
 
 
-class Available(msgspec.Struct, frozen=True):
-    """A framework found in a Python environment, and its version ("" when it has no metadata)."""
-
-    name: str
-    version: str
-
-
 class FrameworkFailed(Exception):
     """The framework's command could not start or exited non-zero; the message says where its log is."""
 
