@@ -110,6 +110,8 @@ ROUTE_SCOPES: dict[str, Requirement] = {
     "GET /v1/files": "training",
     "GET /v1/files/{file_id}": "training",
     "DELETE /v1/files/{file_id}": "training",
+    # The request log holds every key's prompts: an admin's to read.
+    "POST /v1/locopilot/datasets/from-logs": "admin",
     "POST /v1/locopilot/training/jobs": "training",
     "GET /v1/locopilot/training/jobs": "training",
     "GET /v1/locopilot/training/jobs/{job_id}": "training",
