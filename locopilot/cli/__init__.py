@@ -101,7 +101,7 @@ def version() -> None:
 
 
 def register() -> None:
-    from locopilot.cli import chat, doctor, jobs, keys, models, pull, service, train, upkeep
+    from locopilot.cli import chat, doctor, expose, jobs, keys, models, pull, service, train, upkeep
 
     cli.add_command(models.models)
     cli.add_command(pull.pull)
@@ -113,6 +113,7 @@ def register() -> None:
     cli.add_command(service.service)
     cli.add_command(train.train)
     cli.add_command(jobs.jobs)
+    cli.add_command(expose.expose)
 
 
 register()
