@@ -101,7 +101,7 @@ def version() -> None:
 
 
 def register() -> None:
-    from locopilot.cli import chat, doctor, expose, jobs, keys, models, pull, service, train, upkeep
+    from locopilot.cli import chat, doctor, expose, jobs, keys, models, pull, service, status, train, upkeep
 
     cli.add_command(models.models)
     cli.add_command(pull.pull)
@@ -114,6 +114,8 @@ def register() -> None:
     cli.add_command(train.train)
     cli.add_command(jobs.jobs)
     cli.add_command(expose.expose)
+    cli.add_command(status.status)
+    cli.add_command(status.usage)
 
 
 register()
