@@ -16,6 +16,7 @@ and its requests and tokens by model over the last day. ``--all`` (admin scope) 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ CIRCUIT_STYLES = {"closed": "green", "half_open": "yellow", "open": "red"}
 url_option = click.option("--url", help="The server's address (default: LOCOPILOT_HOST and LOCOPILOT_PORT).")
 
 
-def key_option(scope: str) -> Any:
+def key_option(scope: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option(
         "--key-file",
         type=click.Path(exists=True, dir_okay=False, path_type=Path),
