@@ -52,6 +52,12 @@ class Tunnel:
     hint: str
 
 
+def forward_host(origin: str) -> str:
+    """The origin's host as ssh's ``-R`` takes it: an IPv6 address in brackets."""
+    host = urlsplit(origin).hostname or "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
 TUNNELS = {
     # A quick tunnel (no account): cloudflared logs the URL on standard error in a box.
     "cloudflared": Tunnel(
@@ -76,7 +82,7 @@ TUNNELS = {
             "-o",
             "ServerAliveInterval=30",
             "-R",
-            f"80:{urlsplit(origin).hostname}:{urlsplit(origin).port}",
+            f"80:{forward_host(origin)}:{urlsplit(origin).port}",
             target,
         ],
         re.compile(r"(?:tunneled with tls termination, |Forwarding HTTP traffic from )(https://[a-z0-9.-]+)"),
