@@ -102,15 +102,9 @@ def cli() -> None:
 @cli.command()
 def serve() -> None:
     """Serve the API on LOCOPILOT_HOST:LOCOPILOT_PORT until stopped."""
-    from locopilot.server import ServeRefused
-    from locopilot.server import serve as run_server
+    from locopilot import server
 
-    settings = settings_or_exit()
-    try:
-        run_server(settings)
-    except ServeRefused as exc:
-        print_error(str(exc))
-        raise SystemExit(1) from exc
+    raise SystemExit(server.main())
 
 
 @cli.command()
