@@ -203,3 +203,20 @@ def test_hosts_need_the_admin_key(server: Server) -> None:
     assert httpx.delete(f"{server.url}/v1/admin/hosts/a.example", headers=AUTH).status_code == 404
     audit = httpx.get(f"{server.url}/v1/admin/audit", params={"event": "host_added"}, headers=AUTH).json()
     assert all(event["detail"]["host"] for event in audit["data"])
+
+
+def test_expose_through_serveo(server: Server, bin_dir: Path, tmp_path: Path) -> None:
+    log = tmp_path / "tunnel.log"
+    process = start_expose(expose_env(server, bin_dir, log), "--provider", "ssh", "--ssh-target", "serveo.net")
+    try:
+        assert read_until(process, "Published at") == f"Published at https://{NAME}.serveo.net"
+        assert log_entries(log)[0]["args"][-1] == "serveo.net"  # type: ignore[index]
+        assert as_tunnel(server, f"{NAME}.serveo.net").status_code == 200
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0
+    assert as_tunnel(server, f"{NAME}.serveo.net").status_code == 403
