@@ -38,7 +38,10 @@ def boxes(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Itera
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory: pytest.TempPathFactory, boxes: list[Server]) -> Iterator[Server]:
-    upstreams = [
+    # "far" is box2 again, as a remote upstream listed first: it would win every tie if a dataset
+    # could go to a remote upstream that the request did not name.
+    far = {"name": "far", "url": f"{boxes[1].url}/v1", "locality": "remote", "api_key_env": "BOX_KEY"}
+    upstreams = [far] + [
         {"name": f"box{i + 1}", "url": f"{box.url}/v1", "locality": "local", "api_key_env": "BOX_KEY"}
         for i, box in enumerate(boxes)
     ]

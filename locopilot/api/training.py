@@ -161,8 +161,8 @@ async def find(services: Services, job_id: str) -> TrainingJob:
 
 async def placed(services: Services, spec: JobSpec) -> JobSpec:
     """Where a job that names no ``remote`` runs: here when the base model is in this models folder; else on
-    the upstream locopilot (kind ``openai``) that has it and the fewest training jobs queued or running (the
-    first listed on a tie); here, and refused as before, when none has it."""
+    the ``local`` upstream locopilot (kind ``openai``) that has it and the fewest training jobs queued or
+    running (the first listed on a tie); here, and refused as before, when none has it."""
     if spec.remote is not None:
         return spec
     try:
@@ -172,7 +172,8 @@ async def placed(services: Services, spec: JobSpec) -> JobSpec:
         return spec  # refused with its reason by submit
     except ModelNotFound:
         pass
-    boxes = [upstream for upstream in services.settings.upstream_configs if upstream.kind == "openai"]
+    # Only `local` boxes: a dataset is never sent to a remote upstream that the request did not name.
+    boxes = [u for u in services.settings.upstream_configs if u.kind == "openai" and u.locality == "local"]
     loads: list[int | None] = [None] * len(boxes)
 
     async def ask(i: int) -> None:
