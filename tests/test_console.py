@@ -135,12 +135,19 @@ class Tab:
 
 
 @pytest.fixture
-def tab(browser: sync_api.Browser, request: pytest.FixtureRequest) -> Iterator[Tab]:
+def viewport() -> dict[str, int] | None:
+    """The tab's viewport; None: Playwright's default (1280x720). A test parametrizes it to change it."""
+    return None
+
+
+@pytest.fixture
+def tab(browser: sync_api.Browser, request: pytest.FixtureRequest, viewport: dict[str, int] | None) -> Iterator[Tab]:
     server: Server = request.getfixturevalue(request.param)
     # On a server that needs keys, the console's first question (who am I, with no key yet) is a 401,
     # which Chromium logs as an error.
     expected = ("status of 401",) if request.param == "keyed" else ()
-    context = browser.new_context(service_workers="block")
+    options = {"viewport": viewport, "is_mobile": True, "has_touch": True} if viewport else {}
+    context = browser.new_context(service_workers="block", **options)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     opened = Tab(page, server, expected_errors=expected)
@@ -428,6 +435,34 @@ def test_training_shows_line_errors_then_a_live_loss_curve_and_chats_with_the_re
     page.wait_for_selector("#loss-chart circle.point", timeout=600_000)
     page.wait_for_selector("#job-state:has-text('The job succeeded')", timeout=600_000)
     assert page.locator("#loss-chart circle.point").count() >= 1
+    # What the job reported, as the API gives it, is what the page shows: losses and the spot check.
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    listed = httpx.get(f"{tab.server.url}/v1/locopilot/training/jobs", headers=admin, timeout=10).json()["data"]
+    (job,) = [j for j in listed if j["status"] == "succeeded"]
+    result = job["result"]
+    evaluation = page.locator("#job-eval tr:has-text('Training loss')").inner_text()
+    assert f"{result['train_loss_before']:.4f}" in evaluation and f"{result['train_loss_after']:.4f}" in evaluation
+    check = result["spot_check"]
+    rows = page.locator("#spot-check tbody tr")
+    assert rows.count() == len(check["answers"]) >= 1
+    for row, answer in zip(rows.all(), check["answers"], strict=True):
+        cells = [cell.strip() for cell in row.locator("td").all_inner_texts()]
+        kept = "kept" if answer["trained_correct"] else "lost"
+        expected_outcome = (
+            kept if answer["base_correct"] else ("gained" if answer["trained_correct"] else "wrong before and after")
+        )
+        assert cells == [
+            answer["question"],
+            answer["expected"],
+            answer["base_answer"].strip(),
+            answer["trained_answer"].strip(),
+            expected_outcome,
+        ]
+    caption = page.locator("#spot-check caption").inner_text()
+    assert (
+        f"{check['base_correct']} of {len(check['answers'])} right before training, {check['trained_correct']} after, {check['lost']} lost"
+        in caption
+    )
     tab.shot("training")
     page.click("#job-chat")
     until(page, "document.querySelector('#chat-model') && document.querySelector('#chat-model').value")
@@ -552,3 +587,41 @@ def test_every_page_passes_axe(browser: sync_api.Browser, keyed: Server, axe_sou
     finally:
         context.close()
     assert {name: found for name, found in problems.items() if found} == {}
+
+
+PHONE = {"width": 390, "height": 844}
+OVERFLOW = "document.scrollingElement.scrollWidth - window.innerWidth"
+
+
+@pytest.mark.parametrize("viewport", [PHONE])
+@pytest.mark.parametrize("tab", ["keyed"], indirect=True)
+def test_every_page_fits_a_phone_and_chat_works_there(tab: Tab) -> None:
+    page = tab.page
+    page.wait_for_selector("#signin-key")
+    assert page.evaluate(OVERFLOW) <= 0
+    tab.shot("phone-signin")
+    tab.sign_in(ADMIN_KEY)
+    links = page.locator("#nav a")
+    assert len(tab.nav()) == len(A11Y_PAGES)
+    for box in (links.nth(i).bounding_box() for i in range(links.count())):
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box
+    widths = {}
+    for name, ready in A11Y_PAGES.items():
+        page.click(f"#nav a[data-page='{name}']")  # every page reached through the navigation itself
+        page.wait_for_selector(f".page-{name} {ready}", state="attached")
+        widths[name] = page.evaluate(OVERFLOW)
+        tab.shot(f"phone-{name}")
+    assert {name: extra for name, extra in widths.items() if extra > 0} == {}, "pages wider than the phone"
+
+    page.click("#nav a[data-page='chat']")
+    page.wait_for_selector("#chat-model option[value='fault-small']", state="attached")
+    page.select_option("#chat-model", "fault-small")
+    for control in ("#chat-prompt", "#chat-send", "#chat-stop", "#chat-model"):
+        box = page.locator(control).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], (control, box)
+    page.fill("#chat-prompt", "Hello from a phone")
+    page.locator("#chat-send").tap()
+    page.wait_for_selector("article.assistant .stats:has-text('completion tokens')")
+    assert "done" in page.locator("article.assistant .body").inner_text()
+    assert page.evaluate(OVERFLOW) <= 0
+    tab.shot("phone-chat-reply")

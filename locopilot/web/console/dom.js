@@ -53,12 +53,18 @@ export function formatTime(seconds) {
   return new Date(seconds * 1000).toLocaleString();
 }
 
-/** A table with a caption, header cells and rows of cells (strings or nodes). */
+let captions = 0;
+
+/** A table with a caption, header cells and rows of cells (strings or nodes), in a region that
+ * scrolls sideways when the table is wider than the screen (a phone's), rather than the page;
+ * the region takes focus, so that it scrolls from the keyboard too. */
 export function table(caption, headers, rows) {
-  return h(
+  captions += 1;
+  const id = `caption-${captions}`;
+  return h("div", { class: "scroll", role: "region", "aria-labelledby": id, tabindex: 0 }, h(
     "table",
     {},
-    h("caption", {}, caption),
+    h("caption", { id }, caption),
     h("thead", {}, h("tr", {}, headers.map((name) => h("th", { scope: "col" }, name)))),
     h(
       "tbody",
@@ -67,5 +73,5 @@ export function table(caption, headers, rows) {
         ? rows.map((cells) => h("tr", {}, cells.map((cell) => h("td", {}, cell))))
         : h("tr", {}, h("td", { colspan: headers.length }, "None.")),
     ),
-  );
+  ));
 }
