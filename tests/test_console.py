@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.conftest import ROOT, SMOL, Server
@@ -91,6 +92,13 @@ def keyed(
         "LOCOPILOT_HF_ENDPOINT": hubs.hub_url,
     }
     running = Server(tmp_path_factory.mktemp("console"), {SMOL: smollm2_path}, env).start(path="/health")
+    # Ready (the engine probed): until then the traffic page's health question is a 503, which
+    # Chromium logs as an error.
+    deadline = time.monotonic() + 120
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    while httpx.get(f"{running.url}/v1/engine/health", headers=admin, timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, running.log()
+        time.sleep(0.2)
     yield running
     running.stop()
 
@@ -388,6 +396,58 @@ def test_models_load_unload_pull_delete_and_traffic_charts(tab: Tab) -> None:
     tab.shot("traffic")
 
 
+def provider_cell(page: sync_api.Page, provider: str, column: str) -> str:
+    """A cell of the traffic page's providers table, by the provider's name and the column's."""
+    headers = [text.strip() for text in page.locator("#traffic-health th").all_inner_texts()]
+    row = page.locator("#traffic-health tbody tr").filter(
+        has=page.locator("td:first-child", has_text=re.compile(f"^{provider}$"))
+    )
+    return str(row.locator("td").nth(headers.index(column)).inner_text()).strip()
+
+
+@pytest.mark.parametrize("tab", ["keyed"], indirect=True)
+def test_traffic_page_follows_requests_and_the_breaker_without_a_reload(tab: Tab, upstream: FaultUpstream) -> None:
+    page = tab.page
+    tab.expected_errors += ("status of 503",)  # readiness, once, if the probe finds the upstream down
+    tab.sign_in(ADMIN_KEY)
+    page.click("#nav a[data-page='traffic']")
+    page.wait_for_selector("#traffic-health td:text-is('fault')")
+    page.evaluate("window.__sameDocument = true")
+    totals = "Number(document.querySelector('#traffic-totals').dataset.requests)"
+    before = page.evaluate(totals)
+    client = tab.server.client()
+    client.api_key = ADMIN_KEY
+    for _ in range(2):
+        client.chat.completions.create(model="fault-small", messages=[{"role": "user", "content": "hi"}])
+    until(page, f"{totals} >= {before + 2}", timeout=30)
+    series = page.locator("section.series[aria-label='fault fault-small']")
+    assert int(series.get_attribute("data-requests") or 0) >= 2
+
+    upstream.mode = "status_500"
+    try:
+        for _ in range(3):  # three failures in a row open the breaker
+            with pytest.raises(openai.APIStatusError):
+                client.chat.completions.create(model="fault-small", messages=[{"role": "user", "content": "hi"}])
+        deadline = time.monotonic() + 30
+        while provider_cell(page, "fault", "Circuit breaker") != "open":
+            assert time.monotonic() < deadline, "the page never showed the open breaker"
+            page.wait_for_timeout(200)
+        assert provider_cell(page, "fault", "Last error")
+        until(page, f"{totals} >= {before + 5}", timeout=30)
+        errors = "Number(document.querySelector('#traffic-totals').dataset.errors)"
+        until(page, f"{errors} >= 3", timeout=30)
+        assert f"{page.evaluate(errors)} errors" in page.locator("#traffic-totals").inner_text()
+        tab.shot("traffic-breaker-open")
+    finally:
+        upstream.mode = "ok"
+    # The next probe (every 15 s) finds the upstream well again, and the page shows it by itself.
+    deadline = time.monotonic() + 60
+    while provider_cell(page, "fault", "Circuit breaker") != "closed":
+        assert time.monotonic() < deadline, "the page never showed the breaker closed again"
+        page.wait_for_timeout(200)
+    assert page.evaluate("window.__sameDocument") is True
+
+
 GOOD_DATASET = "".join(
     json.dumps(
         {
@@ -590,7 +650,9 @@ def test_every_page_passes_axe(browser: sync_api.Browser, keyed: Server, axe_sou
 
 
 PHONE = {"width": 390, "height": 844}
-OVERFLOW = "document.scrollingElement.scrollWidth - window.innerWidth"
+#: How much wider than the phone the page is. Not against innerWidth: a mobile browser zooms out
+#: to show a page wider than its screen, and innerWidth grows with it.
+OVERFLOW = f"document.scrollingElement.scrollWidth - {PHONE['width']}"
 
 
 @pytest.mark.parametrize("viewport", [PHONE])
@@ -615,6 +677,8 @@ def test_every_page_fits_a_phone_and_chat_works_there(tab: Tab) -> None:
 
     page.click("#nav a[data-page='chat']")
     page.wait_for_selector("#chat-model option[value='fault-small']", state="attached")
+    assert page.is_hidden("#chat-model")  # the settings are folded away on a phone
+    page.locator("details.settings summary").tap()
     page.select_option("#chat-model", "fault-small")
     for control in ("#chat-prompt", "#chat-send", "#chat-stop", "#chat-model"):
         box = page.locator(control).bounding_box()

@@ -55,23 +55,27 @@ export function formatTime(seconds) {
 
 let captions = 0;
 
-/** A table with a caption, header cells and rows of cells (strings or nodes), in a region that
- * scrolls sideways when the table is wider than the screen (a phone's), rather than the page;
- * the region takes focus, so that it scrolls from the keyboard too. */
+/** A table with a caption, header cells and rows of cells (strings or nodes).
+ *
+ * On a phone each row is drawn as a card, each cell under its column's name (``data-label``);
+ * the roles are spelled out because a table drawn with ``display: block`` loses them in some
+ * browsers. The table sits in a region that scrolls sideways when it is still wider than the
+ * screen, rather than the page; the region takes focus, so that it scrolls from the keyboard. */
 export function table(caption, headers, rows) {
   captions += 1;
   const id = `caption-${captions}`;
-  return h("div", { class: "scroll", role: "region", "aria-labelledby": id, tabindex: 0 }, h(
-    "table",
-    {},
-    h("caption", { id }, caption),
-    h("thead", {}, h("tr", {}, headers.map((name) => h("th", { scope: "col" }, name)))),
+  const body = rows.length
+    ? rows.map((cells) => h("tr", { role: "row" }, cells.map((cell, i) => h("td", { role: "cell", "data-label": headers[i] || null }, cell))))
+    : h("tr", { role: "row" }, h("td", { role: "cell", colspan: headers.length }, "None."));
+  return h(
+    "div",
+    { class: "scroll", role: "region", "aria-labelledby": id, tabindex: 0 },
     h(
-      "tbody",
-      {},
-      rows.length
-        ? rows.map((cells) => h("tr", {}, cells.map((cell) => h("td", {}, cell))))
-        : h("tr", {}, h("td", { colspan: headers.length }, "None.")),
+      "table",
+      { role: "table" },
+      h("caption", { id }, caption),
+      h("thead", { role: "rowgroup" }, h("tr", { role: "row" }, headers.map((name) => h("th", { scope: "col", role: "columnheader" }, name)))),
+      h("tbody", { role: "rowgroup" }, body),
     ),
-  ));
+  );
 }
