@@ -11,6 +11,7 @@ provokes on purpose excepted). Screenshots of each page go to ``.cache/console-s
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import json
 import os
@@ -235,9 +236,28 @@ def test_model_html_is_shown_as_text_and_never_runs(tab: Tab, upstream: FaultUps
     tab.sign_in(ADMIN_KEY)
     page.wait_for_selector("#chat-model option[value='fault-small']", state="attached")
     page.select_option("#chat-model", "fault-small")
+    # The chat's settings reach the server: the privacy level as the routing header (the request
+    # log counts it), the system prompt and temperature in the request the upstream gets.
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    def local_only() -> int:
+        stats = httpx.get(f"{tab.server.url}/v1/engine/stats", headers=admin, timeout=10).json()
+        return int(stats["since_start"]["routing"]["by_policy"].get("local_only", 0))
+
+    policed = local_only()
+    page.select_option("#chat-privacy", "local_only")
+    page.fill("#chat-system", "Answer like a pirate.")
+    page.fill("#chat-temperature", "0.3")
     page.fill("#chat-prompt", "Say something dangerous")
     page.click("#chat-send")
     page.wait_for_selector("article.assistant .stats:has-text('completion tokens')")
+    (sent,) = [r.body for r in upstream.requests if r.body and "Say something dangerous" in json.dumps(r.body)]
+    assert sent["messages"][0] == {"role": "system", "content": "Answer like a pirate."}
+    assert sent["temperature"] == 0.3
+    deadline = time.monotonic() + 30
+    while local_only() != policed + 1:  # the request log is written a moment after the reply
+        assert time.monotonic() < deadline, "the request was not routed local_only"
+        time.sleep(0.2)
     body = page.locator("article.assistant .body")
     text = body.inner_text()
     assert '<img src=x onerror="window.__pwned=1">' in text
@@ -287,6 +307,11 @@ def test_admin_creates_a_key_that_sees_chat_only_then_revokes_it(tab: Tab) -> No
     page.wait_for_selector("#signin-error:has-text('Invalid API key')")
     tab.sign_in(ADMIN_KEY)
     assert "Keys" in tab.nav()
+    # The key is kept in this tab's session storage only: no cookie, no URL, no local storage.
+    assert page.evaluate("sessionStorage.getItem('locopilot.key')") == ADMIN_KEY
+    assert page.evaluate("document.cookie") == ""
+    assert ADMIN_KEY not in page.evaluate("JSON.stringify(localStorage)")
+    assert not [url for url in tab.requests if ADMIN_KEY in url]
     page.click("#nav a[data-page='keys']")
     page.fill("#key-name", "console-inference")
     page.fill("#key-rpm", "600")
@@ -295,6 +320,15 @@ def test_admin_creates_a_key_that_sees_chat_only_then_revokes_it(tab: Tab) -> No
     assert secret.startswith("lcp_")
     tab.shot("keys")
     assert "600/min" in page.locator("#keys-list tr:has-text('console-inference')").inner_text()
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=tab.server.url)
+    page.click("#key-copy")
+    page.wait_for_selector("#key-copy:has-text('Copied')")
+    assert page.evaluate("navigator.clipboard.readText()") == secret
+    page.click("#key-secret button:has-text('I have saved it')")
+    page.click("#nav a[data-page='audit']")
+    page.click("#nav a[data-page='keys']")
+    page.wait_for_selector("#keys-list tr:has-text('console-inference')")
+    assert secret not in page.content()  # shown once
 
     page.click("#signout")
     tab.sign_in(secret)
@@ -336,6 +370,12 @@ def test_admin_creates_a_key_that_sees_chat_only_then_revokes_it(tab: Tab) -> No
     assert httpx.get(f"{tab.server.url}/v1/models", headers=headers, timeout=10).status_code == 401
     page.click("#nav a[data-page='audit']")
     page.wait_for_selector("#audit-list td:has-text('key_revoked')")
+    events = "[...document.querySelectorAll('#audit-list tbody tr td:nth-child(2)')].map((td) => td.textContent)"
+    assert "auth_failed" in page.evaluate(events)  # the sign-in with a wrong key
+    page.fill("#audit-event", "key_revoked")
+    page.press("#audit-event", "Enter")
+    until(page, f"{events}.every((event) => event === 'key_revoked')")
+    assert page.evaluate(events) == ["key_revoked"]
     tab.shot("audit")
     page.click("#nav a[data-page='settings']")
     admin_row = page.locator("#settings-list tr").filter(
@@ -519,15 +559,24 @@ def test_training_shows_line_errors_then_a_live_loss_curve_and_chats_with_the_re
             expected_outcome,
         ]
     caption = page.locator("#spot-check caption").inner_text()
-    assert (
-        f"{check['base_correct']} of {len(check['answers'])} right before training, {check['trained_correct']} after, {check['lost']} lost"
-        in caption
-    )
+    said = f"{check['base_correct']} of {len(check['answers'])} right before training, {check['trained_correct']} after"
+    assert f"{said}, {check['lost']} lost" in caption
     tab.shot("training")
     page.click("#job-chat")
     until(page, "document.querySelector('#chat-model') && document.querySelector('#chat-model').value")
     model = page.input_value("#chat-model")
-    assert model.startswith(SMOL) and model != SMOL, model
+    assert model == job["fine_tuned_model"] and model.startswith(SMOL), model
+    page.fill("#chat-max-tokens", "12")
+    page.fill("#chat-prompt", "Which city is the capital of Veloria?")
+    page.click("#chat-send")
+    stats = page.locator("article.assistant .stats")
+    stats.wait_for()
+    assert f"via embedded · {model}" in stats.inner_text()
+    assert page.locator("article.assistant .body").inner_text().strip()
+    page.click("#nav a[data-page='models']")
+    row = page.locator(f"#models-list tr:has-text('{model}')")
+    row.wait_for()
+    assert f"fine-tuned from {SMOL}" in row.inner_text()
 
 
 def test_service_worker_lists_every_console_file() -> None:
@@ -535,6 +584,13 @@ def test_service_worker_lists_every_console_file() -> None:
     script = (folder / "sw.js").read_text()
     listed = set(re.findall(r'"/console/([^"]+)"', script))
     assert listed == {path.name for path in folder.iterdir()} - {"sw.js"}
+
+
+def test_console_files_stay_within_their_budget() -> None:
+    """The issue's budget: all of the console's files, compressed, at most 300 KB."""
+    folder = ROOT / "locopilot" / "web" / "console"
+    compressed = sum(len(gzip.compress(path.read_bytes(), 9)) for path in folder.iterdir())
+    assert 0 < compressed <= 300_000, compressed
 
 
 def test_installable_shell_opens_offline_and_no_api_answer_is_cached(browser: sync_api.Browser, keyed: Server) -> None:
@@ -647,6 +703,45 @@ def test_every_page_passes_axe(browser: sync_api.Browser, keyed: Server, axe_sou
     finally:
         context.close()
     assert {name: found for name, found in problems.items() if found} == {}
+
+
+@pytest.mark.parametrize("tab", ["keyed"], indirect=True)
+def test_the_keyboard_alone_signs_in_moves_between_pages_and_chats(tab: Tab) -> None:
+    page = tab.page
+    keys = page.keyboard
+    focused = "document.activeElement ? (document.activeElement.id || document.activeElement.textContent) : ''"
+
+    def tab_to(wanted: str, presses: int = 60) -> None:
+        for _ in range(presses):
+            keys.press("Tab")
+            if page.evaluate(focused) == wanted:
+                return
+        raise AssertionError(f"Tab never reached {wanted}")
+
+    page.wait_for_selector("#signin-key:focus")  # the key field has the focus from the start
+    keys.type(ADMIN_KEY)
+    keys.press("Enter")
+    page.wait_for_selector("#nav a")
+    page.evaluate("document.activeElement.blur()")
+    tab_to("Skip to content")
+    tab_to("Models")
+    keys.press("Enter")
+    page.wait_for_selector("#models-list table")
+    assert page.url.endswith("#/models")
+    tab_to("Chat", 200)  # from the models page back to the navigation
+    keys.press("Enter")
+    page.wait_for_selector("#chat-model option[value='fault-small']", state="attached")
+    tab_to("chat-model")
+    for _ in range(5):  # a select moves through its options with the arrow keys
+        if page.input_value("#chat-model") == "fault-small":
+            break
+        keys.press("ArrowDown")
+    assert page.input_value("#chat-model") == "fault-small"
+    tab_to("chat-prompt")
+    keys.type("Hello by keyboard")
+    keys.press("Enter")  # Enter sends
+    page.wait_for_selector("article.assistant .stats:has-text('completion tokens')")
+    assert "Hello by keyboard" in page.locator("article.user").inner_text()
 
 
 PHONE = {"width": 390, "height": 844}
