@@ -367,6 +367,7 @@ def test_admin_creates_a_key_that_sees_chat_only_then_revokes_it(tab: Tab) -> No
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("button[aria-label='Revoke console-inference']")
     page.wait_for_selector("#keys-list tr:has-text('console-inference'):has-text('revoked')")
+    assert "1 request, " in page.locator("#keys-list tr:has-text('console-inference')").inner_text()  # its chat
     assert httpx.get(f"{tab.server.url}/v1/models", headers=headers, timeout=10).status_code == 401
     page.click("#nav a[data-page='audit']")
     page.wait_for_selector("#audit-list td:has-text('key_revoked')")

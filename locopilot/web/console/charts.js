@@ -7,7 +7,8 @@ function round(value) {
 }
 
 /** A labelled bar chart of ``values`` (nulls drawn as gaps). */
-export function barChart(title, values, { unit = "", width = 360, height = 90 } = {}) {
+/** ``summed``: whether a total means anything (requests do; a rate does not). */
+export function barChart(title, values, { unit = "", summed = true, width = 360, height = 90 } = {}) {
   const peak = Math.max(0, ...values.filter((v) => v !== null && v !== undefined));
   const step = width / Math.max(1, values.length);
   const bars = values.map((value, index) => {
@@ -30,7 +31,7 @@ export function barChart(title, values, { unit = "", width = 360, height = 90 } 
       bars,
     ),
     // The numbers in the caption, not the drawing: the drawing stretches to its box.
-    h("figcaption", {}, `${title} (total ${round(total)}, peak ${round(peak)}${unit}), last hour by minute`),
+    h("figcaption", {}, `${title} (${summed ? `total ${round(total)}, ` : ""}peak ${round(peak)}${unit}), last hour by minute`),
   );
 }
 

@@ -48,6 +48,11 @@ export function formatBytes(bytes) {
   return `${value.toFixed(unit === 0 ? 0 : 1)} ${units[unit]}`;
 }
 
+/** "1 request", "2 requests". */
+export function count(n, word) {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
+}
+
 export function formatTime(seconds) {
   if (!seconds) return "–";
   return new Date(seconds * 1000).toLocaleString();

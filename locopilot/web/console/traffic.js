@@ -2,7 +2,7 @@
 // every few seconds while the page is shown (not while the tab is hidden).
 
 import { getJson } from "./api.js";
-import { clear, h, table } from "./dom.js";
+import { clear, count, h, table } from "./dom.js";
 import { barChart } from "./charts.js";
 
 const REFRESH_MS = 5000;
@@ -49,7 +49,7 @@ export async function trafficPage(root) {
     const tokens = series.reduce((acc, s) => sum(acc, s.tokens_out), zero);
     totals.dataset.requests = String(total(requests));
     totals.dataset.errors = String(total(errors));
-    say(totals, `Last hour: ${total(requests)} requests, ${total(errors)} errors, ${total(tokens)} tokens generated.`);
+    say(totals, `Last hour: ${count(total(requests), "request")}, ${count(total(errors), "error")}, ${count(total(tokens), "token")} generated.`);
     clear(charts);
     if (!series.length) {
       charts.append(h("p", {}, "No requests in the last hour."));
@@ -63,14 +63,14 @@ export async function trafficPage(root) {
           { class: "series", "aria-label": `${s.provider} ${s.model}`, "data-requests": String(total(s.requests)) },
           // "-": the request failed before a provider was recorded for it.
           h("h3", {}, s.provider === "-" ? `${s.model}, no provider recorded` : `${s.model} via ${s.provider}`),
-          h("p", {}, `${total(s.requests)} requests, ${total(s.errors)} errors, ${total(s.tokens_out)} tokens; latency p50 ${ms(s.latency_p50_ms)}, p95 ${ms(s.latency_p95_ms)}`),
+          h("p", {}, `${count(total(s.requests), "request")}, ${count(total(s.errors), "error")}, ${count(total(s.tokens_out), "token")}; latency p50 ${ms(s.latency_p50_ms)}, p95 ${ms(s.latency_p95_ms)}`),
           h(
             "div",
             { class: "charts" },
             barChart("Requests", s.requests),
             barChart("Errors", s.errors),
             barChart("Tokens generated", s.tokens_out),
-            barChart("Tokens/s", s.tokens_per_second, { unit: " tok/s" }),
+            barChart("Tokens/s", s.tokens_per_second, { unit: " tok/s", summed: false }),
           ),
         ),
       );
