@@ -39,6 +39,7 @@ ADMIN_KEY = "console-admin-key-0123456789"
 SCREENSHOTS = ROOT / ".cache" / "console-screenshots"
 HOSTILE = ("Look: ", '<img src=x onerror="window.__pwned=1">', " <script>window.__pwned=2</script>", " **done**")
 TIMEOUT_MS = 120_000
+PHONE = {"width": 390, "height": 844}
 #: axe-core (MPL-2.0) from the npm registry, fetched once with npm into .cache and checked against
 #: the registry's integrity hash: the accessibility check of every page.
 AXE_VERSION = "4.14.1"
@@ -532,10 +533,23 @@ def test_training_shows_line_errors_then_a_live_loss_curve_and_chats_with_the_re
     assert page.input_value("#job-model") == SMOL
     page.fill("#job-layers", "1")
     page.fill("#job-learning-rate", "0.001")
+    page.fill("#job-epochs", "3")  # a point on the curve per epoch
+    # Each time the curve gains a point, when (ms): a curve drawn live gains them seconds apart,
+    # one drawn from a finished job's log all at once.
+    page.evaluate(
+        """() => { window.__curve = [];
+                   new MutationObserver(() => {
+                     const n = document.querySelectorAll('#loss-chart circle.point').length;
+                     const last = window.__curve[window.__curve.length - 1];
+                     if (n && (!last || last[0] !== n)) window.__curve.push([n, performance.now()]);
+                   }).observe(document.querySelector('#job-detail'), {childList: true, subtree: true}); }"""
+    )
     page.click("#job-start")
     page.wait_for_selector("#loss-chart circle.point", timeout=600_000)
     page.wait_for_selector("#job-state:has-text('The job succeeded')", timeout=600_000)
-    assert page.locator("#loss-chart circle.point").count() >= 1
+    curve = page.evaluate("window.__curve")
+    assert [n for n, _ in curve] == list(range(1, len(curve) + 1)) and len(curve) >= 3, curve
+    assert curve[-1][1] - curve[0][1] > 500, curve
     # What the job reported, as the API gives it, is what the page shows: losses and the spot check.
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     listed = httpx.get(f"{tab.server.url}/v1/locopilot/training/jobs", headers=admin, timeout=10).json()["data"]
@@ -681,10 +695,13 @@ def serious_violations(page: sync_api.Page, axe: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("scheme", ["light", "dark"])
-def test_every_page_passes_axe(browser: sync_api.Browser, keyed: Server, axe_source: str, scheme: str) -> None:
+@pytest.mark.parametrize(("scheme", "viewport"), [("light", None), ("dark", None), ("dark", PHONE)])
+def test_every_page_passes_axe(
+    browser: sync_api.Browser, keyed: Server, axe_source: str, scheme: str, viewport: dict[str, int] | None
+) -> None:
     # Only here is the page's CSP bypassed: axe is injected as a script of the test's own.
-    context = browser.new_context(service_workers="block", bypass_csp=True, color_scheme=scheme)
+    sized = {"viewport": viewport, "is_mobile": True, "has_touch": True} if viewport else {}
+    context = browser.new_context(service_workers="block", bypass_csp=True, color_scheme=scheme, **sized)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     try:
@@ -700,7 +717,8 @@ def test_every_page_passes_axe(browser: sync_api.Browser, keyed: Server, axe_sou
             problems[name] = serious_violations(page, axe_source)
             if scheme == "dark":
                 SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(SCREENSHOTS / f"dark-{name}.png"), full_page=True)
+                shot = f"dark-phone-{name}" if viewport else f"dark-{name}"
+                page.screenshot(path=str(SCREENSHOTS / f"{shot}.png"), full_page=True)
     finally:
         context.close()
     assert {name: found for name, found in problems.items() if found} == {}
@@ -745,7 +763,6 @@ def test_the_keyboard_alone_signs_in_moves_between_pages_and_chats(tab: Tab) -> 
     assert "Hello by keyboard" in page.locator("article.user").inner_text()
 
 
-PHONE = {"width": 390, "height": 844}
 #: How much wider than the phone the page is. Not against innerWidth: a mobile browser zooms out
 #: to show a page wider than its screen, and innerWidth grows with it.
 OVERFLOW = f"document.scrollingElement.scrollWidth - {PHONE['width']}"
