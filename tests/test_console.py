@@ -533,7 +533,7 @@ def test_training_shows_line_errors_then_a_live_loss_curve_and_chats_with_the_re
     assert page.input_value("#job-model") == SMOL
     page.fill("#job-layers", "1")
     page.fill("#job-learning-rate", "0.001")
-    page.fill("#job-epochs", "2")  # a point on the curve per epoch (three windows, one step each)
+    page.fill("#job-epochs", "2")  # a point per epoch (its three windows are one chunk)
     # Each time the curve gains a point, when (ms): a curve drawn live gains them seconds apart,
     # one drawn from a finished job's log all at once.
     page.evaluate(
