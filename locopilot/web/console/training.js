@@ -11,6 +11,37 @@ function number(id, value, attrs) {
   return h("input", { id, type: "number", value, ...attrs });
 }
 
+function loss(value) {
+  return typeof value === "number" ? value.toFixed(4) : "–";
+}
+
+function outcome(answer) {
+  if (answer.base_correct) return answer.trained_correct ? "kept" : "lost";
+  return answer.trained_correct ? "gained" : "wrong before and after";
+}
+
+/** What a finished job reports: its losses before and after, and the spot check's answers. */
+export function jobResult(result) {
+  const part = h("div", { id: "job-result" });
+  const rows = [["Training loss", loss(result.train_loss_before), loss(result.train_loss_after)]];
+  if (result.validation_loss_before !== undefined && result.validation_loss_before !== null) {
+    rows.push(["Held-out loss", loss(result.validation_loss_before), loss(result.validation_loss_after)]);
+  }
+  part.append(h("div", { id: "job-eval" }, table("Evaluation", ["Measure", "Before training", "After"], rows)));
+  const facts = [];
+  if (result.trained_tokens) facts.push(`${result.trained_tokens} tokens trained`);
+  if (result.tokens_per_s) facts.push(`${Math.round(result.tokens_per_s)} tokens/s`);
+  if (result.seconds) facts.push(`${Math.round(result.seconds)} s in all`);
+  if (facts.length) part.append(h("p", {}, `${facts.join(", ")}.`));
+  const check = result.spot_check;
+  if (check && Array.isArray(check.answers)) {
+    const answers = check.answers.map((a) => [a.question, a.expected, a.base_answer, a.trained_answer, h("span", { class: `outcome ${outcome(a).split(" ")[0]}` }, outcome(a))]);
+    const caption = `Spot check: ${check.base_correct} of ${check.answers.length} right before training, ${check.trained_correct} after, ${check.lost} lost`;
+    part.append(h("div", { id: "spot-check" }, table(caption, ["Question", "Expected", "Base answer", "Tuned answer", "Outcome"], answers)));
+  }
+  return part;
+}
+
 export async function trainingPage(root) {
   const status = h("p", { role: "status", id: "training-status" });
   const uploadProblem = h("pre", { class: "problem", role: "alert", id: "upload-error" });
@@ -116,6 +147,7 @@ export async function trainingPage(root) {
         if (event === "message" || event === "metrics") log.append(h("li", {}, data.message));
         if (event === "end") {
           state.textContent = `The job ${data.status}.${data.error ? ` ${data.error.message}` : ""}`;
+          if (data.result) detail.append(jobResult(data.result));
           if (data.fine_tuned_model) {
             const chat = h("button", { type: "button", id: "job-chat" }, `Chat with ${data.fine_tuned_model}`);
             chat.addEventListener("click", () => {
