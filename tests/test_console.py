@@ -504,6 +504,32 @@ GOOD_DATASET = "".join(
 )
 
 
+@pytest.mark.parametrize("tab", ["keyed"], indirect=True)
+def test_a_job_started_with_empty_fields_leaves_them_auto(tab: Tab) -> None:
+    page = tab.page
+    tab.sign_in(ADMIN_KEY)
+    page.click("#nav a[data-page='training']")
+    page.set_input_files(
+        "#dataset-file", {"name": "auto.jsonl", "mimeType": "application/jsonl", "buffer": GOOD_DATASET.encode()}
+    )
+    page.click("#dataset-upload")
+    page.wait_for_selector("#training-status:has-text('Uploaded auto.jsonl')")
+    for selector in ("#job-epochs", "#job-learning-rate", "#job-layers"):
+        assert page.input_value(selector) == ""
+        assert page.get_attribute(selector, "placeholder") == "auto"
+    with page.expect_response(
+        lambda r: r.url.endswith("/v1/locopilot/training/jobs") and r.request.method == "POST"
+    ) as info:
+        page.click("#job-start")
+    sent = json.loads(info.value.request.post_data or "{}")
+    assert (sent["epochs"], sent["learning_rate"], sent["layers"]) == ("auto", "auto", "auto")
+    job = info.value.json()
+    assert info.value.status == 200, job
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    cancel = httpx.post(f"{tab.server.url}/v1/locopilot/training/jobs/{job['id']}/cancel", headers=admin, timeout=30)
+    assert cancel.status_code == 200, cancel.text
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tab", ["keyed"], indirect=True)
 def test_training_shows_line_errors_then_a_live_loss_curve_and_chats_with_the_result(tab: Tab) -> None:

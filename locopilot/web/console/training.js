@@ -11,6 +11,11 @@ function number(id, value, attrs) {
   return h("input", { id, type: "number", value, ...attrs });
 }
 
+/** A number field's value, or "auto" when it is empty. */
+function auto(input) {
+  return input.value === "" ? "auto" : Number(input.value);
+}
+
 function loss(value) {
   return typeof value === "number" ? value.toFixed(4) : "–";
 }
@@ -59,9 +64,10 @@ export async function trainingPage(root) {
 
   const base = h("select", { id: "job-model" });
   const dataset = h("select", { id: "job-file" });
-  const epochs = number("job-epochs", 1, { min: 1, max: 100 });
-  const rate = number("job-learning-rate", 0.00001, { min: 0, max: 0.01, step: "any" });
-  const layers = number("job-layers", 4, { min: 0, max: 10000 });
+  // Empty is "auto": the server picks from the dataset's and the model's size (and says what it chose).
+  const epochs = number("job-epochs", "", { min: 1, max: 100, placeholder: "auto" });
+  const rate = number("job-learning-rate", "", { min: 0, max: 0.01, step: "any", placeholder: "auto" });
+  const layers = number("job-layers", "", { min: 0, max: 10000, placeholder: "auto" });
   const context = number("job-context", 256, { min: 256, step: 256 });
   const output = h("select", { id: "job-output" }, ["q8_0", "f16", "f32", "q4_k_m", "q5_k_m", "q6_k"].map((v) => h("option", { value: v }, v)));
   const jobProblem = h("p", { class: "error", role: "alert", id: "job-error" });
@@ -80,7 +86,7 @@ export async function trainingPage(root) {
       epochs,
       h("label", { for: "job-learning-rate" }, "Learning rate"),
       rate,
-      h("label", { for: "job-layers" }, "Layers (last N; 0: all)"),
+      h("label", { for: "job-layers" }, "Layers (last N; 0: all; empty: auto)"),
       layers,
       h("label", { for: "job-context" }, "Context (tokens)"),
       context,
@@ -196,9 +202,9 @@ export async function trainingPage(root) {
     const body = {
       model: base.value,
       training_file: dataset.value,
-      epochs: Number(epochs.value),
-      learning_rate: Number(rate.value),
-      layers: Number(layers.value),
+      epochs: auto(epochs),
+      learning_rate: auto(rate),
+      layers: auto(layers),
       context: Number(context.value),
       output_type: output.value,
     };
