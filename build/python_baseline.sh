@@ -87,7 +87,9 @@ step() {
     [[ -f "$WORK/$name.done" ]] && return
     say "$name"
     local start=$SECONDS
-    if ! ("$@") >"$WORK/$name.log" 2>&1; then
+    # In the background and waited for: errexit is off for a command tested by `if`.
+    ("$@") >"$WORK/$name.log" 2>&1 &
+    if ! wait $!; then
         tail -n 40 "$WORK/$name.log" >&2
         say "$name failed (log: $WORK/$name.log)"
         exit 1
@@ -140,14 +142,17 @@ build_sqlite() {
     CFLAGS="$STATIC_CFLAGS -DSQLITE_ENABLE_FTS5 -DSQLITE_ENABLE_JSON1 -DSQLITE_ENABLE_RTREE" ./configure --prefix="$DEPS" \
         --disable-shared --enable-static --with-pic --disable-tcl --disable-readline --disable-editline
     make -j"$JOBS" libsqlite3.la
-    make install-libLTLIBRARIES install-includeHEADERS install-pkgconfigDATA
+    install -D -m644 .libs/libsqlite3.a "$DEPS/lib/libsqlite3.a"
+    install -D -m644 sqlite3.h "$DEPS/include/sqlite3.h"
+    install -D -m644 sqlite3ext.h "$DEPS/include/sqlite3ext.h"
+    install -D -m644 sqlite3.pc "$DEPS/lib/pkgconfig/sqlite3.pc"
 }
 build_openssl() {
     unpack openssl_3.0.20.orig.tar.gz openssl
     cd "$WORK/openssl"
     # Shared, installed beside libpython; no-module: the legacy provider built in
     # instead of loaded from a path fixed at build time.
-    ./Configure linux-x86_64 --prefix="$DEPS" --libdir=lib --openssldir=/etc/ssl shared no-module no-tests no-docs \
+    ./Configure linux-x86_64 --prefix="$DEPS" --libdir=lib --openssldir=/etc/ssl shared no-module no-tests \
         -Wl,-rpath,"$TARGET/lib"
     make -j"$JOBS" build_libs
     make install_dev
@@ -164,12 +169,31 @@ build_python() {
         patch -p1 --forward --no-backup-if-mismatch <"debian-patches/debian/patches/$series"
     done <debian-patches/debian/patches/series
     ((take)) || { echo "shutdown-deadlock.diff is not in Debian's series any more"; exit 1; }
+    # One of those fixes makes pyexpat.c include an internal header, which Debian's own
+    # module build (a patch left out above) allows with Py_BUILD_CORE_MODULE; upstream
+    # 3.11 defines it in the file.
+    if grep -q pycore_ceval.h Modules/pyexpat.c && ! grep -q Py_BUILD_CORE_MODULE Modules/pyexpat.c; then
+        sed -i '1i #ifndef Py_BUILD_CORE_BUILTIN\n#  define Py_BUILD_CORE_MODULE 1\n#endif' Modules/pyexpat.c
+    fi
+    mkdir -p "$TARGET/lib" # configure checks that the OpenSSL rpath exists
     ./configure --prefix="$TARGET" --enable-shared --without-ensurepip --with-openssl="$DEPS" \
         --with-openssl-rpath="$TARGET/lib" --with-system-ffi \
         CPPFLAGS="-I$DEPS/include" LDFLAGS="-L$DEPS/lib -Wl,-rpath,$TARGET/lib" \
         LIBFFI_CFLAGS="-I$DEPS/include" LIBFFI_LIBS="$DEPS/lib/libffi.a"
-    make -j"$JOBS"
-    make install DESTDIR="$WORK/destdir"
+    # Zig makes -Wdate-time an error (getbuildinfo.c stamps the build's date), and
+    # refuses to link libpython3.so, the stable ABI's stub made of libpython3.11.so
+    # alone and no object; nothing here needs it (PY3LIBRARY empty: not built).
+    local vars=(EXTRA_CFLAGS=-Wno-error=date-time PY3LIBRARY=)
+    # setup.py (which builds most modules in 3.11) adds this machine's /usr/include/<multiarch>
+    # and /usr/local: their glibc 2.36 headers break Zig's. As a cross build
+    # (_PYTHON_HOST_PLATFORM) it leaves /usr/local out; the multiarch folders and the
+    # ones it would read from the compiler (this machine's: Zig answers for the host
+    # when asked about stdin) go too. Zig's compiler finds its own headers.
+    sed -i -E 's/^    def (add_multiarch_paths|add_cross_compiling_paths)\(self\):$/&\n        return/' setup.py
+    [[ "$(grep -A1 -E 'def (add_multiarch_paths|add_cross_compiling_paths)' setup.py | grep -c return)" == 2 ]]
+    export _PYTHON_HOST_PLATFORM=linux-x86_64
+    make -j"$JOBS" "${vars[@]}"
+    make install DESTDIR="$WORK/destdir" "${vars[@]}"
 }
 
 step zlib build_zlib
@@ -184,6 +208,7 @@ step python build_python
 rm -rf "$TARGET.tmp"
 mv "$WORK/destdir$TARGET" "$TARGET.tmp"
 cp -a "$DEPS"/lib/libssl.so* "$DEPS"/lib/libcrypto.so* "$TARGET.tmp/lib/"
+rm -rf "$TARGET"
 mv "$TARGET.tmp" "$TARGET"
 "$TARGET/bin/python3.11" - <<'EOF' >&2 || { say "the built Python lacks modules the bundle needs"; exit 1; }
 import ctypes, ssl, hashlib, sqlite3, zlib, bz2, lzma, _decimal, _multiprocessing, _posixshmem

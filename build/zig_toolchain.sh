@@ -20,7 +20,7 @@ BASELINE="${1:-2.28}"
 CACHE="${LOCOPILOT_BASELINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/baseline}"
 ENV="$CACHE/zig-$ZIG_VERSION"
 BIN="$ENV/glibc-$BASELINE"
-if [[ ! -x "$BIN/c++" ]] || ! grep -q evex512 "$BIN/c++"; then
+if [[ ! -x "$BIN/c++" ]] || ! grep -q soname "$BIN/c++"; then
     if [[ ! -x "$ENV/bin/python" ]] || ! "$ENV/bin/python" -c 'import ziglang' 2>/dev/null; then
         echo "zig_toolchain: installing ziglang $ZIG_VERSION into $ENV" >&2
         uv venv --quiet --allow-existing "$ENV" >&2
@@ -35,7 +35,8 @@ if [[ ! -x "$BIN/c++" ]] || ! grep -q evex512 "$BIN/c++"; then
     # probes such as waf's `cc -dM -E -`): those get the unversioned one, which only
     # changes what is preprocessed, not what is linked. -mevex512 with -mavx512*: Zig
     # names every feature of its baseline CPU, evex512 off among them, and clang 19 then
-    # refuses 512-bit intrinsics (ggml's AVX-512 variants) without it.
+    # refuses 512-bit intrinsics (ggml's AVX-512 variants) without it. -Wl,-hNAME
+    # (CPython's way to name libpython's soname) is -soname to Zig's linker.
     for tool in cc c++; do
         cat >"$BIN.tmp/$tool" <<EOF
 #!/bin/sh
@@ -43,11 +44,14 @@ export ZIG_GLOBAL_CACHE_DIR="\${ZIG_GLOBAL_CACHE_DIR:-$CACHE/zig-cache}"
 export ZIG_LOCAL_CACHE_DIR="\${ZIG_LOCAL_CACHE_DIR:-$CACHE/zig-cache}"
 target=x86_64-linux-gnu.$BASELINE
 extra=
-for arg in "\$@"; do
+for arg do
+    shift
     case "\$arg" in
         -) target=x86_64-linux-gnu ;;
         -mavx512*) extra=-mevex512 ;;
+        -Wl,-h*) arg="-Wl,-soname,\${arg#-Wl,-h}" ;;
     esac
+    set -- "\$@" "\$arg"
 done
 exec "$zig" $tool -target "\$target" -fno-sanitize=undefined \$extra "\$@"
 EOF
