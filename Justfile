@@ -83,7 +83,7 @@ build engine="portable": setup
     uv pip install --quiet --python "$venv" --no-deps --reinstall "$pyinstaller" $wheel
     "$venv/bin/python" -m PyInstaller --noconfirm --workpath build/work --distpath dist build/locopilot.spec
     "$venv/bin/python" build/glibc_audit.py --quiet --baseline "${baseline:-$(ldd --version | head -1 | grep -o '[0-9]\.[0-9]*$')}" dist/locopilot >&2 ||
-        { echo "dist/locopilot needs a newer glibc than ${baseline:-this machine's}: see the table above" >&2; exit 1; }
+        { echo "dist/locopilot needs a newer glibc than ${baseline:-this machine has}: see the table above" >&2; exit 1; }
 
 # Build, then run the frozen binary end to end (build/smoke_test.sh says what it checks).
 # The glibc audit runs at the baseline the binary was built for (none for host builds).

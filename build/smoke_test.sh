@@ -369,13 +369,12 @@ if [[ "${SMOKE_DEBIAN11:-}" == 1 ]]; then
     # (/proc, /dev, a fresh /tmp and /srv/lp: all gone when it ends), with only the
     # settings the test gives (nothing from this machine's environment).
     in_debian11() {
-        exec unshare -m bash -c 'set -e; root="$1"; shift
+        exec unshare -m bash -c 'set -e; root="$1" files="$2"; shift 2
             mount -t proc proc "$root/proc"
             mount --bind /dev "$root/dev"
             mount -t tmpfs -o size=1g tmpfs "$root/tmp"
             mkdir -p "$root/srv/lp"
-            mount --bind "$2" "$root/srv/lp"
-            shift
+            mount --bind "$files" "$root/srv/lp"
             exec chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TMPDIR=/tmp \
                 LOCOPILOT_DATA_DIR=/srv/lp/data LOCOPILOT_MODELS_DIR=/srv/lp/models \
                 LOCOPILOT_HOST=127.0.0.1 LOCOPILOT_PORT="$LOCOPILOT_PORT" \
