@@ -48,31 +48,53 @@ bench-gateway *args: setup
     uv run --frozen --no-sync python bench/gateway.py {{args}}
 
 # The one-file executable dist/locopilot (PyInstaller), made in a build environment of
-# its own (build/work/venv, so .venv keeps the development engine): the locked
+# its own (build/work/venv*, so .venv keeps the development engine): the locked
 # dependencies, the portable engine (build/engine_wheel.sh: one CPU library per x86
 # level, the best one chosen at start) and PyInstaller with a bootloader that skips
 # noexec temporary folders (build/pyinstaller_wheel.sh). Both wheels are built once and
 # cached outside the repository (~/.cache/locopilot/engine). `just build dev` bundles
 # the development engine instead (one AVX2-level CPU library, no extra compile; such a
 # binary dies with "Illegal instruction" on CPUs without AVX2).
+#
+# LOCOPILOT_GLIBC_BASELINE=2.28 (RHEL 8, Debian 10+, Ubuntu 18.10+): the binary runs
+# on systems with that glibc or newer. The bootloader and the engine are compiled with
+# Zig for it (build/zig_toolchain.sh) and Python is one built for it
+# (build/python_baseline.sh, cached in ~/.cache/locopilot/baseline; the first build
+# takes about half an hour of CPU). Unset or "host" (the default until the baseline
+# build's engine speed without OpenMP is measured and its Python build is proven from
+# scratch): this machine's compiler and pyenv's Python, so the binary needs this
+# machine's glibc or newer (what `just build dev` always does). Either way the build
+# ends with build/glibc_audit.py's table of what the binary needs.
 build engine="portable": setup
     #!/usr/bin/env bash
     set -euo pipefail
+    baseline="${LOCOPILOT_GLIBC_BASELINE:-host}"
+    [[ "$baseline" == host || "{{engine}}" == dev ]] && baseline=""
+    export LOCOPILOT_GLIBC_BASELINE="$baseline"
     case "{{engine}}" in
         portable) wheel="$(build/engine_wheel.sh)" ;;
         dev) wheel="" ;;
         *) echo "just build [portable|dev], not {{engine}}" >&2; exit 1 ;;
     esac
     pyinstaller="$(build/pyinstaller_wheel.sh)"
-    venv=build/work/venv
-    UV_PROJECT_ENVIRONMENT="$venv" uv sync --frozen --quiet --no-install-package pyinstaller \
-        ${wheel:+--no-install-package llama-cpp-python}
+    python=""
+    [[ -n "$baseline" ]] && python="$(build/python_baseline.sh "$baseline")"
+    venv="build/work/venv${baseline:+-glibc$baseline}"
+    UV_PROJECT_ENVIRONMENT="$venv" uv sync --frozen --quiet ${python:+--python "$python"} \
+        --no-install-package pyinstaller ${wheel:+--no-install-package llama-cpp-python}
     uv pip install --quiet --python "$venv" --no-deps --reinstall "$pyinstaller" $wheel
     "$venv/bin/python" -m PyInstaller --noconfirm --workpath build/work --distpath dist build/locopilot.spec
+    "$venv/bin/python" build/glibc_audit.py --quiet --baseline "${baseline:-$(ldd --version | head -1 | grep -o '[0-9]\.[0-9]*$')}" dist/locopilot >&2 ||
+        { echo "dist/locopilot needs a newer glibc than ${baseline:-this machine has}: see the table above" >&2; exit 1; }
 
 # Build, then run the frozen binary end to end (build/smoke_test.sh says what it checks).
+# The glibc audit runs at the baseline the binary was built for (none for host builds).
 smoke engine="portable": (build engine)
-    build/smoke_test.sh dist/locopilot
+    #!/usr/bin/env bash
+    set -euo pipefail
+    baseline="${LOCOPILOT_GLIBC_BASELINE:-host}"
+    [[ "$baseline" == host || "{{engine}}" == dev ]] && baseline=none
+    SMOKE_GLIBC_BASELINE="${SMOKE_GLIBC_BASELINE:-$baseline}" build/smoke_test.sh dist/locopilot
 
 # Regenerate the README's settings table and the systemd/ files (env example, unit,
 # launchd plist) from locopilot/settings.py and locopilot/service/.

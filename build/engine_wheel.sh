@@ -12,6 +12,11 @@
 #
 # LOCOPILOT_CPU_VARIANTS   space-separated x86 variants to build (default below), or "all"
 #                          for ggml's whole list (14; each is a full compile of ggml-cpu)
+# LOCOPILOT_GLIBC_BASELINE a glibc version (2.28): compile with build/zig_toolchain.sh's
+#                          zig cc/c++ for that glibc, libc++ linked statically into each
+#                          library (no libstdc++ or libgcc_s needed), and ggml's own thread
+#                          pool instead of OpenMP (Zig has no libgomp; the system one is
+#                          built for this machine's glibc). Unset: this machine's compiler.
 # LOCOPILOT_ENGINE_CACHE   where wheels are kept (default ${XDG_CACHE_HOME:-~/.cache}/locopilot/engine)
 #
 # A wheel is kept under a name made of the version, the sdist's hash, the flags and
@@ -57,6 +62,17 @@ FLAGS=(
 
 say() { echo "engine_wheel: $*" >&2; }
 
+BASELINE="${LOCOPILOT_GLIBC_BASELINE:-}"
+if [[ -n "$BASELINE" ]]; then
+    TOOLCHAIN="$("$ROOT/build/zig_toolchain.sh" "$BASELINE")"
+    export CC="$TOOLCHAIN/cc" CXX="$TOOLCHAIN/c++"
+    FLAGS+=(
+        cmake.define.GGML_OPENMP=OFF
+        cmake.define.CMAKE_AR="$TOOLCHAIN/ar"
+        cmake.define.CMAKE_RANLIB="$TOOLCHAIN/ranlib"
+    )
+fi
+
 [[ "$(uname -s)-$(uname -m)" == Linux-x86_64 ]] || {
     say "the variant list is for x86-64 Linux; elsewhere use the development build"
     exit 1
@@ -72,8 +88,8 @@ done
 read -r VERSION SDIST_SHA < <(python3 "$ROOT/build/locked_sdist.py" "$ROOT/uv.lock" llama-cpp-python)
 
 CACHE="${LOCOPILOT_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
-KEY="$(printf '%s\n' "$VERSION" "$SDIST_SHA" "${FLAGS[@]}" $VARIANTS | sha256sum | cut -c1-12)"
-TARGET="$CACHE/llama-cpp-python-$VERSION-$KEY"
+KEY="$(printf '%s\n' "$VERSION" "$SDIST_SHA" "${FLAGS[@]}" $VARIANTS | sed "s|$HOME|~|g" | sha256sum | cut -c1-12)"
+TARGET="$CACHE/llama-cpp-python-$VERSION-$KEY${BASELINE:+-glibc$BASELINE}"
 
 if compgen -G "$TARGET/*.whl" >/dev/null; then
     say "cached: $TARGET"

@@ -19,6 +19,15 @@
 #              binfmt_misc entry, removed after, sends the bundle's re-exec and its
 #              runners through qemu too: plain qemu-x86_64 emulates only the first
 #              process). About 20 s per CPU here.
+# SMOKE_GLIBC_BASELINE  the glibc version the binary must not need more than (default
+#              2.28, what `just build` targets; "none" skips): build/glibc_audit.py's
+#              table of every bundled ELF file, failing above it. About 2 s.
+# SMOKE_DEBIAN11=1  serve and chat inside a Debian 11 root (glibc 2.31) that holds only
+#              debootstrap's minbase (nothing installed for locopilot), run with chroot
+#              in a mount namespace of its own. Needs root and debootstrap; the root is
+#              made once (about 2 minutes, from SMOKE_DEBIAN_MIRROR, default
+#              http://deb.debian.org/debian) and kept in SMOKE_DEBIAN11_ROOT (default
+#              ~/.cache/locopilot/debian11-root).
 #
 # Uses SmolLM2-135M-Instruct from .cache/default-model (`just default-model` puts it
 # there), a temporary data folder, a free port on 127.0.0.1 and a temporary TMPDIR
@@ -172,6 +181,12 @@ stop_with_sigterm() {
     [[ -z "$(unpacked)" ]] || fail "PyInstaller's unpacked folder was left behind: $(unpacked)"
     echo "exit 0 after SIGTERM; none of ${DESCENDANTS[*]} left, nothing left in TMPDIR"
 }
+
+if [[ "${SMOKE_GLIBC_BASELINE:-2.28}" != none ]]; then
+    step "glibc symbol versions (baseline ${SMOKE_GLIBC_BASELINE:-2.28})"
+    "$PY" "$ROOT/build/glibc_audit.py" --baseline "${SMOKE_GLIBC_BASELINE:-2.28}" "$BIN" ||
+        fail "a bundled file needs a newer glibc or libstdc++ than ${SMOKE_GLIBC_BASELINE:-2.28} (table above)"
+fi
 
 step "version"
 code=0
@@ -381,5 +396,45 @@ for pair in ${SMOKE_QEMU:-}; do
     BINFMT=""
     echo "$cpu: libggml-cpu-$got, chat and stream answered, $((SECONDS - started)) s in all"
 done
+
+if [[ "${SMOKE_DEBIAN11:-}" == 1 ]]; then
+    step "in a bare Debian 11 root (glibc 2.31)"
+    [[ $EUID == 0 ]] || fail "SMOKE_DEBIAN11 needs root (debootstrap, chroot, mounts)"
+    DEB11="${SMOKE_DEBIAN11_ROOT:-$HOME/.cache/locopilot/debian11-root}"
+    if [[ ! -x "$DEB11/usr/bin/getconf" ]]; then
+        command -v debootstrap >/dev/null || fail "debootstrap is missing (apt-get install debootstrap)"
+        rm -rf "$DEB11.tmp"
+        debootstrap --variant=minbase bullseye "$DEB11.tmp" "${SMOKE_DEBIAN_MIRROR:-http://deb.debian.org/debian}" \
+            >"$WORK/debootstrap.log" 2>&1 || fail "debootstrap failed: $(tail -n 5 "$WORK/debootstrap.log")"
+        mv "$DEB11.tmp" "$DEB11"
+    fi
+    echo "$(chroot "$DEB11" getconf GNU_LIBC_VERSION) in $DEB11"
+    # The binary and the model go in for this run only (/srv/lp, removed at exit by
+    # cleanup's rm of $WORK: the folder is a bind mount of $WORK/deb11 in the namespace).
+    mkdir -p "$WORK/deb11/models" "$WORK/deb11/data"
+    cp "$BIN" "$WORK/deb11/locopilot"
+    cp "$MODEL" "$WORK/deb11/models/$MODEL_NAME.gguf"
+    # in_debian11 COMMAND...: run COMMAND in the root, in a mount namespace of its own
+    # (/proc, /dev, a fresh /tmp and /srv/lp: all gone when it ends), with only the
+    # settings the test gives (nothing from this machine's environment).
+    in_debian11() {
+        exec unshare -m bash -c 'set -e; root="$1" files="$2"; shift 2
+            mount -t proc proc "$root/proc"
+            mount --bind /dev "$root/dev"
+            mount -t tmpfs -o size=1g tmpfs "$root/tmp"
+            mkdir -p "$root/srv/lp"
+            mount --bind "$files" "$root/srv/lp"
+            exec chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TMPDIR=/tmp \
+                LOCOPILOT_DATA_DIR=/srv/lp/data LOCOPILOT_MODELS_DIR=/srv/lp/models \
+                LOCOPILOT_HOST=127.0.0.1 LOCOPILOT_PORT="$LOCOPILOT_PORT" \
+                LOCOPILOT_DEFAULT_MODEL="$LOCOPILOT_DEFAULT_MODEL" "$@"' \
+            in_debian11 "$DEB11" "$WORK/deb11" "$@"
+    }
+    version="$(in_debian11 /srv/lp/locopilot version 2>&1)" || fail "version failed in Debian 11: $version"
+    echo "$version"
+    serve_up in_debian11 /srv/lp/locopilot
+    client chat || fail "the chat failed in Debian 11"
+    stop_with_sigterm
+fi
 
 echo "smoke test passed"
