@@ -128,7 +128,7 @@ def test_unconvertible_peft_adapters_are_refused(tmp_path: Path, smollm2_path: P
     wide = {"0.self_attn.q_proj": (np.zeros((4, 100), np.float32), np.zeros((WIDTH, 4), np.float32))}
     with pytest.raises(lora.AdapterError, match="base has"):
         peft.convert(peft_folder(tmp_path / "w", wide, r=4, alpha=8), smollm2_path, SMOL)
-    with pytest.raises(lora.AdapterError, match="no adapter_config.json"):
+    with pytest.raises(lora.AdapterError, match=r"no adapter_config\.json"):
         peft.convert(tmp_path, smollm2_path, SMOL)
 
 
@@ -139,55 +139,78 @@ def run_cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+F32 = "smol-f32"
+
+
 @pytest.fixture(scope="module")
 def lora_server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterator[Server]:
-    """SmolLM2 with three adapters converted from PEFT folders through the CLI: ``tiny`` (a change
-    of about 1e-6), ``bent`` (a moderate change of blocks 20-29), ``loud`` (a large one of every block)."""
-    running = start_server(tmp_path_factory, {SMOL: smollm2_path})
+    """SmolLM2 (Q4_1) with adapters ``bent`` (a moderate change of blocks 20-29) and ``loud`` (a large
+    change of every block), and SmolLM2 as F32 with ``tiny`` (a change of about 1e-6) and ``bent``; all
+    converted from PEFT folders through the CLI.
+
+    Close comparisons use the F32 base: with Q4_1 weights llama.cpp quantizes each matrix's input
+    to 8 bits, so any change upstream, however small, can move a later input across a rounding
+    step, and this small model's flat first-token distribution then shifts by tenths of a nat
+    (measured: a 1e-6 adapter moved "The" from -1.91 to below -2.4). With F32 weights only the
+    KV cache's F16 rounding remains.
+    """
+    from locopilot.training.export import to_f32
+
     folders = tmp_path_factory.mktemp("peft")
-    for name, seed, size, blocks in (
-        ("tiny", 3, 1e-6, range(30)),
-        ("bent", 4, 0.3, range(20, 30)),
-        ("loud", 5, 2.0, range(30)),
+    f32 = folders / "smollm2-f32.gguf"
+    to_f32(smollm2_path, f32, threads=2)
+    running = start_server(tmp_path_factory, {SMOL: smollm2_path, F32: f32})
+    for base, name, seed, size, blocks in (
+        (SMOL, "bent", 4, 0.3, range(20, 30)),
+        (SMOL, "loud", 5, 2.0, range(30)),
+        (F32, "tiny", 3, 1e-6, range(30)),
+        (F32, "bent", 4, 0.3, range(20, 30)),
     ):
-        folder = peft_folder(folders / name, random_pairs(seed, size, blocks), r=4, alpha=4)
-        done = run_cli(running, "adapter", str(folder), "--base", SMOL, "--name", f"{SMOL}-{name}")
+        folder = peft_folder(folders / f"{base}-{name}", random_pairs(seed, size, blocks), r=4, alpha=4)
+        done = run_cli(running, "adapter", str(folder), "--base", base, "--name", f"{base}-{name}")
         assert done.returncode == 0, done.stderr
     yield running
     running.stop()
 
 
-def greedy(client: openai.OpenAI, model: str, max_tokens: int = 16) -> str:
+def greedy(client: openai.OpenAI, model: str, max_tokens: int = 10) -> str:
     reply = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=max_tokens, temperature=0)  # type: ignore[arg-type]
     return reply.choices[0].message.content or ""
 
 
+def first_logprobs(client: openai.OpenAI, model: str) -> list[float]:
+    reply = client.chat.completions.create(
+        model=model,
+        messages=PROMPT,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,  # type: ignore[arg-type]
+    )
+    assert reply.choices[0].logprobs is not None
+    return [token.logprob for token in reply.choices[0].logprobs.content or []]
+
+
 def test_adapters_are_listed_with_their_base(lora_server: Server) -> None:
     cards = {card["id"]: card for card in httpx.get(f"{lora_server.url}/v1/models", timeout=30).json()["data"]}
-    for name in ("tiny", "bent", "loud"):
-        assert cards[f"{SMOL}-{name}"]["adapter_of"] == SMOL
+    for base, name in ((SMOL, "bent"), (SMOL, "loud"), (F32, "tiny"), (F32, "bent")):
+        assert cards[f"{base}-{name}"]["adapter_of"] == base
     assert cards[SMOL].get("adapter_of") is None
 
 
 def test_adapters_run_on_the_bases_runner(lora_server: Server) -> None:
     client = lora_server.client()
-    base = client.chat.completions.create(
-        model=SMOL, messages=PROMPT, max_tokens=4, temperature=0, logprobs=True  # type: ignore[arg-type]
-    )
-    tiny = client.chat.completions.create(
-        model=f"{SMOL}-tiny", messages=PROMPT, max_tokens=4, temperature=0, logprobs=True  # type: ignore[arg-type]
-    )
-    assert base.choices[0].message.content == tiny.choices[0].message.content
-    assert base.choices[0].logprobs and tiny.choices[0].logprobs
-    for ours, theirs in zip(base.choices[0].logprobs.content or [], tiny.choices[0].logprobs.content or [], strict=True):
-        assert abs(ours.logprob - theirs.logprob) < 1e-3
+    base = first_logprobs(client, F32)
+    tiny = first_logprobs(client, f"{F32}-tiny")
+    assert len(base) == len(tiny) == 4
+    # Not equal: the KV cache holds F16, whose rounding a change of 1e-6 can tip.
+    assert max(abs(ours - theirs) for ours, theirs in zip(base, tiny, strict=True)) < 2e-2
     plain = greedy(client, SMOL)
     assert "Paris" in plain
     loud = greedy(client, f"{SMOL}-loud")
     assert loud != plain and "Paris" not in loud
     assert greedy(client, SMOL) == plain  # the base is itself again after an adapter ran
-    health = lora_server.engine_health()
-    assert health["loaded_models"] == [SMOL]  # one runner, one copy of the weights
+    engine = lora_server.engine_health()["engine"]
+    assert sorted(engine["loaded_models"]) == sorted([SMOL, F32])  # type: ignore[index]
 
 
 def test_requests_for_different_adapters_keep_their_own_weights(lora_server: Server) -> None:
@@ -199,30 +222,52 @@ def test_requests_for_different_adapters_keep_their_own_weights(lora_server: Ser
     got: dict[int, str] = {}
 
     def ask(index: int) -> None:
-        got[index] = greedy(lora_server.client(), models[index % 3])
+        try:
+            got[index] = greedy(lora_server.client(), models[index % 3])
+        except openai.OpenAIError as exc:
+            got[index] = repr(exc)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(9)]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
-    assert {i: got.get(i) for i in range(9)} == {i: alone[models[i % 3]] for i in range(9)}
+    assert {i: got.get(i) for i in range(6)} == {i: alone[models[i % 3]] for i in range(6)}
 
 
 def test_merged_adapter_answers_as_the_adapter_does(lora_server: Server) -> None:
-    done = run_cli(lora_server, "merge", f"{SMOL}-bent", "--type", "f32")
+    adapter = f"{F32}-bent"
+    done = run_cli(lora_server, "merge", adapter, "--type", "f32")
     assert done.returncode == 0, done.stderr
-    merged = lora.read  # the merged file is a model, not an adapter
+    merged = lora_server.models_dir / f"{adapter}-merged.gguf"
     with pytest.raises(lora.AdapterError):
-        merged(lora_server.models_dir / f"{SMOL}-bent-merged.gguf")
+        lora.read(merged)  # a model, not an adapter
     client = lora_server.client()
-    assert greedy(client, f"{SMOL}-bent-merged") == greedy(client, f"{SMOL}-bent")
+    served = greedy(client, adapter)
+    assert served != greedy(client, F32)
+    assert greedy(client, f"{adapter}-merged") == served
+    deltas = np.abs(np.array(first_logprobs(client, f"{adapter}-merged")) - first_logprobs(client, adapter))
+    assert deltas.max() < 2e-2
     refused = run_cli(lora_server, "merge", SMOL)
     assert refused.returncode == 1 and "not a LoRA adapter" in refused.stderr
 
 
+def test_merging_into_a_quantized_base_adds_the_delta(tmp_path: Path, smollm2_path: Path) -> None:
+    pairs = random_pairs(6, 0.3, range(29, 30))
+    adapter = peft.convert(peft_folder(tmp_path / "p", pairs, r=4, alpha=4), smollm2_path, SMOL)
+    assert lora.merge(smollm2_path, adapter, tmp_path / "m.gguf", "f16") == len(pairs)
+    name = "blk.29.attn_v.weight"
+    merged = base_weight(tmp_path / "m.gguf", name)
+    expected = base_weight(smollm2_path, name) + adapter.delta(name)
+    np.testing.assert_allclose(merged, expected, atol=2e-3)
+    assert (
+        base_weight(tmp_path / "m.gguf", "blk.0.attn_v.weight").tolist()
+        == base_weight(smollm2_path, "blk.0.attn_v.weight").tolist()
+    )
+
+
 def test_an_adapter_whose_base_is_gone_is_a_404(lora_server: Server, tmp_path: Path) -> None:
-    adapter = lora.read(lora_server.models_dir / f"{SMOL}-tiny.gguf")
+    adapter = lora.read(lora_server.models_dir / f"{F32}-tiny.gguf")
     adapter.base = "no-such-base"
     lora.write(lora_server.models_dir / "orphan.gguf", adapter)
     try:

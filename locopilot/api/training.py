@@ -47,6 +47,9 @@ LearningRate = Annotated[float, Meta(gt=0, le=1e-2)]
 Multiplier = Annotated[float, Meta(gt=0, le=10)]
 Layers = Annotated[int, Meta(ge=0, le=10_000, description="Train the last N blocks; 0: every block.")]
 Context = Annotated[int, Meta(ge=256, le=1 << 20, description="Training window in tokens, a multiple of 256.")]
+LoraRank = Annotated[
+    int, Meta(ge=1, le=256, description="Rank of the LoRA adapter a job publishes instead of a full model.")
+]
 ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
 FileId = Annotated[str, Meta(min_length=1, max_length=128)]
 RemoteName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
@@ -77,6 +80,8 @@ class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
     remote: RemoteName | None = None
     """Run the job on this upstream (another locopilot, kind openai) instead of here."""
+    lora_rank: LoraRank | Auto | None = None
+    """Publish a LoRA adapter of this rank (``auto``: chosen), served beside the base, instead of a full copy."""
 
 
 class JobErrorInfo(msgspec.Struct):
@@ -273,6 +278,8 @@ class Hyperparameters(msgspec.Struct, kw_only=True):
     context: Context | None = None
     output_type: OutputType | None = None
     optimizer: Literal["adamw", "sgd"] | None = None
+    lora_rank: LoraRank | Auto | None = None
+    """locopilot's: publish a LoRA adapter of this rank (``auto``: chosen) instead of a full copy."""
 
 
 class Supervised(msgspec.Struct, kw_only=True):
@@ -418,7 +425,7 @@ def spec_of(body: FineTuningJobRequest) -> JobSpec:
         values["learning_rate_multiplier"] = float(hyper.learning_rate_multiplier)
     if hyper.n_epochs is not None:
         values["epochs"] = hyper.n_epochs
-    for name in ("learning_rate", "layers", "context", "output_type", "optimizer"):
+    for name in ("learning_rate", "layers", "context", "output_type", "optimizer", "lora_rank"):
         if (value := getattr(hyper, name)) is not None:
             values[name] = value
     return msgspec.convert(values, JobSpec)

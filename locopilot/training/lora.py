@@ -56,7 +56,8 @@ class Adapter:
     def delta(self, name: str) -> np.ndarray:
         """``s·B·A``: what the adapter adds to tensor ``name`` (float32, the base tensor's shape)."""
         a, b = self.pairs[name]
-        return (self.scale(name) * (b @ a)).astype("float32")
+        delta: np.ndarray = (self.scale(name) * (b @ a)).astype("float32")
+        return delta
 
     @property
     def rank(self) -> int:
@@ -200,6 +201,33 @@ def merge(base: Path, adapter: Adapter, output: Path, out_type: MergeType = "f32
     finally:
         partial.unlink(missing_ok=True)
     return changed
+
+
+def extract(base: Path, tuned: Path, rank: int, base_name: str) -> Adapter:
+    """The rank-``rank`` adapter closest to what training changed: for each matrix that differs
+    between the F32 files ``base`` and ``tuned``, the truncated SVD of ``W_tuned - W_base``
+    (``A`` the top right singular vectors, ``B`` the left ones times the singular values; alpha 0,
+    so ``s = 1``). Vectors (norms) that training changed are not kept: llama.cpp's adapters
+    carry matrices only."""
+    import gguf
+    import numpy as np
+
+    before = {tensor.name: tensor for tensor in gguf.GGUFReader(base).tensors}
+    reader = gguf.GGUFReader(tuned)
+    adapter = Adapter(architecture=str(_value(reader, "general.architecture")), base=base_name)
+    for tensor in reader.tensors:
+        old = before.get(tensor.name)
+        if old is None or len(tensor.shape) != 2 or tensor.name.startswith("token_embd"):
+            continue
+        delta = np.asarray(tensor.data, dtype=np.float32) - np.asarray(old.data, dtype=np.float32)
+        if not delta.any():
+            continue
+        u, sigma, vt = np.linalg.svd(delta, full_matrices=False)
+        r = min(rank, sigma.size)
+        adapter.pairs[tensor.name] = (vt[:r].copy(), (u[:, :r] * sigma[:r]).astype(np.float32))
+    if not adapter.pairs:
+        raise AdapterError("training changed no matrix: there is no adapter to extract")
+    return adapter
 
 
 def _shape(tensor: Any) -> tuple[int, ...]:

@@ -109,7 +109,9 @@ def convert(folder: Path, base: Path, base_name: str) -> Adapter:
     reader = gguf.GGUFReader(base)
     arch = str(_field(reader, "general.architecture"))
     if arch not in ARCHITECTURES:
-        raise AdapterError(f"converting PEFT adapters for {arch!r} models is not supported (only {sorted(ARCHITECTURES)})")
+        raise AdapterError(
+            f"converting PEFT adapters for {arch!r} models is not supported (only {sorted(ARCHITECTURES)})"
+        )
     heads = int(_field(reader, f"{arch}.attention.head_count"))
     kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv") or heads)
     halves: dict[str, dict[str, np.ndarray]] = {}
