@@ -277,3 +277,42 @@ def test_an_adapter_whose_base_is_gone_is_a_404(lora_server: Server, tmp_path: P
         assert "no-such-base" in caught.value.message
     finally:
         os.unlink(lora_server.models_dir / "orphan.gguf")
+
+
+def test_a_replaced_adapter_is_loaded_again(lora_server: Server) -> None:
+    """A model replaced under the same name: the runner notices the new file and loads it."""
+    client = lora_server.client()
+    swap = lora_server.models_dir / "swap.gguf"
+    try:
+        lora.write(swap, lora.read(lora_server.models_dir / f"{SMOL}-loud.gguf"))
+        assert greedy(client, "swap") == greedy(client, f"{SMOL}-loud")
+        lora.write(swap, lora.read(lora_server.models_dir / f"{SMOL}-bent.gguf"))
+        assert greedy(client, "swap") == greedy(client, f"{SMOL}-bent")
+    finally:
+        swap.unlink(missing_ok=True)
+
+
+def test_extract_keeps_the_top_singular_directions_of_what_changed(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    weights = {
+        "blk.0.attn_q.weight": rng.standard_normal((12, 8)).astype(np.float32),
+        "blk.0.attn_v.weight": rng.standard_normal((6, 8)).astype(np.float32),
+        "blk.0.attn_norm.weight": np.ones(8, np.float32),
+    }
+    change = (rng.standard_normal((12, 2)) @ rng.standard_normal((2, 8))).astype(np.float32)
+    tuned = {**weights, "blk.0.attn_q.weight": weights["blk.0.attn_q.weight"] + change}
+    tuned["blk.0.attn_norm.weight"] = weights["blk.0.attn_norm.weight"] * 2  # a vector: not kept
+    for name, tensors in (("base", weights), ("tuned", tuned)):
+        writer = gguf.GGUFWriter(tmp_path / f"{name}.gguf", arch="llama")
+        for key, value in tensors.items():
+            writer.add_tensor(key, value)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    exact = lora.extract(tmp_path / "base.gguf", tmp_path / "tuned.gguf", 2, SMOL)
+    assert set(exact.pairs) == {"blk.0.attn_q.weight"} and exact.base == SMOL and exact.alpha == 0
+    np.testing.assert_allclose(exact.delta("blk.0.attn_q.weight"), change, atol=1e-4)
+    one = lora.extract(tmp_path / "base.gguf", tmp_path / "tuned.gguf", 1, SMOL)
+    u, s, vt = np.linalg.svd(change)
+    np.testing.assert_allclose(one.delta("blk.0.attn_q.weight"), s[0] * np.outer(u[:, 0], vt[0]), atol=1e-4)

@@ -305,15 +305,17 @@ class FineTuningJobRequest(msgspec.Struct, kw_only=True):
     """locopilot's: run the job on this upstream (another locopilot); ``extra_body`` in the SDK."""
 
 
-class FineTuningHyperparameters(msgspec.Struct):
+class FineTuningHyperparameters(msgspec.Struct, omit_defaults=True):
     """OpenAI's three (``auto`` until the job starts, then the values chosen), and locopilot's
-    ``learning_rate`` and ``layers`` (the last N blocks trained; 0: all)."""
+    ``learning_rate`` and ``layers`` (the last N blocks trained; 0: all), and ``lora_rank`` for a
+    job that publishes a LoRA adapter."""
 
     n_epochs: int | Auto
     batch_size: int | Auto
     learning_rate_multiplier: float | Auto
     learning_rate: float | Auto
     layers: int | Auto
+    lora_rank: int | Auto | None = None
 
 
 class FineTuningMethod(msgspec.Struct):
@@ -378,6 +380,7 @@ def openai_job(job: TrainingJob) -> FineTuningJob:
         learning_rate_multiplier="auto" if rate == "auto" and multiplier == 1.0 else multiplier,
         learning_rate=rate,
         layers=params.get("layers", "auto"),
+        lora_rank=params.get("lora_rank"),
     )
     return FineTuningJob(
         id=job.id,

@@ -254,8 +254,9 @@ class Engine:
         self.n_vocab = self.model.n_vocab()
         self.cached_tokens_total = 0
         self.starts = 0
-        # LoRA adapters loaded (by path; kept until the runner ends) and the one in use ("" for none).
-        self.adapters: dict[str, Any] = {}
+        # LoRA adapters loaded, by path: the file's (inode, size, mtime) and llama.cpp's adapter, kept
+        # until the runner ends; and the one in use ("" for none).
+        self.adapters: dict[str, tuple[tuple[int, int, int], Any]] = {}
         self.adapter = ""
         # Time inside llama_decode and the number of calls, for bench/engine.py --profile.
         self.decode_seconds = 0.0
@@ -319,24 +320,41 @@ class Engine:
         return free >= job.n or job.n > len(self.slots)
 
     def use_adapter(self, path: str) -> None:
-        """Apply the LoRA adapter at ``path`` ("" for none) to every later step; loaded on first use.
+        """Apply the LoRA adapter at ``path`` ("" for none) to every later step; loaded on first use,
+        and again when the file changed since (a model replaced under the same name).
 
-        Only while no sequence runs (:meth:`can_start`). The slots' caches were computed with the
-        previous weights, so they are dropped. RequestError if llama.cpp cannot load the adapter.
+        Only while no sequence runs (:meth:`can_start`; :meth:`start` calls it then). When the
+        weights change, the slots' caches, computed with the old ones, are dropped. RequestError
+        if the file is gone or llama.cpp cannot load it.
         """
         import llama_cpp
 
+        if path:
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                raise RequestError("invalid", f"the LoRA adapter's file is gone: {exc.strerror}", "model") from exc
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            held = self.adapters.get(path)
+            if held is not None and held[0] != stamp:
+                if path == self.adapter:
+                    llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
+                    self.adapter = ""
+                llama_cpp.llama_adapter_lora_free(held[1])
+                del self.adapters[path]
+            if path not in self.adapters:
+                loaded = llama_cpp.llama_adapter_lora_init(self.model.model, path.encode())
+                if not loaded:
+                    raise RequestError(
+                        "invalid",
+                        "llama.cpp could not load this model's LoRA adapter; the runner's log says why",
+                        "model",
+                    )
+                self.adapters[path] = (stamp, loaded)
         if path == self.adapter:
             return
-        if path and path not in self.adapters:
-            loaded = llama_cpp.llama_adapter_lora_init(self.model.model, path.encode())
-            if not loaded:
-                raise RequestError(
-                    "invalid", "llama.cpp could not load this model's LoRA adapter; the runner's log says why", "model"
-                )
-            self.adapters[path] = loaded
         if path:
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapters[path])
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapters[path][1])
             scales = (ctypes.c_float * 1)(1.0)
             llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, scales)
         else:
@@ -414,7 +432,8 @@ class Engine:
         import llama_cpp
 
         self.check(job)
-        self.use_adapter(job.adapter)
+        if job.adapter != self.adapter or not self.busy:
+            self.use_adapter(job.adapter)
         prompt, stops, plan = self.render(job)
         tokens = self.tokenize(prompt) if job.suffix is None else self.infill_tokens(prompt, job.suffix)
         if not tokens:
