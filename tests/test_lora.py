@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 import openai
 import pytest
 
+from locopilot.gateway.router import LOCAL_MODELS_TTL
 from locopilot.training import lora, peft
 from tests.conftest import SMOL, Server, start_server
 
@@ -173,6 +175,18 @@ def lora_server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) ->
     running.stop()
 
 
+def listed(server: Server, name: str) -> None:
+    """Wait until the server lists ``name``, and routes to it (the router reads the models folder
+    at most once in LOCAL_MODELS_TTL)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if any(card["id"] == name for card in httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]):
+            time.sleep(LOCAL_MODELS_TTL + 0.2)
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{name} was never listed")
+
+
 def greedy(client: openai.OpenAI, model: str, max_tokens: int = 10) -> str:
     reply = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=max_tokens, temperature=0)  # type: ignore[arg-type]
     return reply.choices[0].message.content or ""
@@ -271,6 +285,7 @@ def test_an_adapter_whose_base_is_gone_is_a_404(lora_server: Server, tmp_path: P
     adapter.base = "no-such-base"
     lora.write(lora_server.models_dir / "orphan.gguf", adapter)
     try:
+        listed(lora_server, "orphan")
         with pytest.raises(openai.NotFoundError) as caught:
             greedy(lora_server.client(), "orphan")
         assert caught.value.body["param"] == "model"  # type: ignore[index]
@@ -285,6 +300,7 @@ def test_a_replaced_adapter_is_loaded_again(lora_server: Server) -> None:
     swap = lora_server.models_dir / "swap.gguf"
     try:
         lora.write(swap, lora.read(lora_server.models_dir / f"{SMOL}-loud.gguf"))
+        listed(lora_server, "swap")
         assert greedy(client, "swap") == greedy(client, f"{SMOL}-loud")
         lora.write(swap, lora.read(lora_server.models_dir / f"{SMOL}-bent.gguf"))
         assert greedy(client, "swap") == greedy(client, f"{SMOL}-bent")
