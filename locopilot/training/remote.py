@@ -20,6 +20,7 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -96,3 +97,22 @@ async def follow(upstream: UpstreamConfig, job_id: str, after: int) -> AsyncIter
                 name = line.removeprefix("event: ")
             elif line.startswith("data: "):
                 yield name, json.loads(line.removeprefix("data: "))
+
+
+async def load(upstream: UpstreamConfig, model: str) -> int | None:
+    """How many training jobs are queued or running on ``upstream``, another locopilot, if it has ``model``
+    in its models folder; None when it has not, or cannot say (unreachable, a key without the ``models`` and
+    ``training`` scopes, not a locopilot)."""
+    try:
+        async with client_for(upstream, read_timeout=10.0) as client:
+            if (await client.get(f"/locopilot/models/{quote(model, safe='')}")).status_code != 200:
+                return None
+            busy = 0
+            for status in ("queued", "running"):
+                listed = await client.get(JOBS_PATH, params={"status": status, "limit": 1000})
+                if listed.status_code != 200:
+                    return None
+                busy += len(listed.json()["data"])
+            return busy
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
