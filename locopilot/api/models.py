@@ -264,9 +264,10 @@ async def usable(services: Services, name: str) -> None:
     responses=answers(LoadState, 200, *GUARDED, 400, 404, 503),
 )
 async def load_model(model_id: str, services: Services) -> Response[bytes]:
-    """Load a model into a runner now (it counts towards LOCOPILOT_MAX_LOADED_MODELS)."""
+    """Load a model into a runner now (it counts towards LOCOPILOT_MAX_LOADED_MODELS); for a LoRA adapter, its base."""
     await usable(services, model_id)
-    await services.manager.runner(model_id)
+    entry = await anyio.to_thread.run_sync(services.catalog.get, model_id)
+    await services.manager.runner(entry.adapter_of or model_id)
     return Response(encoder.encode(LoadState(model_id, True)), media_type="application/json")
 
 

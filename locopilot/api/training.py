@@ -48,6 +48,9 @@ LearningRate = Annotated[float, Meta(gt=0, le=1e-2)]
 Multiplier = Annotated[float, Meta(gt=0, le=10)]
 Layers = Annotated[int, Meta(ge=0, le=10_000, description="Train the last N blocks; 0: every block.")]
 Context = Annotated[int, Meta(ge=256, le=1 << 20, description="Training window in tokens, a multiple of 256.")]
+LoraRank = Annotated[
+    int, Meta(ge=1, le=256, description="Rank of the LoRA adapter a job publishes instead of a full model.")
+]
 ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
 FileId = Annotated[str, Meta(min_length=1, max_length=128)]
 RemoteName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
@@ -78,6 +81,8 @@ class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
     remote: RemoteName | None = None
     """Run the job on this upstream (another locopilot, kind openai) instead of here."""
+    lora_rank: LoraRank | Auto | None = None
+    """Publish a LoRA adapter of this rank (``auto``: chosen), served beside the base, instead of a full copy."""
 
 
 class JobErrorInfo(msgspec.Struct):
@@ -302,6 +307,8 @@ class Hyperparameters(msgspec.Struct, kw_only=True):
     context: Context | None = None
     output_type: OutputType | None = None
     optimizer: Literal["adamw", "sgd"] | None = None
+    lora_rank: LoraRank | Auto | None = None
+    """locopilot's: publish a LoRA adapter of this rank (``auto``: chosen) instead of a full copy."""
 
 
 class Supervised(msgspec.Struct, kw_only=True):
@@ -327,15 +334,17 @@ class FineTuningJobRequest(msgspec.Struct, kw_only=True):
     """locopilot's: run the job on this upstream (another locopilot); ``extra_body`` in the SDK."""
 
 
-class FineTuningHyperparameters(msgspec.Struct):
+class FineTuningHyperparameters(msgspec.Struct, omit_defaults=True):
     """OpenAI's three (``auto`` until the job starts, then the values chosen), and locopilot's
-    ``learning_rate`` and ``layers`` (the last N blocks trained; 0: all)."""
+    ``learning_rate`` and ``layers`` (the last N blocks trained; 0: all), and ``lora_rank`` for a
+    job that publishes a LoRA adapter."""
 
     n_epochs: int | Auto
     batch_size: int | Auto
     learning_rate_multiplier: float | Auto
     learning_rate: float | Auto
     layers: int | Auto
+    lora_rank: int | Auto | None = None
 
 
 class FineTuningMethod(msgspec.Struct):
@@ -400,6 +409,7 @@ def openai_job(job: TrainingJob) -> FineTuningJob:
         learning_rate_multiplier="auto" if rate == "auto" and multiplier == 1.0 else multiplier,
         learning_rate=rate,
         layers=params.get("layers", "auto"),
+        lora_rank=params.get("lora_rank"),
     )
     return FineTuningJob(
         id=job.id,
@@ -447,7 +457,7 @@ def spec_of(body: FineTuningJobRequest) -> JobSpec:
         values["learning_rate_multiplier"] = float(hyper.learning_rate_multiplier)
     if hyper.n_epochs is not None:
         values["epochs"] = hyper.n_epochs
-    for name in ("learning_rate", "layers", "context", "output_type", "optimizer"):
+    for name in ("learning_rate", "layers", "context", "output_type", "optimizer", "lora_rank"):
         if (value := getattr(hyper, name)) is not None:
             values[name] = value
     return msgspec.convert(values, JobSpec)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import msgspec
@@ -183,6 +183,46 @@ def import_models(folder: Path, copy: bool, server: Choice) -> None:
         result = Text(f"skipped: {item.reason}", style="yellow") if item.reason else Text(item.result, style="green")
         table.add_row(item.name, Text(item.source), result)
     console.print(table)
+
+
+@models.command("adapter")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--base", required=True, help="The model in the models folder the adapter was trained on.")
+@click.option("--name", required=True, help="The adapter's model name.")
+def add_adapter(folder: Path, base: str, name: str) -> None:
+    """Convert a PEFT LoRA adapter (adapter_config.json and adapter_model.safetensors, as Unsloth,
+    Axolotl and PEFT write them) to a GGUF LoRA adapter of BASE in the local models folder.
+
+    The server serves it at once beside its base, on the base's runner.
+    """
+    from locopilot.training import peft
+
+    with local_work():
+        entry = peft.import_folder(catalog(), folder, named(base), named(name))
+    console.print(f"added {entry.name} ({human_size(entry.size_bytes)}), a LoRA adapter of {base}", highlight=False)
+
+
+@models.command("merge")
+@click.argument("adapter")
+@click.option("--name", help="The merged model's name (default: ADAPTER-merged).")
+@click.option(
+    "--type",
+    "out_type",
+    type=click.Choice(["f16", "f32", "source"]),
+    default="f16",
+    show_default=True,
+    help="Type of the changed tensors: f16, f32, or the base's own (requantized; small changes may round away).",
+)
+def merge_adapter(adapter: str, name: str | None, out_type: str) -> None:
+    """Merge the LoRA adapter ADAPTER into its base: a standalone GGUF in the local models folder, for export.
+
+    Works on the local folder (a heavy computation, not a request to the server); the server lists the result.
+    """
+    from locopilot.training import lora
+
+    with local_work():
+        entry = lora.merge_model(catalog(), named(adapter), name and named(name), cast(lora.MergeType, out_type))
+    console.print(f"merged {adapter} into {entry.name} ({human_size(entry.size_bytes)})", highlight=False)
 
 
 @models.command("verify")

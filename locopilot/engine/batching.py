@@ -8,6 +8,11 @@ steps, so a cancelled generation stops within a step and its slot is free for
 the next request. Each slot keeps the tokens its KV cache holds; a prompt that
 begins the same way reuses them.
 
+LoRA adapters (``Generate.adapter``) apply to the whole context in llama.cpp, so one step
+serves one adapter set: a job for another adapter than the running ones waits, and the jobs
+behind it with it, until the running ones end; then the engine switches (:meth:`Engine.use_adapter`)
+and drops its slots' caches, which the old weights computed. Requests keep their order.
+
 A request for ``n`` choices takes ``n`` slots (:class:`Choices`): its prompt is
 decoded once and its KV cache copied to the others. It waits until that many
 slots are free; one that asks for more than the runner has is refused.
@@ -249,6 +254,10 @@ class Engine:
         self.n_vocab = self.model.n_vocab()
         self.cached_tokens_total = 0
         self.starts = 0
+        # LoRA adapters loaded, by path: the file's (inode, size, mtime) and llama.cpp's adapter, kept
+        # until the runner ends; and the one in use ("" for none).
+        self.adapters: dict[str, tuple[tuple[int, int, int], Any]] = {}
+        self.adapter = ""
         # Time inside llama_decode and the number of calls, for bench/engine.py --profile.
         self.decode_seconds = 0.0
         self.decode_calls = 0
@@ -305,8 +314,55 @@ class Engine:
     def can_start(self, job: Generate) -> bool:
         """Whether ``job`` may be started now: a slot free for each of its choices (or
         it asks for more than there are, and :meth:`start` refuses it at once)."""
+        if job.adapter != self.adapter and self.busy:
+            return False
         free = sum(1 for slot in self.slots if slot.sequence is None)
         return free >= job.n or job.n > len(self.slots)
+
+    def use_adapter(self, path: str) -> None:
+        """Apply the LoRA adapter at ``path`` ("" for none) to every later step; loaded on first use,
+        and again when the file changed since (a model replaced under the same name).
+
+        Only while no sequence runs (:meth:`can_start`; :meth:`start` calls it then). When the
+        weights change, the slots' caches, computed with the old ones, are dropped. RequestError
+        if the file is gone or llama.cpp cannot load it.
+        """
+        import llama_cpp
+
+        if path:
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                raise RequestError("invalid", f"the LoRA adapter's file is gone: {exc.strerror}", "model") from exc
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            held = self.adapters.get(path)
+            if held is not None and held[0] != stamp:
+                if path == self.adapter:
+                    llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
+                    self.adapter = ""
+                llama_cpp.llama_adapter_lora_free(held[1])
+                del self.adapters[path]
+            if path not in self.adapters:
+                loaded = llama_cpp.llama_adapter_lora_init(self.model.model, path.encode())
+                if not loaded:
+                    raise RequestError(
+                        "invalid",
+                        "llama.cpp could not load this model's LoRA adapter; the runner's log says why",
+                        "model",
+                    )
+                self.adapters[path] = (stamp, loaded)
+        if path == self.adapter:
+            return
+        if path:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapters[path][1])
+            scales = (ctypes.c_float * 1)(1.0)
+            llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, scales)
+        else:
+            llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
+        for slot in self.slots:
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            slot.cached.clear()
+        self.adapter = path
 
     def check(self, job: Generate) -> None:
         """RequestError if this model cannot serve ``job`` as asked (before any work)."""
@@ -376,6 +432,8 @@ class Engine:
         import llama_cpp
 
         self.check(job)
+        if job.adapter != self.adapter or not self.busy:
+            self.use_adapter(job.adapter)
         prompt, stops, plan = self.render(job)
         tokens = self.tokenize(prompt) if job.suffix is None else self.infill_tokens(prompt, job.suffix)
         if not tokens:
@@ -401,7 +459,7 @@ class Engine:
         slot = max(free, key=lambda s: _slot_value(s, tokens))
         self.starts += 1
         slot.started = self.starts
-        if self.disk is not None:
+        if self.disk is not None and not self.adapter:
             self._load_from_disk(slot, tokens)
         reuse = min(common_prefix(slot.cached, tokens), len(tokens) - 1)
         if not llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1):
@@ -463,8 +521,8 @@ class Engine:
         """Write each idle slot's cache to disk that holds enough tokens no file holds yet."""
         import llama_cpp
 
-        if self.disk is None:
-            return
+        if self.disk is None or self.adapter:
+            return  # the files hold the model's own caches, not an adapter's
         for slot in self.slots:
             cached = slot.cached
             if slot.sequence is not None or len(cached) < self.disk.min_tokens or self.disk.holds(cached):

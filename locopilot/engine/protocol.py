@@ -130,7 +130,8 @@ class Generate(msgspec.Struct, tag="generate", frozen=True, kw_only=True):
     context is full. ``suffix``: fill-in-the-middle around ``prompt``. ``tools``
     and ``tool_choice``: see :class:`ToolChoice`. ``logprobs``: None for none, else
     how many alternatives (0-20) to report beside each token's own. ``n``: that many
-    choices of the same prompt.
+    choices of the same prompt. ``adapter``: the path of a GGUF LoRA adapter of this model to
+    apply ("" for the model alone); the runner batches together only jobs with the same one.
     """
 
     id: int
@@ -148,6 +149,7 @@ class Generate(msgspec.Struct, tag="generate", frozen=True, kw_only=True):
     logprobs: int | None = None
     n: int = 1
     sampling: SamplingParams = SamplingParams()
+    adapter: str = ""
 
 
 class Embed(msgspec.Struct, tag="embed", frozen=True, kw_only=True):

@@ -29,6 +29,7 @@ from locopilot.engine.toolformats import capability
 from locopilot.errors import InvalidModelName, InvalidRequest, ModelNotFound
 from locopilot.models.gguf import GGUFError, GGUFHeader, read_header
 from locopilot.models.refs import SPLIT_RE
+from locopilot.training.lora import base_of
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class ModelEntry(msgspec.Struct, frozen=True):
     ``chat_template`` is ``gguf`` when the file carries its own, else the name of
     the fallback :func:`choose_template` picks. ``tools`` says how the engine calls tools with
     it: ``native:<format>`` (the template's own syntax, see :mod:`locopilot.engine.toolcalls`)
-    or ``generic`` (a template that knows no tools).
+    or ``generic`` (a template that knows no tools). ``adapter_of``: for a LoRA adapter
+    (:mod:`locopilot.training.lora`), the model it runs on, whose runner serves it.
     """
 
     name: str
@@ -63,6 +65,7 @@ class ModelEntry(msgspec.Struct, frozen=True):
     chat_template: str | None = None
     tools: str | None = None
     error: str | None = None
+    adapter_of: str | None = None
 
 
 def validate_model_name(name: str) -> str:
@@ -307,6 +310,11 @@ class ModelCatalog:
             self._cache[path] = (key, result)
         if isinstance(result, str):
             return ModelEntry(name, str(path), st.st_size, int(st.st_mtime), error=result)
+        if result.metadata.get("general.type") == "adapter":
+            base = base_of(result.metadata)
+            error = None if base else "a LoRA adapter that names no base model (locopilot.adapter.base)"
+            size = (st.st_size, int(st.st_mtime))
+            return ModelEntry(name, str(path), *size, architecture=result.architecture, error=error, adapter_of=base)
         template = choose_template(result.metadata)
         return ModelEntry(
             name,

@@ -121,13 +121,30 @@ class EmbeddedProvider:
         if entry.error is not None:
             raise ModelNotFound(f"The model '{model}' is not a usable GGUF file: {entry.error}", param="model")
 
-    async def _request(self, model: str, job: Generate | Embed | Count) -> AsyncGenerator[FromRunner, None]:
-        """The job's messages from a live runner; a runner that died while the job waited is replaced once.
+    async def _target(self, model: str) -> tuple[str, str]:
+        """The model whose runner serves ``model``, and the adapter it applies: ``(model, "")`` for a
+        model, ``(its base, its path)`` for a LoRA adapter. Checks a model not loaded yet (:meth:`_check_loadable`)."""
+        if model in self.manager.loaded():
+            return model, ""
+        entry = await anyio.to_thread.run_sync(self.catalog.get, model)
+        if entry.error is not None:
+            raise ModelNotFound(f"The model '{model}' is not a usable GGUF file: {entry.error}", param="model")
+        if entry.adapter_of is None:
+            return model, ""
+        base = entry.adapter_of
+        if base not in self.manager.loaded():
+            try:
+                await self._check_loadable(base)
+            except ModelNotFound as exc:
+                raise ModelNotFound(
+                    f"The model '{model}' is a LoRA adapter of '{base}', which is missing or unusable: {exc.message}",
+                    param="model",
+                ) from exc
+        return base, str(await anyio.to_thread.run_sync(self.catalog.load_path, model))
 
-        A model not loaded yet is checked first (:meth:`_check_loadable`).
-        """
-        if model not in self.manager.loaded():
-            await self._check_loadable(model)
+    async def _request(self, model: str, job: Generate | Embed | Count) -> AsyncGenerator[FromRunner, None]:
+        """The job's messages from a live runner of ``model`` (a model, not an adapter: see :meth:`_target`);
+        a runner that died while the job waited is replaced once."""
         for attempt in (1, 2):
             runner = await self.manager.runner(model)
             messages = runner.request(msgspec.structs.replace(job, id=runner.next_id()), self.queue_size)
@@ -152,10 +169,11 @@ class EmbeddedProvider:
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         refuse_unseeable(request)
         refuse_thinking(request)
-        job = generate_job(request)
+        target, adapter = await self._target(request.model)
+        job = msgspec.structs.replace(generate_job(request), adapter=adapter)
         input_param = "messages" if request.messages is not None else "prompt"
         began = self.manager.clock()
-        messages = self._request(request.model, job)
+        messages = self._request(target, job)
         try:
             async for message in messages:
                 match message:
@@ -181,7 +199,7 @@ class EmbeddedProvider:
                             message.reasons,
                             message.tool_parse_failures,
                             stop=message.stop,
-                            load_seconds=self._load_seconds(request.model, began),
+                            load_seconds=self._load_seconds(target, began),
                         )
                     case Failed():
                         raise failure_error(message, input_param)
@@ -194,7 +212,8 @@ class EmbeddedProvider:
         """The tokens of ``request``'s prompt as the model sees it: its messages (and tools)
         through the model's chat template, tokenized by the model's tokenizer."""
         input_param = "messages" if request.messages is not None else "prompt"
-        messages = self._request(request.model, Count(id=0, job=generate_job(request)))
+        target, _ = await self._target(request.model)
+        messages = self._request(target, Count(id=0, job=generate_job(request)))
         try:
             async for message in messages:
                 match message:
@@ -213,12 +232,18 @@ class EmbeddedProvider:
 
     async def load(self, model: str) -> None:
         """Load ``model`` now (Ollama's request with nothing to generate); raises ModelNotFound, EngineUnavailable."""
-        if model not in self.manager.loaded():
-            await self._check_loadable(model)
-        await self.manager.runner(model)
+        target, _ = await self._target(model)
+        await self.manager.runner(target)
 
     async def embed(self, model: str, inputs: list[str]) -> EmbeddingResult:
-        messages = self._request(model, Embed(id=0, inputs=inputs))
+        target, adapter = await self._target(model)
+        if adapter:
+            raise InvalidRequest(
+                f"The model '{model}' is a LoRA adapter; embeddings come from its base model '{target}' alone, "
+                "so ask that model.",
+                param="model",
+            )
+        messages = self._request(target, Embed(id=0, inputs=inputs))
         try:
             async for message in messages:
                 match message:

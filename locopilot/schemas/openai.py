@@ -357,6 +357,8 @@ class ModelCard(Struct):
     error: str | None = None
     lineage: Lineage | None = None
     """For a model fine-tuned here: its base, dataset and job (see locopilot.training.lineage)."""
+    adapter_of: str | None = None
+    """For a LoRA adapter: the model it runs on (served by that model's runner, no second copy)."""
     source: str | None = None
     """Where the model came from (a pull ref, a URL, ``file:PATH``); null when it was copied in by hand."""
     sha256: str | None = None
@@ -382,6 +384,7 @@ def model_card(
         loaded=loaded,
         error=entry.error,
         lineage=lineage,
+        adapter_of=entry.adapter_of,
         source=record.source if record else None,
         sha256=record.sha256 if record else None,
         arrived_at=record.arrived_at if record else None,

@@ -24,6 +24,10 @@ has the table):
   :data:`TARGET_STEPS` optimizer steps (one step is one window of ``context`` tokens), within
   [1, :data:`MAX_EPOCHS`]: a small dataset gets several passes, a large one a single pass.
 - ``batch_size``: always 1 window per step; ``auto`` and 1 are the same.
+- **LoRA rank** (:func:`lora_rank`, for a job that publishes an adapter): :data:`LORA_RANK`
+  for a model up to :data:`SMALL_MODEL` weights, twice that beyond. The adapter is the
+  truncated SVD of what full-layer training changed, so the rank bounds how much of the
+  change it keeps; not yet measured against recall (bench/finetune_recall.py can).
 
 The job reports the values chosen (OpenAI's job object, locopilot's ``hyperparameters``).
 """
@@ -45,6 +49,7 @@ MAX_AUTO_LEARNING_RATE = 1e-3
 #: Optimizer steps a job aims at, and the passes over the data allowed to reach them.
 TARGET_STEPS = 42
 MAX_EPOCHS = 10
+LORA_RANK = 16
 
 
 def block_count(header: GGUFHeader) -> int:
@@ -69,3 +74,8 @@ def learning_rate(header: GGUFHeader) -> float:
 def epochs(windows: int) -> int:
     """Passes over ``windows`` training windows (see the module docstring)."""
     return min(MAX_EPOCHS, max(1, math.ceil(TARGET_STEPS / max(1, windows))))
+
+
+def lora_rank(header: GGUFHeader) -> int:
+    """The rank of an adapter extracted from a job's trained weights (see the module docstring)."""
+    return LORA_RANK if header.parameter_count <= SMALL_MODEL else 2 * LORA_RANK

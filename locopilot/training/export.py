@@ -62,11 +62,11 @@ def copy_metadata(source: Path, base: Path, target: Path) -> None:
         # GGUF.* are the reader's own; the writer writes general.architecture itself.
         if field.name.startswith("GGUF.") or field.name in OWN_KEYS:
             continue
-        _add(writer, field)
+        add_field(writer, field)
     for name in sorted(OWN_KEYS - {"general.architecture"}):
         own = reader.get_field(name)
         if own is not None:
-            _add(writer, own)
+            add_field(writer, own)
     for tensor in reader.tensors:
         writer.add_tensor_info(
             tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
@@ -79,7 +79,7 @@ def copy_metadata(source: Path, base: Path, target: Path) -> None:
     writer.close()
 
 
-def _add(writer: Any, field: Any) -> None:
+def add_field(writer: Any, field: Any) -> None:
     import gguf
 
     value_type = field.types[0]

@@ -93,6 +93,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     weight_decay: float = 0.0
     seed: int = 0
     remote: str | None = None
+    lora_rank: int | Auto | None = None
 
     def params(self) -> dict[str, Any]:
         """The hyperparameters as stored in the row and the lineage."""
@@ -106,6 +107,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
             "output_type": self.output_type,
             "validation_split": self.validation_split,
             "weight_decay": self.weight_decay,
+            **({} if self.lora_rank is None else {"lora_rank": self.lora_rank}),
         }
 
 
@@ -399,6 +401,8 @@ class JobService:
             output_type=spec.output_type,
             threads=self.settings.threads,
             seed=spec.seed,
+            lora_rank=spec.lora_rank,
+            base_name=spec.model,
         )
 
     def _event(self, job_id: str, message: str, **kwargs: Any) -> None:
@@ -476,6 +480,7 @@ class JobService:
                     "learning_rate": event.learning_rate,
                     "learning_rate_multiplier": event.learning_rate / event.auto_learning_rate,
                     "layers": event.layers,
+                    **({} if event.lora_rank is None else {"lora_rank": event.lora_rank}),
                     "chosen": event.chosen,
                 }
                 store.update(self.db, job.id, params=job.params)

@@ -45,6 +45,7 @@ DEFAULT_CONTEXT = 256
 CONTEXT_STEP = 256
 MAX_LEARNING_RATE = 1e-2
 Auto = Literal["auto"]
+MAX_LORA_RANK = 256
 OUTPUT_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # enum llama_ftype
 
 
@@ -74,6 +75,10 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     threads: int = 0  # 0: every CPU
     seed: int = 0
     spot_check: bool = True  # ask the base and the result a few general questions at the end
+    # Publish a LoRA adapter of this rank ("auto": chosen), extracted from the trained weights,
+    # instead of a full model; ``base_name`` is the base's name in the models folder, which the adapter names.
+    lora_rank: int | Auto | None = None
+    base_name: str = ""
 
     def check(self) -> None:
         """Raises TrainingRefused for a value no job can run with."""
@@ -93,6 +98,8 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise TrainingRefused("validation_split must be in [0, 0.5)")
         if self.output_type not in OUTPUT_TYPES:
             raise TrainingRefused(f"output_type must be one of {', '.join(OUTPUT_TYPES)}")
+        if isinstance(self.lora_rank, int) and not 1 <= self.lora_rank <= MAX_LORA_RANK:
+            raise TrainingRefused(f"lora_rank must be in [1, {MAX_LORA_RANK}]")
 
 
 # Events the trainer reports, in order: Started, Progress..., Finished (or an exception).
@@ -120,6 +127,7 @@ class Started(msgspec.Struct, tag="started"):
     layers: int = 0
     auto_learning_rate: float = 0.0
     chosen: list[str] = msgspec.field(default_factory=list)
+    lora_rank: int | None = None  # the adapter's rank, for a job that publishes one
 
 
 class Progress(msgspec.Struct, tag="progress"):
@@ -298,7 +306,7 @@ def resolve(config: TrainConfig, header: GGUFHeader, windows: int) -> tuple[Trai
     multiplier applied; the rule's learning rate for this model; the names that were auto."""
     from locopilot.training import auto
 
-    chosen = [name for name in ("epochs", "learning_rate", "layers") if getattr(config, name) == "auto"]
+    chosen = [name for name in ("epochs", "learning_rate", "layers", "lora_rank") if getattr(config, name) == "auto"]
     auto_rate = auto.learning_rate(header)
     rate = auto_rate if config.learning_rate == "auto" else config.learning_rate
     resolved = msgspec.structs.replace(
@@ -307,6 +315,7 @@ def resolve(config: TrainConfig, header: GGUFHeader, windows: int) -> tuple[Trai
         learning_rate=min(MAX_LEARNING_RATE, rate * config.learning_rate_multiplier),
         learning_rate_multiplier=1.0,
         layers=auto.layers(header) if config.layers == "auto" else config.layers,
+        lora_rank=auto.lora_rank(header) if config.lora_rank == "auto" else config.lora_rank,
     )
     return resolved, auto_rate, chosen
 
@@ -365,6 +374,7 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
             layers=layers,
             auto_learning_rate=auto_rate,
             chosen=chosen,
+            lora_rank=config.lora_rank if isinstance(config.lora_rank, int) else None,
         )
     )
     with tempfile.TemporaryDirectory(prefix="locopilot-train-", dir=config.work_dir) as work:
@@ -406,10 +416,29 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
             val_after = session.loss(validation) if validation else None
             stage("loss_after")
             session.save(trained)
-        export(trained, Path(config.base_path), Path(config.output_path), config.output_type, threads=config.threads)
-        stage("export")
         check = None
-        if config.spot_check:
+        if isinstance(config.lora_rank, int):
+            from locopilot.training import lora
+
+            adapter = lora.extract(f32, trained, config.lora_rank, config.base_name)
+            lora.write(Path(config.output_path), adapter)
+            stage("extract")
+            if config.spot_check:
+                from locopilot.training.spotcheck import spot_check
+
+                # The adapter on the F32 base is the F32 base with B·A added: asked against the F32 base.
+                merged = Path(work) / "merged-f32.gguf"
+                lora.merge(f32, adapter, merged, "f32")
+                threads = max(1, (config.threads or os.cpu_count() or 1) - 1)
+                stage("merge")
+                check = spot_check(f32, merged, threads=threads)
+                stage("spot_check")
+        else:
+            export(
+                trained, Path(config.base_path), Path(config.output_path), config.output_type, threads=config.threads
+            )
+            stage("export")
+        if config.spot_check and not isinstance(config.lora_rank, int):
             from locopilot.training.spotcheck import spot_check
 
             # The base exported as the result was (F32, then output_type), untrained: asked
