@@ -56,7 +56,8 @@ bench-gateway *args: setup
 # the development engine instead (one AVX2-level CPU library, no extra compile; such a
 # binary dies with "Illegal instruction" on CPUs without AVX2).
 #
-# LOCOPILOT_GLIBC_BASELINE=2.28 (RHEL 8, Debian 10+, Ubuntu 18.10+): the binary runs
+# GLIBC_BASELINE=2.28 (RHEL 8, Debian 10+, Ubuntu 18.10+; not LOCOPILOT_…: locopilot
+# refuses settings it does not know, and setup runs it): the binary runs
 # on systems with that glibc or newer. The bootloader and the engine are compiled with
 # Zig for it (build/zig_toolchain.sh) and Python is one built for it
 # (build/python_baseline.sh, cached in ~/.cache/locopilot/baseline; the first build
@@ -68,9 +69,9 @@ bench-gateway *args: setup
 build engine="portable": setup
     #!/usr/bin/env bash
     set -euo pipefail
-    baseline="${LOCOPILOT_GLIBC_BASELINE:-host}"
+    baseline="${GLIBC_BASELINE:-host}"
     [[ "$baseline" == host || "{{engine}}" == dev ]] && baseline=""
-    export LOCOPILOT_GLIBC_BASELINE="$baseline"
+    export GLIBC_BASELINE="$baseline"
     case "{{engine}}" in
         portable) wheel="$(build/engine_wheel.sh)" ;;
         dev) wheel="" ;;
@@ -92,7 +93,7 @@ build engine="portable": setup
 smoke engine="portable": (build engine)
     #!/usr/bin/env bash
     set -euo pipefail
-    baseline="${LOCOPILOT_GLIBC_BASELINE:-host}"
+    baseline="${GLIBC_BASELINE:-host}"
     [[ "$baseline" == host || "{{engine}}" == dev ]] && baseline=none
     SMOKE_GLIBC_BASELINE="${SMOKE_GLIBC_BASELINE:-$baseline}" build/smoke_test.sh dist/locopilot
 

@@ -12,7 +12,7 @@
 #
 # LOCOPILOT_CPU_VARIANTS   space-separated x86 variants to build (default below), or "all"
 #                          for ggml's whole list (14; each is a full compile of ggml-cpu)
-# LOCOPILOT_GLIBC_BASELINE a glibc version (2.28): compile with build/zig_toolchain.sh's
+# GLIBC_BASELINE a glibc version (2.28): compile with build/zig_toolchain.sh's
 #                          zig cc/c++ for that glibc, libc++ linked statically into each
 #                          library (no libstdc++ or libgcc_s needed), and ggml's own thread
 #                          pool instead of OpenMP (Zig has no libgomp; the system one is
@@ -62,7 +62,7 @@ FLAGS=(
 
 say() { echo "engine_wheel: $*" >&2; }
 
-BASELINE="${LOCOPILOT_GLIBC_BASELINE:-}"
+BASELINE="${GLIBC_BASELINE:-}"
 if [[ -n "$BASELINE" ]]; then
     TOOLCHAIN="$("$ROOT/build/zig_toolchain.sh" "$BASELINE")"
     export CC="$TOOLCHAIN/cc" CXX="$TOOLCHAIN/c++"

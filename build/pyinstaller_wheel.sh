@@ -18,7 +18,7 @@
 # spec gives each build its key). The bootloader built here links against this machine's glibc, which the
 # bundle needs anyway (its Python comes from here too).
 #
-# LOCOPILOT_GLIBC_BASELINE (e.g. 2.28): compile the bootloader with build/zig_toolchain.sh's
+# GLIBC_BASELINE (e.g. 2.28): compile the bootloader with build/zig_toolchain.sh's
 # zig cc for that glibc, with PyInstaller's own zlib linked in (PYI_STATIC_ZLIB=1; the
 # system libz is this machine's). Unset: this machine's compiler and libz.
 #
@@ -35,7 +35,7 @@ read -r VERSION SDIST_SHA < <(python3 "$ROOT/build/locked_sdist.py" "$ROOT/uv.lo
 
 CACHE="${LOCOPILOT_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
 KEY="$( (echo "$VERSION $SDIST_SHA"; cat "$PATCH") | sha256sum | cut -c1-12)"
-BASELINE="${LOCOPILOT_GLIBC_BASELINE:-}"
+BASELINE="${GLIBC_BASELINE:-}"
 TARGET="$CACHE/pyinstaller-$VERSION-$KEY${BASELINE:+-glibc$BASELINE}"
 if compgen -G "$TARGET/*.whl" >/dev/null; then
     say "cached: $TARGET"
