@@ -29,6 +29,7 @@ from locopilot.api.services import Services
 from locopilot.errors import InvalidRequest, LocopilotError, PayloadTooLarge
 from locopilot.gateway.auth import principal_of
 from locopilot.schemas.openai import encoder
+from locopilot.schemas.training import FileObject
 from locopilot.store import files as store
 from locopilot.store import jobs
 from locopilot.store.files import StoredFile
@@ -38,25 +39,6 @@ PURPOSES = ("fine-tune",)
 FRAMING_BYTES = 64 * 1024
 MAX_FILENAME = 255
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
-
-
-class FileObject(msgspec.Struct):
-    """OpenAI's file object."""
-
-    id: str
-    bytes: int
-    created_at: int
-    filename: str
-    purpose: str
-    object: Literal["file"] = "file"
-    status: Literal["uploaded", "processed", "error"] = "processed"
-    status_details: str | None = None
-    expires_at: int | None = None
-    format: str | None = None
-    """locopilot's: the dataset's form (``openai``, ``sharegpt``, ``alpaca``)."""
-    examples: int | None = None
-    """locopilot's: examples in the file."""
-    sha256: str | None = None
 
 
 class FileList(msgspec.Struct):
