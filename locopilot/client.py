@@ -9,7 +9,7 @@ its key); a server talks to another locopilot it sends training jobs to
   set ``trust_env=False``: an ``HTTP_PROXY`` in the environment never sees a key or a prompt.
 - **The server's own Structs**: answers are decoded into :mod:`locopilot.schemas.training`'s
   and :mod:`locopilot.schemas.openai`'s types (:func:`answer`), never read as ``dict[str, Any]``.
-- **One SSE reader**: :class:`~locopilot.providers.openai_compat.EventParser`, under
+- **One SSE reader**: :class:`~locopilot.sse.EventParser`, under
   :func:`events` and :func:`aevents`; :func:`job_log_event` and :func:`chat_text` read what
   the log and chat streams carry.
 - **One error mapping**, :func:`refusal`, for an error answer (``{"error": {"message", "type",
@@ -36,9 +36,9 @@ import httpx
 import msgspec
 
 from locopilot.errors import InvalidRequest, LocopilotError, NotFound, UpstreamError
-from locopilot.providers.openai_compat import EventParser
 from locopilot.schemas.openai import ChatChunkChoice
 from locopilot.schemas.training import JobErrorInfo, JobInfo, LogEvent
+from locopilot.sse import EventParser
 
 T = TypeVar("T")
 

@@ -52,7 +52,10 @@ def app_from_environment(_target: str = "") -> Any:
 
 
 class DrainingServer(MPServer):
-    """granian's process-based server, with locopilot's stop (see the module docstring)."""
+    """granian's process-based server, with locopilot's stop (see the module docstring).
+
+    It leans on granian's internals: see :mod:`locopilot.dependency_internals`.
+    """
 
     stopping = False
 

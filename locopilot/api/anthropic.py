@@ -24,7 +24,7 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from locopilot.api.generation import privacy_of, provider_headers, serve_generation
+from locopilot.api.generation import privacy_of, provider_headers, route_for, serve_generation
 from locopilot.api.openai import check_text_size
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
 from locopilot.api.services import Services
@@ -382,7 +382,7 @@ async def messages(
     data: MessagesRequest, services: Services, request: Request[Any, Any, Any]
 ) -> Response[bytes] | Stream:
     return await serve_generation(
-        services,
+        services.pipeline,
         request,
         endpoint="messages",
         id_prefix="msg",
@@ -411,7 +411,7 @@ async def count_tokens(
         admission = outcome.admission = services.limiter.admit(principal)
         generation = prompt_generation(data, services.settings.max_message_bytes)
         policy = privacy_of(request, services.settings.routing_privacy)
-        plan = await services.auth.plan(request, services.router, data.model, policy)
+        plan = await route_for(services.pipeline, request, data.model, policy)
         outcome.routing = plan.decision
         counters = [route for route in plan.routes if isinstance(route.provider, CountsTokens)]
         if not counters:

@@ -18,7 +18,6 @@ The queue itself is :mod:`locopilot.training.jobs`.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from functools import partial
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -116,7 +115,7 @@ def json_response(body: msgspec.Struct) -> Response[bytes]:
 
 
 async def find(services: Services, job_id: str) -> TrainingJob:
-    return await anyio.to_thread.run_sync(store.get, services.db, job_id)
+    return await services.db.call(store.get, job_id)
 
 
 @post("/v1/locopilot/training/jobs", status_code=200, responses=answers(JobInfo, 200, *GUARDED, *BODY, 404))
@@ -135,9 +134,7 @@ async def list_jobs(
     status: JobStatus | None = None,
 ) -> Response[bytes]:
     """Jobs, newest first."""
-    found, more = await anyio.to_thread.run_sync(
-        lambda: store.listed(services.db, after=after, limit=limit, status=status)
-    )
+    found, more = await services.db.call(store.listed, after=after, limit=limit, status=status)
     return json_response(JobList([job_info(job) for job in found], more))
 
 
@@ -175,7 +172,7 @@ async def follow(services: Services, job_id: str, after: int) -> AsyncIterator[S
     final_seen = False
     while True:
         job = await find(services, job_id)
-        found: list[JobEvent] = await anyio.to_thread.run_sync(partial(store.events, services.db, job_id, after=after))
+        found: list[JobEvent] = await services.db.call(store.events, job_id, after=after)
         for event in found:
             after = event.id
             log_event = LogEvent(event.id, event.created_at, event.level, event.message, event.data)
@@ -390,7 +387,7 @@ async def list_fine_tuning_jobs(
     after: Annotated[str | None, Parameter(max_length=128)] = None,
 ) -> Response[bytes]:
     """OpenAI's list: newest first, ``after`` a job id."""
-    found, more = await anyio.to_thread.run_sync(lambda: store.listed(services.db, after=after, limit=limit))
+    found, more = await services.db.call(store.listed, after=after, limit=limit)
     return json_response(FineTuningJobList([openai_job(job) for job in found], more))
 
 
@@ -429,9 +426,7 @@ async def fine_tuning_events(
             cursor = int(after.removeprefix(EVENT_ID_PREFIX))
         except ValueError:
             raise InvalidRequest(f"after must be an event id ({EVENT_ID_PREFIX}N)", param="after") from None
-    found = await anyio.to_thread.run_sync(
-        lambda: store.events(services.db, fine_tuning_job_id, after=cursor, limit=limit + 1, newest_first=True)
-    )
+    found = await services.db.call(store.events, fine_tuning_job_id, after=cursor, limit=limit + 1, newest_first=True)
     data = [
         FineTuningEvent(
             id=f"{EVENT_ID_PREFIX}{event.id}",
