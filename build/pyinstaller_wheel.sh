@@ -13,7 +13,9 @@
 # PyInstaller's own remedy, the runtime_tmpdir option, hard-codes one path into the
 # executable. The patch also gives the unpacking 1 MiB write and 256 KiB read buffers
 # (stdio's default made it one write() per 4 KiB, 25,000 for the bundle) and checks the
-# last write at fclose(). The bootloader built here links against this machine's glibc, which the
+# last write at fclose(). And it keeps what it unpacked for later starts, which check it and
+# use it instead of unpacking again (bootloader/src/pyi_locopilot_cache.c in the patch; the
+# spec gives each build its key). The bootloader built here links against this machine's glibc, which the
 # bundle needs anyway (its Python comes from here too).
 #
 # Cached like build/engine_wheel.sh's wheel, in $LOCOPILOT_ENGINE_CACHE (default

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Smoke test of the frozen binary, run as a user would run it: `version`, `doctor`,
-# `service install --dry-run`, unpacking where /tmp is noexec, `serve` on a free
+# `service install --dry-run`, the unpacked copy kept, checked and reused between
+# starts, unpacking where /tmp is noexec, `serve` on a free
 # loopback port with a real model, the OpenAPI schema, the web console at / (and
 # Ollama's answer there for other clients), a chat with curl, a chat and a streamed
 # chat with the official openai client, a runner killed with SIGKILL and replaced,
-# SIGTERM and a clean exit with no process and no unpacked folder left, and a server
-# killed with SIGKILL whose unpacked folder the next start removes. Optionally
+# SIGTERM and a clean exit with no process and no temporary folder left, and a server
+# killed with SIGKILL, then started again, which removes the leftovers of killed and
+# older builds and reuses its own copy. Optionally
 # the same binary under qemu's emulation of older CPUs, each of which must get its own
 # CPU library and answer.
 #
@@ -110,7 +112,11 @@ alive() {
     state="$(sed -E 's/.*\) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)"
     [[ -n "$state" && "$state" != Z ]]
 }
+# PyInstaller's temporary folders, and the copies the patched bootloader keeps
+# (locopilot/bundle.py says which is which).
 unpacked() { find "$WORK/tmp" -mindepth 1 -maxdepth 1 -name '_MEI*'; }
+kept() { find "$WORK/tmp" -mindepth 1 -maxdepth 1 -name 'locopilot-*'; }
+ms_since() { echo $((($(date +%s%N) - $1) / 1000000)); }
 client() { "$PY" "$ROOT/build/smoke_client.py" "$BASE" "$MODEL_NAME" "$@"; }
 
 # serve_up COMMAND...: start COMMAND serve in the background, wait for /health 200
@@ -172,6 +178,34 @@ echo "$version"
 grep -q '^locopilot ' <<<"$version" || fail "version does not name locopilot"
 grep -q '^llama-cpp-python [0-9]' <<<"$version" || fail "version does not name llama-cpp-python's version"
 
+step "the unpacked copy: kept, checked, reused"
+# `version` above unpacked the bundle and kept it; later starts use it after checking it.
+copy="$(kept)"
+[[ -n "$copy" && "$(wc -l <<<"$copy")" == 1 ]] || fail "expected one kept copy in TMPDIR, found: '$copy'"
+[[ -z "$(unpacked)" ]] || fail "a temporary folder was left: $(unpacked)"
+[[ "$(stat -c %a "$copy")" == 700 ]] || fail "the kept copy's mode is $(stat -c %a "$copy"), not 700"
+inode="$(stat -c %i "$copy")"
+started=$(date +%s%N)
+"$BIN" --version >/dev/null || fail "--version failed from the kept copy"
+echo "--version from the kept copy: $(ms_since "$started") ms"
+[[ "$(kept)" == "$copy" && "$(stat -c %i "$copy")" == "$inode" ]] || fail "the kept copy was not reused: $(kept)"
+# A damaged copy (a file cut short) fails the check and is unpacked again.
+library="$(find "$copy" -name 'libpython3*.so*' -type f | head -n 1)"
+size="$(stat -c %s "$library")"
+truncate -s 1000 "$library"
+"$BIN" --version >/dev/null || fail "--version failed after the kept copy was damaged"
+[[ "$(kept)" == "$copy" && "$(stat -c %i "$copy")" != "$inode" ]] || fail "the damaged copy was not replaced"
+[[ "$(stat -c %s "$library")" == "$size" ]] || fail "the replaced copy's $library is not whole"
+[[ -z "$(find "$WORK/tmp" -mindepth 1 -maxdepth 1 -name '*.stale-*')" ]] || fail "the damaged copy was left behind"
+# A copy another user could have written to is not used, nor touched.
+chmod 755 "$copy"
+inode="$(stat -c %i "$copy")"
+"$BIN" --version >/dev/null || fail "--version failed beside a copy with mode 755"
+[[ "$(stat -c %i "$copy")" == "$inode" && "$(stat -c %a "$copy")" == 755 ]] || fail "the 755 copy was changed"
+[[ -z "$(unpacked)" ]] || fail "the temporary folder used instead was left: $(unpacked)"
+chmod 700 "$copy"
+echo "kept as $(basename "$copy"); a damaged copy is unpacked again, a copy with mode 755 is not used"
+
 step "doctor"
 # The server check only warns while nothing listens; any failed check exits 1.
 code=0
@@ -207,9 +241,10 @@ for d in /srv/tmpdir /srv/home-noexec /tmp /var/tmp; do
 done
 TMPDIR=/srv/tmpdir HOME=/srv/home /srv/locopilot --version
 [[ -d /srv/home/.cache/locopilot ]] || { echo "~/.cache/locopilot was not used"; exit 1; }
-left="$(find /srv/home/.cache/locopilot -mindepth 1 -maxdepth 1)"
+left="$(find /srv/home/.cache/locopilot -mindepth 1 -maxdepth 1 ! -name 'locopilot-*')"
 [[ -z "$left" ]] || { echo "left in ~/.cache/locopilot: $left"; exit 1; }
-echo "TMPDIR, /tmp and /var/tmp noexec: unpacked into ~/.cache/locopilot, removed at exit"
+[[ -n "$(find /srv/home/.cache/locopilot -mindepth 1 -maxdepth 1 -name 'locopilot-*')" ]] || { echo "no copy kept"; exit 1; }
+echo "TMPDIR, /tmp and /var/tmp noexec: unpacked into ~/.cache/locopilot and kept there"
 code=0
 message="$(TMPDIR=/srv/tmpdir HOME=/srv/home-noexec /srv/locopilot --version 2>&1)" || code=$?
 ((code != 0)) || { echo "it ran with nowhere to unpack?"; exit 1; }
@@ -274,11 +309,12 @@ for pid in $(descendants_of "$SERVER_PID"); do
         grep -q '/llama_cpp/lib/libllama\.so' <<<"$libs" || fail "the runner has no libllama from llama_cpp/lib"
         dups="$(sed -E 's#.*/##; s#\.so.*##' <<<"$libs" | sort | uniq -d)"
         [[ -z "$dups" ]] || fail "the runner maps more than one copy of: $dups"
+        grep -q "^$(kept)/llama_cpp/lib/libllama" <<<"$libs" || fail "the runner does not run from the kept copy $(kept)"
     fi
 done
 ((runners > 0)) || fail "no _runner process under the server"
-# The runners run from the server's unpacked folder: one folder, not one per process.
-[[ "$(unpacked | wc -l)" == 1 ]] || fail "more than one unpacked folder while serving: $(unpacked)"
+# The server and its runners run from the kept copy: no folder of their own.
+[[ -z "$(unpacked)" ]] || fail "temporary folders while serving: $(unpacked)"
 
 step "runner killed with SIGKILL"
 client crash || fail "no recovery from a killed runner"
@@ -288,14 +324,24 @@ stop_with_sigterm
 
 step "server killed with SIGKILL, then started again"
 serve_up "$BIN"
-before="$(unpacked)"
-[[ -n "$before" ]] || fail "no unpacked folder in TMPDIR while serving"
+copy="$(kept)"
+inode="$(stat -c %i "$copy")"
 kill_server_tree
-[[ "$(unpacked)" == "$before" ]] || fail "expected $before left behind by SIGKILL, found: $(unpacked)"
-echo "left behind: $before"
+# What killed or older builds leave: a temporary folder of a bootloader killed while
+# unpacking, a copy of another build unused for two hours, a damaged copy whose
+# remover was killed. The next start removes all three and reuses its own copy.
+dead=$(sh -c 'echo $$')
+killed="$WORK/tmp/$(printf '_MEI%08xAbC123' "$dead")"
+older="$WORK/tmp/locopilot-$(id -u)-$(printf '%032d' 0)"
+stale="$copy.stale-$dead"
+mkdir -m 700 -p "$killed/llama_cpp" "$older/llama_cpp" "$stale/llama_cpp"
+touch -d '2 hours ago' "$older"
 serve_up "$BIN"
-[[ ! -e "$before" ]] || fail "the next start did not remove $before"
-echo "removed at the next start; unpacked now: $(unpacked)"
+for folder in "$killed" "$older" "$stale"; do
+    [[ ! -e "$folder" ]] || fail "the next start did not remove $folder"
+done
+[[ "$(kept)" == "$copy" && "$(stat -c %i "$copy")" == "$inode" ]] || fail "the copy was not reused after SIGKILL"
+echo "removed at the next start: $(basename "$killed"), $(basename "$older"), $(basename "$stale"); $(basename "$copy") reused"
 stop_with_sigterm
 
 for pair in ${SMOKE_QEMU:-}; do

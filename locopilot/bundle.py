@@ -1,15 +1,26 @@
-"""Leftovers of the one-file executable: unpacked folders of killed processes.
+"""Leftovers of the one-file executable: unpacked folders nobody uses any more.
 
-The frozen ``locopilot`` is a PyInstaller one-file bundle. Its bootloader unpacks
-it (about 110 MB) into ``$TMPDIR/_MEI<pid><random>`` on every start and removes
-the folder when the program ends, but not when the bootloader is killed with
-SIGKILL (the OOM killer, a stop timeout, ``kill -9``). ``serve`` calls
-:func:`remove_leftovers` at start, which removes such folders next to its own:
-owned by this user, named as PyInstaller names them (the unpacking process's id,
-eight hex digits, then six random characters, since PyInstaller 6.22.1), holding
-a bundled ``llama_cpp``, whose unpacking process is gone, and which no live
-process maps (a program whose bootloader alone was killed still runs from its
-folder, and so do its runners). Linux only: elsewhere nothing is removed.
+The frozen ``locopilot`` is a PyInstaller one-file bundle. Its bootloader (patched:
+build/pyinstaller-bootloader.patch) unpacks it (about 110 MB) into
+``$TMPDIR/_MEI<pid><random>`` and, once complete, keeps it as
+``locopilot-<uid>-<key>`` beside it, where the key is a hash of every unpacked file;
+later starts with the same key check that copy and use it instead of unpacking again.
+Three kinds of folder are left behind, and ``serve`` calls :func:`remove_leftovers`
+at start to remove them from the folder its own copy is in:
+
+- ``_MEI…`` folders of bootloaders killed with SIGKILL (the OOM killer, a stop
+  timeout, ``kill -9``) before they kept or removed them: named as PyInstaller names
+  them (the unpacking process's id, eight hex digits, then six random characters,
+  since PyInstaller 6.22.1), holding a bundled ``llama_cpp``, whose unpacking process
+  is gone;
+- kept copies of other builds (another key), unused for :data:`STALE_AFTER`: the
+  bootloader touches a copy each time it uses one;
+- ``….stale-<pid>`` folders, copies that failed their check, renamed to be removed,
+  whose remover is gone.
+
+Only this user's folders, and none that a live process maps (a program whose
+bootloader alone was killed still runs from its folder, and so do its runners).
+Linux only: elsewhere nothing is removed.
 
 A process in another PID namespace sharing this temporary folder (a container
 with the same ``/tmp``) is invisible here; such a setup should give each its own
@@ -23,6 +34,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -30,6 +42,11 @@ log = logging.getLogger("locopilot.bundle")
 
 #: ``_MEI`` + the unpacking process id as eight hex digits + mkdtemp's six characters.
 UNPACKED = re.compile(r"^_MEI(?P<pid>[0-9a-f]{8})[A-Za-z0-9]{6}$")
+#: A kept copy: ``locopilot-`` + the user id + the first 32 hex digits of its key; a copy
+#: being removed after a failed check ends in ``.stale-`` + the remover's process id.
+KEPT = re.compile(r"^locopilot-(?P<uid>[0-9]+)-[0-9a-f]{32}(?:\.stale-(?P<pid>[0-9]+))?$")
+#: A kept copy of another build that no start has used for this long is removed.
+STALE_AFTER = 3600.0
 
 
 def own_folder() -> Path | None:
@@ -69,17 +86,18 @@ def leftovers(
     own: Path | None,
     alive: Callable[[int], bool] = pid_alive,
     mapped: Callable[[], Iterable[str]] = mapped_files,
+    now: float | None = None,
 ) -> list[Path]:
     """The unpacked folders in ``parent`` that :func:`remove_leftovers` would remove."""
     uid = os.getuid()
+    now = time.time() if now is None else now
     candidates = []
     try:
         entries = list(parent.iterdir())
     except OSError:
         return []
     for folder in entries:
-        match = UNPACKED.match(folder.name)
-        if not match or folder == own:
+        if folder == own:
             continue
         try:
             info = folder.lstat()
@@ -87,9 +105,8 @@ def leftovers(
             continue
         if not folder.is_dir() or folder.is_symlink() or info.st_uid != uid:
             continue
-        if not (folder / "llama_cpp").is_dir() or alive(int(match["pid"], 16)):
-            continue
-        candidates.append(folder)
+        if _left_behind(folder, info.st_mtime, uid=uid, alive=alive, now=now):
+            candidates.append(folder)
     if not candidates:
         return []
     in_use = set()
@@ -98,6 +115,17 @@ def leftovers(
             if path.startswith(f"{folder}/"):
                 in_use.add(folder)
     return [folder for folder in candidates if folder not in in_use]
+
+
+def _left_behind(folder: Path, modified: float, *, uid: int, alive: Callable[[int], bool], now: float) -> bool:
+    """Whether ``folder`` (this user's) is one of the three kinds in the module docstring."""
+    if match := UNPACKED.match(folder.name):
+        return (folder / "llama_cpp").is_dir() and not alive(int(match["pid"], 16))
+    if (match := KEPT.match(folder.name)) and int(match["uid"]) == uid:
+        if match["pid"] is not None:
+            return not alive(int(match["pid"]))
+        return now - modified > STALE_AFTER
+    return False
 
 
 def remove_leftovers() -> list[Path]:
@@ -116,6 +144,6 @@ def remove_leftovers() -> list[Path]:
         except OSError as exc:
             log.warning("could not remove the leftover unpacked folder %s: %s", folder, exc)
             continue
-        log.info("removed %s, left behind by a killed locopilot", folder)
+        log.info("removed %s, an unpacked folder no locopilot uses", folder)
         removed.append(folder)
     return removed

@@ -119,6 +119,55 @@ def check_exposure(settings: Settings) -> None:
         )
 
 
+def main() -> int:
+    """``locopilot serve``: the settings from the environment, then :func:`serve`.
+
+    Returns 2 for bad settings and 1 when serving is refused, saying why on standard
+    error. ``python -m locopilot serve`` comes here without the command line's imports
+    (click, rich); ``locopilot serve`` with options goes through click first.
+    """
+    import sys
+
+    from locopilot.settings import SettingsError
+
+    skip_httpx_command_line()
+    try:
+        settings = load_settings(os.environ)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        serve(settings)
+    except ServeRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def skip_httpx_command_line() -> None:
+    """Keep httpx's own command line (``httpx._main``) from loading in this process.
+
+    ``import httpx`` imports it, and with it click, rich and pygments when they are
+    installed (they are: locopilot's command line uses the first two): about 0.15 s of
+    CPU at every start, in a server that never runs ``httpx``'s command. A placeholder
+    module takes its place; it must be in place before httpx is first imported, so
+    this does nothing once it is. Depends on httpx's ``__init__`` importing ``main``
+    from ``._main`` (httpx 0.28).
+    """
+    import sys
+    import types
+
+    if "httpx" in sys.modules:
+        return
+    placeholder = types.ModuleType("httpx._main", "httpx's command line, not loaded in the server (locopilot.server).")
+
+    def main() -> None:
+        raise RuntimeError("httpx's command line is not loaded in the locopilot server")
+
+    placeholder.main = main  # type: ignore[attr-defined]
+    sys.modules["httpx._main"] = placeholder
+
+
 def serve(settings: Settings) -> None:
     """Block serving until a signal stops the server.
 

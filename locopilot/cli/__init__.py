@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,7 +55,39 @@ def database() -> Iterator[Database]:
         db.close()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: The commands kept in modules of their own, as ``name: "module:object"`` under
+#: ``locopilot.cli``, imported when the command runs or help lists it: importing them
+#: all (httpx, aiohttp, jinja2, llama.cpp's probe) took 0.6 s of every start, `serve`'s
+#: included, which needs none of them.
+COMMANDS = {
+    "backup": "upkeep:backup",
+    "chat": "chat:chat",
+    "doctor": "doctor:doctor",
+    "jobs": "jobs:jobs",
+    "keys": "keys:keys_group",
+    "models": "models:models",
+    "pull": "pull:pull",
+    "service": "service:service",
+    "stats": "upkeep:stats",
+    "train": "train:train",
+}
+
+
+class LazyGroup(click.RichGroup):
+    """A group whose :data:`COMMANDS` are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in COMMANDS and cmd_name not in self.commands:
+            module, name = COMMANDS[cmd_name].split(":")
+            command = getattr(importlib.import_module(f"locopilot.cli.{module}"), name)
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="locopilot")
 def cli() -> None:
     """locopilot: one OpenAI-compatible endpoint for local models.
@@ -66,15 +99,9 @@ def cli() -> None:
 @cli.command()
 def serve() -> None:
     """Serve the API on LOCOPILOT_HOST:LOCOPILOT_PORT until stopped."""
-    from locopilot.server import ServeRefused
-    from locopilot.server import serve as run_server
+    from locopilot import server
 
-    settings = settings_or_exit()
-    try:
-        run_server(settings)
-    except ServeRefused as exc:
-        print_error(str(exc))
-        raise SystemExit(1) from exc
+    raise SystemExit(server.main())
 
 
 @cli.command()
@@ -98,21 +125,3 @@ def version() -> None:
     except PackageNotFoundError:
         engine = "not installed"
     console.print(f"locopilot {__version__}\nllama-cpp-python {engine}", highlight=False)
-
-
-def register() -> None:
-    from locopilot.cli import chat, doctor, jobs, keys, models, pull, service, train, upkeep
-
-    cli.add_command(models.models)
-    cli.add_command(pull.pull)
-    cli.add_command(keys.keys_group)
-    cli.add_command(chat.chat)
-    cli.add_command(doctor.doctor)
-    cli.add_command(upkeep.backup)
-    cli.add_command(upkeep.stats)
-    cli.add_command(service.service)
-    cli.add_command(train.train)
-    cli.add_command(jobs.jobs)
-
-
-register()

@@ -45,14 +45,15 @@ _USER_HEADER = f"""\
 """
 
 _UNPACK = """\
-# The executable is a PyInstaller one-file bundle: every start unpacks about
-# 110 MB into $TMPDIR and runs code from there, so $TMPDIR must allow exec.
+# The executable is a PyInstaller one-file bundle: its first start unpacks
+# about 110 MB into $TMPDIR and keeps it there (locopilot-<uid>-<key>) for
+# later starts, and runs code from there, so $TMPDIR must allow exec.
 # Not /tmp (often noexec, and PrivateTmp= keeps its mount options) and not
 # RuntimeDirectory= (/run is mounted noexec on Debian and Ubuntu, and is RAM).
 # The cache directory (/var/cache/locopilot, ~/.cache/locopilot for a user
 # service) is on disk and stays writable under ProtectSystem=strict.
-# The bundle removes its folder when it exits but not when it is SIGKILLed, so
-# leftovers are removed before each start (one instance per unit: none in use).
+# A start SIGKILLed while unpacking leaves its temporary _MEI folder, so those
+# are removed before each start (one instance per unit: none in use).
 CacheDirectory=locopilot
 CacheDirectoryMode=0700
 Environment=TMPDIR=%C/locopilot
