@@ -18,6 +18,10 @@ place and the test against the new version.
    ``granian.server.mp.MPServer``, overrides ``signal_handler_interrupt`` and
    ``signal_handler_reload``, and reads ``self.wrks`` (the workers), ``worker.inner.pid`` and
    ``worker.kill()``.
+4. **httpx: its command-line module** (:func:`locopilot.server.skip_httpx_command_line`). The
+   server puts a placeholder at ``sys.modules["httpx._main"]`` before httpx loads, so that
+   ``import httpx`` does not bring click, rich and pygments; relies on httpx's ``__init__``
+   importing ``main`` from ``._main`` and nothing else of it.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def problems() -> list[str]:
         for name, bound in PINS.items()
         if not _below(version(name), bound)
     ]
-    found += _httpx() + _litestar() + _granian()
+    found += _httpx() + _httpx_command_line() + _litestar() + _granian()
     return found
 
 
@@ -60,6 +64,15 @@ def _httpx() -> list[str]:
     if not callable(getattr(httpx.AsyncBaseTransport, "handle_async_request", None)):
         found.append("httpx: AsyncBaseTransport.handle_async_request is gone")
     return found
+
+
+def _httpx_command_line() -> list[str]:
+    import httpx
+
+    imports = [line.strip() for line in inspect.getsource(httpx).splitlines() if "_main" in line]
+    if imports != ["from ._main import main"]:
+        return [f"httpx: __init__ no longer imports just main from ._main ({imports})"]
+    return []
 
 
 def _litestar() -> list[str]:

@@ -1,4 +1,4 @@
-"""The three places that lean on dependencies' private internals still hold, and are pinned."""
+"""The places that lean on dependencies' private internals (locopilot.dependency_internals) hold and are pinned."""
 
 from __future__ import annotations
 
