@@ -41,12 +41,14 @@ class Remotes:
     """The other locopilots this server sends training jobs to, one client (pool) each."""
 
     def __init__(self) -> None:
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        # By address and key, so an upstream that a reload (SIGHUP) changed gets a client of its own.
+        self._clients: dict[tuple[str, str], httpx.AsyncClient] = {}
 
     def _client(self, upstream: UpstreamConfig) -> httpx.AsyncClient:
-        client = self._clients.get(upstream.name)
+        key = (upstream.url, upstream.api_key or "")
+        client = self._clients.get(key)
         if client is None:
-            client = self._clients[upstream.name] = async_client(upstream.url, upstream.api_key or "")
+            client = self._clients[key] = async_client(*key)
         return client
 
     async def _answer(self, upstream: UpstreamConfig, request: Awaitable[httpx.Response], kind: type[T]) -> T:
