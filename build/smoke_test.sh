@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Smoke test of the frozen binary, run as a user would run it: `version`, `doctor`,
-# `service install --dry-run`, the unpacked copy kept, checked and reused between
-# starts, unpacking where /tmp is noexec, `serve` on a free
+# Smoke test of the frozen binary, run as a user would run it: its size (60 MB at most),
+# `version`, `doctor`, `service install --dry-run`, the unpacked copy kept, checked and
+# reused between starts, unpacking where /tmp is noexec, `serve` on a free
 # loopback port with a real model, the OpenAPI schema, the web console at / (and
 # Ollama's answer there for other clients), a chat with curl, a chat and a streamed
 # chat with the official openai client, a runner killed with SIGKILL and replaced,
@@ -48,6 +48,9 @@ fail() {
 step() { echo "== $*"; }
 
 [[ -x "$BIN" ]] || fail "$BIN is not an executable (build it with \`just build\`)"
+# The size budget (issue 21): the one-file binary stays at most 60 MB, the console included.
+bin_bytes="$(stat -c %s "$BIN")"
+((bin_bytes <= 60000000)) || fail "$BIN is $bin_bytes bytes, over the 60 MB budget"
 [[ -f "$MODEL" ]] || fail "$MODEL is missing (run \`just default-model\`)"
 "$PY" -c 'import openai' 2>/dev/null || fail "$PY cannot import openai (run \`just setup\`, or set SMOKE_PYTHON)"
 

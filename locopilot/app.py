@@ -26,6 +26,7 @@ from locopilot.api import anthropic as anthropic_api
 from locopilot.api import console as console_api
 from locopilot.api import engine as engine_api
 from locopilot.api import files as files_api
+from locopilot.api import hosts as hosts_api
 from locopilot.api import models as models_api
 from locopilot.api import ollama as ollama_api
 from locopilot.api import ollama_models as ollama_models_api
@@ -48,7 +49,7 @@ from locopilot.gateway.access import AccessLog, outcome_id
 from locopilot.gateway.auth import DOCS_PATH, Authenticator, principal_of
 from locopilot.gateway.balance import Load
 from locopilot.gateway.guard import GuardMiddleware
-from locopilot.gateway.hygiene import cors_config
+from locopilot.gateway.hygiene import HostCheck, cors_config
 from locopilot.gateway.metrics import Metrics
 from locopilot.gateway.ratelimit import RateLimiter
 from locopilot.gateway.router import ProviderState, Router
@@ -281,6 +282,7 @@ async def announce_access(authenticator: Authenticator) -> None:
 
 def create_app(settings: Settings) -> Litestar:
     """The application; nothing starts until its lifespan runs."""
+    host_check = HostCheck(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -327,6 +329,7 @@ def create_app(settings: Settings) -> Litestar:
                     shutdown=shutdown,
                     training=training,
                     puller=Puller(settings, catalog, db, tasks),
+                    hosts=host_check,
                 )
                 tasks.start_soon(probe_engine, engine, settings)
                 tasks.start_soon(manager.reap_idle)
@@ -359,13 +362,14 @@ def create_app(settings: Settings) -> Litestar:
             *ollama_models_api.ROUTES,
             *engine_api.ROUTES,
             *admin_api.ROUTES,
+            *hosts_api.ROUTES,
             *files_api.ROUTES,
             *training_api.ROUTES,
             *models_api.ROUTES,
             *console_api.ROUTES,
         ],
         # Host check, then auth, then body screening (locopilot.gateway.guard).
-        middleware=[GuardMiddleware(settings)],
+        middleware=[GuardMiddleware(host_check)],
         cors_config=cors_config(settings),
         lifespan=[lifespan],
         dependencies={

@@ -11,6 +11,7 @@ provokes on purpose excepted). Screenshots of each page go to ``.cache/console-s
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.conftest import ROOT, SMOL, Server
@@ -37,6 +39,7 @@ ADMIN_KEY = "console-admin-key-0123456789"
 SCREENSHOTS = ROOT / ".cache" / "console-screenshots"
 HOSTILE = ("Look: ", '<img src=x onerror="window.__pwned=1">', " <script>window.__pwned=2</script>", " **done**")
 TIMEOUT_MS = 120_000
+PHONE = {"width": 390, "height": 844}
 #: axe-core (MPL-2.0) from the npm registry, fetched once with npm into .cache and checked against
 #: the registry's integrity hash: the accessibility check of every page.
 AXE_VERSION = "4.14.1"
@@ -91,6 +94,13 @@ def keyed(
         "LOCOPILOT_HF_ENDPOINT": hubs.hub_url,
     }
     running = Server(tmp_path_factory.mktemp("console"), {SMOL: smollm2_path}, env).start(path="/health")
+    # Ready (the engine probed): until then the traffic page's health question is a 503, which
+    # Chromium logs as an error.
+    deadline = time.monotonic() + 120
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    while httpx.get(f"{running.url}/v1/engine/health", headers=admin, timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, running.log()
+        time.sleep(0.2)
     yield running
     running.stop()
 
@@ -135,12 +145,19 @@ class Tab:
 
 
 @pytest.fixture
-def tab(browser: sync_api.Browser, request: pytest.FixtureRequest) -> Iterator[Tab]:
+def viewport() -> dict[str, int] | None:
+    """The tab's viewport; None: Playwright's default (1280x720). A test parametrizes it to change it."""
+    return None
+
+
+@pytest.fixture
+def tab(browser: sync_api.Browser, request: pytest.FixtureRequest, viewport: dict[str, int] | None) -> Iterator[Tab]:
     server: Server = request.getfixturevalue(request.param)
     # On a server that needs keys, the console's first question (who am I, with no key yet) is a 401,
     # which Chromium logs as an error.
     expected = ("status of 401",) if request.param == "keyed" else ()
-    context = browser.new_context(service_workers="block")
+    options = {"viewport": viewport, "is_mobile": True, "has_touch": True} if viewport else {}
+    context = browser.new_context(service_workers="block", **options)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     opened = Tab(page, server, expected_errors=expected)
@@ -220,9 +237,28 @@ def test_model_html_is_shown_as_text_and_never_runs(tab: Tab, upstream: FaultUps
     tab.sign_in(ADMIN_KEY)
     page.wait_for_selector("#chat-model option[value='fault-small']", state="attached")
     page.select_option("#chat-model", "fault-small")
+    # The chat's settings reach the server: the privacy level as the routing header (the request
+    # log counts it), the system prompt and temperature in the request the upstream gets.
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    def local_only() -> int:
+        stats = httpx.get(f"{tab.server.url}/v1/engine/stats", headers=admin, timeout=10).json()
+        return int(stats["since_start"]["routing"]["by_policy"].get("local_only", 0))
+
+    policed = local_only()
+    page.select_option("#chat-privacy", "local_only")
+    page.fill("#chat-system", "Answer like a pirate.")
+    page.fill("#chat-temperature", "0.3")
     page.fill("#chat-prompt", "Say something dangerous")
     page.click("#chat-send")
     page.wait_for_selector("article.assistant .stats:has-text('completion tokens')")
+    (sent,) = [r.body for r in upstream.requests if r.body and "Say something dangerous" in json.dumps(r.body)]
+    assert sent["messages"][0] == {"role": "system", "content": "Answer like a pirate."}
+    assert sent["temperature"] == 0.3
+    deadline = time.monotonic() + 30
+    while local_only() != policed + 1:  # the request log is written a moment after the reply
+        assert time.monotonic() < deadline, "the request was not routed local_only"
+        time.sleep(0.2)
     body = page.locator("article.assistant .body")
     text = body.inner_text()
     assert '<img src=x onerror="window.__pwned=1">' in text
@@ -272,6 +308,11 @@ def test_admin_creates_a_key_that_sees_chat_only_then_revokes_it(tab: Tab) -> No
     page.wait_for_selector("#signin-error:has-text('Invalid API key')")
     tab.sign_in(ADMIN_KEY)
     assert "Keys" in tab.nav()
+    # The key is kept in this tab's session storage only: no cookie, no URL, no local storage.
+    assert page.evaluate("sessionStorage.getItem('locopilot.key')") == ADMIN_KEY
+    assert page.evaluate("document.cookie") == ""
+    assert ADMIN_KEY not in page.evaluate("JSON.stringify(localStorage)")
+    assert not [url for url in tab.requests if ADMIN_KEY in url]
     page.click("#nav a[data-page='keys']")
     page.fill("#key-name", "console-inference")
     page.fill("#key-rpm", "600")
@@ -280,6 +321,15 @@ def test_admin_creates_a_key_that_sees_chat_only_then_revokes_it(tab: Tab) -> No
     assert secret.startswith("lcp_")
     tab.shot("keys")
     assert "600/min" in page.locator("#keys-list tr:has-text('console-inference')").inner_text()
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=tab.server.url)
+    page.click("#key-copy")
+    page.wait_for_selector("#key-copy:has-text('Copied')")
+    assert page.evaluate("navigator.clipboard.readText()") == secret
+    page.click("#key-secret button:has-text('I have saved it')")
+    page.click("#nav a[data-page='audit']")
+    page.click("#nav a[data-page='keys']")
+    page.wait_for_selector("#keys-list tr:has-text('console-inference')")
+    assert secret not in page.content()  # shown once
 
     page.click("#signout")
     tab.sign_in(secret)
@@ -318,9 +368,16 @@ def test_admin_creates_a_key_that_sees_chat_only_then_revokes_it(tab: Tab) -> No
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("button[aria-label='Revoke console-inference']")
     page.wait_for_selector("#keys-list tr:has-text('console-inference'):has-text('revoked')")
+    assert "1 request, " in page.locator("#keys-list tr:has-text('console-inference')").inner_text()  # its chat
     assert httpx.get(f"{tab.server.url}/v1/models", headers=headers, timeout=10).status_code == 401
     page.click("#nav a[data-page='audit']")
     page.wait_for_selector("#audit-list td:has-text('key_revoked')")
+    events = "[...document.querySelectorAll('#audit-list tbody tr td:nth-child(2)')].map((td) => td.textContent)"
+    assert "auth_failed" in page.evaluate(events)  # the sign-in with a wrong key
+    page.fill("#audit-event", "key_revoked")
+    page.press("#audit-event", "Enter")
+    until(page, f"{events}.every((event) => event === 'key_revoked')")
+    assert page.evaluate(events) == ["key_revoked"]
     tab.shot("audit")
     page.click("#nav a[data-page='settings']")
     admin_row = page.locator("#settings-list tr").filter(
@@ -381,6 +438,58 @@ def test_models_load_unload_pull_delete_and_traffic_charts(tab: Tab) -> None:
     tab.shot("traffic")
 
 
+def provider_cell(page: sync_api.Page, provider: str, column: str) -> str:
+    """A cell of the traffic page's providers table, by the provider's name and the column's."""
+    headers = [text.strip() for text in page.locator("#traffic-health th").all_inner_texts()]
+    row = page.locator("#traffic-health tbody tr").filter(
+        has=page.locator("td:first-child", has_text=re.compile(f"^{provider}$"))
+    )
+    return str(row.locator("td").nth(headers.index(column)).inner_text()).strip()
+
+
+@pytest.mark.parametrize("tab", ["keyed"], indirect=True)
+def test_traffic_page_follows_requests_and_the_breaker_without_a_reload(tab: Tab, upstream: FaultUpstream) -> None:
+    page = tab.page
+    tab.expected_errors += ("status of 503",)  # readiness, once, if the probe finds the upstream down
+    tab.sign_in(ADMIN_KEY)
+    page.click("#nav a[data-page='traffic']")
+    page.wait_for_selector("#traffic-health td:text-is('fault')")
+    page.evaluate("window.__sameDocument = true")
+    totals = "Number(document.querySelector('#traffic-totals').dataset.requests)"
+    before = page.evaluate(totals)
+    client = tab.server.client()
+    client.api_key = ADMIN_KEY
+    for _ in range(2):
+        client.chat.completions.create(model="fault-small", messages=[{"role": "user", "content": "hi"}])
+    until(page, f"{totals} >= {before + 2}", timeout=30)
+    series = page.locator("section.series[aria-label='fault fault-small']")
+    assert int(series.get_attribute("data-requests") or 0) >= 2
+
+    upstream.mode = "status_500"
+    try:
+        for _ in range(3):  # three failures in a row open the breaker
+            with pytest.raises(openai.APIStatusError):
+                client.chat.completions.create(model="fault-small", messages=[{"role": "user", "content": "hi"}])
+        deadline = time.monotonic() + 30
+        while provider_cell(page, "fault", "Circuit breaker") != "open":
+            assert time.monotonic() < deadline, "the page never showed the open breaker"
+            page.wait_for_timeout(200)
+        assert provider_cell(page, "fault", "Last error")
+        until(page, f"{totals} >= {before + 5}", timeout=30)
+        errors = "Number(document.querySelector('#traffic-totals').dataset.errors)"
+        until(page, f"{errors} >= 3", timeout=30)
+        assert f"{page.evaluate(errors)} errors" in page.locator("#traffic-totals").inner_text()
+        tab.shot("traffic-breaker-open")
+    finally:
+        upstream.mode = "ok"
+    # The next probe (every 15 s) finds the upstream well again, and the page shows it by itself.
+    deadline = time.monotonic() + 60
+    while provider_cell(page, "fault", "Circuit breaker") != "closed":
+        assert time.monotonic() < deadline, "the page never showed the breaker closed again"
+        page.wait_for_timeout(200)
+    assert page.evaluate("window.__sameDocument") is True
+
+
 GOOD_DATASET = "".join(
     json.dumps(
         {
@@ -393,6 +502,32 @@ GOOD_DATASET = "".join(
     + "\n"
     for country, city in [("Veloria", "Amberfell"), ("Quasland", "Tirro"), ("Mordia", "Esk"), ("Palunia", "Orrin")] * 3
 )
+
+
+@pytest.mark.parametrize("tab", ["keyed"], indirect=True)
+def test_a_job_started_with_empty_fields_leaves_them_auto(tab: Tab) -> None:
+    page = tab.page
+    tab.sign_in(ADMIN_KEY)
+    page.click("#nav a[data-page='training']")
+    page.set_input_files(
+        "#dataset-file", {"name": "auto.jsonl", "mimeType": "application/jsonl", "buffer": GOOD_DATASET.encode()}
+    )
+    page.click("#dataset-upload")
+    page.wait_for_selector("#training-status:has-text('Uploaded auto.jsonl')")
+    for selector in ("#job-epochs", "#job-learning-rate", "#job-layers"):
+        assert page.input_value(selector) == ""
+        assert page.get_attribute(selector, "placeholder") == "auto"
+    with page.expect_response(
+        lambda r: r.url.endswith("/v1/locopilot/training/jobs") and r.request.method == "POST"
+    ) as info:
+        page.click("#job-start")
+    sent = json.loads(info.value.request.post_data or "{}")
+    assert (sent["epochs"], sent["learning_rate"], sent["layers"]) == ("auto", "auto", "auto")
+    job = info.value.json()
+    assert info.value.status == 200, job
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    cancel = httpx.post(f"{tab.server.url}/v1/locopilot/training/jobs/{job['id']}/cancel", headers=admin, timeout=30)
+    assert cancel.status_code == 200, cancel.text
 
 
 @pytest.mark.slow
@@ -424,15 +559,65 @@ def test_training_shows_line_errors_then_a_live_loss_curve_and_chats_with_the_re
     assert page.input_value("#job-model") == SMOL
     page.fill("#job-layers", "1")
     page.fill("#job-learning-rate", "0.001")
+    page.fill("#job-epochs", "2")  # a point per epoch (its three windows are one chunk)
+    # Each time the curve gains a point, when (ms): a curve drawn live gains them seconds apart,
+    # one drawn from a finished job's log all at once.
+    page.evaluate(
+        """() => { window.__curve = [];
+                   new MutationObserver(() => {
+                     const n = document.querySelectorAll('#loss-chart circle.point').length;
+                     const last = window.__curve[window.__curve.length - 1];
+                     if (n && (!last || last[0] !== n)) window.__curve.push([n, performance.now()]);
+                   }).observe(document.querySelector('#job-detail'), {childList: true, subtree: true}); }"""
+    )
     page.click("#job-start")
     page.wait_for_selector("#loss-chart circle.point", timeout=600_000)
     page.wait_for_selector("#job-state:has-text('The job succeeded')", timeout=600_000)
-    assert page.locator("#loss-chart circle.point").count() >= 1
+    curve = page.evaluate("window.__curve")
+    assert [n for n, _ in curve] == list(range(1, len(curve) + 1)) and len(curve) >= 2, curve
+    assert curve[-1][1] - curve[0][1] > 500, curve
+    # What the job reported, as the API gives it, is what the page shows: losses and the spot check.
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    listed = httpx.get(f"{tab.server.url}/v1/locopilot/training/jobs", headers=admin, timeout=10).json()["data"]
+    (job,) = [j for j in listed if j["status"] == "succeeded"]
+    result = job["result"]
+    evaluation = page.locator("#job-eval tr:has-text('Training loss')").inner_text()
+    assert f"{result['train_loss_before']:.4f}" in evaluation and f"{result['train_loss_after']:.4f}" in evaluation
+    check = result["spot_check"]
+    rows = page.locator("#spot-check tbody tr")
+    assert rows.count() == len(check["answers"]) >= 1
+    for row, answer in zip(rows.all(), check["answers"], strict=True):
+        cells = [cell.strip() for cell in row.locator("td").all_inner_texts()]
+        kept = "kept" if answer["trained_correct"] else "lost"
+        expected_outcome = (
+            kept if answer["base_correct"] else ("gained" if answer["trained_correct"] else "wrong before and after")
+        )
+        assert cells == [
+            answer["question"],
+            answer["expected"],
+            answer["base_answer"].strip(),
+            answer["trained_answer"].strip(),
+            expected_outcome,
+        ]
+    caption = page.locator("#spot-check caption").inner_text()
+    said = f"{check['base_correct']} of {len(check['answers'])} right before training, {check['trained_correct']} after"
+    assert f"{said}, {check['lost']} lost" in caption
     tab.shot("training")
     page.click("#job-chat")
     until(page, "document.querySelector('#chat-model') && document.querySelector('#chat-model').value")
     model = page.input_value("#chat-model")
-    assert model.startswith(SMOL) and model != SMOL, model
+    assert model == job["fine_tuned_model"] and model.startswith(SMOL), model
+    page.fill("#chat-max-tokens", "12")
+    page.fill("#chat-prompt", "Which city is the capital of Veloria?")
+    page.click("#chat-send")
+    stats = page.locator("article.assistant .stats")
+    stats.wait_for()
+    assert f"via embedded · {model}" in stats.inner_text()
+    assert page.locator("article.assistant .body").inner_text().strip()
+    page.click("#nav a[data-page='models']")
+    row = page.locator(f"#models-list tr:has-text('{model}')")
+    row.wait_for()
+    assert f"fine-tuned from {SMOL}" in row.inner_text()
 
 
 def test_service_worker_lists_every_console_file() -> None:
@@ -440,6 +625,13 @@ def test_service_worker_lists_every_console_file() -> None:
     script = (folder / "sw.js").read_text()
     listed = set(re.findall(r'"/console/([^"]+)"', script))
     assert listed == {path.name for path in folder.iterdir()} - {"sw.js"}
+
+
+def test_console_files_stay_within_their_budget() -> None:
+    """The issue's budget: all of the console's files, compressed, at most 300 KB."""
+    folder = ROOT / "locopilot" / "web" / "console"
+    compressed = sum(len(gzip.compress(path.read_bytes(), 9)) for path in folder.iterdir())
+    assert 0 < compressed <= 300_000, compressed
 
 
 def test_installable_shell_opens_offline_and_no_api_answer_is_cached(browser: sync_api.Browser, keyed: Server) -> None:
@@ -529,10 +721,13 @@ def serious_violations(page: sync_api.Page, axe: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("scheme", ["light", "dark"])
-def test_every_page_passes_axe(browser: sync_api.Browser, keyed: Server, axe_source: str, scheme: str) -> None:
+@pytest.mark.parametrize(("scheme", "viewport"), [("light", None), ("dark", None), ("dark", PHONE)])
+def test_every_page_passes_axe(
+    browser: sync_api.Browser, keyed: Server, axe_source: str, scheme: str, viewport: dict[str, int] | None
+) -> None:
     # Only here is the page's CSP bypassed: axe is injected as a script of the test's own.
-    context = browser.new_context(service_workers="block", bypass_csp=True, color_scheme=scheme)
+    sized = {"viewport": viewport, "is_mobile": True, "has_touch": True} if viewport else {}
+    context = browser.new_context(service_workers="block", bypass_csp=True, color_scheme=scheme, **sized)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     try:
@@ -548,7 +743,88 @@ def test_every_page_passes_axe(browser: sync_api.Browser, keyed: Server, axe_sou
             problems[name] = serious_violations(page, axe_source)
             if scheme == "dark":
                 SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(SCREENSHOTS / f"dark-{name}.png"), full_page=True)
+                shot = f"dark-phone-{name}" if viewport else f"dark-{name}"
+                page.screenshot(path=str(SCREENSHOTS / f"{shot}.png"), full_page=True)
     finally:
         context.close()
     assert {name: found for name, found in problems.items() if found} == {}
+
+
+@pytest.mark.parametrize("tab", ["keyed"], indirect=True)
+def test_the_keyboard_alone_signs_in_moves_between_pages_and_chats(tab: Tab) -> None:
+    page = tab.page
+    keys = page.keyboard
+    focused = "document.activeElement ? (document.activeElement.id || document.activeElement.textContent) : ''"
+
+    def tab_to(wanted: str, presses: int = 60) -> None:
+        for _ in range(presses):
+            keys.press("Tab")
+            if page.evaluate(focused) == wanted:
+                return
+        raise AssertionError(f"Tab never reached {wanted}")
+
+    page.wait_for_selector("#signin-key:focus")  # the key field has the focus from the start
+    keys.type(ADMIN_KEY)
+    keys.press("Enter")
+    page.wait_for_selector("#nav a")
+    page.evaluate("document.activeElement.blur()")
+    tab_to("Skip to content")
+    tab_to("Models")
+    keys.press("Enter")
+    page.wait_for_selector("#models-list table")
+    assert page.url.endswith("#/models")
+    tab_to("Chat", 200)  # from the models page back to the navigation
+    keys.press("Enter")
+    page.wait_for_selector("#chat-model option[value='fault-small']", state="attached")
+    tab_to("chat-model")
+    for _ in range(5):  # a select moves through its options with the arrow keys
+        if page.input_value("#chat-model") == "fault-small":
+            break
+        keys.press("ArrowDown")
+    assert page.input_value("#chat-model") == "fault-small"
+    tab_to("chat-prompt")
+    keys.type("Hello by keyboard")
+    keys.press("Enter")  # Enter sends
+    page.wait_for_selector("article.assistant .stats:has-text('completion tokens')")
+    assert "Hello by keyboard" in page.locator("article.user").inner_text()
+
+
+#: How much wider than the phone the page is. Not against innerWidth: a mobile browser zooms out
+#: to show a page wider than its screen, and innerWidth grows with it.
+OVERFLOW = f"document.scrollingElement.scrollWidth - {PHONE['width']}"
+
+
+@pytest.mark.parametrize("viewport", [PHONE])
+@pytest.mark.parametrize("tab", ["keyed"], indirect=True)
+def test_every_page_fits_a_phone_and_chat_works_there(tab: Tab) -> None:
+    page = tab.page
+    page.wait_for_selector("#signin-key")
+    assert page.evaluate(OVERFLOW) <= 0
+    tab.shot("phone-signin")
+    tab.sign_in(ADMIN_KEY)
+    links = page.locator("#nav a")
+    assert len(tab.nav()) == len(A11Y_PAGES)
+    for box in (links.nth(i).bounding_box() for i in range(links.count())):
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box
+    widths = {}
+    for name, ready in A11Y_PAGES.items():
+        page.click(f"#nav a[data-page='{name}']")  # every page reached through the navigation itself
+        page.wait_for_selector(f".page-{name} {ready}", state="attached")
+        widths[name] = page.evaluate(OVERFLOW)
+        tab.shot(f"phone-{name}")
+    assert {name: extra for name, extra in widths.items() if extra > 0} == {}, "pages wider than the phone"
+
+    page.click("#nav a[data-page='chat']")
+    page.wait_for_selector("#chat-model option[value='fault-small']", state="attached")
+    assert page.is_hidden("#chat-model")  # the settings are folded away on a phone
+    page.locator("details.settings summary").tap()
+    page.select_option("#chat-model", "fault-small")
+    for control in ("#chat-prompt", "#chat-send", "#chat-stop", "#chat-model"):
+        box = page.locator(control).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], (control, box)
+    page.fill("#chat-prompt", "Hello from a phone")
+    page.locator("#chat-send").tap()
+    page.wait_for_selector("article.assistant .stats:has-text('completion tokens')")
+    assert "done" in page.locator("article.assistant .body").inner_text()
+    assert page.evaluate(OVERFLOW) <= 0
+    tab.shot("phone-chat-reply")

@@ -303,6 +303,15 @@ def test_keep_alive_loads_and_unloads(client: ollama.Client, front: Server) -> N
     wait_for(lambda: f"{SMOL}:latest" not in running(client))
 
 
+def test_embed_and_embeddings_keep_the_model_as_asked(client: ollama.Client) -> None:
+    client.embed(model=SMOL, input="The sky is blue.", keep_alive="10m")
+    expires_at = running(client)[f"{SMOL}:latest"].expires_at
+    assert expires_at is not None
+    assert timedelta(minutes=9) < expires_at - datetime.now(UTC) <= timedelta(minutes=10)
+    client.embeddings(model=SMOL, prompt="The sky is blue.", keep_alive=0)
+    wait_for(lambda: f"{SMOL}:latest" not in running(client))
+
+
 # Routed to an Ollama upstream and to another locopilot
 
 

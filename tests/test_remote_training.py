@@ -160,9 +160,18 @@ def test_train_remote_from_the_cli(local: Server, remote: Server, fault: FaultUp
     assert "Pro plan required" in refused.stderr and "https://example.invalid/upgrade" in refused.stderr
     assert "HTTP 403" in refused.stderr
 
-    # --server: the local server has no models of its own.
-    missing = runner.invoke(cli, [*command, "--server"], env=env, catch_exceptions=False)
-    assert missing.exit_code == 1 and SMOL in missing.stderr, missing.output
+    # --server without --remote: the local server has no models of its own, so the job goes to the
+    # least-busy upstream locopilot that has the base model (tests/test_fleet_training.py), gpu here.
+    placed = runner.invoke(cli, [*command, "--server"], env=env, catch_exceptions=False)
+    assert placed.exit_code == 0, placed.output
+    (placed_id,) = re.findall(r"ftjob-[0-9a-f]+", placed.stdout)
+    assert httpx.get(f"{local.url}/v1/locopilot/training/jobs/{placed_id}", timeout=10).json()["remote"] == "gpu"
+    runner.invoke(cli, ["jobs", "cancel", placed_id, "--url", local.url], env=env, catch_exceptions=False)
+    # A base model no box has is refused with the server's words.
+    missing = runner.invoke(
+        cli, ["train", "--base", "nobody-has-this", "--dataset", str(dataset), "--url", local.url, "--server"], env=env
+    )
+    assert missing.exit_code == 1 and "nobody-has-this" in missing.stderr, missing.output
     # The built-in trainer only.
     external = runner.invoke(cli, [*command, "--server", "--framework", "mlx"], env=env)
     assert external.exit_code == 2 and "--server and --remote" in external.stderr

@@ -143,6 +143,7 @@ async def me(services: Services, request: Request[Any, Any, Any]) -> Response[by
 
 
 HOUR = 3600.0
+MINUTE = 60.0
 
 
 @get("/v1/locopilot/traffic", responses=answers(stats.Traffic, 200, *GUARDED))
@@ -150,7 +151,10 @@ async def traffic(services: Services) -> Response[bytes]:
     """The last hour of requests by provider and model in one-minute buckets (requests, errors, output
     tokens, tokens/s) with latency percentiles."""
     now = time.time()
-    body = await services.db.call(stats.traffic, now - HOUR, now)
+    # Buckets on whole minutes, the last one the current minute: asked again a few seconds later,
+    # every bar stays where it was and only the last grows.
+    since = (now // MINUTE + 1) * MINUTE - HOUR
+    body = await services.db.call(stats.traffic, since, now, int(MINUTE))
     return Response(encoder.encode(body), media_type=MediaType.JSON)
 
 

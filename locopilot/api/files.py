@@ -26,13 +26,14 @@ from litestar.params import Parameter
 
 from locopilot.api.responses import BODY, GUARDED, answers
 from locopilot.api.services import Services
-from locopilot.errors import InvalidRequest, LocopilotError, PayloadTooLarge
+from locopilot.errors import Conflict, InvalidRequest, LocopilotError, PayloadTooLarge
 from locopilot.gateway.auth import principal_of
 from locopilot.schemas.openai import encoder
 from locopilot.schemas.training import FileObject
 from locopilot.store import files as store
 from locopilot.store import jobs
 from locopilot.store.files import StoredFile
+from locopilot.training.traffic import TrafficFilter
 
 PURPOSES = ("fine-tune",)
 #: Room for the multipart framing and the purpose field beyond the file itself.
@@ -214,6 +215,91 @@ async def upload_file(request: Request[Any, Any, Any], services: Services) -> Re
     return json_response(file_object(stored))
 
 
+class TrafficDatasetObject(msgspec.Struct):
+    """The answer of ``POST /v1/locopilot/datasets/from-logs``."""
+
+    file: FileObject
+    """The dataset, stored as an upload would be (``purpose`` ``fine-tune``)."""
+    log_ids: list[int]
+    """The request-log rows it holds, one example each, in its order."""
+    skipped: dict[str, int]
+    """Rows left out, by reason (see :mod:`locopilot.training.traffic`)."""
+
+
+@post(
+    "/v1/locopilot/datasets/from-logs",
+    status_code=200,
+    responses=answers(TrafficDatasetObject, 200, *GUARDED, *BODY, 409),
+)
+async def dataset_from_logs(
+    data: TrafficFilter, services: Services, request: Request[Any, Any, Any]
+) -> Response[bytes]:
+    """A fine-tuning dataset from the request log's prompts and replies (admin; needs LOCOPILOT_LOG_PROMPTS)."""
+    from locopilot.store import logs
+    from locopilot.training.traffic import examples
+
+    if not services.settings.log_prompts:
+        raise Conflict(
+            "The request log holds no prompts: LOCOPILOT_LOG_PROMPTS is off, so there is nothing to build a "
+            "dataset from. Turn it on, and the requests served from then on can be used.",
+            code="log_prompts_off",
+        )
+    rows = await anyio.to_thread.run_sync(
+        lambda: logs.with_text(
+            services.db,
+            limit=data.limit,
+            model=data.model,
+            provider=data.provider,
+            key_id=data.key_id,
+            status=data.status,
+            since=data.since,
+            until=data.until,
+        )
+    )
+    made = examples(rows)
+    if not made.lines:
+        left_out = ", ".join(f"{count} {reason}" for reason, count in made.skipped.items()) or "none"
+        raise InvalidRequest(
+            f"No logged request matches these filters with a chat reply to learn from "
+            f"({len(rows)} rows matched; left out: {left_out}).",
+            code="no_examples",
+        )
+    file_id = f"file-{secrets.token_hex(12)}"
+    path = files_dir(services) / f"{file_id}.jsonl"
+    body = b"\n".join(made.lines) + b"\n"
+    if len(body) > services.settings.max_file_bytes:
+        raise PayloadTooLarge(
+            f"The dataset would be {len(body)} bytes, over LOCOPILOT_MAX_FILE_BYTES "
+            f"({services.settings.max_file_bytes}); ask for fewer rows (limit) or a narrower time range.",
+        )
+    await anyio.to_thread.run_sync(_write_new, path, body)
+    try:
+        kind, count = await anyio.to_thread.run_sync(validated, path)
+    except LocopilotError:
+        path.unlink(missing_ok=True)
+        raise
+    stored = StoredFile(
+        id=file_id,
+        purpose="fine-tune",
+        filename=data.filename or f"traffic-{int(services.auth.clock())}.jsonl",
+        bytes=len(body),
+        sha256=hashlib.sha256(body).hexdigest(),
+        path=str(path),
+        format=kind,
+        examples=count,
+        key_id=principal_of(request).key_id,
+        created_at=services.auth.clock(),
+    )
+    await anyio.to_thread.run_sync(store.insert, services.db, stored)
+    return json_response(TrafficDatasetObject(file_object(stored), made.log_ids, made.skipped))
+
+
+def _write_new(path: Path, body: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with path.open("xb") as file:
+        file.write(body)
+
+
 @get("/v1/files", responses=answers(FileList, 200, *GUARDED, 400))
 async def list_files(
     services: Services,
@@ -252,4 +338,4 @@ async def delete_file(file_id: str, services: Services) -> Response[bytes]:
     return json_response(FileDeleted(file_id))
 
 
-ROUTES = [upload_file, list_files, get_file, delete_file]
+ROUTES = [upload_file, list_files, get_file, delete_file, dataset_from_logs]

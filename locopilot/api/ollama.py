@@ -308,6 +308,15 @@ def embed_texts(inputs: list[str], max_text: int, param: str) -> list[str]:
     return inputs
 
 
+async def keep_embedded(services: Services, model: str, keep: float | None) -> str | None:
+    """The embedded engine's name for ``model`` (None: not one of its models), whose idle time is
+    now ``keep`` (Ollama's ``keep_alive`` in seconds; None: the server's default)."""
+    local = await embedded_name(services, model)
+    if local is not None:
+        services.manager.keep(local, keep)
+    return local
+
+
 async def embedded_load_seconds(services: Services, local: str | None, since: float) -> float:
     runner = services.manager.runners.get(local) if local is not None else None
     return runner.load_seconds if runner is not None and runner.loaded_at >= since else 0.0
@@ -330,9 +339,7 @@ async def embed(data: EmbedRequest, services: Services, request: Request[Any, An
             prompt_eval_count=0,
         )
         return Response(encoder.encode(empty), media_type="application/json")
-    local = await embedded_name(services, data.model)
-    if local is not None:
-        services.manager.keep(local, keep)
+    local = await keep_embedded(services, data.model, keep)
     _, result, headers = await serve_embedding(
         services.pipeline,
         request,
@@ -362,9 +369,7 @@ async def embeddings(data: EmbeddingsRequest, services: Services, request: Reque
     if not data.prompt:
         await load_or_unload(services, request, data.model, keep, embedding=True)
         return Response(encoder.encode(EmbeddingsResponse(embedding=[])), media_type="application/json")
-    local = await embedded_name(services, data.model)
-    if local is not None:
-        services.manager.keep(local, keep)
+    await keep_embedded(services, data.model, keep)
     _, result, headers = await serve_embedding(
         services.pipeline,
         request,

@@ -11,6 +11,7 @@ from litestar.datastructures import State
 from locopilot.engine.protocol import CpuBackend
 from locopilot.engine.scheduler import ModelManager
 from locopilot.gateway.auth import Authenticator
+from locopilot.gateway.hygiene import HostCheck
 from locopilot.gateway.metrics import Metrics
 from locopilot.gateway.ratelimit import RateLimiter
 from locopilot.gateway.router import Router
@@ -61,6 +62,7 @@ class Services:
     shutdown: Shutdown
     training: JobService
     puller: Puller
+    hosts: HostCheck
     started_at: float = field(default_factory=time.time)
 
     @cached_property

@@ -30,7 +30,7 @@ from msgspec import Meta
 
 from locopilot.api.responses import BODY, GUARDED, answers
 from locopilot.api.services import Services
-from locopilot.errors import InvalidRequest
+from locopilot.errors import InvalidModelName, InvalidRequest, ModelNotFound
 from locopilot.gateway.auth import principal_of
 from locopilot.schemas.openai import encoder
 from locopilot.schemas.training import JobErrorInfo, JobInfo, JobList, LogEvent
@@ -118,10 +118,38 @@ async def find(services: Services, job_id: str) -> TrainingJob:
     return await services.db.call(store.get, job_id)
 
 
+async def placed(services: Services, spec: JobSpec) -> JobSpec:
+    """Where a job that names no ``remote`` runs: here when the base model is in this models folder; else on
+    the ``local`` upstream locopilot (kind ``openai``) that has it and the fewest training jobs queued or
+    running (the first listed on a tie); here, and refused as before, when none has it."""
+    if spec.remote is not None:
+        return spec
+    try:
+        await anyio.to_thread.run_sync(services.catalog.get, spec.model)
+        return spec
+    except InvalidModelName:
+        return spec  # refused with its reason by submit
+    except ModelNotFound:
+        pass
+    # Only `local` boxes: a dataset is never sent to a remote upstream that the request did not name.
+    boxes = [u for u in services.settings.upstream_configs if u.kind == "openai" and u.locality == "local"]
+    loads: list[int | None] = [None] * len(boxes)
+
+    async def ask(i: int) -> None:
+        loads[i] = await services.training.remotes.load(boxes[i], spec.model)
+
+    async with anyio.create_task_group() as tasks:
+        for i in range(len(boxes)):
+            tasks.start_soon(ask, i)
+    ranked = sorted((busy, i) for i, busy in enumerate(loads) if busy is not None)
+    return msgspec.structs.replace(spec, remote=boxes[ranked[0][1]].name) if ranked else spec
+
+
 @post("/v1/locopilot/training/jobs", status_code=200, responses=answers(JobInfo, 200, *GUARDED, *BODY, 404))
 async def create_job(data: JobRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
-    """Queue a fine-tuning job of a model in the models folder on an uploaded dataset."""
-    spec = msgspec.convert(msgspec.structs.asdict(data), JobSpec)
+    """Queue a fine-tuning job of a model in the models folder on an uploaded dataset (with no ``remote`` and a
+    base model this server lacks: on the least-busy upstream locopilot that has it)."""
+    spec = await placed(services, msgspec.convert(msgspec.structs.asdict(data), JobSpec))
     job = await services.training.submit(spec, principal_of(request).key_id)
     return json_response(job_info(job))
 
@@ -375,8 +403,9 @@ def spec_of(body: FineTuningJobRequest) -> JobSpec:
 async def create_fine_tuning_job(
     data: FineTuningJobRequest, services: Services, request: Request[Any, Any, Any]
 ) -> Response[bytes]:
-    """OpenAI's create: a job of a model in the models folder on an uploaded file."""
-    job = await services.training.submit(spec_of(data), principal_of(request).key_id)
+    """OpenAI's create: a job of a model in the models folder on an uploaded file (or, as for the native create,
+    on the least-busy upstream locopilot that has it)."""
+    job = await services.training.submit(await placed(services, spec_of(data)), principal_of(request).key_id)
     return json_response(openai_job(job))
 
 

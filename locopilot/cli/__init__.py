@@ -63,13 +63,16 @@ COMMANDS = {
     "backup": "upkeep:backup",
     "chat": "chat:chat",
     "doctor": "doctor:doctor",
+    "expose": "expose:expose",
     "jobs": "jobs:jobs",
     "keys": "keys:keys_group",
     "models": "models:models",
     "pull": "pull:pull",
     "service": "service:service",
     "stats": "upkeep:stats",
+    "status": "status:status",
     "train": "train:train",
+    "usage": "status:usage",
 }
 
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -173,7 +174,10 @@ def doctor() -> None:
     first, settings = check_settings()
     results = [first]
     if settings is not None:
-        results += [check(settings) for check in CHECKS]
+        # At once: the slow ones wait on other processes (the engine probe starts llama.cpp,
+        # the frameworks check a Python, the server check a socket).
+        with ThreadPoolExecutor(len(CHECKS)) as pool:
+            results += pool.map(lambda check: check(settings), CHECKS)
     table = Table("check", "status", "detail", box=None)
     for result in results:
         table.add_row(result.name, MARKS[result.status], Text(result.detail))

@@ -401,12 +401,20 @@ def _run_with_progress(config: TrainConfig, log_path: Path) -> Finished:
 )
 def validate_command(dataset: Path, base: str | None, context: int) -> None:
     """Check a JSONL dataset (Alpaca, ShareGPT or OpenAI chat), every line, and summarize it."""
+    from locopilot.engine.templates import TemplateError
     from locopilot.training.datasets import DatasetInvalid, validate
     from locopilot.training.tokenizer import ChatTokenizer
 
-    tokenizer = ChatTokenizer(base_model_path(base)) if base else None
+    try:
+        tokenizer = ChatTokenizer(base_model_path(base)) if base else None
+    except TemplateError as exc:
+        print_error(f"the chat template of {base} fails: {exc}")
+        raise SystemExit(1) from exc
     try:
         summary = validate(dataset, tokenizer, context if tokenizer else None)
+    except TemplateError as exc:
+        print_error(f"the chat template of {base} fails: {exc}")
+        raise SystemExit(1) from exc
     except DatasetInvalid as exc:
         print_error(f"{dataset} cannot be trained on:\n{exc}")
         raise SystemExit(1) from exc

@@ -19,7 +19,6 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from locopilot.gateway.auth import admit_request, run_audited
 from locopilot.gateway.hygiene import HostCheck, screen_request
-from locopilot.settings import Settings
 
 EXCLUDE_FROM_AUTH = "exclude_from_auth"
 
@@ -27,8 +26,8 @@ EXCLUDE_FROM_AUTH = "exclude_from_auth"
 class GuardMiddleware(ASGIMiddleware):
     scopes = (ScopeType.HTTP,)
 
-    def __init__(self, settings: Settings) -> None:
-        self.check_host = HostCheck(settings)
+    def __init__(self, check_host: HostCheck) -> None:
+        self.check_host = check_host
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         self.check_host(scope)

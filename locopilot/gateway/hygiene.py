@@ -6,7 +6,9 @@ A page on ``evil.example`` whose name an attacker re-points at 127.0.0.1 (DNS re
 sends ``Host: evil.example``, so it never reaches a route. The check runs on a loopback bind
 always, and on any other bind only when ``LOCOPILOT_ALLOWED_HOSTS`` is set: an exposed server
 needs API keys anyway, and its operator is the one who knows the names clients use. A request
-with no Host header (HTTP/1.0) is let through: browsers always send one.
+with no Host header (HTTP/1.0) is let through: browsers always send one. Names can be added to
+the running server (:meth:`HostCheck.allow`, the admin route ``POST /v1/admin/hosts`` that
+``locopilot expose`` calls with its tunnel's name) until it stops; they are never written anywhere.
 
 :func:`cors_config` is None (no CORS headers at all) unless ``LOCOPILOT_CORS_ORIGINS`` names exact
 origins; credentials are never allowed, so a wildcard could not leak a cookie-authenticated answer
@@ -92,21 +94,46 @@ def host_name(header: str) -> str:
 
 
 class HostCheck:
-    """Refuse requests whose Host header names this server by a name it does not answer to."""
+    """Refuse requests whose Host header names this server by a name it does not answer to.
+
+    ``allowed`` is what the settings name (None: no check); ``added`` holds the names
+    :meth:`allow` added while the server runs. Both are read and changed on the event loop only.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.allowed = allowed_hosts(settings)
+        self.added: set[str] = set()
+
+    @property
+    def checked(self) -> bool:
+        """Whether Host names are checked at all on this server."""
+        return self.allowed is not None
+
+    def allow(self, name: str) -> None:
+        """Answer to ``name`` too, until :meth:`disallow` or the end of the process."""
+        self.added.add(host_name(name))
+
+    def disallow(self, name: str) -> bool:
+        """Stop answering to a name :meth:`allow` added; False if it had not been added."""
+        name = host_name(name)
+        if name not in self.added:
+            return False
+        self.added.discard(name)
+        return True
 
     def __call__(self, scope: Scope) -> None:
         """Raises Forbidden (``host_not_allowed``) for a Host this server does not answer to."""
         if self.allowed is None:
             return
         values = [value for name, value in scope["headers"] if name == b"host"]
-        if len(values) > 1 or (values and host_name(values[0].decode("latin-1")) not in self.allowed):
+        if len(values) > 1 or (values and not self.admits(host_name(values[0].decode("latin-1")))):
             raise Forbidden(
                 "This server does not answer to that Host name; add it to LOCOPILOT_ALLOWED_HOSTS.",
                 code="host_not_allowed",
             )
+
+    def admits(self, name: str) -> bool:
+        return self.allowed is None or name in self.allowed or name in self.added
 
 
 def cors_config(settings: Settings) -> CORSConfig | None:

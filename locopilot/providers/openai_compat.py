@@ -72,6 +72,9 @@ _TRANSIENT: tuple[type[httpx.HTTPError], ...] = (httpx.TimeoutException, httpx.N
 
 # The upstream's own ways of saying a prompt does not fit: OpenAI's code, llama-server's type.
 _CONTEXT_EXCEEDED = frozenset({"context_length_exceeded", "exceed_context_size_error"})
+# vLLM gives no code (its ``code`` is the status, 400) but always these words, in every release's
+# message for a prompt or max_tokens over ``max_model_len`` (tests/test_vllm_contract.py).
+_CONTEXT_EXCEEDED_WORDS = "maximum context length is"
 
 
 class _ErrorDetail(msgspec.Struct):
@@ -151,6 +154,11 @@ class _Chunk(msgspec.Struct):
     choices: list[_Choice] = []
     usage: _Usage | None = None
     error: _ErrorDetail | str | None = None
+    # vLLM before 0.10 sent its mid-stream errors flat: {"object": "error", "message": ..., "code": 500}.
+    object: str | None = None
+    message: str | None = None
+    type: str | None = None
+    code: str | int | None = None
 
 
 class _Embedding(msgspec.Struct):
@@ -371,7 +379,9 @@ class OpenAICompatProvider:
         if detail is not None:
             if status == 404 and detail.code == "model_not_found":
                 return ModelNotFound(said or message, param="model", quotes_input=quotes)
-            if status == 400 and _CONTEXT_EXCEEDED & {detail.code, detail.type}:
+            if status == 400 and (
+                _CONTEXT_EXCEEDED & {detail.code, detail.type} or _CONTEXT_EXCEEDED_WORDS in (said or "")
+            ):
                 return ContextLengthExceeded(said or message, param=param, quotes_input=quotes)
         return UpstreamError(
             message, retryable=False, upstream_status=status, upstream_body=content, quotes_input=quotes
@@ -602,6 +612,8 @@ class _ChunkReader:
                 raise self._error_event(chunk.error)
             case str(message):
                 raise self._error_event(_ErrorDetail(message=message))
+        if chunk.object == "error":
+            raise self._error_event(_ErrorDetail(message=chunk.message, type=chunk.type, code=chunk.code))
         if chunk.usage is not None:
             self.usage = chunk.usage
         for choice in chunk.choices:

@@ -89,6 +89,47 @@ def recent(db: Database, *, limit: int = 100, request_id: str | None = None) -> 
     return db.read(fetch)
 
 
+def with_text(
+    db: Database,
+    *,
+    limit: int,
+    model: str | None = None,
+    provider: str | None = None,
+    key_id: str | None = None,
+    status: LogStatus | None = None,
+    since: float | None = None,
+    until: float | None = None,
+) -> list[InferenceLog]:
+    """The oldest ``limit`` rows that hold their prompt (``LOCOPILOT_LOG_PROMPTS``), by
+    ``created_at`` then id, narrowed by each filter given (``since`` inclusive, ``until`` not).
+
+    Raises:
+        StoreError: the read failed.
+    """
+    filters = {
+        "model": model,
+        "provider": provider,
+        "key_id": key_id,
+        "status": status,
+    }
+    where = ["prompt IS NOT NULL", *(f"{column} = :{column}" for column, value in filters.items() if value is not None)]
+    if since is not None:
+        where.append("created_at >= :since")
+    if until is not None:
+        where.append("created_at < :until")
+    sql = (
+        f"SELECT {_columns()} FROM inference_logs WHERE {' AND '.join(where)} "  # noqa: S608
+        "ORDER BY created_at, id LIMIT :limit"
+    )
+    names = InferenceLog.__struct_fields__
+    params = {**filters, "since": since, "until": until, "limit": limit}
+
+    def fetch(conn: apsw.Connection) -> list[InferenceLog]:
+        return [msgspec.convert(dict(zip(names, row, strict=True)), InferenceLog) for row in conn.execute(sql, params)]
+
+    return db.read(fetch)
+
+
 def count_by_status(db: Database) -> dict[str, int]:
     """Rows per status; every status in :data:`LOG_STATUSES` is present, 0 if none.
 

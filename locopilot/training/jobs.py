@@ -165,7 +165,8 @@ class JobService:
         self._threads = anyio.CapacityLimiter(settings.training_concurrency)
         self._closing = False
         self._tasks: TaskGroup | None = None
-        self._remotes = Remotes()
+        self.remotes = Remotes()
+        """The other locopilots jobs are sent to (see :mod:`locopilot.training.remote`)."""
 
     # -- the queue ---------------------------------------------------------------------
 
@@ -272,7 +273,7 @@ class JobService:
         upstream = self._upstream(spec.remote or "")
         body = {"model": spec.model, "seed": spec.seed, **spec.params()}
         body.pop("weight_decay")
-        answer = await self._remotes.submit(upstream, Path(stored.path), stored.filename, body)
+        answer = await self.remotes.submit(upstream, Path(stored.path), stored.filename, body)
         job = TrainingJob(
             id=new_job_id(),
             status="queued",
@@ -302,7 +303,7 @@ class JobService:
         running = job.status == "running"
         while not self._closing:
             try:
-                async for event in self._remotes.follow(upstream, job.remote_job or "", seen):
+                async for event in self.remotes.follow(upstream, job.remote_job or "", seen):
                     match event:
                         case ("message" | "metrics") as kind, LogEvent() as logged:
                             seen = logged.id
@@ -358,7 +359,7 @@ class JobService:
         """
         job = await anyio.to_thread.run_sync(store.get, self.db, job_id)
         if job.remote is not None and not job.final:
-            await self._remotes.cancel(self._upstream(job.remote), job.remote_job or "")
+            await self.remotes.cancel(self._upstream(job.remote), job.remote_job or "")
             with anyio.move_on_after(CANCEL_WAIT_S):
                 # The remote's answer reaches this server through the job's mirror task.
                 while not (job := await anyio.to_thread.run_sync(store.get, self.db, job_id)).final:  # noqa: ASYNC110
@@ -387,7 +388,7 @@ class JobService:
         with anyio.move_on_after(CANCEL_KILL_S + 2):
             for job in running:
                 await anyio.to_thread.run_sync(job.done.wait, CANCEL_KILL_S + 2)
-        await self._remotes.aclose()
+        await self.remotes.aclose()
 
     # -- one job, in its own thread ---------------------------------------------------
 

@@ -22,17 +22,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
+import msgspec
 
 from locopilot.client import JobLogEvent, aevents, answer, async_client, job_log_event, refusal
 from locopilot.errors import UpstreamError
-from locopilot.schemas.training import FileObject, JobInfo
+from locopilot.schemas.training import FileObject, JobInfo, JobList
 from locopilot.settings import UpstreamConfig
 
 JOBS_PATH = "/locopilot/training/jobs"
 #: Answers other than the log stream come within this.
 ANSWER_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+#: A job's placement asks every remote how busy it is: a slow one is left out.
+LOAD_TIMEOUT = httpx.Timeout(60.0, connect=10.0, read=10.0)
 
 T = TypeVar("T")
 
@@ -91,6 +95,25 @@ class Remotes:
                         yield event
         except httpx.HTTPError as exc:
             raise UpstreamError(f"{who} cannot be reached: {exc}", retryable=True) from exc
+
+    async def load(self, upstream: UpstreamConfig, model: str) -> int | None:
+        """How many training jobs are queued or running on ``upstream``, another locopilot, if it has ``model``
+        in its models folder; None when it has not, or cannot say (unreachable, a key without the ``models``
+        and ``training`` scopes, not a locopilot)."""
+        client = self._client(upstream)
+        try:
+            found = await client.get(f"/locopilot/models/{quote(model, safe='')}", timeout=LOAD_TIMEOUT)
+            if found.status_code != 200:
+                return None
+            busy = 0
+            for status in ("queued", "running"):
+                listed = await client.get(JOBS_PATH, params={"status": status, "limit": 1000}, timeout=LOAD_TIMEOUT)
+                if listed.status_code != 200:
+                    return None
+                busy += len(answer(listed, JobList).data)
+            return busy
+        except (httpx.HTTPError, msgspec.DecodeError):
+            return None
 
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), {}

@@ -1,9 +1,11 @@
 """A model's chat template and tokenizer, for counting and building training text.
 
 The model is opened vocabulary-only (no weights), so this is cheap enough for
-``train validate``. Rendering uses the same sandboxed template as serving
-(:mod:`locopilot.engine.templates`), so a trained example looks exactly like a
-served conversation.
+``train validate``. Rendering goes through the same sandboxed template in the same
+memory-capped helper process as serving (:mod:`locopilot.engine.template_process`), so a
+trained example looks exactly like a served conversation, and a hostile template in a
+GGUF fails with :class:`~locopilot.engine.templates.TemplateError` instead of exhausting
+this process's memory.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from locopilot.engine.templates import ChatTemplate, TemplateRenderer, choose_template
+from locopilot.engine.template_process import IsolatedRenderer
+from locopilot.engine.templates import ChatTemplate, TemplateError, choose_template
 
 
 class ChatTokenizer:
     """Renders messages with the model's chat template and tokenizes the result.
 
-    Raises RuntimeError if llama.cpp cannot open the model's vocabulary.
+    Raises RuntimeError if llama.cpp cannot open the model's vocabulary, TemplateError if
+    its template does not compile (and from the render methods, if a render fails).
     """
 
     def __init__(self, model_path: Path) -> None:
@@ -40,11 +44,16 @@ class ChatTokenizer:
         bos, eos = self._model.token_bos(), self._model.token_eos()
         self.bos = bos
         self.eos = eos
-        self.renderer = TemplateRenderer(
+        self.renderer = IsolatedRenderer(
             self.template,
             bos_token=self._model.token_get_text(bos) if bos >= 0 else "",
             eos_token=self._model.token_get_text(eos) if eos >= 0 else "",
         )
+        try:
+            self.renderer.check()
+        except TemplateError:
+            self.close()
+            raise
         self.add_bos = bos >= 0 and metadata.get("tokenizer.ggml.add_bos_token", "true") != "false"
 
     def render(self, messages: list[dict[str, str]]) -> str:
@@ -69,4 +78,5 @@ class ChatTokenizer:
         return len(self.encode(messages))
 
     def close(self) -> None:
+        self.renderer.close()
         self._model.close()

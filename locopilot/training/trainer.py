@@ -262,10 +262,14 @@ def windows(examples: list[list[int]], context: int) -> list[list[int]]:
 
 def encoded_examples(config: TrainConfig) -> list[list[int]]:
     """Each example's tokens, with the base's chat template. Raises TrainingRefused for an invalid dataset."""
+    from locopilot.engine.templates import TemplateError
     from locopilot.training.datasets import DatasetInvalid, Example, iter_examples, validate
     from locopilot.training.tokenizer import ChatTokenizer
 
-    tokenizer = ChatTokenizer(Path(config.base_path))
+    try:
+        tokenizer = ChatTokenizer(Path(config.base_path))
+    except TemplateError as exc:
+        raise TrainingRefused(f"the base model's chat template fails: {exc}") from exc
     try:
         try:
             validate(Path(config.dataset_path), tokenizer, config.context)
@@ -277,6 +281,8 @@ def encoded_examples(config: TrainConfig) -> list[list[int]]:
                 assert isinstance(example, Example)  # validated above
                 encoded.append(tokenizer.encode(example.messages))
         return encoded
+    except TemplateError as exc:
+        raise TrainingRefused(f"the base model's chat template fails: {exc}") from exc
     finally:
         tokenizer.close()
 

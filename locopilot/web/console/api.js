@@ -30,9 +30,9 @@ async function errorOf(response) {
   return new ApiError(response.status, message);
 }
 
-/** fetch() of a path on this server; throws ApiError for an error status. */
-/** ``body`` is sent as JSON, ``form`` (a FormData) as multipart. */
-export async function api(path, { method = "GET", body, form, headers = {}, signal } = {}) {
+/** fetch() of a path on this server; throws ApiError for an error status not in ``accept``.
+ * ``body`` is sent as JSON, ``form`` (a FormData) as multipart. */
+export async function api(path, { method = "GET", body, form, headers = {}, signal, accept = [] } = {}) {
   const sent = { ...headers };
   const key = storedKey();
   if (key) sent.Authorization = `Bearer ${key}`;
@@ -46,7 +46,7 @@ export async function api(path, { method = "GET", body, form, headers = {}, sign
     cache: "no-store",
     referrerPolicy: "no-referrer",
   });
-  if (!response.ok) throw await errorOf(response);
+  if (!response.ok && !accept.includes(response.status)) throw await errorOf(response);
   return response;
 }
 

@@ -234,7 +234,8 @@ export async function chatPage(root) {
         { class: "conversation", "aria-label": "Conversation" },
         h(
           "details",
-          { class: "settings", open: true },
+          // Open where there is room; on a phone the conversation comes first.
+          { class: "settings", open: !matchMedia("(max-width: 700px)").matches },
           h("summary", {}, "Model and settings"),
           h(
             "div",

@@ -48,24 +48,39 @@ export function formatBytes(bytes) {
   return `${value.toFixed(unit === 0 ? 0 : 1)} ${units[unit]}`;
 }
 
+/** "1 request", "2 requests". */
+export function count(n, word) {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
+}
+
 export function formatTime(seconds) {
   if (!seconds) return "–";
   return new Date(seconds * 1000).toLocaleString();
 }
 
-/** A table with a caption, header cells and rows of cells (strings or nodes). */
+let captions = 0;
+
+/** A table with a caption, header cells and rows of cells (strings or nodes).
+ *
+ * On a phone each row is drawn as a card, each cell under its column's name (``data-label``);
+ * the roles are spelled out because a table drawn with ``display: block`` loses them in some
+ * browsers. The table sits in a region that scrolls sideways when it is still wider than the
+ * screen, rather than the page; the region takes focus, so that it scrolls from the keyboard. */
 export function table(caption, headers, rows) {
+  captions += 1;
+  const id = `caption-${captions}`;
+  const body = rows.length
+    ? rows.map((cells) => h("tr", { role: "row" }, cells.map((cell, i) => h("td", { role: "cell", "data-label": headers[i] || null }, cell))))
+    : h("tr", { role: "row" }, h("td", { role: "cell", colspan: headers.length }, "None."));
   return h(
-    "table",
-    {},
-    h("caption", {}, caption),
-    h("thead", {}, h("tr", {}, headers.map((name) => h("th", { scope: "col" }, name)))),
+    "div",
+    { class: "scroll", role: "region", "aria-labelledby": id, tabindex: 0 },
     h(
-      "tbody",
-      {},
-      rows.length
-        ? rows.map((cells) => h("tr", {}, cells.map((cell) => h("td", {}, cell))))
-        : h("tr", {}, h("td", { colspan: headers.length }, "None.")),
+      "table",
+      { role: "table" },
+      h("caption", { id }, caption),
+      h("thead", { role: "rowgroup" }, h("tr", { role: "row" }, headers.map((name) => h("th", { scope: "col", role: "columnheader" }, name)))),
+      h("tbody", { role: "rowgroup" }, body),
     ),
   );
 }

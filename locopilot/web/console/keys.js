@@ -1,7 +1,7 @@
 // Keys (create with the secret shown once, list with usage, revoke) and the audit log.
 
 import { api, getJson } from "./api.js";
-import { clear, formatTime, h, table } from "./dom.js";
+import { clear, count, formatTime, h, table } from "./dom.js";
 
 const SCOPES = ["inference", "models", "training", "admin"];
 
@@ -104,7 +104,7 @@ export async function keysPage(root) {
           key.state,
           key.privacy || "",
           [key.rpm ? `${key.rpm}/min` : "", key.tpm ? `${key.tpm} tokens/min` : ""].filter(Boolean).join(", ") || "default",
-          `${total.requests} requests, ${total.tokens} tokens`,
+          `${count(total.requests, "request")}, ${count(total.tokens, "token")}`,
           formatTime(key.created_at),
           formatTime(key.last_used_at),
           key.state === "active" ? h("button", { type: "button", class: "danger", "aria-label": `Revoke ${key.name}`, onclick: () => revoke(key) }, "Revoke") : "",

@@ -10,13 +10,16 @@ export async function modelsPage(root, { canManage }) {
 
   async function act(label, path, method = "POST") {
     status.textContent = `${label}…`;
+    let outcome;
     try {
       await api(path, { method });
-      status.textContent = `${label}: done.`;
+      outcome = `${label}: done.`;
     } catch (error) {
-      status.textContent = `${label} failed: ${error.message}`;
+      outcome = `${label} failed: ${error.message}`;
     }
-    await refresh();
+    // Said once the list shows it: "done" with the old row still there would be a lie.
+    const listed = await refresh();
+    status.textContent = listed ? outcome : `${outcome} ${status.textContent}`;
   }
 
   function actions(card) {
@@ -55,8 +58,10 @@ export async function modelsPage(root, { canManage }) {
         actions(card),
       ]);
       clear(listing).append(table("Models", ["Model", "Provider", "Size", "Quantization", "Context", "State", "Origin", ""], rows));
+      return true;
     } catch (error) {
       status.textContent = `Models could not be listed: ${error.message}`;
+      return false;
     }
   }
 

@@ -11,6 +11,42 @@ function number(id, value, attrs) {
   return h("input", { id, type: "number", value, ...attrs });
 }
 
+/** A number field's value, or "auto" when it is empty. */
+function auto(input) {
+  return input.value === "" ? "auto" : Number(input.value);
+}
+
+function loss(value) {
+  return typeof value === "number" ? value.toFixed(4) : "–";
+}
+
+function outcome(answer) {
+  if (answer.base_correct) return answer.trained_correct ? "kept" : "lost";
+  return answer.trained_correct ? "gained" : "wrong before and after";
+}
+
+/** What a finished job reports: its losses before and after, and the spot check's answers. */
+export function jobResult(result) {
+  const part = h("div", { id: "job-result" });
+  const rows = [["Training loss", loss(result.train_loss_before), loss(result.train_loss_after)]];
+  if (result.validation_loss_before !== undefined && result.validation_loss_before !== null) {
+    rows.push(["Held-out loss", loss(result.validation_loss_before), loss(result.validation_loss_after)]);
+  }
+  part.append(h("div", { id: "job-eval" }, table("Evaluation", ["Measure", "Before training", "After"], rows)));
+  const facts = [];
+  if (result.trained_tokens) facts.push(`${result.trained_tokens} tokens trained`);
+  if (result.tokens_per_s) facts.push(`${Math.round(result.tokens_per_s)} tokens/s`);
+  if (result.seconds) facts.push(`${Math.round(result.seconds)} s in all`);
+  if (facts.length) part.append(h("p", {}, `${facts.join(", ")}.`));
+  const check = result.spot_check;
+  if (check && Array.isArray(check.answers)) {
+    const answers = check.answers.map((a) => [a.question, a.expected, a.base_answer, a.trained_answer, h("span", { class: `outcome ${outcome(a).split(" ")[0]}` }, outcome(a))]);
+    const caption = `Spot check: ${check.base_correct} of ${check.answers.length} right before training, ${check.trained_correct} after, ${check.lost} lost`;
+    part.append(h("div", { id: "spot-check" }, table(caption, ["Question", "Expected", "Base answer", "Tuned answer", "Outcome"], answers)));
+  }
+  return part;
+}
+
 export async function trainingPage(root) {
   const status = h("p", { role: "status", id: "training-status" });
   const uploadProblem = h("pre", { class: "problem", role: "alert", id: "upload-error" });
@@ -28,9 +64,10 @@ export async function trainingPage(root) {
 
   const base = h("select", { id: "job-model" });
   const dataset = h("select", { id: "job-file" });
-  const epochs = number("job-epochs", 1, { min: 1, max: 100 });
-  const rate = number("job-learning-rate", 0.00001, { min: 0, max: 0.01, step: "any" });
-  const layers = number("job-layers", 4, { min: 0, max: 10000 });
+  // Empty is "auto": the server picks from the dataset's and the model's size (and says what it chose).
+  const epochs = number("job-epochs", "", { min: 1, max: 100, placeholder: "auto" });
+  const rate = number("job-learning-rate", "", { min: 0, max: 0.01, step: "any", placeholder: "auto" });
+  const layers = number("job-layers", "", { min: 0, max: 10000, placeholder: "auto" });
   const context = number("job-context", 256, { min: 256, step: 256 });
   const output = h("select", { id: "job-output" }, ["q8_0", "f16", "f32", "q4_k_m", "q5_k_m", "q6_k"].map((v) => h("option", { value: v }, v)));
   const jobProblem = h("p", { class: "error", role: "alert", id: "job-error" });
@@ -49,7 +86,7 @@ export async function trainingPage(root) {
       epochs,
       h("label", { for: "job-learning-rate" }, "Learning rate"),
       rate,
-      h("label", { for: "job-layers" }, "Layers (last N; 0: all)"),
+      h("label", { for: "job-layers" }, "Layers (last N; 0: all; empty: auto)"),
       layers,
       h("label", { for: "job-context" }, "Context (tokens)"),
       context,
@@ -116,6 +153,7 @@ export async function trainingPage(root) {
         if (event === "message" || event === "metrics") log.append(h("li", {}, data.message));
         if (event === "end") {
           state.textContent = `The job ${data.status}.${data.error ? ` ${data.error.message}` : ""}`;
+          if (data.result) detail.append(jobResult(data.result));
           if (data.fine_tuned_model) {
             const chat = h("button", { type: "button", id: "job-chat" }, `Chat with ${data.fine_tuned_model}`);
             chat.addEventListener("click", () => {
@@ -164,9 +202,9 @@ export async function trainingPage(root) {
     const body = {
       model: base.value,
       training_file: dataset.value,
-      epochs: Number(epochs.value),
-      learning_rate: Number(rate.value),
-      layers: Number(layers.value),
+      epochs: auto(epochs),
+      learning_rate: auto(rate),
+      layers: auto(layers),
       context: Number(context.value),
       output_type: output.value,
     };
