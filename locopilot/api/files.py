@@ -290,7 +290,7 @@ async def dataset_from_logs(
         key_id=principal_of(request).key_id,
         created_at=services.auth.clock(),
     )
-    await anyio.to_thread.run_sync(store.insert, services.db, stored)
+    await services.db.call(store.insert, stored)
     return json_response(TrafficDatasetObject(file_object(stored), made.log_ids, made.skipped))
 
 
