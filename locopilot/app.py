@@ -33,7 +33,7 @@ from locopilot.api import ollama_models as ollama_models_api
 from locopilot.api import openai as openai_api
 from locopilot.api import openai_responses as responses_api
 from locopilot.api import training as training_api
-from locopilot.api.services import EngineStatus, Services, get_services
+from locopilot.api.services import EngineStatus, Services, get_pipeline, get_services
 from locopilot.engine.protocol import probe_decoder
 from locopilot.engine.scheduler import ModelManager, runner_command, runner_environment
 from locopilot.errors import (
@@ -159,10 +159,10 @@ async def retain_logs(db: Database, days: int, response_days: int = 0) -> None:
         return
     while True:
         try:
-            deleted = await anyio.to_thread.run_sync(purge_older_than, db, days)
+            deleted = await db.call(purge_older_than, days)
             if response_days > 0:
                 cutoff = time.time() - response_days * 86400
-                purged = await anyio.to_thread.run_sync(stored_responses.purge_before, db, cutoff)
+                purged = await db.call(stored_responses.purge_before, cutoff)
                 if purged:
                     log.info("deleted %d stored responses older than %d days", purged, response_days)
         except StoreError as exc:
@@ -288,7 +288,7 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         db = await anyio.to_thread.run_sync(Database.open, settings.db_path)
         try:
-            if interrupted := await anyio.to_thread.run_sync(fail_interrupted_jobs, db, time.time()):
+            if interrupted := await db.call(fail_interrupted_jobs, time.time()):
                 log.warning("%d training jobs were running when the server last stopped; marked failed", interrupted)
             catalog = ModelCatalog(settings.models_path)
             async with anyio.create_task_group() as tasks:
@@ -304,7 +304,7 @@ def create_app(settings: Settings) -> Litestar:
                 engine = EngineStatus()
                 shutdown = Shutdown(settings.shutdown_grace)
                 shutdown.listen()
-                authenticator = Authenticator(settings, db, router.states)
+                authenticator = Authenticator(settings, db)
                 await announce_access(authenticator)
                 if settings.log_prompts:
                     log.warning(
@@ -372,7 +372,10 @@ def create_app(settings: Settings) -> Litestar:
         middleware=[GuardMiddleware(host_check)],
         cors_config=cors_config(settings),
         lifespan=[lifespan],
-        dependencies={"services": Provide(get_services, sync_to_thread=False)},
+        dependencies={
+            "services": Provide(get_services, sync_to_thread=False),
+            "pipeline": Provide(get_pipeline, sync_to_thread=False),
+        },
         exception_handlers={
             LocopilotError: handle_locopilot_error,
             ValidationException: handle_validation_error,

@@ -58,6 +58,10 @@ class ErrorBody(msgspec.Struct):
     error: ErrorDetail
 
 
+TransportReason = Literal["connect", "timeout", "connection"]
+"""How an upstream was not reached or not heard out (see :class:`UpstreamError`)."""
+
+
 class LocopilotError(Exception):
     status_code: ClassVar[int] = 500
     error_type: ClassVar[str] = "server_error"
@@ -206,7 +210,10 @@ class UpstreamError(LocopilotError):
     ``retryable`` is True for failures another provider might not have
     (connection refused, timeout, 5xx, 429); False for answers about the request
     itself. ``upstream_status`` and ``upstream_body`` keep the upstream's own
-    answer so a 401/403 can reach the client unchanged.
+    answer so a 401/403 can reach the client unchanged. ``reason`` says, where the
+    upstream was not reached or not heard out, how (set by the provider at its
+    boundary, :func:`locopilot.providers.http.transport_reason`): a connection not
+    made, a timeout, or a connection that failed later.
     """
 
     status_code = 502
@@ -222,11 +229,13 @@ class UpstreamError(LocopilotError):
         upstream_body: bytes | None = None,
         retry_after: int | None = None,
         quotes_input: bool = False,
+        reason: TransportReason | None = None,
     ) -> None:
         super().__init__(message, retry_after=retry_after, quotes_input=quotes_input)
         self.retryable = retryable
         self.upstream_status = upstream_status
         self.upstream_body = upstream_body
+        self.reason = reason
 
 
 class Unavailable(LocopilotError):

@@ -52,7 +52,10 @@ def app_from_environment(_target: str = "") -> Any:
 
 
 class DrainingServer(MPServer):
-    """granian's process-based server, with locopilot's stop (see the module docstring)."""
+    """granian's process-based server, with locopilot's stop (see the module docstring).
+
+    It leans on granian's internals: see :mod:`locopilot.dependency_internals`.
+    """
 
     stopping = False
 
@@ -149,7 +152,7 @@ def skip_httpx_command_line() -> None:
     CPU at every start, in a server that never runs ``httpx``'s command. A placeholder
     module takes its place; it must be in place before httpx is first imported, so
     this does nothing once it is. Depends on httpx's ``__init__`` importing ``main``
-    from ``._main`` (httpx 0.28).
+    from ``._main`` (httpx 0.28): see :mod:`locopilot.dependency_internals`.
     """
     import sys
     import types

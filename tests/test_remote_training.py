@@ -11,12 +11,19 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import httpx
 import openai
 import pytest
 from click.testing import CliRunner
 
 from locopilot.cli import cli
+from locopilot.models.catalog import ModelCatalog
+from locopilot.settings import load_settings
+from locopilot.store import jobs as store
+from locopilot.store.db import Database
+from locopilot.store.jobs import TrainingJob
+from locopilot.training.jobs import JobService
 from tests.conftest import SMOL, Server
 from tests.fakes.fault_upstream import PRO_REQUIRED_BODY, FaultUpstream
 from tests.test_cli import make_env
@@ -25,6 +32,11 @@ from tests.test_training_jobs import LONG, wait_for
 
 pytestmark = pytest.mark.slow
 REMOTE_KEY = "remote-admin-key-0123456789abcdef"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +175,36 @@ def test_train_remote_from_the_cli(local: Server, remote: Server, fault: FaultUp
     # The built-in trainer only.
     external = runner.invoke(cli, [*command, "--server", "--framework", "mlx"], env=env)
     assert external.exit_code == 2 and "--server and --remote" in external.stderr
+
+
+@pytest.mark.anyio
+async def test_a_mirrored_job_the_remote_does_not_know_fails_here_at_once(tmp_path: Path, fault: FaultUpstream) -> None:
+    """The remote answers the job's log stream with 404 (here: a server that has no such job):
+    the mirror stops and fails the job, instead of asking again every 5 s until shutdown."""
+    upstreams = [{"name": "pro", "url": fault.url, "locality": "remote"}]
+    settings = load_settings({"LOCOPILOT_DATA_DIR": str(tmp_path), "LOCOPILOT_UPSTREAMS": json.dumps(upstreams)})
+    db = Database.open(settings.db_path)
+    job = TrainingJob(
+        id="ftjob-mirrored",
+        status="queued",
+        base_model=SMOL,
+        dataset_path=str(tmp_path / "none.jsonl"),
+        remote="pro",
+        remote_job="ftjob-gone",
+        created_at=0.0,
+    )
+    store.insert(db, job)
+    service = JobService(settings, db, ModelCatalog(tmp_path / "models"))
+    try:
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(service.run)
+            with anyio.fail_after(3):
+                while (found := store.get(db, job.id)).status == "queued":  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            await service.aclose()  # the service's tasks end: the task group ends
+    finally:
+        db.close()
+    assert found.status == "failed" and found.error_code == "remote_job_not_found"
+    assert "remote 'pro'" in (found.error or "")
+    logs = [r for r in fault.requests if r.path.endswith("/ftjob-gone/logs")]
+    assert len(logs) == 1

@@ -278,6 +278,27 @@ async def test_awrite_and_asubmit(db: Database) -> None:
     assert status == "queued"
 
 
+@pytest.mark.anyio
+async def test_call_awaits_a_store_function_off_the_event_loop(db: Database) -> None:
+    """``db.call(fn, ...)`` runs ``fn(db, ...)`` in a worker thread (its reads block on the disk) and
+    passes its result and its errors through."""
+    loop_thread = threading.get_ident()
+
+    def count_jobs(database: Database, status: str) -> tuple[int, bool]:
+        found = database.read(
+            lambda conn: conn.execute("SELECT count(*) FROM training_jobs WHERE status = ?", (status,)).get
+        )
+        return found, threading.get_ident() != loop_thread
+
+    assert await db.call(count_jobs, "queued") == (0, True)
+
+    def refused(database: Database) -> None:
+        database.read(lambda conn: conn.execute("SELECT nothing FROM no_such_table").get)
+
+    with pytest.raises(StoreError):
+        await db.call(refused)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # awrite awaits through asyncio.wrap_future

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import anyio
 import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.params import Parameter
@@ -58,7 +57,7 @@ def json_response(body: msgspec.Struct, status_code: int = 200) -> Response[byte
 async def create_key(data: KeySpec, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Create a key; the response holds its secret, shown this once."""
     now = services.auth.clock()
-    key, secret = await anyio.to_thread.run_sync(keys.create, services.db, data, now)
+    key, secret = await services.db.call(keys.create, data, now)
     services.auth.key_created()
     auth.note(request, "key_created", key=key.id, name=key.name, scopes=list(key.scopes))
     created = CreatedKey(**msgspec.structs.asdict(key_info(key, now)), secret=secret)
@@ -69,14 +68,14 @@ async def create_key(data: KeySpec, services: Services, request: Request[Any, An
 async def list_keys(services: Services) -> Response[bytes]:
     """Every key, revoked and expired ones too, oldest first."""
     now = services.auth.clock()
-    found = await anyio.to_thread.run_sync(keys.listed, services.db)
+    found = await services.db.call(keys.listed)
     return json_response(KeyList([key_info(key, now) for key in found]))
 
 
 @get("/v1/admin/keys/{key_id:str}", responses=answers(KeyInfo, 200, *GUARDED, 400, 404))
 async def get_key(key_id: str, services: Services) -> Response[bytes]:
     """One key, by id or by the name of a live key."""
-    key = await anyio.to_thread.run_sync(keys.find, services.db, key_id)
+    key = await services.db.call(keys.find, key_id)
     return json_response(key_info(key, services.auth.clock()))
 
 
@@ -84,8 +83,8 @@ async def get_key(key_id: str, services: Services) -> Response[bytes]:
 async def revoke_key(key_id: str, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Revoke a key (by id or live name); it fails with 401 from the next request on."""
     now = services.auth.clock()
-    found = await anyio.to_thread.run_sync(keys.find, services.db, key_id)
-    key = await anyio.to_thread.run_sync(keys.revoke, services.db, found.id, now)
+    found = await services.db.call(keys.find, key_id)
+    key = await services.db.call(keys.revoke, found.id, now)
     auth.note(request, "key_revoked", key=key.id, name=key.name)
     return json_response(key_info(key, now))
 
@@ -97,7 +96,7 @@ async def audit_events(
     event: Annotated[str | None, Parameter(max_length=64)] = None,
 ) -> Response[bytes]:
     """The newest audit events (authentication failures, refusals, admin changes), newest first."""
-    found = await anyio.to_thread.run_sync(lambda: audit.recent(services.db, limit=limit, event=event))
+    found = await services.db.call(audit.recent, limit=limit, event=event)
     return json_response(AuditList(found))
 
 

@@ -24,10 +24,10 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from locopilot.api.generation import privacy_of, provider_headers, serve_generation
+from locopilot.api.generation import privacy_of, provider_headers, route_for, serve_generation
 from locopilot.api.openai import check_text_size
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
-from locopilot.api.services import Services
+from locopilot.api.services import Pipeline
 from locopilot.api.tools import ToolParams, check_tools
 from locopilot.engine.protocol import sampling_of
 from locopilot.errors import InvalidRequest, LocopilotError, render
@@ -379,16 +379,16 @@ class MessagesFormatter:
     responses=answers(wire.MessageResponse, 200, *GUARDED, *BODY, *ROUTED, front="anthropic"),
 )
 async def messages(
-    data: MessagesRequest, services: Services, request: Request[Any, Any, Any]
+    data: MessagesRequest, pipeline: Pipeline, request: Request[Any, Any, Any]
 ) -> Response[bytes] | Stream:
     return await serve_generation(
-        services,
+        pipeline,
         request,
         endpoint="messages",
         id_prefix="msg",
         model=data.model,
         stream=data.stream,
-        build=lambda: messages_generation(data, services.settings.max_message_bytes),
+        build=lambda: messages_generation(data, pipeline.settings.max_message_bytes),
         formatter=lambda request_id: MessagesFormatter(request_id, data.model, list(data.stop_sequences or [])),
     )
 
@@ -399,7 +399,7 @@ async def messages(
     responses=answers(wire.TokenCount, 200, *GUARDED, *BODY, *ROUTED, front="anthropic"),
 )
 async def count_tokens(
-    data: CountTokensRequest, services: Services, request: Request[Any, Any, Any]
+    data: CountTokensRequest, pipeline: Pipeline, request: Request[Any, Any, Any]
 ) -> Response[bytes]:
     """The prompt's tokens as the model sees them (its chat template and tokenizer), counted by
     a provider that can: the embedded engine. A model served only by upstreams is refused
@@ -407,11 +407,11 @@ async def count_tokens(
     would be a number that means nothing to the model."""
     principal = principal_of(request)
     outcome = Outcome(outcome_id(request.scope, "count"), "messages.count_tokens", data.model, key_id=principal.key_id)
-    async with services.recorder.recording(outcome):
-        admission = outcome.admission = services.limiter.admit(principal)
-        generation = prompt_generation(data, services.settings.max_message_bytes)
-        policy = privacy_of(request, services.settings.routing_privacy)
-        plan = await services.auth.plan(request, services.router, data.model, policy)
+    async with pipeline.recorder.recording(outcome):
+        admission = outcome.admission = pipeline.limiter.admit(principal)
+        generation = prompt_generation(data, pipeline.settings.max_message_bytes)
+        policy = privacy_of(request, pipeline.settings.routing_privacy)
+        plan = await route_for(pipeline, request, data.model, policy)
         outcome.routing = plan.decision
         counters = [route for route in plan.routes if isinstance(route.provider, CountsTokens)]
         if not counters:
@@ -428,10 +428,10 @@ async def count_tokens(
             return await route.provider.count_tokens(msgspec.structs.replace(generation, model=route.model))
 
         route, tokens = await unless_disconnected(
-            request.receive, lambda: first_success(services.router, plan, attempt), services.shutdown
+            request.receive, lambda: first_success(pipeline.router, plan, attempt), pipeline.shutdown
         )
         outcome.model, outcome.provider = route.model, route.provider.name
-    await services.recorder.settle(outcome)
+    await pipeline.recorder.settle(outcome)
     return Response(
         encoder.encode(wire.TokenCount(tokens)),
         media_type="application/json",

@@ -20,7 +20,6 @@ import functools
 import time
 from typing import Any
 
-import anyio
 import msgspec
 from litestar import MediaType, Request, Response, get
 
@@ -125,7 +124,7 @@ DAY = 86400.0
 async def me(services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     """The calling key: its name, scopes, model allowlist, privacy pin and its own usage over the last day."""
     principal = principal_of(request)
-    rows = await anyio.to_thread.run_sync(stats.usage_by_key, services.db, time.time() - DAY)
+    rows = await services.db.call(stats.usage_by_key, time.time() - DAY)
     usage = [
         Usage(row.model, row.requests, row.errors, row.tokens_in, row.tokens_out)
         for row in rows
@@ -155,7 +154,7 @@ async def traffic(services: Services) -> Response[bytes]:
     # Buckets on whole minutes, the last one the current minute: asked again a few seconds later,
     # every bar stays where it was and only the last grows.
     since = (now // MINUTE + 1) * MINUTE - HOUR
-    body = await anyio.to_thread.run_sync(stats.traffic, services.db, since, now, int(MINUTE))
+    body = await services.db.call(stats.traffic, since, now, int(MINUTE))
     return Response(encoder.encode(body), media_type=MediaType.JSON)
 
 
@@ -167,7 +166,7 @@ class UsageList(msgspec.Struct):
 @get("/v1/locopilot/usage", responses=answers(UsageList, 200, *GUARDED))
 async def usage(services: Services) -> Response[bytes]:
     """Every key's requests and tokens by model over the last day (``key_id`` null: open-mode requests)."""
-    rows = await anyio.to_thread.run_sync(stats.usage_by_key, services.db, time.time() - DAY)
+    rows = await services.db.call(stats.usage_by_key, time.time() - DAY)
     return Response(encoder.encode(UsageList(rows)), media_type=MediaType.JSON)
 
 

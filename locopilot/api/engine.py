@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import anyio
 import msgspec
 from litestar import Request, Response, get
 from litestar.openapi.datastructures import ResponseSpec
@@ -17,6 +16,7 @@ from locopilot.engine.scheduler import RunnerInfo
 from locopilot.gateway.ratelimit import LimitStats
 from locopilot.schemas.openai import encoder
 from locopilot.store import stats
+from locopilot.store.db import Database
 
 
 class Liveness(msgspec.Struct):
@@ -92,7 +92,7 @@ UNREADY = ResponseSpec(Health, generate_examples=False, description="The databas
 @get("/v1/engine/health", responses={**answers(Health, 200, *GUARDED), 503: UNREADY})
 async def engine_health(services: Services) -> Response[bytes]:
     """Readiness: 200 when the database and llama.cpp work, else 503 with what is wrong."""
-    db_error = await anyio.to_thread.run_sync(services.db.health)
+    db_error = await services.db.call(Database.health)
     engine = services.engine
     ready = db_error is None and engine.ready and not services.shutdown.draining
     router = services.router
@@ -143,8 +143,8 @@ async def engine_stats(services: Services) -> Response[bytes]:
     """Requests by provider and model, routing, failovers and errors, since start and over the last hour;
     requests in flight and quota refusals since start."""
     now = time.time()
-    since_start = await anyio.to_thread.run_sync(stats.window, services.db, services.started_at)
-    last_hour = await anyio.to_thread.run_sync(stats.window, services.db, now - 3600)
+    since_start = await services.db.call(stats.window, services.started_at)
+    last_hour = await services.db.call(stats.window, now - 3600)
     return Response(
         encoder.encode(Stats(since_start, last_hour, services.limiter.stats())), media_type="application/json"
     )

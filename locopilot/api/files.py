@@ -29,6 +29,7 @@ from locopilot.api.services import Services
 from locopilot.errors import Conflict, InvalidRequest, LocopilotError, PayloadTooLarge
 from locopilot.gateway.auth import principal_of
 from locopilot.schemas.openai import encoder
+from locopilot.schemas.training import FileObject
 from locopilot.store import files as store
 from locopilot.store import jobs
 from locopilot.store.files import StoredFile
@@ -39,25 +40,6 @@ PURPOSES = ("fine-tune",)
 FRAMING_BYTES = 64 * 1024
 MAX_FILENAME = 255
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
-
-
-class FileObject(msgspec.Struct):
-    """OpenAI's file object."""
-
-    id: str
-    bytes: int
-    created_at: int
-    filename: str
-    purpose: str
-    object: Literal["file"] = "file"
-    status: Literal["uploaded", "processed", "error"] = "processed"
-    status_details: str | None = None
-    expires_at: int | None = None
-    format: str | None = None
-    """locopilot's: the dataset's form (``openai``, ``sharegpt``, ``alpaca``)."""
-    examples: int | None = None
-    """locopilot's: examples in the file."""
-    sha256: str | None = None
 
 
 class FileList(msgspec.Struct):
@@ -229,7 +211,7 @@ async def upload_file(request: Request[Any, Any, Any], services: Services) -> Re
         key_id=principal_of(request).key_id,
         created_at=services.auth.clock(),
     )
-    await anyio.to_thread.run_sync(store.insert, services.db, stored)
+    await services.db.call(store.insert, stored)
     return json_response(file_object(stored))
 
 
@@ -308,7 +290,7 @@ async def dataset_from_logs(
         key_id=principal_of(request).key_id,
         created_at=services.auth.clock(),
     )
-    await anyio.to_thread.run_sync(store.insert, services.db, stored)
+    await services.db.call(store.insert, stored)
     return json_response(TrafficDatasetObject(file_object(stored), made.log_ids, made.skipped))
 
 
@@ -327,8 +309,8 @@ async def list_files(
     order: Literal["asc", "desc"] = "desc",
 ) -> Response[bytes]:
     """Uploaded files, newest first (``order=asc``: oldest first)."""
-    found, more = await anyio.to_thread.run_sync(
-        lambda: store.listed(services.db, after=after, limit=limit, purpose=purpose, newest_first=order == "desc")
+    found, more = await services.db.call(
+        store.listed, after=after, limit=limit, purpose=purpose, newest_first=order == "desc"
     )
     data = [file_object(f) for f in found]
     return json_response(FileList(data, more, data[0].id if data else None, data[-1].id if data else None))
@@ -337,21 +319,21 @@ async def list_files(
 @get("/v1/files/{file_id:str}", responses=answers(FileObject, 200, *GUARDED, 400, 404))
 async def get_file(file_id: str, services: Services) -> Response[bytes]:
     """One uploaded file."""
-    return json_response(file_object(await anyio.to_thread.run_sync(store.get, services.db, file_id)))
+    return json_response(file_object(await services.db.call(store.get, file_id)))
 
 
 @delete("/v1/files/{file_id:str}", status_code=200, responses=answers(FileDeleted, 200, *GUARDED, 400, 404))
 async def delete_file(file_id: str, services: Services) -> Response[bytes]:
     """Delete an uploaded file; refused while a job that has not finished trains on it."""
-    stored = await anyio.to_thread.run_sync(store.get, services.db, file_id)
-    user = await anyio.to_thread.run_sync(jobs.unfinished_job_using, services.db, file_id)
+    stored = await services.db.call(store.get, file_id)
+    user = await services.db.call(jobs.unfinished_job_using, file_id)
     if user is not None:
         raise InvalidRequest(
             f"File {file_id} is in use by the training job {user}, which has not finished.",
             param="file_id",
             code="file_in_use",
         )
-    await anyio.to_thread.run_sync(store.delete, services.db, file_id)
+    await services.db.call(store.delete, file_id)
     await anyio.to_thread.run_sync(lambda: Path(stored.path).unlink(missing_ok=True))
     return json_response(FileDeleted(file_id))
 

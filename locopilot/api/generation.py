@@ -17,13 +17,13 @@ import msgspec
 from litestar import Request, Response
 from litestar.response import Stream
 
-from locopilot.api.services import Services
-from locopilot.errors import InvalidRequest
+from locopilot.api.services import Pipeline
+from locopilot.errors import InvalidRequest, ModelNotAllowed
 from locopilot.gateway.access import outcome_id
 from locopilot.gateway.auth import principal_of
 from locopilot.gateway.balance import affinity_key
 from locopilot.gateway.failover import first_success, open_stream
-from locopilot.gateway.router import PRIVACY_LEVELS, Route
+from locopilot.gateway.router import PRIVACY_LEVELS, Plan, Route
 from locopilot.gateway.streaming import Formatter, OnReply, collect, sse_response, unless_disconnected
 from locopilot.gateway.usage import Outcome
 from locopilot.providers.base import EmbeddingResult, GenerationRequest, StreamEvent
@@ -48,8 +48,19 @@ def privacy_of(request: Request[Any, Any, Any], default: Privacy) -> Privacy:
     )
 
 
+async def route_for(pipeline: Pipeline, request: Request[Any, Any, Any], model: str, policy: Privacy) -> Plan:
+    """The router's plan for ``model`` under ``policy`` and the request principal's constraints (its privacy
+    pin and model allowlist); a model the allowlist refuses goes to the audit trail. Raises as
+    :meth:`~locopilot.gateway.router.Router.plan` does."""
+    try:
+        return await pipeline.router.plan(model, policy, principal_of(request).constraints)
+    except ModelNotAllowed as exc:
+        pipeline.auth.refused_model(request, exc, model)
+        raise
+
+
 async def serve_generation(
-    services: Services,
+    pipeline: Pipeline,
     request: Request[Any, Any, Any],
     *,
     endpoint: str,
@@ -73,52 +84,52 @@ async def serve_generation(
     request_id = outcome_id(request.scope, id_prefix)
     principal = principal_of(request)
     outcome = Outcome(request_id, endpoint, model, key_id=principal.key_id)
-    async with services.recorder.recording(outcome):
-        admission = outcome.admission = services.limiter.admit(principal)
+    async with pipeline.recorder.recording(outcome):
+        admission = outcome.admission = pipeline.limiter.admit(principal)
         generation = build()
-        if services.settings.log_prompts:
+        if pipeline.settings.log_prompts:
             outcome.keep_text(generation.messages if generation.messages is not None else generation.prompt)
-        policy = privacy_of(request, services.settings.routing_privacy)
-        plan = await services.auth.plan(request, services.router, model, policy)
+        policy = privacy_of(request, pipeline.settings.routing_privacy)
+        plan = await route_for(pipeline, request, model, policy)
         outcome.routing = plan.decision
         wire = formatter(request_id)
         affinity = affinity_key(
-            generation, request.headers.get("x-session-id") or session, services.settings.routing_affinity
+            generation, request.headers.get("x-session-id") or session, pipeline.settings.routing_affinity
         )
 
         def request_for(routed: str) -> GenerationRequest:
             return msgspec.structs.replace(generation, model=routed)
 
         async def opened() -> tuple[Route, StreamEvent, AsyncGenerator[StreamEvent, None]]:
-            route, first, events = await open_stream(services.router, plan, request_for, affinity)
+            route, first, events = await open_stream(pipeline.router, plan, request_for, affinity)
             outcome.model, outcome.provider = route.model, route.provider.name
-            outcome.ttfb = services.recorder.clock() - outcome.started
+            outcome.ttfb = pipeline.recorder.clock() - outcome.started
             return route, first, events
 
         if not stream:
 
             async def whole() -> tuple[Route, msgspec.Struct]:
                 route, first, events = await opened()
-                return route, await collect(first, events, wire, outcome, services.recorder, on_reply)
+                return route, await collect(first, events, wire, outcome, pipeline.recorder, on_reply)
 
-            route, reply = await unless_disconnected(request.receive, whole, services.shutdown)
+            route, reply = await unless_disconnected(request.receive, whole, pipeline.shutdown)
             headers = {**provider_headers(route.provider.name, route.model), **admission.headers()}
             return Response(encoder.encode(reply), media_type="application/json", headers=headers)
-        route, first, events = await unless_disconnected(request.receive, opened, services.shutdown)
+        route, first, events = await unless_disconnected(request.receive, opened, pipeline.shutdown)
         return sse_response(
             first,
             events,
             wire,
             outcome=outcome,
-            recorder=services.recorder,
+            recorder=pipeline.recorder,
             headers={**provider_headers(route.provider.name, route.model), **admission.headers()},
-            shutdown=services.shutdown,
+            shutdown=pipeline.shutdown,
             on_reply=on_reply,
         )
 
 
 async def serve_embedding(
-    services: Services,
+    pipeline: Pipeline,
     request: Request[Any, Any, Any],
     *,
     endpoint: str,
@@ -134,22 +145,22 @@ async def serve_embedding(
     request_id = outcome_id(request.scope, id_prefix)
     principal = principal_of(request)
     outcome = Outcome(request_id, endpoint, model, key_id=principal.key_id)
-    async with services.recorder.recording(outcome):
-        admission = outcome.admission = services.limiter.admit(principal)
+    async with pipeline.recorder.recording(outcome):
+        admission = outcome.admission = pipeline.limiter.admit(principal)
         texts = inputs()
-        if services.settings.log_prompts:
+        if pipeline.settings.log_prompts:
             outcome.keep_text(texts, reply=False)
-        policy = privacy_of(request, services.settings.routing_privacy)
-        plan = await services.auth.plan(request, services.router, model, policy)
+        policy = privacy_of(request, pipeline.settings.routing_privacy)
+        plan = await route_for(pipeline, request, model, policy)
         outcome.routing = plan.decision
 
         async def attempt(route: Route) -> EmbeddingResult:
             return await route.provider.embed(route.model, texts)
 
         route, result = await unless_disconnected(
-            request.receive, lambda: first_success(services.router, plan, attempt), services.shutdown
+            request.receive, lambda: first_success(pipeline.router, plan, attempt), pipeline.shutdown
         )
         outcome.model, outcome.provider = route.model, route.provider.name
     outcome.tokens_in = result.prompt_tokens
-    await services.recorder.settle(outcome)
+    await pipeline.recorder.settle(outcome)
     return route, result, {**provider_headers(route.provider.name, route.model), **admission.headers()}

@@ -122,7 +122,7 @@ PULL_STREAM = ResponseSpec(
 async def card_of(services: Services, name: str) -> ModelCard:
     """The model card of embedded model ``name``; raises InvalidModelName or ModelNotFound."""
     entry = await anyio.to_thread.run_sync(services.catalog.get, name)
-    record = await anyio.to_thread.run_sync(records.get, services.db, name)
+    record = await services.db.call(records.get, name)
     lineage = await anyio.to_thread.run_sync(read_lineage, Path(entry.path))
     return model_card(entry, name in services.manager.loaded(), lineage, record)
 
@@ -235,7 +235,7 @@ async def show_model(model_id: str, services: Services) -> Response[bytes]:
 async def delete_model(model_id: str, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Delete a model (a link: the link alone); unloads it first. 409 while a training job uses it."""
     await anyio.to_thread.run_sync(services.catalog.get, model_id)
-    job = await anyio.to_thread.run_sync(records.training_job_using, services.db, model_id)
+    job = await services.db.call(records.training_job_using, model_id)
     if job is not None:
         raise Conflict(
             f"The model '{model_id}' is the base of training job {job}; cancel it first", code="model_in_use"

@@ -32,7 +32,7 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from locopilot.api.generation import privacy_of, serve_embedding, serve_generation
+from locopilot.api.generation import privacy_of, route_for, serve_embedding, serve_generation
 from locopilot.api.ollama_requests import chat_generation, generate_generation, keep_alive_seconds
 from locopilot.api.openai import check_text_size
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
@@ -222,7 +222,7 @@ async def load_or_unload(
     0, unload it (``"unload"``). An Ollama upstream is asked to do that with its model (as an
     embedding model, ``embedding``); another upstream's model is only checked: it loads its models itself."""
     policy = privacy_of(request, services.settings.routing_privacy)
-    plan = await services.auth.plan(request, services.router, model, policy)
+    plan = await route_for(services.pipeline, request, model, policy)
     route = plan.routes[0]
     if isinstance(route.provider, KeepsModelsLoaded):
         return await route.provider.keep_loaded(route.model, keep, embedding=embedding)
@@ -275,7 +275,7 @@ async def serve_ollama(
         return msgspec.structs.replace(generation, keep_alive=keep)
 
     return await serve_generation(
-        services,
+        services.pipeline,
         request,
         endpoint="ollama.chat" if chat else "ollama.generate",
         id_prefix="ollama",
@@ -341,7 +341,7 @@ async def embed(data: EmbedRequest, services: Services, request: Request[Any, An
         return Response(encoder.encode(empty), media_type="application/json")
     local = await keep_embedded(services, data.model, keep)
     _, result, headers = await serve_embedding(
-        services,
+        services.pipeline,
         request,
         endpoint="ollama.embed",
         id_prefix="ollama",
@@ -371,7 +371,7 @@ async def embeddings(data: EmbeddingsRequest, services: Services, request: Reque
         return Response(encoder.encode(EmbeddingsResponse(embedding=[])), media_type="application/json")
     await keep_embedded(services, data.model, keep)
     _, result, headers = await serve_embedding(
-        services,
+        services.pipeline,
         request,
         endpoint="ollama.embeddings",
         id_prefix="ollama",

@@ -23,7 +23,7 @@ from litestar.enums import MediaType
 from litestar.response import Stream
 
 from locopilot.api import console
-from locopilot.api.generation import privacy_of
+from locopilot.api.generation import privacy_of, route_for
 from locopilot.api.ollama import embedded_name
 from locopilot.api.openai import all_cards
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
@@ -111,7 +111,7 @@ async def tags(services: Services, request: Request[Any, Any, Any]) -> Response[
 async def embedded_entry(services: Services, request: Request[Any, Any, Any], model: str) -> ModelEntry | None:
     """The embedded model ``model`` names, if the request's key may use it; None if there is none."""
     name = await embedded_name(services, model)
-    if name is None or not services.auth.allows(principal_of(request), EmbeddedProvider.name, name):
+    if name is None or not services.router.admits(principal_of(request).constraints, EmbeddedProvider.name, name):
         return None
     entry = await anyio.to_thread.run_sync(services.catalog.get, name)
     return entry if entry.error is None else None
@@ -169,7 +169,7 @@ async def upstream_show(services: Services, request: Request[Any, Any, Any], mod
     an OpenAI-compatible one's ``/v1/models`` entry. The upstream is asked under its name for the
     model (``llama3.2`` may be its ``llama3.2:latest``); the answer names the model as the client did."""
     policy = privacy_of(request, services.settings.routing_privacy)
-    plan = await services.auth.plan(request, services.router, model, policy)
+    plan = await route_for(services.pipeline, request, model, policy)
     route = plan.routes[0]
     if not isinstance(route.provider, DescribesModels):
         raise ModelNotFound(f'model "{model}" not found', param="model")
@@ -206,7 +206,7 @@ async def ps(services: Services, request: Request[Any, Any, Any]) -> Response[by
     running = []
     now = datetime.now(UTC)
     for info in services.manager.describe():
-        if not info.alive or not services.auth.allows(principal, EmbeddedProvider.name, info.model):
+        if not info.alive or not services.router.admits(principal.constraints, EmbeddedProvider.name, info.model):
             continue
         entry = await anyio.to_thread.run_sync(services.catalog.get, info.model)
         ttl = services.manager.idle_ttl(info.model)

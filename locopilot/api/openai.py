@@ -18,7 +18,7 @@ from litestar.response import Stream
 
 from locopilot.api.generation import serve_embedding, serve_generation
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
-from locopilot.api.services import Services
+from locopilot.api.services import Pipeline, Services
 from locopilot.api.tools import check_schema_bounds, check_tools
 from locopilot.engine.protocol import SamplingParams, sampling_of
 from locopilot.errors import InvalidRequest, LocopilotError, ModelNotFound
@@ -515,17 +515,17 @@ class TextOffsets:
 
 @post("/v1/chat/completions", status_code=200, responses=answers(ChatCompletion, 200, *GUARDED, *BODY, *ROUTED))
 async def chat_completions(
-    data: ChatCompletionRequest, services: Services, request: Request[Any, Any, Any]
+    data: ChatCompletionRequest, pipeline: Pipeline, request: Request[Any, Any, Any]
 ) -> Response[bytes] | Stream:
     include_usage = bool(data.stream and data.stream_options and data.stream_options.include_usage)
     return await serve_generation(
-        services,
+        pipeline,
         request,
         endpoint="chat.completions",
         id_prefix="chatcmpl",
         model=data.model,
         stream=data.stream,
-        build=lambda: chat_generation(data, data.model, services.settings.max_message_bytes),
+        build=lambda: chat_generation(data, data.model, pipeline.settings.max_message_bytes),
         formatter=lambda request_id: ChatFormatter(request_id, data.model, include_usage, data.n, bool(data.logprobs)),
         session=data.user,
     )
@@ -533,17 +533,17 @@ async def chat_completions(
 
 @post("/v1/completions", status_code=200, responses=answers(Completion, 200, *GUARDED, *BODY, *ROUTED))
 async def completions(
-    data: CompletionRequest, services: Services, request: Request[Any, Any, Any]
+    data: CompletionRequest, pipeline: Pipeline, request: Request[Any, Any, Any]
 ) -> Response[bytes] | Stream:
     include_usage = bool(data.stream and data.stream_options and data.stream_options.include_usage)
     return await serve_generation(
-        services,
+        pipeline,
         request,
         endpoint="completions",
         id_prefix="cmpl",
         model=data.model,
         stream=data.stream,
-        build=lambda: completion_generation(data, data.model, services.settings.max_message_bytes),
+        build=lambda: completion_generation(data, data.model, pipeline.settings.max_message_bytes),
         formatter=lambda request_id: CompletionFormatter(
             request_id,
             data.model,
@@ -551,7 +551,7 @@ async def completions(
             data.n,
             logprobs=data.logprobs is not None and data.logprobs is not False,
             # Checked by the build step, which runs first; a prompt of token ids has no text to offset.
-            prompt_chars=len(prompt_of(data.prompt, services.settings.max_message_bytes)[0] or ""),
+            prompt_chars=len(prompt_of(data.prompt, pipeline.settings.max_message_bytes)[0] or ""),
         ),
         session=data.user,
     )
@@ -576,14 +576,14 @@ def embedding_inputs(body: EmbeddingRequest, max_text: int) -> list[str]:
 
 
 @post("/v1/embeddings", status_code=200, responses=answers(EmbeddingList, 200, *GUARDED, *BODY, *ROUTED))
-async def embeddings(data: EmbeddingRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def embeddings(data: EmbeddingRequest, pipeline: Pipeline, request: Request[Any, Any, Any]) -> Response[bytes]:
     _, result, headers = await serve_embedding(
-        services,
+        pipeline,
         request,
         endpoint="embeddings",
         id_prefix="emb",
         model=data.model,
-        inputs=lambda: embedding_inputs(data, services.settings.max_message_bytes),
+        inputs=lambda: embedding_inputs(data, pipeline.settings.max_message_bytes),
     )
     data_items = [
         EmbeddingData(i, base64.b64encode(_float32(v)).decode() if data.encoding_format == "base64" else v)
@@ -606,19 +606,19 @@ async def all_cards(services: Services, principal: Principal) -> list[ModelCard]
     # Reading headers (and lineage manifests) touches every model file: not on the event loop.
     entries = await anyio.to_thread.run_sync(services.catalog.list)
     lineages = await anyio.to_thread.run_sync(lambda: [read_lineage(Path(entry.path)) for entry in entries])
-    known = await anyio.to_thread.run_sync(model_records.every, services.db)
+    known = await services.db.call(model_records.every)
     embedded = (
         model_card(entry, entry.name in loaded, found, known.get(entry.name))
         for entry, found in zip(entries, lineages, strict=True)
     )
-    cards = [card for card in embedded if services.auth.allows(principal, card.provider, card.id)]
+    cards = [card for card in embedded if services.router.admits(principal.constraints, card.provider, card.id)]
     seen = {card.id for card in cards}
     for state in services.router.ordered("any"):
         provider = state.provider
         if state.local_engine:
             continue
         for name in await services.router.models_of(state) or []:
-            if name not in seen and services.auth.allows(principal, provider.name, name):
+            if name not in seen and services.router.admits(principal.constraints, provider.name, name):
                 seen.add(name)
                 cards.append(ModelCard(name, 0, provider.name, provider=provider.name, locality=provider.locality))
     return cards

@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-import anyio
 from litestar import Request, Response, delete, get, post
 from litestar.params import Parameter
 from litestar.response import Stream
@@ -62,17 +61,17 @@ async def prepare(services: Services, principal: Principal, body: ResponsesReque
     try:
         if body.previous_response_id is not None:
             previous = body.previous_response_id
-            found = await anyio.to_thread.run_sync(store.owner_of, db, previous)
+            found = await db.call(store.owner_of, previous)
             if found is None or not visible(principal, found.key_id):
                 raise not_found(previous, "previous_response_id")
-            prepared.history = await anyio.to_thread.run_sync(store.conversation, db, previous)
+            prepared.history = await db.call(store.conversation, previous)
         if isinstance(body.input, list):
             for index, raw in enumerate(body.input):
                 if raw.get("type") != "item_reference":
                     continue
                 reference = decode_item(raw, f"input[{index}]")
                 assert isinstance(reference, ItemReference)
-                stored = await anyio.to_thread.run_sync(store.item, db, reference.id)
+                stored = await db.call(store.item, reference.id)
                 if stored is None or not visible(principal, stored.key_id):
                     raise NotFound(f"Item with id '{reference.id}' not found.", param=f"input[{index}].id")
                 prepared.references[reference.id] = stored.item
@@ -145,7 +144,7 @@ async def create_response(
         await services.db.asubmit(lambda conn: store.insert(conn, record, inputs, outputs))
 
     return await serve_generation(
-        services,
+        services.pipeline,
         request,
         endpoint="responses",
         id_prefix="resp",
@@ -158,7 +157,7 @@ async def create_response(
 
 
 async def _visible_response(services: Services, request: Request[Any, Any, Any], response_id: str) -> store.Owner:
-    found = await anyio.to_thread.run_sync(store.owner_of, services.db, response_id)
+    found = await services.db.call(store.owner_of, response_id)
     if found is None or not visible(principal_of(request), found.key_id):
         raise not_found(response_id)
     return found
@@ -208,7 +207,7 @@ async def list_input_items(
 ) -> Response[bytes]:
     """The items the response was generated from: those of the chain it continues, then its own input."""
     await _visible_response(services, request, response_id)
-    items = await anyio.to_thread.run_sync(lambda: store.conversation(services.db, response_id, own_outputs=False))
+    items = await services.db.call(store.conversation, response_id, own_outputs=False)
     if order == "desc":
         items.reverse()
     start = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from litestar.datastructures import State
 
@@ -34,6 +35,18 @@ class EngineStatus:
     cpu: CpuBackend | None = None
 
 
+@dataclass(frozen=True)
+class Pipeline:
+    """What the generation pipeline (:mod:`locopilot.api.generation`) uses, and all a generation handler needs."""
+
+    settings: Settings
+    router: Router
+    auth: Authenticator
+    limiter: RateLimiter
+    recorder: UsageRecorder
+    shutdown: Shutdown
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -52,7 +65,16 @@ class Services:
     hosts: HostCheck
     started_at: float = field(default_factory=time.time)
 
+    @cached_property
+    def pipeline(self) -> Pipeline:
+        return Pipeline(self.settings, self.router, self.auth, self.limiter, self.recorder, self.shutdown)
+
 
 def get_services(state: State) -> Services:
     services: Services = state.services
     return services
+
+
+def get_pipeline(state: State) -> Pipeline:
+    """The ``pipeline`` dependency: a handler that only generates takes this, not every service."""
+    return get_services(state).pipeline

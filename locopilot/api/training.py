@@ -18,7 +18,6 @@ The queue itself is :mod:`locopilot.training.jobs`.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from functools import partial
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -26,18 +25,17 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
-from litestar.response import Stream
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 from msgspec import Meta
 
 from locopilot.api.responses import BODY, GUARDED, answers
 from locopilot.api.services import Services
 from locopilot.errors import InvalidModelName, InvalidRequest, ModelNotFound
 from locopilot.gateway.auth import principal_of
-from locopilot.gateway.streaming import sse
 from locopilot.schemas.openai import encoder
+from locopilot.schemas.training import JobErrorInfo, JobInfo, JobList, LogEvent
 from locopilot.store import jobs as store
 from locopilot.store.jobs import JobEvent, JobStatus, TrainingJob
-from locopilot.training import remote
 from locopilot.training.jobs import JobSpec
 
 OutputType = Literal["f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
@@ -85,45 +83,6 @@ class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Publish a LoRA adapter of this rank (``auto``: chosen), served beside the base, instead of a full copy."""
 
 
-class JobErrorInfo(msgspec.Struct):
-    code: str
-    message: str
-    param: str | None = None
-
-
-class JobInfo(msgspec.Struct, kw_only=True):
-    """A job as locopilot shows it (no file-system paths)."""
-
-    id: str
-    object: Literal["locopilot.training.job"] = "locopilot.training.job"
-    status: JobStatus
-    framework: str
-    model: str
-    base_sha256: str | None
-    training_file: str | None
-    dataset_sha256: str | None
-    hyperparameters: dict[str, Any]
-    seed: int
-    fine_tuned_model: str | None
-    output_sha256: str | None
-    progress: float
-    trained_tokens: int | None
-    result: dict[str, Any] | None
-    error: JobErrorInfo | None
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    remote: str | None = None
-    """The upstream that runs the job; null: this server."""
-    remote_job: str | None = None
-
-
-class JobList(msgspec.Struct):
-    data: list[JobInfo]
-    has_more: bool
-    object: Literal["list"] = "list"
-
-
 def error_of(job: TrainingJob) -> JobErrorInfo | None:
     if job.error is None:
         return None
@@ -161,7 +120,7 @@ def json_response(body: msgspec.Struct) -> Response[bytes]:
 
 
 async def find(services: Services, job_id: str) -> TrainingJob:
-    return await anyio.to_thread.run_sync(store.get, services.db, job_id)
+    return await services.db.call(store.get, job_id)
 
 
 async def placed(services: Services, spec: JobSpec) -> JobSpec:
@@ -182,7 +141,7 @@ async def placed(services: Services, spec: JobSpec) -> JobSpec:
     loads: list[int | None] = [None] * len(boxes)
 
     async def ask(i: int) -> None:
-        loads[i] = await remote.load(boxes[i], spec.model)
+        loads[i] = await services.training.remotes.load(boxes[i], spec.model)
 
     async with anyio.create_task_group() as tasks:
         for i in range(len(boxes)):
@@ -208,9 +167,7 @@ async def list_jobs(
     status: JobStatus | None = None,
 ) -> Response[bytes]:
     """Jobs, newest first."""
-    found, more = await anyio.to_thread.run_sync(
-        lambda: store.listed(services.db, after=after, limit=limit, status=status)
-    )
+    found, more = await services.db.call(store.listed, after=after, limit=limit, status=status)
     return json_response(JobList([job_info(job) for job in found], more))
 
 
@@ -230,16 +187,6 @@ async def cancel_job(job_id: str, services: Services) -> Response[bytes]:
     return json_response(job_info(await services.training.cancel(job_id)))
 
 
-class LogEvent(msgspec.Struct):
-    """One SSE event's data: a job event (``event: message`` or ``event: metrics``)."""
-
-    id: int
-    created_at: float
-    level: str
-    message: str
-    data: dict[str, Any] | None
-
-
 EVENT_STREAM = ResponseSpec(
     str,
     media_type="text/event-stream",
@@ -248,8 +195,9 @@ EVENT_STREAM = ResponseSpec(
 )
 
 
-async def follow(services: Services, job_id: str, after: int) -> AsyncIterator[bytes]:
-    """The job's events from ``after`` on as SSE, then ``end`` with the job once it is over.
+async def follow(services: Services, job_id: str, after: int) -> AsyncIterator[ServerSentEventMessage]:
+    """The job's events from ``after`` on, then ``end`` with the job once it is over; a
+    ``keep-alive`` comment after KEEPALIVE_S without one.
 
     Ends early (``event: error``) when the server begins to stop, so it never holds the drain.
     """
@@ -257,40 +205,38 @@ async def follow(services: Services, job_id: str, after: int) -> AsyncIterator[b
     final_seen = False
     while True:
         job = await find(services, job_id)
-        found: list[JobEvent] = await anyio.to_thread.run_sync(partial(store.events, services.db, job_id, after=after))
+        found: list[JobEvent] = await services.db.call(store.events, job_id, after=after)
         for event in found:
             after = event.id
-            yield sse(LogEvent(event.id, event.created_at, event.level, event.message, event.data), event.type)
+            log_event = LogEvent(event.id, event.created_at, event.level, event.message, event.data)
+            yield ServerSentEventMessage(encoder.encode(log_event), event=event.type)
         if job.final:
             # The job's last events are written just after its status: one more look for them.
             if final_seen and not found:
-                yield sse(job_info(job), "end")
+                yield ServerSentEventMessage(encoder.encode(job_info(job)), event="end")
                 return
             final_seen = True
         if services.shutdown.draining:
-            yield sse(
-                JobErrorInfo("shutting_down", "The server is shutting down; follow the job again later."), "error"
-            )
+            error = JobErrorInfo("shutting_down", "The server is shutting down; follow the job again later.")
+            yield ServerSentEventMessage(encoder.encode(error), event="error")
             return
         await anyio.sleep(FOLLOW_INTERVAL_S)
         quiet = 0.0 if found else quiet + FOLLOW_INTERVAL_S
         if quiet >= KEEPALIVE_S:
             quiet = 0.0
-            yield b": keep-alive\n\n"
+            yield ServerSentEventMessage(data=None, comment="keep-alive")
 
 
 @get(
     "/v1/locopilot/training/jobs/{job_id:str}/logs",
     responses={**answers(str, 200, *GUARDED, 400, 404), 200: EVENT_STREAM},
 )
-async def job_logs(job_id: str, services: Services, after: Annotated[int, Parameter(ge=0, le=2**62)] = 0) -> Stream:
+async def job_logs(
+    job_id: str, services: Services, after: Annotated[int, Parameter(ge=0, le=2**62)] = 0
+) -> ServerSentEvent:
     """Follow a job: its events so far (after event ``after``), then new ones as they come, until it ends."""
     await find(services, job_id)  # a 404 before the stream starts
-    return Stream(
-        follow(services, job_id, after),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return ServerSentEvent(follow(services, job_id, after))
 
 
 # -- OpenAI's shape --------------------------------------------------------------------
@@ -480,7 +426,7 @@ async def list_fine_tuning_jobs(
     after: Annotated[str | None, Parameter(max_length=128)] = None,
 ) -> Response[bytes]:
     """OpenAI's list: newest first, ``after`` a job id."""
-    found, more = await anyio.to_thread.run_sync(lambda: store.listed(services.db, after=after, limit=limit))
+    found, more = await services.db.call(store.listed, after=after, limit=limit)
     return json_response(FineTuningJobList([openai_job(job) for job in found], more))
 
 
@@ -519,9 +465,7 @@ async def fine_tuning_events(
             cursor = int(after.removeprefix(EVENT_ID_PREFIX))
         except ValueError:
             raise InvalidRequest(f"after must be an event id ({EVENT_ID_PREFIX}N)", param="after") from None
-    found = await anyio.to_thread.run_sync(
-        lambda: store.events(services.db, fine_tuning_job_id, after=cursor, limit=limit + 1, newest_first=True)
-    )
+    found = await services.db.call(store.events, fine_tuning_job_id, after=cursor, limit=limit + 1, newest_first=True)
     data = [
         FineTuningEvent(
             id=f"{EVENT_ID_PREFIX}{event.id}",

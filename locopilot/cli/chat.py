@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,44 +11,26 @@ import rich_click as click
 from rich.markup import escape
 
 from locopilot.cli import console, print_error, settings_or_exit
-from locopilot.cli.remote import base_url
-
-
-class ChatError(Exception):
-    """The server answered with an error; the message is the server's."""
+from locopilot.cli.remote import located, open_client
+from locopilot.client import chat_text, events, refusal, stream_error
+from locopilot.errors import LocopilotError
 
 
 def stream_reply(
     client: httpx.Client, model: str, messages: list[dict[str, str]], temperature: float | None = None
 ) -> Iterator[str]:
-    """Yield the reply's text pieces as the server streams them; raises ChatError."""
+    """Yield the reply's text pieces as the server streams them; raises LocopilotError with the server's words."""
     body: dict[str, object] = {"model": model, "messages": messages, "stream": True}
     if temperature is not None:
         body["temperature"] = temperature
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             response.read()
-            raise ChatError(_error_message(response))
-        for line in response.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[len("data: ") :]
-            if data == "[DONE]":
-                return
-            event = json.loads(data)
-            if "error" in event:
-                raise ChatError(event["error"].get("message", "stream failed"))
-            for choice in event.get("choices", []):
-                text = choice.get("delta", {}).get("content")
-                if text:
-                    yield text
-
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {response.status_code}"
+            raise refusal(response.status_code, response.content)
+        for event, data in events(response):
+            if event == "error":
+                raise stream_error(data)
+            yield from chat_text(data)
 
 
 @click.command()
@@ -82,17 +63,13 @@ def chat(
     otherwise it starts an interactive chat (Ctrl-D or /exit to leave).
     """
     settings = settings_or_exit()
-    # A file, not an option's value: a key on the command line would show in `ps`.
-    key = key_file.read_text(encoding="utf-8").strip() if key_file else settings.admin_secret
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    server = located(url, key_file)
     model = model or settings.default_model
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
     try:
-        with httpx.Client(
-            base_url=url or base_url(settings), headers=headers, timeout=httpx.Timeout(10, read=None)
-        ) as client:
+        with open_client(server) as client:
             if prompt:
                 _turn(client, model, messages, prompt, temperature)
                 return
@@ -107,8 +84,8 @@ def chat(
                     return
                 if line.strip():
                     _turn(client, model, messages, line, temperature)
-    except ChatError as exc:
-        print_error(str(exc))
+    except LocopilotError as exc:
+        print_error(exc.message)
         raise SystemExit(1) from exc
     except httpx.TransportError as exc:
         print_error(f"cannot reach the server ({exc}); is `locopilot serve` running?")

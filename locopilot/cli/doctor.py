@@ -18,6 +18,7 @@ from rich.text import Text
 
 from locopilot.cli import console
 from locopilot.cli.remote import base_url
+from locopilot.client import sync_client
 from locopilot.engine.protocol import Probe, probe_decoder
 from locopilot.engine.scheduler import runner_command
 from locopilot.models.catalog import ModelCatalog
@@ -117,7 +118,8 @@ def check_disk(settings: Settings) -> Check:
 def check_server(settings: Settings) -> Check:
     url = base_url(settings)
     try:
-        response = httpx.get(f"{url}/health", timeout=2)
+        with sync_client(url, "") as client:  # no key: /health answers anyone
+            response = client.get("/health", timeout=2)
     except httpx.TransportError:
         return Check("server", "warn", f"nothing answers at {url} (start it with `locopilot serve`)")
     if response.status_code == 200:

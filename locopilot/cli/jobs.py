@@ -1,7 +1,9 @@
 """``locopilot jobs``: the training jobs of a running server, over its HTTP API.
 
-The server and key are found as ``locopilot chat`` finds them: ``--url`` or LOCOPILOT_HOST and
-LOCOPILOT_PORT; the key in ``--key-file``, else the bootstrap admin key if one is set.
+The server and key are found as for every command that talks to a server
+(:func:`locopilot.cli.remote.find_server`): ``--url`` or LOCOPILOT_HOST and LOCOPILOT_PORT; the
+key in ``--key-file``, else the bootstrap admin key. Answers are the server's own Structs
+(:mod:`locopilot.schemas.training`), read through :mod:`locopilot.client`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import rich_click as click
 from rich.table import Table
 from rich.text import Text
 
-from locopilot.cli import console, print_error, settings_or_exit
-from locopilot.cli.remote import base_url, checked
+from locopilot.cli import console, print_error
+from locopilot.cli.remote import answer, checked, located, open_client
+from locopilot.client import events, job_log_event
+from locopilot.errors import LocopilotError
+from locopilot.schemas.training import FileObject, JobInfo, JobList, LogEvent
 
 JOBS_PATH = "/v1/locopilot/training/jobs"
 STATUS_STYLES = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "dim"}
@@ -34,18 +39,16 @@ key_option = click.option(
 
 @contextmanager
 def server_client(url: str | None, key_file: Path | None) -> Iterator[httpx.Client]:
-    """An HTTP client for the server; exits 1 with the server's message on an error answer."""
-    settings = settings_or_exit()
-    # A file, not an option's value: a key on the command line would show in `ps`.
-    key = key_file.read_text(encoding="utf-8").strip() if key_file else settings.admin_secret
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    """The server's client; a lost or refused connection, or an error event, ends the command with status 1."""
+    server = located(url, key_file)
     try:
-        with httpx.Client(
-            base_url=url or base_url(settings), headers=headers, timeout=httpx.Timeout(30, read=None)
-        ) as client:
+        with open_client(server) as client:
             yield client
     except httpx.TransportError as exc:
         print_error(f"cannot reach the server ({exc}); is `locopilot serve` running?")
+        raise SystemExit(1) from exc
+    except LocopilotError as exc:
+        print_error(exc.message)
         raise SystemExit(1) from exc
 
 
@@ -69,16 +72,16 @@ def jobs() -> None:
 def list_command(limit: int, url: str | None, key_file: Path | None) -> None:
     """The newest jobs."""
     with server_client(url, key_file) as client:
-        body = checked(client.get(JOBS_PATH, params={"limit": limit}))
+        listed = answer(client.get(JOBS_PATH, params={"limit": limit}), JobList)
     table = Table("id", "status", "base model", "progress", "fine-tuned model", "created", box=None)
-    for job in body["data"]:
+    for job in listed.data:
         table.add_row(
-            job["id"],
-            status_text(job["status"]),
-            job["model"],
-            f"{job['progress'] * 100:.0f}%",
-            job["fine_tuned_model"] or "-",
-            when(job["created_at"]),
+            job.id,
+            status_text(job.status),
+            job.model,
+            f"{job.progress * 100:.0f}%",
+            job.fine_tuned_model or "-",
+            when(job.created_at),
         )
     console.print(table)
 
@@ -90,28 +93,28 @@ def list_command(limit: int, url: str | None, key_file: Path | None) -> None:
 def show_command(job_id: str, url: str | None, key_file: Path | None) -> None:
     """One job: its lineage, hyperparameters and result."""
     with server_client(url, key_file) as client:
-        job = checked(client.get(f"{JOBS_PATH}/{job_id}"))
+        job = answer(client.get(f"{JOBS_PATH}/{job_id}"), JobInfo)
     table = Table("field", "value", box=None, show_header=False)
-    table.add_row("id", job["id"])
-    table.add_row("status", status_text(job["status"]))
-    table.add_row("base model", f"{job['model']} (sha256 {job['base_sha256'] or '-'})")
-    table.add_row("training file", f"{job['training_file']} (sha256 {job['dataset_sha256']})")
-    table.add_row("hyperparameters", json.dumps(job["hyperparameters"] | {"seed": job["seed"]}))
-    table.add_row("progress", f"{job['progress'] * 100:.0f}%")
-    if job["fine_tuned_model"]:
-        table.add_row("fine-tuned model", f"{job['fine_tuned_model']} (sha256 {job['output_sha256']})")
-    if job["result"]:
-        result = job["result"]
+    table.add_row("id", job.id)
+    table.add_row("status", status_text(job.status))
+    table.add_row("base model", f"{job.model} (sha256 {job.base_sha256 or '-'})")
+    table.add_row("training file", f"{job.training_file} (sha256 {job.dataset_sha256})")
+    table.add_row("hyperparameters", json.dumps(job.hyperparameters | {"seed": job.seed}))
+    table.add_row("progress", f"{job.progress * 100:.0f}%")
+    if job.fine_tuned_model:
+        table.add_row("fine-tuned model", f"{job.fine_tuned_model} (sha256 {job.output_sha256})")
+    if job.result:
+        result = job.result
         table.add_row(
             "result",
             f"loss {result['train_loss_before']:.3f} → {result['train_loss_after']:.3f}, "
             f"{result['tokens_per_s']:.0f} tokens/s, {result['trained_tokens']} tokens, "
             f"peak memory {result['peak_rss_bytes'] / 1e9:.2f} GB, {result['seconds']:.0f} s",
         )
-    if job["error"]:
-        table.add_row("error", Text(f"{job['error']['code']}: {job['error']['message']}", style="red"))
-    for name in ("created_at", "started_at", "finished_at"):
-        table.add_row(name.removesuffix("_at"), when(job[name]))
+    if job.error:
+        table.add_row("error", Text(f"{job.error.code}: {job.error.message}", style="red"))
+    for name, at in (("created", job.created_at), ("started", job.started_at), ("finished", job.finished_at)):
+        table.add_row(name, when(at))
     console.print(table)
 
 
@@ -131,38 +134,30 @@ def follow_job(job_id: str, url: str | None, key_file: Path | None) -> str | Non
     with server_client(url, key_file) as client, client.stream("GET", f"{JOBS_PATH}/{job_id}/logs") as response:
         if response.status_code >= 400:
             checked(response)
-        event = ""
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                event = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                data = json.loads(line.removeprefix("data: "))
-                status = show_event(event, data) or status
+        for name, data in events(response):
+            match job_log_event(name, data):
+                case ("message" | "metrics") as kind, LogEvent() as event:
+                    show_event(kind, event)
+                case "end", JobInfo() as job:
+                    console.print(Text.assemble("job ", job.id, " ", status_text(job.status)))
+                    status = job.status
     return status
 
 
-def show_event(event: str, data: dict[str, Any]) -> str | None:
-    """Print one log event; the job's final status for the ``end`` event."""
-    stamp = time.strftime("%H:%M:%S", time.localtime(data.get("created_at") or time.time()))
-    match event:
-        case "metrics":
-            metrics = data["data"]
-            eta = metrics.get("eta_s")
-            console.print(
-                f"{stamp} step {metrics['step']}/{metrics['total_steps']} ({metrics['progress'] * 100:.0f}%)  "
-                f"loss {metrics['train_loss']:.4f}  {metrics['tokens_per_s']:.0f} tokens/s  "
-                f"ETA {'-' if eta is None else f'{eta:.0f} s'}",
-                highlight=False,
-            )
-        case "message":
-            style = "red" if data["level"] == "error" else ""
-            console.print(Text(f"{stamp} {data['message']}", style=style))
-        case "end":
-            console.print(Text.assemble("job ", data["id"], " ", status_text(data["status"])))
-            return str(data["status"])
-        case "error":
-            print_error(str(data.get("message")))
-    return None
+def show_event(kind: str, event: LogEvent) -> None:
+    """Print one log event."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.created_at or time.time()))
+    if kind == "metrics" and event.data is not None:
+        metrics = event.data
+        eta = metrics.get("eta_s")
+        console.print(
+            f"{stamp} step {metrics['step']}/{metrics['total_steps']} ({metrics['progress'] * 100:.0f}%)  "
+            f"loss {metrics['train_loss']:.4f}  {metrics['tokens_per_s']:.0f} tokens/s  "
+            f"ETA {'-' if eta is None else f'{eta:.0f} s'}",
+            highlight=False,
+        )
+    else:
+        console.print(Text(f"{stamp} {event.message}", style="red" if event.level == "error" else ""))
 
 
 @jobs.command("cancel")
@@ -172,8 +167,8 @@ def show_event(event: str, data: dict[str, Any]) -> str | None:
 def cancel_command(job_id: str, url: str | None, key_file: Path | None) -> None:
     """Cancel a queued or running job."""
     with server_client(url, key_file) as client:
-        job = checked(client.post(f"{JOBS_PATH}/{job_id}/cancel"))
-    console.print(Text.assemble("job ", job["id"], " ", status_text(job["status"])))
+        job = answer(client.post(f"{JOBS_PATH}/{job_id}/cancel"), JobInfo)
+    console.print(Text.assemble("job ", job.id, " ", status_text(job.status)))
 
 
 @jobs.command("submit")
@@ -213,10 +208,9 @@ def submit(dataset: Path, job: dict[str, Any], *, url: str | None, key_file: Pat
     job does not succeed."""
     with server_client(url, key_file) as client:
         with dataset.open("rb") as f:
-            uploaded = checked(
-                client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": (dataset.name, f)})
-            )
-        created = checked(client.post(JOBS_PATH, json=job | {"training_file": uploaded["id"]}))
-    console.print(Text.assemble("job ", created["id"], " ", status_text(created["status"])))
-    if follow and follow_job(created["id"], url, key_file) != "succeeded":
+            upload = client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": (dataset.name, f)})
+        uploaded = answer(upload, FileObject)
+        created = answer(client.post(JOBS_PATH, json=job | {"training_file": uploaded.id}), JobInfo)
+    console.print(Text.assemble("job ", created.id, " ", status_text(created.status)))
+    if follow and follow_job(created.id, url, key_file) != "succeeded":
         raise SystemExit(1)

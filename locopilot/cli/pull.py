@@ -1,8 +1,7 @@
 """``locopilot pull``: download a model, with progress bars; through the running server when one answers.
 
 With a server, the pull is ``POST /v1/locopilot/models/pull`` and its progress the SSE events it
-streams (read with the project's one SSE reader,
-:class:`~locopilot.providers.openai_compat.EventParser`); without one, the same
+streams (read with :mod:`locopilot.client`, the one client of a locopilot server); without one, the same
 :class:`~locopilot.models.pull.Puller` runs here, on the local models folder.
 """
 
@@ -27,10 +26,10 @@ from rich.progress import (
 from locopilot.cli import console, database, print_error, settings_or_exit
 from locopilot.cli.models import human_size
 from locopilot.cli.remote import Choice, checked, connected, server_options
+from locopilot.client import events, stream_error
 from locopilot.errors import LocopilotError
 from locopilot.models.catalog import ModelCatalog
 from locopilot.models.pull import Puller, PullEvent, PullRequest, prepare
-from locopilot.providers.openai_compat import EventParser
 from locopilot.schemas.openai import ModelCard, model_card
 from locopilot.settings import Settings
 from locopilot.store.db import Database
@@ -119,21 +118,19 @@ def pull(
 
 def _pull_remote(client: httpx.Client, body: dict[str, Any]) -> ModelCard:
     """Ask the server to pull, showing its progress events; the model card it ends with."""
-    parser = EventParser()
     card = None
     with client.stream("POST", "/v1/locopilot/models/pull", json=body) as response, progress_bars() as progress:
         if response.status_code >= 400:
             checked(response)
         bars = Bars(progress)
-        for chunk in response.iter_bytes():
-            for event, data in parser.feed(chunk):
-                match event:
-                    case "progress":
-                        bars.show(_event.decode(data))
-                    case "model":
-                        card = _card.decode(data)
-                    case "error":
-                        raise LocopilotError(str(msgspec.json.decode(data)["error"]["message"]))
+        for event, data in events(response):
+            match event:
+                case "progress":
+                    bars.show(_event.decode(data))
+                case "model":
+                    card = _card.decode(data)
+                case "error":
+                    raise stream_error(data)
     if card is None:
         raise LocopilotError("the server ended the pull without the model; pull again to resume")
     return card

@@ -13,8 +13,10 @@ be read. The key: ``--key-file``, else the bootstrap admin key (``LOCOPILOT_ADMI
 ``LOCOPILOT_ADMIN_KEY_FILE``) found the same way. Keys are sent in the Authorization header
 and never printed.
 
-:func:`checked` is the one reader of a server's error answers for the command line: it
-prints the message and exits 1.
+:func:`open_client` is the one way a command makes its client (:func:`locopilot.client.sync_client`:
+one pool, no proxy from the environment), and :func:`checked` reads a server's error answers
+for the command line with :mod:`locopilot.client`'s one error mapping: it prints the message
+and exits 1.
 """
 
 from __future__ import annotations
@@ -26,17 +28,21 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import msgspec
 import rich_click as click
 
 from locopilot.cli import errors, print_error, settings_or_exit
+from locopilot.client import error_detail, sync_client
 from locopilot.settings import Settings, SettingsError, load_settings
 
 SERVER_VARIABLES = ("LOCOPILOT_HOST", "LOCOPILOT_PORT", "LOCOPILOT_TLS_CERT", "LOCOPILOT_TLS_KEY")
 KEY_VARIABLES = ("LOCOPILOT_ADMIN_KEY", "LOCOPILOT_ADMIN_KEY_FILE")
 PROBE_TIMEOUT_S = 5.0
+
+T = TypeVar("T")
 
 
 def base_url(settings: Settings) -> str:
@@ -100,6 +106,20 @@ def find_server(environ: Mapping[str, str], url: str | None = None, key_file: Pa
     return Server(url or base_url(settings), key, verify)
 
 
+def located(url: str | None, key_file: Path | None) -> Server:
+    """:func:`find_server` for a command: a bad setting ends it with status 2."""
+    try:
+        return find_server(os.environ, url, key_file)
+    except SettingsError as exc:
+        print_error(str(exc))
+        raise SystemExit(2) from exc
+
+
+def open_client(server: Server) -> httpx.Client:
+    """The command's client of ``server`` (one pool; loopback traffic never goes through a proxy)."""
+    return sync_client(server.url, server.key, verify=server.verify)
+
+
 @dataclass(frozen=True)
 class Choice:
     """What the command line was told about the server: ``--url``, ``--key-file``, ``--local``."""
@@ -140,20 +160,8 @@ def connected(choice: Choice, *, needed_for: str | None = None) -> Iterator[http
             raise SystemExit(2)
         yield None
         return
-    try:
-        server = find_server(os.environ, choice.url, choice.key_file)
-    except SettingsError as exc:
-        print_error(str(exc))
-        raise SystemExit(2) from exc
-    headers = {"Authorization": f"Bearer {server.key}"} if server.key else {}
-    client = httpx.Client(
-        base_url=server.url,
-        headers=headers,
-        verify=server.verify,
-        trust_env=False,  # loopback traffic goes to the server, never through a proxy
-        timeout=httpx.Timeout(30, read=None),
-    )
-    with client:
+    server = located(choice.url, choice.key_file)
+    with open_client(server) as client:
         try:
             probe = client.get("/health", timeout=PROBE_TIMEOUT_S)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -200,21 +208,22 @@ def checked(response: httpx.Response, *, hint: Hint | None = None) -> Any:
     if response.status_code < 400:
         return response.json()
     response.read()
-    error: Any = None
-    try:
-        error = response.json()["error"]
-        message = str(error["message"])
-    except (ValueError, KeyError, TypeError):
-        message = response.text[:500] or f"HTTP {response.status_code}"
-    else:
-        # A remote locopilot that wants a paid plan says where to get one.
-        if isinstance(error, dict) and isinstance(error.get("upgrade_url"), str):
-            message += f"; see {error['upgrade_url']}"
-    extra = hint(error) if hint is not None and isinstance(error, dict) else None
+    error = error_detail(response.status_code, response.content)
+    message = error.message
+    if error.upgrade_url:  # a remote locopilot that wants a paid plan says where to get one
+        message += f"; see {error.upgrade_url}"
+    extra = hint(msgspec.structs.asdict(error)) if hint is not None else None
     if response.status_code in (401, 403):
         extra = key_hint()
     print_error(f"{message} (HTTP {response.status_code})" + (f"; {extra}" if extra else ""))
     raise SystemExit(1)
+
+
+def answer(response: httpx.Response, kind: type[T], *, hint: Hint | None = None) -> T:
+    """A successful answer decoded as the server's ``kind``; an error answer ends the command (:func:`checked`)."""
+    if response.status_code >= 400:
+        checked(response, hint=hint)
+    return msgspec.json.decode(response.content, type=kind)
 
 
 def key_hint() -> str:

@@ -22,8 +22,9 @@ Every refusal and every admin change is written to the audit trail
 (:mod:`locopilot.store.audit`) without the key. The key itself never reaches a
 log, an error message or the database: only its SHA-256 is compared.
 
-Handlers call :meth:`Authenticator.plan` to route under the key's privacy pin and
-model allowlist.
+A principal's privacy pin and model allowlist are its :attr:`Principal.constraints`,
+which the router applies (:meth:`locopilot.gateway.router.Router.plan`); a model the
+allowlist refuses goes to the audit trail through :meth:`Authenticator.refused_model`.
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ import hmac
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import anyio
 from litestar import Request
 from litestar.datastructures import Headers
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,10 +46,9 @@ from locopilot.errors import (
     LocopilotError,
     MissingScope,
     ModelNotAllowed,
-    ModelNotFound,
     Unavailable,
 )
-from locopilot.gateway.router import PRIVACY_LEVELS, Plan, Router
+from locopilot.gateway.router import Constraints
 from locopilot.settings import Privacy, Settings
 from locopilot.store import audit, keys
 from locopilot.store.db import Database, StoreError
@@ -176,6 +175,11 @@ class Principal:
     rpm: int | None = None
     tpm: int | None = None
 
+    @property
+    def constraints(self) -> Constraints:
+        """What the router may plan for this principal."""
+        return Constraints(self.privacy, self.models)
+
     @classmethod
     def of_key(cls, key: ApiKey) -> Principal:
         return cls(key.id, key.name, frozenset(key.scopes), key.models, key.privacy, key.rpm, key.tpm)
@@ -232,43 +236,6 @@ def presented_key(headers: Headers) -> str | None:
     return api_key.strip() if api_key is not None else None
 
 
-def stricter(requested: Privacy, pinned: Privacy | None) -> Privacy:
-    """The stricter of two policies: a pinned key's requests are never looser than its pin."""
-    if pinned is None:
-        return requested
-    return min(requested, pinned, key=PRIVACY_LEVELS.index)
-
-
-def split_model(name: str, providers: Iterable[str]) -> tuple[str | None, str]:
-    """``(provider, model)`` read as the router reads a model name: a prefix names a provider
-    only when one of that name is configured (so Ollama tags like ``llama3.2:1b`` stay whole)."""
-    cut = min((i for i in (name.find(":"), name.find("/")) if i > 0), default=-1)
-    if cut > 0 and name[:cut] in providers and name[cut + 1 :]:
-        return name[:cut], name[cut + 1 :]
-    return None, name
-
-
-def allows(entries: tuple[str, ...] | None, providers: Iterable[str], provider: str, model: str) -> bool:
-    """Whether an allowlist admits ``model`` served by ``provider``.
-
-    Entries read like request model names: ``provider:model`` (or ``provider/model``,
-    the prefix naming a configured provider) admits that model from that provider only,
-    ``provider:*`` every model of that provider, and any other entry that model name
-    from any provider. None admits everything.
-    """
-    if entries is None:
-        return True
-    providers = frozenset(providers)
-    for entry in entries:
-        named, entry_model = split_model(entry, providers)
-        if named is None:
-            if entry == model:
-                return True
-        elif named == provider and entry_model in ("*", model):
-            return True
-    return False
-
-
 class Authenticator:
     """Keys → principals for one server; built by the app's lifespan, kept in ``Services``.
 
@@ -279,12 +246,10 @@ class Authenticator:
         self,
         settings: Settings,
         db: Database,
-        providers: Iterable[str],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.db = db
-        self.providers = frozenset(providers)
         self.clock = clock
         self.loopback = is_loopback(settings.host)
         self.admin_hash = keys.hash_secret(settings.admin_secret) if settings.admin_secret else None
@@ -300,7 +265,7 @@ class Authenticator:
             return False
         now = time.monotonic()
         if now - self._checked_at >= OPEN_CHECK_SECONDS:
-            self._keys_exist = await anyio.to_thread.run_sync(keys.any_created, self.db)
+            self._keys_exist = await self.db.call(keys.any_created)
             self._checked_at = now
         return not self._keys_exist
 
@@ -348,7 +313,7 @@ class Authenticator:
         if self.admin_hash is not None and hmac.compare_digest(presented_hash, self.admin_hash):
             return Principal(BOOTSTRAP_ADMIN_ID, "bootstrap admin", frozenset(SCOPES))
         try:
-            key = await anyio.to_thread.run_sync(keys.by_hash, self.db, presented_hash)
+            key = await self.db.call(keys.by_hash, presented_hash)
         except StoreError as exc:
             # Fail closed, but say it is the server's fault: the key may well be good.
             log.error("cannot look up an API key: %s", exc)
@@ -374,43 +339,10 @@ class Authenticator:
 
     # -- what it may do ---------------------------------------------------------------
 
-    def allows(self, principal: Principal, provider: str, model: str) -> bool:
-        return allows(principal.models, self.providers, provider, model)
-
-    async def plan(self, request: Request[Any, Any, Any], router: Router, model: str, requested: Privacy) -> Plan:
-        """Route ``model`` for this request's principal: its privacy pin over ``requested``
-        (a header cannot loosen it), then only the candidates its model allowlist admits.
-
-        Raises:
-            ModelNotAllowed: the allowlist admits none of the candidates (audited), or
-                the model does not exist and the allowlist does not name it.
-            and whatever :meth:`Router.plan` raises.
-        """
-        principal = principal_of(request)
-        try:
-            plan = await router.plan(model, stricter(requested, principal.privacy))
-        except ModelNotFound:
-            if principal.models is None or self._mentions(principal, model):
-                raise
-            # Saying "does not exist" to a key that may not use it would tell which names exist.
-            self._refuse_model(request, principal, model)
-        if principal.models is None:
-            return plan
-        routes = [r for r in plan.routes if self.allows(principal, r.provider.name, r.model)]
-        if not routes:
-            self._refuse_model(request, principal, model)
-        plan.routes = routes
-        plan.decision.candidates = [r.provider.name for r in routes]
-        return plan
-
-    def _mentions(self, principal: Principal, model: str) -> bool:
-        provider, name = split_model(model, self.providers)
-        return any(self.allows(principal, p, name) for p in ([provider] if provider else self.providers))
-
-    def _refuse_model(self, request: Request[Any, Any, Any], principal: Principal, model: str) -> None:
-        exc = ModelNotAllowed(f"This API key may not use the model '{model}'.", param="model")
-        self.audit(request.scope, "forbidden", exc, "model", key_id=principal.key_id, detail={"model": model[:256]})
-        raise exc
+    def refused_model(self, request: Request[Any, Any, Any], exc: ModelNotAllowed, model: str) -> None:
+        """Write the router's refusal of a model by the key's allowlist to the audit trail."""
+        key_id = principal_of(request).key_id
+        self.audit(request.scope, "forbidden", exc, "model", key_id=key_id, detail={"model": model[:256]})
 
     # -- the audit trail ---------------------------------------------------------------
 

@@ -10,6 +10,9 @@
    model, see :func:`served_name`) is a candidate, in priority
    order (lower first); ``local_preferred`` puts local providers first,
    ``local_only`` drops remote ones entirely.
+   A request's principal (its API key) brings :class:`Constraints`: its privacy pin
+   replaces a looser requested policy (a header cannot loosen it), and its model
+   allowlist (:func:`allows`) keeps only the candidates it admits.
 4. A provider whose circuit breaker is open is skipped, with the reason kept
    for the 503 and the request log.
 5. ``any`` then puts the fastest first (:meth:`Router.fastest_first`): the
@@ -42,15 +45,22 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import anyio
-import httpx
 import msgspec
 
-from locopilot.errors import LocopilotError, ModelNotFound, PolicyForbidden, QueueFull, Unavailable, UpstreamError
+from locopilot.errors import (
+    LocopilotError,
+    ModelNotAllowed,
+    ModelNotFound,
+    PolicyForbidden,
+    QueueFull,
+    Unavailable,
+    UpstreamError,
+)
 from locopilot.gateway.balance import AffinityKind, Lease, Load, choose
 from locopilot.providers.base import Provider
 from locopilot.settings import Privacy, UpstreamConfig
@@ -67,6 +77,54 @@ PROBE_TIMEOUT = 5.0
 LATENCY_WEIGHT = 0.3
 LATENCY_TTL = 60.0
 LATENCY_TRIAL_GAP = 10.0
+
+
+def split_model(name: str, providers: Iterable[str]) -> tuple[str | None, str]:
+    """``(provider, model)``: a ``provider:`` or ``provider/`` prefix names a provider only when one of
+    that name is configured (split on the first separator, so Ollama tags like ``llama3.2:1b`` stay
+    whole) and a model follows it; otherwise ``(None, name)``."""
+    cut = min((i for i in (name.find(":"), name.find("/")) if i > 0), default=-1)
+    if cut > 0 and name[:cut] in providers and name[cut + 1 :]:
+        return name[:cut], name[cut + 1 :]
+    return None, name
+
+
+def allows(entries: tuple[str, ...] | None, providers: Iterable[str], provider: str, model: str) -> bool:
+    """Whether an allowlist admits ``model`` served by ``provider``.
+
+    Entries read like request model names (:func:`split_model`): ``provider:model`` (or
+    ``provider/model``) admits that model from that provider only, ``provider:*`` every model of
+    that provider, and any other entry that model name from any provider. None admits everything.
+    """
+    if entries is None:
+        return True
+    providers = frozenset(providers)
+    for entry in entries:
+        named, entry_model = split_model(entry, providers)
+        if named is None:
+            if entry == model:
+                return True
+        elif named == provider and entry_model in ("*", model):
+            return True
+    return False
+
+
+def stricter(requested: Privacy, pinned: Privacy | None) -> Privacy:
+    """The stricter of two policies: a pinned key's requests are never looser than its pin."""
+    if pinned is None:
+        return requested
+    return min(requested, pinned, key=PRIVACY_LEVELS.index)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What a request's principal may route to: a privacy pin and a model allowlist (None: no limit)."""
+
+    privacy: Privacy | None = None
+    models: tuple[str, ...] | None = None
+
+
+UNCONSTRAINED = Constraints()
 
 
 @dataclass
@@ -270,13 +328,42 @@ class Router:
             case _:
                 return states
 
-    async def plan(self, model: str, policy: Privacy) -> Plan:
-        """The candidates for ``model`` under ``policy``.
+    async def plan(self, model: str, policy: Privacy, constraints: Constraints = UNCONSTRAINED) -> Plan:
+        """The candidates for ``model`` under ``policy`` and the principal's ``constraints``.
 
         Raises ModelNotFound when nothing serves it, PolicyForbidden for an
         explicit remote provider under ``local_only``, Unavailable when every
-        provider that could serve it is skipped.
+        provider that could serve it is skipped, ModelNotAllowed when the allowlist
+        admits none of the candidates (or the model does not exist and the allowlist
+        does not name it: "does not exist" would tell such a key which names exist).
         """
+        try:
+            plan = await self._plan(model, stricter(policy, constraints.privacy))
+        except ModelNotFound:
+            if constraints.models is None or self._mentions(constraints, model):
+                raise
+            raise self._not_allowed(model) from None
+        if constraints.models is None:
+            return plan
+        plan.routes = [r for r in plan.routes if self.admits(constraints, r.provider.name, r.model)]
+        if not plan.routes:
+            raise self._not_allowed(model)
+        plan.decision.candidates = [r.provider.name for r in plan.routes]
+        return plan
+
+    def admits(self, constraints: Constraints, provider: str, model: str) -> bool:
+        """Whether ``constraints``' allowlist admits ``model`` served by ``provider``."""
+        return allows(constraints.models, self.states, provider, model)
+
+    def _mentions(self, constraints: Constraints, model: str) -> bool:
+        provider, name = split_model(model, self.states)
+        return any(self.admits(constraints, p, name) for p in ([provider] if provider else self.states))
+
+    @staticmethod
+    def _not_allowed(model: str) -> ModelNotAllowed:
+        return ModelNotAllowed(f"This API key may not use the model '{model}'.", param="model")
+
+    async def _plan(self, model: str, policy: Privacy) -> Plan:
         resolved = self.resolve(model)
         requested = self.default_model if resolved == "default" else resolved
         decision = Decision(policy=policy, requested=requested, alias_of=model if resolved != model else None)
@@ -405,11 +492,8 @@ class Router:
         return None if load.full() else Lease(load)
 
     def _explicit(self, model: str) -> tuple[ProviderState, str] | None:
-        cut = min((i for i in (model.find(":"), model.find("/")) if i > 0), default=-1)
-        if cut < 0:
-            return None
-        state = self.states.get(model[:cut])
-        return (state, model[cut + 1 :]) if state is not None and model[cut + 1 :] else None
+        provider, name = split_model(model, self.states)
+        return (self.states[provider], name) if provider is not None else None
 
     async def _serves(self, state: ProviderState, model: str, decision: Decision) -> str | None:
         """``model`` as ``state``'s provider names it, or None if it does not serve it."""
@@ -520,15 +604,7 @@ def failover_reason(error: LocopilotError) -> str:
             return "upstream_429"
         if error.upstream_status is not None and error.upstream_status >= 500:
             return "upstream_5xx"
-        # One name for both ways a connection is not made: httpx-aiohttp 0.2.0 maps aiohttp's
-        # ClientConnectorError (refused) to httpx.ConnectTimeout, as its map tries the base class first.
-        if isinstance(error.__cause__, httpx.ConnectError | httpx.ConnectTimeout):
-            return "connect"
-        if isinstance(error.__cause__, httpx.TimeoutException):
-            return "timeout"
-        if isinstance(error.__cause__, httpx.TransportError):
-            return "connection"
-        return "upstream_error"
+        return error.reason or "upstream_error"
     if isinstance(error, QueueFull):
         return "queue_full"
     if isinstance(error, Unavailable):

@@ -344,6 +344,8 @@ class _WatchedBody(ASGIStreamingResponse):
       by an empty one (each ASGI send is a hop through the server);
     - the client's disconnect and the end of the shutdown grace are watched by
       :class:`Watched`; at the latter the stream ends with an SSE error event.
+
+    It leans on Litestar's internals (the response's slots): see :mod:`locopilot.dependency_internals`.
     """
 
     __slots__ = ("ending",)

@@ -299,7 +299,7 @@ class Puller:
         path = self.catalog.path_for(name)
         if not (path.is_symlink() or path.exists()):
             return False
-        record = await anyio.to_thread.run_sync(records.get, self.db, name)
+        record = await self.db.call(records.get, name)
         if record is None or record.source != plan.source:
             came = f"from {record.source}" if record else "added by hand"
             raise Conflict(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import httpx
 
+from locopilot.errors import TransportReason
 from locopilot.settings import UpstreamTransport
 
 
@@ -31,3 +32,25 @@ def upstream_transport(kind: UpstreamTransport = "aiohttp") -> httpx.AsyncBaseTr
     return AiohttpTransport(
         client=lambda: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), trust_env=False),
     )
+
+
+def transport_reason(exc: httpx.HTTPError) -> TransportReason | None:
+    """How an httpx failure kept a provider from its upstream, for :class:`~locopilot.errors.UpstreamError`'s
+    ``reason``; None for one that is not about the connection (a bad redirect, a body that does not decode)."""
+    # One name for both ways a connection is not made: httpx-aiohttp 0.2.0 maps aiohttp's
+    # ClientConnectorError (refused) to httpx.ConnectTimeout, as its map tries the base class first.
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return "connect"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, httpx.TransportError):
+        return "connection"
+    return None
+
+
+def retry_after_seconds(value: str | None) -> int | None:
+    """An upstream's ``Retry-After`` in whole seconds; the HTTP-date form is not worth a clock here and
+    reads as absent."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value.strip())

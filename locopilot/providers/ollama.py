@@ -47,7 +47,7 @@ from locopilot.providers.base import (
     ToolCallDelta,
     TopLogprob,
 )
-from locopilot.providers.http import upstream_transport
+from locopilot.providers.http import retry_after_seconds, transport_reason, upstream_transport
 
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=5.0)
 """Reads may wait minutes: a long prompt on a CPU is evaluated before the first token arrives."""
@@ -159,18 +159,15 @@ def translate_transport_errors(provider: str) -> Iterator[None]:
     try:
         yield
     except httpx.TimeoutException as exc:
-        raise UpstreamError(f"Ollama provider {provider} timed out ({type(exc).__name__})", retryable=True) from exc
+        raise UpstreamError(
+            f"Ollama provider {provider} timed out ({type(exc).__name__})", retryable=True, reason=transport_reason(exc)
+        ) from exc
     except (httpx.TransportError, httpx.DecodingError, httpx.TooManyRedirects) as exc:
         raise UpstreamError(
-            f"Ollama provider {provider} could not be reached ({type(exc).__name__})", retryable=True
+            f"Ollama provider {provider} could not be reached ({type(exc).__name__})",
+            retryable=True,
+            reason=transport_reason(exc),
         ) from exc
-
-
-def retry_after_seconds(value: str | None) -> int | None:
-    """``Retry-After`` in whole seconds; the HTTP-date form is not used by Ollama and reads as None."""
-    if value is None or not value.strip().isdigit():
-        return None
-    return int(value.strip())
 
 
 def status_error(provider: str, model: str, response: httpx.Response, body: bytes) -> LocopilotError:

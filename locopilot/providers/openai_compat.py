@@ -31,8 +31,6 @@ type. The API key is only ever in the client's headers, which httpx prints as
 
 from __future__ import annotations
 
-import codecs
-import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -60,7 +58,8 @@ from locopilot.providers.base import (
     human_count,
     refuse_thinking,
 )
-from locopilot.providers.http import upstream_transport
+from locopilot.providers.http import retry_after_seconds, transport_reason, upstream_transport
+from locopilot.sse import EventParser
 
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=30.0)
 """``read`` bounds the wait for each chunk, so it must outlast a slow upstream's prompt processing."""
@@ -188,8 +187,6 @@ _embeddings_decoder = msgspec.json.Decoder(_Embeddings)
 _models_decoder = msgspec.json.Decoder(_Models)
 _any_decoder = msgspec.json.Decoder()
 
-_LINE_END = re.compile(r"\r\n|\r(?!$)|\n")
-"""A line break, except a CR at the end of the text, which may be half of a CRLF split between reads."""
 
 _JSON = {"Content-Type": "application/json"}
 _GENERATION_PATHS = ("/chat/completions", "/completions")
@@ -292,7 +289,8 @@ class OpenAICompatProvider:
         header merging, the cookie jar (an upstream's cookies are never sent back), auth and
         redirect flows (none are configured) and httpx's INFO line per request (the access
         log has one). Measured with bench/gateway.py, this is about a fifth of the loop's
-        CPU time per proxied request.
+        CPU time per proxied request. It leans on httpx's internals: see
+        :mod:`locopilot.dependency_internals`.
         """
         prepared = self._prepared[path]
         request = httpx.Request(
@@ -358,6 +356,7 @@ class OpenAICompatProvider:
         return UpstreamError(
             f"upstream {self.name!r} failed: {type(exc).__name__} ({detail})",
             retryable=isinstance(exc, _TRANSIENT) and not started,
+            reason=transport_reason(exc),
         )
 
     def _malformed(self, what: str) -> UpstreamError:
@@ -565,13 +564,6 @@ def error_detail(content: bytes) -> _ErrorDetail | None:
     return None
 
 
-def retry_after_seconds(value: str | None) -> int | None:
-    """Retry-After in whole seconds; the HTTP-date form is not worth a clock here and reads as absent."""
-    if value is None or not value.strip().isdigit():
-        return None
-    return int(value.strip())
-
-
 async def _read_capped(response: httpx.Response) -> bytes:
     parts: list[bytes] = []
     size = 0
@@ -581,44 +573,6 @@ async def _read_capped(response: httpx.Response) -> bytes:
         if size >= MAX_ERROR_BODY:
             break
     return b"".join(parts)[:MAX_ERROR_BODY]
-
-
-class EventParser:
-    """Server-sent events from the bytes of a stream: ``("data", text)`` per event, ``(name, text)``
-    for an event named by an ``event:`` line (locopilot's pull progress), and ``("error", text)``
-    per ``error:`` line, which llama-server sends in place of a data event.
-
-    Comments and other fields are ignored; an event cut off by the end of the
-    stream is dropped, as the SSE spec says. Lines end in LF, CRLF or CR.
-    """
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._partial = ""
-        self._data: list[str] = []
-        self._event = ""
-
-    def feed(self, chunk: bytes) -> list[tuple[str, str]]:
-        """The events completed by ``chunk``."""
-        lines = _LINE_END.split(self._partial + self._decoder.decode(chunk))
-        self._partial = lines.pop()
-        events: list[tuple[str, str]] = []
-        for line in lines:
-            if not line:
-                if self._data:
-                    events.append((self._event or "data", "\n".join(self._data)))
-                    self._data.clear()
-                self._event = ""
-            elif not line.startswith(":"):
-                field, _, value = line.partition(":")
-                value = value.removeprefix(" ")
-                if field == "data":
-                    self._data.append(value)
-                elif field == "event":
-                    self._event = value
-                elif field == "error":
-                    events.append(("error", value))
-        return events
 
 
 class _ChunkReader:

@@ -4,8 +4,10 @@ A :class:`Database` owns one apsw connection on a daemon writer thread, fed by a
 unbounded queue, and one read-only connection per calling thread. Writes never block
 the caller: :meth:`Database.submit` enqueues a function and returns a
 ``concurrent.futures.Future``; the writer runs it inside ``BEGIN IMMEDIATE … COMMIT``.
-Reads run on the calling thread (the async server calls them through
-``anyio.to_thread``), each inside one read transaction, so a read sees one snapshot.
+Reads run on the calling thread, each inside one read transaction, so a read sees one
+snapshot. Async code awaits a store function with :meth:`Database.call` (as datasette's
+``execute_fn`` beside ``execute_write_fn``; here :meth:`Database.asubmit`), which runs it in a
+worker thread: the event loop never waits on the disk, and no caller sees the thread.
 
 Errors. apsw exceptions are translated here, by type, and never escape a public method:
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -29,13 +32,15 @@ import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeAlias, TypeVar
 
+import anyio
 import apsw
 
 _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 #: apsw's ``bestpractice`` sets 100 ms. A server whose CLI (``locopilot keys add``) or a
 #: second process may hold the write lock for a moment wants to wait seconds, not fail.
@@ -395,6 +400,11 @@ class Database:
         with _translated("read failed"), conn:
             result = fn(conn)
         return result
+
+    async def call(self, fn: Callable[Concatenate[Database, P], T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Await ``fn(self, *args, **kwargs)``: a store function (``locopilot.store.*``), which reads on its
+        thread and may wait for its writes, run in a worker thread. Raises what ``fn`` raises."""
+        return await anyio.to_thread.run_sync(functools.partial(fn, self, *args, **kwargs))
 
     def health(self) -> str | None:
         """Say what is wrong with the database, or return None if nothing is.

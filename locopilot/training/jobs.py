@@ -47,13 +47,15 @@ from anyio.abc import TaskGroup, TaskStatus
 from locopilot.errors import InvalidRequest, LocopilotError, NotFound
 from locopilot.models.catalog import ModelCatalog
 from locopilot.models.gguf import GGUFError
+from locopilot.schemas.training import JobInfo, LogEvent
 from locopilot.settings import Settings, UpstreamConfig
 from locopilot.store import files as stored_files
 from locopilot.store import jobs as store
 from locopilot.store.db import Database
 from locopilot.store.files import StoredFile
 from locopilot.store.jobs import TrainingJob
-from locopilot.training import lineage, remote
+from locopilot.training import lineage
+from locopilot.training.remote import Remotes
 from locopilot.training.trainer import (
     DEFAULT_CONTEXT,
     Auto,
@@ -165,6 +167,8 @@ class JobService:
         self._threads = anyio.CapacityLimiter(settings.training_concurrency)
         self._closing = False
         self._tasks: TaskGroup | None = None
+        self.remotes = Remotes()
+        """The other locopilots jobs are sent to (see :mod:`locopilot.training.remote`)."""
 
     # -- the queue ---------------------------------------------------------------------
 
@@ -174,13 +178,15 @@ class JobService:
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(self.work_root / "jobs", ignore_errors=True))
         for job_id in await anyio.to_thread.run_sync(store.queued, self.db):
             self._send.send_nowait(job_id)
-        async with anyio.create_task_group() as tasks:
-            self._tasks = tasks
-            for _ in range(self.settings.training_concurrency):
-                tasks.start_soon(self._runner)
-            for job in await anyio.to_thread.run_sync(store.remote_unfinished, self.db):
-                tasks.start_soon(self._mirror, job)
-            task_status.started()
+        # Its runners end when aclose closes the queue; then the queue's other end is closed too.
+        with self._receive:
+            async with anyio.create_task_group() as tasks:
+                self._tasks = tasks
+                for _ in range(self.settings.training_concurrency):
+                    tasks.start_soon(self._runner)
+                for job in await anyio.to_thread.run_sync(store.remote_unfinished, self.db):
+                    tasks.start_soon(self._mirror, job)
+                task_status.started()
 
     async def _runner(self) -> None:
         async for job_id in self._receive:
@@ -269,7 +275,7 @@ class JobService:
         upstream = self._upstream(spec.remote or "")
         body = {"model": spec.model, "seed": spec.seed, **spec.params()}
         body.pop("weight_decay")
-        answer = await remote.submit(upstream, Path(stored.path), stored.filename, body)
+        answer = await self.remotes.submit(upstream, Path(stored.path), stored.filename, body)
         job = TrainingJob(
             id=new_job_id(),
             status="queued",
@@ -281,7 +287,7 @@ class JobService:
             seed=spec.seed,
             key_id=key_id,
             remote=upstream.name,
-            remote_job=str(answer["id"]),
+            remote_job=answer.id,
             created_at=self.clock(),
         )
         await anyio.to_thread.run_sync(store.insert, self.db, job)
@@ -292,48 +298,51 @@ class JobService:
         return job
 
     async def _mirror(self, job: TrainingJob) -> None:
-        """Copy a remote job's events and outcome here until it ends; reconnect when its stream breaks."""
+        """Copy a remote job's events and outcome here until it ends; reconnect when its stream breaks.
+        A remote that does not know the job (any more) fails it here, once."""
         upstream = self._upstream(job.remote or "")
         seen = await anyio.to_thread.run_sync(store.last_remote_event, self.db, job.id)
         running = job.status == "running"
         while not self._closing:
             try:
-                async for name, data in remote.follow(upstream, job.remote_job or "", seen):
-                    if name in ("message", "metrics"):
-                        seen = int(data["id"])
-                        running = await anyio.to_thread.run_sync(self._mirror_event, job, name, data, running)
-                    elif name == "end":
-                        await self._mirror_end(job, data)
-                        return
+                async for event in self.remotes.follow(upstream, job.remote_job or "", seen):
+                    match event:
+                        case ("message" | "metrics") as kind, LogEvent() as logged:
+                            seen = logged.id
+                            running = await anyio.to_thread.run_sync(self._mirror_event, job, kind, logged, running)
+                        case "end", JobInfo() as info:
+                            await self._mirror_end(job, info)
+                            return
+            except NotFound as exc:
+                log.warning("remote training job %s on %s: %s", job.remote_job, upstream.name, exc.message)
+                await self._finish(job.id, "failed", error=exc.message, code="remote_job_not_found")
+                return
             except LocopilotError as exc:
                 log.warning("following remote training job %s on %s: %s", job.remote_job, upstream.name, exc.message)
             await anyio.sleep(5.0)
 
-    def _mirror_event(self, job: TrainingJob, name: str, data: dict[str, Any], running: bool) -> bool:
+    def _mirror_event(self, job: TrainingJob, kind: store.EventType, event: LogEvent, running: bool) -> bool:
         """Copy one remote event; whether the job is running here now."""
-        details = {**(data.get("data") or {}), "remote_event_id": int(data["id"])}
-        kind: store.EventType = "metrics" if name == "metrics" else "message"
-        level: store.EventLevel = data["level"] if data["level"] in ("info", "warn", "error") else "info"
-        store.add_event(self.db, job.id, self.clock(), data["message"], level=level, type=kind, data=details)
-        if name == "metrics":
+        details = {**(event.data or {}), "remote_event_id": event.id}
+        level: store.EventLevel = event.level if event.level in ("info", "warn", "error") else "info"  # type: ignore[assignment]
+        store.add_event(self.db, job.id, self.clock(), event.message, level=level, type=kind, data=details)
+        if kind == "metrics":
             store.update(self.db, job.id, progress=float(details.get("progress", 0.0)))
-        if not running and (name == "metrics" or data["message"] == "Fine-tuning job started"):
+        if not running and (kind == "metrics" or event.message == "Fine-tuning job started"):
             return store.transition(self.db, job.id, ("queued",), status="running", started_at=self.clock())
         return running
 
-    async def _mirror_end(self, job: TrainingJob, data: dict[str, Any]) -> None:
-        error = data.get("error") or {}
-        model = data.get("fine_tuned_model")
+    async def _mirror_end(self, job: TrainingJob, info: JobInfo) -> None:
         fields = {
-            "status": data["status"],
-            "output_model": f"{job.remote}:{model}" if model else None,
-            "output_sha256": data.get("output_sha256"),
-            "base_sha256": data.get("base_sha256"),
-            "trained_tokens": data.get("trained_tokens"),
-            "result": data.get("result"),
-            "progress": float(data.get("progress") or 0.0),
-            "error": error.get("message"),
-            "error_code": error.get("code"),
+            "status": info.status,
+            "output_model": f"{job.remote}:{info.fine_tuned_model}" if info.fine_tuned_model else None,
+            "output_sha256": info.output_sha256,
+            "base_sha256": info.base_sha256,
+            "trained_tokens": info.trained_tokens,
+            "result": info.result,
+            "progress": info.progress,
+            "error": info.error.message if info.error else None,
+            "error_code": info.error.code if info.error else None,
             "finished_at": self.clock(),
         }
         await anyio.to_thread.run_sync(lambda: store.transition(self.db, job.id, ("queued", "running"), **fields))
@@ -352,7 +361,7 @@ class JobService:
         """
         job = await anyio.to_thread.run_sync(store.get, self.db, job_id)
         if job.remote is not None and not job.final:
-            await remote.cancel(self._upstream(job.remote), job.remote_job or "")
+            await self.remotes.cancel(self._upstream(job.remote), job.remote_job or "")
             with anyio.move_on_after(CANCEL_WAIT_S):
                 # The remote's answer reaches this server through the job's mirror task.
                 while not (job := await anyio.to_thread.run_sync(store.get, self.db, job_id)).final:  # noqa: ASYNC110
@@ -381,6 +390,7 @@ class JobService:
         with anyio.move_on_after(CANCEL_KILL_S + 2):
             for job in running:
                 await anyio.to_thread.run_sync(job.done.wait, CANCEL_KILL_S + 2)
+        await self.remotes.aclose()
 
     # -- one job, in its own thread ---------------------------------------------------
 

@@ -1,118 +1,121 @@
 """Training on another locopilot: an upstream of kind ``openai`` in LOCOPILOT_UPSTREAMS whose URL is
 another locopilot's ``/v1``.
 
-A job with ``remote: NAME`` is not run here. :func:`submit` uploads its dataset to the remote's
-``/v1/files`` and creates the job with the remote's ``/v1/locopilot/training/jobs``, with the
-upstream's API key, inside the client's request: a refusal reaches the client before anything is
-queued, and a 401 or 403 reaches it unchanged (the remote's body, a ``pro_subscription_required``
+A job with ``remote: NAME`` is not run here. :meth:`Remotes.submit` uploads its dataset to the
+remote's ``/v1/files`` and creates the job with the remote's ``/v1/locopilot/training/jobs``, with
+the upstream's API key, inside the client's request: a refusal reaches the client before anything
+is queued, and a 401 or 403 reaches it unchanged (the remote's body, a ``pro_subscription_required``
 with its ``upgrade_url`` say, is passed through by the app's error handler). The local row keeps
-the remote's job id; :func:`mirror` then follows the remote's log stream and copies its events
-and, at its end, its status, result and model (named ``NAME:<model>``, which routes to it).
+the remote's job id; the job service then follows the remote's log stream (:meth:`Remotes.follow`)
+and copies its events and, at its end, its status, result and model (named ``NAME:<model>``, which
+routes to it).
 
-Errors: httpx failures become :class:`~locopilot.errors.UpstreamError` (retryable); the remote's
-400 and 404 become InvalidRequest and NotFound with its message; any other non-2xx answer an
-UpstreamError carrying the remote's status and body.
+The remotes are talked to through :mod:`locopilot.client`: one pool per upstream, made on first
+use and closed by :meth:`Remotes.aclose`; answers are the remote's Structs. Errors: httpx failures
+become :class:`~locopilot.errors.UpstreamError` (retryable); an error answer is mapped by
+:func:`locopilot.client.refusal` (400 InvalidRequest, 404 NotFound, any other an UpstreamError
+carrying the remote's status and body), each message after ``remote 'NAME':``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+import msgspec
 
-from locopilot.errors import InvalidRequest, LocopilotError, NotFound, UpstreamError
+from locopilot.client import JobLogEvent, aevents, answer, async_client, job_log_event, refusal
+from locopilot.errors import UpstreamError
+from locopilot.schemas.training import FileObject, JobInfo, JobList
 from locopilot.settings import UpstreamConfig
 
 JOBS_PATH = "/locopilot/training/jobs"
+#: Answers other than the log stream come within this.
+ANSWER_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+#: A job's placement asks every remote how busy it is: a slow one is left out.
+LOAD_TIMEOUT = httpx.Timeout(60.0, connect=10.0, read=10.0)
+
+T = TypeVar("T")
 
 
-def client_for(upstream: UpstreamConfig, *, read_timeout: float | None = 60.0) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
-    return httpx.AsyncClient(
-        base_url=upstream.url.rstrip("/"), headers=headers, timeout=httpx.Timeout(60.0, connect=10.0, read=read_timeout)
-    )
+class Remotes:
+    """The other locopilots this server sends training jobs to, one client (pool) each."""
 
+    def __init__(self) -> None:
+        # By address and key, so an upstream that a reload (SIGHUP) changed gets a client of its own.
+        self._clients: dict[tuple[str, str], httpx.AsyncClient] = {}
 
-def _refusal(upstream: UpstreamConfig, response: httpx.Response) -> LocopilotError:
-    try:
-        message = str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        message = f"HTTP {response.status_code}"
-    said = f"remote {upstream.name!r}: {message}"
-    if response.status_code == 400:
-        return InvalidRequest(said)
-    if response.status_code == 404:
-        return NotFound(said)
-    return UpstreamError(
-        said,
-        retryable=response.status_code >= 500,
-        upstream_status=response.status_code,
-        upstream_body=response.content,
-    )
+    def _client(self, upstream: UpstreamConfig) -> httpx.AsyncClient:
+        key = (upstream.url, upstream.api_key or "")
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = async_client(*key)
+        return client
 
+    async def _answer(self, upstream: UpstreamConfig, request: Awaitable[httpx.Response], kind: type[T]) -> T:
+        try:
+            response = await request
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"remote {upstream.name!r} cannot be reached: {exc}", retryable=True) from exc
+        return answer(response, kind, who=f"remote {upstream.name!r}")
 
-async def _checked(upstream: UpstreamConfig, request: Any) -> dict[str, Any]:
-    try:
-        response = await request
-    except httpx.HTTPError as exc:
-        raise UpstreamError(f"remote {upstream.name!r} cannot be reached: {exc}", retryable=True) from exc
-    if response.status_code >= 400:
-        raise _refusal(upstream, response)
-    body: dict[str, Any] = response.json()
-    return body
-
-
-async def submit(upstream: UpstreamConfig, dataset: Path, filename: str, job: dict[str, Any]) -> dict[str, Any]:
-    """Upload ``dataset`` and create ``job`` (the native request body, less ``training_file``) there;
-    the remote's job. Raises as the module docstring says."""
-    async with client_for(upstream) as client:
+    async def submit(self, upstream: UpstreamConfig, dataset: Path, filename: str, job: dict[str, Any]) -> JobInfo:
+        """Upload ``dataset`` and create ``job`` (the native request body, less ``training_file``) there;
+        the remote's job. Raises as the module docstring says."""
+        client = self._client(upstream)
         with dataset.open("rb") as f:
-            uploaded = await _checked(
-                upstream, client.post("/files", data={"purpose": "fine-tune"}, files={"file": (filename, f)})
+            upload = client.post(
+                "/files", data={"purpose": "fine-tune"}, files={"file": (filename, f)}, timeout=ANSWER_TIMEOUT
             )
-        return await _checked(upstream, client.post(JOBS_PATH, json={**job, "training_file": uploaded["id"]}))
+            uploaded = await self._answer(upstream, upload, FileObject)
+        create = client.post(JOBS_PATH, json={**job, "training_file": uploaded.id}, timeout=ANSWER_TIMEOUT)
+        return await self._answer(upstream, create, JobInfo)
 
+    async def cancel(self, upstream: UpstreamConfig, job_id: str) -> JobInfo:
+        request = self._client(upstream).post(f"{JOBS_PATH}/{job_id}/cancel", timeout=ANSWER_TIMEOUT)
+        return await self._answer(upstream, request, JobInfo)
 
-async def cancel(upstream: UpstreamConfig, job_id: str) -> dict[str, Any]:
-    async with client_for(upstream) as client:
-        return await _checked(upstream, client.post(f"{JOBS_PATH}/{job_id}/cancel"))
+    async def follow(self, upstream: UpstreamConfig, job_id: str, after: int) -> AsyncIterator[JobLogEvent]:
+        """The remote job's log events after event ``after``, to its ``end``. NotFound when the remote
+        does not know the job; a stream that breaks off raises UpstreamError (retryable)."""
+        who = f"remote {upstream.name!r}"
+        try:
+            async with self._client(upstream).stream(
+                "GET", f"{JOBS_PATH}/{job_id}/logs", params={"after": after}
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise refusal(response.status_code, response.content, who=who)
+                async for name, data in aevents(response):
+                    event = job_log_event(name, data, who=who)
+                    if event is not None:
+                        yield event
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"{who} cannot be reached: {exc}", retryable=True) from exc
 
-
-async def follow(upstream: UpstreamConfig, job_id: str, after: int) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """The remote job's log events after ``after`` (``(event, data)``), to its ``end``."""
-    async with (
-        client_for(upstream, read_timeout=None) as client,
-        client.stream("GET", f"{JOBS_PATH}/{job_id}/logs", params={"after": after}) as response,
-    ):
-        if response.status_code >= 400:
-            await response.aread()
-            raise _refusal(upstream, response)
-        name = ""
-        async for line in response.aiter_lines():
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                yield name, json.loads(line.removeprefix("data: "))
-
-
-async def load(upstream: UpstreamConfig, model: str) -> int | None:
-    """How many training jobs are queued or running on ``upstream``, another locopilot, if it has ``model``
-    in its models folder; None when it has not, or cannot say (unreachable, a key without the ``models`` and
-    ``training`` scopes, not a locopilot)."""
-    try:
-        async with client_for(upstream, read_timeout=10.0) as client:
-            if (await client.get(f"/locopilot/models/{quote(model, safe='')}")).status_code != 200:
+    async def load(self, upstream: UpstreamConfig, model: str) -> int | None:
+        """How many training jobs are queued or running on ``upstream``, another locopilot, if it has ``model``
+        in its models folder; None when it has not, or cannot say (unreachable, a key without the ``models``
+        and ``training`` scopes, not a locopilot)."""
+        client = self._client(upstream)
+        try:
+            found = await client.get(f"/locopilot/models/{quote(model, safe='')}", timeout=LOAD_TIMEOUT)
+            if found.status_code != 200:
                 return None
             busy = 0
             for status in ("queued", "running"):
-                listed = await client.get(JOBS_PATH, params={"status": status, "limit": 1000})
+                listed = await client.get(JOBS_PATH, params={"status": status, "limit": 1000}, timeout=LOAD_TIMEOUT)
                 if listed.status_code != 200:
                     return None
-                busy += len(listed.json()["data"])
+                busy += len(answer(listed, JobList).data)
             return busy
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
-        return None
+        except (httpx.HTTPError, msgspec.DecodeError):
+            return None
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
