@@ -244,17 +244,15 @@ async def dataset_from_logs(
             "dataset from. Turn it on, and the requests served from then on can be used.",
             code="log_prompts_off",
         )
-    rows = await anyio.to_thread.run_sync(
-        lambda: logs.with_text(
-            services.db,
-            limit=data.limit,
-            model=data.model,
-            provider=data.provider,
-            key_id=data.key_id,
-            status=data.status,
-            since=data.since,
-            until=data.until,
-        )
+    rows = await services.db.call(
+        logs.with_text,
+        limit=data.limit,
+        model=data.model,
+        provider=data.provider,
+        key_id=data.key_id,
+        status=data.status,
+        since=data.since,
+        until=data.until,
     )
     made = examples(rows)
     if not made.lines:

@@ -326,13 +326,56 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
+def publish(
+    config: TrainConfig, f32: Path, trained: Path, work: Path, stage: Callable[[str], None]
+) -> SpotCheck | None:
+    """Write the job's result to ``config.output_path``: an adapter extracted from the trained
+    weights (``lora_rank``) or the whole model in ``output_type``; then the spot check, if asked,
+    against the base in the same form. ``stage`` is told as each step ends."""
+    from locopilot.training.export import export
+
+    if isinstance(config.lora_rank, int):
+        from locopilot.training import lora
+
+        adapter = lora.extract(f32, trained, config.lora_rank, config.base_name)
+        lora.write(Path(config.output_path), adapter)
+        stage("extract")
+        if not config.spot_check:
+            return None
+        # The adapter on the F32 base is the F32 base with B·A added: asked against the F32 base.
+        merged = work / "merged-f32.gguf"
+        lora.merge(f32, adapter, merged, "f32")
+        stage("merge")
+        untrained, result = f32, merged
+    else:
+        export(trained, Path(config.base_path), Path(config.output_path), config.output_type, threads=config.threads)
+        stage("export")
+        if not config.spot_check:
+            return None
+        # The base exported as the result was (F32, then output_type), untrained: asked
+        # the same questions, only the training differs. The base file itself answers
+        # with other kernels (Q4_1's, say) and differed even when nothing was learned.
+        untrained = work / "untrained.gguf"
+        export(f32, Path(config.base_path), untrained, config.output_type, threads=config.threads)
+        stage("export_untrained")
+        result = Path(config.output_path)
+    from locopilot.training.spotcheck import spot_check
+
+    # One thread fewer than the cores for one-token decode steps (see DESIGN.md); on a
+    # loaded machine, two threads meeting at a barrier every op were slower still.
+    threads = max(1, (config.threads or os.cpu_count() or 1) - 1)
+    check = spot_check(untrained, result, threads=threads)
+    stage("spot_check")
+    return check
+
+
 def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Callable[[], bool]) -> Finished:
     """Run the job (see the module docstring), reporting events; returns the Finished event it reported.
 
     Raises TrainingRefused before any training, TrainingCancelled when ``cancelled()`` is true
     between chunks, RuntimeError when llama.cpp fails.
     """
-    from locopilot.training.export import export, to_f32
+    from locopilot.training.export import to_f32
 
     config.check()
     started = time.monotonic()
@@ -416,42 +459,7 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
             val_after = session.loss(validation) if validation else None
             stage("loss_after")
             session.save(trained)
-        check = None
-        if isinstance(config.lora_rank, int):
-            from locopilot.training import lora
-
-            adapter = lora.extract(f32, trained, config.lora_rank, config.base_name)
-            lora.write(Path(config.output_path), adapter)
-            stage("extract")
-            if config.spot_check:
-                from locopilot.training.spotcheck import spot_check
-
-                # The adapter on the F32 base is the F32 base with B·A added: asked against the F32 base.
-                merged = Path(work) / "merged-f32.gguf"
-                lora.merge(f32, adapter, merged, "f32")
-                threads = max(1, (config.threads or os.cpu_count() or 1) - 1)
-                stage("merge")
-                check = spot_check(f32, merged, threads=threads)
-                stage("spot_check")
-        else:
-            export(
-                trained, Path(config.base_path), Path(config.output_path), config.output_type, threads=config.threads
-            )
-            stage("export")
-        if config.spot_check and not isinstance(config.lora_rank, int):
-            from locopilot.training.spotcheck import spot_check
-
-            # The base exported as the result was (F32, then output_type), untrained: asked
-            # the same questions, only the training differs. The base file itself answers
-            # with other kernels (Q4_1's, say) and differed even when nothing was learned.
-            untrained = Path(work) / "untrained.gguf"
-            export(f32, Path(config.base_path), untrained, config.output_type, threads=config.threads)
-            # One thread fewer than the cores for one-token decode steps (see DESIGN.md); on a
-            # loaded machine, two threads meeting at a barrier every op were slower still.
-            threads = max(1, (config.threads or os.cpu_count() or 1) - 1)
-            stage("export_untrained")
-            check = spot_check(untrained, Path(config.output_path), threads=threads)
-            stage("spot_check")
+        check = publish(config, f32, trained, Path(work), stage)
     finished = Finished(
         output_path=config.output_path,
         train_loss_before=loss_before,
