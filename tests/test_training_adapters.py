@@ -401,3 +401,19 @@ def test_the_unsloth_script_trains_with_trl(tmp_path: Path, tiny_model: Path) ->
     adapter = json.loads((Path(plan.adapter_dir) / "adapter_config.json").read_text())  # PEFT's
     assert adapter["r"] == 4 and adapter["layers_to_transform"] == [1]
     assert (Path(plan.adapter_dir) / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_a_framework_runs_without_the_bundles_library_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the one-file binary, another Python gets the library path it would have had, no _PYI_* and no settings."""
+    from locopilot.training.adapters.base import foreign_environment
+
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/tmp/_MEIbundle:/opt/lib")
+    monkeypatch.setenv("LD_LIBRARY_PATH_ORIG", "/opt/lib")
+    monkeypatch.setenv("_PYI_APPLICATION_HOME_DIR", "/tmp/_MEIbundle")
+    monkeypatch.setenv("LOCOPILOT_ADMIN_KEY", "secret")
+    env = foreign_environment()
+    assert env["LD_LIBRARY_PATH"] == "/opt/lib"
+    assert not {"LD_LIBRARY_PATH_ORIG", "_PYI_APPLICATION_HOME_DIR", "LOCOPILOT_ADMIN_KEY"} & set(env)
+    monkeypatch.delenv("LD_LIBRARY_PATH_ORIG")
+    assert "LD_LIBRARY_PATH" not in foreign_environment()  # the bootloader made it; nothing to restore

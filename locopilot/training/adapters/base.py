@@ -22,6 +22,7 @@ import math
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 from typing import IO, ClassVar, Literal, Protocol
 
@@ -215,7 +216,7 @@ def run(plan: Plan, work_dir: Path, log: IO[bytes]) -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
     for name, text in plan.files.items():
         (work_dir / name).write_text(text, encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCOPILOT_")} | QUIET_ENV | plan.env
+    env = foreign_environment() | QUIET_ENV | plan.env
     try:
         code = subprocess.run(
             plan.argv, cwd=work_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
@@ -244,6 +245,25 @@ print(json.dumps(found))
 """
 
 
+def foreign_environment() -> dict[str, str]:
+    """The environment for another program (a framework's Python): ours without ``LOCOPILOT_*``
+    (they may hold keys) and, in the one-file binary, without what its bootloader set up.
+
+    The bootloader puts its unpacked folder first in ``LD_LIBRARY_PATH`` (keeping the
+    original in ``LD_LIBRARY_PATH_ORIG``) and passes ``_PYI_*`` variables to its children:
+    another Python would load the bundle's libpython or OpenSSL instead of its own (seen: an
+    ImportError from pyenv's Python under a binary built for glibc 2.28), and another
+    PyInstaller program would take our folder for its own.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCOPILOT_", "_PYI_"))}
+    if getattr(sys, "frozen", False):
+        original = env.pop("LD_LIBRARY_PATH_ORIG", None)
+        env.pop("LD_LIBRARY_PATH", None)
+        if original:
+            env["LD_LIBRARY_PATH"] = original
+    return env
+
+
 def probe(python: str, modules: dict[str, str], *, timeout: float = 30) -> dict[str, str]:
     """Which of ``modules`` (module → distribution) ``python`` can import, with their versions.
 
@@ -258,6 +278,7 @@ def probe(python: str, modules: dict[str, str], *, timeout: float = 30) -> dict[
             timeout=timeout,
             stdin=subprocess.DEVNULL,
             check=False,
+            env=foreign_environment(),
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise FrameworkFailed(f"cannot run {python}: {exc}") from exc
