@@ -77,6 +77,7 @@ COVERED = {
     *(f"{method} /v1/locopilot/models/{{model_id}}{suffix}" for method, suffix in MODEL_ROUTES),
     "GET /v1/admin/keys/{key_id}",
     "DELETE /v1/admin/keys/{key_id}",
+    "DELETE /v1/admin/hosts/{host}",  # a host name the running server answers to, held in memory
     "GET /openapi/{path}",  # Litestar's OpenAPI viewers, rendered from code, not read from files
     "GET /console/{name}",  # the web console's files, looked up by name among those read at start
     *(f"{method} {prefix.decode()}{{{param}}}{suffix}" for method, prefix, param, suffix in ID_ROUTES),
@@ -102,6 +103,7 @@ COVERED_BODIES = {
     "POST /v1/embeddings",
     "POST /v1/admin/keys",
     "POST /v1/locopilot/models/pull",
+    "POST /v1/locopilot/datasets/from-logs",  # a filter on the request log's model column
     *(f"POST {path}" for path in TRAINING_BODIES),
 }
 
@@ -338,7 +340,13 @@ def test_pull_names_and_refs(server: Server, plant: Plant) -> None:
 @pytest.mark.usefixtures("untouched")
 @pytest.mark.parametrize(
     ("method", "prefix"),
-    [("GET", b"/v1/admin/keys/"), ("DELETE", b"/v1/admin/keys/"), ("GET", b"/openapi/"), ("GET", b"/console/")],
+    [
+        ("GET", b"/v1/admin/keys/"),
+        ("DELETE", b"/v1/admin/keys/"),
+        ("DELETE", b"/v1/admin/hosts/"),
+        ("GET", b"/openapi/"),
+        ("GET", b"/console/"),
+    ],
 )
 def test_other_path_parameters(server: Server, plant: Plant, method: str, prefix: bytes) -> None:
     for name in plant.names():
@@ -366,6 +374,15 @@ def test_training_base_models(server: Server, plant: Plant, route: str) -> None:
         body = {**TRAINING_BODIES[route], "model": name}
         response = httpx.post(f"{server.url}{route}", json=body, headers=ADMIN, timeout=30)
         assert_clean_refusal(response.status_code, response.content, f"{route} model {name[:60]!r}")
+
+
+@pytest.mark.usefixtures("untouched")
+def test_traffic_dataset_model_filters(server: Server, plant: Plant) -> None:
+    """The traffic dataset's ``model`` is compared with the request log's column, never opened."""
+    for name in plant.names():
+        body = {"model": name}
+        response = httpx.post(f"{server.url}/v1/locopilot/datasets/from-logs", json=body, headers=ADMIN, timeout=60)
+        assert_clean_refusal(response.status_code, response.content, f"from-logs {name[:60]!r}")
 
 
 @pytest.mark.usefixtures("untouched")
