@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from locopilot.cli import cli
 from locopilot.training import jobfile
+from locopilot.training.hyperparameters import OutputType
 from locopilot.training.jobfile import JobFileInvalid, TrainOptions
 from locopilot.training.trainer import OUTPUT_TYPES
 from tests.test_cli import make_env
@@ -94,7 +95,7 @@ def test_merge_overrides_and_checks_again() -> None:
 
 
 def test_the_output_types_agree_with_the_trainer() -> None:
-    assert set(typing.get_args(jobfile.OutputType)) == set(OUTPUT_TYPES)
+    assert set(typing.get_args(OutputType)) == set(OUTPUT_TYPES)
 
 
 def run_train(tmp_path: Path, args: list[str]) -> Any:

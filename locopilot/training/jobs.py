@@ -55,16 +55,15 @@ from locopilot.store.db import Database
 from locopilot.store.files import StoredFile
 from locopilot.store.jobs import TrainingJob
 from locopilot.training import lineage
-from locopilot.training.remote import Remotes
-from locopilot.training.trainer import (
+from locopilot.training.hyperparameters import (
     DEFAULT_CONTEXT,
-    Auto,
-    Finished,
-    Progress,
-    Started,
-    TrainConfig,
-    TrainingRefused,
+    FileId,
+    Hyperparameters,
+    ModelName,
+    RemoteName,
 )
+from locopilot.training.remote import Remotes
+from locopilot.training.trainer import Finished, Progress, Started, TrainConfig, TrainingRefused
 
 log = logging.getLogger(__name__)
 
@@ -75,42 +74,28 @@ CANCEL_WAIT_S = CANCEL_KILL_S + 3.0
 FINE_TUNE_PURPOSE = "fine-tune"
 
 
-class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """What a job trains, as both APIs ask for it; checked by :meth:`JobService.submit`.
+class JobSpec(Hyperparameters, frozen=True, kw_only=True):
+    """What a job trains, as both APIs ask for it (locopilot's takes this as its body); checked
+    by :meth:`JobService.submit`.
 
     ``auto`` values are chosen when the job starts (:mod:`locopilot.training.auto`) and then
     stored in the row's ``params`` in their place, with ``chosen`` naming them.
     """
 
-    model: str
-    training_file: str
-    epochs: int | Auto = "auto"
-    learning_rate: float | Auto = "auto"
-    learning_rate_multiplier: float = 1.0
-    optimizer: str = "adamw"
-    layers: int | Auto = "auto"
-    context: int = DEFAULT_CONTEXT
-    output_type: str = "q8_0"
-    validation_split: float = 0.1
-    weight_decay: float = 0.0
-    seed: int = 0
-    remote: str | None = None
-    lora_rank: int | Auto | None = None
+    model: ModelName
+    """The base model: a model in the models folder."""
+    training_file: FileId
+    """A file uploaded with ``purpose=fine-tune``."""
+    remote: RemoteName | None = None
+    """Run the job on this upstream (another locopilot, kind openai) instead of here."""
 
     def params(self) -> dict[str, Any]:
-        """The hyperparameters as stored in the row and the lineage."""
-        return {
-            "epochs": self.epochs,
-            "learning_rate": self.learning_rate,
-            "learning_rate_multiplier": self.learning_rate_multiplier,
-            "optimizer": self.optimizer,
-            "layers": self.layers,
-            "context": self.context,
-            "output_type": self.output_type,
-            "validation_split": self.validation_split,
-            "weight_decay": self.weight_decay,
-            **({} if self.lora_rank is None else {"lora_rank": self.lora_rank}),
-        }
+        """The hyperparameters as stored in the row and the lineage (the seed has a column of its own)."""
+        params = msgspec.structs.asdict(self.hyperparameters())
+        del params["seed"]
+        if params["lora_rank"] is None:
+            del params["lora_rank"]
+        return params
 
 
 def new_job_id() -> str:
@@ -224,7 +209,7 @@ class JobService:
                 a base model that cannot be trained.
             NotFound: no such file; ModelNotFound: no such base model.
         """
-        config = self._config(spec, Path("/"), Path("/"), Path("/"))
+        config = self._config(spec, spec.model, Path("/"), Path("/"), Path("/"))
         try:
             config.check()
         except TrainingRefused as exc:
@@ -274,7 +259,8 @@ class JobService:
         """Create the job on the remote (see :mod:`locopilot.training.remote`) and mirror it here."""
         upstream = self._upstream(spec.remote or "")
         body = {"model": spec.model, "seed": spec.seed, **spec.params()}
-        body.pop("weight_decay")
+        if body["weight_decay"] == 0.0:
+            del body["weight_decay"]  # a remote older than weight_decay in its schema refuses the name
         answer = await self.remotes.submit(upstream, Path(stored.path), stored.filename, body)
         job = TrainingJob(
             id=new_job_id(),
@@ -394,25 +380,15 @@ class JobService:
 
     # -- one job, in its own thread ---------------------------------------------------
 
-    def _config(self, spec: JobSpec, base: Path, work: Path, output: Path) -> TrainConfig:
+    def _config(self, hyper: Hyperparameters, model: str, base: Path, work: Path, output: Path) -> TrainConfig:
         return TrainConfig(
+            **msgspec.structs.asdict(hyper.hyperparameters()),
             base_path=str(base),
             dataset_path=str(work / "dataset.jsonl"),
             output_path=str(output),
             work_dir=str(work),
-            epochs=spec.epochs,
-            learning_rate=spec.learning_rate,
-            learning_rate_multiplier=spec.learning_rate_multiplier,
-            optimizer="sgd" if spec.optimizer == "sgd" else "adamw",
-            weight_decay=spec.weight_decay,
-            layers=spec.layers,
-            context=spec.context,
-            validation_split=spec.validation_split,
-            output_type=spec.output_type,
             threads=self.settings.threads,
-            seed=spec.seed,
-            lora_rank=spec.lora_rank,
-            base_name=spec.model,
+            base_name=model,
         )
 
     def _event(self, job_id: str, message: str, **kwargs: Any) -> None:
@@ -434,9 +410,10 @@ class JobService:
             return
         store.update(self.db, job.id, base_sha256=base_sha256)
         self._event(job.id, "Fine-tuning job started")
-        spec = msgspec.convert({**job.params, "seed": job.seed, "model": job.base_model, "training_file": ""}, JobSpec)
+        asked = {name: value for name, value in job.params.items() if name in Hyperparameters.__struct_fields__}
+        hyper = msgspec.convert({**asked, "seed": job.seed}, Hyperparameters)
         config = msgspec.structs.replace(
-            self._config(spec, base_path, work, work / "model.gguf"), dataset_path=job.dataset_path
+            self._config(hyper, job.base_model, base_path, work, work / "model.gguf"), dataset_path=job.dataset_path
         )
         log_path = self.work_root / f"{job.id}.log"
         last: object = None
