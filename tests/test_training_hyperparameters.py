@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from locopilot.cli import cli
+from locopilot.cli.options import with_hyperparameters_table
 from locopilot.training import jobfile
 from locopilot.training.hyperparameters import FIELDS, Hyperparameters
 from locopilot.training.trainer import TrainConfig, TrainingRefused
@@ -181,3 +182,8 @@ def test_flags_are_generated_from_the_fields() -> None:
         for name in FIELDS:
             assert name in options, (command, name)
             assert options[name].default == getattr(Hyperparameters(), name), (command, name)
+
+
+def test_the_readme_table_is_the_schema() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert with_hyperparameters_table(readme) == readme, "the README's hyperparameters table drifted; run `just docs`"

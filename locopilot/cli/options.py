@@ -112,3 +112,32 @@ def struct_options(
         return function
 
     return decorate
+
+
+def struct_table(struct: type[msgspec.Struct]) -> str:
+    """``struct``'s fields as a Markdown table (the README's hyperparameters), as the flags show them."""
+    info = mi.type_info(struct)
+    assert isinstance(info, mi.StructType)
+    lines = ["| field (flag) | allowed | default | what it does |", "|---|---|---|---|"]
+    for field in info.fields:
+        allowed, description = _shown(field.type)
+        default = "" if field.default is msgspec.NODEFAULT else field.default
+        shown = "(none)" if default is None else f"`{default}`"
+        flag = "--" + field.name.replace("_", "-")
+        allowed = allowed.replace("|", " \\| ")
+        lines.append(f"| `{field.name}` (`{flag}`) | {allowed} | {shown} | {description} |")
+    return "\n".join(lines) + "\n"
+
+
+README_START = "<!-- hyperparameters:start -->\n"
+README_END = "<!-- hyperparameters:end -->"
+
+
+def with_hyperparameters_table(readme: str) -> str:
+    """``readme`` with the text between the hyperparameters markers replaced by the table of
+    :class:`~locopilot.training.hyperparameters.Hyperparameters`."""
+    from locopilot.training.hyperparameters import Hyperparameters
+
+    head, _, rest = readme.partition(README_START)
+    _, _, tail = rest.partition(README_END)
+    return head + README_START + struct_table(Hyperparameters) + README_END + tail

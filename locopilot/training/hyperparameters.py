@@ -34,13 +34,13 @@ MAX_LEARNING_RATE = 1e-2
 MAX_MULTIPLIER = 10.0
 MAX_LORA_RANK = 256
 
-Epochs = Annotated[int, Meta(ge=1, le=100, description="Passes over the dataset.")]
+Epochs = Annotated[int, Meta(ge=1, le=100, description="Passes over the dataset (OpenAI's `n_epochs`).")]
 LearningRate = Annotated[
     float, Meta(gt=0, le=MAX_LEARNING_RATE, description="The optimizer's learning rate (times the multiplier).")
 ]
 Multiplier = Annotated[
     float,
-    Meta(gt=0, le=MAX_MULTIPLIER, description="Multiplies the learning rate, chosen or given (OpenAI's name)."),
+    Meta(gt=0, le=MAX_MULTIPLIER, description="Multiplies the learning rate, chosen or given (OpenAI's too)."),
 ]
 Optimizer = Annotated[Literal["adamw", "sgd"], Meta(description="The optimizer.")]
 WeightDecay = Annotated[float, Meta(ge=0, le=1, description="The optimizer's weight decay.")]
