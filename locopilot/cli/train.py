@@ -20,8 +20,7 @@ from locopilot.errors import LocopilotError
 from locopilot.models.catalog import ModelCatalog
 from locopilot.training import jobfile
 from locopilot.training.adapters import FRAMEWORKS
-from locopilot.training.hyperparameters import DEFAULT_CONTEXT, FIELDS
-from locopilot.training.jobfile import DEFAULT_LORA_LEARNING_RATE, DEFAULT_LORA_RANK
+from locopilot.training.hyperparameters import DEFAULT_CONTEXT, DEFAULT_LORA_LEARNING_RATE, DEFAULT_LORA_RANK, FIELDS
 from locopilot.training.spotcheck import SpotCheck
 from locopilot.training.trainer import Finished, TrainConfig
 

@@ -33,6 +33,10 @@ MAX_LEARNING_RATE = 1e-2
 #: The auto rule's rate is at most 1e-3 (locopilot.training.auto), so at most 1e-2 after this.
 MAX_MULTIPLIER = 10.0
 MAX_LORA_RANK = 256
+#: What ``auto`` (or nothing) means for an external framework (LoRA): its usual values.
+DEFAULT_LORA_EPOCHS = 1
+DEFAULT_LORA_LEARNING_RATE = 1e-4
+DEFAULT_LORA_RANK = 8
 
 Epochs = Annotated[int, Meta(ge=1, le=100, description="Passes over the dataset (OpenAI's `n_epochs`).")]
 LearningRate = Annotated[

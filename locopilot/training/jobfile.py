@@ -15,13 +15,13 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from locopilot.training.hyperparameters import Auto, Hyperparameters
-
-DEFAULT_LORA_LEARNING_RATE = 1e-4
-#: External frameworks' epochs when none are given (the built-in trainer chooses its own).
-DEFAULT_LORA_EPOCHS = 1
-#: External frameworks' LoRA rank when none is given.
-DEFAULT_LORA_RANK = 8
+from locopilot.training.hyperparameters import (
+    DEFAULT_LORA_EPOCHS,
+    DEFAULT_LORA_LEARNING_RATE,
+    DEFAULT_LORA_RANK,
+    Auto,
+    Hyperparameters,
+)
 
 Framework = Literal["builtin", "unsloth", "axolotl", "mlx"]
 
