@@ -25,6 +25,7 @@ Both buffer what they read past a message for the next call, so nothing is read 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import signal
@@ -50,6 +51,8 @@ HEADER = struct.Struct(">I")
 CHUNK = 1 << 16
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class ProtocolError(Exception):
@@ -242,7 +245,7 @@ class AsyncReceiver(Generic[T]):
 
 class Child(Generic[T]):
     """A child speaking frames, for a parent that blocks (a thread): :meth:`send`,
-    :meth:`receive` (``T`` messages), then :meth:`stop`. Raises OSError when it cannot start."""
+    :meth:`receive` (``T`` messages), then :meth:`close`. Raises OSError when it cannot start."""
 
     def __init__(
         self, subcommand: str, codec: Codec[T], *, stderr: IO[bytes] | int | None = None, cwd: Path | None = None
@@ -281,13 +284,22 @@ class Child(Generic[T]):
             self._sender.out.close()
 
     def stop(self, grace: float) -> int:
-        """End of input, ``grace`` seconds to exit, then SIGKILL; returns the exit status."""
+        """End of input, ``grace`` seconds to exit, then SIGKILL; returns the exit status.
+
+        Safe from another thread than the one that reads (which then reads the end of output).
+        """
         self.close_input()
         try:
-            code = self.process.wait(timeout=grace)
+            return self.process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
+            if grace > 0:
+                log.warning("child pid %s did not exit %g s after its input ended; killing it", self.pid, grace)
             self.process.kill()
-            code = self.process.wait()
+            return self.process.wait()
+
+    def close(self, grace: float) -> int:
+        """:meth:`stop`, then let go of its output (the reader's thread only)."""
+        code = self.stop(grace)
         assert self.process.stdout is not None
         self.process.stdout.close()
         return code
@@ -340,6 +352,7 @@ class AsyncChild(Generic[T]):
             with anyio.move_on_after(grace):
                 await self.process.wait()
                 return
+            log.warning("child pid %s did not exit %g s after its input ended; killing it", self.pid, grace)
             await self.kill()
 
     async def kill(self) -> None:

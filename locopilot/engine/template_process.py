@@ -251,7 +251,7 @@ class IsolatedRenderer:
     def _discard(self) -> None:
         child, self._child = self._child, None
         if child is not None:
-            child.stop(0)
+            child.close(0)
 
     @property
     def pid(self) -> int | None:
@@ -286,4 +286,4 @@ class IsolatedRenderer:
         """End the helper (closing its input, then killing it if it lingers)."""
         child, self._child = self._child, None
         if child is not None:
-            child.stop(2)
+            child.close(2)
