@@ -429,3 +429,26 @@ def test_kill_9_of_the_server_leaves_no_job_running_and_no_worker(
     finally:
         server.stop()
     assert not training_workers(os.getpid())
+
+
+def test_a_stopped_server_stops_its_worker_and_the_job_is_interrupted(
+    tmp_path: Path, smollm2_path: Path, dataset: Path
+) -> None:
+    server = training_server(tmp_path, smollm2_path).start()
+    try:
+        client = server.client()
+        with dataset.open("rb") as f:
+            uploaded = client.files.create(file=f, purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=SMOL, training_file=uploaded.id, hyperparameters=LONG)  # type: ignore[arg-type]
+        worker_started(client, server, job.id)
+        assert server.process is not None
+        (worker,) = training_workers(server.process.pid)
+        started = time.monotonic()
+        assert server.stop() == 0  # SIGTERM: the job service ends the worker's input
+        print(f"\nthe server stopped {time.monotonic() - started:.1f} s after SIGTERM with a job training")
+        assert not alive(worker)
+        server.start()
+        stopped = server.client().fine_tuning.jobs.retrieve(job.id)
+        assert stopped.status == "failed" and stopped.error is not None and stopped.error.code == "interrupted"
+    finally:
+        server.stop()

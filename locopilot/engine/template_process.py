@@ -193,7 +193,7 @@ class IsolatedRenderer:
         A helper that has died since the last render (killed from outside) is replaced first.
         """
         if self._child is not None and self._child.process.poll() is not None:
-            self._discard()
+            self.close(0)
         if self._child is None:
             self._start()
         if not self._compiled:
@@ -215,7 +215,7 @@ class IsolatedRenderer:
         try:
             self._child.send(message)
         except (OSError, ValueError) as exc:
-            self._discard()
+            self.close(0)
             raise TemplateError("chat template failed: its render process ended") from exc
 
     def _receive(self, timeout: float) -> FromHelper:
@@ -223,16 +223,16 @@ class IsolatedRenderer:
         try:
             reply = self._child.receive(timeout)
         except TimeoutError as exc:
-            self._discard()
+            self.close(0)
             raise TemplateError(f"chat template took over {timeout:g} s to render") from exc
         except ProtocolError as exc:
-            self._discard()
+            self.close(0)
             raise TemplateError(f"chat template failed: its render process broke the protocol: {exc}") from exc
         if reply is None:
-            self._discard()
+            self.close(0)
             raise TemplateError("chat template failed: its render process ended (out of memory or killed)")
         if isinstance(reply, RenderFailed) and reply.fatal:
-            self._discard()
+            self.close(0)
             # The replacement imports and compiles while the runner goes on; the next render waits for it.
             self._start()
         return reply
@@ -245,13 +245,8 @@ class IsolatedRenderer:
             case RenderFailed(message=message):
                 self._compiled, self._failure = True, message
             case _:
-                self._discard()
+                self.close(0)
                 raise TemplateError(f"chat template failed: its render process answered {type(reply).__name__}")
-
-    def _discard(self) -> None:
-        child, self._child = self._child, None
-        if child is not None:
-            child.close(0)
 
     @property
     def pid(self) -> int | None:
@@ -279,11 +274,12 @@ class IsolatedRenderer:
             case RenderFailed(message=message):
                 raise TemplateError(message)
             case reply:
-                self._discard()
+                self.close(0)
                 raise TemplateError(f"chat template failed: its render process answered {type(reply).__name__}")
 
-    def close(self) -> None:
-        """End the helper (closing its input, then killing it if it lingers)."""
+    def close(self, grace: float = 2.0) -> None:
+        """End the helper: close its input, and kill it if it lingers ``grace`` seconds
+        (0: at once, for a helper that failed). The next render starts a new one."""
         child, self._child = self._child, None
         if child is not None:
-            child.close(2)
+            child.close(grace)
