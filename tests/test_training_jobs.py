@@ -396,8 +396,9 @@ def test_a_killed_worker_fails_its_job_and_the_next_runs(server: Server, client:
     assert client.fine_tuning.jobs.cancel(following.id).status == "cancelled"
 
 
-def test_kill_9_of_the_server_leaves_no_job_running_and_no_worker(
-    tmp_path: Path, smollm2_path: Path, dataset: Path
+@pytest.mark.parametrize("ending", ["kill -9", "SIGTERM"])
+def test_a_server_ended_leaves_no_job_running_and_no_worker(
+    tmp_path: Path, smollm2_path: Path, dataset: Path, ending: str
 ) -> None:
     server = training_server(tmp_path, smollm2_path).start()
     try:
@@ -410,15 +411,21 @@ def test_kill_9_of_the_server_leaves_no_job_running_and_no_worker(
         assert server.process is not None
         workers = training_workers(server.process.pid)
         assert len(workers) == 1
-        # The whole server, main process and its granian worker, but not the training worker.
-        for pid in descendants(server.process.pid) - set(workers) | {server.process.pid}:
-            with contextlib.suppress(OSError):
-                if b"python" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(pid, signal.SIGKILL)
-        server.process.wait()
         started = time.monotonic()
-        wait_for(lambda: not alive(workers[0]), 10, "the orphaned worker to exit", server)
-        print(f"\nthe orphaned worker exited {time.monotonic() - started:.1f} s after the server was killed")
+        if ending == "SIGTERM":  # the job service ends the worker's input and waits for it
+            assert server.stop() == 0
+            assert not alive(workers[0])
+            print(f"\nthe server stopped {time.monotonic() - started:.1f} s after SIGTERM with a job training")
+        else:
+            # The whole server, main process and its granian worker, but not the training worker.
+            for pid in descendants(server.process.pid) - set(workers) | {server.process.pid}:
+                with contextlib.suppress(OSError):
+                    if b"python" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(pid, signal.SIGKILL)
+            server.process.wait()
+            started = time.monotonic()
+            wait_for(lambda: not alive(workers[0]), 10, "the orphaned worker to exit", server)
+            print(f"\nthe orphaned worker exited {time.monotonic() - started:.1f} s after the server was killed")
         server.start()
         client = server.client()
         job = client.fine_tuning.jobs.retrieve(interrupted.id)
@@ -429,26 +436,3 @@ def test_kill_9_of_the_server_leaves_no_job_running_and_no_worker(
     finally:
         server.stop()
     assert not training_workers(os.getpid())
-
-
-def test_a_stopped_server_stops_its_worker_and_the_job_is_interrupted(
-    tmp_path: Path, smollm2_path: Path, dataset: Path
-) -> None:
-    server = training_server(tmp_path, smollm2_path).start()
-    try:
-        client = server.client()
-        with dataset.open("rb") as f:
-            uploaded = client.files.create(file=f, purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model=SMOL, training_file=uploaded.id, hyperparameters=LONG)  # type: ignore[arg-type]
-        worker_started(client, server, job.id)
-        assert server.process is not None
-        (worker,) = training_workers(server.process.pid)
-        started = time.monotonic()
-        assert server.stop() == 0  # SIGTERM: the job service ends the worker's input
-        print(f"\nthe server stopped {time.monotonic() - started:.1f} s after SIGTERM with a job training")
-        assert not alive(worker)
-        server.start()
-        stopped = server.client().fine_tuning.jobs.retrieve(job.id)
-        assert stopped.status == "failed" and stopped.error is not None and stopped.error.code == "interrupted"
-    finally:
-        server.stop()
