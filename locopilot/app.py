@@ -20,7 +20,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
 
-from locopilot import __version__
+from locopilot import __version__, children
 from locopilot.api import admin as admin_api
 from locopilot.api import anthropic as anthropic_api
 from locopilot.api import console as console_api
@@ -35,7 +35,7 @@ from locopilot.api import openai_responses as responses_api
 from locopilot.api import training as training_api
 from locopilot.api.services import EngineStatus, Services, get_pipeline, get_services
 from locopilot.engine.protocol import probe_decoder
-from locopilot.engine.scheduler import ModelManager, runner_command, runner_environment
+from locopilot.engine.supervisor import ModelManager
 from locopilot.errors import (
     InvalidRequest,
     LocopilotError,
@@ -178,7 +178,10 @@ async def probe_engine(status: EngineStatus, settings: Settings) -> None:
     try:
         with anyio.fail_after(PROBE_TIMEOUT):
             result = await anyio.run_process(
-                [*runner_command(), "--probe"], check=False, cwd=settings.data_path, env=runner_environment()
+                [*children.command("_runner"), "--probe"],
+                check=False,
+                cwd=settings.data_path,
+                env=children.environment(),
             )
     except (TimeoutError, OSError) as exc:
         status.detail = f"llama.cpp probe failed: {exc}"

@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from locopilot.engine.scheduler import ModelManager
+from locopilot.engine.supervisor import ModelManager
 from locopilot.gateway.metrics import MAX_MODEL_LABELS, Metrics, RequestMetrics
 from locopilot.gateway.ratelimit import RateLimiter
 from locopilot.gateway.router import Router

@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from locopilot.engine.protocol import SamplingParams
-from locopilot.engine.scheduler import ModelManager
+from locopilot.engine.supervisor import ModelManager
 from locopilot.errors import ModelNotFound, UpstreamError
 from locopilot.models.catalog import ModelCatalog
 from locopilot.providers.base import Finish, GenerationRequest, Message, Provider, StreamEvent, TextDelta

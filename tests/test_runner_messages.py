@@ -4,16 +4,16 @@ and Deltas that piled up behind a slow reader merged (no model needed)."""
 from __future__ import annotations
 
 import io
-import queue
+import os
 
 import anyio
 import pytest
 
+from locopilot.children import AsyncReceiver, Codec, ProtocolError, Receiver, Sender
 from locopilot.engine import protocol
 from locopilot.engine.batching import Cancellations, Outbox
 from locopilot.engine.protocol import Delta, Done, FromRunner, Started, TokenLogprob
-from locopilot.engine.runner import Channel
-from locopilot.engine.scheduler import FrameReader, _coalesced
+from locopilot.engine.supervisor import _coalesced
 
 
 class Chunks:
@@ -38,30 +38,30 @@ MESSAGES: list[FromRunner] = [
 ]
 
 
-async def read_all(reader: FrameReader) -> list[list[FromRunner]]:
+async def read_all(reader: AsyncReceiver[FromRunner]) -> list[list[FromRunner]]:
     batches = []
-    while (batch := await reader.read()) is not None:
+    while (batch := await reader.receive_all()) is not None:
         batches.append(batch)
     return batches
 
 
 def test_one_receive_gives_every_message_that_arrived() -> None:
-    data = b"".join(map(protocol.encode, MESSAGES))
-    assert anyio.run(read_all, FrameReader(Chunks([data]))) == [MESSAGES]  # type: ignore[arg-type]
+    data = b"".join(map(Codec.encode, MESSAGES))
+    assert anyio.run(read_all, AsyncReceiver(Chunks([data]), protocol.from_runner)) == [MESSAGES]  # type: ignore[arg-type]
 
 
 def test_frames_split_anywhere_come_out_whole() -> None:
-    data = b"".join(map(protocol.encode, MESSAGES))
+    data = b"".join(map(Codec.encode, MESSAGES))
     for size in (1, 3, 7):
         chunks = [data[i : i + size] for i in range(0, len(data), size)]
-        batches = anyio.run(read_all, FrameReader(Chunks(chunks)))  # type: ignore[arg-type]
+        batches = anyio.run(read_all, AsyncReceiver(Chunks(chunks), protocol.from_runner))  # type: ignore[arg-type]
         assert [m for batch in batches for m in batch] == MESSAGES
 
 
 def test_a_stream_that_ends_inside_a_frame_is_a_protocol_error() -> None:
-    data = protocol.encode(MESSAGES[1])
-    with pytest.raises(protocol.ProtocolError):
-        anyio.run(read_all, FrameReader(Chunks([data[:-1]])))  # type: ignore[arg-type]
+    data = Codec.encode(MESSAGES[1])
+    with pytest.raises(ProtocolError):
+        anyio.run(read_all, AsyncReceiver(Chunks([data[:-1]]), protocol.from_runner))  # type: ignore[arg-type]
 
 
 def test_deltas_waiting_together_come_as_one_and_the_terminal_message_after_them() -> None:
@@ -126,7 +126,7 @@ def test_a_reader_that_keeps_up_gets_each_delta_alone() -> None:
 
 def test_an_outbox_writes_a_round_at_once_and_then_ends_its_jobs() -> None:
     out = io.BytesIO()
-    channel = Channel(out)
+    channel = Sender(out)
     writes: list[int] = []
     cancellations = Cancellations()
     cancellations.begin(1)
@@ -144,8 +144,8 @@ def test_an_outbox_writes_a_round_at_once_and_then_ends_its_jobs() -> None:
     outbox.flush()
     assert writes == [len(MESSAGES)]
     assert 1 not in cancellations  # Done(id=1) went out: its cancellation record is gone
-    stream = io.BytesIO(out.getvalue())
-    read: queue.SimpleQueue[FromRunner] = queue.SimpleQueue()
-    while (frame := protocol.read_frame_sync(stream)) is not None:
-        read.put(protocol.decode_from_runner(frame))
-    assert [read.get() for _ in MESSAGES] == MESSAGES
+    reading, writing = os.pipe()
+    os.write(writing, out.getvalue())
+    os.close(writing)
+    assert list(Receiver(reading, protocol.from_runner)) == MESSAGES
+    os.close(reading)

@@ -396,8 +396,9 @@ def test_a_killed_worker_fails_its_job_and_the_next_runs(server: Server, client:
     assert client.fine_tuning.jobs.cancel(following.id).status == "cancelled"
 
 
-def test_kill_9_of_the_server_leaves_no_job_running_and_no_worker(
-    tmp_path: Path, smollm2_path: Path, dataset: Path
+@pytest.mark.parametrize("ending", ["kill -9", "SIGTERM"])
+def test_a_server_ended_leaves_no_job_running_and_no_worker(
+    tmp_path: Path, smollm2_path: Path, dataset: Path, ending: str
 ) -> None:
     server = training_server(tmp_path, smollm2_path).start()
     try:
@@ -410,15 +411,21 @@ def test_kill_9_of_the_server_leaves_no_job_running_and_no_worker(
         assert server.process is not None
         workers = training_workers(server.process.pid)
         assert len(workers) == 1
-        # The whole server, main process and its granian worker, but not the training worker.
-        for pid in descendants(server.process.pid) - set(workers) | {server.process.pid}:
-            with contextlib.suppress(OSError):
-                if b"python" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(pid, signal.SIGKILL)
-        server.process.wait()
         started = time.monotonic()
-        wait_for(lambda: not alive(workers[0]), 10, "the orphaned worker to exit", server)
-        print(f"\nthe orphaned worker exited {time.monotonic() - started:.1f} s after the server was killed")
+        if ending == "SIGTERM":  # the job service ends the worker's input and waits for it
+            assert server.stop() == 0
+            assert not alive(workers[0])
+            print(f"\nthe server stopped {time.monotonic() - started:.1f} s after SIGTERM with a job training")
+        else:
+            # The whole server, main process and its granian worker, but not the training worker.
+            for pid in descendants(server.process.pid) - set(workers) | {server.process.pid}:
+                with contextlib.suppress(OSError):
+                    if b"python" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(pid, signal.SIGKILL)
+            server.process.wait()
+            started = time.monotonic()
+            wait_for(lambda: not alive(workers[0]), 10, "the orphaned worker to exit", server)
+            print(f"\nthe orphaned worker exited {time.monotonic() - started:.1f} s after the server was killed")
         server.start()
         client = server.client()
         job = client.fine_tuning.jobs.retrieve(interrupted.id)

@@ -12,7 +12,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from locopilot.api.responses import GUARDED, answers
 from locopilot.api.services import Services
 from locopilot.engine.protocol import CpuBackend
-from locopilot.engine.scheduler import RunnerInfo
+from locopilot.engine.supervisor import RunnerInfo
 from locopilot.gateway.ratelimit import LimitStats
 from locopilot.schemas.openai import encoder
 from locopilot.store import stats

@@ -10,7 +10,7 @@ own), ``prompt_eval_duration`` the rest of the time to the first token, ``eval_d
 from the first token to the last.
 
 ``keep_alive`` sets how long an embedded model stays loaded after the request
-(:meth:`~locopilot.engine.scheduler.ModelManager.keep`), and goes on to an Ollama upstream
+(:meth:`~locopilot.engine.supervisor.ModelManager.keep`), and goes on to an Ollama upstream
 with the request; a request with nothing to generate from loads the model, or with
 ``keep_alive`` 0 unloads it, as in Ollama (an Ollama upstream is asked to do the same).
 

@@ -9,7 +9,7 @@ from functools import cached_property
 from litestar.datastructures import State
 
 from locopilot.engine.protocol import CpuBackend
-from locopilot.engine.scheduler import ModelManager
+from locopilot.engine.supervisor import ModelManager
 from locopilot.gateway.auth import Authenticator
 from locopilot.gateway.hygiene import HostCheck
 from locopilot.gateway.metrics import Metrics

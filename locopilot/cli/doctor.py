@@ -16,11 +16,11 @@ import rich_click as click
 from rich.table import Table
 from rich.text import Text
 
+from locopilot.children import command
 from locopilot.cli import console
 from locopilot.cli.remote import base_url
 from locopilot.client import sync_client
 from locopilot.engine.protocol import Probe, probe_decoder
-from locopilot.engine.scheduler import runner_command
 from locopilot.models.catalog import ModelCatalog
 from locopilot.settings import Settings, SettingsError, load_settings
 from locopilot.store.db import Database, StoreError
@@ -68,7 +68,7 @@ def check_database(settings: Settings) -> Check:
 
 def check_engine(_: Settings) -> Check:
     try:
-        result = subprocess.run([*runner_command(), "--probe"], capture_output=True, timeout=120, check=False)
+        result = subprocess.run([*command("_runner"), "--probe"], capture_output=True, timeout=120, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return Check("llama.cpp", "fail", str(exc))
     if result.returncode != 0:

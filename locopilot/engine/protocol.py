@@ -1,20 +1,17 @@
 """Messages between the API process and a runner process.
 
-Frames on the runner's stdin/stdout: a 4-byte big-endian length, then one
-msgpack-encoded message from the tagged unions below. The API process sends
-``ToRunner`` messages and reads ``FromRunner`` ones; every request carries an
-``id`` so several can be in flight on one pipe.
+Frames on the runner's stdin/stdout (:mod:`locopilot.children`), each one message from the
+tagged unions below. The API process sends ``ToRunner`` messages and reads ``FromRunner``
+ones; every request carries an ``id`` so several can be in flight on one pipe.
 """
 
 from __future__ import annotations
 
-import struct
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import msgspec
 
-MAX_FRAME = 256 * 1024 * 1024
-_LEN = struct.Struct(">I")
+from locopilot.children import Codec
 
 # "template": the model's chat template failed (its message is the template's own words).
 FailureKind = Literal["context_length", "invalid", "template", "internal"]
@@ -297,9 +294,8 @@ class Probe(msgspec.Struct, frozen=True, kw_only=True):
 
 probe_decoder = msgspec.json.Decoder(Probe)
 
-_encoder = msgspec.msgpack.Encoder()
-_to_runner = msgspec.msgpack.Decoder(ToRunner)
-_from_runner = msgspec.msgpack.Decoder(FromRunner)
+to_runner: Codec[ToRunner] = Codec(ToRunner)
+from_runner: Codec[FromRunner] = Codec(FromRunner)
 
 
 class RequestError(Exception):
@@ -309,65 +305,3 @@ class RequestError(Exception):
         super().__init__(message)
         self.kind: FailureKind = kind
         self.param = param
-
-
-class ProtocolError(Exception):
-    """A frame was malformed or too large; the pipe cannot be trusted after this."""
-
-
-HEADER_SIZE = _LEN.size
-
-
-def frame(body: bytes) -> bytes:
-    """``body`` with its length header in front."""
-    return _LEN.pack(len(body)) + body
-
-
-def encode(message: ToRunner | FromRunner) -> bytes:
-    return frame(_encoder.encode(message))
-
-
-def frame_length(header: bytes) -> int:
-    (length,) = _LEN.unpack(header)
-    if length > MAX_FRAME:
-        raise ProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME}")
-    return int(length)
-
-
-def decode_to_runner(body: bytes) -> ToRunner:
-    try:
-        return _to_runner.decode(body)  # type: ignore[no-any-return]
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(str(exc)) from exc
-
-
-def decode_from_runner(body: bytes | memoryview) -> FromRunner:
-    try:
-        return _from_runner.decode(body)  # type: ignore[no-any-return]
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(str(exc)) from exc
-
-
-def read_frame_sync(stream: BinaryIO) -> bytes | None:
-    """Read one frame body from a blocking stream; None at a clean end of stream."""
-    header = _read_exact(stream, _LEN.size)
-    if header is None:
-        return None
-    body = _read_exact(stream, frame_length(header))
-    if body is None:
-        raise ProtocolError("stream ended inside a frame")
-    return body
-
-
-def _read_exact(stream: BinaryIO, size: int) -> bytes | None:
-    chunks: list[bytes] = []
-    remaining = size
-    while remaining:
-        chunk = stream.read(remaining)
-        if not chunk:
-            if chunks:
-                raise ProtocolError("stream ended inside a frame")
-            return None
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)

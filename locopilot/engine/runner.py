@@ -2,7 +2,7 @@
 
 Started by the API process as ``locopilot _runner`` (the same executable), it
 reads framed ``ToRunner`` messages on stdin and writes ``FromRunner`` messages
-on stdout (see protocol.py). The first message is ``Load``; the runner answers
+on stdout (see protocol.py, children.py). The first message is ``Load``; the runner answers
 ``Ready`` or ``LoadFailed``. A llama.cpp crash kills only this process; the API
 process sees end-of-stream and fails the requests it had in flight.
 
@@ -10,7 +10,7 @@ This module is the process: its pipes, the backend registration and a reader
 thread that turns frames into jobs and cancellations. The work itself is
 continuously batched by :func:`locopilot.engine.batching.serve`. stdout is
 reserved for frames: anything llama.cpp or Python prints to file descriptor 1
-is redirected to stderr.
+is redirected to stderr (:func:`locopilot.children.prologue`).
 """
 
 from __future__ import annotations
@@ -20,17 +20,15 @@ import logging
 import os
 import queue
 import re
-import signal
-import sys
 import threading
 from pathlib import Path
-from typing import BinaryIO
 
 import msgspec
 
+from locopilot.children import Receiver, Sender, prologue
 from locopilot.engine import protocol
 from locopilot.engine.batching import Cancellations, Engine, serve
-from locopilot.engine.protocol import Cancel, Count, CpuBackend, Embed, FromRunner, Generate, Load, LoadFailed, Probe
+from locopilot.engine.protocol import Cancel, Count, CpuBackend, Embed, Generate, Load, LoadFailed, Probe
 
 log = logging.getLogger("locopilot.runner")
 
@@ -137,39 +135,15 @@ def probe() -> int:
     return 0 if devices else 1
 
 
-class Channel:
-    """The runner's end of the pipe: framed writes to the saved stdout."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        self.out = out
-        self.lock = threading.Lock()
-
-    def send(self, message: FromRunner) -> None:
-        self.send_all([message])
-
-    def send_all(self, messages: list[FromRunner]) -> None:
-        """All of ``messages`` in one write (one wakeup of the reader)."""
-        data = b"".join(map(protocol.encode, messages))
-        with self.lock:
-            self.out.write(data)
-            self.out.flush()
-
-
 def main() -> int:
     """Entry point of ``locopilot _runner``; returns the exit status."""
-    # Ctrl-C at a terminal reaches the whole process group; the server drains its requests
-    # and then ends this runner by closing stdin, so the runner must not die first.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    channel = Channel(out)
-    stdin = sys.stdin.buffer
+    # The server drains its requests and then ends this runner by closing stdin (children.prologue).
+    channel = Sender(prologue())
+    requests = Receiver(0, protocol.to_runner)
 
-    body = protocol.read_frame_sync(stdin)
-    if body is None:
+    load = requests.receive()
+    if load is None:
         return 0
-    load = protocol.decode_to_runner(body)
     if not isinstance(load, Load):
         channel.send(LoadFailed(message=f"expected a load message, got {type(load).__name__}"))
         return 2
@@ -188,8 +162,8 @@ def main() -> int:
 
     def read_requests() -> None:
         try:
-            while (frame := protocol.read_frame_sync(stdin)) is not None:
-                match protocol.decode_to_runner(frame):
+            for request in requests:
+                match request:
                     case Cancel(id=job_id):
                         cancellations.cancel(job_id)
                     case Generate() | Embed() | Count() as job:

@@ -14,7 +14,7 @@ builds too much gets a MemoryError there, its request fails with
 and its other requests never see the allocation.
 
 A render costs the runner one round trip over a pipe (frames as in
-:mod:`locopilot.engine.protocol`). A helper that dies, hangs past
+:mod:`locopilot.children`). A helper that dies, hangs past
 :data:`RENDER_TIMEOUT` or runs out of memory is replaced: the next render
 starts a new one. RLIMIT_AS is enforced by Linux; on macOS only the in-process
 checks of templates.py apply.
@@ -25,17 +25,14 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import select
-import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from locopilot.engine import protocol
+from locopilot.children import Child, Codec, ProtocolError, Receiver, Sender, prologue
 from locopilot.engine.templates import ChatTemplate, TemplateError, TemplateRenderer
 
 log = logging.getLogger("locopilot.runner")
@@ -81,20 +78,8 @@ class RenderFailed(msgspec.Struct, tag="failed", frozen=True):
 ToHelper = Compile | Render
 FromHelper = Compiled | Rendered | RenderFailed
 
-_encoder = msgspec.msgpack.Encoder()
-_to_helper = msgspec.msgpack.Decoder(ToHelper)
-_from_helper = msgspec.msgpack.Decoder(FromHelper)
-
-
-def _frame(message: ToHelper | FromHelper) -> bytes:
-    return protocol.frame(_encoder.encode(message))
-
-
-def helper_command() -> list[str]:
-    """The same program with the hidden subcommand ``_render`` (``-P``: see runner_command)."""
-    if getattr(sys, "frozen", False):
-        return [sys.executable, "_render"]
-    return [sys.executable, "-P", "-m", "locopilot", "_render"]
+to_helper: Codec[ToHelper] = Codec(ToHelper)
+from_helper: Codec[FromHelper] = Codec(FromHelper)
 
 
 # The helper process
@@ -122,17 +107,18 @@ def limit_memory(extra: int) -> bool:
 
 def main() -> int:
     """Entry point of ``locopilot _render``: serve Compile and Render frames on stdin until it closes."""
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    stdin = sys.stdin.buffer
+    out = Sender(prologue())
+    requests = Receiver(0, to_helper)
     renderer: TemplateRenderer | None = None
     limit: int | None = None
     failure = "the chat template was not compiled"
-    while (body := protocol.read_frame_sync(stdin)) is not None:
+    while True:
         reply: FromHelper
         try:
-            match _to_helper.decode(body):
+            request = requests.receive()
+            if request is None:
+                return 0
+            match request:
                 case Compile(memory_limit=memory_limit, source=source, name=name, bos_token=bos, eos_token=eos):
                     if limit is None:
                         limit = memory_limit
@@ -160,11 +146,9 @@ def main() -> int:
             reply = RenderFailed(
                 f"chat template ran out of memory (a render may use {(limit or 0) >> 20} MiB)", fatal=True
             )
-        out.write(_frame(reply))
-        out.flush()
+        out.send(reply)
         if isinstance(reply, RenderFailed) and reply.fatal:
             return 1
-    return 0
 
 
 # The runner's side
@@ -198,7 +182,7 @@ class IsolatedRenderer:
             bos_token=bos_token,
             eos_token=eos_token,
         )
-        self._process: subprocess.Popen[bytes] | None = None
+        self._child: Child[FromHelper] | None = None
         self._compiled = False
         self._failure: str | None = None  # why the template does not compile
         self._start()
@@ -208,9 +192,9 @@ class IsolatedRenderer:
 
         A helper that has died since the last render (killed from outside) is replaced first.
         """
-        if self._process is not None and self._process.poll() is not None:
-            self._discard()
-        if self._process is None:
+        if self._child is not None and self._child.process.poll() is not None:
+            self.close(0)
+        if self._child is None:
             self._start()
         if not self._compiled:
             self._await_compiled()
@@ -220,43 +204,35 @@ class IsolatedRenderer:
     def _start(self) -> None:
         """Start a helper and send it the template; its answer is read by the next render."""
         try:
-            process = subprocess.Popen(helper_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+            self._child = Child("_render", from_helper)
         except OSError as exc:
             raise TemplateError(f"chat template failed: its render process did not start: {exc}") from exc
-        assert process.stdin is not None
-        self._process = process
         self._compiled, self._failure = False, None
         self._send(self._compile)
 
     def _send(self, message: ToHelper) -> None:
-        assert self._process is not None and self._process.stdin is not None
+        assert self._child is not None
         try:
-            self._process.stdin.write(_frame(message))
-            self._process.stdin.flush()
-        except (BrokenPipeError, OSError) as exc:
-            self._discard()
+            self._child.send(message)
+        except (OSError, ValueError) as exc:
+            self.close(0)
             raise TemplateError("chat template failed: its render process ended") from exc
 
     def _receive(self, timeout: float) -> FromHelper:
-        assert self._process is not None and self._process.stdout is not None
+        assert self._child is not None
         try:
-            body = _read_frame(self._process.stdout.fileno(), time.monotonic() + timeout)
+            reply = self._child.receive(timeout)
         except TimeoutError as exc:
-            self._discard()
+            self.close(0)
             raise TemplateError(f"chat template took over {timeout:g} s to render") from exc
-        except protocol.ProtocolError as exc:
-            self._discard()
+        except ProtocolError as exc:
+            self.close(0)
             raise TemplateError(f"chat template failed: its render process broke the protocol: {exc}") from exc
-        if body is None:
-            self._discard()
+        if reply is None:
+            self.close(0)
             raise TemplateError("chat template failed: its render process ended (out of memory or killed)")
-        try:
-            reply: FromHelper = _from_helper.decode(body)
-        except msgspec.DecodeError as exc:
-            self._discard()
-            raise TemplateError(f"chat template failed: its render process sent garbage: {exc}") from exc
         if isinstance(reply, RenderFailed) and reply.fatal:
-            self._discard()
+            self.close(0)
             # The replacement imports and compiles while the runner goes on; the next render waits for it.
             self._start()
         return reply
@@ -269,23 +245,13 @@ class IsolatedRenderer:
             case RenderFailed(message=message):
                 self._compiled, self._failure = True, message
             case _:
-                self._discard()
+                self.close(0)
                 raise TemplateError(f"chat template failed: its render process answered {type(reply).__name__}")
-
-    def _discard(self) -> None:
-        process, self._process = self._process, None
-        if process is None:
-            return
-        process.kill()
-        process.wait()
-        for stream in (process.stdin, process.stdout):
-            if stream is not None:
-                stream.close()
 
     @property
     def pid(self) -> int | None:
         """The running helper's process id, if one runs."""
-        return None if self._process is None else self._process.pid
+        return None if self._child is None else self._child.pid
 
     def render(
         self,
@@ -308,50 +274,12 @@ class IsolatedRenderer:
             case RenderFailed(message=message):
                 raise TemplateError(message)
             case reply:
-                self._discard()
+                self.close(0)
                 raise TemplateError(f"chat template failed: its render process answered {type(reply).__name__}")
 
-    def close(self) -> None:
-        """End the helper (closing its input, then killing it if it lingers)."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        assert process.stdin is not None
-        try:
-            process.stdin.close()
-            process.wait(timeout=2)
-        except (OSError, subprocess.TimeoutExpired):
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
-
-
-def _read_frame(fd: int, deadline: float) -> bytes | None:
-    """One frame body from the helper's stdout (read unbuffered), or None at end of input.
-
-    Raises TimeoutError past ``deadline`` (time.monotonic), ProtocolError on a malformed frame.
-    """
-    header = _read_exact(fd, protocol.HEADER_SIZE, deadline)
-    if header is None:
-        return None
-    body = _read_exact(fd, protocol.frame_length(header), deadline)
-    if body is None:
-        raise protocol.ProtocolError("stream ended inside a frame")
-    return body
-
-
-def _read_exact(fd: int, size: int, deadline: float) -> bytes | None:
-    buffer = bytearray()
-    while len(buffer) < size:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise TimeoutError
-        # Never more than this frame: the helper's next words belong to the next call.
-        chunk = os.read(fd, min(size - len(buffer), 1 << 20))
-        if not chunk:
-            if buffer:
-                raise protocol.ProtocolError("stream ended inside a frame")
-            return None
-        buffer += chunk
-    return bytes(buffer)
+    def close(self, grace: float = 2.0) -> None:
+        """End the helper: close its input, and kill it if it lingers ``grace`` seconds
+        (0: at once, for a helper that failed). The next render starts a new one."""
+        child, self._child = self._child, None
+        if child is not None:
+            child.close(grace)

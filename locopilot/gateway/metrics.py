@@ -34,7 +34,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from locopilot.engine.scheduler import ModelManager
+    from locopilot.engine.supervisor import ModelManager
     from locopilot.gateway.ratelimit import RateLimiter
     from locopilot.gateway.router import Router
     from locopilot.gateway.usage import Outcome

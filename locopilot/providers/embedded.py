@@ -20,7 +20,7 @@ from locopilot.engine.protocol import (
     Generate,
     Started,
 )
-from locopilot.engine.scheduler import ModelManager, RunnerGone
+from locopilot.engine.supervisor import ModelManager, RunnerGone
 from locopilot.errors import (
     ContextLengthExceeded,
     EngineUnavailable,

@@ -119,20 +119,12 @@ class _Running:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def signal_stop(self) -> None:
-        """End the worker's input, on which it exits at once; kill it CANCEL_KILL_S later if it has not."""
+        """End the worker's input, on which it exits at once; kill it CANCEL_KILL_S later if it has not.
+        Blocks until it has exited."""
         with self.lock:
             worker = self.worker
-        if worker is None:
-            return
-        with contextlib.suppress(OSError):
-            worker.process.stdin.close()
-
-        def kill_later() -> None:
-            if not self.done.wait(CANCEL_KILL_S) and worker.process.poll() is None:
-                log.warning("training job %s did not stop in %g s; killing its worker", self.job_id, CANCEL_KILL_S)
-                worker.process.kill()
-
-        threading.Thread(target=kill_later, name=f"cancel-{self.job_id}", daemon=True).start()
+        if worker is not None:
+            worker.stop(CANCEL_KILL_S)
 
 
 class JobService:
@@ -364,9 +356,10 @@ class JobService:
         self._closing = True
         self._send.close()
         running = list(self._running.values())
-        for job in running:
-            job.stopping = True
-            await anyio.to_thread.run_sync(job.signal_stop)
+        async with anyio.create_task_group() as stopping:
+            for job in running:
+                job.stopping = True
+                stopping.start_soon(anyio.to_thread.run_sync, job.signal_stop)
         with anyio.move_on_after(CANCEL_KILL_S + 2):
             for job in running:
                 await anyio.to_thread.run_sync(job.done.wait, CANCEL_KILL_S + 2)

@@ -17,9 +17,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
-import subprocess
-import sys
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncGenerator, Callable
@@ -31,6 +28,7 @@ import anyio.abc
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from locopilot.children import AsyncChild, ProtocolError
 from locopilot.engine import protocol
 from locopilot.engine.protocol import (
     Cancel,
@@ -57,22 +55,6 @@ from locopilot.settings import Settings
 log = logging.getLogger(__name__)
 
 TERMINAL = (Done, Failed, Embeddings, Counted)
-
-
-def runner_command() -> list[str]:
-    """How to start a runner: the same program, hidden subcommand ``_runner``.
-
-    ``-P`` keeps the working directory off ``sys.path``: a stray ``llama_cpp/``
-    there would otherwise be imported instead of the real one.
-    """
-    if getattr(sys, "frozen", False):
-        return [sys.executable, "_runner"]
-    return [sys.executable, "-P", "-m", "locopilot", "_runner"]
-
-
-def runner_environment() -> dict[str, str]:
-    """The runner's environment: ours without locopilot's settings (which will hold keys)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("LOCOPILOT_")}
 
 
 runner_log = logging.getLogger("locopilot.runner")
@@ -158,7 +140,7 @@ class RunnerProcess:
     def __init__(
         self,
         name: str,
-        process: anyio.abc.Process,
+        child: AsyncChild[FromRunner],
         ready: Ready,
         clock: Callable[[], float],
         on_idle: Callable[[], None] = lambda: None,
@@ -166,7 +148,7 @@ class RunnerProcess:
     ) -> None:
         self.name = name
         self.on_idle = on_idle
-        self.process = process
+        self.child = child
         self.ready = ready
         self.clock = clock
         self.last_used = clock()
@@ -189,7 +171,6 @@ class RunnerProcess:
         self.exit_reason = ""
         self._ids = itertools.count(1)
         self._pending: dict[int, _Ticket] = {}
-        self._write_lock = anyio.Lock()
         # As many requests in the runner as it has slots; the queue behind them is ours.
         self._slot = anyio.Semaphore(ready.slots)
         # A request for n choices takes n slots, one at a time: one such request gathers at once,
@@ -223,59 +204,50 @@ class RunnerProcess:
             prompt_cache_min_tokens=settings.prompt_cache_min_tokens,
             **_template_override(runtime.chat_template),
         )
-        process = await anyio.open_process(
-            runner_command(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=settings.data_path,
-            env=runner_environment(),
-        )
-        assert process.stdin is not None
-        assert process.stdout is not None
+        child = await AsyncChild.start("_runner", protocol.from_runner, cwd=settings.data_path)
+        process = child.process
         assert process.stderr is not None
-        tasks.start_soon(relay_stderr, process.stderr, name, process.pid, name=f"runner-stderr:{name}")
+        tasks.start_soon(relay_stderr, process.stderr, name, child.pid, name=f"runner-stderr:{name}")
         failed = f"model '{name}' failed to load; the server log says why"
         started = clock()
         try:
-            await process.stdin.send(protocol.encode(load))
+            await child.send(load)
             with anyio.fail_after(settings.load_timeout):
-                first = await _read_message(process.stdout)
-        except (TimeoutError, OSError, anyio.BrokenResourceError, protocol.ProtocolError) as exc:
-            await _kill(process)
+                first = await child.receiver.receive()
+        except (TimeoutError, OSError, anyio.BrokenResourceError, ProtocolError) as exc:
+            await child.kill()
             log.error("runner for %s did not load: %r", name, exc)
             raise EngineUnavailable(failed) from exc
         except BaseException:
-            await _kill(process)
+            await child.kill()
             raise
         match first:
             case Ready():
                 log.info("loaded model %s in runner pid %s (n_ctx=%s)", name, first.pid, first.n_ctx)
-                return cls(name, process, first, clock, on_idle, load_seconds=clock() - started)
+                return cls(name, child, first, clock, on_idle, load_seconds=clock() - started)
             case LoadFailed(message=message):
                 log.error("model %s failed to load: %s", name, message)
             case None:
                 log.error("model %s failed to load: the runner exited with code %s", name, await process.wait())
             case _:
                 log.error("model %s failed to load: the runner sent %s", name, type(first).__name__)
-        await _kill(process)
+        await child.kill()
         raise EngineUnavailable(failed)
 
     async def read_loop(self) -> None:
         """Route messages to their requests until the child's stdout ends."""
-        assert self.process.stdout is not None
-        frames = FrameReader(self.process.stdout)
+        receiver = self.child.receiver
         try:
-            while (messages := await frames.read()) is not None:
+            while (messages := await receiver.receive_all()) is not None:
                 for message in messages:
                     self._route(message)
-        except (OSError, anyio.BrokenResourceError, protocol.ProtocolError) as exc:
+        except (OSError, anyio.BrokenResourceError, ProtocolError) as exc:
             log.warning("runner for %s: %s", self.name, exc)
         finally:
             self.alive = False
             # A runner that sent garbage may still be alive; it is of no use now.
-            await _kill(self.process)
-            self.exit_reason = f"the runner for model '{self.name}' exited with code {self.process.returncode}"
+            await self.child.kill()
+            self.exit_reason = f"the runner for model '{self.name}' exited with code {self.child.process.returncode}"
             if self._pending:
                 log.error("%s with %d requests in flight", self.exit_reason, len(self._pending))
             for ticket in list(self._pending.values()):
@@ -371,91 +343,16 @@ class RunnerProcess:
         return next(self._ids)
 
     async def _send(self, message: protocol.ToRunner) -> None:
-        assert self.process.stdin is not None
         try:
-            async with self._write_lock:
-                await self.process.stdin.send(protocol.encode(message))
+            await self.child.send(message)
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             self.alive = False
             raise EngineUnavailable(f"the runner for model '{self.name}' is gone: {exc}") from exc
 
     async def stop(self) -> None:
-        """End the process (closing stdin asks it to exit; kill if it does not)."""
+        """End the process (closing stdin asks it to exit; kill if it does not in 5 s)."""
         self.alive = False
-        with anyio.CancelScope(shield=True):
-            if self.process.stdin is not None:
-                await self.process.stdin.aclose()
-            with anyio.move_on_after(5):
-                await self.process.wait()
-                return
-            await _kill(self.process)
-
-
-async def _read_message(stream: anyio.abc.ByteReceiveStream) -> FromRunner | None:
-    """One message, read exactly (the runner's first answer: nothing may be read past it)."""
-    header = await _receive_exact(stream, 4)
-    if header is None:
-        return None
-    body = await _receive_exact(stream, protocol.frame_length(header))
-    if body is None:
-        raise protocol.ProtocolError("runner output ended inside a frame")
-    return protocol.decode_from_runner(body)
-
-
-async def _receive_exact(stream: anyio.abc.ByteReceiveStream, size: int) -> bytes | None:
-    buffer = bytearray()
-    while len(buffer) < size:
-        try:
-            chunk = await stream.receive(size - len(buffer))
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            if buffer:
-                raise protocol.ProtocolError("runner output ended inside a frame") from None
-            return None
-        buffer += chunk
-    return bytes(buffer)
-
-
-class FrameReader:
-    """The messages on a runner's stdout, as many at a time as have arrived.
-
-    One receive takes whatever the pipe holds (a decode step's messages for
-    every sequence come in one write), instead of two receives per message.
-    """
-
-    CHUNK = 1 << 16
-
-    def __init__(self, stream: anyio.abc.ByteReceiveStream) -> None:
-        self.stream = stream
-        self.buffer = bytearray()
-
-    async def read(self) -> list[FromRunner] | None:
-        """At least one message; None at a clean end of stream. Raises ProtocolError."""
-        while True:
-            messages = self._parse()
-            if messages:
-                return messages
-            try:
-                chunk = await self.stream.receive(self.CHUNK)
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                if self.buffer:
-                    raise protocol.ProtocolError("runner output ended inside a frame") from None
-                return None
-            self.buffer += chunk
-
-    def _parse(self) -> list[FromRunner]:
-        buffer, at, messages = self.buffer, 0, []
-        view = memoryview(buffer)
-        try:
-            while len(buffer) - at >= 4:
-                end = at + 4 + protocol.frame_length(bytes(view[at : at + 4]))
-                if end > len(buffer):
-                    break
-                messages.append(protocol.decode_from_runner(view[at + 4 : end]))
-                at = end
-        finally:
-            view.release()
-        del buffer[:at]
-        return messages
+        await self.child.stop(5)
 
 
 async def _coalesced(receive: MemoryObjectReceiveStream[FromRunner]) -> AsyncGenerator[FromRunner, None]:
@@ -486,13 +383,6 @@ async def _coalesced(receive: MemoryObjectReceiveStream[FromRunner]) -> AsyncGen
                 yield message
                 message = following
         yield message
-
-
-async def _kill(process: anyio.abc.Process) -> None:
-    with anyio.CancelScope(shield=True):
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
 
 
 class RunnerInfo(msgspec.Struct, frozen=True):
