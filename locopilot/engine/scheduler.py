@@ -70,6 +70,11 @@ def runner_command() -> list[str]:
     return [sys.executable, "-P", "-m", "locopilot", "_runner"]
 
 
+def probe_command(backends_dir: str) -> list[str]:
+    """``_runner --probe``: llama.cpp's version, devices and GPUs as JSON (runner.probe)."""
+    return [*runner_command(), "--probe", *(["--backends-dir", backends_dir] if backends_dir else [])]
+
+
 def runner_environment() -> dict[str, str]:
     """The runner's environment: ours without locopilot's settings (which will hold keys)."""
     return {k: v for k, v in os.environ.items() if not k.startswith("LOCOPILOT_")}
@@ -221,6 +226,7 @@ class RunnerProcess:
             prompt_cache_dir=str(settings.prompt_cache_path) if settings.prompt_cache_mb else "",
             prompt_cache_bytes=settings.prompt_cache_mb * 1024 * 1024,
             prompt_cache_min_tokens=settings.prompt_cache_min_tokens,
+            backends_dir=settings.backends_dir,
             **_template_override(runtime.chat_template),
         )
         process = await anyio.open_process(
@@ -513,6 +519,9 @@ class RunnerInfo(msgspec.Struct, frozen=True):
     cached_tokens: int
     embedding_decodes: int
     idle_seconds: float
+    gpu_layers: int = 0
+    """Layers on the GPUs (0 on a CPU-only machine); ``offload`` says where and why that many."""
+    offload: str = ""
 
 
 class ModelManager:
@@ -563,6 +572,8 @@ class ModelManager:
                 threads=runner.threads,
                 threads_reason=runner.threads_reason,
                 threads_batch=runner.ready.threads_batch,
+                gpu_layers=runner.ready.gpu_layers,
+                offload=runner.ready.offload,
                 in_flight=runner.in_flight,
                 waiting=runner.waiting,
                 tokens_generated=runner.tokens_generated,
