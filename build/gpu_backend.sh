@@ -24,7 +24,7 @@
 #          LD_LIBRARY_PATH) and an NVIDIA driver (libcuda.so.1) of that CUDA major version.
 #          LOCOPILOT_CUDA_ARCHS: the GPU architectures (CMake's list, default below).
 #
-# LOCOPILOT_ENGINE_CACHE   where results are kept (default ${XDG_CACHE_HOME:-~/.cache}/locopilot/engine)
+# LOCOPILOT_ENGINE_CACHE   where results (and unfinished builds, resumed when run again) are kept (default ${XDG_CACHE_HOME:-~/.cache}/locopilot/engine)
 # Compiles run under `nice` (LOCOPILOT_BUILD_NICE, default 10) with LOCOPILOT_BUILD_JOBS
 # jobs (default: the number of cores). Progress goes to stderr, the path to stdout.
 set -euo pipefail
@@ -96,9 +96,13 @@ if [[ "${2:-}" == --cached ]]; then
     exit 1
 fi
 
+# The build folder is named by the key and kept until the library is done, so a build that
+# was stopped (it takes hours for CUDA on two cores) goes on where it was when run again.
 mkdir -p "$CACHE"
-WORK="$(mktemp -d "$CACHE/build-$TARGET_LIB-$VERSION-XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
+WORK="$CACHE/build-$TARGET_LIB-$VERSION-$KEY"
+mkdir -p "$WORK"
+exec 9>"$WORK.lock"
+flock -n 9 || { say "another build of $WORK is running"; exit 1; }
 
 sdist="$CACHE/llama_cpp_python-$VERSION.tar.gz"
 if [[ ! -f "$sdist" ]] || ! echo "$SDIST_SHA  $sdist" | sha256sum --quiet -c; then
@@ -107,8 +111,8 @@ if [[ ! -f "$sdist" ]] || ! echo "$SDIST_SHA  $sdist" | sha256sum --quiet -c; th
         { say "the downloaded sdist does not match uv.lock's hash"; exit 1; }
     mv "$WORK/sdist/llama_cpp_python-$VERSION.tar.gz" "$sdist"
 fi
-tar -xzf "$sdist" -C "$WORK" "llama_cpp_python-$VERSION/vendor/llama.cpp"
 SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
+[[ -f "$SRC/CMakeLists.txt" ]] || tar -xzf "$sdist" -C "$WORK" "llama_cpp_python-$VERSION/vendor/llama.cpp"
 
 if [[ "$KIND" == cuda && ! -e "$CUDA_HOME/include/cublas_v2.h" ]]; then
     major="$("$NVCC" --version | grep -o 'release [0-9]*' | grep -o '[0-9]*$')"
@@ -122,8 +126,8 @@ if [[ "$KIND" == cuda && ! -e "$CUDA_HOME/include/cublas_v2.h" ]]; then
     lib="$(dirname "$(find "$CUBLAS" -name "libcublas.so.$major" | head -1)")"
     # The wheel has only libcublas.so.MAJOR: the link-time names point at it.
     mkdir -p "$WORK/cublas-lib"
-    ln -s "$lib/libcublas.so.$major" "$WORK/cublas-lib/libcublas.so"
-    ln -s "$lib/libcublasLt.so.$major" "$WORK/cublas-lib/libcublasLt.so"
+    ln -sf "$lib/libcublas.so.$major" "$WORK/cublas-lib/libcublas.so"
+    ln -sf "$lib/libcublasLt.so.$major" "$WORK/cublas-lib/libcublasLt.so"
     FLAGS+=(
         "-DCUDA_cublas_LIBRARY=$WORK/cublas-lib/libcublas.so"
         "-DCUDA_cublasLt_LIBRARY=$WORK/cublas-lib/libcublasLt.so"
@@ -141,6 +145,7 @@ nice -n "$NICE" cmake --build "$WORK/cmake" --target "$TARGET_LIB" -j "$JOBS" >&
 say "built in $((SECONDS - start)) s"
 
 built="$(find "$WORK/cmake" -name "lib$TARGET_LIB.so" -type f | head -1)"
+rm -rf "$WORK/final"
 mkdir -p "$WORK/final"
 strip --strip-unneeded -o "$WORK/final/lib$TARGET_LIB.so" "$built"
 cp "$WORK/cmake/.ninja_log" "$WORK/final/ninja_log" 2>/dev/null || true
@@ -148,4 +153,5 @@ cp "$WORK/cmake/.ninja_log" "$WORK/final/ninja_log" 2>/dev/null || true
 nm -D --defined-only "$WORK/final/lib$TARGET_LIB.so" | grep -q ' ggml_backend_init$' ||
     { say "lib$TARGET_LIB.so exports no ggml_backend_init"; exit 1; }
 mv "$WORK/final" "$TARGET"
+rm -rf "$WORK" "$WORK.lock"
 echo "$TARGET/lib$TARGET_LIB.so"
