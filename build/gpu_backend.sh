@@ -12,7 +12,8 @@
 #   build/gpu_backend.sh vulkan|cuda --cached   prints the path if cached, else fails (builds nothing)
 #
 # vulkan   needs glslc and the Vulkan headers and loader
-#          (apt-get install glslc libvulkan-dev spirv-headers; mesa-vulkan-drivers gives lavapipe, a
+#          (apt-get install glslc libvulkan-dev spirv-headers; on Debian 12 newer headers are
+#          fetched, see below; mesa-vulkan-drivers gives lavapipe, a
 #          Vulkan device on the CPU, to try it without a GPU). The library needs only
 #          libvulkan.so.1 at run time; without a loader or device the runner falls back
 #          to the CPU.
@@ -36,6 +37,8 @@ say() { echo "gpu_backend: $*" >&2; }
 # sm_80 (A100, A30), sm_86 (RTX 30xx, A10, A40), sm_89 (RTX 40xx, L4, L40S), sm_90
 # (H100, H200) as real code; one arch costs about as much compile time as the others.
 DEFAULT_CUDA_ARCHS="80-real;86-real;89-real;90-real"
+# Where newer Vulkan headers come from when the system's are too old (see below).
+VULKAN_HEADERS_SUITE=trixie
 
 FLAGS=(
     -DCMAKE_BUILD_TYPE=Release
@@ -113,6 +116,25 @@ if [[ ! -f "$sdist" ]] || ! echo "$SDIST_SHA  $sdist" | sha256sum --quiet -c; th
 fi
 SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
 [[ -f "$SRC/CMakeLists.txt" ]] || tar -xzf "$sdist" -C "$WORK" "llama_cpp_python-$VERSION/vendor/llama.cpp"
+
+# ggml-vulkan needs Vulkan headers newer than Debian 12's (1.3.239 lacks VK_EXT_layer_settings):
+# then Debian 13's libvulkan-dev (headers only; the loader stays the system's) is fetched with
+# apt from an apt configuration of its own in the cache, leaving the system's sources alone.
+if [[ "$KIND" == vulkan ]] && ! grep -qs VK_EXT_layer_settings "${VULKAN_INCLUDE:-/usr/include}/vulkan/vulkan_core.h"; then
+    HEADERS="$CACHE/vulkan-headers-$VULKAN_HEADERS_SUITE"
+    if ! grep -qs VK_EXT_layer_settings "$HEADERS/usr/include/vulkan/vulkan_core.h"; then
+        say "the system's Vulkan headers are too old: fetching libvulkan-dev from Debian $VULKAN_HEADERS_SUITE into $HEADERS"
+        apt_dir="$HEADERS.apt"
+        mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial"
+        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $VULKAN_HEADERS_SUITE main" >"$apt_dir/sources.list"
+        apt_options=(-q -o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+            -o "Dir::State::Lists=$apt_dir/lists" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache=)
+        apt-get "${apt_options[@]}" update >&2
+        (cd "$apt_dir" && rm -f libvulkan-dev_*.deb && apt-get "${apt_options[@]}" download libvulkan-dev >&2)
+        rm -rf "$HEADERS" && dpkg-deb -x "$apt_dir"/libvulkan-dev_*.deb "$HEADERS"
+    fi
+    FLAGS+=("-DVulkan_INCLUDE_DIR=$HEADERS/usr/include")
+fi
 
 if [[ "$KIND" == cuda && ! -e "$CUDA_HOME/include/cublas_v2.h" ]]; then
     major="$("$NVCC" --version | grep -o 'release [0-9]*' | grep -o '[0-9]*$')"

@@ -181,11 +181,22 @@ _NO_DEVICE_HINT = {
 
 
 def _load_error(path: Path) -> str:
-    """Why dlopen refuses ``path`` (a missing libvulkan.so.1, libcudart, driver), or that ggml refused it."""
+    """Why dlopen refuses ``path`` (a missing libvulkan.so.1, libcudart, driver), or that ggml refused it.
+
+    dlopen and dlerror directly: a frozen build's ctypes replaces the loader's message with
+    PyInstaller's guess.
+    """
     try:
-        ctypes.CDLL(str(path))
-    except OSError as exc:
-        return str(exc)
+        libc = ctypes.CDLL(None)
+        dlopen, dlerror = libc.dlopen, libc.dlerror
+    except AttributeError:  # glibc before 2.34 keeps them in libdl
+        libdl = ctypes.CDLL("libdl.so.2")
+        dlopen, dlerror = libdl.dlopen, libdl.dlerror
+    dlopen.restype, dlopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
+    dlerror.restype, dlerror.argtypes = ctypes.c_char_p, []
+    if not dlopen(os.fsencode(path), os.RTLD_NOW | os.RTLD_LOCAL):
+        message = dlerror()
+        return message.decode(errors="replace") if message else "dlopen failed"
     return "it loads, but ggml refused it (another ggml version, or its driver failed to start)"
 
 
