@@ -174,6 +174,10 @@ cp "$WORK/cmake/.ninja_log" "$WORK/final/ninja_log" 2>/dev/null || true
 # ggml's backend loader entry points; a library without them is not a companion.
 nm -D --defined-only "$WORK/final/lib$TARGET_LIB.so" | grep -q ' ggml_backend_init$' ||
     { say "lib$TARGET_LIB.so exports no ggml_backend_init"; exit 1; }
+# What it is, for the build log: its size, the libraries it needs, ggml's entry points it exports.
+lib="$WORK/final/lib$TARGET_LIB.so"
+say "lib$TARGET_LIB.so: $(stat -c %s "$lib") bytes; needs: $(readelf -d "$lib" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | paste -sd' ')"
+say "exports: $(nm -D --defined-only "$lib" | awk '$3 ~ /^ggml_/ {print $3}' | paste -sd' ')"
 mv "$WORK/final" "$TARGET"
 rm -rf "$WORK" "$WORK.lock"
 echo "$TARGET/lib$TARGET_LIB.so"

@@ -88,11 +88,11 @@ def _ggml() -> ctypes.CDLL:
 
 #: GPU companions: ``libggml-vulkan.so``, ``libggml-cuda.so``, ... (not the CPU variants nor ggml itself).
 COMPANION = re.compile(r"^libggml-(?!cpu\b|cpu-|base\b)[a-z0-9]+\.(so|dylib)$")
-_DEVICE_TYPES = {1: "GPU", 2: "IGPU", 3: "ACCEL"}  # enum ggml_backend_dev_type; 0 is the CPU
+_ACCELERATORS = {1, 2, 3}  # enum ggml_backend_dev_type: GPU, IGPU, ACCEL (0 is the CPU)
 
 
 class Backends(msgspec.Struct, frozen=True):
-    """What :func:`load_backends` registered: every device's description, the GPUs among them,
+    """What :func:`register_backends` registered: every device's description, the GPUs among them,
     and why a GPU companion that was there gave none ("" otherwise)."""
 
     devices: list[str]
@@ -135,7 +135,7 @@ def register_backends(backends_dir: str = "") -> Backends:
         dev = ggml.ggml_backend_dev_get(i)
         description = ggml.ggml_backend_dev_description(dev).decode(errors="replace")
         devices.append(description)
-        if int(ggml.ggml_backend_dev_type(dev)) in _DEVICE_TYPES:
+        if int(ggml.ggml_backend_dev_type(dev)) in _ACCELERATORS:
             free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
             ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
             backend = ggml.ggml_backend_reg_name(ggml.ggml_backend_dev_backend_reg(dev)).decode(errors="replace")
@@ -150,7 +150,7 @@ def register_backends(backends_dir: str = "") -> Backends:
                 )
             )
     if note:
-        log.warning("%s; running on the CPU", note)
+        log.warning("%s; %s", note, f"using {', '.join(g.name for g in gpus)}" if gpus else "running on the CPU")
     return Backends(devices, gpus, note)
 
 
