@@ -190,7 +190,7 @@ def test_lavapipe_serves_with_layers_on_it(on_lavapipe: Server) -> None:
 
 @pytest.mark.slow
 def test_doctor_names_the_gpu_and_its_memory(on_lavapipe: Server) -> None:
-    env = {k: v for k, v in on_lavapipe.env.items()}
+    env = {**on_lavapipe.env, "COLUMNS": "400"}  # rich wraps the table at the terminal's width
     result = subprocess.run(
         [sys.executable, "-m", "locopilot", "doctor"], env=env, capture_output=True, text=True, timeout=180, check=False
     )
