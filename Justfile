@@ -88,6 +88,13 @@ build engine="portable": setup
     "$venv/bin/python" build/glibc_audit.py --quiet --baseline "${baseline:-$(ldd --version | head -1 | grep -o '[0-9]\.[0-9]*$')}" dist/locopilot >&2 ||
         { echo "dist/locopilot needs a newer glibc than ${baseline:-this machine has}: see the table above" >&2; exit 1; }
 
+# build/gpu_backend.sh says what each needs; the library is cached like the engine. Put it beside
+# the binary or in LOCOPILOT_BACKENDS_DIR.
+# A GPU companion of the engine: dist/libggml-vulkan.so (`just gpu-backend`) or dist/libggml-cuda.so.
+gpu-backend kind="vulkan":
+    mkdir -p dist
+    cp "$(build/gpu_backend.sh {{kind}})" dist/
+
 # Build, then run the frozen binary end to end (build/smoke_test.sh says what it checks).
 # The glibc audit runs at the baseline the binary was built for (none for host builds).
 smoke engine="portable": (build engine)

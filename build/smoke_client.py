@@ -3,6 +3,7 @@
     smoke_client.py BASE_URL MODEL chat       a chat and a streamed chat with the official openai client
     smoke_client.py BASE_URL MODEL crash      SIGKILL the model's runner, then a chat must be served by a new one
     smoke_client.py BASE_URL MODEL cpu        print the CPU library llama.cpp chose (engine.cpu.variant)
+    smoke_client.py BASE_URL MODEL gpu        the GPUs engine health names, a chat, and the layers its runner put on one
 
 Runs in the development environment (.venv), which has ``openai`` and ``httpx``; the
 server under test is the frozen binary. Exits non-zero with a message on the first
@@ -75,6 +76,21 @@ def crash(client: openai.OpenAI, base: str, model: str) -> None:
     print(f"runner {before[0]} killed; runner {after[0]} answered {reply.choices[0].message.content!r}")
 
 
+def gpu(client: openai.OpenAI, base: str, model: str) -> None:
+    gpus = engine(base)["gpus"]
+    assert isinstance(gpus, list) and gpus, f"engine health names no GPU: {engine(base).get('gpu_note')}"
+    for device in gpus:
+        print(
+            f"{device['name']} ({device['backend']}): {device['description']}, "
+            f"{device['memory_free'] / 1024**3:.2f} GiB free of {device['memory_total'] / 1024**3:.2f} GiB"
+        )
+    chat(client, model)
+    runners = engine(base)["runners"]
+    assert isinstance(runners, list) and runners, "no runner after a chat"
+    assert runners[0]["gpu_layers"] > 0, f"the runner put no layer on a GPU: {runners[0]['offload']}"
+    print(f"runner: {runners[0]['offload']}")
+
+
 def main() -> None:
     base, model, what = sys.argv[1:4]
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
@@ -86,6 +102,8 @@ def main() -> None:
         cpu = engine(base)["cpu"]
         assert isinstance(cpu, dict), f"the engine names no CPU library: {cpu}"
         print(cpu["variant"])
+    elif what == "gpu":
+        gpu(client, base, model)
     else:
         sys.exit(f"unknown step {what!r}")
 

@@ -28,6 +28,11 @@
 #              made once (about 2 minutes, from SMOKE_DEBIAN_MIRROR, default
 #              http://deb.debian.org/debian) and kept in SMOKE_DEBIAN11_ROOT (default
 #              ~/.cache/locopilot/debian11-root).
+# SMOKE_VULKAN=1  the Vulkan companion (build/gpu_backend.sh vulkan, built first if the cache
+#              lacks it: about 40 minutes of 2 cores) copied beside the binary, the only
+#              device Mesa's lavapipe (mesa-vulkan-drivers; GGML_VK_VISIBLE_DEVICES=0 lets
+#              ggml use a CPU driver): engine health names it with its memory, the openai
+#              client's chat answers, the runner has layers on it. About 20 s once built.
 #
 # Uses SmolLM2-135M-Instruct from .cache/default-model (`just default-model` puts it
 # there), a temporary data folder, a free port on 127.0.0.1 and a temporary TMPDIR
@@ -434,6 +439,18 @@ if [[ "${SMOKE_DEBIAN11:-}" == 1 ]]; then
     echo "$version"
     serve_up in_debian11 /srv/lp/locopilot
     client chat || fail "the chat failed in Debian 11"
+    stop_with_sigterm
+fi
+
+if [[ "${SMOKE_VULKAN:-}" == 1 ]]; then
+    step "GPU companion beside the binary: libggml-vulkan.so on lavapipe"
+    companion="$("$ROOT/build/gpu_backend.sh" vulkan)" || fail "build/gpu_backend.sh vulkan failed"
+    mkdir -p "$WORK/gpu"
+    cp "$BIN" "$WORK/gpu/locopilot"
+    cp "$companion" "$WORK/gpu/"
+    echo "$(basename "$companion"): $(stat -c %s "$companion") bytes beside a binary of $(stat -c %s "$BIN")"
+    GGML_VK_VISIBLE_DEVICES=0 serve_up "$WORK/gpu/locopilot"
+    client gpu || fail "the binary did not serve with its Vulkan companion"
     stop_with_sigterm
 fi
 

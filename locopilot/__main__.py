@@ -13,7 +13,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_runner":
         from locopilot.engine import runner
 
-        sys.exit(runner.probe() if "--probe" in sys.argv[2:] else runner.main())
+        sys.exit(runner.probe(sys.argv[2:]) if "--probe" in sys.argv[2:] else runner.main())
     if len(sys.argv) > 1 and sys.argv[1] == "_render":
         from locopilot.engine import template_process
 

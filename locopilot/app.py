@@ -35,7 +35,7 @@ from locopilot.api import openai_responses as responses_api
 from locopilot.api import training as training_api
 from locopilot.api.services import EngineStatus, Services, get_pipeline, get_services
 from locopilot.engine.protocol import probe_decoder
-from locopilot.engine.supervisor import ModelManager
+from locopilot.engine.supervisor import ModelManager, probe_command
 from locopilot.errors import (
     InvalidRequest,
     LocopilotError,
@@ -178,7 +178,7 @@ async def probe_engine(status: EngineStatus, settings: Settings) -> None:
     try:
         with anyio.fail_after(PROBE_TIMEOUT):
             result = await anyio.run_process(
-                [*children.command("_runner"), "--probe"],
+                probe_command(settings.backends_dir),
                 check=False,
                 cwd=settings.data_path,
                 env=children.environment(),
@@ -198,6 +198,8 @@ async def probe_engine(status: EngineStatus, settings: Settings) -> None:
     status.llama_cpp_version = found.version
     status.devices = found.devices
     status.cpu = found.cpu
+    status.gpus = found.gpus
+    status.gpu_note = found.gpu_note
     status.ready = True
     status.detail = "ready"
 

@@ -150,9 +150,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         Meta(
             ge=-1,
             le=10_000,
-            description="Layers to offload to a GPU when the engine was built with one; -1 offloads all, 0 none.",
+            description=(
+                "Layers to put on the GPUs (a GPU companion library must be found: see `LOCOPILOT_BACKENDS_DIR`); "
+                "-1 puts as many as the GPUs' free memory holds with the KV cache counted (all when they fit), "
+                "0 none, a number that many (more than the model has: all). Engine health says how many each "
+                "loaded model got and why."
+            ),
         ),
     ] = -1
+    backends_dir: Annotated[
+        str,
+        Meta(
+            description=(
+                "A folder of GPU companion libraries of the engine (`libggml-vulkan.so`, `libggml-cuda.so`, from "
+                "`build/gpu_backend.sh`), looked in before the binary's own folder. One that does not load (no "
+                "Vulkan loader, no NVIDIA driver) or finds no device leaves the work to the CPU, with one log line."
+            ),
+        ),
+    ] = ""
     training_python: Annotated[
         str,
         Meta(

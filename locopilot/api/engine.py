@@ -11,7 +11,7 @@ from litestar.openapi.datastructures import ResponseSpec
 
 from locopilot.api.responses import GUARDED, answers
 from locopilot.api.services import Services
-from locopilot.engine.protocol import CpuBackend
+from locopilot.engine.protocol import CpuBackend, GpuDevice
 from locopilot.engine.supervisor import RunnerInfo
 from locopilot.gateway.ratelimit import LimitStats
 from locopilot.schemas.openai import encoder
@@ -32,7 +32,10 @@ class DatabaseHealth(msgspec.Struct):
 
 
 class EngineHealth(msgspec.Struct):
-    """``cpu``: the CPU library llama.cpp chose for this machine (null until the probe ends well)."""
+    """``cpu``: the CPU library llama.cpp chose for this machine (null until the probe ends well).
+    ``gpus``: the GPUs a companion library found, with their memory as the probe saw it (each
+    runner's ``gpu_layers`` and ``offload`` say what its model got); ``gpu_note``: why a companion
+    that was there gave no GPU ("" otherwise)."""
 
     ready: bool
     detail: str
@@ -42,6 +45,8 @@ class EngineHealth(msgspec.Struct):
     loaded_models: list[str]
     runners: list[RunnerInfo]
     models_dir: str
+    gpus: list[GpuDevice] = msgspec.field(default_factory=list)
+    gpu_note: str = ""
 
 
 class ProviderHealth(msgspec.Struct):
@@ -125,6 +130,8 @@ async def engine_health(services: Services) -> Response[bytes]:
             loaded_models=services.manager.loaded(),
             runners=services.manager.describe(),
             models_dir=str(services.settings.models_path),
+            gpus=engine.gpus,
+            gpu_note=engine.gpu_note,
         ),
         providers=providers,
     )

@@ -8,7 +8,7 @@ from functools import cached_property
 
 from litestar.datastructures import State
 
-from locopilot.engine.protocol import CpuBackend
+from locopilot.engine.protocol import CpuBackend, GpuDevice
 from locopilot.engine.supervisor import ModelManager
 from locopilot.gateway.auth import Authenticator
 from locopilot.gateway.hygiene import HostCheck
@@ -33,6 +33,8 @@ class EngineStatus:
     llama_cpp_version: str | None = None
     devices: list[str] = field(default_factory=list)
     cpu: CpuBackend | None = None
+    gpus: list[GpuDevice] = field(default_factory=list)
+    gpu_note: str = ""
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,13 @@ import rich_click as click
 from rich.table import Table
 from rich.text import Text
 
-from locopilot.children import command
 from locopilot.cli import console
 from locopilot.cli.remote import base_url
 from locopilot.client import sync_client
 from locopilot.engine.protocol import Probe, probe_decoder
+from locopilot.engine.supervisor import probe_command
 from locopilot.models.catalog import ModelCatalog
+from locopilot.models.memory import gib
 from locopilot.settings import Settings, SettingsError, load_settings
 from locopilot.store.db import Database, StoreError
 
@@ -66,19 +67,35 @@ def check_database(settings: Settings) -> Check:
     return Check("database", "ok", str(settings.db_path))
 
 
-def check_engine(_: Settings) -> Check:
+def check_engine(settings: Settings) -> list[Check]:
+    """llama.cpp's probe: whether it loads and which CPU library it chose, and which GPUs it found."""
     try:
-        result = subprocess.run([*command("_runner"), "--probe"], capture_output=True, timeout=120, check=False)
+        result = subprocess.run(probe_command(settings.backends_dir), capture_output=True, timeout=120, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return Check("llama.cpp", "fail", str(exc))
+        return [Check("llama.cpp", "fail", str(exc))]
     if result.returncode != 0:
         lines = result.stderr.decode(errors="replace").strip().splitlines()
-        return Check("llama.cpp", "fail", lines[-1] if lines else f"exit code {result.returncode}")
+        return [Check("llama.cpp", "fail", lines[-1] if lines else f"exit code {result.returncode}")]
     try:
         found = probe_decoder.decode(result.stdout)
     except msgspec.DecodeError as exc:
-        return Check("llama.cpp", "fail", f"the probe answered something unexpected: {exc}")
-    return Check("llama.cpp", "ok", describe_probe(found))
+        return [Check("llama.cpp", "fail", f"the probe answered something unexpected: {exc}")]
+    return [Check("llama.cpp", "ok", describe_probe(found)), check_gpus(found, settings)]
+
+
+def check_gpus(found: Probe, settings: Settings) -> Check:
+    """The GPUs with their memory, or why a GPU library that was there found none (a warning)."""
+    if found.gpus:
+        layers = "as many as fit" if settings.gpu_layers < 0 else str(settings.gpu_layers)
+        listed = "; ".join(
+            f"{g.name} {g.description}: {gib(g.memory_free)} free of {gib(g.memory_total)}" for g in found.gpus
+        )
+        return Check("GPU", "ok", f"{listed}; layers on them: {layers} (LOCOPILOT_GPU_LAYERS)")
+    if found.gpu_note:
+        return Check("GPU", "warn", f"{found.gpu_note}; the CPU does the work")
+    return Check(
+        "GPU", "ok", "none: no GPU library (LOCOPILOT_BACKENDS_DIR, or beside the binary); the CPU does the work"
+    )
 
 
 def describe_probe(found: Probe) -> str:
@@ -152,7 +169,7 @@ def check_training_frameworks(settings: Settings) -> Check:
     return Check("training frameworks", "ok", f"{'; '.join(parts)} (in {python}); the built-in trainer needs none")
 
 
-CHECKS: list[Callable[[Settings], Check]] = [
+CHECKS: list[Callable[[Settings], Check | list[Check]]] = [
     check_data_dir,
     check_database,
     check_engine,
@@ -167,7 +184,7 @@ MARKS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"
 
 @click.command()
 def doctor() -> None:
-    """Check settings, data folder, database, llama.cpp, models, disk, training frameworks and the server.
+    """Check settings, data folder, database, llama.cpp and GPUs, models, disk, training frameworks and the server.
 
     Exits with status 1 if any check fails.
     """
@@ -177,7 +194,8 @@ def doctor() -> None:
         # At once: the slow ones wait on other processes (the engine probe starts llama.cpp,
         # the frameworks check a Python, the server check a socket).
         with ThreadPoolExecutor(len(CHECKS)) as pool:
-            results += pool.map(lambda check: check(settings), CHECKS)
+            for found in pool.map(lambda check: check(settings), CHECKS):
+                results += found if isinstance(found, list) else [found]
     table = Table("check", "status", "detail", box=None)
     for result in results:
         table.add_row(result.name, MARKS[result.status], Text(result.detail))

@@ -105,7 +105,7 @@ class Load(msgspec.Struct, tag="load", frozen=True, kw_only=True):
     model_path: str
     ctx_size: int
     threads: int
-    gpu_layers: int
+    gpu_layers: int  # -1: as many as the GPUs' free memory holds (engine/offload.py)
     parallel: int = 0  # slots; 0 lets the runner choose from the context size
     decode_threads: int = 0  # for a step of one token (llama.cpp's n_threads); 0: measured (engine/threads.py)
     # A chat template over the model's own (LOCOPILOT_MODEL_SETTINGS chat_template); "" keeps the model's.
@@ -117,6 +117,9 @@ class Load(msgspec.Struct, tag="load", frozen=True, kw_only=True):
     prompt_cache_dir: str = ""
     prompt_cache_bytes: int = 0
     prompt_cache_min_tokens: int = 1024
+    # A folder of GPU companion libraries (libggml-vulkan.so, ...) besides the binary's own
+    # (LOCOPILOT_BACKENDS_DIR); "" for none.
+    backends_dir: str = ""
 
 
 class Generate(msgspec.Struct, tag="generate", frozen=True, kw_only=True):
@@ -184,6 +187,9 @@ class Ready(msgspec.Struct, tag="ready", frozen=True, kw_only=True):
     threads: int = 0
     threads_batch: int = 0
     threads_reason: str = ""
+    # Layers llama.cpp put on GPUs (0 on a CPU-only machine) and why that many (runner.offload).
+    gpu_layers: int = 0
+    offload: str = ""
 
 
 class Tuned(msgspec.Struct, tag="tuned", frozen=True, kw_only=True):
@@ -286,10 +292,27 @@ class CpuBackend(msgspec.Struct, frozen=True, kw_only=True):
     features: list[str] = []
 
 
+class GpuDevice(msgspec.Struct, frozen=True, kw_only=True):
+    """A GPU (or other accelerator) ggml registered: ``backend`` is its library's name
+    (``Vulkan``, ``CUDA``, ``Metal``), ``name`` ggml's (``Vulkan0``), ``description`` the
+    driver's (``NVIDIA GeForce RTX 4090``), memory in bytes as the driver reports it."""
+
+    backend: str
+    name: str
+    description: str
+    memory_free: int
+    memory_total: int
+
+
 class Probe(msgspec.Struct, frozen=True, kw_only=True):
+    """``gpus``: the accelerators found; ``gpu_note``: why a GPU library found none ("" when
+    none was there to try, or it found one)."""
+
     version: str
     devices: list[str]
     cpu: CpuBackend | None = None
+    gpus: list[GpuDevice] = []
+    gpu_note: str = ""
 
 
 probe_decoder = msgspec.json.Decoder(Probe)

@@ -20,15 +20,16 @@ import logging
 import os
 import queue
 import re
+import sys
 import threading
 from pathlib import Path
 
 import msgspec
 
 from locopilot.children import Receiver, Sender, prologue
-from locopilot.engine import protocol
+from locopilot.engine import offload, protocol
 from locopilot.engine.batching import Cancellations, Engine, serve
-from locopilot.engine.protocol import Cancel, Count, CpuBackend, Embed, Generate, Load, LoadFailed, Probe
+from locopilot.engine.protocol import Cancel, Count, CpuBackend, Embed, Generate, GpuDevice, Load, LoadFailed, Probe
 
 log = logging.getLogger("locopilot.runner")
 
@@ -53,24 +54,138 @@ def _ggml() -> ctypes.CDLL:
     ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
     ggml.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
     ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    ggml.ggml_backend_load.restype = ctypes.c_void_p
+    ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_reg_name.restype = ctypes.c_char_p
+    ggml.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_name.restype = ctypes.c_char_p
+    ggml.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_type.restype = ctypes.c_int
+    ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_memory.argtypes = [
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_size_t),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
     return ggml
 
 
-def load_backends() -> list[str]:
-    """Register ggml's dynamically loaded backends (CPU variants, GPU) from llama_cpp/lib.
+#: GPU companions: ``libggml-vulkan.so``, ``libggml-cuda.so``, ... (not the CPU variants nor ggml itself).
+COMPANION = re.compile(r"^libggml-(?!cpu\b|cpu-|base\b)[a-z0-9]+\.(so|dylib)$")
+_ACCELERATORS = {1, 2, 3}  # enum ggml_backend_dev_type: GPU, IGPU, ACCEL (0 is the CPU)
+
+
+class Backends(msgspec.Struct, frozen=True):
+    """What :func:`register_backends` registered: every device's description, the GPUs among them,
+    and why a GPU companion that was there gave none ("" otherwise)."""
+
+    devices: list[str]
+    gpus: list[GpuDevice]
+    note: str = ""
+
+
+def companion_dirs(backends_dir: str) -> list[Path]:
+    """Where GPU companions are looked for: ``backends_dir`` (LOCOPILOT_BACKENDS_DIR), then the
+    folder of the one-file binary (a frozen build only: in development that is the venv's bin)."""
+    dirs = [Path(backends_dir)] if backends_dir else []
+    if getattr(sys, "frozen", False):
+        dirs.append(Path(sys.executable).resolve().parent)
+    return dirs
+
+
+def load_backends(backends_dir: str = "") -> list[str]:
+    """:func:`register_backends`; returns a description of each device found."""
+    return register_backends(backends_dir).devices
+
+
+def register_backends(backends_dir: str = "") -> Backends:
+    """Register ggml's dynamically loaded backends: the CPU variants from llama_cpp/lib, then each
+    GPU companion in :func:`companion_dirs`.
 
     llama-cpp-python does not do this itself; with GGML_BACKEND_DL a model load
-    fails without it. Returns a description of each device found.
+    fails without it. A companion that does not load (no Vulkan loader or CUDA driver on
+    this machine) or finds no device leaves the CPU to do the work, with one log line.
     """
     import llama_cpp
 
     ggml = _ggml()
+    note = ""
     if ggml.ggml_backend_dev_count() == 0:
         ggml.ggml_backend_load_all_from_path(str(Path(llama_cpp.__file__).parent / "lib").encode())
-    count = int(ggml.ggml_backend_dev_count())
-    return [
-        ggml.ggml_backend_dev_description(ggml.ggml_backend_dev_get(i)).decode(errors="replace") for i in range(count)
-    ]
+        note = _load_companions(ggml, companion_dirs(backends_dir))
+    devices: list[str] = []
+    gpus: list[GpuDevice] = []
+    for i in range(int(ggml.ggml_backend_dev_count())):
+        dev = ggml.ggml_backend_dev_get(i)
+        description = ggml.ggml_backend_dev_description(dev).decode(errors="replace")
+        devices.append(description)
+        if int(ggml.ggml_backend_dev_type(dev)) in _ACCELERATORS:
+            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+            ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            backend = ggml.ggml_backend_reg_name(ggml.ggml_backend_dev_backend_reg(dev)).decode(errors="replace")
+            name = ggml.ggml_backend_dev_name(dev).decode(errors="replace")
+            gpus.append(
+                GpuDevice(
+                    backend=backend,
+                    name=name,
+                    description=description,
+                    memory_free=free.value,
+                    memory_total=total.value,
+                )
+            )
+    if note:
+        log.warning("%s; %s", note, f"using {', '.join(g.name for g in gpus)}" if gpus else "running on the CPU")
+    return Backends(devices, gpus, note)
+
+
+def _load_companions(ggml: ctypes.CDLL, dirs: list[Path]) -> str:
+    """Register every companion in ``dirs`` (the first of each name wins); why the ones found gave no GPU."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    for folder in dirs:
+        try:
+            paths = sorted(p for p in folder.iterdir() if COMPANION.match(p.name) and p.name not in seen)
+        except OSError:
+            continue
+        for path in paths:
+            seen.add(path.name)
+            reg = ggml.ggml_backend_load(os.fsencode(path))
+            if not reg:
+                problems.append(f"{path} did not load: {_load_error(path)}")
+            elif ggml.ggml_backend_reg_dev_count(reg) == 0:
+                problems.append(f"{path} found no device{_NO_DEVICE_HINT.get(path.name, '')}")
+    return "; ".join(problems)
+
+
+_NO_DEVICE_HINT = {
+    "libggml-vulkan.so": (
+        " (a CPU-only Vulkan driver such as lavapipe is used only when GGML_VK_VISIBLE_DEVICES names it)"
+    ),
+}
+
+
+def _load_error(path: Path) -> str:
+    """Why dlopen refuses ``path`` (a missing libvulkan.so.1, libcudart, driver), or that ggml refused it.
+
+    dlopen and dlerror directly: a frozen build's ctypes replaces the loader's message with
+    PyInstaller's guess.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        dlopen, dlerror = libc.dlopen, libc.dlerror
+    except AttributeError:  # glibc before 2.34 keeps them in libdl
+        libdl = ctypes.CDLL("libdl.so.2")
+        dlopen, dlerror = libdl.dlopen, libdl.dlerror
+    dlopen.restype, dlopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
+    dlerror.restype, dlerror.argtypes = ctypes.c_char_p, []
+    if not dlopen(os.fsencode(path), os.RTLD_NOW | os.RTLD_LOCAL):
+        message = dlerror()
+        return message.decode(errors="replace") if message else "dlopen failed"
+    return "it loads, but ggml refused it (another ggml version, or its driver failed to start)"
 
 
 class _Feature(ctypes.Structure):
@@ -125,14 +240,25 @@ def cpu_backend() -> CpuBackend:
     return CpuBackend(library=library, variant=match["variant"] if match else None, features=features)
 
 
-def probe() -> int:
-    """``_runner --probe``: print llama.cpp's version, devices and CPU library as JSON; 1 if no device."""
+def probe(args: list[str]) -> int:
+    """``_runner --probe [--backends-dir DIR]``: print llama.cpp's version, devices, GPUs and CPU
+    library as JSON; 1 if no device."""
     import llama_cpp
 
-    devices = load_backends()
-    found = Probe(version=llama_cpp.__version__, devices=devices, cpu=cpu_backend() if devices else None)
-    print(msgspec.json.encode(found).decode())
-    return 0 if devices else 1
+    backends_dir = args[args.index("--backends-dir") + 1] if "--backends-dir" in args[:-1] else ""
+    found = register_backends(backends_dir)
+    print(
+        msgspec.json.encode(
+            Probe(
+                version=llama_cpp.__version__,
+                devices=found.devices,
+                cpu=cpu_backend() if found.devices else None,
+                gpus=found.gpus,
+                gpu_note=found.note,
+            )
+        ).decode()
+    )
+    return 0 if found.devices else 1
 
 
 def main() -> int:
@@ -148,14 +274,18 @@ def main() -> int:
         channel.send(LoadFailed(message=f"expected a load message, got {type(load).__name__}"))
         return 2
     try:
-        if not load_backends():
+        backends = register_backends(load.backends_dir)
+        if not backends.devices:
             raise RuntimeError("llama.cpp found no usable backend for this CPU")
-        engine = Engine(load)
+        placed = offload.choose(load, backends.gpus)
+        engine = Engine(msgspec.structs.replace(load, gpu_layers=placed.layers))
     except (ValueError, RuntimeError, OSError) as exc:
         # llama-cpp-python raises ValueError for a file llama.cpp cannot load.
         channel.send(LoadFailed(message=f"{type(exc).__name__}: {exc}"))
         return 1
-    channel.send(engine.ready())
+    if backends.gpus:
+        log.warning("%s", placed.reason)
+    channel.send(msgspec.structs.replace(engine.ready(), gpu_layers=placed.on_gpu, offload=placed.reason))
 
     jobs: queue.Queue[Generate | Embed | Count | None] = queue.Queue()
     cancellations = Cancellations()

@@ -28,7 +28,7 @@ import anyio.abc
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from locopilot.children import AsyncChild, ProtocolError
+from locopilot.children import AsyncChild, ProtocolError, command
 from locopilot.engine import protocol
 from locopilot.engine.protocol import (
     Cancel,
@@ -55,6 +55,11 @@ from locopilot.settings import Settings
 log = logging.getLogger(__name__)
 
 TERMINAL = (Done, Failed, Embeddings, Counted)
+
+
+def probe_command(backends_dir: str) -> list[str]:
+    """``_runner --probe``: llama.cpp's version, devices and GPUs as JSON (runner.probe)."""
+    return [*command("_runner"), "--probe", *(["--backends-dir", backends_dir] if backends_dir else [])]
 
 
 runner_log = logging.getLogger("locopilot.runner")
@@ -202,6 +207,7 @@ class RunnerProcess:
             prompt_cache_dir=str(settings.prompt_cache_path) if settings.prompt_cache_mb else "",
             prompt_cache_bytes=settings.prompt_cache_mb * 1024 * 1024,
             prompt_cache_min_tokens=settings.prompt_cache_min_tokens,
+            backends_dir=settings.backends_dir,
             **_template_override(runtime.chat_template),
         )
         child = await AsyncChild.start("_runner", protocol.from_runner, cwd=settings.data_path)
@@ -403,6 +409,9 @@ class RunnerInfo(msgspec.Struct, frozen=True):
     cached_tokens: int
     embedding_decodes: int
     idle_seconds: float
+    gpu_layers: int = 0
+    """Layers on the GPUs (0 on a CPU-only machine); ``offload`` says where and why that many."""
+    offload: str = ""
 
 
 class ModelManager:
@@ -453,6 +462,8 @@ class ModelManager:
                 threads=runner.threads,
                 threads_reason=runner.threads_reason,
                 threads_batch=runner.ready.threads_batch,
+                gpu_layers=runner.ready.gpu_layers,
+                offload=runner.ready.offload,
                 in_flight=runner.in_flight,
                 waiting=runner.waiting,
                 tokens_generated=runner.tokens_generated,
