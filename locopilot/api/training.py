@@ -37,6 +37,7 @@ from locopilot.schemas.training import JobErrorInfo, JobInfo, JobList, LogEvent
 from locopilot.store import jobs as store
 from locopilot.store.jobs import JobEvent, JobStatus, TrainingJob
 from locopilot.training.jobs import JobSpec
+from locopilot.training.trainer import DEFAULT_CHECKPOINT_STEPS
 
 OutputType = Literal["f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
 Auto = Literal["auto"]
@@ -52,6 +53,12 @@ LoraRank = Annotated[
 ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
 FileId = Annotated[str, Meta(min_length=1, max_length=128)]
 RemoteName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+CheckpointSteps = Annotated[int, Meta(ge=0, le=1_000_000, description="Save the weights every N steps; 0: never.")]
+MinRecall = Annotated[float, Meta(ge=0, le=1, description="Eval gate: the least share of held-out answers recalled.")]
+MaxLoss = Annotated[float, Meta(gt=0, description="Eval gate: the highest validation loss after training.")]
+MaxLost = Annotated[int, Meta(ge=0, description="Eval gate: the most spot-check answers the result may lose.")]
+#: OpenAI ``metadata`` keys read as eval-gate thresholds (its values are strings).
+GATE_METADATA = {"min_recall": MinRecall, "max_validation_loss": MaxLoss, "max_spot_check_lost": MaxLost}
 #: How often a log stream looks for new events.
 FOLLOW_INTERVAL_S = 0.5
 #: A log stream sends a comment this often while nothing happens, so proxies keep it open.
@@ -81,6 +88,16 @@ class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Run the job on this upstream (another locopilot, kind openai) instead of here."""
     lora_rank: LoraRank | Auto | None = None
     """Publish a LoRA adapter of this rank (``auto``: chosen), served beside the base, instead of a full copy."""
+    prompt_loss: bool = False
+    """Train on every token, prompts and template included, instead of the answers' only."""
+    checkpoint_steps: CheckpointSteps = DEFAULT_CHECKPOINT_STEPS
+    """Save the weights every N steps; a job interrupted by a restart resumes from the last."""
+    min_recall: MinRecall | None = None
+    """Eval gate: hold the result back (not published) if it recalls fewer held-out answers than this share."""
+    max_validation_loss: MaxLoss | None = None
+    """Eval gate: hold the result back if its validation loss is above this."""
+    max_spot_check_lost: MaxLost | None = None
+    """Eval gate: hold the result back if it lost more of the spot check's general answers than this."""
 
 
 def error_of(job: TrainingJob) -> JobErrorInfo | None:
@@ -255,6 +272,11 @@ class Hyperparameters(msgspec.Struct, kw_only=True):
     optimizer: Literal["adamw", "sgd"] | None = None
     lora_rank: LoraRank | Auto | None = None
     """locopilot's: publish a LoRA adapter of this rank (``auto``: chosen) instead of a full copy."""
+    prompt_loss: bool | None = None
+    checkpoint_steps: CheckpointSteps | None = None
+    min_recall: MinRecall | None = None
+    max_validation_loss: MaxLoss | None = None
+    max_spot_check_lost: MaxLost | None = None
 
 
 class Supervised(msgspec.Struct, kw_only=True):
@@ -278,6 +300,8 @@ class FineTuningJobRequest(msgspec.Struct, kw_only=True):
     validation_file: str | None = None
     remote: RemoteName | None = None
     """locopilot's: run the job on this upstream (another locopilot); ``extra_body`` in the SDK."""
+    metadata: dict[str, str] | None = None
+    """OpenAI's; the keys of GATE_METADATA set the eval gate's thresholds."""
 
 
 class FineTuningHyperparameters(msgspec.Struct, omit_defaults=True):
@@ -403,10 +427,35 @@ def spec_of(body: FineTuningJobRequest) -> JobSpec:
         values["learning_rate_multiplier"] = float(hyper.learning_rate_multiplier)
     if hyper.n_epochs is not None:
         values["epochs"] = hyper.n_epochs
-    for name in ("learning_rate", "layers", "context", "output_type", "optimizer", "lora_rank"):
+    for name in (
+        "learning_rate",
+        "layers",
+        "context",
+        "output_type",
+        "optimizer",
+        "lora_rank",
+        "prompt_loss",
+        "checkpoint_steps",
+        *GATE_METADATA,
+    ):
         if (value := getattr(hyper, name)) is not None:
             values[name] = value
+    values |= gate_metadata(body.metadata or {})
     return msgspec.convert(values, JobSpec)
+
+
+def gate_metadata(metadata: dict[str, str]) -> dict[str, Any]:
+    """The eval-gate thresholds among OpenAI ``metadata`` (strings, as OpenAI has them); raises
+    InvalidRequest naming the key whose value is not a number in range."""
+    values: dict[str, Any] = {}
+    for name, kind in GATE_METADATA.items():
+        if name not in metadata:
+            continue
+        try:
+            values[name] = msgspec.convert(msgspec.json.decode(metadata[name]), kind)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise InvalidRequest(f"metadata.{name} must be a number in range: {exc}", param=f"metadata.{name}") from exc
+    return values
 
 
 @post("/v1/fine_tuning/jobs", status_code=200, responses=answers(FineTuningJob, 200, *GUARDED, *BODY, 404))

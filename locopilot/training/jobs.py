@@ -61,6 +61,7 @@ from locopilot.store.jobs import TrainingJob
 from locopilot.training import lineage
 from locopilot.training.remote import Remotes
 from locopilot.training.trainer import (
+    DEFAULT_CHECKPOINT_STEPS,
     DEFAULT_CONTEXT,
     Auto,
     Checkpointed,
@@ -102,6 +103,11 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
     remote: str | None = None
     lora_rank: int | Auto | None = None
+    prompt_loss: bool = False
+    checkpoint_steps: int = DEFAULT_CHECKPOINT_STEPS
+    min_recall: float | None = None
+    max_validation_loss: float | None = None
+    max_spot_check_lost: int | None = None
 
     def params(self) -> dict[str, Any]:
         """The hyperparameters as stored in the row and the lineage."""
@@ -116,6 +122,9 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
             "validation_split": self.validation_split,
             "weight_decay": self.weight_decay,
             **({} if self.lora_rank is None else {"lora_rank": self.lora_rank}),
+            "prompt_loss": self.prompt_loss,
+            "checkpoint_steps": self.checkpoint_steps,
+            **{name: getattr(self, name) for name in GATE_THRESHOLDS if getattr(self, name) is not None},
         }
 
 
@@ -443,6 +452,8 @@ class JobService:
             seed=spec.seed,
             lora_rank=spec.lora_rank,
             base_name=spec.model,
+            prompt_loss=spec.prompt_loss,
+            checkpoint_steps=spec.checkpoint_steps,
         )
 
     def _event(self, job_id: str, message: str, **kwargs: Any) -> None:
@@ -464,7 +475,12 @@ class JobService:
             return
         store.update(self.db, job.id, base_sha256=base_sha256)
         self._event(job.id, "Fine-tuning job started")
-        spec = msgspec.convert({**job.params, "seed": job.seed, "model": job.base_model, "training_file": ""}, JobSpec)
+        params = dict(job.params)
+        if "chosen" in params:
+            # Started before (a job resuming from its checkpoint): its params are the values it ran
+            # with, the multiplier already applied to the learning rate.
+            params["learning_rate_multiplier"] = 1.0
+        spec = msgspec.convert({**params, "seed": job.seed, "model": job.base_model, "training_file": ""}, JobSpec)
         config = msgspec.structs.replace(
             self._config(spec, base_path, work, work / "model.gguf"),
             dataset_path=job.dataset_path,
