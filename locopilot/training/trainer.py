@@ -78,6 +78,9 @@ class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     spot_check: bool = True  # ask the base and the result a few general questions at the end
     # Train on every token (system and user turns, template markup) instead of the answers' only.
     prompt_loss: bool = False
+    # Mix general questions labelled with the base's own predictions into the training
+    # windows (locopilot.training.anchors), so the result keeps the base's general answers.
+    anchors: bool = True
     # Save the trained weights every N optimizer steps (rounded up to a chunk's end) into
     # ``checkpoint_dir``; a job started again with a checkpoint there resumes from it. 0 or no folder: none.
     checkpoint_dir: str = ""
@@ -372,6 +375,23 @@ def encoded_examples(config: TrainConfig) -> list[Encoded]:
         tokenizer.close()
 
 
+def anchor_examples(config: TrainConfig) -> list[tuple[list[int], list[bool]]]:
+    """The anchors (:mod:`locopilot.training.anchors`) with the base's chat template, no token trained."""
+    from locopilot.engine.templates import TemplateError
+    from locopilot.training.anchors import conversations
+    from locopilot.training.tokenizer import ChatTokenizer
+
+    try:
+        tokenizer = ChatTokenizer(Path(config.base_path))
+        try:
+            encoded = [tokenizer.encode(messages) for messages in conversations()]
+        finally:
+            tokenizer.close()
+    except TemplateError as exc:
+        raise TrainingRefused(f"the base model's chat template fails: {exc}") from exc
+    return [(tokens, [False] * len(tokens)) for tokens in encoded if len(tokens) <= config.context]
+
+
 def cpu_seconds() -> float:
     """This process's CPU time so far, user and system."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -559,7 +579,11 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
     # Held out by example, so no validation token is ever in a training window.
     n_val = int(len(encoded) * config.validation_split)
     validation = windows(encoded[:n_val], config.context)
-    training = windows(encoded[n_val:], config.context)
+    mixed: list[tuple[list[int], list[bool]]] = [(e.tokens, e.trained) for e in encoded[n_val:]]
+    if config.anchors:
+        mixed += anchor_examples(config)
+        rng.shuffle(mixed)
+    training = windows(mixed, config.context)
     config, auto_rate, chosen = resolve(config, header, len(training))
     assert isinstance(config.epochs, int) and isinstance(config.learning_rate, float) and isinstance(config.layers, int)
     estimate = check_resources(header, config)
