@@ -90,6 +90,8 @@ class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Publish a LoRA adapter of this rank (``auto``: chosen), served beside the base, instead of a full copy."""
     prompt_loss: bool = False
     """Train on every token, prompts and template included, instead of the answers' only."""
+    anchors: bool = True
+    """Mix in general questions labelled with the base's own predictions, so the result keeps its general answers."""
     checkpoint_steps: CheckpointSteps = DEFAULT_CHECKPOINT_STEPS
     """Save the weights every N steps; a job interrupted by a restart resumes from the last."""
     min_recall: MinRecall | None = None
@@ -273,6 +275,7 @@ class Hyperparameters(msgspec.Struct, kw_only=True):
     lora_rank: LoraRank | Auto | None = None
     """locopilot's: publish a LoRA adapter of this rank (``auto``: chosen) instead of a full copy."""
     prompt_loss: bool | None = None
+    anchors: bool | None = None
     checkpoint_steps: CheckpointSteps | None = None
     min_recall: MinRecall | None = None
     max_validation_loss: MaxLoss | None = None
@@ -435,6 +438,7 @@ def spec_of(body: FineTuningJobRequest) -> JobSpec:
         "optimizer",
         "lora_rank",
         "prompt_loss",
+        "anchors",
         "checkpoint_steps",
         *GATE_METADATA,
     ):

@@ -104,6 +104,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     remote: str | None = None
     lora_rank: int | Auto | None = None
     prompt_loss: bool = False
+    anchors: bool = True
     checkpoint_steps: int = DEFAULT_CHECKPOINT_STEPS
     min_recall: float | None = None
     max_validation_loss: float | None = None
@@ -123,6 +124,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
             "weight_decay": self.weight_decay,
             **({} if self.lora_rank is None else {"lora_rank": self.lora_rank}),
             "prompt_loss": self.prompt_loss,
+            "anchors": self.anchors,
             "checkpoint_steps": self.checkpoint_steps,
             **{name: getattr(self, name) for name in GATE_THRESHOLDS if getattr(self, name) is not None},
         }
@@ -453,6 +455,7 @@ class JobService:
             lora_rank=spec.lora_rank,
             base_name=spec.model,
             prompt_loss=spec.prompt_loss,
+            anchors=spec.anchors,
             checkpoint_steps=spec.checkpoint_steps,
         )
 
