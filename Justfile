@@ -101,6 +101,7 @@ smoke engine="portable": (build engine)
 # launchd plist) from locopilot/settings.py and locopilot/service/.
 docs:
     uv run --frozen --no-sync python -c 'import pathlib; from locopilot.settings import with_settings_table as w; p = pathlib.Path("README.md"); p.write_text(w(p.read_text()))'
+    uv run --frozen --no-sync python -c 'import pathlib; from locopilot.cli.options import with_hyperparameters_table as w; p = pathlib.Path("README.md"); p.write_text(w(p.read_text()))'
     uv run --frozen --no-sync python -c 'import pathlib; from locopilot.service import repository_files as f; [pathlib.Path(p).write_text(t) for p, t in f().items()]'
 
 # Environments of the external training frameworks, for the slow tests in

@@ -21,7 +21,6 @@ from locopilot.models.gguf import (
     GGUFError,
     GGUFHeader,
     ValueType,
-    is_gguf,
     read_header,
 )
 
@@ -187,14 +186,6 @@ def test_mutations_raise_only_gguf_errors(tmp_path: Path, model: Path) -> None:
         except GGUFError:
             failures += 1
     assert failures > 0
-
-
-def test_is_gguf(tmp_path: Path, model: Path) -> None:
-    assert is_gguf(model)
-    (tmp_path / "text.gguf").write_text("hello")
-    assert not is_gguf(tmp_path / "text.gguf")
-    assert not is_gguf(tmp_path / "missing.gguf")
-    assert not is_gguf(tmp_path)
 
 
 # Crafted files, byte by byte.

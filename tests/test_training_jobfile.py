@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from locopilot.cli import cli
-from locopilot.training import jobfile
+from locopilot.training import hyperparameters, jobfile
+from locopilot.training.hyperparameters import OutputType
 from locopilot.training.jobfile import JobFileInvalid, TrainOptions
 from locopilot.training.trainer import OUTPUT_TYPES
 from tests.test_cli import make_env
@@ -80,8 +81,8 @@ def test_defaults_depend_on_the_framework() -> None:
     builtin, lora = TrainOptions(), TrainOptions(framework="mlx")
     assert (builtin.effective_epochs, builtin.effective_learning_rate, builtin.effective_layers) == ("auto",) * 3
     assert (lora.effective_epochs, lora.effective_learning_rate, lora.effective_layers) == (
-        jobfile.DEFAULT_LORA_EPOCHS,
-        jobfile.DEFAULT_LORA_LEARNING_RATE,
+        hyperparameters.DEFAULT_LORA_EPOCHS,
+        hyperparameters.DEFAULT_LORA_LEARNING_RATE,
         0,
     )
 
@@ -94,7 +95,7 @@ def test_merge_overrides_and_checks_again() -> None:
 
 
 def test_the_output_types_agree_with_the_trainer() -> None:
-    assert set(typing.get_args(jobfile.OutputType)) == set(OUTPUT_TYPES)
+    assert set(typing.get_args(OutputType)) == set(OUTPUT_TYPES)
 
 
 def run_train(tmp_path: Path, args: list[str]) -> Any:
@@ -121,7 +122,7 @@ def test_cli_flags_override_the_file_and_the_file_fills_the_rest(tmp_path: Path)
     assert config["model"] == str(tmp_path / "tiny")
     assert config["iters"] == 2 * 27, "--epochs 2 beat the file's 3 (27 training examples)"
     assert config["lora_parameters"]["rank"] == 16, "from the file"
-    assert config["learning_rate"] == jobfile.DEFAULT_LORA_LEARNING_RATE
+    assert config["learning_rate"] == hyperparameters.DEFAULT_LORA_LEARNING_RATE
 
 
 def test_cli_reports_a_bad_file_with_the_field(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@
   ``hyperparameters`` (or ``method.supervised.hyperparameters``) takes OpenAI's ``n_epochs``,
   ``learning_rate_multiplier`` (times the learning rate the ``auto`` rule picks for the model)
   and ``batch_size`` (``auto`` or 1: each optimizer step is one window of ``context`` tokens),
-  each ``auto`` by default (:mod:`locopilot.training.auto`), and locopilot's own names too
-  (``learning_rate``, ``layers``, ``context``, ``output_type``, ``optimizer``). The job object
+  each ``auto`` by default (:mod:`locopilot.training.auto`), and locopilot's own names for the
+  rest (:mod:`locopilot.training.hyperparameters`, the one schema both shapes share). The job object
   reports ``auto`` until the job starts, then the values chosen (``learning_rate`` and
   ``layers`` beside OpenAI's three).
 
@@ -36,29 +36,39 @@ from locopilot.schemas.openai import encoder
 from locopilot.schemas.training import JobErrorInfo, JobInfo, JobList, LogEvent
 from locopilot.store import jobs as store
 from locopilot.store.jobs import JobEvent, JobStatus, TrainingJob
+from locopilot.training.hyperparameters import (
+    Anchors,
+    Auto,
+    CheckpointSteps,
+    Context,
+    Epochs,
+    FileId,
+    HyperparameterInvalid,
+    Layers,
+    LearningRate,
+    LoraRank,
+    Loss,
+    MaxSpotCheckLost,
+    MaxValidationLoss,
+    MinRecall,
+    ModelName,
+    Multiplier,
+    Optimizer,
+    Output,
+    RemoteName,
+    Seed,
+    ValidationSplit,
+    WeightDecay,
+)
 from locopilot.training.jobs import JobSpec
-from locopilot.training.trainer import DEFAULT_CHECKPOINT_STEPS
 
-OutputType = Literal["f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
-Auto = Literal["auto"]
-Epochs = Annotated[int, Meta(ge=1, le=100)]
-LearningRate = Annotated[float, Meta(gt=0, le=1e-2)]
-#: The auto rule's rate is at most 1e-3 (locopilot.training.auto), so at most 1e-2 after this.
-Multiplier = Annotated[float, Meta(gt=0, le=10)]
-Layers = Annotated[int, Meta(ge=0, le=10_000, description="Train the last N blocks; 0: every block.")]
-Context = Annotated[int, Meta(ge=256, le=1 << 20, description="Training window in tokens, a multiple of 256.")]
-LoraRank = Annotated[
-    int, Meta(ge=1, le=256, description="Rank of the LoRA adapter a job publishes instead of a full model.")
-]
-ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
-FileId = Annotated[str, Meta(min_length=1, max_length=128)]
-RemoteName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
-CheckpointSteps = Annotated[int, Meta(ge=0, le=1_000_000, description="Save the weights every N steps; 0: never.")]
-MinRecall = Annotated[float, Meta(ge=0, le=1, description="Eval gate: the least share of held-out answers recalled.")]
-MaxLoss = Annotated[float, Meta(gt=0, description="Eval gate: the highest validation loss after training.")]
-MaxLost = Annotated[int, Meta(ge=0, description="Eval gate: the most spot-check answers the result may lose.")]
-#: OpenAI ``metadata`` keys read as eval-gate thresholds (its values are strings).
-GATE_METADATA = {"min_recall": MinRecall, "max_validation_loss": MaxLoss, "max_spot_check_lost": MaxLost}
+#: OpenAI ``metadata`` keys read as the eval gate's thresholds (its values are strings), and their types.
+GATE_METADATA: dict[str, Any] = {
+    "min_recall": MinRecall,
+    "max_validation_loss": MaxValidationLoss,
+    "max_spot_check_lost": MaxSpotCheckLost,
+}
+
 #: How often a log stream looks for new events.
 FOLLOW_INTERVAL_S = 0.5
 #: A log stream sends a comment this often while nothing happens, so proxies keep it open.
@@ -66,40 +76,6 @@ KEEPALIVE_S = 15.0
 
 
 # -- locopilot's shape -----------------------------------------------------------------
-
-
-class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """``POST /v1/locopilot/training/jobs``."""
-
-    model: ModelName
-    """The base model: a model in the models folder."""
-    training_file: FileId
-    """A file uploaded with ``purpose=fine-tune``."""
-    epochs: Epochs | Auto = "auto"
-    learning_rate: LearningRate | Auto = "auto"
-    learning_rate_multiplier: Multiplier = 1.0
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    layers: Layers | Auto = "auto"
-    context: Context = 256
-    output_type: OutputType = "q8_0"
-    validation_split: Annotated[float, Meta(ge=0, lt=0.5)] = 0.1
-    seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
-    remote: RemoteName | None = None
-    """Run the job on this upstream (another locopilot, kind openai) instead of here."""
-    lora_rank: LoraRank | Auto | None = None
-    """Publish a LoRA adapter of this rank (``auto``: chosen), served beside the base, instead of a full copy."""
-    prompt_loss: bool = False
-    """Train on every token, prompts and template included, instead of the answers' only."""
-    anchors: bool = True
-    """Mix in general questions labelled with the base's own predictions, so the result keeps its general answers."""
-    checkpoint_steps: CheckpointSteps = DEFAULT_CHECKPOINT_STEPS
-    """Save the weights every N steps; a job interrupted by a restart resumes from the last."""
-    min_recall: MinRecall | None = None
-    """Eval gate: hold the result back (not published) if it recalls fewer held-out answers than this share."""
-    max_validation_loss: MaxLoss | None = None
-    """Eval gate: hold the result back if its validation loss is above this."""
-    max_spot_check_lost: MaxLost | None = None
-    """Eval gate: hold the result back if it lost more of the spot check's general answers than this."""
 
 
 def error_of(job: TrainingJob) -> JobErrorInfo | None:
@@ -170,10 +146,11 @@ async def placed(services: Services, spec: JobSpec) -> JobSpec:
 
 
 @post("/v1/locopilot/training/jobs", status_code=200, responses=answers(JobInfo, 200, *GUARDED, *BODY, 404))
-async def create_job(data: JobRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def create_job(data: JobSpec, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Queue a fine-tuning job of a model in the models folder on an uploaded dataset (with no ``remote`` and a
     base model this server lacks: on the least-busy upstream locopilot that has it)."""
-    spec = await placed(services, msgspec.convert(msgspec.structs.asdict(data), JobSpec))
+    checked(data)
+    spec = await placed(services, data)
     job = await services.training.submit(spec, principal_of(request).key_id)
     return json_response(job_info(job))
 
@@ -262,24 +239,30 @@ async def job_logs(
 
 
 class Hyperparameters(msgspec.Struct, kw_only=True):
-    """OpenAI's names, and locopilot's own (which win when both are given)."""
+    """OpenAI's names for three, locopilot's (:class:`~locopilot.training.hyperparameters.Hyperparameters`)
+    for the rest, over the same types; None: not given."""
 
     n_epochs: Epochs | Auto | None = None
     batch_size: Annotated[int, Meta(ge=1)] | Auto | None = None
     learning_rate_multiplier: Multiplier | Auto | None = None
     learning_rate: LearningRate | Auto | None = None
+    optimizer: Optimizer | None = None
+    weight_decay: WeightDecay | None = None
     layers: Layers | Auto | None = None
     context: Context | None = None
-    output_type: OutputType | None = None
-    optimizer: Literal["adamw", "sgd"] | None = None
+    validation_split: ValidationSplit | None = None
+    output_type: Output | None = None
     lora_rank: LoraRank | Auto | None = None
-    """locopilot's: publish a LoRA adapter of this rank (``auto``: chosen) instead of a full copy."""
-    prompt_loss: bool | None = None
-    anchors: bool | None = None
+    loss: Loss | None = None
+    anchors: Anchors | None = None
     checkpoint_steps: CheckpointSteps | None = None
     min_recall: MinRecall | None = None
-    max_validation_loss: MaxLoss | None = None
-    max_spot_check_lost: MaxLost | None = None
+    max_validation_loss: MaxValidationLoss | None = None
+    max_spot_check_lost: MaxSpotCheckLost | None = None
+
+
+#: OpenAI's names for locopilot's.
+OPENAI_NAMES = {"n_epochs": "epochs"}
 
 
 class Supervised(msgspec.Struct, kw_only=True):
@@ -298,7 +281,7 @@ class FineTuningJobRequest(msgspec.Struct, kw_only=True):
     training_file: FileId
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
-    seed: Annotated[int, Meta(ge=0, le=2**31 - 1)] | None = None
+    seed: Seed | None = None
     suffix: str | None = None
     validation_file: str | None = None
     remote: RemoteName | None = None
@@ -426,26 +409,25 @@ def spec_of(body: FineTuningJobRequest) -> JobSpec:
         "seed": body.seed or 0,
         "remote": body.remote,
     }
-    if isinstance(hyper.learning_rate_multiplier, float | int):
-        values["learning_rate_multiplier"] = float(hyper.learning_rate_multiplier)
-    if hyper.n_epochs is not None:
-        values["epochs"] = hyper.n_epochs
-    for name in (
-        "learning_rate",
-        "layers",
-        "context",
-        "output_type",
-        "optimizer",
-        "lora_rank",
-        "prompt_loss",
-        "anchors",
-        "checkpoint_steps",
-        *GATE_METADATA,
-    ):
-        if (value := getattr(hyper, name)) is not None:
-            values[name] = value
-    values |= gate_metadata(body.metadata or {})
-    return msgspec.convert(values, JobSpec)
+    for name in Hyperparameters.__struct_fields__:
+        value = getattr(hyper, name)
+        # A multiplier of "auto" is 1 (times the auto rule's rate); batch_size is checked above.
+        if value is not None and name != "batch_size" and (name, value) != ("learning_rate_multiplier", "auto"):
+            values[OPENAI_NAMES.get(name, name)] = value
+    # The eval gate's thresholds may come as OpenAI metadata too; hyperparameters win.
+    values = gate_metadata(body.metadata or {}) | values
+    spec = msgspec.convert(values, JobSpec)  # the same types: nothing new to refuse
+    checked(spec, "hyperparameters.")
+    return spec
+
+
+def checked(spec: JobSpec, prefix: str = "") -> None:
+    """Raises InvalidRequest (param: the field, after ``prefix``) for the rule across fields
+    that the body's types cannot state."""
+    try:
+        spec.check()
+    except HyperparameterInvalid as exc:
+        raise InvalidRequest(str(exc), param=None if exc.field is None else prefix + exc.field) from exc
 
 
 def gate_metadata(metadata: dict[str, str]) -> dict[str, Any]:

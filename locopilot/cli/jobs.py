@@ -17,14 +17,17 @@ from typing import Any
 
 import httpx
 import rich_click as click
+from click.core import ParameterSource
 from rich.table import Table
 from rich.text import Text
 
 from locopilot.cli import console, print_error
+from locopilot.cli.options import struct_options
 from locopilot.cli.remote import answer, checked, located, open_client
 from locopilot.client import events, job_log_event
 from locopilot.errors import LocopilotError
 from locopilot.schemas.training import FileObject, JobInfo, JobList, LogEvent
+from locopilot.training.hyperparameters import Hyperparameters
 
 JOBS_PATH = "/v1/locopilot/training/jobs"
 STATUS_STYLES = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "dim"}
@@ -174,31 +177,31 @@ def cancel_command(job_id: str, url: str | None, key_file: Path | None) -> None:
 @jobs.command("submit")
 @click.argument("dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--base", "base", required=True, help="Base model: a model on the server.")
-@click.option("--epochs", type=click.IntRange(1, 100), default=1, show_default=True)
-@click.option("--learning-rate", "--lr", type=float, default=None, help="Default: the server's (1e-5).")
-@click.option("--layers", type=click.IntRange(min=0), default=None, help="Train the last N blocks; 0: all.")
-@click.option("--context", type=click.IntRange(min=256), default=None, help="Training window in tokens.")
+@struct_options(Hyperparameters, aliases={"learning_rate": ("--lr",)})
 @click.option("--remote", help="Run it on this upstream of the server (another locopilot in LOCOPILOT_UPSTREAMS).")
 @click.option("--follow/--no-follow", default=True, show_default=True, help="Follow the job's log until it ends.")
 @url_option
 @key_option
+@click.pass_context
 def submit_command(
+    ctx: click.Context,
+    /,
     dataset: Path,
     base: str,
-    epochs: int,
-    learning_rate: float | None,
-    layers: int | None,
-    context: int | None,
     remote: str | None,
     follow: bool,
     url: str | None,
     key_file: Path | None,
+    **hyperparameters: Any,
 ) -> None:
-    """Upload DATASET to the server and queue a training job of BASE on it."""
-    body: dict[str, Any] = {"model": base, "epochs": epochs}
-    for name, value in (("learning_rate", learning_rate), ("layers", layers), ("context", context), ("remote", remote)):
-        if value is not None:
+    """Upload DATASET to the server and queue a training job of BASE on it (the flags not given:
+    the server's defaults, shown here; auto: chosen when the job starts)."""
+    body: dict[str, Any] = {"model": base}
+    for name, value in hyperparameters.items():
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
             body[name] = value
+    if remote is not None:
+        body["remote"] = remote
     submit(dataset, body, url=url, key_file=key_file, follow=follow)
 
 

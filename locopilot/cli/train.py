@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import rich_click as click
 from click.core import ParameterSource
 from rich.table import Table
@@ -14,32 +15,14 @@ from rich.text import Text
 
 from locopilot.cli import console, print_error, settings_or_exit
 from locopilot.cli.jobs import key_option, submit, url_option
+from locopilot.cli.options import struct_options
 from locopilot.errors import LocopilotError
 from locopilot.models.catalog import ModelCatalog
 from locopilot.training import jobfile
 from locopilot.training.adapters import FRAMEWORKS
-from locopilot.training.jobfile import DEFAULT_LORA_LEARNING_RATE
+from locopilot.training.hyperparameters import DEFAULT_CONTEXT, DEFAULT_LORA_LEARNING_RATE, DEFAULT_LORA_RANK, FIELDS
 from locopilot.training.spotcheck import SpotCheck
-from locopilot.training.trainer import (
-    DEFAULT_CONTEXT,
-    MAX_LEARNING_RATE,
-    OUTPUT_TYPES,
-    Finished,
-    TrainConfig,
-)
-
-
-class AutoOr(click.ParamType[Any]):
-    """``auto``, or a value of ``inner``'s type."""
-
-    def __init__(self, inner: click.ParamType[Any]) -> None:
-        self.inner = inner
-        self.name = f"auto|{inner.name}"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if value == "auto":
-            return "auto"
-        return self.inner.convert(value, param, ctx)
+from locopilot.training.trainer import Finished, TrainConfig
 
 
 def base_model_path(model: str) -> Path:
@@ -54,23 +37,15 @@ def base_model_path(model: str) -> Path:
         raise SystemExit(1) from exc
 
 
-#: The flags that a job file can also set (the same names, ``_`` for ``-``).
-OPTION_FLAGS = (
-    "base",
-    "dataset",
-    "framework",
-    "epochs",
-    "learning_rate",
-    "optimizer",
-    "layers",
-    "context",
-    "validation_split",
-    "seed",
-    "output_type",
-    "spot_check",
-    "python",
-    "lora_rank",
-)
+#: Where a flag's ``auto`` differs between the built-in trainer and an external framework.
+AUTO_NOTES = {
+    "epochs": "auto: builtin, from the dataset's size; LoRA, 1.",
+    "learning_rate": f"auto: builtin, from the model's size; LoRA, {DEFAULT_LORA_LEARNING_RATE:g}.",
+    "layers": "auto: builtin, from the model's size; LoRA, 0.",
+    "lora_rank": f"builtin: a base in the models folder; auto, from its size. LoRA: default {DEFAULT_LORA_RANK}.",
+    "output_type": "Built-in trainer only.",
+    "weight_decay": "Built-in trainer only.",
+}
 
 
 @click.group(invoke_without_command=True)
@@ -80,48 +55,12 @@ OPTION_FLAGS = (
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A TOML or JSON file with these options (keys with _ for -); flags given here override it.",
 )
-@click.option(
-    "--base",
-    "base",
-    help="Base model: a name in the models folder or a .gguf path (external: an HF repo or folder).",
+@struct_options(
+    jobfile.TrainOptions,
+    only=("base", "dataset", "framework", *FIELDS, "spot_check", "python"),
+    aliases={"learning_rate": ("--lr",)},
+    notes=AUTO_NOTES,
 )
-@click.option("--dataset", type=click.Path(dir_okay=False), help="JSONL dataset.")
-@click.option(
-    "--framework",
-    type=click.Choice(["builtin", *FRAMEWORKS]),
-    default="builtin",
-    show_default=True,
-    help="builtin: llama.cpp, on the GGUF itself. Others: an installed Unsloth, Axolotl or MLX-LM trains LoRA.",
-)
-@click.option(
-    "--epochs",
-    type=AutoOr(click.IntRange(1, 100)),
-    help="Default auto (builtin: from the dataset's size), 1 (LoRA).",
-)
-@click.option(
-    "--learning-rate",
-    "--lr",
-    type=AutoOr(click.FloatRange(0, MAX_LEARNING_RATE, min_open=True)),
-    help=f"Default auto (builtin: from the model's size), {DEFAULT_LORA_LEARNING_RATE:g} (LoRA).",
-)
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
-@click.option(
-    "--layers",
-    type=AutoOr(click.IntRange(min=0)),
-    help="Train the last N blocks; 0: all. Default auto (builtin: from the model's size), 0 (LoRA).",
-)
-@click.option("--context", type=click.IntRange(min=256), default=DEFAULT_CONTEXT, show_default=True)
-@click.option("--validation-split", type=click.FloatRange(0, 0.5, max_open=True), default=0.1, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--output-type", type=click.Choice(sorted(OUTPUT_TYPES)), default="q8_0", show_default=True)
-@click.option(
-    "--spot-check/--no-spot-check",
-    default=True,
-    show_default=True,
-    help="Ask the base and the result a few general questions at the end (builtin).",
-)
-@click.option("--python", help="The external framework's Python (default: LOCOPILOT_TRAINING_PYTHON, else python3).")
-@click.option("--lora-rank", type=click.IntRange(1, 1024), default=8, show_default=True, help="External frameworks.")
 @click.option(
     "--dry-run", is_flag=True, help="External frameworks: write the config and print the command, run nothing."
 )
@@ -191,26 +130,20 @@ def train(
 
 
 def server_job(options: jobfile.TrainOptions, base: str, remote: str | None) -> dict[str, Any]:
-    """The body of ``POST /v1/locopilot/training/jobs`` for these options (``auto`` for the
-    epochs, learning rate and layers left unset; the server runs its spot check always)."""
-    job: dict[str, Any] = {
-        "model": base,
-        "epochs": options.effective_epochs,
-        "optimizer": options.optimizer,
-        "context": options.context,
-        "output_type": options.output_type,
-        "validation_split": options.validation_split,
-        "seed": options.seed,
-    }
-    for name, value in (("learning_rate", options.learning_rate), ("layers", options.layers), ("remote", remote)):
-        if value is not None:
-            job[name] = value
-    return job
+    """The body of ``POST /v1/locopilot/training/jobs`` for these options (the server runs its
+    spot check always)."""
+    job: dict[str, Any] = {"model": base, **msgspec.structs.asdict(options.hyperparameters())}
+    return job if remote is None else job | {"remote": remote}
 
 
 def _train_builtin(options: jobfile.TrainOptions, base: str, dataset: Path) -> None:
     settings = settings_or_exit()
     base_path = base_model_path(base)
+    if options.lora_rank is not None and base.endswith(".gguf"):
+        # The adapter names its base, which the server finds in its models folder.
+        raise click.UsageError(
+            "--lora-rank with the built-in trainer needs --base to name a model in the models folder"
+        )
     name = f"{base_path.stem if base.endswith('.gguf') else base}-ft-{secrets.token_hex(4)}"
     # The job's own folder: its F32 copies are removed even when the worker was killed.
     work_dir = settings.data_path / "training" / name
@@ -218,20 +151,14 @@ def _train_builtin(options: jobfile.TrainOptions, base: str, dataset: Path) -> N
     output = ModelCatalog(settings.models_path).path_for(name)
     output.parent.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(
+        **msgspec.structs.asdict(options.hyperparameters()),
         base_path=str(base_path.resolve()),
         dataset_path=str(dataset.resolve()),
         output_path=str(output),
         work_dir=str(work_dir),
-        epochs=options.effective_epochs,
-        learning_rate=options.effective_learning_rate,
-        optimizer=options.optimizer,
-        layers=options.effective_layers,
-        context=options.context,
-        validation_split=options.validation_split,
-        output_type=options.output_type,
         threads=settings.threads,
-        seed=options.seed,
         spot_check=options.spot_check,
+        base_name=base,
     )
     log_path = settings.data_path / "training" / f"{name}.log"
     try:
@@ -306,7 +233,7 @@ def _train_external(options: jobfile.TrainOptions, base: str, dataset: Path, *, 
             optimizer=options.optimizer,
             layers=layers,
             context=options.context,
-            lora_rank=options.lora_rank,
+            lora_rank=options.effective_lora_rank,
             seed=options.seed,
             validation_split=options.validation_split,
         )

@@ -238,15 +238,6 @@ class GGUFHeader(msgspec.Struct, frozen=True):
         return self._int(f"{arch}.{suffix}") if arch else None
 
 
-def is_gguf(path: Path) -> bool:
-    """True if the file starts with the GGUF magic. Checks nothing else; unreadable files are False."""
-    try:
-        with path.open("rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
-
-
 def read_header(path: Path) -> GGUFHeader:
     """Read and validate the header of the GGUF at ``path``.
 

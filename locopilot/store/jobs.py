@@ -96,7 +96,7 @@ def insert(db: Database, job: TrainingJob) -> None:
     db.insert("training_jobs", row, "a training job").result()
 
 
-def update(db: Database, job_id: str, **fields: Any) -> None:
+def update(db: Database, /, job_id: str, **fields: Any) -> None:
     """Set ``fields`` (column names of :class:`TrainingJob`) on one job."""
     unknown = set(fields) - set(_JOB_COLUMNS)
     if unknown:
@@ -106,7 +106,7 @@ def update(db: Database, job_id: str, **fields: Any) -> None:
     db.write(f"UPDATE training_jobs SET {assignments} WHERE id = :job_id", params).result()  # noqa: S608
 
 
-def transition(db: Database, job_id: str, from_status: tuple[str, ...], **fields: Any) -> bool:
+def transition(db: Database, /, job_id: str, from_status: tuple[str, ...], **fields: Any) -> bool:
     """:func:`update`, only while the job's status is one of ``from_status``; whether it changed.
 
     The status check and the write are one transaction, so a cancel and a finish racing each

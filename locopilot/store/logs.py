@@ -128,19 +128,3 @@ def with_text(
         return [msgspec.convert(dict(zip(names, row, strict=True)), InferenceLog) for row in conn.execute(sql, params)]
 
     return db.read(fetch)
-
-
-def count_by_status(db: Database) -> dict[str, int]:
-    """Rows per status; every status in :data:`LOG_STATUSES` is present, 0 if none.
-
-    Raises:
-        StoreError: the read failed.
-    """
-
-    def fetch(conn: apsw.Connection) -> dict[str, int]:
-        counts: dict[str, int] = dict.fromkeys(LOG_STATUSES, 0)
-        for status, count in conn.execute("SELECT status, count(*) FROM inference_logs GROUP BY status"):
-            counts[status] = count
-        return counts
-
-    return db.read(fetch)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from locopilot.training.adapters import FRAMEWORKS
 from locopilot.training.adapters.base import ExternalJob, FrameworkFailed, Plan, TrainingData, prepare_data, probe
+from locopilot.training.hyperparameters import Optimizer
 
 
 def find_python(explicit: str | None, configured: str) -> str:
@@ -56,7 +57,7 @@ def plan_job(
     python: str,
     epochs: int,
     learning_rate: float,
-    optimizer: str,
+    optimizer: Optimizer,
     layers: int,
     context: int,
     lora_rank: int,
@@ -77,7 +78,7 @@ def plan_job(
         output_dir=str(output_dir),
         epochs=epochs,
         learning_rate=learning_rate,
-        optimizer="sgd" if optimizer == "sgd" else "adamw",
+        optimizer=optimizer,
         layers=layers,
         context=context,
         lora_rank=lora_rank,

@@ -15,40 +15,46 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from locopilot.training.trainer import CONTEXT_STEP, DEFAULT_CONTEXT, MAX_LEARNING_RATE, Auto
-
-DEFAULT_LORA_LEARNING_RATE = 1e-4
-#: External frameworks' epochs when none are given (the built-in trainer chooses its own).
-DEFAULT_LORA_EPOCHS = 1
+from locopilot.training.hyperparameters import (
+    DEFAULT_LORA_EPOCHS,
+    DEFAULT_LORA_LEARNING_RATE,
+    DEFAULT_LORA_RANK,
+    Auto,
+    Hyperparameters,
+)
 
 Framework = Literal["builtin", "unsloth", "axolotl", "mlx"]
-OutputType = Literal["f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
 
 
 class JobFileInvalid(ValueError):
     """The file cannot be read or a value in it is wrong; the message says which field."""
 
 
-class TrainOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Every option of ``locopilot train``, with its default and limits (the flags have the same)."""
+class TrainOptions(Hyperparameters, frozen=True, kw_only=True):
+    """Every option of ``locopilot train``: the hyperparameters (with their limits, the flags'
+    too) and where the job runs. ``auto`` is the built-in trainer's rule
+    (:mod:`locopilot.training.auto`); an external framework's usual value otherwise (the
+    ``effective_*`` properties)."""
 
-    base: str | None = None
-    dataset: str | None = None
-    framework: Framework = "builtin"
-    # None: the framework's default (the effective_* properties); the built-in trainer's is
-    # "auto", chosen by locopilot.training.auto from the model's and the dataset's size.
-    epochs: Annotated[int, Meta(ge=1, le=100)] | Auto | None = None
-    learning_rate: Annotated[float, Meta(gt=0, le=MAX_LEARNING_RATE)] | Auto | None = None
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    layers: Annotated[int, Meta(ge=0, le=1024)] | Auto | None = None
-    context: Annotated[int, Meta(ge=CONTEXT_STEP, le=1 << 20, multiple_of=CONTEXT_STEP)] = DEFAULT_CONTEXT
-    validation_split: Annotated[float, Meta(ge=0, lt=0.5)] = 0.1
-    seed: Annotated[int, Meta(ge=0)] = 0
-    output_type: OutputType = "q8_0"
-    spot_check: bool = True
-    # External frameworks only (locopilot/training/adapters/).
-    python: str | None = None
-    lora_rank: Annotated[int, Meta(ge=1, le=1024)] = 8
+    base: Annotated[
+        str | None,
+        Meta(description="Base model: a name in the models folder or a .gguf path (external: an HF repo or folder)."),
+    ] = None
+    dataset: Annotated[str | None, Meta(description="JSONL dataset.")] = None
+    framework: Annotated[
+        Framework,
+        Meta(
+            description="builtin: llama.cpp, on the GGUF itself. "
+            "Others: an installed Unsloth, Axolotl or MLX-LM trains LoRA."
+        ),
+    ] = "builtin"
+    spot_check: Annotated[
+        bool, Meta(description="Ask the base and the result a few general questions at the end (builtin).")
+    ] = True
+    python: Annotated[
+        str | None,
+        Meta(description="The external framework's Python (default: LOCOPILOT_TRAINING_PYTHON, else python3)."),
+    ] = None
 
     @property
     def builtin(self) -> bool:
@@ -56,23 +62,31 @@ class TrainOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     @property
     def effective_epochs(self) -> int | Auto:
-        if isinstance(self.epochs, int):
+        if isinstance(self.epochs, int) or self.builtin:
             return self.epochs
-        return "auto" if self.builtin else DEFAULT_LORA_EPOCHS
+        return DEFAULT_LORA_EPOCHS
 
     @property
     def effective_learning_rate(self) -> float | Auto:
-        """The built-in trainer's rule chooses (it changes the weights themselves); LoRA's usual rate otherwise."""
-        if isinstance(self.learning_rate, float):
-            return self.learning_rate
-        return "auto" if self.builtin else DEFAULT_LORA_LEARNING_RATE
+        """The built-in trainer's rule chooses (it changes the weights themselves); LoRA's usual rate
+        otherwise; times the multiplier."""
+        if self.learning_rate == "auto":
+            if self.builtin:
+                return "auto"
+            return DEFAULT_LORA_LEARNING_RATE * self.learning_rate_multiplier
+        return self.learning_rate * self.learning_rate_multiplier
 
     @property
     def effective_layers(self) -> int | Auto:
         """The built-in trainer's rule chooses (memory, forgetting); LoRA is cheap on every block (0)."""
-        if isinstance(self.layers, int):
+        if isinstance(self.layers, int) or self.builtin:
             return self.layers
-        return "auto" if self.builtin else 0
+        return 0
+
+    @property
+    def effective_lora_rank(self) -> int:
+        """An external framework's adapter rank."""
+        return self.lora_rank if isinstance(self.lora_rank, int) else DEFAULT_LORA_RANK
 
 
 def _resolve(value: str | None, folder: Path, *, must_exist: bool) -> str | None:
@@ -115,6 +129,8 @@ def merge(options: TrainOptions, overrides: dict[str, Any]) -> TrainOptions:
     """``options`` with ``overrides`` (flags given on the command line) in place, all checked again."""
     merged = msgspec.structs.asdict(options) | overrides
     try:
-        return msgspec.convert(merged, TrainOptions)
-    except msgspec.ValidationError as exc:
+        options = msgspec.convert(merged, TrainOptions)
+        options.check()
+    except (msgspec.ValidationError, ValueError) as exc:
         raise JobFileInvalid(str(exc)) from exc
+    return options

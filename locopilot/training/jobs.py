@@ -59,11 +59,15 @@ from locopilot.store.db import Database
 from locopilot.store.files import StoredFile
 from locopilot.store.jobs import TrainingJob
 from locopilot.training import lineage
+from locopilot.training.hyperparameters import (
+    DEFAULT_CONTEXT,
+    FileId,
+    Hyperparameters,
+    ModelName,
+    RemoteName,
+)
 from locopilot.training.remote import Remotes
 from locopilot.training.trainer import (
-    DEFAULT_CHECKPOINT_STEPS,
-    DEFAULT_CONTEXT,
-    Auto,
     Checkpointed,
     Checkpoints,
     Finished,
@@ -82,52 +86,28 @@ CANCEL_WAIT_S = CANCEL_KILL_S + 3.0
 FINE_TUNE_PURPOSE = "fine-tune"
 
 
-class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """What a job trains, as both APIs ask for it; checked by :meth:`JobService.submit`.
+class JobSpec(Hyperparameters, frozen=True, kw_only=True):
+    """What a job trains, as both APIs ask for it (locopilot's takes this as its body); checked
+    by :meth:`JobService.submit`.
 
     ``auto`` values are chosen when the job starts (:mod:`locopilot.training.auto`) and then
     stored in the row's ``params`` in their place, with ``chosen`` naming them.
     """
 
-    model: str
-    training_file: str
-    epochs: int | Auto = "auto"
-    learning_rate: float | Auto = "auto"
-    learning_rate_multiplier: float = 1.0
-    optimizer: str = "adamw"
-    layers: int | Auto = "auto"
-    context: int = DEFAULT_CONTEXT
-    output_type: str = "q8_0"
-    validation_split: float = 0.1
-    weight_decay: float = 0.0
-    seed: int = 0
-    remote: str | None = None
-    lora_rank: int | Auto | None = None
-    prompt_loss: bool = False
-    anchors: bool = True
-    checkpoint_steps: int = DEFAULT_CHECKPOINT_STEPS
-    min_recall: float | None = None
-    max_validation_loss: float | None = None
-    max_spot_check_lost: int | None = None
+    model: ModelName
+    """The base model: a model in the models folder."""
+    training_file: FileId
+    """A file uploaded with ``purpose=fine-tune``."""
+    remote: RemoteName | None = None
+    """Run the job on this upstream (another locopilot, kind openai) instead of here."""
 
     def params(self) -> dict[str, Any]:
-        """The hyperparameters as stored in the row and the lineage."""
-        return {
-            "epochs": self.epochs,
-            "learning_rate": self.learning_rate,
-            "learning_rate_multiplier": self.learning_rate_multiplier,
-            "optimizer": self.optimizer,
-            "layers": self.layers,
-            "context": self.context,
-            "output_type": self.output_type,
-            "validation_split": self.validation_split,
-            "weight_decay": self.weight_decay,
-            **({} if self.lora_rank is None else {"lora_rank": self.lora_rank}),
-            "prompt_loss": self.prompt_loss,
-            "anchors": self.anchors,
-            "checkpoint_steps": self.checkpoint_steps,
-            **{name: getattr(self, name) for name in GATE_THRESHOLDS if getattr(self, name) is not None},
-        }
+        """The hyperparameters as stored in the row and the lineage (the seed has a column of its own)."""
+        params = msgspec.structs.asdict(self.hyperparameters())
+        del params["seed"]
+        if params["lora_rank"] is None:
+            del params["lora_rank"]
+        return params
 
 
 def new_job_id() -> str:
@@ -194,7 +174,7 @@ class JobService:
         # Nothing runs yet: work folders left here are a killed server's.
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(self.work_root / "jobs", ignore_errors=True))
         await anyio.to_thread.run_sync(self._drop_stale_checkpoints)
-        for job_id in await anyio.to_thread.run_sync(store.queued, self.db):
+        for job_id in await self.db.call(store.queued):
             self._send.send_nowait(job_id)
         # Its runners end when aclose closes the queue; then the queue's other end is closed too.
         with self._receive:
@@ -202,7 +182,7 @@ class JobService:
                 self._tasks = tasks
                 for _ in range(self.settings.training_concurrency):
                     tasks.start_soon(self._runner)
-                for job in await anyio.to_thread.run_sync(store.remote_unfinished, self.db):
+                for job in await self.db.call(store.remote_unfinished):
                     tasks.start_soon(self._mirror, job)
                 task_status.started()
 
@@ -221,9 +201,7 @@ class JobService:
         started = self.clock()
         # Registered first, so a cancel that finds the row running also finds the job here.
         running = self._running[job_id] = _Running(job_id)
-        if not await anyio.to_thread.run_sync(
-            lambda: store.transition(self.db, job_id, ("queued",), status="running", started_at=started)
-        ):
+        if not await self.db.call(store.transition, job_id, ("queued",), status="running", started_at=started):
             self._running.pop(job_id, None)
             return  # cancelled while it waited
         try:
@@ -242,13 +220,13 @@ class JobService:
                 a base model that cannot be trained.
             NotFound: no such file; ModelNotFound: no such base model.
         """
-        config = self._config(spec, Path("/"), Path("/"), Path("/"))
+        config = self._config(spec, spec.model, Path("/"), Path("/"), Path("/"))
         try:
             config.check()
         except TrainingRefused as exc:
             raise InvalidRequest(str(exc), param="hyperparameters") from exc
         try:
-            stored = await anyio.to_thread.run_sync(stored_files.get, self.db, spec.training_file)
+            stored = await self.db.call(stored_files.get, spec.training_file)
         except NotFound as exc:
             raise NotFound(exc.message, param="training_file", code="file_not_found") from exc
         if stored.purpose != FINE_TUNE_PURPOSE:
@@ -258,7 +236,24 @@ class JobService:
         if spec.remote is not None:
             return await self._submit_remote(spec, stored, key_id)
         await anyio.to_thread.run_sync(self._check_base, spec.model)
-        job = TrainingJob(
+        job = self._queued(spec, stored, key_id)
+        await self.db.call(store.insert, job)
+        await self.db.call(store.add_event, job.id, job.created_at, f"Created fine-tuning job: {job.id}")
+        # Closed once the server stops: the row stays queued and runs at the next start.
+        with contextlib.suppress(anyio.ClosedResourceError):
+            self._send.send_nowait(job.id)
+        return job
+
+    def _queued(
+        self,
+        spec: JobSpec,
+        stored: StoredFile,
+        key_id: str | None,
+        remote: str | None = None,
+        remote_job: str | None = None,
+    ) -> TrainingJob:
+        """The row of a new job for ``spec`` on ``stored`` (run by ``remote`` as ``remote_job``)."""
+        return TrainingJob(
             id=new_job_id(),
             status="queued",
             base_model=spec.model,
@@ -269,15 +264,9 @@ class JobService:
             seed=spec.seed,
             key_id=key_id,
             created_at=self.clock(),
+            remote=remote,
+            remote_job=remote_job,
         )
-        await anyio.to_thread.run_sync(store.insert, self.db, job)
-        await anyio.to_thread.run_sync(
-            lambda: store.add_event(self.db, job.id, job.created_at, f"Created fine-tuning job: {job.id}")
-        )
-        # Closed once the server stops: the row stays queued and runs at the next start.
-        with contextlib.suppress(anyio.ClosedResourceError):
-            self._send.send_nowait(job.id)
-        return job
 
     def _upstream(self, name: str) -> UpstreamConfig:
         for upstream in self.settings.upstream_configs:
@@ -292,25 +281,13 @@ class JobService:
         """Create the job on the remote (see :mod:`locopilot.training.remote`) and mirror it here."""
         upstream = self._upstream(spec.remote or "")
         body = {"model": spec.model, "seed": spec.seed, **spec.params()}
-        body.pop("weight_decay")
+        if body["weight_decay"] == 0.0:
+            del body["weight_decay"]  # a remote older than weight_decay in its schema refuses the name
         answer = await self.remotes.submit(upstream, Path(stored.path), stored.filename, body)
-        job = TrainingJob(
-            id=new_job_id(),
-            status="queued",
-            base_model=spec.model,
-            training_file=stored.id,
-            dataset_path=stored.path,
-            dataset_sha256=stored.sha256,
-            params=spec.params(),
-            seed=spec.seed,
-            key_id=key_id,
-            remote=upstream.name,
-            remote_job=answer.id,
-            created_at=self.clock(),
-        )
-        await anyio.to_thread.run_sync(store.insert, self.db, job)
+        job = self._queued(spec, stored, key_id, upstream.name, answer.id)
+        await self.db.call(store.insert, job)
         message = f"Created fine-tuning job: {job.id}, running on {upstream.name} as {job.remote_job}"
-        await anyio.to_thread.run_sync(lambda: store.add_event(self.db, job.id, job.created_at, message))
+        await self.db.call(store.add_event, job.id, job.created_at, message)
         if self._tasks is not None:
             self._tasks.start_soon(self._mirror, job)
         return job
@@ -319,7 +296,7 @@ class JobService:
         """Copy a remote job's events and outcome here until it ends; reconnect when its stream breaks.
         A remote that does not know the job (any more) fails it here, once."""
         upstream = self._upstream(job.remote or "")
-        seen = await anyio.to_thread.run_sync(store.last_remote_event, self.db, job.id)
+        seen = await self.db.call(store.last_remote_event, job.id)
         running = job.status == "running"
         while not self._closing:
             try:
@@ -327,7 +304,7 @@ class JobService:
                     match event:
                         case ("message" | "metrics") as kind, LogEvent() as logged:
                             seen = logged.id
-                            running = await anyio.to_thread.run_sync(self._mirror_event, job, kind, logged, running)
+                            running = await self._mirror_event(job, kind, logged, running)
                         case "end", JobInfo() as info:
                             await self._mirror_end(job, info)
                             return
@@ -339,15 +316,15 @@ class JobService:
                 log.warning("following remote training job %s on %s: %s", job.remote_job, upstream.name, exc.message)
             await anyio.sleep(5.0)
 
-    def _mirror_event(self, job: TrainingJob, kind: store.EventType, event: LogEvent, running: bool) -> bool:
+    async def _mirror_event(self, job: TrainingJob, kind: store.EventType, event: LogEvent, running: bool) -> bool:
         """Copy one remote event; whether the job is running here now."""
         details = {**(event.data or {}), "remote_event_id": event.id}
         level: store.EventLevel = event.level if event.level in ("info", "warn", "error") else "info"  # type: ignore[assignment]
-        store.add_event(self.db, job.id, self.clock(), event.message, level=level, type=kind, data=details)
+        await self.db.call(store.add_event, job.id, self.clock(), event.message, level=level, type=kind, data=details)
         if kind == "metrics":
-            store.update(self.db, job.id, progress=float(details.get("progress", 0.0)))
+            await self.db.call(store.update, job.id, progress=float(details.get("progress", 0.0)))
         if not running and (kind == "metrics" or event.message == "Fine-tuning job started"):
-            return store.transition(self.db, job.id, ("queued",), status="running", started_at=self.clock())
+            return await self.db.call(store.transition, job.id, ("queued",), status="running", started_at=self.clock())
         return running
 
     async def _mirror_end(self, job: TrainingJob, info: JobInfo) -> None:
@@ -363,7 +340,7 @@ class JobService:
             "error_code": info.error.code if info.error else None,
             "finished_at": self.clock(),
         }
-        await anyio.to_thread.run_sync(lambda: store.transition(self.db, job.id, ("queued", "running"), **fields))
+        await self.db.call(store.transition, job.id, ("queued", "running"), **fields)
 
     def _check_base(self, model: str) -> None:
         """Raises ModelNotFound, InvalidModelName, or InvalidRequest for a base whose header does not parse."""
@@ -377,25 +354,23 @@ class JobService:
 
         Raises NotFound.
         """
-        job = await anyio.to_thread.run_sync(store.get, self.db, job_id)
+        job = await self.db.call(store.get, job_id)
         if job.remote is not None and not job.final:
             await self.remotes.cancel(self._upstream(job.remote), job.remote_job or "")
             with anyio.move_on_after(CANCEL_WAIT_S):
                 # The remote's answer reaches this server through the job's mirror task.
-                while not (job := await anyio.to_thread.run_sync(store.get, self.db, job_id)).final:  # noqa: ASYNC110
+                while not (job := await self.db.call(store.get, job_id)).final:  # noqa: ASYNC110
                     await anyio.sleep(0.3)
             return job
-        if job.status == "queued" and await anyio.to_thread.run_sync(
-            lambda: store.transition(self.db, job_id, ("queued",), status="cancelled", finished_at=self.clock())
+        if job.status == "queued" and await self.db.call(
+            store.transition, job_id, ("queued",), status="cancelled", finished_at=self.clock()
         ):
-            await anyio.to_thread.run_sync(
-                lambda: store.add_event(self.db, job_id, self.clock(), "The job was cancelled before it started")
-            )
+            await self.db.call(store.add_event, job_id, self.clock(), "The job was cancelled before it started")
         elif (running := self._running.get(job_id)) is not None:
             running.cancel_requested = True
             await anyio.to_thread.run_sync(running.signal_stop)
             await anyio.to_thread.run_sync(running.done.wait, CANCEL_WAIT_S)
-        return await anyio.to_thread.run_sync(store.get, self.db, job_id)
+        return await self.db.call(store.get, job_id)
 
     async def aclose(self) -> None:
         """Stop every worker (their jobs fail as ``interrupted``); queued jobs stay queued."""
@@ -435,28 +410,15 @@ class JobService:
 
     # -- one job, in its own thread ---------------------------------------------------
 
-    def _config(self, spec: JobSpec, base: Path, work: Path, output: Path) -> TrainConfig:
+    def _config(self, hyper: Hyperparameters, model: str, base: Path, work: Path, output: Path) -> TrainConfig:
         return TrainConfig(
+            **msgspec.structs.asdict(hyper.hyperparameters()),
             base_path=str(base),
             dataset_path=str(work / "dataset.jsonl"),
             output_path=str(output),
             work_dir=str(work),
-            epochs=spec.epochs,
-            learning_rate=spec.learning_rate,
-            learning_rate_multiplier=spec.learning_rate_multiplier,
-            optimizer="sgd" if spec.optimizer == "sgd" else "adamw",
-            weight_decay=spec.weight_decay,
-            layers=spec.layers,
-            context=spec.context,
-            validation_split=spec.validation_split,
-            output_type=spec.output_type,
             threads=self.settings.threads,
-            seed=spec.seed,
-            lora_rank=spec.lora_rank,
-            base_name=spec.model,
-            prompt_loss=spec.prompt_loss,
-            anchors=spec.anchors,
-            checkpoint_steps=spec.checkpoint_steps,
+            base_name=model,
         )
 
     def _event(self, job_id: str, message: str, **kwargs: Any) -> None:
@@ -478,14 +440,14 @@ class JobService:
             return
         store.update(self.db, job.id, base_sha256=base_sha256)
         self._event(job.id, "Fine-tuning job started")
-        params = dict(job.params)
-        if "chosen" in params:
+        asked = {name: value for name, value in job.params.items() if name in Hyperparameters.__struct_fields__}
+        if "chosen" in job.params:
             # Started before (a job resuming from its checkpoint): its params are the values it ran
             # with, the multiplier already applied to the learning rate.
-            params["learning_rate_multiplier"] = 1.0
-        spec = msgspec.convert({**params, "seed": job.seed, "model": job.base_model, "training_file": ""}, JobSpec)
+            asked["learning_rate_multiplier"] = 1.0
+        hyper = msgspec.convert({**asked, "seed": job.seed}, Hyperparameters)
         config = msgspec.structs.replace(
-            self._config(spec, base_path, work, work / "model.gguf"),
+            self._config(hyper, job.base_model, base_path, work, work / "model.gguf"),
             dataset_path=job.dataset_path,
             checkpoint_dir=str(self.checkpoint_dir(job.id)),
         )
@@ -652,21 +614,29 @@ class JobService:
     def _finish_sync(
         self, job_id: str, status: str, *, error: str | None = None, code: str | None = None, **fields: Any
     ) -> None:
-        changed = store.transition(
-            self.db,
-            job_id,
-            ("queued", "running"),
-            status=status,
-            error=error,
-            error_code=code,
-            finished_at=self.clock(),
-            **fields,
-        )
-        if changed and error is not None:
-            self._event(job_id, f"The job failed: {error}", level="error")
+        finish(self.db, job_id, status, self.clock(), error=error, code=code, **fields)
 
     async def _finish(self, job_id: str, status: str, *, error: str | None = None, code: str | None = None) -> None:
-        await anyio.to_thread.run_sync(lambda: self._finish_sync(job_id, status, error=error, code=code))
+        await self.db.call(finish, job_id, status, self.clock(), error=error, code=code)
+
+
+def finish(
+    db: Database,
+    /,
+    job_id: str,
+    status: str,
+    at: float,
+    *,
+    error: str | None = None,
+    code: str | None = None,
+    **fields: Any,
+) -> None:
+    """End a queued or running job with ``status`` at ``at`` (a failure's ``error`` also as an event)."""
+    changed = store.transition(
+        db, job_id, ("queued", "running"), status=status, error=error, error_code=code, finished_at=at, **fields
+    )
+    if changed and error is not None:
+        store.add_event(db, job_id, at, f"The job failed: {error}", level="error")
 
 
 #: The eval gate's thresholds: a job's hyperparameters may set any of them.

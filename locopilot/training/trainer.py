@@ -33,83 +33,43 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
+from msgspec import Meta
 
 from locopilot.models.gguf import ArrayInfo, GGUFHeader, read_header
+from locopilot.training.hyperparameters import MAX_LEARNING_RATE, HyperparameterInvalid, Hyperparameters
 from locopilot.training.spotcheck import RecallItem, SpotCheck
 
-DEFAULT_CONTEXT = 256
-#: llama.cpp pads a context to a multiple of 256; a training window is exactly one context.
-CONTEXT_STEP = 256
-MAX_LEARNING_RATE = 1e-2
-Auto = Literal["auto"]
-MAX_LORA_RANK = 256
-DEFAULT_CHECKPOINT_STEPS = 20
 OUTPUT_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # enum llama_ftype
 
 
-class TrainConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One training job. Paths are absolute; ``work_dir`` holds the F32 copies (4 bytes per weight each).
-
-    ``epochs``, ``learning_rate`` and ``layers`` are ``"auto"`` unless given: chosen from the
-    model's and the dataset's size by :mod:`locopilot.training.auto` when the job starts
-    (reported in :class:`Started`). ``learning_rate_multiplier`` scales the learning rate,
-    chosen or given (OpenAI's ``learning_rate_multiplier``).
+class TrainConfig(Hyperparameters, frozen=True, kw_only=True):
+    """One training job: its hyperparameters (see :mod:`locopilot.training.hyperparameters`:
+    ``auto`` ones are chosen from the model's and the dataset's size by
+    :mod:`locopilot.training.auto` when the job starts, and reported in :class:`Started`) and
+    where it runs. Paths are absolute; ``work_dir`` holds the F32 copies (4 bytes per weight each).
     """
 
     base_path: str
     dataset_path: str
     output_path: str
     work_dir: str
-    epochs: int | Auto = "auto"
-    learning_rate: float | Auto = "auto"
-    learning_rate_multiplier: float = 1.0
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = 0.0
-    layers: int | Auto = "auto"  # the last N blocks are trained; 0 trains every block
-    context: int = DEFAULT_CONTEXT
-    chunk_windows: int = 4
-    validation_split: float = 0.1
-    output_type: str = "q8_0"
-    threads: int = 0  # 0: every CPU
-    seed: int = 0
+    chunk_windows: Annotated[int, Meta(ge=1)] = 4
+    threads: Annotated[int, Meta(ge=0)] = 0  # 0: every CPU
     spot_check: bool = True  # ask the base and the result a few general questions at the end
-    # Train on every token (system and user turns, template markup) instead of the answers' only.
-    prompt_loss: bool = False
-    # Mix general questions labelled with the base's own predictions into the training
-    # windows (locopilot.training.anchors), so the result keeps the base's general answers.
-    anchors: bool = True
-    # Save the trained weights every N optimizer steps (rounded up to a chunk's end) into
-    # ``checkpoint_dir``; a job started again with a checkpoint there resumes from it. 0 or no folder: none.
-    checkpoint_dir: str = ""
-    checkpoint_steps: int = DEFAULT_CHECKPOINT_STEPS
-    # Publish a LoRA adapter of this rank ("auto": chosen), extracted from the trained weights,
-    # instead of a full model; ``base_name`` is the base's name in the models folder, which the adapter names.
-    lora_rank: int | Auto | None = None
+    # With ``lora_rank``: the base's name in the models folder, which the adapter names.
     base_name: str = ""
+    # Where checkpoints go (``checkpoint_steps``); a job started again with one there resumes from it. "": none.
+    checkpoint_dir: str = ""
 
     def check(self) -> None:
         """Raises TrainingRefused for a value no job can run with."""
-        epochs = 1 if self.epochs == "auto" else self.epochs
-        layers = 0 if self.layers == "auto" else self.layers
-        if epochs < 1 or self.chunk_windows < 1 or layers < 0 or self.checkpoint_steps < 0:
-            raise TrainingRefused("epochs and chunk_windows must be at least 1, layers and checkpoint_steps at least 0")
-        if self.context < CONTEXT_STEP or self.context % CONTEXT_STEP:
-            raise TrainingRefused(f"context must be a multiple of {CONTEXT_STEP}, not {self.context}")
-        if self.learning_rate != "auto":
-            rate = self.learning_rate * self.learning_rate_multiplier
-            if not 0 < rate <= MAX_LEARNING_RATE:
-                raise TrainingRefused(f"the learning rate must be in (0, {MAX_LEARNING_RATE}], not {rate:g}")
-        elif not self.learning_rate_multiplier > 0:
-            raise TrainingRefused("learning_rate_multiplier must be above 0")
-        if not 0 <= self.validation_split < 0.5:
-            raise TrainingRefused("validation_split must be in [0, 0.5)")
-        if self.output_type not in OUTPUT_TYPES:
-            raise TrainingRefused(f"output_type must be one of {', '.join(OUTPUT_TYPES)}")
-        if isinstance(self.lora_rank, int) and not 1 <= self.lora_rank <= MAX_LORA_RANK:
-            raise TrainingRefused(f"lora_rank must be in [1, {MAX_LORA_RANK}]")
+        try:
+            super().check()
+        except HyperparameterInvalid as exc:
+            raise TrainingRefused(str(exc)) from exc
 
 
 # Events the trainer reports, in order: Started, Progress..., Finished (or an exception).
@@ -332,7 +292,7 @@ def windows(examples: Sequence[tuple[list[int], list[bool]] | Encoded], context:
 
 def encoded_examples(config: TrainConfig) -> list[Encoded]:
     """Each example's tokens, with the base's chat template, and which of them are trained
-    (the answers', unless ``prompt_loss``). Raises TrainingRefused for an invalid dataset."""
+    (the answers', unless ``loss`` is ``all``). Raises TrainingRefused for an invalid dataset."""
     from locopilot.engine.templates import TemplateError
     from locopilot.training.datasets import DatasetInvalid, Example, iter_examples, validate
     from locopilot.training.tokenizer import ChatTokenizer
@@ -355,7 +315,7 @@ def encoded_examples(config: TrainConfig) -> list[Encoded]:
                 encoded.append(
                     Encoded(
                         tokens,
-                        [True] * len(tokens) if config.prompt_loss else trained,
+                        [True] * len(tokens) if config.loss == "all" else trained,
                         tokenizer.prompt(example.messages[:last]),
                         next(
                             (
@@ -580,7 +540,7 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
     n_val = int(len(encoded) * config.validation_split)
     validation = windows(encoded[:n_val], config.context)
     mixed: list[tuple[list[int], list[bool]]] = [(e.tokens, e.trained) for e in encoded[n_val:]]
-    if config.anchors:
+    if config.anchors == "builtin":
         mixed += anchor_examples(config)
         rng.shuffle(mixed)
     training = windows(mixed, config.context)

@@ -24,11 +24,23 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import IO, ClassVar, Literal, Protocol
+from typing import IO, ClassVar, Protocol
 
 import msgspec
 
-Optimizer = Literal["adamw", "sgd"]
+from locopilot.training.hyperparameters import (
+    DEFAULT_CONTEXT,
+    DEFAULT_LORA_EPOCHS,
+    DEFAULT_LORA_LEARNING_RATE,
+    DEFAULT_LORA_RANK,
+    Context,
+    Epochs,
+    Layers,
+    LearningRate,
+    LoraRank,
+    Optimizer,
+    Seed,
+)
 
 
 class ExternalJob(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -43,13 +55,13 @@ class ExternalJob(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     valid_file: str | None
     train_examples: int
     output_dir: str
-    epochs: int = 1
-    learning_rate: float = 1e-4
+    epochs: Epochs = DEFAULT_LORA_EPOCHS
+    learning_rate: LearningRate = DEFAULT_LORA_LEARNING_RATE
     optimizer: Optimizer = "adamw"
-    layers: int = 0
-    context: int = 256
-    lora_rank: int = 8
-    seed: int = 0
+    layers: Layers = 0
+    context: Context = DEFAULT_CONTEXT
+    lora_rank: LoraRank = DEFAULT_LORA_RANK
+    seed: Seed = 0
     batch_size: int = 1
 
     @property

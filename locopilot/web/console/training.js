@@ -67,7 +67,7 @@ export async function trainingPage(root) {
   // Empty is "auto": the server picks from the dataset's and the model's size (and says what it chose).
   const epochs = number("job-epochs", "", { min: 1, max: 100, placeholder: "auto" });
   const rate = number("job-learning-rate", "", { min: 0, max: 0.01, step: "any", placeholder: "auto" });
-  const layers = number("job-layers", "", { min: 0, max: 10000, placeholder: "auto" });
+  const layers = number("job-layers", "", { min: 0, max: 1024, placeholder: "auto" });
   const context = number("job-context", 256, { min: 256, step: 256 });
   const output = h("select", { id: "job-output" }, ["q8_0", "f16", "f32", "q4_k_m", "q5_k_m", "q6_k"].map((v) => h("option", { value: v }, v)));
   const jobProblem = h("p", { class: "error", role: "alert", id: "job-error" });
