@@ -9,7 +9,8 @@ are in no training example. A fact counts as recalled when the answer contains i
 word (every one of them is a made-up word, so a guess cannot hit it).
 
 Per row: held-out questions answered right (of 16: 8 facts, 2 phrasings each), the job's own
-spot check (six general questions the base answers right: how many the fine-tune lost), train
+spot check (six general questions the base answers right: how many the fine-tune lost), the
+job's own recall check (its held-out training examples' questions, answered by the result), train
 loss before → after, the job's wall time (created → finished, as the server saw it: F32
 conversion, training, export, spot check), the worker's peak RSS, and the values the job
 reports it chose (``auto`` resolved). The 1-minute load average is printed with each row:
@@ -218,6 +219,7 @@ class Row:
     right: int
     asked: int
     lost: int | None
+    job_recall: str
     loss: str
     seconds: float
     cpu_s: float
@@ -258,12 +260,14 @@ def run_one(client: openai.OpenAI, url: str, set_name: str, setting: tuple[str, 
     chosen = ",".join(
         f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
         for k, v in native["hyperparameters"].items()
-        if k in ("epochs", "learning_rate", "layers")
+        if k in ("epochs", "learning_rate", "layers", "lora_rank")
     )
     loads = f"{load_before:.1f}/{load_after:.1f}"
     if job.status != "succeeded":
         message = job.error.message if job.error else job.status
-        return Row(name, set_name, 0, 0, None, "-", seconds, 0.0, 0.0, chosen, loads, f"{job.status}: {message}"[:80])
+        return Row(
+            name, set_name, 0, 0, None, "-", "-", seconds, 0.0, 0.0, chosen, loads, f"{job.status}: {message}"[:80]
+        )
     result = native["result"]
     questions = held_out(facts)
 
@@ -286,6 +290,7 @@ def run_one(client: openai.OpenAI, url: str, set_name: str, setting: tuple[str, 
         print(f"    {'+' if ok else '-'} {question!r} -> {answer!r}", file=sys.stderr)
     print(f"    stages {result.get('stage_seconds')}", file=sys.stderr)
     check = result.get("spot_check") or {}
+    own = check.get("recall") or {}
     for spot in check.get("answers", []):
         if spot["changed"]:
             print(
@@ -297,6 +302,7 @@ def run_one(client: openai.OpenAI, url: str, set_name: str, setting: tuple[str, 
         right,
         len(questions),
         check.get("lost"),
+        f"{own['recalled']}/{own['asked']}" if own else "-",
         f"{result['train_loss_before']:.2f}→{result['train_loss_after']:.2f}",
         seconds,
         float(result.get("cpu_seconds", 0.0)),
@@ -367,6 +373,7 @@ def main() -> None:
         "set",
         "held-out right",
         "spot lost",
+        "job's recall check",
         "loss",
         "job s",
         "worker CPU s",
@@ -383,6 +390,7 @@ def main() -> None:
             r.facts,
             f"{r.right}/{r.asked}",
             "-" if r.lost is None else str(r.lost),
+            r.job_recall,
             r.loss,
             f"{r.seconds:.0f}",
             f"{r.cpu_s:.0f}",

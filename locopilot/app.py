@@ -67,7 +67,7 @@ from locopilot.settings import reload_upstreams as read_upstreams
 from locopilot.store import responses as stored_responses
 from locopilot.store.db import Database, StoreError
 from locopilot.store.upkeep import fail_interrupted_jobs, purge_older_than
-from locopilot.training.jobs import JobService
+from locopilot.training.jobs import JobService, resumable_jobs
 
 log = logging.getLogger("locopilot")
 
@@ -293,7 +293,8 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         db = await anyio.to_thread.run_sync(Database.open, settings.db_path)
         try:
-            if interrupted := await db.call(fail_interrupted_jobs, time.time()):
+            resumable = await anyio.to_thread.run_sync(resumable_jobs, settings)
+            if interrupted := await db.call(fail_interrupted_jobs, time.time(), resumable):
                 log.warning("%d training jobs were running when the server last stopped; marked failed", interrupted)
             catalog = ModelCatalog(settings.models_path)
             async with anyio.create_task_group() as tasks:

@@ -37,7 +37,9 @@ from locopilot.schemas.training import JobErrorInfo, JobInfo, JobList, LogEvent
 from locopilot.store import jobs as store
 from locopilot.store.jobs import JobEvent, JobStatus, TrainingJob
 from locopilot.training.hyperparameters import (
+    Anchors,
     Auto,
+    CheckpointSteps,
     Context,
     Epochs,
     FileId,
@@ -45,6 +47,10 @@ from locopilot.training.hyperparameters import (
     Layers,
     LearningRate,
     LoraRank,
+    Loss,
+    MaxSpotCheckLost,
+    MaxValidationLoss,
+    MinRecall,
     ModelName,
     Multiplier,
     Optimizer,
@@ -55,6 +61,13 @@ from locopilot.training.hyperparameters import (
     WeightDecay,
 )
 from locopilot.training.jobs import JobSpec
+
+#: OpenAI ``metadata`` keys read as the eval gate's thresholds (its values are strings), and their types.
+GATE_METADATA: dict[str, Any] = {
+    "min_recall": MinRecall,
+    "max_validation_loss": MaxValidationLoss,
+    "max_spot_check_lost": MaxSpotCheckLost,
+}
 
 #: How often a log stream looks for new events.
 FOLLOW_INTERVAL_S = 0.5
@@ -240,6 +253,12 @@ class Hyperparameters(msgspec.Struct, kw_only=True):
     validation_split: ValidationSplit | None = None
     output_type: Output | None = None
     lora_rank: LoraRank | Auto | None = None
+    loss: Loss | None = None
+    anchors: Anchors | None = None
+    checkpoint_steps: CheckpointSteps | None = None
+    min_recall: MinRecall | None = None
+    max_validation_loss: MaxValidationLoss | None = None
+    max_spot_check_lost: MaxSpotCheckLost | None = None
 
 
 #: OpenAI's names for locopilot's.
@@ -267,6 +286,8 @@ class FineTuningJobRequest(msgspec.Struct, kw_only=True):
     validation_file: str | None = None
     remote: RemoteName | None = None
     """locopilot's: run the job on this upstream (another locopilot); ``extra_body`` in the SDK."""
+    metadata: dict[str, str] | None = None
+    """OpenAI's; the keys of GATE_METADATA set the eval gate's thresholds."""
 
 
 class FineTuningHyperparameters(msgspec.Struct, omit_defaults=True):
@@ -393,6 +414,8 @@ def spec_of(body: FineTuningJobRequest) -> JobSpec:
         # A multiplier of "auto" is 1 (times the auto rule's rate); batch_size is checked above.
         if value is not None and name != "batch_size" and (name, value) != ("learning_rate_multiplier", "auto"):
             values[OPENAI_NAMES.get(name, name)] = value
+    # The eval gate's thresholds may come as OpenAI metadata too; hyperparameters win.
+    values = gate_metadata(body.metadata or {}) | values
     spec = msgspec.convert(values, JobSpec)  # the same types: nothing new to refuse
     checked(spec, "hyperparameters.")
     return spec
@@ -405,6 +428,20 @@ def checked(spec: JobSpec, prefix: str = "") -> None:
         spec.check()
     except HyperparameterInvalid as exc:
         raise InvalidRequest(str(exc), param=None if exc.field is None else prefix + exc.field) from exc
+
+
+def gate_metadata(metadata: dict[str, str]) -> dict[str, Any]:
+    """The eval-gate thresholds among OpenAI ``metadata`` (strings, as OpenAI has them); raises
+    InvalidRequest naming the key whose value is not a number in range."""
+    values: dict[str, Any] = {}
+    for name, kind in GATE_METADATA.items():
+        if name not in metadata:
+            continue
+        try:
+            values[name] = msgspec.convert(msgspec.json.decode(metadata[name]), kind)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise InvalidRequest(f"metadata.{name} must be a number in range: {exc}", param=f"metadata.{name}") from exc
+    return values
 
 
 @post("/v1/fine_tuning/jobs", status_code=200, responses=answers(FineTuningJob, 200, *GUARDED, *BODY, 404))

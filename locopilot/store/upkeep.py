@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import apsw
@@ -89,16 +90,23 @@ def backup(source: Path, target: Path) -> None:
         raise
 
 
-def fail_interrupted_jobs(db: Database, now: float) -> int:
+def fail_interrupted_jobs(db: Database, now: float, resumable: Collection[str] = ()) -> int:
     """Mark training jobs still ``running`` here as failed: called at startup, when nothing can be
-    running yet, so those are what a crash or kill left behind. Returns how many. A job that
-    runs on a remote locopilot is left alone: it runs on, and is followed again.
+    running yet, so those are what a crash or kill left behind. Returns how many. Those in
+    ``resumable`` (they have a checkpoint) are queued again instead, with an event saying so. A
+    job that runs on a remote locopilot is left alone: it runs on, and is followed again.
 
     Raises:
         StoreError: the write failed.
     """
-    return db.write(
+    from locopilot.store import jobs
+
+    for job_id in resumable:
+        if jobs.transition(db, job_id, ("running",), status="queued"):
+            jobs.add_event(db, job_id, now, "The server restarted; the job resumes from its last checkpoint")
+    failed: int = db.write(
         "UPDATE training_jobs SET status = 'failed', error = ?, error_code = 'interrupted', finished_at = ? "
         "WHERE status = 'running' AND remote IS NULL",
-        ("interrupted: the server stopped while the job ran", now),
+        ("interrupted: the server stopped while the job ran, and it had no checkpoint", now),
     ).result()
+    return failed

@@ -18,8 +18,10 @@ has the table):
   ``learning_rate_multiplier`` multiplies this value. On SmolLM2, 1e-4 recalled 12 of 16 and
   lost 4 of the spot check's 6 answers; 5e-4 and 1e-3 lost all 6. Every rate that learned the
   facts also bent general answers towards them ("What language is spoken in Spain?" got the
-  invented language): the loss covers every token of an example, the prompt's too, since
-  llama.cpp's optimizer takes a label for every position and no mask.
+  invented language) while the loss covered every token of an example. Now only the answers'
+  tokens are trained (the other positions are labelled with the base's own predictions, as
+  llama.cpp's optimizer has no mask), and anchor examples labelled the same way
+  (:mod:`locopilot.training.anchors`) are mixed in; the README's table has what each did.
 - **epochs** (:func:`epochs`): enough passes over the training windows for about
   :data:`TARGET_STEPS` optimizer steps (one step is one window of ``context`` tokens), within
   [1, :data:`MAX_EPOCHS`]: a small dataset gets several passes, a large one a single pass.

@@ -72,6 +72,27 @@ LoraRank = Annotated[
         description="Publish a LoRA adapter of this rank, served beside the base, instead of a whole model.",
     ),
 ]
+Loss = Annotated[
+    Literal["answers", "all"],
+    Meta(description="The tokens trained: the assistant's answers only, or all (prompts and template too)."),
+]
+Anchors = Annotated[
+    Literal["builtin", "none"],
+    Meta(description="Mix in general questions labelled with the base's own predictions, to keep its answers."),
+]
+DEFAULT_CHECKPOINT_STEPS = 20
+CheckpointSteps = Annotated[
+    int, Meta(ge=0, le=1_000_000, description="Save the weights every N steps, to resume after a restart; 0: never.")
+]
+MinRecall = Annotated[
+    float, Meta(ge=0, le=1, description="Eval gate: publish only if this share of held-out answers is recalled.")
+]
+MaxValidationLoss = Annotated[
+    float, Meta(gt=0, le=100, description="Eval gate: publish only if the validation loss is at most this.")
+]
+MaxSpotCheckLost = Annotated[
+    int, Meta(ge=0, le=100, description="Eval gate: publish only if at most this many spot-check answers were lost.")
+]
 # What a job names besides its hyperparameters.
 ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
 FileId = Annotated[str, Meta(min_length=1, max_length=128)]
@@ -101,6 +122,13 @@ class Hyperparameters(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     seed: Seed = 0
     lora_rank: LoraRank | Auto | None = None
     """None: the whole model (an external framework: its default rank, 8)."""
+    loss: Loss = "answers"
+    anchors: Anchors = "builtin"
+    checkpoint_steps: CheckpointSteps = DEFAULT_CHECKPOINT_STEPS
+    # The eval gate (locopilot.training.jobs.gate): a result that misses one is kept, not published.
+    min_recall: MinRecall | None = None
+    max_validation_loss: MaxValidationLoss | None = None
+    max_spot_check_lost: MaxSpotCheckLost | None = None
 
     def check(self) -> None:
         """Raises HyperparameterInvalid for a value out of its range (a Struct built in Python is

@@ -17,12 +17,16 @@ A job's life, all of it in its ``training_jobs`` row and its events (:mod:`locop
    its input closed, on which it exits at once (killed :data:`CANCEL_KILL_S` seconds later if
    still there), and nothing is written.
 
-Restarts. At startup jobs still ``running`` are marked failed (``interrupted``) by
-:func:`locopilot.store.upkeep.fail_interrupted_jobs`, and ``queued`` jobs are queued again:
-they never started, so running them is what their submitter asked for. :meth:`JobService.aclose`
-(the server's stop) stops every worker and marks its job failed (``interrupted``); queued jobs
-stay queued for the next start. A worker whose server was killed sees its stdin close and
-exits at once, so no worker outlives its server.
+Restarts. A running job saves its weights every ``checkpoint_steps`` steps into
+``<data>/training/checkpoints/<job id>`` (:class:`~locopilot.training.trainer.Checkpoints`).
+At startup jobs still ``running`` that have a checkpoint are queued again and resume from it
+(their events say so); those without one are marked failed (``interrupted``) by
+:func:`locopilot.store.upkeep.fail_interrupted_jobs`. ``queued`` jobs are queued again: they
+never started, so running them is what their submitter asked for. :meth:`JobService.aclose`
+(the server's stop) stops every worker; a job with a checkpoint goes back to ``queued`` for the
+next start, one without fails (``interrupted``). A worker whose server was killed sees its
+stdin close and exits at once, so no worker outlives its server. A job's checkpoints are
+removed when it ends (succeeded, failed or cancelled).
 """
 
 from __future__ import annotations
@@ -63,7 +67,15 @@ from locopilot.training.hyperparameters import (
     RemoteName,
 )
 from locopilot.training.remote import Remotes
-from locopilot.training.trainer import Finished, Progress, Started, TrainConfig, TrainingRefused
+from locopilot.training.trainer import (
+    Checkpointed,
+    Checkpoints,
+    Finished,
+    Progress,
+    Started,
+    TrainConfig,
+    TrainingRefused,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +165,7 @@ class JobService:
         """Queue the jobs left ``queued`` by the last run, then run jobs forever."""
         # Nothing runs yet: work folders left here are a killed server's.
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(self.work_root / "jobs", ignore_errors=True))
+        await anyio.to_thread.run_sync(self._drop_stale_checkpoints)
         for job_id in await self.db.call(store.queued):
             self._send.send_nowait(job_id)
         # Its runners end when aclose closes the queue; then the queue's other end is closed too.
@@ -365,6 +378,29 @@ class JobService:
                 await anyio.to_thread.run_sync(job.done.wait, CANCEL_KILL_S + 2)
         await self.remotes.aclose()
 
+    # -- checkpoints -------------------------------------------------------------------
+
+    def checkpoint_dir(self, job_id: str) -> Path:
+        return checkpoint_root(self.settings) / job_id
+
+    def _drop_stale_checkpoints(self) -> None:
+        """Checkpoints of jobs that are not waiting to resume (ended, or gone from the store)."""
+        root = checkpoint_root(self.settings)
+        if not root.is_dir():
+            return
+        waiting = set(store.queued(self.db))
+        for folder in root.iterdir():
+            if folder.name not in waiting:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _requeue(self, job_id: str) -> bool:
+        """Back to ``queued`` for the next start, if the job has a checkpoint to resume from."""
+        step = checkpoint_step(self.checkpoint_dir(job_id))
+        if step is None or not store.transition(self.db, job_id, ("running",), status="queued"):
+            return False
+        self._event(job_id, f"The server stopped; the job resumes from its checkpoint at step {step} at the next start")
+        return True
+
     # -- one job, in its own thread ---------------------------------------------------
 
     def _config(self, hyper: Hyperparameters, model: str, base: Path, work: Path, output: Path) -> TrainConfig:
@@ -398,16 +434,23 @@ class JobService:
         store.update(self.db, job.id, base_sha256=base_sha256)
         self._event(job.id, "Fine-tuning job started")
         asked = {name: value for name, value in job.params.items() if name in Hyperparameters.__struct_fields__}
+        if "chosen" in job.params:
+            # Started before (a job resuming from its checkpoint): its params are the values it ran
+            # with, the multiplier already applied to the learning rate.
+            asked["learning_rate_multiplier"] = 1.0
         hyper = msgspec.convert({**asked, "seed": job.seed}, Hyperparameters)
         config = msgspec.structs.replace(
-            self._config(hyper, job.base_model, base_path, work, work / "model.gguf"), dataset_path=job.dataset_path
+            self._config(hyper, job.base_model, base_path, work, work / "model.gguf"),
+            dataset_path=job.dataset_path,
+            checkpoint_dir=str(self.checkpoint_dir(job.id)),
         )
         log_path = self.work_root / f"{job.id}.log"
         last: object = None
         if running.cancel_requested or running.stopping:  # before its worker started: none is
             shutil.rmtree(work, ignore_errors=True)
             if running.stopping:
-                self._interrupted(job.id)
+                if not self._requeue(job.id):
+                    self._interrupted(job.id)
             else:
                 self._finish_sync(job.id, "cancelled")
             return
@@ -424,7 +467,8 @@ class JobService:
             if isinstance(last, Finished):
                 self._publish(job, base_sha256, last)
             elif running.stopping:
-                self._interrupted(job.id)
+                if not self._requeue(job.id):
+                    self._interrupted(job.id)
             elif isinstance(last, Cancelled) or running.cancel_requested:
                 self._finish_sync(job.id, "cancelled")
                 self._event(job.id, "The job was cancelled")
@@ -443,6 +487,8 @@ class JobService:
             self._finish_sync(job.id, "failed", error=f"{type(exc).__name__}: {exc}", code="internal")
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            if store.get(self.db, job.id).final:
+                shutil.rmtree(self.checkpoint_dir(job.id), ignore_errors=True)
 
     def _record(self, job: TrainingJob, event: object) -> None:
         match event:
@@ -484,13 +530,46 @@ class JobService:
                     type="metrics",
                     data=data,
                 )
+            case Checkpointed(resumed=True):
+                self._event(job.id, f"Resumed from the checkpoint at step {event.step}/{event.steps}")
+            case Checkpointed():
+                self._event(
+                    job.id,
+                    f"Checkpoint saved at step {event.step}/{event.steps} ({event.seconds:.1f} s)",
+                    data=msgspec.structs.asdict(event),
+                )
 
     def _publish(self, job: TrainingJob, base_sha256: str, finished: Finished) -> None:
-        """Move the trained model into the models folder with its lineage; the job succeeded."""
-        name = output_name(job.base_model, job.id)
-        target = self.catalog.path_for(name)
+        """Move the trained model into the models folder with its lineage; the job succeeded.
+        Unless the eval gate holds it back (:func:`gate`): then it is kept in the held folder
+        and the job fails with ``held_back``, its result saying why."""
         source = Path(finished.output_path)
         sha256 = lineage.sha256_file(source)
+        result = msgspec.structs.asdict(finished)
+        result.pop("output_path")
+        thresholds = {name: job.params[name] for name in GATE_THRESHOLDS if job.params.get(name) is not None}
+        reasons = gate(thresholds, finished)
+        result["gate"] = {"thresholds": thresholds, "passed": not reasons, "reasons": reasons}
+        if reasons:
+            held = self.work_root / "held" / f"{job.id}{source.suffix}"
+            held.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _move_into(source, held)
+            result["gate"]["held_path"] = str(held)
+            message = "held back by the eval gate, not published as a model: " + "; ".join(reasons)
+            self._finish_sync(
+                job.id,
+                "failed",
+                error=message,
+                code="held_back",
+                output_path=str(held),
+                output_sha256=sha256,
+                trained_tokens=finished.trained_tokens,
+                result=result,
+                progress=1.0,
+            )
+            return
+        name = output_name(job.base_model, job.id)
+        target = self.catalog.path_for(name)
         base_lineage = lineage.read(self.catalog.path_for(job.base_model))
         record = lineage.Lineage(
             sha256=sha256,
@@ -507,8 +586,6 @@ class JobService:
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         lineage.write(target, record)
         _move_into(source, target)
-        result = msgspec.structs.asdict(finished)
-        result.pop("output_path")
         self._finish_sync(
             job.id,
             "succeeded",
@@ -553,6 +630,66 @@ def finish(
     )
     if changed and error is not None:
         store.add_event(db, job_id, at, f"The job failed: {error}", level="error")
+
+
+#: The eval gate's thresholds: a job's hyperparameters may set any of them.
+GATE_THRESHOLDS = ("min_recall", "max_validation_loss", "max_spot_check_lost")
+
+
+def gate(thresholds: dict[str, Any], finished: Finished) -> list[str]:
+    """Why the result must not be published, by the job's thresholds; empty when it may be.
+
+    - ``min_recall``: the share of held-out examples the result answers (the recall check,
+      :mod:`locopilot.training.spotcheck`) must be at least this;
+    - ``max_validation_loss``: the validation loss after training at most this;
+    - ``max_spot_check_lost``: at most this many of the spot check's general answers lost.
+
+    A threshold whose measure the job did not take (no held-out examples, spot check off) holds
+    the result back too: the gate cannot say it passed.
+    """
+    reasons = []
+    check = finished.spot_check
+    if (least := thresholds.get("min_recall")) is not None:
+        recall = check.recall if check is not None else None
+        if recall is None:
+            reasons.append(f"min_recall is {least:g} but the job had no held-out examples to check recall on")
+        elif recall.fraction < least:
+            reasons.append(
+                f"recall {recall.recalled}/{recall.asked} ({recall.fraction:.2f}) is below min_recall {least:g}"
+            )
+    if (most := thresholds.get("max_validation_loss")) is not None:
+        loss = finished.validation_loss_after
+        if loss is None:
+            reasons.append(f"max_validation_loss is {most:g} but the job had no validation examples")
+        elif loss > most:
+            reasons.append(f"validation loss {loss:.4f} is above max_validation_loss {most:g}")
+    if (lost := thresholds.get("max_spot_check_lost")) is not None:
+        if check is None:
+            reasons.append(f"max_spot_check_lost is {lost} but the job ran no spot check")
+        elif check.lost > lost:
+            reasons.append(
+                f"the spot check lost {check.lost} of {check.base_correct} answers, above max_spot_check_lost {lost}"
+            )
+    return reasons
+
+
+def checkpoint_root(settings: Settings) -> Path:
+    return settings.data_path / "training" / "checkpoints"
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of the complete checkpoint in ``folder``, if there is one."""
+    state = Checkpoints(str(folder), 1).state()
+    return None if state is None else state.step
+
+
+def resumable_jobs(settings: Settings) -> set[str]:
+    """Ids of jobs with a complete checkpoint: at startup, running ones of these are queued
+    again instead of failing (see the module docstring)."""
+    root = checkpoint_root(settings)
+    if not root.is_dir():
+        return set()
+    return {folder.name for folder in root.iterdir() if checkpoint_step(folder) is not None}
 
 
 def _move_into(source: Path, target: Path) -> None:

@@ -105,6 +105,7 @@ def training_lib() -> TrainingLib:
     declare("ggml_opt_result_reset", None, p)
     declare("ggml_opt_result_loss", None, p, ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double))
     declare("ggml_opt_result_ndata", None, p, ctypes.POINTER(i64))
+    declare("ggml_opt_result_pred", None, p, ctypes.POINTER(ctypes.c_int32))
     declare("ggml_get_data", p, p)
     declare("ggml_get_name", ctypes.c_char_p, p)
     declare("ggml_nelements", i64, p)

@@ -70,6 +70,38 @@ class ChatTokenizer:
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
         return self.tokenize(self.render(messages))
 
+    def encode_trained(self, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+        """The conversation's tokens, and for each whether it belongs to an assistant's answer.
+
+        An answer's tokens are those after the conversation before it rendered with the
+        generation prompt, up to the end of the conversation rendered through it (its
+        end-of-turn marker included), both found as the longest common token prefix with
+        the whole conversation, so a template that renders earlier turns differently marks
+        more tokens, never fewer. A conversation where that finds no answer token has every
+        token marked.
+        """
+        tokens = self.encode(messages)
+        trained = [False] * len(tokens)
+
+        def common(prefix: list[int]) -> int:
+            n = 0
+            for a, b in zip(prefix, tokens, strict=False):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            start = common(self.prompt(messages[:i]))
+            end = common(self.encode(messages[: i + 1]))
+            for j in range(start, end):
+                trained[j] = True
+        if not any(trained):
+            trained = [True] * len(tokens)
+        return tokens, trained
+
     def prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Tokens of the conversation followed by the assistant's turn opening (a generation prompt)."""
         return self.tokenize(self.renderer.render(messages, add_generation_prompt=True))

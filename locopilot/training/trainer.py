@@ -31,16 +31,16 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 from msgspec import Meta
 
 from locopilot.models.gguf import ArrayInfo, GGUFHeader, read_header
 from locopilot.training.hyperparameters import MAX_LEARNING_RATE, HyperparameterInvalid, Hyperparameters
-from locopilot.training.spotcheck import SpotCheck
+from locopilot.training.spotcheck import RecallItem, SpotCheck
 
 OUTPUT_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # enum llama_ftype
 
@@ -61,6 +61,8 @@ class TrainConfig(Hyperparameters, frozen=True, kw_only=True):
     spot_check: bool = True  # ask the base and the result a few general questions at the end
     # With ``lora_rank``: the base's name in the models folder, which the adapter names.
     base_name: str = ""
+    # Where checkpoints go (``checkpoint_steps``); a job started again with one there resumes from it. "": none.
+    checkpoint_dir: str = ""
 
     def check(self) -> None:
         """Raises TrainingRefused for a value no job can run with."""
@@ -130,7 +132,16 @@ class Finished(msgspec.Struct, tag="finished"):
     """Wall time of each part: prepare (dataset, F32 copy), loss_before, train, loss_after, export, ...."""
 
 
-Event = Started | Progress | Finished
+class Checkpointed(msgspec.Struct, tag="checkpoint"):
+    """The weights after ``step`` optimizer steps are saved; ``resumed``: this job started from them."""
+
+    step: int
+    steps: int
+    seconds: float
+    resumed: bool = False
+
+
+Event = Started | Progress | Checkpointed | Finished
 
 
 class TrainingRefused(Exception):
@@ -225,19 +236,63 @@ def check_resources(header: GGUFHeader, config: TrainConfig) -> MemoryEstimate:
     return estimate
 
 
-def windows(examples: list[list[int]], context: int) -> list[list[int]]:
-    """Windows of ``context + 1`` tokens (inputs, and labels shifted by one), half overlapping,
-    over the examples' concatenation; a concatenation shorter than one window is repeated."""
-    stream = [token for example in examples for token in example]
-    single = list(stream)
+class Window(msgspec.Struct):
+    """One training window: ``context`` input tokens and the ``context`` labels (each the next token).
+
+    ``trained`` says, per label, whether it is an answer's token (see
+    :meth:`~locopilot.training.tokenizer.ChatTokenizer.encode_trained`). llama.cpp's optimizer
+    takes a one-hot label at every position and has no mask; a position left with no label
+    would still get a gradient (the softmax itself). So the other positions are relabelled
+    with what the base model itself predicts there (:meth:`relabel`): their gradient pulls
+    towards the base's own greedy choice, and is near zero wherever the base is confident.
+    """
+
+    tokens: list[int]
+    labels: list[int]
+    trained: list[bool]
+
+    def relabel(self, predictions: list[int]) -> None:
+        """Positions not trained take the base's prediction as their label."""
+        self.labels = [
+            label if keep else pred for label, keep, pred in zip(self.labels, self.trained, predictions, strict=True)
+        ]
+
+
+class Encoded(NamedTuple):
+    """One example as trained: its tokens, which of them are trained (see :class:`Window`),
+    and for the recall check its last answer and the tokens that prompt for it."""
+
+    tokens: list[int]
+    trained: list[bool]
+    prompt: list[int]
+    question: str
+    answer: str
+
+
+def windows(examples: Sequence[tuple[list[int], list[bool]] | Encoded], context: int) -> list[Window]:
+    """Windows of ``context`` tokens and their labels, half overlapping, over the examples'
+    concatenation; a concatenation shorter than one window is repeated. Each example is its
+    tokens and, per token, whether it is trained (a label of that token counts)."""
+    stream = [token for example in examples for token in example[0]]
+    mask = [keep for example in examples for keep in example[1]]
+    single, single_mask = list(stream), list(mask)
     while single and len(stream) <= context:
         stream.extend(single)
+        mask.extend(single_mask)
     stride = max(1, context // 2)
-    return [stream[start : start + context + 1] for start in range(0, len(stream) - context, stride)]
+    return [
+        Window(
+            stream[start : start + context],
+            stream[start + 1 : start + context + 1],
+            mask[start + 1 : start + context + 1],
+        )
+        for start in range(0, len(stream) - context, stride)
+    ]
 
 
-def encoded_examples(config: TrainConfig) -> list[list[int]]:
-    """Each example's tokens, with the base's chat template. Raises TrainingRefused for an invalid dataset."""
+def encoded_examples(config: TrainConfig) -> list[Encoded]:
+    """Each example's tokens, with the base's chat template, and which of them are trained
+    (the answers', unless ``loss`` is ``all``). Raises TrainingRefused for an invalid dataset."""
     from locopilot.engine.templates import TemplateError
     from locopilot.training.datasets import DatasetInvalid, Example, iter_examples, validate
     from locopilot.training.tokenizer import ChatTokenizer
@@ -255,12 +310,46 @@ def encoded_examples(config: TrainConfig) -> list[list[int]]:
         with open(config.dataset_path, "rb") as f:
             for example in iter_examples(f):
                 assert isinstance(example, Example)  # validated above
-                encoded.append(tokenizer.encode(example.messages))
+                tokens, trained = tokenizer.encode_trained(example.messages)
+                last = max(i for i, m in enumerate(example.messages) if m.get("role") == "assistant")
+                encoded.append(
+                    Encoded(
+                        tokens,
+                        [True] * len(tokens) if config.loss == "all" else trained,
+                        tokenizer.prompt(example.messages[:last]),
+                        next(
+                            (
+                                str(m.get("content") or "")
+                                for m in reversed(example.messages[:last])
+                                if m.get("role") == "user"
+                            ),
+                            "",
+                        ),
+                        str(example.messages[last].get("content") or ""),
+                    )
+                )
         return encoded
     except TemplateError as exc:
         raise TrainingRefused(f"the base model's chat template fails: {exc}") from exc
     finally:
         tokenizer.close()
+
+
+def anchor_examples(config: TrainConfig) -> list[tuple[list[int], list[bool]]]:
+    """The anchors (:mod:`locopilot.training.anchors`) with the base's chat template, no token trained."""
+    from locopilot.engine.templates import TemplateError
+    from locopilot.training.anchors import conversations
+    from locopilot.training.tokenizer import ChatTokenizer
+
+    try:
+        tokenizer = ChatTokenizer(Path(config.base_path))
+        try:
+            encoded = [tokenizer.encode(messages) for messages in conversations()]
+        finally:
+            tokenizer.close()
+    except TemplateError as exc:
+        raise TrainingRefused(f"the base model's chat template fails: {exc}") from exc
+    return [(tokens, [False] * len(tokens)) for tokens in encoded if len(tokens) <= config.context]
 
 
 def cpu_seconds() -> float:
@@ -295,7 +384,12 @@ def peak_rss_bytes() -> int:
 
 
 def publish(
-    config: TrainConfig, f32: Path, trained: Path, work: Path, stage: Callable[[str], None]
+    config: TrainConfig,
+    f32: Path,
+    trained: Path,
+    work: Path,
+    stage: Callable[[str], None],
+    recall: Sequence[RecallItem] = (),
 ) -> SpotCheck | None:
     """Write the job's result to ``config.output_path``: an adapter extracted from the trained
     weights (``lora_rank``) or the whole model in ``output_type``; then the spot check, if asked,
@@ -332,16 +426,98 @@ def publish(
     # One thread fewer than the cores for one-token decode steps (see DESIGN.md); on a
     # loaded machine, two threads meeting at a barrier every op were slower still.
     threads = max(1, (config.threads or os.cpu_count() or 1) - 1)
-    check = spot_check(untrained, result, threads=threads)
+    check = spot_check(untrained, result, threads=threads, recall=recall)
     stage("spot_check")
     return check
+
+
+class CheckpointState(msgspec.Struct):
+    """What a resumed job needs besides the weights: how far it got, the losses measured
+    before training, and every window's labels as relabelled by the base (training windows
+    first, then validation), so that a resumed job trains on exactly what it started with."""
+
+    step: int
+    weights: str  # the file name, in the checkpoint folder
+    fingerprint: str
+    train_seconds: float
+    loss_before: float
+    validation_loss_before: float | None
+    labels: list[list[int]]
+
+
+def fingerprint(config: TrainConfig, training: list[Window], validation: list[Window]) -> str:
+    """What must not change between a checkpoint and its resumption: the resolved
+    hyperparameters and the windows' tokens (the dataset as the template rendered it)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    fields = ("epochs", "learning_rate", "optimizer", "weight_decay", "layers", "context", "chunk_windows", "seed")
+    digest.update(msgspec.json.encode({name: getattr(config, name) for name in fields}))
+    for window in (*training, *validation):
+        digest.update(msgspec.json.encode(window.tokens))
+    return digest.hexdigest()
+
+
+class Checkpoints:
+    """A job's checkpoint folder: at most one complete checkpoint, replaced atomically.
+
+    The weights go to a new file named by step, then ``state.json`` is replaced to name it,
+    then older weights are removed: a kill at any moment leaves the last complete checkpoint.
+    llama.cpp exposes no optimizer state, so a resumed job starts AdamW's moments afresh.
+    """
+
+    STATE = "state.json"
+
+    def __init__(self, folder: str, every: int) -> None:
+        self.folder = Path(folder) if folder else None
+        self.every = every if self.folder is not None else 0
+        self.last = 0
+
+    def state(self) -> CheckpointState | None:
+        """The complete checkpoint's state, if there is one."""
+        if self.folder is None:
+            return None
+        try:
+            state = msgspec.json.decode((self.folder / self.STATE).read_bytes(), type=CheckpointState)
+        except (OSError, msgspec.ValidationError, msgspec.DecodeError):
+            return None
+        return state if (self.folder / state.weights).is_file() else None
+
+    def load(self, expected: str) -> tuple[CheckpointState, Path] | None:
+        """The checkpoint, if one is there for this job as configured (its fingerprint)."""
+        state = self.state()
+        if self.folder is None or state is None or state.fingerprint != expected:
+            return None
+        weights = self.folder / state.weights
+        self.last = state.step
+        return state, weights
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step - self.last >= self.every
+
+    def save(self, session: _Session, state: CheckpointState) -> None:
+        assert self.folder is not None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        weights = self.folder / f"weights-{state.step}.gguf"
+        partial = weights.with_name(weights.name + ".partial")
+        session.save(partial)
+        os.replace(partial, weights)
+        state.weights = weights.name
+        partial_state = self.folder / (self.STATE + ".partial")
+        partial_state.write_bytes(msgspec.json.encode(state))
+        os.replace(partial_state, self.folder / self.STATE)
+        for old in self.folder.glob("weights-*.gguf*"):
+            if old.name != weights.name:
+                old.unlink(missing_ok=True)
+        self.last = state.step
 
 
 def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Callable[[], bool]) -> Finished:
     """Run the job (see the module docstring), reporting events; returns the Finished event it reported.
 
-    Raises TrainingRefused before any training, TrainingCancelled when ``cancelled()`` is true
-    between chunks, RuntimeError when llama.cpp fails.
+    With a checkpoint for this job in ``config.checkpoint_dir`` (:class:`Checkpoints`), training
+    continues from it. Raises TrainingRefused before any training, TrainingCancelled when
+    ``cancelled()`` is true between chunks, RuntimeError when llama.cpp fails.
     """
     from locopilot.training.export import to_f32
 
@@ -363,78 +539,76 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
     # Held out by example, so no validation token is ever in a training window.
     n_val = int(len(encoded) * config.validation_split)
     validation = windows(encoded[:n_val], config.context)
-    training = windows(encoded[n_val:], config.context)
+    mixed: list[tuple[list[int], list[bool]]] = [(e.tokens, e.trained) for e in encoded[n_val:]]
+    if config.anchors == "builtin":
+        mixed += anchor_examples(config)
+        rng.shuffle(mixed)
+    training = windows(mixed, config.context)
     config, auto_rate, chosen = resolve(config, header, len(training))
     assert isinstance(config.epochs, int) and isinstance(config.learning_rate, float) and isinstance(config.layers, int)
-    epochs, learning_rate, layers = config.epochs, config.learning_rate, config.layers
     estimate = check_resources(header, config)
-    steps = len(training) * epochs
+    steps = len(training) * config.epochs
     report(
         Started(
             examples=len(encoded),
             validation_examples=n_val,
-            tokens=sum(map(len, encoded)),
+            tokens=sum(len(example.tokens) for example in encoded),
             windows=len(training),
             validation_windows=len(validation),
             steps=steps,
             trained_layers=estimate.trained_layers,
             trained_weights=estimate.trained_weights,
             estimate_bytes=estimate.total,
-            epochs=epochs,
-            learning_rate=learning_rate,
-            layers=layers,
+            epochs=config.epochs,
+            learning_rate=config.learning_rate,
+            layers=config.layers,
             auto_learning_rate=auto_rate,
             chosen=chosen,
             lora_rank=config.lora_rank if isinstance(config.lora_rank, int) else None,
         )
     )
+    checkpoints = Checkpoints(config.checkpoint_dir, config.checkpoint_steps)
+    resumed = checkpoints.load(fingerprint(config, training, validation))
     with tempfile.TemporaryDirectory(prefix="locopilot-train-", dir=config.work_dir) as work:
         f32 = Path(work) / "base-f32.gguf"
         trained = Path(work) / "trained-f32.gguf"
         to_f32(Path(config.base_path), f32, threads=config.threads)
         stage("prepare")
-        with _Session(config, learning_rate, f32, estimate.trained_layers) as session:
-            loss_before = session.loss(training)
-            val_before = session.loss(validation) if validation else None
+        start = f32 if resumed is None else resumed[1]
+        with _Session(config, config.learning_rate, start, estimate.trained_layers) as session:
+            if resumed is None:
+                # Before anything is trained: positions not trained take the base's own predictions.
+                session.relabel(training + validation)
+                state = CheckpointState(
+                    step=0,
+                    weights="",
+                    fingerprint=fingerprint(config, training, validation),
+                    train_seconds=0.0,
+                    loss_before=session.loss(training),
+                    validation_loss_before=session.loss(validation) if validation else None,
+                    labels=[window.labels for window in (*training, *validation)],
+                )
+            else:
+                state = resumed[0]
+                for window, labels in zip((*training, *validation), state.labels, strict=True):
+                    window.labels = labels
+                report(Checkpointed(step=state.step, steps=steps, seconds=0.0, resumed=True))
             stage("loss_before")
-            step = 0
-            train_seconds = 0.0
-            for epoch in range(epochs):
-                order = list(training)
-                rng.shuffle(order)
-                for i in range(0, len(order), config.chunk_windows):
-                    if cancelled():
-                        raise TrainingCancelled
-                    chunk = order[i : i + config.chunk_windows]
-                    # Linear decay to a tenth of the learning rate over the job.
-                    session.set_learning_rate(learning_rate * (1 - 0.9 * step / max(1, steps)))
-                    t = time.monotonic()
-                    loss = session.step(chunk)
-                    train_seconds += time.monotonic() - t
-                    step += len(chunk)
-                    report(
-                        Progress(
-                            epoch=epoch + 1,
-                            step=step,
-                            steps=steps,
-                            loss=loss,
-                            tokens_per_s=step * config.context / train_seconds if train_seconds else 0.0,
-                            elapsed_s=time.monotonic() - started,
-                        )
-                    )
+            _loop(session, config, training, steps, state, checkpoints, rng, report, cancelled, started)
             stage("train")
             loss_after = session.loss(training)
             val_after = session.loss(validation) if validation else None
             stage("loss_after")
             session.save(trained)
-        check = publish(config, f32, trained, Path(work), stage)
+        held_out = [RecallItem(e.question, e.prompt, e.answer) for e in encoded[:n_val]]
+        check = publish(config, f32, trained, Path(work), stage, held_out)
     finished = Finished(
         output_path=config.output_path,
-        train_loss_before=loss_before,
+        train_loss_before=state.loss_before,
         train_loss_after=loss_after,
-        validation_loss_before=val_before,
+        validation_loss_before=state.validation_loss_before,
         validation_loss_after=val_after,
-        tokens_per_s=steps * config.context / train_seconds if train_seconds else 0.0,
+        tokens_per_s=steps * config.context / state.train_seconds if state.train_seconds else 0.0,
         trained_tokens=steps * config.context,
         seconds=time.monotonic() - started,
         peak_rss_bytes=peak_rss_bytes(),
@@ -444,6 +618,55 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
     )
     report(finished)
     return finished
+
+
+def _loop(
+    session: _Session,
+    config: TrainConfig,
+    training: list[Window],
+    steps: int,
+    state: CheckpointState,
+    checkpoints: Checkpoints,
+    rng: random.Random,
+    report: Callable[[Event], None],
+    cancelled: Callable[[], bool],
+    started: float,
+) -> None:
+    """The epochs, chunk by chunk from ``state.step`` (a resumed job replays the shuffles
+    before it, so it sees the windows in the same order), checkpointing as due."""
+    assert isinstance(config.epochs, int) and isinstance(config.learning_rate, float)
+    step = 0
+    for epoch in range(config.epochs):
+        order = list(training)
+        rng.shuffle(order)
+        for i in range(0, len(order), config.chunk_windows):
+            chunk = order[i : i + config.chunk_windows]
+            if step + len(chunk) <= state.step:
+                step += len(chunk)
+                continue
+            if cancelled():
+                raise TrainingCancelled
+            # Linear decay to a tenth of the learning rate over the job.
+            session.set_learning_rate(config.learning_rate * (1 - 0.9 * step / max(1, steps)))
+            t = time.monotonic()
+            loss = session.step(chunk)
+            state.train_seconds += time.monotonic() - t
+            step += len(chunk)
+            report(
+                Progress(
+                    epoch=epoch + 1,
+                    step=step,
+                    steps=steps,
+                    loss=loss,
+                    tokens_per_s=step * config.context / state.train_seconds if state.train_seconds else 0.0,
+                    elapsed_s=time.monotonic() - started,
+                )
+            )
+            if checkpoints.due(step) and step < steps:
+                t = time.monotonic()
+                state.step = step
+                checkpoints.save(session, state)
+                report(Checkpointed(step=step, steps=steps, seconds=time.monotonic() - t))
 
 
 class _Session:
@@ -536,11 +759,11 @@ class _Session:
         self.optimizer.adamw.alpha = lr
         self.optimizer.sgd.alpha = lr
 
-    def _dataset(self, windows: list[list[int]]) -> int:
+    def _dataset(self, windows: list[Window]) -> int:
         n = self.n_ctx
         dataset = self.base.ggml_opt_dataset_init(self.i32, self.i32, n, n, len(windows), 1)
-        inputs = [token for window in windows for token in window[:n]]
-        labels = [token for window in windows for token in window[1 : n + 1]]
+        inputs = [token for window in windows for token in window.tokens]
+        labels = [token for window in windows for token in window.labels]
         for tensor, values in (
             (self.base.ggml_opt_dataset_data(dataset), inputs),
             (self.base.ggml_opt_dataset_labels(dataset), labels),
@@ -550,7 +773,7 @@ class _Session:
         result: int = dataset
         return result
 
-    def _run(self, windows: list[list[int]], train: bool) -> float:
+    def _run(self, windows: list[Window], train: bool, predictions: list[int] | None = None) -> float:
         dataset = self._dataset(windows)
         result = self.base.ggml_opt_result_init()
         try:
@@ -560,18 +783,32 @@ class _Session:
                 self.lib.opt_epoch(self.ctx, dataset, None, result, 0, None, None)
             loss, uncertainty = ctypes.c_double(), ctypes.c_double()
             self.base.ggml_opt_result_loss(result, ctypes.byref(loss), ctypes.byref(uncertainty))
+            if predictions is not None:
+                pred = (ctypes.c_int32 * (len(windows) * self.n_ctx))()
+                self.base.ggml_opt_result_pred(result, pred)
+                predictions.extend(pred)
             return loss.value
         finally:
             self.base.ggml_opt_result_free(result)
             self.base.ggml_opt_dataset_free(dataset)
 
-    def step(self, windows: list[list[int]]) -> float:
+    def step(self, windows: list[Window]) -> float:
         """Train on ``windows``, one optimizer step each; the mean loss over them."""
         return self._run(windows, train=True)
 
-    def loss(self, windows: list[list[int]]) -> float:
+    def loss(self, windows: list[Window]) -> float:
         """Mean loss over ``windows``, forward only."""
         return self._run(windows, train=False)
+
+    def relabel(self, windows: list[Window]) -> None:
+        """Label the positions of ``windows`` not trained with the model's own prediction (see :class:`Window`)."""
+        todo = [window for window in windows if not all(window.trained)]
+        if not todo:
+            return
+        predictions: list[int] = []
+        self._run(todo, train=False, predictions=predictions)
+        for i, window in enumerate(todo):
+            window.relabel(predictions[i * self.n_ctx : (i + 1) * self.n_ctx])
 
     def save(self, path: Path) -> None:
         self.llama_cpp.llama_model_save_to_file(self.model, str(path).encode())
