@@ -11,9 +11,10 @@
 #
 # The parts:
 # - root: `debootstrap --foreign --arch=arm64` of Debian 12 (minbase plus python3.11,
-#   its venv module, libpython3.11 and binutils: PyInstaller needs the shared libpython,
-#   the spec readelf and strip), its second stage run under qemu (about 10 minutes
-#   here). Kept in $ARM64_CACHE/bookworm-root. The venv in it (/opt/venv) gets the
+#   libpython3.11, pip's wheel and binutils: PyInstaller needs the shared libpython, the
+#   spec readelf and strip; not python3.11-venv, whose python3.11-distutils is a virtual
+#   package that debootstrap cannot resolve), its second stage run under qemu (about 30
+#   minutes here under a load of 20). Kept in $ARM64_CACHE/bookworm-root. The venv in it (/opt/venv) gets the
 #   locked dependencies as aarch64 wheels from PyPI (pip in the root, --only-binary:
 #   nothing is compiled under emulation) and the two wheels below.
 # - engine: llama-cpp-python at uv.lock's version from its sdist, cross-compiled (CMake
@@ -175,7 +176,7 @@ root() {
         local start=$SECONDS
         say "debootstrap --arch=arm64 bookworm (first stage)"
         debootstrap --foreign --arch=arm64 --variant=minbase \
-            --include=python3.11,python3.11-venv,libpython3.11,binutils,ca-certificates \
+            --include=python3.11,libpython3.11,python3-pip-whl,binutils,ca-certificates \
             bookworm "$ROOTFS.tmp" "${ARM64_DEBIAN_MIRROR:-http://deb.debian.org/debian}" >"$ARM64_CACHE/debootstrap.log" 2>&1 ||
             { tail -n 20 "$ARM64_CACHE/debootstrap.log" >&2; say "debootstrap failed"; exit 1; }
         say "second stage under qemu-aarch64"
@@ -206,10 +207,12 @@ in_root() {
 }
 
 # /opt/venv in the root: the locked runtime dependencies (aarch64 wheels, downloaded
-# here with uv.lock's hashes), PyInstaller's own at uv.lock's versions, and the two
-# wheels built here. Made anew when any of them changes.
+# here with uv.lock's hashes) and PyInstaller's own at uv.lock's versions, made anew
+# when those change; then the two wheels built here (the engine and PyInstaller),
+# installed anew when either changes.
+#   venv [ENGINE_WHEEL PYINSTALLER_WHEEL]
 venv() {
-    local engine_wheel="$1" pyinstaller_wheel="$2" inputs="$ARM64_CACHE/venv-inputs"
+    local inputs="$ARM64_CACHE/venv-inputs" key
     # Wheels already downloaded stay (pip download keeps a file it has): pip installs
     # only what the pinned requirements name.
     mkdir -p "$inputs/wheels"
@@ -221,37 +224,49 @@ import sys, tomllib
 packages = {p["name"]: p for p in tomllib.load(open(sys.argv[1], "rb"))["package"]}
 for dep in packages["pyinstaller"]["dependencies"]:
     if "marker" not in dep:
-        print(f"{dep[\"name\"]}=={packages[dep[\"name\"]][\"version\"]}")
+        print(dep["name"] + "==" + packages[dep["name"]]["version"])
 ' "$ROOT/uv.lock" >"$inputs/pyinstaller-requirements.txt"
-    local key
-    key="$(cat "$inputs"/*requirements.txt "$engine_wheel" "$pyinstaller_wheel" | sha256sum | cut -c1-12)"
-    if [[ "$(cat "$ROOTFS/opt/venv/.locopilot-key" 2>/dev/null)" == "$key" ]]; then
-        say "venv cached: $ROOTFS/opt/venv"
+    # pip run from Debian's wheel of it (python3-pip-whl), with nothing from the network.
+    local pip_wheel
+    pip_wheel="$(cd "$ROOTFS" && ls usr/share/python-wheels/pip-*.whl | head -n 1)"
+    # --no-compile: byte-compiling under emulation is slow, and PyInstaller compiles what it bundles.
+    local pip=(/opt/venv/bin/python "/$pip_wheel/pip" install --quiet --no-index --no-deps --no-compile --disable-pip-version-check
+        --find-links /cache/venv-inputs/wheels)
+    key="$(cat "$inputs"/*requirements.txt | sha256sum | cut -c1-12)"
+    if [[ "$(cat "$ROOTFS/opt/venv/.locopilot-deps" 2>/dev/null)" == "$key" ]]; then
+        say "venv's dependencies cached: $ROOTFS/opt/venv"
+    else
+        # The wheels for the root's Python (CPython 3.11, glibc 2.36, aarch64), fetched
+        # here: pip's resolver and downloads under emulation are many times slower.
+        local tags=() minor
+        for minor in $(seq 17 36); do tags+=(--platform "manylinux_2_${minor}_aarch64"); done
+        tags+=(--platform manylinux2014_aarch64 --platform linux_aarch64)
+        say "downloading aarch64 wheels"
+        local list
+        for list in requirements.txt pyinstaller-requirements.txt; do
+            uvx --from pip pip download --quiet --only-binary=:all: --no-deps --python-version 3.11 \
+                --implementation cp "${tags[@]}" -d "$inputs/wheels" -r "$inputs/$list" >&2
+        done
+        local start=$SECONDS
+        say "installing them into the root's /opt/venv (under qemu)"
+        rm -rf "$ROOTFS/opt/venv"
+        in_root python3.11 -m venv --without-pip /opt/venv >&2
+        # Two runs: pip checks every hash or none, and only the exported list has them.
+        in_root "${pip[@]}" -r /cache/venv-inputs/requirements.txt >&2
+        in_root "${pip[@]}" -r /cache/venv-inputs/pyinstaller-requirements.txt >&2
+        say "venv's dependencies installed in $((SECONDS - start)) s"
+        echo "$key" >"$ROOTFS/opt/venv/.locopilot-deps"
+    fi
+    (($# == 2)) || return 0
+    key="$(cat "$1" "$2" | sha256sum | cut -c1-12)"
+    if [[ "$(cat "$ROOTFS/opt/venv/.locopilot-wheels" 2>/dev/null)" == "$key" ]]; then
+        say "venv's engine and PyInstaller cached"
         return
     fi
-    # The wheels for the root's Python (CPython 3.11, glibc 2.36, aarch64), fetched here:
-    # pip's resolver and downloads under emulation are many times slower.
-    local tags=() minor
-    for minor in $(seq 17 36); do tags+=(--platform "manylinux_2_${minor}_aarch64"); done
-    tags+=(--platform manylinux2014_aarch64 --platform linux_aarch64)
-    say "downloading aarch64 wheels"
-    uvx --from pip pip download --quiet --only-binary=:all: --no-deps --python-version 3.11 --implementation cp \
-        "${tags[@]}" -d "$inputs/wheels" -r "$inputs/requirements.txt" >&2
-    uvx --from pip pip download --quiet --only-binary=:all: --no-deps --python-version 3.11 --implementation cp \
-        "${tags[@]}" -d "$inputs/wheels" -r "$inputs/pyinstaller-requirements.txt" >&2
-    cp "$engine_wheel" "$pyinstaller_wheel" "$inputs/wheels/"
-    local start=$SECONDS
-    say "installing them into the root's /opt/venv (under qemu)"
-    rm -rf "$ROOTFS/opt/venv"
-    in_root python3.11 -m venv /opt/venv >&2
-    # Two runs: pip checks every hash or none, and only the exported list has them.
-    local pip=(/opt/venv/bin/python -m pip install --quiet --no-index --no-deps --disable-pip-version-check
-        --find-links /cache/venv-inputs/wheels)
-    in_root "${pip[@]}" -r /cache/venv-inputs/requirements.txt >&2
-    in_root "${pip[@]}" -r /cache/venv-inputs/pyinstaller-requirements.txt \
-        "/cache/venv-inputs/wheels/$(basename "$engine_wheel")" "/cache/venv-inputs/wheels/$(basename "$pyinstaller_wheel")" >&2
-    say "venv made in $((SECONDS - start)) s"
-    echo "$key" >"$ROOTFS/opt/venv/.locopilot-key"
+    cp "$1" "$2" "$inputs/wheels/"
+    in_root "${pip[@]}" --force-reinstall "/cache/venv-inputs/wheels/$(basename "$1")" \
+        "/cache/venv-inputs/wheels/$(basename "$2")" >&2
+    echo "$key" >"$ROOTFS/opt/venv/.locopilot-wheels"
 }
 
 build() {
@@ -275,7 +290,8 @@ build() {
 case "${1:-build}" in
     binfmt) binfmt ;;
     root) root ;;
+    venv) root >/dev/null && venv ;;
     engine) engine ;;
     build) build ;;
-    *) say "build/arm64.sh [build|root|engine|binfmt], not '$1'"; exit 1 ;;
+    *) say "build/arm64.sh [build|root|venv|engine|binfmt], not '$1'"; exit 1 ;;
 esac
