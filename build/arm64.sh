@@ -27,9 +27,12 @@
 # - PyInstaller: build/pyinstaller_wheel.sh with TARGET_ARCH=aarch64 (the patched
 #   bootloader cross-compiled with Zig, zlib linked in).
 # - Python: Debian 12's arm64 python3.11 (3.11.2, the version of the x86 baseline
-#   build), so the binary needs glibc 2.34+ (libpython's needs; the audit at the end
-#   prints them). What is compiled here needs no more than 2.28; a 2.28 Python for
-#   aarch64 (build/python_baseline.sh cross-compiled) is what a 2.28 arm64 binary lacks.
+#   build) and the Debian libraries PyInstaller bundles with it, so the binary needs
+#   glibc 2.36 (Debian 12, Ubuntu 23.04+, Fedora 37+): libexpat and libstdc++ need
+#   GLIBC_2.36, libpython 2.35 (the audit at the end prints what each file needs). What
+#   is compiled here (engine, bootloader) needs no more than 2.27 and the PyPI wheels
+#   2.28; a Python for aarch64 built as build/python_baseline.sh builds the x86 one is
+#   what a 2.28 arm64 binary lacks.
 #
 # ARM64_CPU_VARIANTS  ggml's aarch64 variants to build (default below; "all" for the
 #                     eight of ggml's list). Each is a full compile of ggml-cpu.

@@ -210,6 +210,7 @@ arm64_step() {
     # in_arm64 COMMAND...: in the root, in a mount namespace of its own: /proc, /dev, the
     # binary and model at /srv/lp, and $WORK/tmp as /tmp (so the checks for unpacked
     # folders left behind see this run's); only the settings the test gives.
+    # It execs: call it in a subshell ($(...), &, or parentheses).
     in_arm64() {
         exec unshare -m bash -c 'set -e; root="$1" files="$2" tmp="$3"; shift 3
             mount -t proc proc "$root/proc"
@@ -228,7 +229,7 @@ arm64_step() {
     echo "$version"
     echo "--version: $(ms_since "$started") ms (first start: unpacks the bundle)"
     started=$(date +%s%N)
-    in_arm64 /srv/lp/locopilot --version >/dev/null || fail "--version failed from the kept copy under qemu-aarch64"
+    (in_arm64 /srv/lp/locopilot --version >/dev/null) || fail "--version failed from the kept copy under qemu-aarch64"
     echo "--version from the kept copy: $(ms_since "$started") ms"
     HEALTH_TIMEOUT=900
     export SMOKE_CLIENT_TIMEOUT=1800
