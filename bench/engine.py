@@ -46,6 +46,7 @@ from pathlib import Path
 
 import httpx
 import llama_server
+import ready
 from loadgen import CLOCK_TICKS, process_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,17 +81,11 @@ def free_port() -> int:
 
 
 def wait_ready(process: subprocess.Popen[bytes], url: str) -> None:
-    for _ in range(1200):
-        if process.poll() is not None:
-            raise SystemExit(f"{url}: the server exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise SystemExit(f"{url}: the server did not start")
+    try:
+        ready.wait_ready(process, url, seconds=120, interval=0.1)
+    except ready.StartError as exc:
+        process.kill()
+        raise SystemExit(f"{url}: the server did not start ({exc})") from exc
 
 
 def start_locopilot(

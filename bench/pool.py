@@ -42,6 +42,7 @@ from pathlib import Path
 import httpx
 import llama_server
 from affinity import MODEL, MODEL_FILE, free_port, loadavg, serve
+from ready import wait_ready
 
 PROMPTS = (
     "Write a short poem about the sea.",
@@ -64,18 +65,7 @@ def run_llama_server(root: Path, name: str, threads: int, slots: int) -> Iterato
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited: {(root / f'{name}.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not become ready")
-            time.sleep(0.2)
+        wait_ready(process, f"{url}/health", log=root / f"{name}.log")
         yield url, process
     finally:
         if process.poll() is None:

@@ -135,12 +135,15 @@ def handle_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Re
     return rejected(request, error_for_status(exc.status_code, exc.detail))
 
 
-def json_not_found(response: Response[Any]) -> Response[Any]:
+async def json_not_found(response: Response[Any]) -> Response[Any]:
     """Our 404 for Litestar's HTML one.
 
     Litestar's OpenAPI router answers a path under ``/openapi`` that names no viewer
     (``/openapi/anything``) from a handler of its own that returns an HTML page, so no
     exception handler sees it; no handler of ours answers HTML.
+
+    A coroutine function on purpose: Litestar runs a plain function given as ``after_request``
+    in a worker thread, a hand-off to another thread and back on every response.
     """
     if response.status_code == 404 and response.media_type == MediaType.HTML:
         return error_response(NotFound("Not Found"))

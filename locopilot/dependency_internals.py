@@ -5,8 +5,8 @@ Each is pinned below the next minor release in ``pyproject.toml`` (:data:`PINS`)
 fails a test by name instead of misbehaving at run time. Before raising a pin, check the
 place and the test against the new version.
 
-1. **httpx: the transport call** (:meth:`locopilot.providers.openai_compat.OpenAICompatProvider._open`).
-   A generation request skips ``AsyncClient.stream``: it copies a request the client built once
+1. **httpx: the transport call** (:func:`locopilot.providers.http.streaming_post`, over httpx's own
+   transport). A generation request skips ``AsyncClient.stream``: it copies a request the client built once
    (its ``url``, ``headers.raw`` and ``extensions``, where httpx keeps the client's timeout) and
    hands it to the transport's ``handle_async_request``, about a fifth of the loop's CPU per
    proxied request. Relies on ``build_request`` putting the timeout in ``extensions["timeout"]``.
@@ -22,6 +22,12 @@ place and the test against the new version.
    server puts a placeholder at ``sys.modules["httpx._main"]`` before httpx loads, so that
    ``import httpx`` does not bring click, rich and pygments; relies on httpx's ``__init__``
    importing ``main`` from ``._main`` and nothing else of it.
+5. **httpx-aiohttp: its session and exception map** (:func:`locopilot.providers.http.streaming_post`,
+   over aiohttp). A generation request goes to aiohttp's session directly: it takes the session from
+   ``AiohttpTransport.client`` (made by ``get_client()`` on first use), translates aiohttp's
+   exceptions with ``httpx_aiohttp.transport.map_aiohttp_exceptions`` and closes a response as the
+   transport's stream does (``ClientResponse.__aexit__``). httpx-aiohttp is pinned to one release
+   (``==``), so it is not in :data:`PINS`.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ def problems() -> list[str]:
         for name, bound in PINS.items()
         if not _below(version(name), bound)
     ]
-    found += _httpx() + _httpx_command_line() + _litestar() + _granian()
+    found += _httpx() + _httpx_command_line() + _httpx_aiohttp() + _litestar() + _granian()
     return found
 
 
@@ -73,6 +79,18 @@ def _httpx_command_line() -> list[str]:
     if imports != ["from ._main import main"]:
         return [f"httpx: __init__ no longer imports just main from ._main ({imports})"]
     return []
+
+
+def _httpx_aiohttp() -> list[str]:
+    from httpx_aiohttp import AiohttpTransport, transport
+
+    found = []
+    if not callable(getattr(transport, "map_aiohttp_exceptions", None)):
+        found.append("httpx-aiohttp: transport.map_aiohttp_exceptions is gone")
+    made = AiohttpTransport(client=lambda: None)  # type: ignore[arg-type, return-value]
+    if not callable(getattr(made, "get_client", None)) or not hasattr(made, "client"):
+        found.append("httpx-aiohttp: AiohttpTransport no longer keeps its session in .client, made by get_client()")
+    return found
 
 
 def _litestar() -> list[str]:

@@ -118,20 +118,17 @@ class UsageRecorder:
         cancel the write. A failed write was logged by the store; the reply goes on.
         """
         committed = self.finish(outcome, error=error)
-        if committed is None:
-            return
-        # asyncio.wait neither cancels the batch's future (other replies wait on it) nor raises its error.
-        done, _ = await asyncio.wait((committed,), timeout=COMMIT_WAIT)
-        if not done:
-            log.warning("the request log took over %g s to commit a row; answering without waiting", COMMIT_WAIT)
+        if committed is not None:
+            await committed
 
     def finish(self, outcome: Outcome, *, error: BaseException | None = None) -> asyncio.Future[None] | None:
         """Queue the log row for ``outcome``, write its access line, count it in the metrics and settle its quota
         admission; a second call for the same outcome does nothing.
 
-        Returns a future that completes (never with an error) once the row's batch has been
-        committed or has failed (a failed write is logged by the store), or None when nothing
-        was queued. Call it on the event loop.
+        Returns a future of this row's own that completes (never with an error) once the row's
+        batch has been committed or has failed (a failed write is logged by the store), or after
+        :data:`COMMIT_WAIT` seconds, whichever comes first; None when nothing was queued.
+        Cancelling it cancels no one else's wait. Call it on the event loop.
 
         ``http_status`` is what the client got: once streaming has begun that is
         200 even if the stream then ended with an error event.
@@ -183,8 +180,7 @@ class UsageRecorder:
         if self._batch is None:
             self._batch = _Batch(asyncio.get_running_loop())
             self._batch.loop.call_soon(self._flush)
-        self._batch.rows.append(row)
-        return self._batch.committed
+        return self._batch.add(row)
 
     def _flush(self) -> None:
         """Queue the rows finished in this turn of the loop as one write."""
@@ -194,28 +190,53 @@ class UsageRecorder:
             written = logs.record_many(self.db, batch.rows)
         except StoreError as exc:
             log.error("request log unavailable: %s", exc)
-            batch.committed.set_result(None)
+            batch.complete()
             return
+        batch.timer = batch.loop.call_later(COMMIT_WAIT, batch.expire)
         written.add_done_callback(batch.done)
 
 
 class _Batch:
-    """The log rows of one turn of the event loop, and the future their replies wait on."""
+    """The log rows of one turn of the event loop, and the futures their replies wait on.
 
-    __slots__ = ("committed", "loop", "rows")
+    One future per reply, awaited directly: the reply's task resumes in the turn after the
+    commit is known (``asyncio.wait`` or ``asyncio.shield`` around one shared future would
+    cost a turn more), and a reply whose client has gone cancels only its own. One timer per
+    batch bounds every wait to :data:`COMMIT_WAIT`.
+    """
+
+    __slots__ = ("loop", "rows", "timer", "waiters")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.rows: list[logs.InferenceLog] = []
-        self.committed: asyncio.Future[None] = loop.create_future()
+        self.waiters: list[asyncio.Future[None]] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, row: logs.InferenceLog) -> asyncio.Future[None]:
+        self.rows.append(row)
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self.waiters.append(waiter)
+        return waiter
 
     def done(self, _: Future[int]) -> None:
         """On the writer thread, once the write has ended either way (the store logged a failure)."""
-        self.loop.call_soon_threadsafe(self._complete)
+        self.loop.call_soon_threadsafe(self.complete)
 
-    def _complete(self) -> None:
-        if not self.committed.done():
-            self.committed.set_result(None)
+    def expire(self) -> None:
+        log.warning(
+            "the request log took over %g s to commit %d rows; answering without waiting", COMMIT_WAIT, len(self.rows)
+        )
+        self.complete()
+
+    def complete(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.waiters.clear()
 
 
 def log_outcome(row: logs.InferenceLog, code: str | None) -> None:

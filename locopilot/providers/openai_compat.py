@@ -31,8 +31,7 @@ type. The API key is only ever in the client's headers, which httpx prints as
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -58,7 +57,7 @@ from locopilot.providers.base import (
     human_count,
     refuse_thinking,
 )
-from locopilot.providers.http import retry_after_seconds, transport_reason, upstream_transport
+from locopilot.providers.http import Streamed, retry_after_seconds, streaming_post, transport_reason, upstream_transport
 from locopilot.sse import EventParser
 
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=30.0)
@@ -231,9 +230,10 @@ class OpenAICompatProvider:
             trust_env=False,
         )
         # The generation requests, prepared once by the client itself (URL joined to the base,
-        # headers merged with its defaults, timeout): see :meth:`_open`.
-        self._prepared = {
-            path: _Prepared(self._client.build_request("POST", path, headers=_SSE)) for path in _GENERATION_PATHS
+        # headers merged with its defaults, timeout) and sent past it: see streaming_post.
+        self._posters = {
+            path: streaming_post(self._transport, self._client.build_request("POST", path, headers=_SSE))
+            for path in _GENERATION_PATHS
         }
 
     def __repr__(self) -> str:
@@ -247,8 +247,8 @@ class OpenAICompatProvider:
         path, body, param = generation_body(request)
         reader = _ChunkReader(self.name, chat=request.messages is not None, param=param)
         try:
-            async with self._open(path, _encoder.encode(body)) as response:
-                if not response.is_success:
+            async with self._posters[path](_encoder.encode(body)) as response:
+                if not 200 <= response.status_code < 300:
                     content = await _read_capped(response)
                     raise self._status_error(response.status_code, response.headers, content, param)
                 events = EventParser()
@@ -278,29 +278,6 @@ class OpenAICompatProvider:
                 f"upstream {self.name!r} ended the stream before it finished", retryable=reader.deltas == 0
             )
         yield reader.finish()
-
-    @asynccontextmanager
-    async def _open(self, path: str, content: bytes) -> AsyncIterator[httpx.Response]:
-        """POST ``content`` to ``path`` and yield the streamed response; closed on exit.
-
-        What ``AsyncClient.stream`` does, less what this client never uses: the request is
-        a copy of one the client built at start (so the URL, the merged headers and the
-        timeout are the client's own), handed straight to the transport. Skipped: URL and
-        header merging, the cookie jar (an upstream's cookies are never sent back), auth and
-        redirect flows (none are configured) and httpx's INFO line per request (the access
-        log has one). Measured with bench/gateway.py, this is about a fifth of the loop's
-        CPU time per proxied request. It leans on httpx's internals: see
-        :mod:`locopilot.dependency_internals`.
-        """
-        prepared = self._prepared[path]
-        request = httpx.Request(
-            "POST", prepared.url, headers=prepared.headers, content=content, extensions=prepared.extensions
-        )
-        response = await self._transport.handle_async_request(request)
-        try:
-            yield response
-        finally:
-            await response.aclose()
 
     async def embed(self, model: str, inputs: list[str]) -> EmbeddingResult:
         content = await self._call("POST", "/embeddings", {"model": model, "input": inputs, "encoding_format": "float"})
@@ -362,7 +339,7 @@ class OpenAICompatProvider:
     def _malformed(self, what: str) -> UpstreamError:
         return UpstreamError(f"upstream {self.name!r} sent a malformed {what}", retryable=True)
 
-    def _status_error(self, status: int, headers: httpx.Headers, content: bytes, param: str) -> LocopilotError:
+    def _status_error(self, status: int, headers: Mapping[str, str], content: bytes, param: str) -> LocopilotError:
         detail = error_detail(content)
         said = detail.message if detail and detail.message else None
         message = f"upstream {self.name!r} answered HTTP {status}" + (f": {said}" if said else "")
@@ -386,18 +363,6 @@ class OpenAICompatProvider:
         return UpstreamError(
             message, retryable=False, upstream_status=status, upstream_body=content, quotes_input=quotes
         )
-
-
-class _Prepared:
-    """What every generation request to one URL shares, taken from a request the client built."""
-
-    __slots__ = ("extensions", "headers", "url")
-
-    def __init__(self, template: httpx.Request) -> None:
-        self.url = template.url
-        # httpx.Request adds each body's own Content-Length; the template's (0) would win over it.
-        self.headers = [(k, v) for k, v in template.headers.raw if k.lower() != b"content-length"]
-        self.extensions = template.extensions
 
 
 def generation_body(request: GenerationRequest) -> tuple[str, dict[str, Any], str]:
@@ -564,7 +529,7 @@ def error_detail(content: bytes) -> _ErrorDetail | None:
     return None
 
 
-async def _read_capped(response: httpx.Response) -> bytes:
+async def _read_capped(response: Streamed) -> bytes:
     parts: list[bytes] = []
     size = 0
     async for part in response.aiter_bytes():
