@@ -11,7 +11,9 @@ request makes exactly ``--tokens``) is served by
                      count with ``-np`` = the clients and ``-c`` = ctx x clients
   llama-cpp-python   ``python -m llama_cpp.server`` (one request at a time)
 
-to 1, 4 and 8 concurrent streaming clients. Per setup: aggregate generated
+to 1, 4 and 8 concurrent streaming clients. locopilot and llama-server run side by side:
+at each client count their rounds take turns, so the machine's load weighs on both alike.
+Per setup: aggregate generated
 tokens/s, time to first token p50/p99, per-stream tokens/s after the first
 token, and locopilot's aggregate as a ratio of each peer's. Then a prompt-cache
 case: the second turn of a long conversation, time to first token cold (a
@@ -25,7 +27,7 @@ time inside llama_decode per step and the runner's Python work around it.
 
 Usage: python bench/engine.py [--model PATH] [--tokens 64] [--rounds 2] [--clients 1,4,8] [--profile]
                               [--llama-server PATH] [--skip-llama-server] [--skip-llama-cpp-python]
-                              [--ban TOKEN,...]
+                              [--ban TOKEN,...] [--binary dist/locopilot]
 """
 
 from __future__ import annotations
@@ -95,9 +97,11 @@ def start_locopilot(
     folder: Path,
     ctx: int = CTX,
     env: dict[str, str] | None = None,
+    binary: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``threads`` None: locopilot's own default (every core; one-token steps measured, see engine/threads.py).
-    ``folder`` may hold an earlier start's data (a restart)."""
+    ``folder`` may hold an earlier start's data (a restart). ``binary``: the one-file build (its portable
+    engine) instead of this checkout's ``python -m locopilot`` (the development engine)."""
     models = folder / "models"
     models.mkdir(exist_ok=True)
     if not (models / "bench.gguf").exists():
@@ -114,9 +118,8 @@ def start_locopilot(
         "LOCOPILOT_LOG_LEVEL": "warning",
         **(env or {}),
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "locopilot", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    command = [str(binary)] if binary is not None else [sys.executable, "-m", "locopilot"]
+    process = subprocess.Popen([*command, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_ready(process, f"{url}/v1/engine/health")
     return process, url
@@ -206,30 +209,59 @@ def cpu_seconds(pid: int) -> dict[str, float]:
     return totals
 
 
-def load_test(url: str, clients: int, tokens: int, rounds: int, pid: int, ban: dict[str, float]) -> dict[str, float]:
-    results: list[Result] = []
-    walls: list[float] = []
+class Tally:
+    """One server's rounds at one client count. The servers of a level take turns round by round
+    (the first to go alternates), so a change in the machine's load weighs on each alike."""
+
+    def __init__(self, url: str, pid: int, clients: int, ban: dict[str, float]) -> None:
+        self.url, self.pid, self.clients, self.ban = url, pid, clients, ban
+        self.results: list[Result] = []
+        self.walls: list[float] = []
+        self.cpu = {"server": 0.0, "runner": 0.0}
+        self.client_cpu = 0.0
+
+    def round(self, http: httpx.Client, pool: concurrent.futures.ThreadPoolExecutor, tokens: int) -> None:
+        cpu_before, client_before = cpu_seconds(self.pid), time.process_time()
+        started = time.perf_counter()
+        self.results += pool.map(
+            lambda i: stream(http, self.url, f"{PROMPT} ({i})", tokens, self.ban), range(self.clients)
+        )
+        self.walls.append(time.perf_counter() - started)
+        cpu_after = cpu_seconds(self.pid)
+        self.client_cpu += time.process_time() - client_before
+        for kind in self.cpu:
+            self.cpu[kind] += cpu_after[kind] - cpu_before[kind]
+
+    def summary(self) -> dict[str, float]:
+        results = self.results
+        ttfts = [r.ttft for r in results]
+        made = sum(r.tokens for r in results)
+        own = [r.server_ms_per_token for r in results if r.server_ms_per_token is not None]
+        return {
+            "aggregate": made / sum(self.walls),
+            "ttft_p50": percentile(ttfts, 0.5),
+            "ttft_p99": percentile(ttfts, 0.99),
+            "per_stream": statistics.median((r.tokens - 1) / max(r.total - r.ttft, 1e-9) for r in results),
+            "cpu_server": self.cpu["server"] * 1000 / made,
+            "cpu_runner": self.cpu["runner"] * 1000 / made,
+            "cpu_client": self.client_cpu * 1000 / made,
+            "own_ms_per_token": statistics.median(own) if own else float("nan"),
+        }
+
+
+def load_test(
+    servers: dict[str, tuple[str, int]], clients: int, tokens: int, rounds: int, ban: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """``servers`` (name: url, pid) at ``clients`` concurrent streams, their rounds interleaved."""
+    tallies = {name: Tally(url, pid, clients, ban) for name, (url, pid) in servers.items()}
+    names = list(tallies)
     with fresh_connections() as http, concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        stream(http, url, PROMPT, 2, ban)  # load the model
-        cpu_before, client_before = cpu_seconds(pid), time.process_time()
-        for _ in range(rounds):
-            started = time.perf_counter()
-            results += pool.map(lambda i: stream(http, url, f"{PROMPT} ({i})", tokens, ban), range(clients))
-            walls.append(time.perf_counter() - started)
-        cpu_after, client_after = cpu_seconds(pid), time.process_time()
-    ttfts = [r.ttft for r in results]
-    made = sum(r.tokens for r in results)
-    own = [r.server_ms_per_token for r in results if r.server_ms_per_token is not None]
-    return {
-        "aggregate": made / sum(walls),
-        "ttft_p50": percentile(ttfts, 0.5),
-        "ttft_p99": percentile(ttfts, 0.99),
-        "per_stream": statistics.median((r.tokens - 1) / max(r.total - r.ttft, 1e-9) for r in results),
-        "cpu_server": (cpu_after["server"] - cpu_before["server"]) * 1000 / made,
-        "cpu_runner": (cpu_after["runner"] - cpu_before["runner"]) * 1000 / made,
-        "cpu_client": (client_after - client_before) * 1000 / made,
-        "own_ms_per_token": statistics.median(own) if own else float("nan"),
-    }
+        for tally in tallies.values():
+            stream(http, tally.url, PROMPT, 2, ban)  # load the model
+        for turn in range(rounds):
+            for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                tallies[name].round(http, pool, tokens)
+    return {name: tally.summary() for name, tally in tallies.items()}
 
 
 def profile_engine(
@@ -296,6 +328,27 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+def print_table(
+    args: argparse.Namespace, threads: int, tuned: str, table: dict[tuple[str, int], dict[str, float]]
+) -> None:
+    print(f"\nmodel {args.model.name}, {args.tokens} tokens greedy per request, ctx {CTX} per sequence, ", end="")
+    mine = "the same" if args.threads else "its default: every core, one-token steps as the runner measures"
+    print(f"{threads} threads (locopilot: {mine}), {args.rounds} rounds per level")
+    print(f"locopilot's runner at the end: {tuned}")
+    header = f"{'server':<18} {'clients':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'stream tok/s':>13}"
+    print(header + f" {'locopilot/llama-server':>23} {'locopilot/llama-cpp-python':>27}")
+    for (name, clients), row in sorted(table.items(), key=lambda item: (item[0][1], ORDER.index(item[0][0]))):
+        ratios = ["", ""]
+        if name == "locopilot":
+            for i, peer in enumerate(("llama-server", "llama-cpp-python")):
+                base = table.get((peer, clients))
+                ratios[i] = f"{row['aggregate'] / base['aggregate']:.2f}x" if base else "-"
+        print(
+            f"{name:<18} {clients:>7} {row['aggregate']:>10.1f} {row['ttft_p50'] * 1000:>7.0f}ms"
+            f" {row['ttft_p99'] * 1000:>7.0f}ms {row['per_stream']:>13.1f} {ratios[0]:>23} {ratios[1]:>27}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -319,6 +372,11 @@ def main() -> None:
     parser.add_argument(
         "--llama-server", type=Path, help="a llama-server binary (default: built from the sdist, then cached)"
     )
+    parser.add_argument(
+        "--binary",
+        type=Path,
+        help="run locopilot from this one-file build (dist/locopilot: its portable engine) instead of this checkout",
+    )
     args = parser.parse_args()
     if not args.model.is_file():
         raise SystemExit(f"{args.model} is missing; run `just setup`")
@@ -333,49 +391,39 @@ def main() -> None:
     table: dict[tuple[str, int], dict[str, float]] = {}
     caches: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as folder:
-        process, url = start_locopilot(args.model, args.threads, max(levels), Path(folder))
+        mine, url = start_locopilot(args.model, args.threads, max(levels), Path(folder), binary=args.binary)
         try:
             for clients in levels:
-                table["locopilot", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid, ban)
-            caches["locopilot"] = prompt_cache(url, ban)
+                servers = {"locopilot": (url, mine.pid)}
+                peer = start_llama_server(binary, args.model, threads, clients) if binary is not None else None
+                try:
+                    if peer is not None:
+                        servers["llama-server"] = (peer[1], peer[0].pid)
+                    for name, row in load_test(servers, clients, args.tokens, args.rounds, ban).items():
+                        table[name, clients] = row
+                    if clients == levels[0]:
+                        for name, (server_url, _) in servers.items():
+                            caches[name] = prompt_cache(server_url, ban)
+                finally:
+                    if peer is not None:
+                        stop(peer[0])
             runner = httpx.get(f"{url}/v1/engine/health", timeout=10).json()["engine"]["runners"][0]
             tuned = f"one-token steps on {runner['threads']} threads: {runner['threads_reason']}"
         finally:
-            stop(process)
-    if binary is not None:
-        for clients in levels:
-            process, url = start_llama_server(binary, args.model, threads, clients)
-            try:
-                table["llama-server", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid, ban)
-                if clients == levels[0]:
-                    caches["llama-server"] = prompt_cache(url, ban)
-            finally:
-                stop(process)
+            stop(mine)
     if not args.skip_llama_cpp_python:
         process, url = start_llama_cpp_server(args.model, threads)
         try:
             for clients in levels:
-                table["llama-cpp-python", clients] = load_test(url, clients, args.tokens, args.rounds, process.pid, ban)
+                servers = {"llama-cpp-python": (url, process.pid)}
+                table["llama-cpp-python", clients] = load_test(servers, clients, args.tokens, args.rounds, ban)[
+                    "llama-cpp-python"
+                ]
             caches["llama-cpp-python"] = prompt_cache(url, ban)
         finally:
             stop(process)
 
-    print(f"\nmodel {args.model.name}, {args.tokens} tokens greedy per request, ctx {CTX} per sequence, ", end="")
-    mine = "the same" if args.threads else "its default: every core, one-token steps as the runner measures"
-    print(f"{threads} threads (locopilot: {mine}), {args.rounds} rounds per level")
-    print(f"locopilot's runner at the end: {tuned}")
-    header = f"{'server':<18} {'clients':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'stream tok/s':>13}"
-    print(header + f" {'locopilot/llama-server':>23} {'locopilot/llama-cpp-python':>27}")
-    for (name, clients), row in sorted(table.items(), key=lambda item: (item[0][1], ORDER.index(item[0][0]))):
-        ratios = ["", ""]
-        if name == "locopilot":
-            for i, peer in enumerate(("llama-server", "llama-cpp-python")):
-                base = table.get((peer, clients))
-                ratios[i] = f"{row['aggregate'] / base['aggregate']:.2f}x" if base else "-"
-        print(
-            f"{name:<18} {clients:>7} {row['aggregate']:>10.1f} {row['ttft_p50'] * 1000:>7.0f}ms"
-            f" {row['ttft_p99'] * 1000:>7.0f}ms {row['per_stream']:>13.1f} {ratios[0]:>23} {ratios[1]:>27}"
-        )
+    print_table(args, threads, tuned, table)
     if args.profile:
         engine_rows = profile_engine(args.model, threads, levels, args.tokens, ban)
         print("\nCPU ms per generated token (server processes, this client), and llama-server's own ms per token")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from locopilot.engine.embedding import Embedder
-from locopilot.engine.kvdisk import GAIN, DiskPromptCache, common_prefix
+from locopilot.engine.kvdisk import DiskPromptCache, common_prefix
 from locopilot.engine.protocol import (
     CallDelta,
     Count,
@@ -460,7 +460,10 @@ class Engine:
         self.starts += 1
         slot.started = self.starts
         if self.disk is not None and not self.adapter:
-            self._load_from_disk(slot, tokens)
+            have = common_prefix(slot.cached, tokens)
+            held = self.disk.load_into(self.ctx, slot.seq_id, tokens, have, self.n_ctx)
+            if held is not None:
+                slot.cached[:] = held
         reuse = min(common_prefix(slot.cached, tokens), len(tokens) - 1)
         if not llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, reuse, -1):
             llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
@@ -489,55 +492,13 @@ class Engine:
             out.extend(Delta(id=job.id, text=prompt, tokens=0, index=index) for index in range(job.n))
         return out
 
-    def _load_from_disk(self, slot: Slot, tokens: list[int]) -> None:
-        """Fill ``slot`` from the prompt cache on disk when a file there shares a longer
-        beginning with ``tokens`` than the slot does (engine/kvdisk.py)."""
-        import llama_cpp
-
-        assert self.disk is not None
-        found = self.disk.best(tokens)
-        if found is None:
-            return
-        name, common = found
-        held = self.disk.entries[name]
-        if common < common_prefix(slot.cached, tokens) + GAIN or len(held) >= self.n_ctx:
-            return
-        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
-        slot.cached.clear()
-        out = (llama_cpp.llama_token * len(held))()
-        count = ctypes.c_size_t(0)
-        path = str(self.disk.state_path(name)).encode()
-        started = time.perf_counter()
-        loaded = llama_cpp.llama_state_seq_load_file(self.ctx, path, slot.seq_id, out, len(held), ctypes.byref(count))
-        if not loaded or out[: count.value] != held:
-            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
-            self.disk.drop(name)
-            return
-        slot.cached.extend(held)
-        self.disk.used(name)
-        log.info("prompt cache: %d tokens from disk in %.0f ms", len(held), (time.perf_counter() - started) * 1000)
-
     def save_prompts(self) -> None:
         """Write each idle slot's cache to disk that holds enough tokens no file holds yet."""
-        import llama_cpp
-
         if self.disk is None or self.adapter:
             return  # the files hold the model's own caches, not an adapter's
         for slot in self.slots:
-            cached = slot.cached
-            if slot.sequence is not None or len(cached) < self.disk.min_tokens or self.disk.holds(cached):
-                continue
-            ids = (llama_cpp.llama_token * len(cached))(*cached)
-            seq_id = slot.seq_id
-
-            def write(path: Path, ids: Any = ids, seq_id: int = seq_id, n: int = len(cached)) -> bool:
-                return bool(llama_cpp.llama_state_seq_save_file(self.ctx, str(path).encode(), seq_id, ids, n))
-
-            started = time.perf_counter()
-            if self.disk.save(cached, write):
-                log.info(
-                    "prompt cache: %d tokens to disk in %.0f ms", len(cached), (time.perf_counter() - started) * 1000
-                )
+            if slot.sequence is None:
+                self.disk.save_from(self.ctx, slot.seq_id, slot.cached)
 
     def _samplers(self, job: Generate, plan: ToolPlan | None) -> list[Any]:
         """A sampler chain for each of ``job``'s choices; RequestError (none left allocated) for bad parameters."""

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("locopilot.runner")
 
@@ -145,6 +148,51 @@ class DiskPromptCache:
             if state.parent == self.folder:
                 self.entries.pop(state.stem, None)
             total -= size
+
+    def load_into(self, ctx: Any, seq_id: int, tokens: list[int], have: int, room: int) -> list[int] | None:
+        """Load into sequence ``seq_id`` of llama.cpp context ``ctx`` the file sharing the longest beginning
+        with ``tokens``, when it reuses :data:`GAIN` more tokens than the ``have`` the sequence already
+        shares with them and holds fewer than ``room``; the tokens it holds, or None (nothing loaded). The
+        caller has emptied the sequence's cells when a load was tried: a failed one leaves them empty."""
+        import llama_cpp
+
+        found = self.best(tokens)
+        if found is None:
+            return None
+        name, common = found
+        held = self.entries[name]
+        if common < have + GAIN or len(held) >= room:
+            return None
+        memory = llama_cpp.llama_get_memory(ctx)
+        llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
+        out = (llama_cpp.llama_token * len(held))()
+        count = ctypes.c_size_t(0)
+        started = time.perf_counter()
+        path = str(self.state_path(name)).encode()
+        loaded = llama_cpp.llama_state_seq_load_file(ctx, path, seq_id, out, len(held), ctypes.byref(count))
+        if not loaded or out[: count.value] != held:
+            llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
+            self.drop(name)
+            return []
+        self.used(name)
+        log.info("prompt cache: %d tokens from disk in %.0f ms", len(held), (time.perf_counter() - started) * 1000)
+        return list(held)
+
+    def save_from(self, ctx: Any, seq_id: int, cached: list[int]) -> None:
+        """Write what sequence ``seq_id`` of ``ctx`` holds (``cached``, its tokens) unless it is too short
+        or a file already holds it."""
+        import llama_cpp
+
+        if len(cached) < self.min_tokens or self.holds(cached):
+            return
+        ids = (llama_cpp.llama_token * len(cached))(*cached)
+
+        def write(path: Path) -> bool:
+            return bool(llama_cpp.llama_state_seq_save_file(ctx, str(path).encode(), seq_id, ids, len(cached)))
+
+        started = time.perf_counter()
+        if self.save(cached, write):
+            log.info("prompt cache: %d tokens to disk in %.0f ms", len(cached), (time.perf_counter() - started) * 1000)
 
     def drop(self, name: str) -> None:
         """Forget a file llama.cpp would not load."""
