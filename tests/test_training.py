@@ -81,8 +81,14 @@ class Trained:
 def trained(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Trained:
     tmp = tmp_path_factory.mktemp("train")
     # Aggressive on purpose (a high learning rate, 3 epochs): the test must see facts learned
-    # in a few steps; the defaults are conservative.
-    job = config(tmp, smollm2_path, layers=6, epochs=3, learning_rate=3e-4, validation_split=0.1)
+    # in a few steps; the defaults are conservative. The loss over every token and no anchors:
+    # with the defaults (the answers' tokens, the other positions labelled with the base's own
+    # prediction, anchors mixed in) the loss reported also counts how far the model moved from
+    # the base on those positions, and at this learning rate the held-out loss rose (0.52 ->
+    # 0.59) while the facts were learned; test_training_checks.py covers those defaults.
+    job = config(
+        tmp, smollm2_path, layers=6, epochs=3, learning_rate=3e-4, validation_split=0.1, loss="all", anchors="none"
+    )
     events: list[WorkerEvent] = []
     with (tmp / "worker.log").open("wb") as log:
         try:
@@ -265,7 +271,7 @@ def test_an_invalid_dataset_is_refused_before_loading(tmp_path: Path, smollm2_pa
 
 
 def test_bad_config_is_refused(tmp_path: Path, smollm2_path: Path) -> None:
-    with pytest.raises(TrainingFailed, match=r"multiple of 256 - at `\$\.context`"):
+    with pytest.raises(TrainingFailed, match="multiple of 256"):
         run(config(tmp_path, smollm2_path, context=300), lambda _event: None)
 
 
