@@ -23,6 +23,7 @@ import re
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -32,6 +33,25 @@ from locopilot.engine.batching import Cancellations, Engine, serve
 from locopilot.engine.protocol import Cancel, Count, CpuBackend, Embed, Generate, GpuDevice, Load, LoadFailed, Probe
 
 log = logging.getLogger("locopilot.runner")
+
+
+_size_p = ctypes.POINTER(ctypes.c_size_t)
+#: ggml's backend functions the runner calls: name -> (restype, argtypes).
+_GGML_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "ggml_backend_dev_count": (ctypes.c_size_t, []),
+    "ggml_backend_load_all_from_path": (None, [ctypes.c_char_p]),
+    "ggml_backend_dev_get": (ctypes.c_void_p, [ctypes.c_size_t]),
+    "ggml_backend_dev_description": (ctypes.c_char_p, [ctypes.c_void_p]),
+    "ggml_backend_reg_by_name": (ctypes.c_void_p, [ctypes.c_char_p]),
+    "ggml_backend_reg_get_proc_address": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
+    "ggml_backend_load": (ctypes.c_void_p, [ctypes.c_char_p]),
+    "ggml_backend_reg_dev_count": (ctypes.c_size_t, [ctypes.c_void_p]),
+    "ggml_backend_reg_name": (ctypes.c_char_p, [ctypes.c_void_p]),
+    "ggml_backend_dev_name": (ctypes.c_char_p, [ctypes.c_void_p]),
+    "ggml_backend_dev_type": (ctypes.c_int, [ctypes.c_void_p]),
+    "ggml_backend_dev_backend_reg": (ctypes.c_void_p, [ctypes.c_void_p]),
+    "ggml_backend_dev_memory": (None, [ctypes.c_void_p, _size_p, _size_p]),
+}
 
 
 def _ggml() -> ctypes.CDLL:
@@ -44,33 +64,10 @@ def _ggml() -> ctypes.CDLL:
     pattern = re.compile(r"^libggml\.(so\.\d+|\d+\.dylib)$")
     names = sorted(p.name for p in lib_dir.iterdir() if pattern.match(p.name))
     ggml = ctypes.CDLL(str(lib_dir / (names[0] if names else "libggml.so")))
-    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    ggml.ggml_backend_dev_description.restype = ctypes.c_char_p
-    ggml.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
-    ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
-    ggml.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
-    ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    ggml.ggml_backend_load.restype = ctypes.c_void_p
-    ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
-    ggml.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_reg_name.restype = ctypes.c_char_p
-    ggml.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_dev_name.restype = ctypes.c_char_p
-    ggml.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_dev_type.restype = ctypes.c_int
-    ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_dev_memory.argtypes = [
-        ctypes.c_void_p,
-        ctypes.POINTER(ctypes.c_size_t),
-        ctypes.POINTER(ctypes.c_size_t),
-    ]
+    for name, (restype, argtypes) in _GGML_SIGNATURES.items():
+        function = getattr(ggml, name)
+        function.restype = restype
+        function.argtypes = argtypes
     return ggml
 
 
