@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
 import time
@@ -15,7 +14,6 @@ import httpx
 import msgspec
 from anyio.abc import TaskGroup
 from litestar import Litestar, MediaType, Request, Response
-from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
@@ -33,7 +31,7 @@ from locopilot.api import ollama_models as ollama_models_api
 from locopilot.api import openai as openai_api
 from locopilot.api import openai_responses as responses_api
 from locopilot.api import training as training_api
-from locopilot.api.services import EngineStatus, Services, get_pipeline, get_services
+from locopilot.api.services import EngineStatus, Services, dependencies
 from locopilot.engine.protocol import probe_decoder
 from locopilot.engine.supervisor import ModelManager, probe_command
 from locopilot.errors import (
@@ -53,7 +51,7 @@ from locopilot.gateway.hygiene import HostCheck, cors_config
 from locopilot.gateway.metrics import Metrics
 from locopilot.gateway.ratelimit import RateLimiter
 from locopilot.gateway.router import ProviderState, Router
-from locopilot.gateway.shutdown import Shutdown
+from locopilot.gateway.shutdown import Shutdown, on_signal
 from locopilot.gateway.usage import Outcome, UsageRecorder
 from locopilot.models.catalog import ModelCatalog
 from locopilot.models.pull import Puller
@@ -250,11 +248,8 @@ RELOAD_SIGNAL = signal.SIGHUP
 
 
 def listen_for_reload(reload: Callable[[], None]) -> None:
-    """Call ``reload`` on :data:`RELOAD_SIGNAL`. Does nothing off the main thread (an app run by a test client)."""
-    try:
-        asyncio.get_running_loop().add_signal_handler(RELOAD_SIGNAL, reload)
-    except (RuntimeError, ValueError, NotImplementedError) as exc:
-        log.debug("not listening for %s: %s", RELOAD_SIGNAL.name, exc)
+    """Call ``reload`` on :data:`RELOAD_SIGNAL` (see :func:`locopilot.gateway.shutdown.on_signal`)."""
+    on_signal(RELOAD_SIGNAL, reload)
 
 
 def reload_upstreams(settings: Settings, router: Router, tasks: TaskGroup) -> None:
@@ -381,10 +376,8 @@ def create_app(settings: Settings) -> Litestar:
         middleware=[GuardMiddleware(host_check)],
         cors_config=cors_config(settings),
         lifespan=[lifespan],
-        dependencies={
-            "services": Provide(get_services, sync_to_thread=False),
-            "pipeline": Provide(get_pipeline, sync_to_thread=False),
-        },
+        # Handlers take services by name (db, router, pipeline...) from what the lifespan put in the state.
+        dependencies=dependencies(lambda: app.state.services),
         exception_handlers={
             LocopilotError: handle_locopilot_error,
             ValidationException: handle_validation_error,

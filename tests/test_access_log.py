@@ -22,13 +22,6 @@ CANARY = "canary-prompt-8f3a1e"  # in a prompt only: must never reach a log line
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FaultUpstream]:
-    fake = FaultUpstream().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, upstream: FaultUpstream) -> Iterator[Server]:
     upstreams = [{"name": "fault", "url": upstream.url, "locality": "local"}]
     env = {"LOCOPILOT_ADMIN_KEY": ADMIN_KEY, "LOCOPILOT_UPSTREAMS": json.dumps(upstreams)}

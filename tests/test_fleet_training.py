@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from tests.conftest import SMOL, Server
+from tests.jobs import LONG
 from tests.test_training import facts_dataset
-from tests.test_training_jobs import LONG
 
 pytestmark = pytest.mark.slow
 KEY = "fleet-box-key-0123456789abcdef"

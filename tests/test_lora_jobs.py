@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from tests import jobs
 from tests.conftest import SMOL, Server
-from tests.test_training_jobs import LEARNED, dataset, follow, training_server, uploaded  # noqa: F401
+from tests.jobs import LEARNED, follow
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterator[Server]:
-    running = training_server(tmp_path_factory.mktemp("lora-jobs"), smollm2_path).start()
-    yield running
-    running.stop()
+server, client, dataset, uploaded = jobs.server, jobs.client, jobs.dataset, jobs.uploaded  # shared fixtures
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return server.client()
-
-
-@pytest.fixture(scope="module")
-def adapter_job(server: Server, client: openai.OpenAI, uploaded: Any) -> Any:  # noqa: F811
+def adapter_job(server: Server, client: openai.OpenAI, uploaded: Any) -> Any:
     started = time.monotonic()
     job = client.fine_tuning.jobs.create(
         model=SMOL,
@@ -67,7 +56,7 @@ def test_the_job_publishes_an_adapter_beside_its_base(adapter_job: Any, server: 
     assert engine["loaded_models"] == [SMOL]
 
 
-def test_a_bad_rank_is_refused(client: openai.OpenAI, uploaded: Any) -> None:  # noqa: F811
+def test_a_bad_rank_is_refused(client: openai.OpenAI, uploaded: Any) -> None:
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.create(
             model=SMOL,

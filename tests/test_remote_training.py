@@ -26,9 +26,9 @@ from locopilot.store.jobs import TrainingJob
 from locopilot.training.jobs import JobService
 from tests.conftest import SMOL, Server
 from tests.fakes.fault_upstream import PRO_REQUIRED_BODY, FaultUpstream
+from tests.jobs import LONG, wait_for
 from tests.test_cli import make_env
 from tests.test_training import facts_dataset
-from tests.test_training_jobs import LONG, wait_for
 
 pytestmark = pytest.mark.slow
 REMOTE_KEY = "remote-admin-key-0123456789abcdef"

@@ -20,31 +20,17 @@ from locopilot.store import responses as stored
 from locopilot.store.db import Database
 from tests.conftest import SMOL, Server
 from tests.fakes.fault_upstream import FaultUpstream
-from tests.security.conftest import ADMIN_KEY, Key, create_key
+from tests.security.conftest import ADMIN_KEY, Key, cloud_server, create_key
 from tests.test_api import wait_for_log_row
 
 CAPITAL = "Which city is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FaultUpstream]:
-    fault = FaultUpstream().start()
-    yield fault
-    fault.stop()
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, upstream: FaultUpstream) -> Iterator[Server]:
-    env = {
-        "LOCOPILOT_ADMIN_KEY": ADMIN_KEY,
-        "LOCOPILOT_LOG_PROMPTS": "true",
-        "LOCOPILOT_UPSTREAMS": json.dumps([{"name": "cloud", "url": upstream.url, "models": list(upstream.MODELS)}]),
-    }
-    running = Server(tmp_path_factory.mktemp("responses"), {SMOL: smollm2_path}, env)
-    try:
-        yield running.start(path="/health")
-    finally:
-        running.stop()
+    root = tmp_path_factory.mktemp("responses")
+    with cloud_server(root, {SMOL: smollm2_path}, upstream, LOCOPILOT_LOG_PROMPTS="true") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import SMOL, Server
 from tests.fakes.fault_upstream import FaultUpstream
-from tests.security.conftest import ADMIN, ADMIN_KEY, Key, create_key
+from tests.security.conftest import ADMIN, ADMIN_KEY, Key, cloud_server, create_key
 from tests.test_api import log_rows
 
 ROUTE = "/v1/locopilot/datasets/from-logs"
@@ -28,25 +28,10 @@ SYSTEM = "You answer in one short sentence."
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FaultUpstream]:
-    fault = FaultUpstream().start()
-    yield fault
-    fault.stop()
-
-
-def cloud_env(upstream: FaultUpstream, **extra: str) -> dict[str, str]:
-    cloud = [{"name": "cloud", "url": upstream.url, "models": list(upstream.MODELS)}]
-    return {"LOCOPILOT_ADMIN_KEY": ADMIN_KEY, "LOCOPILOT_UPSTREAMS": json.dumps(cloud), **extra}
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, upstream: FaultUpstream) -> Iterator[Server]:
-    env = cloud_env(upstream, LOCOPILOT_LOG_PROMPTS="true")
-    running = Server(tmp_path_factory.mktemp("traffic"), {SMOL: smollm2_path}, env)
-    try:
-        yield running.start(path="/health")
-    finally:
-        running.stop()
+    root = tmp_path_factory.mktemp("traffic")
+    with cloud_server(root, {SMOL: smollm2_path}, upstream, LOCOPILOT_LOG_PROMPTS="true") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +154,7 @@ def test_only_an_admin_may_read_the_log(server: Server, alice: Key, traffic: dic
 def test_without_logged_prompts_there_is_nothing_to_build_from(
     tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, upstream: FaultUpstream
 ) -> None:
-    quiet = Server(tmp_path_factory.mktemp("no-prompts"), {SMOL: smollm2_path}, cloud_env(upstream))
-    try:
-        quiet.start(path="/health")
+    with cloud_server(tmp_path_factory.mktemp("no-prompts"), {SMOL: smollm2_path}, upstream) as quiet:
         chat = httpx.post(
             f"{quiet.url}/v1/chat/completions",
             json={"model": upstream.MODELS[0], "messages": [{"role": "user", "content": "Hi"}]},
@@ -185,5 +168,3 @@ def test_without_logged_prompts_there_is_nothing_to_build_from(
         assert error["code"] == "log_prompts_off"
         assert "LOCOPILOT_LOG_PROMPTS" in error["message"]
         assert not list((quiet.data_dir / "files").glob("*.jsonl"))
-    finally:
-        quiet.stop()

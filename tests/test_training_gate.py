@@ -22,24 +22,17 @@ import httpx
 import openai
 import pytest
 
+from tests import jobs
 from tests.conftest import SMOL, Server
-from tests.test_training import facts_dataset
-from tests.test_training_jobs import JOBS, LEARNED, training_server, wait_for
+from tests.jobs import JOBS, finished, training_server, upload, wait_for
 
 pytestmark = pytest.mark.slow
+
+dataset = jobs.dataset  # a shared fixture
 
 #: A short job: 2 epochs over about 4 windows, the last block only, a checkpoint after each
 #: chunk of 4 windows but the last.
 SHORT: dict[str, Any] = {"n_epochs": 2, "layers": 1, "checkpoint_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("dataset")
-    lines = facts_dataset(folder / "all.jsonl").read_text().splitlines(keepends=True)
-    path = folder / "facts.jsonl"
-    path.write_text("".join(line for line in lines if any(country in line for country, _ in LEARNED)))
-    return path
 
 
 @pytest.fixture
@@ -50,21 +43,8 @@ def server(tmp_path: Path, smollm2_path: Path) -> Iterator[Server]:
     running.stop()
 
 
-def upload(client: openai.OpenAI, dataset: Path) -> Any:
-    with dataset.open("rb") as f:
-        return client.files.create(file=f, purpose="fine-tune")
-
-
 def messages(client: openai.OpenAI, job_id: str) -> list[str]:
     return [event.message for event in client.fine_tuning.jobs.list_events(job_id, limit=100).data]
-
-
-def finished(client: openai.OpenAI, job_id: str, server: Server, timeout: float = 900) -> Any:
-    def done() -> Any:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        return job if job.status in ("succeeded", "failed", "cancelled") else None
-
-    return wait_for(done, timeout, f"job {job_id} to end", server)
 
 
 def test_a_job_resumes_from_its_checkpoint_after_the_server_is_killed(server: Server, dataset: Path) -> None:

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,78 +23,14 @@ import pytest
 from click.testing import CliRunner
 
 from locopilot.cli import cli
+from tests import jobs
 from tests.conftest import SMOL, Server
+from tests.jobs import JOBS, LEARNED, LONG, MAX_FILE_BYTES, follow, training_server, wait_for
 from tests.test_cli import make_env
-from tests.test_training import FACTS, facts_dataset
 
 pytestmark = pytest.mark.slow
 
-JOBS = "/v1/locopilot/training/jobs"
-#: Two invented capitals, each asked six ways: 12 examples, 3 training windows of 256 tokens.
-LEARNED = FACTS[:2]
-#: A job that would run for minutes: stopped early by the tests that use it.
-LONG = {"n_epochs": 50, "layers": 1, "context": 256}
-MAX_FILE_BYTES = 64 * 1024
-
-
-def training_server(root: Path, smollm2_path: Path, **env: str) -> Server:
-    server = Server(
-        root,
-        {SMOL: smollm2_path},
-        {"LOCOPILOT_MAX_FILE_BYTES": str(MAX_FILE_BYTES), "LOCOPILOT_SHUTDOWN_GRACE": "2", **env},
-    )
-    return server
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterator[Server]:
-    running = training_server(tmp_path_factory.mktemp("jobs"), smollm2_path).start()
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return server.client()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("dataset")
-    lines = facts_dataset(folder / "all.jsonl").read_text().splitlines(keepends=True)
-    path = folder / "facts.jsonl"
-    path.write_text("".join(line for line in lines if any(country in line for country, _ in LEARNED)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def uploaded(client: openai.OpenAI, dataset: Path) -> Any:
-    with dataset.open("rb") as f:
-        return client.files.create(file=f, purpose="fine-tune")
-
-
-def follow(server: Server, job_id: str, timeout: float = 600) -> list[tuple[str, dict[str, Any]]]:
-    """Every event of the job's log stream, to its end."""
-    events: list[tuple[str, dict[str, Any]]] = []
-    with httpx.stream("GET", f"{server.url}{JOBS}/{job_id}/logs", timeout=timeout) as response:
-        assert response.status_code == 200, response.read()
-        assert response.headers["content-type"].startswith("text/event-stream")
-        name = ""
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line.removeprefix("data: "))))
-    return events
-
-
-def wait_for(predicate: Any, timeout: float, what: str, server: Server) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}\n{server.log()}")
+server, client, dataset, uploaded = jobs.server, jobs.client, jobs.dataset, jobs.uploaded  # shared fixtures
 
 
 def worker_started(client: openai.OpenAI, server: Server, job_id: str) -> None:

@@ -15,10 +15,10 @@ from litestar import Request, Response, delete, get, post
 from litestar.params import Parameter
 
 from locopilot.api.responses import BODY, GUARDED, answers
-from locopilot.api.services import Services
-from locopilot.gateway import auth
+from locopilot.gateway.auth import Authenticator, note
 from locopilot.schemas.openai import encoder
 from locopilot.store import audit, keys
+from locopilot.store.db import Database
 from locopilot.store.keys import ApiKey, KeySpec, KeyState
 
 
@@ -54,49 +54,53 @@ def json_response(body: msgspec.Struct, status_code: int = 200) -> Response[byte
 
 
 @post("/v1/admin/keys", status_code=201, responses=answers(CreatedKey, 201, *GUARDED, *BODY))
-async def create_key(data: KeySpec, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def create_key(
+    data: KeySpec, db: Database, auth: Authenticator, request: Request[Any, Any, Any]
+) -> Response[bytes]:
     """Create a key; the response holds its secret, shown this once."""
-    now = services.auth.clock()
-    key, secret = await services.db.call(keys.create, data, now)
-    services.auth.key_created()
-    auth.note(request, "key_created", key=key.id, name=key.name, scopes=list(key.scopes))
+    now = auth.clock()
+    key, secret = await db.call(keys.create, data, now)
+    auth.key_created()
+    note(request, "key_created", key=key.id, name=key.name, scopes=list(key.scopes))
     created = CreatedKey(**msgspec.structs.asdict(key_info(key, now)), secret=secret)
     return json_response(created, 201)
 
 
 @get("/v1/admin/keys", responses=answers(KeyList, 200, *GUARDED))
-async def list_keys(services: Services) -> Response[bytes]:
+async def list_keys(db: Database, auth: Authenticator) -> Response[bytes]:
     """Every key, revoked and expired ones too, oldest first."""
-    now = services.auth.clock()
-    found = await services.db.call(keys.listed)
+    now = auth.clock()
+    found = await db.call(keys.listed)
     return json_response(KeyList([key_info(key, now) for key in found]))
 
 
 @get("/v1/admin/keys/{key_id:str}", responses=answers(KeyInfo, 200, *GUARDED, 400, 404))
-async def get_key(key_id: str, services: Services) -> Response[bytes]:
+async def get_key(key_id: str, db: Database, auth: Authenticator) -> Response[bytes]:
     """One key, by id or by the name of a live key."""
-    key = await services.db.call(keys.find, key_id)
-    return json_response(key_info(key, services.auth.clock()))
+    key = await db.call(keys.find, key_id)
+    return json_response(key_info(key, auth.clock()))
 
 
 @delete("/v1/admin/keys/{key_id:str}", status_code=200, responses=answers(KeyInfo, 200, *GUARDED, 400, 404))
-async def revoke_key(key_id: str, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def revoke_key(
+    key_id: str, db: Database, auth: Authenticator, request: Request[Any, Any, Any]
+) -> Response[bytes]:
     """Revoke a key (by id or live name); it fails with 401 from the next request on."""
-    now = services.auth.clock()
-    found = await services.db.call(keys.find, key_id)
-    key = await services.db.call(keys.revoke, found.id, now)
-    auth.note(request, "key_revoked", key=key.id, name=key.name)
+    now = auth.clock()
+    found = await db.call(keys.find, key_id)
+    key = await db.call(keys.revoke, found.id, now)
+    note(request, "key_revoked", key=key.id, name=key.name)
     return json_response(key_info(key, now))
 
 
 @get("/v1/admin/audit", responses=answers(AuditList, 200, *GUARDED, 400))
 async def audit_events(
-    services: Services,
+    db: Database,
     limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
     event: Annotated[str | None, Parameter(max_length=64)] = None,
 ) -> Response[bytes]:
     """The newest audit events (authentication failures, refusals, admin changes), newest first."""
-    found = await services.db.call(audit.recent, limit=limit, event=event)
+    found = await db.call(audit.recent, limit=limit, event=event)
     return json_response(AuditList(found))
 
 

@@ -24,13 +24,13 @@ import msgspec
 from litestar import MediaType, Request, Response, get
 
 from locopilot.api.responses import GUARDED, answers
-from locopilot.api.services import Services
 from locopilot.errors import NotFound
 from locopilot.gateway.auth import OPEN, principal_of
 from locopilot.gateway.guard import EXCLUDE_FROM_AUTH
 from locopilot.schemas.openai import encoder
-from locopilot.settings import Privacy, describe, effective_items
+from locopilot.settings import Privacy, Settings, describe, effective_items
 from locopilot.store import stats
+from locopilot.store.db import Database
 from locopilot.web import Asset, console_assets
 
 CONTENT_SECURITY_POLICY = "; ".join(
@@ -121,10 +121,10 @@ DAY = 86400.0
 
 
 @get("/v1/locopilot/me", responses=answers(Me, 200, *GUARDED))
-async def me(services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def me(db: Database, request: Request[Any, Any, Any]) -> Response[bytes]:
     """The calling key: its name, scopes, model allowlist, privacy pin and its own usage over the last day."""
     principal = principal_of(request)
-    rows = await services.db.call(stats.usage_by_key, time.time() - DAY)
+    rows = await db.call(stats.usage_by_key, time.time() - DAY)
     usage = [
         Usage(row.model, row.requests, row.errors, row.tokens_in, row.tokens_out)
         for row in rows
@@ -147,14 +147,14 @@ MINUTE = 60.0
 
 
 @get("/v1/locopilot/traffic", responses=answers(stats.Traffic, 200, *GUARDED))
-async def traffic(services: Services) -> Response[bytes]:
+async def traffic(db: Database) -> Response[bytes]:
     """The last hour of requests by provider and model in one-minute buckets (requests, errors, output
     tokens, tokens/s) with latency percentiles."""
     now = time.time()
     # Buckets on whole minutes, the last one the current minute: asked again a few seconds later,
     # every bar stays where it was and only the last grows.
     since = (now // MINUTE + 1) * MINUTE - HOUR
-    body = await services.db.call(stats.traffic, since, now, int(MINUTE))
+    body = await db.call(stats.traffic, since, now, int(MINUTE))
     return Response(encoder.encode(body), media_type=MediaType.JSON)
 
 
@@ -164,9 +164,9 @@ class UsageList(msgspec.Struct):
 
 
 @get("/v1/locopilot/usage", responses=answers(UsageList, 200, *GUARDED))
-async def usage(services: Services) -> Response[bytes]:
+async def usage(db: Database) -> Response[bytes]:
     """Every key's requests and tokens by model over the last day (``key_id`` null: open-mode requests)."""
-    rows = await services.db.call(stats.usage_by_key, time.time() - DAY)
+    rows = await db.call(stats.usage_by_key, time.time() - DAY)
     return Response(encoder.encode(UsageList(rows)), media_type=MediaType.JSON)
 
 
@@ -183,10 +183,10 @@ class SettingList(msgspec.Struct):
 
 
 @get("/v1/locopilot/settings", responses=answers(SettingList, 200, *GUARDED))
-async def effective_settings(services: Services) -> Response[bytes]:
+async def effective_settings(settings: Settings) -> Response[bytes]:
     """The server's effective configuration, each variable with its value (secrets masked), default and
     description, as ``locopilot config`` prints it."""
-    values = dict(effective_items(services.settings))
+    values = dict(effective_items(settings))
     body = SettingList(
         [Setting(info.variable, values[info.variable], info.default, info.description) for info in describe()]
     )

@@ -10,11 +10,15 @@ from litestar import Request, Response, get
 from litestar.openapi.datastructures import ResponseSpec
 
 from locopilot.api.responses import GUARDED, answers
-from locopilot.api.services import Services
+from locopilot.api.services import EngineStatus
 from locopilot.engine.protocol import CpuBackend, GpuDevice
-from locopilot.engine.supervisor import RunnerInfo
-from locopilot.gateway.ratelimit import LimitStats
+from locopilot.engine.supervisor import ModelManager, RunnerInfo
+from locopilot.gateway.metrics import Metrics
+from locopilot.gateway.ratelimit import LimitStats, RateLimiter
+from locopilot.gateway.router import Router
+from locopilot.gateway.shutdown import Shutdown
 from locopilot.schemas.openai import encoder
+from locopilot.settings import Settings
 from locopilot.store import stats
 from locopilot.store.db import Database
 
@@ -82,9 +86,8 @@ DRAINING = ResponseSpec(Liveness, generate_examples=False, description="A stop h
 
 
 @get("/health", exclude_from_auth=True, responses={**answers(Liveness, 200, 403, 500), 503: DRAINING})
-async def health(services: Services) -> Response[bytes]:
+async def health(shutdown: Shutdown) -> Response[bytes]:
     """Liveness: the process answers, 503 once it is shutting down. Never needs a key."""
-    shutdown = services.shutdown
     if shutdown.draining:
         body = Liveness("shutting_down", f"shutting down: {shutdown.reason}")
         return Response(encoder.encode(body), media_type="application/json", status_code=503)
@@ -95,12 +98,17 @@ UNREADY = ResponseSpec(Health, generate_examples=False, description="The databas
 
 
 @get("/v1/engine/health", responses={**answers(Health, 200, *GUARDED), 503: UNREADY})
-async def engine_health(services: Services) -> Response[bytes]:
+async def engine_health(
+    db: Database,
+    engine: EngineStatus,
+    shutdown: Shutdown,
+    router: Router,
+    manager: ModelManager,
+    settings: Settings,
+) -> Response[bytes]:
     """Readiness: 200 when the database and llama.cpp work, else 503 with what is wrong."""
-    db_error = await services.db.call(Database.health)
-    engine = services.engine
-    ready = db_error is None and engine.ready and not services.shutdown.draining
-    router = services.router
+    db_error = await db.call(Database.health)
+    ready = db_error is None and engine.ready and not shutdown.draining
     providers = [
         ProviderHealth(
             name=name,
@@ -119,17 +127,17 @@ async def engine_health(services: Services) -> Response[bytes]:
         for name, state in router.states.items()
     ]
     body = Health(
-        status="ok" if ready else "shutting_down" if services.shutdown.draining else "unavailable",
-        database=DatabaseHealth(db_error is None, str(services.db.path), db_error),
+        status="ok" if ready else "shutting_down" if shutdown.draining else "unavailable",
+        database=DatabaseHealth(db_error is None, str(db.path), db_error),
         engine=EngineHealth(
             ready=engine.ready,
             detail=engine.detail,
             llama_cpp_version=engine.llama_cpp_version,
             devices=engine.devices,
             cpu=engine.cpu,
-            loaded_models=services.manager.loaded(),
-            runners=services.manager.describe(),
-            models_dir=str(services.settings.models_path),
+            loaded_models=manager.loaded(),
+            runners=manager.describe(),
+            models_dir=str(settings.models_path),
             gpus=engine.gpus,
             gpu_note=engine.gpu_note,
         ),
@@ -146,15 +154,13 @@ class Stats(msgspec.Struct):
 
 
 @get("/v1/engine/stats", responses=answers(Stats, 200, *GUARDED))
-async def engine_stats(services: Services) -> Response[bytes]:
+async def engine_stats(db: Database, limiter: RateLimiter, started_at: float) -> Response[bytes]:
     """Requests by provider and model, routing, failovers and errors, since start and over the last hour;
     requests in flight and quota refusals since start."""
     now = time.time()
-    since_start = await services.db.call(stats.window, services.started_at)
-    last_hour = await services.db.call(stats.window, now - 3600)
-    return Response(
-        encoder.encode(Stats(since_start, last_hour, services.limiter.stats())), media_type="application/json"
-    )
+    since_start = await db.call(stats.window, started_at)
+    last_hour = await db.call(stats.window, now - 3600)
+    return Response(encoder.encode(Stats(since_start, last_hour, limiter.stats())), media_type="application/json")
 
 
 EXPOSITION = ResponseSpec(
@@ -163,12 +169,12 @@ EXPOSITION = ResponseSpec(
 
 
 @get("/metrics", responses={**answers(str, 200, *GUARDED), 200: EXPOSITION})
-async def metrics(services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def metrics(metrics: Metrics, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Prometheus metrics (text format, or OpenMetrics when the scraper asks for it). Admin scope,
     or no key with LOCOPILOT_METRICS_PUBLIC."""
     # Collected on the event loop: the collectors read state the loop changes, and read nothing slow
     # (process and runner memory come from small /proc files).
-    body, content_type = services.metrics.exposition(request.headers.get("accept", ""))
+    body, content_type = metrics.exposition(request.headers.get("accept", ""))
     # As a header, not media_type: Litestar appends a second charset to a text/ media type.
     return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 

@@ -25,13 +25,14 @@ from litestar import Request, Response, delete, get, post
 from litestar.params import Parameter
 
 from locopilot.api.responses import BODY, GUARDED, answers
-from locopilot.api.services import Services
 from locopilot.errors import Conflict, InvalidRequest, LocopilotError, PayloadTooLarge
-from locopilot.gateway.auth import principal_of
+from locopilot.gateway.auth import Authenticator, principal_of
 from locopilot.schemas.openai import encoder
 from locopilot.schemas.training import FileObject
+from locopilot.settings import Settings
 from locopilot.store import files as store
 from locopilot.store import jobs
+from locopilot.store.db import Database
 from locopilot.store.files import StoredFile
 from locopilot.training.traffic import TrafficFilter
 
@@ -73,8 +74,8 @@ def json_response(body: msgspec.Struct) -> Response[bytes]:
     return Response(encoder.encode(body), media_type="application/json")
 
 
-def files_dir(services: Services) -> Path:
-    return services.settings.data_path / "files"
+def files_dir(settings: Settings) -> Path:
+    return settings.data_path / "files"
 
 
 class _Upload:
@@ -178,13 +179,15 @@ def validated(path: Path) -> tuple[str, int]:
     request_max_body_size=None,
     responses=answers(FileObject, 200, *GUARDED, *BODY),
 )
-async def upload_file(request: Request[Any, Any, Any], services: Services) -> Response[bytes]:
+async def upload_file(
+    request: Request[Any, Any, Any], db: Database, settings: Settings, auth: Authenticator
+) -> Response[bytes]:
     """Upload a fine-tuning dataset (multipart: ``purpose=fine-tune``, ``file``); it is validated whole."""
     file_id = f"file-{secrets.token_hex(12)}"
-    folder = files_dir(services)
-    upload = _Upload(folder / f".{file_id}.partial", services.settings.max_file_bytes)
+    folder = files_dir(settings)
+    upload = _Upload(folder / f".{file_id}.partial", settings.max_file_bytes)
     try:
-        await receive_upload(request, upload, services.settings.max_file_bytes + FRAMING_BYTES)
+        await receive_upload(request, upload, settings.max_file_bytes + FRAMING_BYTES)
         upload.close()
         if upload.purpose not in PURPOSES:
             raise InvalidRequest(
@@ -209,9 +212,9 @@ async def upload_file(request: Request[Any, Any, Any], services: Services) -> Re
         format=kind,
         examples=examples,
         key_id=principal_of(request).key_id,
-        created_at=services.auth.clock(),
+        created_at=auth.clock(),
     )
-    await services.db.call(store.insert, stored)
+    await db.call(store.insert, stored)
     return json_response(file_object(stored))
 
 
@@ -232,19 +235,19 @@ class TrafficDatasetObject(msgspec.Struct):
     responses=answers(TrafficDatasetObject, 200, *GUARDED, *BODY, 409),
 )
 async def dataset_from_logs(
-    data: TrafficFilter, services: Services, request: Request[Any, Any, Any]
+    data: TrafficFilter, db: Database, settings: Settings, auth: Authenticator, request: Request[Any, Any, Any]
 ) -> Response[bytes]:
     """A fine-tuning dataset from the request log's prompts and replies (admin; needs LOCOPILOT_LOG_PROMPTS)."""
     from locopilot.store import logs
     from locopilot.training.traffic import examples
 
-    if not services.settings.log_prompts:
+    if not settings.log_prompts:
         raise Conflict(
             "The request log holds no prompts: LOCOPILOT_LOG_PROMPTS is off, so there is nothing to build a "
             "dataset from. Turn it on, and the requests served from then on can be used.",
             code="log_prompts_off",
         )
-    rows = await services.db.call(
+    rows = await db.call(
         logs.with_text,
         limit=data.limit,
         model=data.model,
@@ -263,12 +266,12 @@ async def dataset_from_logs(
             code="no_examples",
         )
     file_id = f"file-{secrets.token_hex(12)}"
-    path = files_dir(services) / f"{file_id}.jsonl"
+    path = files_dir(settings) / f"{file_id}.jsonl"
     body = b"\n".join(made.lines) + b"\n"
-    if len(body) > services.settings.max_file_bytes:
+    if len(body) > settings.max_file_bytes:
         raise PayloadTooLarge(
             f"The dataset would be {len(body)} bytes, over LOCOPILOT_MAX_FILE_BYTES "
-            f"({services.settings.max_file_bytes}); ask for fewer rows (limit) or a narrower time range.",
+            f"({settings.max_file_bytes}); ask for fewer rows (limit) or a narrower time range.",
         )
     await anyio.to_thread.run_sync(_write_new, path, body)
     try:
@@ -279,16 +282,16 @@ async def dataset_from_logs(
     stored = StoredFile(
         id=file_id,
         purpose="fine-tune",
-        filename=data.filename or f"traffic-{int(services.auth.clock())}.jsonl",
+        filename=data.filename or f"traffic-{int(auth.clock())}.jsonl",
         bytes=len(body),
         sha256=hashlib.sha256(body).hexdigest(),
         path=str(path),
         format=kind,
         examples=count,
         key_id=principal_of(request).key_id,
-        created_at=services.auth.clock(),
+        created_at=auth.clock(),
     )
-    await services.db.call(store.insert, stored)
+    await db.call(store.insert, stored)
     return json_response(TrafficDatasetObject(file_object(stored), made.log_ids, made.skipped))
 
 
@@ -300,38 +303,36 @@ def _write_new(path: Path, body: bytes) -> None:
 
 @get("/v1/files", responses=answers(FileList, 200, *GUARDED, 400))
 async def list_files(
-    services: Services,
+    db: Database,
     purpose: Annotated[str | None, Parameter(max_length=64)] = None,
     limit: Annotated[int, Parameter(ge=1, le=10000)] = 10000,
     after: Annotated[str | None, Parameter(max_length=128)] = None,
     order: Literal["asc", "desc"] = "desc",
 ) -> Response[bytes]:
     """Uploaded files, newest first (``order=asc``: oldest first)."""
-    found, more = await services.db.call(
-        store.listed, after=after, limit=limit, purpose=purpose, newest_first=order == "desc"
-    )
+    found, more = await db.call(store.listed, after=after, limit=limit, purpose=purpose, newest_first=order == "desc")
     data = [file_object(f) for f in found]
     return json_response(FileList(data, more, data[0].id if data else None, data[-1].id if data else None))
 
 
 @get("/v1/files/{file_id:str}", responses=answers(FileObject, 200, *GUARDED, 400, 404))
-async def get_file(file_id: str, services: Services) -> Response[bytes]:
+async def get_file(file_id: str, db: Database) -> Response[bytes]:
     """One uploaded file."""
-    return json_response(file_object(await services.db.call(store.get, file_id)))
+    return json_response(file_object(await db.call(store.get, file_id)))
 
 
 @delete("/v1/files/{file_id:str}", status_code=200, responses=answers(FileDeleted, 200, *GUARDED, 400, 404))
-async def delete_file(file_id: str, services: Services) -> Response[bytes]:
+async def delete_file(file_id: str, db: Database) -> Response[bytes]:
     """Delete an uploaded file; refused while a job that has not finished trains on it."""
-    stored = await services.db.call(store.get, file_id)
-    user = await services.db.call(jobs.unfinished_job_using, file_id)
+    stored = await db.call(store.get, file_id)
+    user = await db.call(jobs.unfinished_job_using, file_id)
     if user is not None:
         raise InvalidRequest(
             f"File {file_id} is in use by the training job {user}, which has not finished.",
             param="file_id",
             code="file_in_use",
         )
-    await services.db.call(store.delete, file_id)
+    await db.call(store.delete, file_id)
     await anyio.to_thread.run_sync(lambda: Path(stored.path).unlink(missing_ok=True))
     return json_response(FileDeleted(file_id))
 

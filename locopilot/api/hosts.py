@@ -22,10 +22,9 @@ from litestar import Request, Response, delete, get, post
 from litestar.params import Parameter
 
 from locopilot.api.responses import BODY, GUARDED, answers
-from locopilot.api.services import Services
 from locopilot.errors import Conflict, InvalidRequest, NotFound
-from locopilot.gateway import auth
-from locopilot.gateway.hygiene import host_name
+from locopilot.gateway.auth import Authenticator, note
+from locopilot.gateway.hygiene import HostCheck, host_name
 from locopilot.schemas.openai import encoder
 
 #: A DNS name (no port, no scheme): labels of letters, digits and inner hyphens.
@@ -47,13 +46,12 @@ class Hosts(msgspec.Struct):
     object: str = "hosts"
 
 
-async def hosts_of(services: Services) -> Hosts:
-    check = services.hosts
+async def hosts_of(hosts: HostCheck, auth: Authenticator) -> Hosts:
     return Hosts(
-        checked=check.checked,
-        keys_required=not await services.auth.is_open(),
-        configured=sorted(check.allowed or ()),
-        added=sorted(check.added),
+        checked=hosts.checked,
+        keys_required=not await auth.is_open(),
+        configured=sorted(hosts.allowed or ()),
+        added=sorted(hosts.added),
     )
 
 
@@ -71,36 +69,41 @@ def json_response(body: msgspec.Struct) -> Response[bytes]:
 
 
 @get("/v1/admin/hosts", responses=answers(Hosts, 200, *GUARDED))
-async def list_hosts(services: Services) -> Response[bytes]:
+async def list_hosts(hosts: HostCheck, auth: Authenticator) -> Response[bytes]:
     """The Host names this server answers to: from the settings, and those added while it runs."""
-    return json_response(await hosts_of(services))
+    return json_response(await hosts_of(hosts, auth))
 
 
 @post("/v1/admin/hosts", status_code=200, responses=answers(Hosts, 200, *GUARDED, *BODY, 409))
-async def add_host(data: HostSpec, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def add_host(
+    data: HostSpec, hosts: HostCheck, auth: Authenticator, request: Request[Any, Any, Any]
+) -> Response[bytes]:
     """Answer to one more Host name until the server stops or the name is removed; refused (409) while the
     server needs no API key."""
     name = valid_name(data.host)
-    if await services.auth.is_open():
+    if await auth.is_open():
         raise Conflict(
             "This server answers without an API key; create one (`locopilot keys create NAME`) before publishing it.",
             code="server_open",
         )
-    services.hosts.allow(name)
-    auth.note(request, "host_added", host=name)
-    return json_response(await hosts_of(services))
+    hosts.allow(name)
+    note(request, "host_added", host=name)
+    return json_response(await hosts_of(hosts, auth))
 
 
 @delete("/v1/admin/hosts/{host:str}", status_code=200, responses=answers(Hosts, 200, *GUARDED, 400, 404))
 async def remove_host(
-    host: Annotated[str, Parameter(max_length=253)], services: Services, request: Request[Any, Any, Any]
+    host: Annotated[str, Parameter(max_length=253)],
+    hosts: HostCheck,
+    auth: Authenticator,
+    request: Request[Any, Any, Any],
 ) -> Response[bytes]:
     """Stop answering to a name added while the server runs (names from the settings stay)."""
     name = valid_name(host)
-    if not services.hosts.disallow(host_name(name)):
+    if not hosts.disallow(host_name(name)):
         raise NotFound(f"'{name}' was not added to this server.", param="host")
-    auth.note(request, "host_removed", host=name)
-    return json_response(await hosts_of(services))
+    note(request, "host_removed", host=name)
+    return json_response(await hosts_of(hosts, auth))
 
 
 ROUTES = [list_hosts, add_host, remove_host]

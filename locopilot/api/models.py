@@ -28,16 +28,18 @@ from litestar.response import Stream
 from msgspec import Meta
 
 from locopilot.api.responses import BODY, GUARDED, answers
-from locopilot.api.services import Services
+from locopilot.api.services import Library
+from locopilot.engine.supervisor import ModelManager
 from locopilot.errors import Conflict, LocopilotError, ModelNotFound
-from locopilot.gateway import auth
+from locopilot.gateway.auth import note
 from locopilot.gateway.streaming import sse
 from locopilot.models import arrivals
 from locopilot.models.arrivals import ImportReport, Verification
-from locopilot.models.catalog import MAX_MODEL_NAME, validate_model_name
-from locopilot.models.pull import PullEvent, prepare
+from locopilot.models.catalog import MAX_MODEL_NAME, ModelCatalog, validate_model_name
+from locopilot.models.pull import Puller, PullEvent, prepare
 from locopilot.schemas.openai import ModelCard, ModelList, encoder, model_card
 from locopilot.store import models as records
+from locopilot.store.db import Database
 from locopilot.training.lineage import read as read_lineage
 
 log = logging.getLogger(__name__)
@@ -119,12 +121,12 @@ PULL_STREAM = ResponseSpec(
 )
 
 
-async def card_of(services: Services, name: str) -> ModelCard:
+async def card_of(library: Library, name: str) -> ModelCard:
     """The model card of embedded model ``name``; raises InvalidModelName or ModelNotFound."""
-    entry = await anyio.to_thread.run_sync(services.catalog.get, name)
-    record = await services.db.call(records.get, name)
+    entry = await anyio.to_thread.run_sync(library.catalog.get, name)
+    record = await library.db.call(records.get, name)
     lineage = await anyio.to_thread.run_sync(read_lineage, Path(entry.path))
-    return model_card(entry, name in services.manager.loaded(), lineage, record)
+    return model_card(entry, name in library.manager.loaded(), lineage, record)
 
 
 @post(
@@ -132,7 +134,9 @@ async def card_of(services: Services, name: str) -> ModelCard:
     status_code=200,
     responses={**answers(ModelCard, 200, *GUARDED, *BODY, 404, 409, 502, 507), 200: PULL_STREAM},
 )
-async def pull_model(data: PullBody, services: Services, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+async def pull_model(
+    data: PullBody, puller: Puller, library: Library, request: Request[Any, Any, Any]
+) -> Response[bytes] | Stream:
     """Download a model into the models folder (see the module docstring)."""
     pull = prepare(
         data.model,
@@ -141,8 +145,8 @@ async def pull_model(data: PullBody, services: Services, request: Request[Any, A
         insecure=data.insecure,
         no_checksum=data.insecure_no_checksum,
     )
-    auth.note(request, "model_pull", model=pull.name, ref=str(pull.ref))
-    events = services.puller.pull(pull)
+    note(request, "model_pull", model=pull.name, ref=str(pull.ref))
+    events = puller.pull(pull)
     # Primed past the source's listing: an unknown repository or tag is a real 404.
     primed = [await anext(events)]
     try:
@@ -158,19 +162,19 @@ async def pull_model(data: PullBody, services: Services, request: Request[Any, A
                 pass
         finally:
             await events.aclose()
-        return Response(encoder.encode(await card_of(services, pull.name)), media_type="application/json")
-    return Stream(_stream(services, primed, events, pull.name), media_type="text/event-stream", headers=SSE_HEADERS)
+        return Response(encoder.encode(await card_of(library, pull.name)), media_type="application/json")
+    return Stream(_stream(library, primed, events, pull.name), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 async def _stream(
-    services: Services, primed: list[PullEvent], events: AsyncGenerator[PullEvent, None], name: str
+    library: Library, primed: list[PullEvent], events: AsyncGenerator[PullEvent, None], name: str
 ) -> AsyncIterator[bytes]:
     try:
         for event in primed:
             yield sse(event, "progress")
         async for event in events:
             yield sse(event, "progress")
-        yield sse(await card_of(services, name), "model")
+        yield sse(await card_of(library, name), "model")
     except LocopilotError as exc:
         log.warning("pull of %s failed: %s", name, exc.loggable())
         yield sse(exc.body(), "error")
@@ -179,36 +183,36 @@ async def _stream(
 
 
 @get("/v1/locopilot/models", responses=answers(ModelList, 200, *GUARDED))
-async def list_models(services: Services) -> Response[bytes]:
+async def list_models(library: Library) -> Response[bytes]:
     """Every model of the models folder, with its header facts, source and sha256 (no upstream's)."""
-    entries = await anyio.to_thread.run_sync(services.catalog.list)
-    cards = [await card_of(services, entry.name) for entry in entries]
+    entries = await anyio.to_thread.run_sync(library.catalog.list)
+    cards = [await card_of(library, entry.name) for entry in entries]
     return Response(encoder.encode(ModelList(cards)), media_type="application/json")
 
 
 @post("/v1/locopilot/models", status_code=201, responses=answers(ModelCard, 201, *GUARDED, *BODY, 409))
-async def add_model(data: AddBody, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def add_model(data: AddBody, library: Library, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Add a GGUF file of the server's machine, copied or linked; a pin is checked before it appears."""
     path = arrivals.checked_path(data.path, "path")
     pin = arrivals.check_pin(data.sha256)
     if data.name is not None:
         validate_model_name(data.name)
     entry = await anyio.to_thread.run_sync(
-        lambda: arrivals.add_file(services.catalog, services.db, path, name=data.name, link=data.link, pin=pin)
+        lambda: arrivals.add_file(library.catalog, library.db, path, name=data.name, link=data.link, pin=pin)
     )
-    auth.note(request, "model_added", model=entry.name, path=str(path))
-    return Response(encoder.encode(await card_of(services, entry.name)), media_type="application/json", status_code=201)
+    note(request, "model_added", model=entry.name, path=str(path))
+    return Response(encoder.encode(await card_of(library, entry.name)), media_type="application/json", status_code=201)
 
 
 @post("/v1/locopilot/models/import", status_code=200, responses=answers(ImportReport, 200, *GUARDED, *BODY))
-async def import_models(data: ImportBody, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def import_models(
+    data: ImportBody, catalog: ModelCatalog, db: Database, request: Request[Any, Any, Any]
+) -> Response[bytes]:
     """Add the models a folder of the server's machine holds, named as its layout names them (no network)."""
     folder = arrivals.checked_path(data.folder, "folder")
-    found = await anyio.to_thread.run_sync(
-        lambda: arrivals.import_folder(services.catalog, services.db, folder, copy=data.copy)
-    )
+    found = await anyio.to_thread.run_sync(lambda: arrivals.import_folder(catalog, db, folder, copy=data.copy))
     added = [item.name for item in found if item.result != "skipped"]
-    auth.note(request, "models_imported", folder=str(folder), models=added)
+    note(request, "models_imported", folder=str(folder), models=added)
     return Response(encoder.encode(ImportReport(found)), media_type="application/json")
 
 
@@ -217,43 +221,43 @@ async def import_models(data: ImportBody, services: Services, request: Request[A
     status_code=200,
     responses=answers(Verification, 200, *GUARDED, 400, 404),
 )
-async def verify_model(model_id: str, services: Services) -> Response[bytes]:
+async def verify_model(model_id: str, catalog: ModelCatalog, db: Database) -> Response[bytes]:
     """Hash the model's file again and compare with the sha256 recorded when it arrived (see Verification)."""
-    result = await anyio.to_thread.run_sync(arrivals.verify, services.catalog, services.db, model_id)
+    result = await anyio.to_thread.run_sync(arrivals.verify, catalog, db, model_id)
     return Response(encoder.encode(result), media_type="application/json")
 
 
 @get("/v1/locopilot/models/{model_id:str}", responses=answers(ModelCard, 200, *GUARDED, 400, 404))
-async def show_model(model_id: str, services: Services) -> Response[bytes]:
+async def show_model(model_id: str, library: Library) -> Response[bytes]:
     """One model of the models folder: its header facts, where it came from, its sha256, whether loaded."""
-    return Response(encoder.encode(await card_of(services, model_id)), media_type="application/json")
+    return Response(encoder.encode(await card_of(library, model_id)), media_type="application/json")
 
 
 @delete(
     "/v1/locopilot/models/{model_id:str}", status_code=200, responses=answers(Deleted, 200, *GUARDED, 400, 404, 409)
 )
-async def delete_model(model_id: str, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def delete_model(model_id: str, library: Library, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Delete a model (a link: the link alone); unloads it first. 409 while a training job uses it."""
-    await anyio.to_thread.run_sync(services.catalog.get, model_id)
-    job = await services.db.call(records.training_job_using, model_id)
+    await anyio.to_thread.run_sync(library.catalog.get, model_id)
+    job = await library.db.call(records.training_job_using, model_id)
     if job is not None:
         raise Conflict(
             f"The model '{model_id}' is the base of training job {job}; cancel it first", code="model_in_use"
         )
-    await services.manager.unload(model_id)
-    await anyio.to_thread.run_sync(_remove, services, model_id)
-    auth.note(request, "model_deleted", model=model_id)
+    await library.manager.unload(model_id)
+    await anyio.to_thread.run_sync(_remove, library, model_id)
+    note(request, "model_deleted", model=model_id)
     return Response(encoder.encode(Deleted(model_id)), media_type="application/json")
 
 
-def _remove(services: Services, name: str) -> None:
-    services.catalog.remove(name)
-    records.delete(services.db, name)
+def _remove(library: Library, name: str) -> None:
+    library.catalog.remove(name)
+    records.delete(library.db, name)
 
 
-async def usable(services: Services, name: str) -> None:
+async def usable(catalog: ModelCatalog, name: str) -> None:
     """Raise InvalidModelName, or ModelNotFound for a model that is absent or not a GGUF llama.cpp may open."""
-    entry = await anyio.to_thread.run_sync(services.catalog.get, name)
+    entry = await anyio.to_thread.run_sync(catalog.get, name)
     if entry.error is not None:
         raise ModelNotFound(f"The model '{name}' is not a usable GGUF file: {entry.error}", param="model")
 
@@ -263,21 +267,21 @@ async def usable(services: Services, name: str) -> None:
     status_code=200,
     responses=answers(LoadState, 200, *GUARDED, 400, 404, 503),
 )
-async def load_model(model_id: str, services: Services) -> Response[bytes]:
+async def load_model(model_id: str, catalog: ModelCatalog, manager: ModelManager) -> Response[bytes]:
     """Load a model into a runner now (it counts towards LOCOPILOT_MAX_LOADED_MODELS); for a LoRA adapter, its base."""
-    await usable(services, model_id)
-    entry = await anyio.to_thread.run_sync(services.catalog.get, model_id)
-    await services.manager.runner(entry.adapter_of or model_id)
+    await usable(catalog, model_id)
+    entry = await anyio.to_thread.run_sync(catalog.get, model_id)
+    await manager.runner(entry.adapter_of or model_id)
     return Response(encoder.encode(LoadState(model_id, True)), media_type="application/json")
 
 
 @post(
     "/v1/locopilot/models/{model_id:str}/unload", status_code=200, responses=answers(LoadState, 200, *GUARDED, 400, 404)
 )
-async def unload_model(model_id: str, services: Services) -> Response[bytes]:
+async def unload_model(model_id: str, catalog: ModelCatalog, manager: ModelManager) -> Response[bytes]:
     """Unload a model: its runner ends and gives its memory back. Requests in flight on it fail."""
-    await anyio.to_thread.run_sync(services.catalog.get, model_id)
-    await services.manager.unload(model_id)
+    await anyio.to_thread.run_sync(catalog.get, model_id)
+    await manager.unload(model_id)
     return Response(encoder.encode(LoadState(model_id, False)), media_type="application/json")
 
 

@@ -36,10 +36,12 @@ from locopilot.api.generation import privacy_of, route_for, serve_embedding, ser
 from locopilot.api.ollama_requests import chat_generation, generate_generation, keep_alive_seconds
 from locopilot.api.openai import check_text_size
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
-from locopilot.api.services import Services
+from locopilot.api.services import Library, Pipeline
+from locopilot.engine.supervisor import ModelManager
 from locopilot.errors import InvalidRequest, LocopilotError, OllamaErrorBody
-from locopilot.gateway.router import served_name
+from locopilot.gateway.router import Router, served_name
 from locopilot.gateway.streaming import Reply
+from locopilot.models.catalog import ModelCatalog
 from locopilot.providers.base import (
     Finish,
     GenerationRequest,
@@ -66,6 +68,7 @@ from locopilot.schemas.ollama import (
     TokenLogprobOut,
     encoder,
 )
+from locopilot.settings import Settings
 
 # Ollama's reasons: a reply that ends in tool calls ended with "stop" there.
 DONE_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop", "cancelled": "stop"}
@@ -195,44 +198,50 @@ def tool_calls_of(reply: Reply) -> list[CallOut]:
 # Where a model runs
 
 
-async def embedded_name(services: Services, model: str) -> str | None:
+async def embedded_name(router: Router, model: str) -> str | None:
     """The embedded engine's name for ``model`` (``name`` and ``name:latest`` are one), if it has one."""
-    requested = services.router.default_model if model == "default" else model
+    requested = router.default_model if model == "default" else model
     for prefix in ("embedded:", "embedded/"):
         requested = requested.removeprefix(prefix)
-    state = services.router.states.get(EmbeddedProvider.name)
-    names = await services.router.models_of(state) if state is not None else None
+    state = router.states.get(EmbeddedProvider.name)
+    names = await router.models_of(state) if state is not None else None
     return served_name(requested, names or [])
 
 
-async def loaded_context(services: Services, name: str | None) -> int | None:
+async def loaded_context(settings: Settings, catalog: ModelCatalog, name: str | None) -> int | None:
     """Tokens one request of embedded model ``name`` may hold; None for a routed model."""
     if name is None:
         return None
-    if services.settings.ctx_size:
-        return services.settings.ctx_size
-    entry = await anyio.to_thread.run_sync(services.catalog.get, name)
+    if settings.ctx_size:
+        return settings.ctx_size
+    entry = await anyio.to_thread.run_sync(catalog.get, name)
     return entry.context_length
 
 
 async def load_or_unload(
-    services: Services, request: Request[Any, Any, Any], model: str, keep: float | None, *, embedding: bool = False
+    pipeline: Pipeline,
+    manager: ModelManager,
+    request: Request[Any, Any, Any],
+    model: str,
+    keep: float | None,
+    *,
+    embedding: bool = False,
 ) -> str:
     """Ollama's request with nothing to generate: load the model (``"load"``) or, with ``keep_alive``
     0, unload it (``"unload"``). An Ollama upstream is asked to do that with its model (as an
     embedding model, ``embedding``); another upstream's model is only checked: it loads its models itself."""
-    policy = privacy_of(request, services.settings.routing_privacy)
-    plan = await route_for(services.pipeline, request, model, policy)
+    policy = privacy_of(request, pipeline.settings.routing_privacy)
+    plan = await route_for(pipeline, request, model, policy)
     route = plan.routes[0]
     if isinstance(route.provider, KeepsModelsLoaded):
         return await route.provider.keep_loaded(route.model, keep, embedding=embedding)
     if not isinstance(route.provider, EmbeddedProvider):
         return "unload" if keep == 0 else "load"
     if keep == 0:
-        await services.manager.expire(route.model)
+        await manager.expire(route.model)
         return "unload"
     await route.provider.load(route.model)
-    services.manager.keep(route.model, keep)
+    manager.keep(route.model, keep)
     return "load"
 
 
@@ -252,7 +261,8 @@ def load_answer(model: str, reason: str, *, chat: bool) -> Response[bytes]:
 
 
 async def serve_ollama(
-    services: Services,
+    pipeline: Pipeline,
+    library: Library,
     request: Request[Any, Any, Any],
     data: ChatRequest | GenerateRequest,
     translate: Callable[[int | None], GenerationRequest],
@@ -264,18 +274,20 @@ async def serve_ollama(
     chat = isinstance(data, ChatRequest)
     keep = keep_alive_seconds(data.keep_alive)
     if not (data.messages if isinstance(data, ChatRequest) else data.prompt):
-        return load_answer(data.model, await load_or_unload(services, request, data.model, keep), chat=chat)
-    local = await embedded_name(services, data.model)
-    context = await loaded_context(services, local)
+        return load_answer(
+            data.model, await load_or_unload(pipeline, library.manager, request, data.model, keep), chat=chat
+        )
+    local = await embedded_name(library.router, data.model)
+    context = await loaded_context(pipeline.settings, library.catalog, local)
 
     def build() -> GenerationRequest:
         generation = translate(context)
         if local is not None:
-            services.manager.keep(local, keep)
+            library.manager.keep(local, keep)
         return msgspec.structs.replace(generation, keep_alive=keep)
 
     return await serve_generation(
-        services.pipeline,
+        pipeline,
         request,
         endpoint="ollama.chat" if chat else "ollama.generate",
         id_prefix="ollama",
@@ -287,17 +299,21 @@ async def serve_ollama(
 
 
 @post("/api/chat", status_code=200, responses=answers(ChatChunk, 200, *GUARDED, *BODY, *ROUTED, front="ollama"))
-async def chat(data: ChatRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
-    limit = services.settings.max_message_bytes
-    return await serve_ollama(services, request, data, lambda context: chat_generation(data, limit, context))
+async def chat(
+    data: ChatRequest, pipeline: Pipeline, library: Library, request: Request[Any, Any, Any]
+) -> Response[bytes] | Stream:
+    limit = pipeline.settings.max_message_bytes
+    return await serve_ollama(pipeline, library, request, data, lambda context: chat_generation(data, limit, context))
 
 
 @post("/api/generate", status_code=200, responses=answers(GenerateChunk, 200, *GUARDED, *BODY, *ROUTED, front="ollama"))
 async def generate(
-    data: GenerateRequest, services: Services, request: Request[Any, Any, Any]
+    data: GenerateRequest, pipeline: Pipeline, library: Library, request: Request[Any, Any, Any]
 ) -> Response[bytes] | Stream:
-    limit = services.settings.max_message_bytes
-    return await serve_ollama(services, request, data, lambda context: generate_generation(data, limit, context))
+    limit = pipeline.settings.max_message_bytes
+    return await serve_ollama(
+        pipeline, library, request, data, lambda context: generate_generation(data, limit, context)
+    )
 
 
 def embed_texts(inputs: list[str], max_text: int, param: str) -> list[str]:
@@ -308,29 +324,31 @@ def embed_texts(inputs: list[str], max_text: int, param: str) -> list[str]:
     return inputs
 
 
-async def keep_embedded(services: Services, model: str, keep: float | None) -> str | None:
+async def keep_embedded(library: Library, model: str, keep: float | None) -> str | None:
     """The embedded engine's name for ``model`` (None: not one of its models), whose idle time is
     now ``keep`` (Ollama's ``keep_alive`` in seconds; None: the server's default)."""
-    local = await embedded_name(services, model)
+    local = await embedded_name(library.router, model)
     if local is not None:
-        services.manager.keep(local, keep)
+        library.manager.keep(local, keep)
     return local
 
 
-async def embedded_load_seconds(services: Services, local: str | None, since: float) -> float:
-    runner = services.manager.runners.get(local) if local is not None else None
+def embedded_load_seconds(manager: ModelManager, local: str | None, since: float) -> float:
+    runner = manager.runners.get(local) if local is not None else None
     return runner.load_seconds if runner is not None and runner.loaded_at >= since else 0.0
 
 
 @post("/api/embed", status_code=200, responses=answers(EmbedResponse, 200, *GUARDED, *BODY, *ROUTED, front="ollama"))
-async def embed(data: EmbedRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
-    started, began = time.perf_counter_ns(), services.manager.clock()
+async def embed(
+    data: EmbedRequest, pipeline: Pipeline, library: Library, request: Request[Any, Any, Any]
+) -> Response[bytes]:
+    started, began = time.perf_counter_ns(), library.manager.clock()
     keep = keep_alive_seconds(data.keep_alive)
     inputs = ([data.input] if data.input else []) if isinstance(data.input, str) else list(data.input)
     if data.dimensions is not None:
         raise InvalidRequest("dimensions is not supported", param="dimensions")
     if not inputs:
-        await load_or_unload(services, request, data.model, keep, embedding=True)
+        await load_or_unload(pipeline, library.manager, request, data.model, keep, embedding=True)
         empty = EmbedResponse(
             model=data.model,
             embeddings=[],
@@ -339,16 +357,16 @@ async def embed(data: EmbedRequest, services: Services, request: Request[Any, An
             prompt_eval_count=0,
         )
         return Response(encoder.encode(empty), media_type="application/json")
-    local = await keep_embedded(services, data.model, keep)
+    local = await keep_embedded(library, data.model, keep)
     _, result, headers = await serve_embedding(
-        services.pipeline,
+        pipeline,
         request,
         endpoint="ollama.embed",
         id_prefix="ollama",
         model=data.model,
-        inputs=lambda: embed_texts(inputs, services.settings.max_message_bytes, "input"),
+        inputs=lambda: embed_texts(inputs, pipeline.settings.max_message_bytes, "input"),
     )
-    load = await embedded_load_seconds(services, local, began)
+    load = embedded_load_seconds(library.manager, local, began)
     body = EmbedResponse(
         model=data.model,
         embeddings=result.vectors,
@@ -364,19 +382,21 @@ async def embed(data: EmbedRequest, services: Services, request: Request[Any, An
     status_code=200,
     responses=answers(EmbeddingsResponse, 200, *GUARDED, *BODY, *ROUTED, front="ollama"),
 )
-async def embeddings(data: EmbeddingsRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def embeddings(
+    data: EmbeddingsRequest, pipeline: Pipeline, library: Library, request: Request[Any, Any, Any]
+) -> Response[bytes]:
     keep = keep_alive_seconds(data.keep_alive)
     if not data.prompt:
-        await load_or_unload(services, request, data.model, keep, embedding=True)
+        await load_or_unload(pipeline, library.manager, request, data.model, keep, embedding=True)
         return Response(encoder.encode(EmbeddingsResponse(embedding=[])), media_type="application/json")
-    await keep_embedded(services, data.model, keep)
+    await keep_embedded(library, data.model, keep)
     _, result, headers = await serve_embedding(
-        services.pipeline,
+        pipeline,
         request,
         endpoint="ollama.embeddings",
         id_prefix="ollama",
         model=data.model,
-        inputs=lambda: embed_texts([data.prompt], services.settings.max_message_bytes, "prompt"),
+        inputs=lambda: embed_texts([data.prompt], pipeline.settings.max_message_bytes, "prompt"),
     )
     body = EmbeddingsResponse(embedding=result.vectors[0])
     return Response(encoder.encode(body), media_type="application/json", headers=headers)

@@ -27,16 +27,15 @@ from locopilot.api.generation import privacy_of, route_for
 from locopilot.api.ollama import embedded_name
 from locopilot.api.openai import all_cards
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
-from locopilot.api.services import Services
+from locopilot.api.services import Library, Pipeline
 from locopilot.engine.templates import choose_template
 from locopilot.errors import InvalidRequest, LocopilotError, ModelNotFound, OllamaErrorBody
-from locopilot.gateway import auth
-from locopilot.gateway.auth import principal_of
+from locopilot.gateway.auth import note, principal_of
 from locopilot.gateway.guard import EXCLUDE_FROM_AUTH
 from locopilot.gateway.router import DEFAULT_TAG
 from locopilot.models.catalog import ModelEntry, validate_model_name
 from locopilot.models.gguf import GGUFHeader
-from locopilot.models.pull import OllamaProgress, ollama_progress
+from locopilot.models.pull import OllamaProgress, Puller, ollama_progress
 from locopilot.providers.base import DescribesModels, human_count
 from locopilot.providers.embedded import EmbeddedProvider
 from locopilot.schemas.ollama import (
@@ -101,19 +100,19 @@ def tag_of(card: ModelCard) -> TagModel:
 
 
 @get("/api/tags", responses=answers(TagList, 200, *GUARDED, 502, 503, front="ollama"))
-async def tags(services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def tags(library: Library, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Every model a client may name: the embedded ones, then each upstream's (as ``/v1/models``)."""
-    cards = await all_cards(services, principal_of(request))
+    cards = await all_cards(library, principal_of(request))
     listed = TagList(models=[tag_of(card) for card in cards if card.error is None])
     return Response(encoder.encode(listed), media_type=MediaType.JSON)
 
 
-async def embedded_entry(services: Services, request: Request[Any, Any, Any], model: str) -> ModelEntry | None:
+async def embedded_entry(library: Library, request: Request[Any, Any, Any], model: str) -> ModelEntry | None:
     """The embedded model ``model`` names, if the request's key may use it; None if there is none."""
-    name = await embedded_name(services, model)
-    if name is None or not services.router.admits(principal_of(request).constraints, EmbeddedProvider.name, name):
+    name = await embedded_name(library.router, model)
+    if name is None or not library.router.admits(principal_of(request).constraints, EmbeddedProvider.name, name):
         return None
-    entry = await anyio.to_thread.run_sync(services.catalog.get, name)
+    entry = await anyio.to_thread.run_sync(library.catalog.get, name)
     return entry if entry.error is None else None
 
 
@@ -141,14 +140,16 @@ def capabilities(header: GGUFHeader) -> list[str]:
 
 
 @post("/api/show", status_code=200, responses=answers(ShowResponse, 200, *GUARDED, *BODY, *ROUTED, front="ollama"))
-async def show(data: ModelRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def show(
+    data: ModelRequest, pipeline: Pipeline, library: Library, request: Request[Any, Any, Any]
+) -> Response[bytes]:
     model = data.model_name
     if not model:
         raise InvalidRequest("model is required", param="model")
-    entry = await embedded_entry(services, request, model)
+    entry = await embedded_entry(library, request, model)
     if entry is None:
-        return await upstream_show(services, request, model)
-    header = await anyio.to_thread.run_sync(services.catalog.header, entry.name)
+        return await upstream_show(pipeline, request, model)
+    header = await anyio.to_thread.run_sync(library.catalog.header, entry.name)
     template = choose_template(header.metadata)
     stops = "\n".join(f'stop "{stop}"' for stop in template.stop) if template.stop else ""
     shown = ShowResponse(
@@ -163,13 +164,13 @@ async def show(data: ModelRequest, services: Services, request: Request[Any, Any
     return Response(encoder.encode(shown), media_type=MediaType.JSON)
 
 
-async def upstream_show(services: Services, request: Request[Any, Any, Any], model: str) -> Response[bytes]:
+async def upstream_show(pipeline: Pipeline, request: Request[Any, Any, Any], model: str) -> Response[bytes]:
     """``/api/show`` of a model an upstream serves, as far as that upstream can say (see
     :class:`~locopilot.providers.base.DescribesModels`): an Ollama upstream's own ``/api/show``,
     an OpenAI-compatible one's ``/v1/models`` entry. The upstream is asked under its name for the
     model (``llama3.2`` may be its ``llama3.2:latest``); the answer names the model as the client did."""
-    policy = privacy_of(request, services.settings.routing_privacy)
-    plan = await route_for(services.pipeline, request, model, policy)
+    policy = privacy_of(request, pipeline.settings.routing_privacy)
+    plan = await route_for(pipeline, request, model, policy)
     route = plan.routes[0]
     if not isinstance(route.provider, DescribesModels):
         raise ModelNotFound(f'model "{model}" not found', param="model")
@@ -200,16 +201,16 @@ async def upstream_show(services: Services, request: Request[Any, Any, Any], mod
 
 
 @get("/api/ps", responses=answers(RunningList, 200, *GUARDED, front="ollama"))
-async def ps(services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def ps(library: Library, request: Request[Any, Any, Any]) -> Response[bytes]:
     """The embedded models loaded now; ``size`` is the model file's, ``size_vram`` 0 on a CPU."""
     principal = principal_of(request)
     running = []
     now = datetime.now(UTC)
-    for info in services.manager.describe():
-        if not info.alive or not services.router.admits(principal.constraints, EmbeddedProvider.name, info.model):
+    for info in library.manager.describe():
+        if not info.alive or not library.router.admits(principal.constraints, EmbeddedProvider.name, info.model):
             continue
-        entry = await anyio.to_thread.run_sync(services.catalog.get, info.model)
-        ttl = services.manager.idle_ttl(info.model)
+        entry = await anyio.to_thread.run_sync(library.catalog.get, info.model)
+        ttl = library.manager.idle_ttl(info.model)
         expires = FOREVER if ttl < 0 else now + timedelta(seconds=max(0.0, ttl - info.idle_seconds))
         name = tag_name(info.model)
         running.append(
@@ -234,41 +235,41 @@ async def version() -> Response[bytes]:
 
 
 @delete("/api/delete", status_code=200, responses=answers(None, 200, *GUARDED, *BODY, 404, front="ollama"))
-async def delete_model(data: ModelRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def delete_model(data: ModelRequest, library: Library, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Delete an embedded model (unloading it first); an upstream's models are not ours to delete."""
     model = data.model_name
     if not model:
         raise InvalidRequest("model is required", param="model")
-    entry = await embedded_entry(services, request, model)
+    entry = await embedded_entry(library, request, model)
     if entry is None:
         raise ModelNotFound(f"model '{model}' not found", param="model")
-    await services.manager.unload(entry.name)
-    await anyio.to_thread.run_sync(services.catalog.remove, entry.name)
-    services.router.models_changed(EmbeddedProvider.name)
+    await library.manager.unload(entry.name)
+    await anyio.to_thread.run_sync(library.catalog.remove, entry.name)
+    library.router.models_changed(EmbeddedProvider.name)
     return Response(b"", media_type=MediaType.JSON)
 
 
 @post("/api/copy", status_code=200, responses=answers(None, 200, *GUARDED, *BODY, 404, front="ollama"))
-async def copy_model(data: CopyRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def copy_model(data: CopyRequest, library: Library, request: Request[Any, Any, Any]) -> Response[bytes]:
     """``destination`` becomes another name of the embedded model ``source``: a link to the same file."""
-    entry = await embedded_entry(services, request, data.source)
+    entry = await embedded_entry(library, request, data.source)
     if entry is None:
         raise ModelNotFound(f'model "{data.source}" not found', param="source")
     destination = validate_model_name(data.destination.removesuffix(DEFAULT_TAG))
     source = Path(entry.path)
-    await anyio.to_thread.run_sync(lambda: services.catalog.add(source, name=destination, link=True))
-    services.router.models_changed(EmbeddedProvider.name)
+    await anyio.to_thread.run_sync(lambda: library.catalog.add(source, name=destination, link=True))
+    library.router.models_changed(EmbeddedProvider.name)
     return Response(b"", media_type=MediaType.JSON)
 
 
 @post("/api/pull", status_code=200, responses=answers(OllamaProgress, 200, *GUARDED, *BODY, 404, front="ollama"))
-async def pull(data: ModelRequest, services: Services, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+async def pull(data: ModelRequest, puller: Puller, request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     """Ollama's pull, by the one puller (locopilot.models.pull): NDJSON status lines as Ollama writes
     them (the default), or with ``stream`` false the last one alone. A bad name is a 400 before
     anything is sent; a failure once the lines have begun is an ``{"error": ...}`` line, as in Ollama."""
-    lines = ollama_progress(services.puller, data.model_name, insecure=data.insecure)
+    lines = ollama_progress(puller, data.model_name, insecure=data.insecure)
     first = await anext(lines)
-    auth.note(request, "model_pull", model=data.model_name)
+    note(request, "model_pull", model=data.model_name)
     if not data.stream:
         last = first
         try:

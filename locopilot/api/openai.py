@@ -18,7 +18,7 @@ from litestar.response import Stream
 
 from locopilot.api.generation import serve_embedding, serve_generation
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
-from locopilot.api.services import Pipeline, Services
+from locopilot.api.services import Library, Pipeline
 from locopilot.api.tools import check_schema_bounds, check_tools
 from locopilot.engine.protocol import SamplingParams, sampling_of
 from locopilot.errors import InvalidRequest, LocopilotError, ModelNotFound
@@ -597,28 +597,29 @@ def _float32(vector: list[float]) -> bytes:
     return array.array("f", vector).tobytes()
 
 
-async def all_cards(services: Services, principal: Principal) -> list[ModelCard]:
+async def all_cards(library: Library, principal: Principal) -> list[ModelCard]:
     """Embedded models, then each upstream's (cached by the router) in priority order; first name wins.
 
     Only the models ``principal``'s allowlist admits.
     """
-    loaded = set(services.manager.loaded())
+    router = library.router
+    loaded = set(library.manager.loaded())
     # Reading headers (and lineage manifests) touches every model file: not on the event loop.
-    entries = await anyio.to_thread.run_sync(services.catalog.list)
+    entries = await anyio.to_thread.run_sync(library.catalog.list)
     lineages = await anyio.to_thread.run_sync(lambda: [read_lineage(Path(entry.path)) for entry in entries])
-    known = await services.db.call(model_records.every)
+    known = await library.db.call(model_records.every)
     embedded = (
         model_card(entry, entry.name in loaded, found, known.get(entry.name))
         for entry, found in zip(entries, lineages, strict=True)
     )
-    cards = [card for card in embedded if services.router.admits(principal.constraints, card.provider, card.id)]
+    cards = [card for card in embedded if router.admits(principal.constraints, card.provider, card.id)]
     seen = {card.id for card in cards}
-    for state in services.router.ordered("any"):
+    for state in router.ordered("any"):
         provider = state.provider
         if state.local_engine:
             continue
-        for name in await services.router.models_of(state) or []:
-            if name not in seen and services.router.admits(principal.constraints, provider.name, name):
+        for name in await router.models_of(state) or []:
+            if name not in seen and router.admits(principal.constraints, provider.name, name):
                 seen.add(name)
                 cards.append(ModelCard(name, 0, provider.name, provider=provider.name, locality=provider.locality))
     return cards
@@ -629,18 +630,18 @@ ANTHROPIC_VERSION = "anthropic-version"
 
 
 @get("/v1/models", responses=answers(ModelList, 200, *GUARDED, 502, 503))
-async def list_models(services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
-    cards = await all_cards(services, principal_of(request))
+async def list_models(library: Library, request: Request[Any, Any, Any]) -> Response[bytes]:
+    cards = await all_cards(library, principal_of(request))
     if ANTHROPIC_VERSION in request.headers:
         return Response(encoder.encode(anthropic_wire.model_page(cards)), media_type="application/json")
     return Response(encoder.encode(ModelList(cards)), media_type="application/json")
 
 
 @get("/v1/models/{model_id:path}", responses=answers(ModelCard, 200, *GUARDED, 400, 404, 502, 503))
-async def get_model(model_id: str, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def get_model(model_id: str, library: Library, request: Request[Any, Any, Any]) -> Response[bytes]:
     """One model by id, plain (``llama3.2:1b``) or with its provider (``ollama:llama3.2:1b``)."""
     model_id = model_id.lstrip("/")
-    cards = await all_cards(services, principal_of(request))
+    cards = await all_cards(library, principal_of(request))
     for card in cards:
         if model_id in (card.id, f"{card.provider}:{card.id}", f"{card.provider}/{card.id}"):
             found = anthropic_wire.model_info(card) if ANTHROPIC_VERSION in request.headers else card

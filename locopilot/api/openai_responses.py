@@ -27,7 +27,7 @@ from locopilot.api.generation import serve_generation
 from locopilot.api.responses import BODY, GUARDED, ROUTED, answers
 from locopilot.api.responses_format import ResponsesFormatter, new_id
 from locopilot.api.responses_input import Prepared, Translated, decode_item, translate
-from locopilot.api.services import Services
+from locopilot.api.services import Pipeline
 from locopilot.errors import InvalidRequest, LocopilotError, NotFound
 from locopilot.gateway.auth import Principal, principal_of
 from locopilot.gateway.streaming import Reply
@@ -42,6 +42,7 @@ from locopilot.schemas.responses import (
     TextConfig,
 )
 from locopilot.store import responses as store
+from locopilot.store.db import Database
 
 
 def visible(principal: Principal, owner: str | None) -> bool:
@@ -53,11 +54,10 @@ def not_found(response_id: str, param: str = "response_id") -> NotFound:
     return NotFound(f"Response with id '{response_id[:128]}' not found.", param=param, code="response_not_found")
 
 
-async def prepare(services: Services, principal: Principal, body: ResponsesRequest) -> Prepared:
+async def prepare(db: Database, principal: Principal, body: ResponsesRequest) -> Prepared:
     """Read the stored chain and referenced items; a missing or foreign one is kept as the failure,
     raised when the generation is built (so that it is counted and logged like any bad request)."""
     prepared = Prepared()
-    db = services.db
     try:
         if body.previous_response_id is not None:
             previous = body.previous_response_id
@@ -109,17 +109,17 @@ def skeleton(body: ResponsesRequest, translated: Translated | None, response_id:
 
 @post("/v1/responses", status_code=200, responses=answers(ResponseObject, 200, *GUARDED, *BODY, *ROUTED))
 async def create_response(
-    data: ResponsesRequest, services: Services, request: Request[Any, Any, Any]
+    data: ResponsesRequest, pipeline: Pipeline, db: Database, request: Request[Any, Any, Any]
 ) -> Response[bytes] | Stream:
     principal = principal_of(request)
-    prepared = await prepare(services, principal, data)
+    prepared = await prepare(db, principal, data)
     response_id = new_id("resp")
     translated: Translated | None = None
     formatter: ResponsesFormatter | None = None
 
     def build() -> GenerationRequest:
         nonlocal translated
-        translated = translate(data, prepared, services.settings.max_message_bytes)
+        translated = translate(data, prepared, pipeline.settings.max_message_bytes)
         return translated.generation
 
     def make_formatter(_request_id: str) -> ResponsesFormatter:
@@ -141,10 +141,10 @@ async def create_response(
         )
         inputs = [(item.id or "", encoder.encode(item).decode()) for item in translated.inputs]
         outputs = [(item.id or "", encoder.encode(item).decode()) for item in final.output]
-        await services.db.asubmit(lambda conn: store.insert(conn, record, inputs, outputs))
+        await db.asubmit(lambda conn: store.insert(conn, record, inputs, outputs))
 
     return await serve_generation(
-        services.pipeline,
+        pipeline,
         request,
         endpoint="responses",
         id_prefix="resp",
@@ -156,8 +156,8 @@ async def create_response(
     )
 
 
-async def _visible_response(services: Services, request: Request[Any, Any, Any], response_id: str) -> store.Owner:
-    found = await services.db.call(store.owner_of, response_id)
+async def _visible_response(db: Database, request: Request[Any, Any, Any], response_id: str) -> store.Owner:
+    found = await db.call(store.owner_of, response_id)
     if found is None or not visible(principal_of(request), found.key_id):
         raise not_found(response_id)
     return found
@@ -165,10 +165,10 @@ async def _visible_response(services: Services, request: Request[Any, Any, Any],
 
 @get("/v1/responses/{response_id:str}", responses=answers(ResponseObject, 200, *GUARDED, 400, 404))
 async def get_response(
-    response_id: str, services: Services, request: Request[Any, Any, Any], stream: bool = False
+    response_id: str, db: Database, request: Request[Any, Any, Any], stream: bool = False
 ) -> Response[bytes]:
     """A stored response, as it was answered."""
-    found = await _visible_response(services, request, response_id)
+    found = await _visible_response(db, request, response_id)
     if stream:
         raise InvalidRequest(
             "Only background responses can be streamed again; locopilot does not run background responses.",
@@ -178,10 +178,10 @@ async def get_response(
 
 
 @delete("/v1/responses/{response_id:str}", status_code=200, responses=answers(ResponseDeleted, 200, *GUARDED, 400, 404))
-async def delete_response(response_id: str, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def delete_response(response_id: str, db: Database, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Delete a stored response and its items; a later response it was continued by keeps its own items."""
-    await _visible_response(services, request, response_id)
-    await services.db.asubmit(lambda conn: store.delete(conn, response_id))
+    await _visible_response(db, request, response_id)
+    await db.asubmit(lambda conn: store.delete(conn, response_id))
     return Response(encoder.encode(ResponseDeleted(response_id)), media_type="application/json")
 
 
@@ -190,24 +190,24 @@ async def delete_response(response_id: str, services: Services, request: Request
     status_code=200,
     responses=answers(ResponseObject, 200, *GUARDED, 400, 404),
 )
-async def cancel_response(response_id: str, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def cancel_response(response_id: str, db: Database, request: Request[Any, Any, Any]) -> Response[bytes]:
     """OpenAI cancels only background responses, which locopilot does not run: every stored one is finished."""
-    await _visible_response(services, request, response_id)
+    await _visible_response(db, request, response_id)
     raise InvalidRequest("Cannot cancel a synchronous response.", param="response_id")
 
 
 @get("/v1/responses/{response_id:str}/input_items", responses=answers(ItemList, 200, *GUARDED, 400, 404))
 async def list_input_items(
     response_id: str,
-    services: Services,
+    db: Database,
     request: Request[Any, Any, Any],
     limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
     order: Literal["asc", "desc"] = "desc",
     after: Annotated[str | None, Parameter(max_length=128)] = None,
 ) -> Response[bytes]:
     """The items the response was generated from: those of the chain it continues, then its own input."""
-    await _visible_response(services, request, response_id)
-    items = await services.db.call(store.conversation, response_id, own_outputs=False)
+    await _visible_response(db, request, response_id)
+    items = await db.call(store.conversation, response_id, own_outputs=False)
     if order == "desc":
         items.reverse()
     start = 0

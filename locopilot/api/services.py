@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from functools import cached_property
+from typing import Any
 
-from litestar.datastructures import State
+from litestar.di import Provide
 
 from locopilot.engine.protocol import CpuBackend, GpuDevice
 from locopilot.engine.supervisor import ModelManager
@@ -49,8 +51,25 @@ class Pipeline:
     shutdown: Shutdown
 
 
+@dataclass(frozen=True)
+class Library:
+    """What showing and managing models uses: the embedded engine's models folder, what the store records of
+    each, the runners that load them, and the router that knows every provider's models and who may use them."""
+
+    catalog: ModelCatalog
+    db: Database
+    manager: ModelManager
+    router: Router
+
+
 @dataclass
 class Services:
+    """Every service the app's lifespan builds, kept in ``app.state.services`` until it stops.
+
+    No handler takes this: each takes the services it uses, by their names here (``db: Database``,
+    ``router: Router``...), through the dependencies :func:`dependencies` makes, or a bundle
+    such as :class:`Pipeline` or :class:`Library` where one job needs several."""
+
     settings: Settings
     db: Database
     catalog: ModelCatalog
@@ -71,12 +90,26 @@ class Services:
     def pipeline(self) -> Pipeline:
         return Pipeline(self.settings, self.router, self.auth, self.limiter, self.recorder, self.shutdown)
 
+    @cached_property
+    def library(self) -> Library:
+        return Library(self.catalog, self.db, self.manager, self.router)
 
-def get_services(state: State) -> Services:
-    services: Services = state.services
-    return services
+
+DEPENDENCIES = (*(f.name for f in fields(Services)), "pipeline", "library")
+"""The dependency names a handler may take: each service by its field name, and the bundles."""
 
 
-def get_pipeline(state: State) -> Pipeline:
-    """The ``pipeline`` dependency: a handler that only generates takes this, not every service."""
-    return get_services(state).pipeline
+def dependencies(services: Callable[[], Services]) -> dict[str, Provide]:
+    """The app's dependencies, one per name in :data:`DEPENDENCIES`; ``services`` returns the lifespan's
+    :class:`Services` (they do not exist yet when the app is made).
+
+    Each provider takes no arguments, so Litestar parses nothing and makes no object to resolve one:
+    a handler pays one call per service it names."""
+
+    def provider(name: str) -> Provide:
+        def provide() -> Any:
+            return getattr(services(), name)
+
+        return Provide(provide, sync_to_thread=False)
+
+    return {name: provider(name) for name in DEPENDENCIES}

@@ -29,12 +29,15 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from msgspec import Meta
 
 from locopilot.api.responses import BODY, GUARDED, answers
-from locopilot.api.services import Services
 from locopilot.errors import InvalidModelName, InvalidRequest, ModelNotFound
 from locopilot.gateway.auth import principal_of
+from locopilot.gateway.shutdown import Shutdown
+from locopilot.models.catalog import ModelCatalog
 from locopilot.schemas.openai import encoder
 from locopilot.schemas.training import JobErrorInfo, JobInfo, JobList, LogEvent
+from locopilot.settings import Settings
 from locopilot.store import jobs as store
+from locopilot.store.db import Database
 from locopilot.store.jobs import JobEvent, JobStatus, TrainingJob
 from locopilot.training.hyperparameters import (
     Anchors,
@@ -60,7 +63,7 @@ from locopilot.training.hyperparameters import (
     ValidationSplit,
     WeightDecay,
 )
-from locopilot.training.jobs import JobSpec
+from locopilot.training.jobs import JobService, JobSpec
 
 #: OpenAI ``metadata`` keys read as the eval gate's thresholds (its values are strings), and their types.
 GATE_METADATA: dict[str, Any] = {
@@ -114,29 +117,29 @@ def json_response(body: msgspec.Struct) -> Response[bytes]:
     return Response(encoder.encode(body), media_type="application/json")
 
 
-async def find(services: Services, job_id: str) -> TrainingJob:
-    return await services.db.call(store.get, job_id)
+async def find(db: Database, job_id: str) -> TrainingJob:
+    return await db.call(store.get, job_id)
 
 
-async def placed(services: Services, spec: JobSpec) -> JobSpec:
+async def placed(training: JobService, catalog: ModelCatalog, settings: Settings, spec: JobSpec) -> JobSpec:
     """Where a job that names no ``remote`` runs: here when the base model is in this models folder; else on
     the ``local`` upstream locopilot (kind ``openai``) that has it and the fewest training jobs queued or
     running (the first listed on a tie); here, and refused as before, when none has it."""
     if spec.remote is not None:
         return spec
     try:
-        await anyio.to_thread.run_sync(services.catalog.get, spec.model)
+        await anyio.to_thread.run_sync(catalog.get, spec.model)
         return spec
     except InvalidModelName:
         return spec  # refused with its reason by submit
     except ModelNotFound:
         pass
     # Only `local` boxes: a dataset is never sent to a remote upstream that the request did not name.
-    boxes = [u for u in services.settings.upstream_configs if u.kind == "openai" and u.locality == "local"]
+    boxes = [u for u in settings.upstream_configs if u.kind == "openai" and u.locality == "local"]
     loads: list[int | None] = [None] * len(boxes)
 
     async def ask(i: int) -> None:
-        loads[i] = await services.training.remotes.load(boxes[i], spec.model)
+        loads[i] = await training.remotes.load(boxes[i], spec.model)
 
     async with anyio.create_task_group() as tasks:
         for i in range(len(boxes)):
@@ -146,31 +149,37 @@ async def placed(services: Services, spec: JobSpec) -> JobSpec:
 
 
 @post("/v1/locopilot/training/jobs", status_code=200, responses=answers(JobInfo, 200, *GUARDED, *BODY, 404))
-async def create_job(data: JobSpec, services: Services, request: Request[Any, Any, Any]) -> Response[bytes]:
+async def create_job(
+    data: JobSpec,
+    training: JobService,
+    catalog: ModelCatalog,
+    settings: Settings,
+    request: Request[Any, Any, Any],
+) -> Response[bytes]:
     """Queue a fine-tuning job of a model in the models folder on an uploaded dataset (with no ``remote`` and a
     base model this server lacks: on the least-busy upstream locopilot that has it)."""
     checked(data)
-    spec = await placed(services, data)
-    job = await services.training.submit(spec, principal_of(request).key_id)
+    spec = await placed(training, catalog, settings, data)
+    job = await training.submit(spec, principal_of(request).key_id)
     return json_response(job_info(job))
 
 
 @get("/v1/locopilot/training/jobs", responses=answers(JobList, 200, *GUARDED, 400))
 async def list_jobs(
-    services: Services,
+    db: Database,
     limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Parameter(max_length=128)] = None,
     status: JobStatus | None = None,
 ) -> Response[bytes]:
     """Jobs, newest first."""
-    found, more = await services.db.call(store.listed, after=after, limit=limit, status=status)
+    found, more = await db.call(store.listed, after=after, limit=limit, status=status)
     return json_response(JobList([job_info(job) for job in found], more))
 
 
 @get("/v1/locopilot/training/jobs/{job_id:str}", responses=answers(JobInfo, 200, *GUARDED, 400, 404))
-async def get_job(job_id: str, services: Services) -> Response[bytes]:
+async def get_job(job_id: str, db: Database) -> Response[bytes]:
     """One job."""
-    return json_response(job_info(await find(services, job_id)))
+    return json_response(job_info(await find(db, job_id)))
 
 
 @post(
@@ -178,9 +187,9 @@ async def get_job(job_id: str, services: Services) -> Response[bytes]:
     status_code=200,
     responses=answers(JobInfo, 200, *GUARDED, 400, 404),
 )
-async def cancel_job(job_id: str, services: Services) -> Response[bytes]:
+async def cancel_job(job_id: str, training: JobService) -> Response[bytes]:
     """Cancel a queued or running job (a running one's worker is stopped at once; nothing is written)."""
-    return json_response(job_info(await services.training.cancel(job_id)))
+    return json_response(job_info(await training.cancel(job_id)))
 
 
 EVENT_STREAM = ResponseSpec(
@@ -191,7 +200,7 @@ EVENT_STREAM = ResponseSpec(
 )
 
 
-async def follow(services: Services, job_id: str, after: int) -> AsyncIterator[ServerSentEventMessage]:
+async def follow(db: Database, shutdown: Shutdown, job_id: str, after: int) -> AsyncIterator[ServerSentEventMessage]:
     """The job's events from ``after`` on, then ``end`` with the job once it is over; a
     ``keep-alive`` comment after KEEPALIVE_S without one.
 
@@ -200,8 +209,8 @@ async def follow(services: Services, job_id: str, after: int) -> AsyncIterator[S
     quiet = 0.0
     final_seen = False
     while True:
-        job = await find(services, job_id)
-        found: list[JobEvent] = await services.db.call(store.events, job_id, after=after)
+        job = await find(db, job_id)
+        found: list[JobEvent] = await db.call(store.events, job_id, after=after)
         for event in found:
             after = event.id
             log_event = LogEvent(event.id, event.created_at, event.level, event.message, event.data)
@@ -212,7 +221,7 @@ async def follow(services: Services, job_id: str, after: int) -> AsyncIterator[S
                 yield ServerSentEventMessage(encoder.encode(job_info(job)), event="end")
                 return
             final_seen = True
-        if services.shutdown.draining:
+        if shutdown.draining:
             error = JobErrorInfo("shutting_down", "The server is shutting down; follow the job again later.")
             yield ServerSentEventMessage(encoder.encode(error), event="error")
             return
@@ -228,11 +237,11 @@ async def follow(services: Services, job_id: str, after: int) -> AsyncIterator[S
     responses={**answers(str, 200, *GUARDED, 400, 404), 200: EVENT_STREAM},
 )
 async def job_logs(
-    job_id: str, services: Services, after: Annotated[int, Parameter(ge=0, le=2**62)] = 0
+    job_id: str, db: Database, shutdown: Shutdown, after: Annotated[int, Parameter(ge=0, le=2**62)] = 0
 ) -> ServerSentEvent:
     """Follow a job: its events so far (after event ``after``), then new ones as they come, until it ends."""
-    await find(services, job_id)  # a 404 before the stream starts
-    return ServerSentEvent(follow(services, job_id, after))
+    await find(db, job_id)  # a 404 before the stream starts
+    return ServerSentEvent(follow(db, shutdown, job_id, after))
 
 
 # -- OpenAI's shape --------------------------------------------------------------------
@@ -446,28 +455,33 @@ def gate_metadata(metadata: dict[str, str]) -> dict[str, Any]:
 
 @post("/v1/fine_tuning/jobs", status_code=200, responses=answers(FineTuningJob, 200, *GUARDED, *BODY, 404))
 async def create_fine_tuning_job(
-    data: FineTuningJobRequest, services: Services, request: Request[Any, Any, Any]
+    data: FineTuningJobRequest,
+    training: JobService,
+    catalog: ModelCatalog,
+    settings: Settings,
+    request: Request[Any, Any, Any],
 ) -> Response[bytes]:
     """OpenAI's create: a job of a model in the models folder on an uploaded file (or, as for the native create,
     on the least-busy upstream locopilot that has it)."""
-    job = await services.training.submit(await placed(services, spec_of(data)), principal_of(request).key_id)
+    spec = await placed(training, catalog, settings, spec_of(data))
+    job = await training.submit(spec, principal_of(request).key_id)
     return json_response(openai_job(job))
 
 
 @get("/v1/fine_tuning/jobs", responses=answers(FineTuningJobList, 200, *GUARDED, 400))
 async def list_fine_tuning_jobs(
-    services: Services,
+    db: Database,
     limit: Annotated[int, Parameter(ge=1, le=1000)] = 20,
     after: Annotated[str | None, Parameter(max_length=128)] = None,
 ) -> Response[bytes]:
     """OpenAI's list: newest first, ``after`` a job id."""
-    found, more = await services.db.call(store.listed, after=after, limit=limit)
+    found, more = await db.call(store.listed, after=after, limit=limit)
     return json_response(FineTuningJobList([openai_job(job) for job in found], more))
 
 
 @get("/v1/fine_tuning/jobs/{fine_tuning_job_id:str}", responses=answers(FineTuningJob, 200, *GUARDED, 400, 404))
-async def get_fine_tuning_job(fine_tuning_job_id: str, services: Services) -> Response[bytes]:
-    return json_response(openai_job(await find(services, fine_tuning_job_id)))
+async def get_fine_tuning_job(fine_tuning_job_id: str, db: Database) -> Response[bytes]:
+    return json_response(openai_job(await find(db, fine_tuning_job_id)))
 
 
 @post(
@@ -475,8 +489,8 @@ async def get_fine_tuning_job(fine_tuning_job_id: str, services: Services) -> Re
     status_code=200,
     responses=answers(FineTuningJob, 200, *GUARDED, 400, 404),
 )
-async def cancel_fine_tuning_job(fine_tuning_job_id: str, services: Services) -> Response[bytes]:
-    return json_response(openai_job(await services.training.cancel(fine_tuning_job_id)))
+async def cancel_fine_tuning_job(fine_tuning_job_id: str, training: JobService) -> Response[bytes]:
+    return json_response(openai_job(await training.cancel(fine_tuning_job_id)))
 
 
 EVENT_ID_PREFIX = "ftevent-"
@@ -488,19 +502,19 @@ EVENT_ID_PREFIX = "ftevent-"
 )
 async def fine_tuning_events(
     fine_tuning_job_id: str,
-    services: Services,
+    db: Database,
     limit: Annotated[int, Parameter(ge=1, le=1000)] = 20,
     after: Annotated[str | None, Parameter(max_length=128)] = None,
 ) -> Response[bytes]:
     """OpenAI's events: newest first; ``after`` an event id, for the page of older ones."""
-    await find(services, fine_tuning_job_id)
+    await find(db, fine_tuning_job_id)
     cursor = 0
     if after is not None:
         try:
             cursor = int(after.removeprefix(EVENT_ID_PREFIX))
         except ValueError:
             raise InvalidRequest(f"after must be an event id ({EVENT_ID_PREFIX}N)", param="after") from None
-    found = await services.db.call(store.events, fine_tuning_job_id, after=cursor, limit=limit + 1, newest_first=True)
+    found = await db.call(store.events, fine_tuning_job_id, after=cursor, limit=limit + 1, newest_first=True)
     data = [
         FineTuningEvent(
             id=f"{EVENT_ID_PREFIX}{event.id}",

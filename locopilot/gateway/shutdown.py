@@ -16,6 +16,12 @@ How a stop goes (see also :mod:`locopilot.server`):
 
 A worker whose main process has died (``kill -9``) would go on serving the port beside the
 next server; :meth:`Shutdown.watch_parent` notices and stops it the same way.
+
+asyncio, not anyio, in three places, each for its reason: :attr:`Shutdown.stopped` is an
+``asyncio.Future`` because :class:`locopilot.gateway.streaming.Watched` takes a done-callback on
+it in every request (the hot path, explained there); the grace timer is a loop callback
+because :meth:`Shutdown.begin` runs in a signal's callback, where no task can be started; and
+:func:`on_signal` says why it uses the loop's signal handlers.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 
 import anyio
 
@@ -35,6 +42,19 @@ log = logging.getLogger(__name__)
 #: until the app is ready to drain (its default action would end the process).
 DRAIN_SIGNAL = signal.SIGUSR1
 PARENT_CHECK_SECONDS = 1.0
+
+
+def on_signal(signum: signal.Signals, callback: Callable[..., object], *args: object) -> None:
+    """Call ``callback(*args)`` on the event loop each time ``signum`` arrives, for as long as the loop runs.
+    Does nothing off the main thread (an app run by a test client), where signals cannot be handled.
+
+    The loop's own handler, not anyio's ``open_signal_receiver``: that one needs a task to read it,
+    and puts the signal's default action back when it closes, at the end of the lifespan while the
+    database still closes; the default action of SIGUSR1 and SIGHUP ends the process."""
+    try:
+        asyncio.get_running_loop().add_signal_handler(signum, callback, *args)
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        log.debug("not listening for %s: %s", signum.name, exc)
 
 
 class Shutdown:
@@ -78,12 +98,8 @@ class Shutdown:
         return ShuttingDown("The server is shutting down; try again in a moment.", retry_after=5)
 
     def listen(self) -> None:
-        """Start the drain on :data:`DRAIN_SIGNAL`. Does nothing off the main thread
-        (an app run by a test client), where signals cannot be handled."""
-        try:
-            asyncio.get_running_loop().add_signal_handler(DRAIN_SIGNAL, self.begin, "stop signal")
-        except (RuntimeError, ValueError, NotImplementedError) as exc:
-            log.debug("not listening for %s: %s", DRAIN_SIGNAL.name, exc)
+        """Start the drain on :data:`DRAIN_SIGNAL` (see :func:`on_signal`)."""
+        on_signal(DRAIN_SIGNAL, self.begin, "stop signal")
 
     async def watch_parent(self) -> None:
         """Forever: if the process that started this one goes away, drain and stop (SIGTERM to

@@ -9,6 +9,11 @@ Rows finished in one turn of the event loop go to the database together (:class:
 one queued write, one commit and one wake-up of the loop for all of them, instead of one
 each. Under load many requests end in the same turn; alone, a row waits for nothing more
 than the rest of the turn it was finished in.
+
+asyncio, not anyio, here: this runs in every request (the hot path), and the batching is made
+of the loop's own turn and callbacks (``call_soon``, ``call_later``, ``call_soon_threadsafe``
+from the writer thread) and one plain future per reply (see :class:`_Batch`), which anyio has
+no cheaper form of.
 """
 
 from __future__ import annotations

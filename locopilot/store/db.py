@@ -321,11 +321,13 @@ class Database:
 
         Cancelling the awaiting task does not cancel the write: once submitted, it runs.
         """
+        # asyncio: the writer thread completes a concurrent Future, and wrap_future hands its result to the
+        # loop with one call_soon_threadsafe; anyio has no such bridge short of a worker thread blocked on it.
         return await asyncio.shield(asyncio.wrap_future(self.submit(fn)))
 
     async def awrite(self, sql: str, params: apsw.Bindings | None = None) -> int:
         """:meth:`write` and await the changed-row count; cancellation as :meth:`asubmit`."""
-        return await asyncio.shield(asyncio.wrap_future(self.write(sql, params)))
+        return await asyncio.shield(asyncio.wrap_future(self.write(sql, params)))  # as asubmit
 
     def _run_writer(self) -> None:
         conn = self._writer

@@ -11,6 +11,7 @@ import json
 import re
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,19 @@ def upstreams(cloud: FaultUpstream, lan: FaultUpstream) -> str:
 def keyed_server(root: Path, env: dict[str, str] | None = None) -> Server:
     """A server with the bootstrap admin key (unless ``env`` overrides it), started and answering."""
     return Server(root, {}, {"LOCOPILOT_ADMIN_KEY": ADMIN_KEY, **(env or {})}).start(path="/health")
+
+
+@contextmanager
+def cloud_server(root: Path, models: dict[str, Path], cloud: FaultUpstream, **env: str) -> Iterator[Server]:
+    """A server of ``models`` beside the upstream ``cloud`` (serving its MODELS), with the bootstrap admin key
+    and ``env``: started and answering in the block, stopped after it."""
+    upstream = {"name": "cloud", "url": cloud.url, "models": list(cloud.MODELS)}
+    env = {"LOCOPILOT_ADMIN_KEY": ADMIN_KEY, "LOCOPILOT_UPSTREAMS": json.dumps([upstream]), **env}
+    running = Server(root, models, env)
+    try:
+        yield running.start(path="/health")
+    finally:
+        running.stop()
 
 
 @pytest.fixture(scope="package")

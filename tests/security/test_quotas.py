@@ -164,13 +164,6 @@ def test_durations_read_like_openai_headers() -> None:
 # Through the server
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FaultUpstream]:
-    running = FaultUpstream().start()
-    yield running
-    running.stop()
-
-
 def only_upstream(upstream: FaultUpstream) -> str:
     return json.dumps([{"name": "fault", "url": upstream.url, "locality": "local", "priority": 10}])
 
