@@ -14,9 +14,8 @@ import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.params import Parameter
 
-from locopilot.api.responses import BODY, GUARDED, answers
+from locopilot.api.responses import BODY, GUARDED, answers, json_response
 from locopilot.gateway.auth import Authenticator, note
-from locopilot.schemas.openai import encoder
 from locopilot.store import audit, keys
 from locopilot.store.db import Database
 from locopilot.store.keys import ApiKey, KeySpec, KeyState
@@ -47,10 +46,6 @@ class AuditList(msgspec.Struct):
 
 def key_info(key: ApiKey, now: float) -> KeyInfo:
     return KeyInfo(**msgspec.structs.asdict(key), state=key.state_at(now))
-
-
-def json_response(body: msgspec.Struct, status_code: int = 200) -> Response[bytes]:
-    return Response(encoder.encode(body), media_type="application/json", status_code=status_code)
 
 
 @post("/v1/admin/keys", status_code=201, responses=answers(CreatedKey, 201, *GUARDED, *BODY))

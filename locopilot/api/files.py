@@ -24,10 +24,9 @@ import multipart  # type: ignore[import-untyped]
 from litestar import Request, Response, delete, get, post
 from litestar.params import Parameter
 
-from locopilot.api.responses import BODY, GUARDED, answers
+from locopilot.api.responses import BODY, GUARDED, answers, json_response
 from locopilot.errors import Conflict, InvalidRequest, LocopilotError, PayloadTooLarge
 from locopilot.gateway.auth import Authenticator, principal_of
-from locopilot.schemas.openai import encoder
 from locopilot.schemas.training import FileObject
 from locopilot.settings import Settings
 from locopilot.store import files as store
@@ -68,10 +67,6 @@ def file_object(stored: StoredFile) -> FileObject:
         examples=stored.examples,
         sha256=stored.sha256,
     )
-
-
-def json_response(body: msgspec.Struct) -> Response[bytes]:
-    return Response(encoder.encode(body), media_type="application/json")
 
 
 def files_dir(settings: Settings) -> Path:

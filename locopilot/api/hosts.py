@@ -21,11 +21,10 @@ import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.params import Parameter
 
-from locopilot.api.responses import BODY, GUARDED, answers
+from locopilot.api.responses import BODY, GUARDED, answers, json_response
 from locopilot.errors import Conflict, InvalidRequest, NotFound
 from locopilot.gateway.auth import Authenticator, note
 from locopilot.gateway.hygiene import HostCheck, host_name
-from locopilot.schemas.openai import encoder
 
 #: A DNS name (no port, no scheme): labels of letters, digits and inner hyphens.
 NAME = re.compile(r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
@@ -62,10 +61,6 @@ def valid_name(raw: str) -> str:
             f"'{raw[:100]}' is not a host name (letters, digits, hyphens and dots; no scheme or port).", param="host"
         )
     return name
-
-
-def json_response(body: msgspec.Struct) -> Response[bytes]:
-    return Response(encoder.encode(body), media_type="application/json")
 
 
 @get("/v1/admin/hosts", responses=answers(Hosts, 200, *GUARDED))

@@ -10,9 +10,12 @@ checks answers against this.
 
 from __future__ import annotations
 
+import msgspec
+from litestar import Response
 from litestar.openapi.datastructures import ResponseSpec
 
 from locopilot.errors import AnthropicErrorBody, ErrorBody, Front, OllamaErrorBody
+from locopilot.schemas.openai import encoder
 
 #: Every route but ``/health``: no key or a bad one, a missing scope or a foreign Host, a bug.
 GUARDED = (401, 403, 500)
@@ -46,3 +49,8 @@ def answers(success: type | None, status: int = 200, *errors: int, front: Front 
         shown = 529 if front == "anthropic" and code == 503 else code
         specs[shown] = ResponseSpec(body, generate_examples=False, description=_DESCRIPTIONS[code])
     return specs
+
+
+def json_response(body: msgspec.Struct, status_code: int = 200) -> Response[bytes]:
+    """``body`` as a JSON answer."""
+    return Response(encoder.encode(body), media_type="application/json", status_code=status_code)

@@ -28,7 +28,7 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from msgspec import Meta
 
-from locopilot.api.responses import BODY, GUARDED, answers
+from locopilot.api.responses import BODY, GUARDED, answers, json_response
 from locopilot.errors import InvalidModelName, InvalidRequest, ModelNotFound
 from locopilot.gateway.auth import principal_of
 from locopilot.gateway.shutdown import Shutdown
@@ -111,10 +111,6 @@ def job_info(job: TrainingJob) -> JobInfo:
         remote=job.remote,
         remote_job=job.remote_job,
     )
-
-
-def json_response(body: msgspec.Struct) -> Response[bytes]:
-    return Response(encoder.encode(body), media_type="application/json")
 
 
 async def find(db: Database, job_id: str) -> TrainingJob:
