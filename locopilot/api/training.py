@@ -32,10 +32,8 @@ from locopilot.api.responses import BODY, GUARDED, answers, json_response
 from locopilot.errors import InvalidModelName, InvalidRequest, ModelNotFound
 from locopilot.gateway.auth import principal_of
 from locopilot.gateway.shutdown import Shutdown
-from locopilot.models.catalog import ModelCatalog
 from locopilot.schemas.openai import encoder
 from locopilot.schemas.training import JobErrorInfo, JobInfo, JobList, LogEvent
-from locopilot.settings import Settings
 from locopilot.store import jobs as store
 from locopilot.store.db import Database
 from locopilot.store.jobs import JobEvent, JobStatus, TrainingJob
@@ -117,21 +115,21 @@ async def find(db: Database, job_id: str) -> TrainingJob:
     return await db.call(store.get, job_id)
 
 
-async def placed(training: JobService, catalog: ModelCatalog, settings: Settings, spec: JobSpec) -> JobSpec:
+async def placed(training: JobService, spec: JobSpec) -> JobSpec:
     """Where a job that names no ``remote`` runs: here when the base model is in this models folder; else on
     the ``local`` upstream locopilot (kind ``openai``) that has it and the fewest training jobs queued or
     running (the first listed on a tie); here, and refused as before, when none has it."""
     if spec.remote is not None:
         return spec
     try:
-        await anyio.to_thread.run_sync(catalog.get, spec.model)
+        await anyio.to_thread.run_sync(training.catalog.get, spec.model)
         return spec
     except InvalidModelName:
         return spec  # refused with its reason by submit
     except ModelNotFound:
         pass
     # Only `local` boxes: a dataset is never sent to a remote upstream that the request did not name.
-    boxes = [u for u in settings.upstream_configs if u.kind == "openai" and u.locality == "local"]
+    boxes = [u for u in training.settings.upstream_configs if u.kind == "openai" and u.locality == "local"]
     loads: list[int | None] = [None] * len(boxes)
 
     async def ask(i: int) -> None:
@@ -145,17 +143,11 @@ async def placed(training: JobService, catalog: ModelCatalog, settings: Settings
 
 
 @post("/v1/locopilot/training/jobs", status_code=200, responses=answers(JobInfo, 200, *GUARDED, *BODY, 404))
-async def create_job(
-    data: JobSpec,
-    training: JobService,
-    catalog: ModelCatalog,
-    settings: Settings,
-    request: Request[Any, Any, Any],
-) -> Response[bytes]:
+async def create_job(data: JobSpec, training: JobService, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Queue a fine-tuning job of a model in the models folder on an uploaded dataset (with no ``remote`` and a
     base model this server lacks: on the least-busy upstream locopilot that has it)."""
     checked(data)
-    spec = await placed(training, catalog, settings, data)
+    spec = await placed(training, data)
     job = await training.submit(spec, principal_of(request).key_id)
     return json_response(job_info(job))
 
@@ -451,16 +443,11 @@ def gate_metadata(metadata: dict[str, str]) -> dict[str, Any]:
 
 @post("/v1/fine_tuning/jobs", status_code=200, responses=answers(FineTuningJob, 200, *GUARDED, *BODY, 404))
 async def create_fine_tuning_job(
-    data: FineTuningJobRequest,
-    training: JobService,
-    catalog: ModelCatalog,
-    settings: Settings,
-    request: Request[Any, Any, Any],
+    data: FineTuningJobRequest, training: JobService, request: Request[Any, Any, Any]
 ) -> Response[bytes]:
     """OpenAI's create: a job of a model in the models folder on an uploaded file (or, as for the native create,
     on the least-busy upstream locopilot that has it)."""
-    spec = await placed(training, catalog, settings, spec_of(data))
-    job = await training.submit(spec, principal_of(request).key_id)
+    job = await training.submit(await placed(training, spec_of(data)), principal_of(request).key_id)
     return json_response(openai_job(job))
 
 
