@@ -23,10 +23,10 @@
 #          libcudart, libcublas and libcublasLt (.so.MAJOR) dynamically: a machine that
 #          uses it needs those (the CUDA runtime, or the nvidia-* wheels on
 #          LD_LIBRARY_PATH) and an NVIDIA driver (libcuda.so.1) of that CUDA major version.
-#          LOCOPILOT_CUDA_ARCHS: the GPU architectures (CMake's list, default below).
+#          BUILD_CUDA_ARCHS: the GPU architectures (CMake's list, default below).
 #
-# LOCOPILOT_ENGINE_CACHE   where results (and unfinished builds, resumed when run again) are kept (default ${XDG_CACHE_HOME:-~/.cache}/locopilot/engine)
-# Compiles run under `nice` (LOCOPILOT_BUILD_NICE, default 10) with LOCOPILOT_BUILD_JOBS
+# BUILD_ENGINE_CACHE   where results (and unfinished builds, resumed when run again) are kept (default ${XDG_CACHE_HOME:-~/.cache}/locopilot/engine)
+# Compiles run under `nice` (BUILD_NICE, default 10) with BUILD_JOBS
 # jobs (default: the number of cores). Progress goes to stderr, the path to stdout.
 set -euo pipefail
 
@@ -68,7 +68,7 @@ case "$KIND" in
         CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
         NVCC="$CUDA_HOME/bin/nvcc"
         [[ -x "$NVCC" ]] || { say "nvcc not found at $NVCC (set CUDA_HOME)"; exit 1; }
-        ARCHS="${LOCOPILOT_CUDA_ARCHS:-$DEFAULT_CUDA_ARCHS}"
+        ARCHS="${BUILD_CUDA_ARCHS:-$DEFAULT_CUDA_ARCHS}"
         FLAGS+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_COMPILER=$NVCC" "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS")
         # ggml's VMM memory pool links the driver (libcuda.so); a toolkit without the driver's
         # link stub (lib64/stubs) builds the library with the legacy pool instead.
@@ -85,7 +85,7 @@ case "$KIND" in
 esac
 
 read -r VERSION SDIST_SHA < <(python3 "$ROOT/build/locked_sdist.py" "$ROOT/uv.lock" llama-cpp-python)
-CACHE="${LOCOPILOT_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
+CACHE="${BUILD_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
 KEY="$(printf '%s\n' "$VERSION" "$SDIST_SHA" "${FLAGS[@]}" "$TOOL_ID" | sha256sum | cut -c1-12)"
 TARGET="$CACHE/$TARGET_LIB-$VERSION-$KEY"
 
@@ -159,8 +159,8 @@ if [[ "$KIND" == cuda && ! -e "$CUDA_HOME/include/cublas_v2.h" ]]; then
 fi
 
 say "llama-cpp-python $VERSION (ggml $(grep -Eo 'GGML_VERSION_(MAJOR|MINOR|PATCH) [0-9]+' "$SRC/ggml/CMakeLists.txt" | awk '{print $2}' | paste -sd.)), $KIND: $TOOL_ID"
-NICE="${LOCOPILOT_BUILD_NICE:-10}"
-JOBS="${LOCOPILOT_BUILD_JOBS:-$(nproc)}"
+NICE="${BUILD_NICE:-10}"
+JOBS="${BUILD_JOBS:-$(nproc)}"
 start=$SECONDS
 nice -n "$NICE" cmake -S "$SRC" -B "$WORK/cmake" -G Ninja "${FLAGS[@]}" >&2
 nice -n "$NICE" cmake --build "$WORK/cmake" --target "$TARGET_LIB" -j "$JOBS" >&2
