@@ -24,7 +24,13 @@
 #          uses it needs those (the CUDA runtime, or the nvidia-* wheels on
 #          LD_LIBRARY_PATH) and an NVIDIA driver (libcuda.so.1) of that CUDA major version.
 #          BUILD_CUDA_ARCHS: the GPU architectures (CMake's list, default below).
+#          nvcc drives this machine's C++ compiler, so the library needs this machine's
+#          glibc or newer.
 #
+# GLIBC_BASELINE (vulkan only) a glibc version (2.28, as `just gpu-backend` passes):
+#          compile with build/zig_toolchain.sh's zig cc/c++ for that glibc, libc++ linked
+#          statically, as the engine is (build/engine_wheel.sh), so the companion runs
+#          wherever the binary does. Unset or `host`: this machine's compiler.
 # BUILD_ENGINE_CACHE   where results (and unfinished builds, resumed when run again) are kept (default ${XDG_CACHE_HOME:-~/.cache}/locopilot/engine)
 # Compiles run under `nice` (BUILD_NICE, default 10) with BUILD_JOBS
 # jobs (default: the number of cores). Progress goes to stderr, the path to stdout.
@@ -61,7 +67,21 @@ case "$KIND" in
         TARGET_LIB=ggml-vulkan
         FLAGS+=(-DGGML_VULKAN=ON)
         command -v glslc >/dev/null || { say "glslc not found (apt-get install glslc libvulkan-dev spirv-headers)"; exit 1; }
-        TOOL_ID="$(glslc --version 2>&1 | head -1)"
+        TOOL_ID="$(glslc --version 2>&1 | sed -n 1p)"  # sed reads it all: head could end glslc by SIGPIPE, which pipefail makes fatal
+        BASELINE="${GLIBC_BASELINE:-host}"
+        if [[ "$BASELINE" != host ]]; then
+            TOOLCHAIN="$("$ROOT/build/zig_toolchain.sh" "$BASELINE")"
+            # CMake takes CC/CXX from the environment, and so does the vulkan-shaders-gen
+            # helper it builds and runs here (a glibc BASELINE program runs on this newer one).
+            export CC="$TOOLCHAIN/cc" CXX="$TOOLCHAIN/c++"
+            FLAGS+=("-DCMAKE_AR=$TOOLCHAIN/ar" "-DCMAKE_RANLIB=$TOOLCHAIN/ranlib")
+            # CMake learns the multiarch library folder from the compiler, and Zig's clang
+            # names none, so FindVulkan is shown the loader it links (libvulkan-dev's).
+            loader="$(ldconfig -p | sed -n 's/^\s*libvulkan\.so\.1 (libc6,x86-64) => //p' | sed -n 1p)"
+            [[ -n "$loader" ]] || { say "no libvulkan.so.1 (apt-get install libvulkan-dev)"; exit 1; }
+            FLAGS+=("-DVulkan_LIBRARY=$loader")
+            TOOL_ID="$TOOL_ID glibc$BASELINE"
+        fi
         ;;
     cuda)
         TARGET_LIB=ggml-cuda
@@ -134,6 +154,14 @@ if [[ "$KIND" == vulkan ]] && ! grep -qs VK_EXT_layer_settings "${VULKAN_INCLUDE
         rm -rf "$HEADERS" && dpkg-deb -x "$apt_dir"/libvulkan-dev_*.deb "$HEADERS"
     fi
     FLAGS+=("-DVulkan_INCLUDE_DIR=$HEADERS/usr/include")
+fi
+# Zig's clang searches only its own headers for a glibc target, not /usr/include (whose glibc
+# headers are this machine's): the SPIR-V headers (spirv-headers) are shown to it alone.
+if [[ "$KIND" == vulkan && -n "${TOOLCHAIN:-}" ]]; then
+    [[ -f /usr/include/spirv/unified1/spirv.hpp ]] || { say "no SPIR-V headers (apt-get install spirv-headers)"; exit 1; }
+    mkdir -p "$WORK/include"
+    ln -sfn /usr/include/spirv "$WORK/include/spirv"
+    FLAGS+=("-DCMAKE_CXX_FLAGS=-I$WORK/include")
 fi
 
 if [[ "$KIND" == cuda && ! -e "$CUDA_HOME/include/cublas_v2.h" ]]; then
