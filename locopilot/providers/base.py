@@ -56,11 +56,30 @@ __all__ = [
     "ToolCallDelta",
     "ToolChoice",
     "TopLogprob",
+    "WireLogprob",
     "human_count",
     "refuse_thinking",
 ]
 
 Locality = Literal["local", "remote"]
+
+
+class WireLogprob(msgspec.Struct):
+    """One token's log probability as OpenAI-compatible servers (a chat choice's ``content``
+    list) and Ollama (``logprobs``) both send it; an alternative has no ``top_logprobs``."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[WireLogprob] | None = None
+
+    def internal(self) -> TokenLogprob:
+        return TokenLogprob(
+            token=self.token,
+            logprob=self.logprob,
+            bytes=self.bytes,
+            top=tuple(TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes) for t in self.top_logprobs or ()),
+        )
 
 
 class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -45,7 +45,7 @@ from locopilot.providers.base import (
     TextDelta,
     TokenLogprob,
     ToolCallDelta,
-    TopLogprob,
+    WireLogprob,
 )
 from locopilot.providers.http import retry_after_seconds, transport_reason, upstream_transport
 
@@ -69,26 +69,13 @@ class _Message(msgspec.Struct):
     tool_calls: list[_ToolCall] | None = None
 
 
-class _TopLogprob(msgspec.Struct):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class _Logprob(msgspec.Struct):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-    top_logprobs: list[_TopLogprob] | None = None
-
-
 class _StreamLine(msgspec.Struct):
     """One NDJSON line of ``/api/chat`` (``message``) or ``/api/generate`` (``response``)."""
 
     message: _Message | None = None
     response: str = ""
     thinking: str = ""  # /api/generate's
-    logprobs: list[_Logprob] | None = None
+    logprobs: list[WireLogprob] | None = None
     done: bool = False
     done_reason: str | None = None
     prompt_eval_count: int = 0
@@ -224,19 +211,9 @@ def options(request: GenerationRequest, num_ctx: int) -> dict[str, Any]:
     return opts
 
 
-def token_logprobs(logprobs: list[_Logprob] | None) -> tuple[TokenLogprob, ...]:
+def token_logprobs(logprobs: list[WireLogprob] | None) -> tuple[TokenLogprob, ...]:
     """Ollama's ``logprobs`` of one line as the internal ones."""
-    return tuple(
-        TokenLogprob(
-            token=each.token,
-            logprob=each.logprob,
-            bytes=each.bytes,
-            top=tuple(
-                TopLogprob(token=top.token, logprob=top.logprob, bytes=top.bytes) for top in each.top_logprobs or ()
-            ),
-        )
-        for each in logprobs or ()
-    )
+    return tuple(each.internal() for each in logprobs or ())
 
 
 def description(content: bytes) -> ModelDescription:

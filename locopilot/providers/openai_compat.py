@@ -54,6 +54,7 @@ from locopilot.providers.base import (
     TokenLogprob,
     ToolCallDelta,
     TopLogprob,
+    WireLogprob,
     human_count,
     refuse_thinking,
 )
@@ -107,23 +108,10 @@ class _Delta(msgspec.Struct):
     tool_calls: list[_ToolCallDelta] | None = None
 
 
-class _TopLogprob(msgspec.Struct):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class _TokenLogprob(msgspec.Struct):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-    top_logprobs: list[_TopLogprob] | None = None
-
-
 class _Logprobs(msgspec.Struct):
     """A chat choice's ``content`` list, or a text completion's parallel lists."""
 
-    content: list[_TokenLogprob] | None = None
+    content: list[WireLogprob] | None = None
     tokens: list[str] | None = None
     token_logprobs: list[float | None] | None = None
     top_logprobs: list[dict[str, float] | None] | None = None
@@ -632,15 +620,7 @@ class _ChunkReader:
 def _token_logprobs(logprobs: _Logprobs) -> tuple[TokenLogprob, ...]:
     """A chunk's logprobs in the internal form, from a chat choice's or a text completion's."""
     if logprobs.content is not None:
-        return tuple(
-            TokenLogprob(
-                token=item.token,
-                logprob=item.logprob,
-                bytes=item.bytes,
-                top=tuple(TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes) for t in item.top_logprobs or ()),
-            )
-            for item in logprobs.content
-        )
+        return tuple(item.internal() for item in logprobs.content)
     tokens = logprobs.tokens or []
     values = logprobs.token_logprobs or []
     tops = logprobs.top_logprobs or []
