@@ -806,8 +806,9 @@ def serve(engine: Engine, inbox: Inbox, send: Send) -> None:
             # Nothing to do: a moment to keep long prompts' caches on disk, then wait for work.
             engine.save_prompts()
             arrived = inbox.take(wait=True)
-        for job in arrived:
+        for job in arrived:  # it grows: what came while an embedding ran
             if isinstance(job, Embed):
+                arrived += inbox.take(wait=False)  # a Cancel for this one, say
                 outbox.put(embed_one(engine, job, cancellations))
                 outbox.flush()
             elif isinstance(job, Count):
