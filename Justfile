@@ -89,10 +89,11 @@ build engine="portable": setup
 
 # A GPU companion of the engine: dist/libggml-vulkan.so (`just gpu-backend`) or dist/libggml-cuda.so.
 # build/gpu_backend.sh says what each needs; the library is cached like the engine. Put it beside
-# the binary or in LOCOPILOT_BACKENDS_DIR.
+# the binary or in LOCOPILOT_BACKENDS_DIR. Vulkan's is built for the binary's glibc baseline
+# (GLIBC_BASELINE, 2.28 unless set; `host`: this machine's compiler); CUDA's needs this machine's glibc.
 gpu-backend kind="vulkan":
     mkdir -p dist
-    cp "$(build/gpu_backend.sh {{kind}})" dist/
+    cp "$(GLIBC_BASELINE="${GLIBC_BASELINE:-2.28}" build/gpu_backend.sh {{kind}})" dist/
 
 # The Linux arm64 one-file binary dist/locopilot-aarch64, made on this x86-64 machine
 # (build/arm64.sh says how: Zig cross-compiles the engine and the bootloader, PyInstaller

@@ -37,7 +37,7 @@
 # ARM64_CPU_VARIANTS  ggml's aarch64 variants to build (default below; "all" for the
 #                     eight of ggml's list). Each is a full compile of ggml-cpu.
 # ARM64_CACHE         where the root is kept (default ${XDG_CACHE_HOME:-~/.cache}/locopilot/arm64)
-# LOCOPILOT_ENGINE_CACHE  where the wheels are kept (as build/engine_wheel.sh)
+# BUILD_ENGINE_CACHE  where the wheels are kept (as build/engine_wheel.sh)
 #
 # Needs root (debootstrap, chroot, mounts, binfmt_misc), debootstrap, Debian's
 # qemu-user-static, cmake, ninja, uv. Progress goes to stderr; paths to stdout.
@@ -62,7 +62,7 @@ for v in $VARIANTS; do
     [[ " $ALL_ARM " == *" $v "* ]] || { say "unknown aarch64 variant '$v' (known: $ALL_ARM)"; exit 1; }
 done
 
-ENGINE_CACHE="${LOCOPILOT_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
+ENGINE_CACHE="${BUILD_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
 ARM64_CACHE="${ARM64_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/arm64}"
 QEMU=/usr/bin/qemu-aarch64-static
 

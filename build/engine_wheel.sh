@@ -10,14 +10,14 @@
 #   build/engine_wheel.sh            prints the wheel's path, building it first if the cache lacks it
 #   build/engine_wheel.sh --cached   prints the path if the cache has the wheel, else fails (builds nothing)
 #
-# LOCOPILOT_CPU_VARIANTS   space-separated x86 variants to build (default below), or "all"
+# BUILD_CPU_VARIANTS   space-separated x86 variants to build (default below), or "all"
 #                          for ggml's whole list (14; each is a full compile of ggml-cpu)
 # GLIBC_BASELINE a glibc version (2.28): compile with build/zig_toolchain.sh's
 #                          zig cc/c++ for that glibc, libc++ linked statically into each
 #                          library (no libstdc++ or libgcc_s needed), and ggml's own thread
 #                          pool instead of OpenMP (Zig has no libgomp; the system one is
 #                          built for this machine's glibc). Unset: this machine's compiler.
-# LOCOPILOT_ENGINE_CACHE   where wheels are kept (default ${XDG_CACHE_HOME:-~/.cache}/locopilot/engine)
+# BUILD_ENGINE_CACHE   where wheels are kept (default ${XDG_CACHE_HOME:-~/.cache}/locopilot/engine)
 #
 # A wheel is kept under a name made of the version, the sdist's hash, the flags and
 # the variant list, so a change of any of them builds anew; the build happens in the
@@ -46,7 +46,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # for int8 matmul on Intel servers since 2023: add it for such hosts).
 DEFAULT_VARIANTS="x64 sse42 sandybridge haswell alderlake skylakex icelake zen4"
 ALL_X86="x64 sse42 sandybridge ivybridge piledriver haswell skylakex cannonlake cascadelake icelake cooperlake zen4 alderlake sapphirerapids"
-VARIANTS="${LOCOPILOT_CPU_VARIANTS:-$DEFAULT_VARIANTS}"
+VARIANTS="${BUILD_CPU_VARIANTS:-$DEFAULT_VARIANTS}"
 [[ "$VARIANTS" == all ]] && VARIANTS="$ALL_X86"
 
 # The flags of the development build (pyproject.toml) plus GGML_CPU_ALL_VARIANTS.
@@ -87,7 +87,7 @@ done
 # Version and sdist hash from uv.lock, so the release engine is the locked one.
 read -r VERSION SDIST_SHA < <(python3 "$ROOT/build/locked_sdist.py" "$ROOT/uv.lock" llama-cpp-python)
 
-CACHE="${LOCOPILOT_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
+CACHE="${BUILD_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
 KEY="$(printf '%s\n' "$VERSION" "$SDIST_SHA" "${FLAGS[@]}" $VARIANTS | sed "s|$HOME|~|g" | sha256sum | cut -c1-12)"
 TARGET="$CACHE/llama-cpp-python-$VERSION-$KEY${BASELINE:+-glibc$BASELINE}"
 

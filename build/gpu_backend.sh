@@ -23,10 +23,16 @@
 #          libcudart, libcublas and libcublasLt (.so.MAJOR) dynamically: a machine that
 #          uses it needs those (the CUDA runtime, or the nvidia-* wheels on
 #          LD_LIBRARY_PATH) and an NVIDIA driver (libcuda.so.1) of that CUDA major version.
-#          LOCOPILOT_CUDA_ARCHS: the GPU architectures (CMake's list, default below).
+#          BUILD_CUDA_ARCHS: the GPU architectures (CMake's list, default below).
+#          nvcc drives this machine's C++ compiler, so the library needs this machine's
+#          glibc or newer.
 #
-# LOCOPILOT_ENGINE_CACHE   where results (and unfinished builds, resumed when run again) are kept (default ${XDG_CACHE_HOME:-~/.cache}/locopilot/engine)
-# Compiles run under `nice` (LOCOPILOT_BUILD_NICE, default 10) with LOCOPILOT_BUILD_JOBS
+# GLIBC_BASELINE (vulkan only) a glibc version (2.28, as `just gpu-backend` passes):
+#          compile with build/zig_toolchain.sh's zig cc/c++ for that glibc, libc++ linked
+#          statically, as the engine is (build/engine_wheel.sh), so the companion runs
+#          wherever the binary does. Unset or `host`: this machine's compiler.
+# BUILD_ENGINE_CACHE   where results (and unfinished builds, resumed when run again) are kept (default ${XDG_CACHE_HOME:-~/.cache}/locopilot/engine)
+# Compiles run under `nice` (BUILD_NICE, default 10) with BUILD_JOBS
 # jobs (default: the number of cores). Progress goes to stderr, the path to stdout.
 set -euo pipefail
 
@@ -61,14 +67,28 @@ case "$KIND" in
         TARGET_LIB=ggml-vulkan
         FLAGS+=(-DGGML_VULKAN=ON)
         command -v glslc >/dev/null || { say "glslc not found (apt-get install glslc libvulkan-dev spirv-headers)"; exit 1; }
-        TOOL_ID="$(glslc --version 2>&1 | head -1)"
+        TOOL_ID="$(glslc --version 2>&1 | sed -n 1p)"  # sed reads it all: head could end glslc by SIGPIPE, which pipefail makes fatal
+        BASELINE="${GLIBC_BASELINE:-host}"
+        if [[ "$BASELINE" != host ]]; then
+            TOOLCHAIN="$("$ROOT/build/zig_toolchain.sh" "$BASELINE")"
+            # CMake takes CC/CXX from the environment, and so does the vulkan-shaders-gen
+            # helper it builds and runs here (a glibc BASELINE program runs on this newer one).
+            export CC="$TOOLCHAIN/cc" CXX="$TOOLCHAIN/c++"
+            FLAGS+=("-DCMAKE_AR=$TOOLCHAIN/ar" "-DCMAKE_RANLIB=$TOOLCHAIN/ranlib")
+            # CMake learns the multiarch library folder from the compiler, and Zig's clang
+            # names none, so FindVulkan is shown the loader it links (libvulkan-dev's).
+            loader="$(ldconfig -p | sed -n 's/^\s*libvulkan\.so\.1 (libc6,x86-64) => //p' | sed -n 1p)"
+            [[ -n "$loader" ]] || { say "no libvulkan.so.1 (apt-get install libvulkan-dev)"; exit 1; }
+            FLAGS+=("-DVulkan_LIBRARY=$loader")
+            TOOL_ID="$TOOL_ID glibc$BASELINE"
+        fi
         ;;
     cuda)
         TARGET_LIB=ggml-cuda
         CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
         NVCC="$CUDA_HOME/bin/nvcc"
         [[ -x "$NVCC" ]] || { say "nvcc not found at $NVCC (set CUDA_HOME)"; exit 1; }
-        ARCHS="${LOCOPILOT_CUDA_ARCHS:-$DEFAULT_CUDA_ARCHS}"
+        ARCHS="${BUILD_CUDA_ARCHS:-$DEFAULT_CUDA_ARCHS}"
         FLAGS+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_COMPILER=$NVCC" "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS")
         # ggml's VMM memory pool links the driver (libcuda.so); a toolkit without the driver's
         # link stub (lib64/stubs) builds the library with the legacy pool instead.
@@ -85,7 +105,7 @@ case "$KIND" in
 esac
 
 read -r VERSION SDIST_SHA < <(python3 "$ROOT/build/locked_sdist.py" "$ROOT/uv.lock" llama-cpp-python)
-CACHE="${LOCOPILOT_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
+CACHE="${BUILD_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
 KEY="$(printf '%s\n' "$VERSION" "$SDIST_SHA" "${FLAGS[@]}" "$TOOL_ID" | sha256sum | cut -c1-12)"
 TARGET="$CACHE/$TARGET_LIB-$VERSION-$KEY"
 
@@ -135,6 +155,14 @@ if [[ "$KIND" == vulkan ]] && ! grep -qs VK_EXT_layer_settings "${VULKAN_INCLUDE
     fi
     FLAGS+=("-DVulkan_INCLUDE_DIR=$HEADERS/usr/include")
 fi
+# Zig's clang searches only its own headers for a glibc target, not /usr/include (whose glibc
+# headers are this machine's): the SPIR-V headers (spirv-headers) are shown to it alone.
+if [[ "$KIND" == vulkan && -n "${TOOLCHAIN:-}" ]]; then
+    [[ -f /usr/include/spirv/unified1/spirv.hpp ]] || { say "no SPIR-V headers (apt-get install spirv-headers)"; exit 1; }
+    mkdir -p "$WORK/include"
+    ln -sfn /usr/include/spirv "$WORK/include/spirv"
+    FLAGS+=("-DCMAKE_CXX_FLAGS=-I$WORK/include")
+fi
 
 if [[ "$KIND" == cuda && ! -e "$CUDA_HOME/include/cublas_v2.h" ]]; then
     major="$("$NVCC" --version | grep -o 'release [0-9]*' | grep -o '[0-9]*$')"
@@ -159,8 +187,8 @@ if [[ "$KIND" == cuda && ! -e "$CUDA_HOME/include/cublas_v2.h" ]]; then
 fi
 
 say "llama-cpp-python $VERSION (ggml $(grep -Eo 'GGML_VERSION_(MAJOR|MINOR|PATCH) [0-9]+' "$SRC/ggml/CMakeLists.txt" | awk '{print $2}' | paste -sd.)), $KIND: $TOOL_ID"
-NICE="${LOCOPILOT_BUILD_NICE:-10}"
-JOBS="${LOCOPILOT_BUILD_JOBS:-$(nproc)}"
+NICE="${BUILD_NICE:-10}"
+JOBS="${BUILD_JOBS:-$(nproc)}"
 start=$SECONDS
 nice -n "$NICE" cmake -S "$SRC" -B "$WORK/cmake" -G Ninja "${FLAGS[@]}" >&2
 nice -n "$NICE" cmake --build "$WORK/cmake" --target "$TARGET_LIB" -j "$JOBS" >&2

@@ -26,7 +26,7 @@
 # aarch64 (PyInstaller/bootloader/Linux-64bit-arm), cross-compiled with Zig and
 # stripped with Debian's binutils-aarch64-linux-gnu.
 #
-# Cached like build/engine_wheel.sh's wheel, in $LOCOPILOT_ENGINE_CACHE (default
+# Cached like build/engine_wheel.sh's wheel, in $BUILD_ENGINE_CACHE (default
 # ${XDG_CACHE_HOME:-~/.cache}/locopilot/engine), under a name made of the version, the
 # sdist's hash and the patch's hash. Needs a C compiler, zlib headers, uv and python3.
 set -euo pipefail
@@ -37,7 +37,7 @@ say() { echo "pyinstaller_wheel: $*" >&2; }
 
 read -r VERSION SDIST_SHA < <(python3 "$ROOT/build/locked_sdist.py" "$ROOT/uv.lock" pyinstaller)
 
-CACHE="${LOCOPILOT_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
+CACHE="${BUILD_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/engine}"
 KEY="$( (echo "$VERSION $SDIST_SHA"; cat "$PATCH") | sha256sum | cut -c1-12)"
 BASELINE="${GLIBC_BASELINE:-}"
 ARCH="${TARGET_ARCH:-x86_64}"

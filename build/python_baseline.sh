@@ -16,7 +16,7 @@
 # curses, dbm, tkinter, uuid's libuuid (the bundle uses none of them; uuid falls back
 # to Python code).
 #
-# Kept in $LOCOPILOT_BASELINE_CACHE (default ~/.cache/locopilot/baseline)/python-3.11.2-glibcBASELINE
+# Kept in $BUILD_BASELINE_CACHE (default ~/.cache/locopilot/baseline)/python-3.11.2-glibcBASELINE
 # (its paths are compiled in: it stays there); delete it to build anew. Steps done are
 # remembered in the work folder beside it, so an interrupted build goes on where it stopped. Needs uv, make, perl and tclsh
 # (OpenSSL's and SQLite's build scripts), dpkg-source. Progress and build logs go to
@@ -25,7 +25,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BASELINE="${1:-2.28}"
-CACHE="${LOCOPILOT_BASELINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/baseline}"
+CACHE="${BUILD_BASELINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/baseline}"
 TARGET="$CACHE/python-3.11.2-glibc$BASELINE"
 say() { echo "python_baseline: $*" >&2; }
 
@@ -72,7 +72,7 @@ done
 
 TOOLCHAIN="$("$ROOT/build/zig_toolchain.sh" "$BASELINE")"
 export CC="$TOOLCHAIN/cc" CXX="$TOOLCHAIN/c++" AR="$TOOLCHAIN/ar" RANLIB="$TOOLCHAIN/ranlib"
-JOBS="${LOCOPILOT_BUILD_JOBS:-$(nproc)}"
+JOBS="${BUILD_JOBS:-$(nproc)}"
 
 WORK="$CACHE/build-python-glibc$BASELINE"
 DEPS="$WORK/deps"

@@ -28,8 +28,9 @@
 #              made once (about 2 minutes, from SMOKE_DEBIAN_MIRROR, default
 #              http://deb.debian.org/debian) and kept in SMOKE_DEBIAN11_ROOT (default
 #              ~/.cache/locopilot/debian11-root).
-# SMOKE_VULKAN=1  the Vulkan companion (build/gpu_backend.sh vulkan, built first if the cache
-#              lacks it: about 40 minutes of 2 cores) copied beside the binary, the only
+# SMOKE_VULKAN=1  the Vulkan companion (build/gpu_backend.sh vulkan for SMOKE_GLIBC_BASELINE,
+#              built first if the cache lacks it: about 20 minutes of 2 cores; its glibc
+#              needs checked against that baseline) copied beside the binary, the only
 #              device Mesa's lavapipe (mesa-vulkan-drivers; GGML_VK_VISIBLE_DEVICES=0 lets
 #              ggml use a CPU driver): engine health names it with its memory, the openai
 #              client's chat answers, the runner has layers on it. About 20 s once built.
@@ -514,7 +515,16 @@ fi
 
 if [[ "${SMOKE_VULKAN:-}" == 1 ]]; then
     step "GPU companion beside the binary: libggml-vulkan.so on lavapipe"
-    companion="$("$ROOT/build/gpu_backend.sh" vulkan)" || fail "build/gpu_backend.sh vulkan failed"
+    # The companion of the binary's baseline (the host compiler's when the audit is off).
+    baseline="${SMOKE_GLIBC_BASELINE:-2.28}"
+    [[ "$baseline" != none ]] || baseline=host
+    companion="$(GLIBC_BASELINE="$baseline" "$ROOT/build/gpu_backend.sh" vulkan)" || fail "build/gpu_backend.sh vulkan failed"
+    if [[ "$baseline" != host ]]; then
+        needs="$(readelf -V "$companion" | grep -o 'GLIBC_2\.[0-9]*' | sort -uV | tail -1)"
+        echo "$(basename "$companion") needs $needs at most"
+        [[ "$(printf '%s\n' "GLIBC_$baseline" "$needs" | sort -V | tail -1)" == "GLIBC_$baseline" ]] ||
+            fail "the Vulkan companion needs $needs, above the baseline $baseline"
+    fi
     mkdir -p "$WORK/gpu"
     cp "$BIN" "$WORK/gpu/locopilot"
     cp "$companion" "$WORK/gpu/"

@@ -10,7 +10,7 @@
 # TARGET_ARCH  x86_64 (default) or aarch64 (a cross toolchain: build/arm64.sh)
 #
 # The wrappers run `zig cc -target TARGET_ARCH-linux-gnu.BASELINE`. Kept in
-# $LOCOPILOT_ENGINE_CACHE/../baseline (default ~/.cache/locopilot/baseline), beside
+# $BUILD_ENGINE_CACHE/../baseline (default ~/.cache/locopilot/baseline), beside
 # Zig's own compile cache. Needs uv. Progress goes to stderr, the path to stdout.
 set -euo pipefail
 
@@ -21,7 +21,7 @@ BASELINE="${1:-2.28}"
 ARCH="${TARGET_ARCH:-x86_64}"
 [[ "$ARCH" == x86_64 || "$ARCH" == aarch64 ]] || { echo "zig_toolchain: TARGET_ARCH '$ARCH' is not x86_64 or aarch64" >&2; exit 1; }
 
-CACHE="${LOCOPILOT_BASELINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/baseline}"
+CACHE="${BUILD_BASELINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/locopilot/baseline}"
 ENV="$CACHE/zig-$ZIG_VERSION"
 BIN="$ENV/glibc-$BASELINE"
 [[ "$ARCH" == x86_64 ]] || BIN="$ENV/$ARCH-glibc-$BASELINE"

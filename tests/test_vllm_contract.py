@@ -2,7 +2,7 @@
 
 Run against :class:`tests.fakes.vllm.VLLMStandIn` in both of vLLM's error styles (current releases
 nest the error; releases before 0.10 sent a flat ``"object": "error"`` body). Point
-``LOCOPILOT_TEST_VLLM_URL`` at a real ``vllm serve`` (its ``…/v1``; ``LOCOPILOT_TEST_VLLM_MODEL``
+``TEST_VLLM_URL`` at a real ``vllm serve`` (its ``…/v1``; ``TEST_VLLM_MODEL``
 names the model, else the first it lists) to run the same tests against it too; the ``real``
 cases are skipped otherwise. Against a real vLLM the auto tool-choice case needs
 ``--enable-auto-tool-choice --tool-call-parser hermes`` and a model that calls tools.
@@ -26,8 +26,8 @@ import pytest
 from tests.conftest import Server
 from tests.fakes.vllm import FAIL, VLLMStandIn
 
-VLLM_URL = "LOCOPILOT_TEST_VLLM_URL"
-VLLM_MODEL = "LOCOPILOT_TEST_VLLM_MODEL"
+VLLM_URL = "TEST_VLLM_URL"
+VLLM_MODEL = "TEST_VLLM_MODEL"
 TOOLS: list[Any] = [
     {
         "type": "function",
