@@ -213,9 +213,10 @@ class Receiver(Generic[T]):
         blocks with ``timeout=None`` when it has none: one thread, no hand-over to wake it.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        came = False
         while not self._ready and self._read(None if deadline is None else deadline - time.monotonic()):
-            pass
-        while self._read(0):  # the rest of what is already there: a full chunk may not be all of it
+            came = True
+        while came and self._read(0):  # the rest of what is already there: a full chunk may not be all of it
             pass
         if not self._ready:
             return None if self._ended else []
