@@ -17,7 +17,7 @@ one msgpack-encoded message, a tagged msgspec Struct of the union its reader exp
 and exits), then kills what lingers (:meth:`Child.stop`, :meth:`AsyncChild.stop`). stderr
 is the child's log. A child starts with :func:`prologue`, which keeps its stdout for frames.
 
-Readers: :class:`Receiver` blocks on a file descriptor (optionally until a deadline);
+Readers: :class:`Receiver` blocks on a file descriptor (optionally until a deadline) or polls it;
 :class:`AsyncReceiver` reads an anyio stream, as many messages at a time as have arrived.
 Both buffer what they read past a message for the next call, so nothing is read twice or lost.
 """
@@ -174,6 +174,22 @@ class Receiver(Generic[T]):
         self.codec = codec
         self._buffer = bytearray()
         self._ready: deque[T] = deque()
+        self._ended = False
+
+    def _read(self, timeout: float | None) -> bool:
+        """One read of what the descriptor holds, waiting up to ``timeout`` seconds (None: as long as it
+        takes) for something to read; False if nothing came in time or the input had ended."""
+        if self._ended or (timeout is not None and not select.select([self.fd], [], [], max(timeout, 0))[0]):
+            return False
+        chunk = os.read(self.fd, CHUNK)
+        if not chunk:
+            if self._buffer:
+                raise ProtocolError("stream ended inside a frame")
+            self._ended = True
+            return False
+        self._buffer += chunk
+        self._ready.extend(self.codec.parse(self._buffer))
+        return True
 
     def receive(self, timeout: float | None = None) -> T | None:
         """The next message; None at a clean end of input.
@@ -182,18 +198,31 @@ class Receiver(Generic[T]):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._ready:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.fd], [], [], left)[0]:
-                    raise TimeoutError
-            chunk = os.read(self.fd, CHUNK)
-            if not chunk:
-                if self._buffer:
-                    raise ProtocolError("stream ended inside a frame")
-                return None
-            self._buffer += chunk
-            self._ready.extend(self.codec.parse(self._buffer))
+            if not self._read(None if deadline is None else deadline - time.monotonic()):
+                if self._ended:
+                    return None
+                raise TimeoutError
         return self._ready.popleft()
+
+    def receive_all(self, timeout: float | None = None) -> list[T] | None:
+        """Every message that has arrived, without waiting for more once there is one: ``[]`` when
+        none came within ``timeout`` seconds (0: a look without waiting; None: wait as long as it takes),
+        None at a clean end of input once every message before it was returned. Raises ProtocolError.
+
+        A loop that has other work polls with ``timeout=0`` between its pieces of work and
+        blocks with ``timeout=None`` when it has none: one thread, no hand-over to wake it.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        came = False
+        while not self._ready and self._read(None if deadline is None else deadline - time.monotonic()):
+            came = True
+        while came and self._read(0):  # the rest of what is already there: a full chunk may not be all of it
+            pass
+        if not self._ready:
+            return None if self._ended else []
+        messages = list(self._ready)
+        self._ready.clear()
+        return messages
 
     def __iter__(self) -> Iterator[T]:
         while (message := self.receive()) is not None:

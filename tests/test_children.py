@@ -86,3 +86,35 @@ def test_bad_frames_are_protocol_errors(pipe: Pipe, data: bytes, fragment: str) 
     pipe.close(writing)
     with pytest.raises(ProtocolError, match=fragment):
         Receiver(reading, codec).receive(timeout=5)
+
+
+def test_receive_all_takes_what_has_arrived_and_waits_only_when_asked(pipe: Pipe) -> None:
+    reading, writing = pipe.reading, pipe.writing
+    receiver = Receiver(reading, codec)
+    assert receiver.receive_all(timeout=0) == []  # a look: nothing there, no wait
+    started = time.monotonic()
+    assert receiver.receive_all(timeout=0.2) == []
+    assert time.monotonic() - started >= 0.2
+    # Everything written so far comes in one call, even more than one read's worth.
+    big = Pong("x" * 100_000)
+    frames = Codec.encode(Ping(1)) + Codec.encode(big) + Codec.encode(Ping(3))
+    writer = threading.Thread(target=os.write, args=(writing, frames))
+    writer.start()
+    got: list[Ping | Pong] = []
+    while len(got) < 3:
+        more = receiver.receive_all(timeout=5)
+        assert more
+        got += more
+    writer.join()
+    assert got == [Ping(1), big, Ping(3)]
+    # A blocking call returns as soon as one message is there, with the part of the next one kept.
+    second = Codec.encode(Ping(5))
+    os.write(writing, Codec.encode(Ping(4)) + second[:2])
+    assert receiver.receive_all() == [Ping(4)]
+    os.write(writing, second[2:] + Codec.encode(Ping(6)))
+    pipe.close(writing)
+    # What came before the end of input first, then None (and None again).
+    assert receiver.receive_all() == [Ping(5), Ping(6)]
+    assert receiver.receive_all() is None
+    assert receiver.receive_all(timeout=0) is None
+    assert receiver.receive() is None

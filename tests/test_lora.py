@@ -22,7 +22,7 @@ import numpy as np
 import openai
 import pytest
 
-from locopilot.gateway.router import LOCAL_MODELS_TTL
+from locopilot.providers.embedded import UNSETTLED_TTL
 from locopilot.training import lora, peft
 from tests.conftest import SMOL, Server, start_server
 
@@ -176,12 +176,12 @@ def lora_server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) ->
 
 
 def listed(server: Server, name: str) -> None:
-    """Wait until the server lists ``name``, and routes to it (the router reads the models folder
-    at most once in LOCAL_MODELS_TTL)."""
+    """Wait until the server lists ``name``, and routes to it (a listing with a file that is not a
+    model yet is kept for UNSETTLED_TTL)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if any(card["id"] == name for card in httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]):
-            time.sleep(LOCAL_MODELS_TTL + 0.2)
+            time.sleep(UNSETTLED_TTL + 0.2)
             return
         time.sleep(0.2)
     raise AssertionError(f"{name} was never listed")

@@ -3,10 +3,10 @@
 :func:`serve` is the scheduling loop; :class:`Engine` owns llama.cpp's model
 and context. Up to ``slots`` requests decode together, one token each per
 step, and a new request joins between steps, its prompt fed in chunks.
-Cancellations are recorded by the runner's reader thread and acted on between
-steps, so a cancelled generation stops within a step and its slot is free for
-the next request. Each slot keeps the tokens its KV cache holds; a prompt that
-begins the same way reuses them.
+Cancellations are read by that loop between steps and acted on at once, so a
+cancelled generation stops within a step and its slot is free for the next
+request. Each slot keeps the tokens its KV cache holds; a prompt that begins the
+same way reuses them.
 
 LoRA adapters (``Generate.adapter``) apply to the whole context in llama.cpp, so one step
 serves one adapter set: a job for another adapter than the running ones waits, and the jobs
@@ -24,7 +24,6 @@ import codecs
 import ctypes
 import logging
 import os
-import queue
 import threading
 import time
 from collections import deque
@@ -37,6 +36,7 @@ from locopilot.engine.embedding import Embedder
 from locopilot.engine.kvdisk import DiskPromptCache, common_prefix
 from locopilot.engine.protocol import (
     CallDelta,
+    Cancel,
     Count,
     Counted,
     Delta,
@@ -52,6 +52,7 @@ from locopilot.engine.protocol import (
     RequestError,
     Started,
     TokenLogprob,
+    ToRunner,
     Tuned,
 )
 from locopilot.engine.sampling import StopMatcher, build_sampler, token_logprob
@@ -745,43 +746,76 @@ class Engine:
         )
 
 
-def serve(
-    engine: Engine,
-    jobs: queue.Queue[Generate | Embed | Count | None],
-    send: Send,
-    cancellations: Cancellations,
-) -> None:
-    """The scheduling loop (continuous batching) until ``jobs`` yields None.
+#: The runner's reader (:meth:`locopilot.children.Receiver.receive_all`): every message that has
+#: arrived, waiting up to the given seconds (None: as long as it takes); None once the input ended.
+Receive = Callable[[float | None], list[ToRunner] | None]
 
-    Between decode steps it takes new jobs, ends cancelled sequences and admits
-    waiting jobs to free slots; each step then advances every active sequence.
-    An embedding request (or a token count) runs whole between two steps. What a round produces
-    goes out in two writes at most: one before the step, one after it.
+
+class Inbox:
+    """The runner's requests, read by the scheduling loop itself between steps (no reader thread).
+
+    Cancels go to ``cancellations`` as they are read; jobs come back in the order they arrived.
+    The end of input (the API process closed it, or is gone) cancels every job.
     """
+
+    def __init__(self, receive: Receive, cancellations: Cancellations) -> None:
+        self.receive = receive
+        self.cancellations = cancellations
+        self.open = True
+
+    def take(self, wait: bool) -> list[Generate | Embed | Count]:
+        """The jobs that have arrived; with ``wait``, blocks until one does or the input ends."""
+        if not self.open:
+            return []
+        jobs: list[Generate | Embed | Count] = []
+        while True:
+            messages = self.receive(None if wait and not jobs else 0)
+            if messages is None:
+                self.open = False
+                self.cancellations.close()
+                return jobs
+            for message in messages:
+                if isinstance(message, Cancel):
+                    self.cancellations.cancel(message.id)
+                elif isinstance(message, Generate | Embed | Count):
+                    self.cancellations.begin(message.id)
+                    jobs.append(message)
+                else:
+                    log.warning("ignoring a second load message")
+            if jobs or not wait:
+                return jobs
+
+
+def serve(engine: Engine, inbox: Inbox, send: Send) -> None:
+    """The scheduling loop (continuous batching) until the inbox's input ends and its work is done.
+
+    Between decode steps it reads what has arrived (new jobs and cancellations: all of them,
+    so requests that came during a step start together), ends cancelled sequences and admits
+    waiting jobs to free slots; each step then advances every active sequence. With
+    nothing to do it blocks on its input. An embedding request (or a token count) runs whole
+    between two steps. What a round produces goes out in two writes at most: one before the
+    step, one after it.
+    """
+    cancellations = inbox.cancellations
     outbox = Outbox(send, cancellations)
     waiting: deque[Generate] = deque()
-    open_ = True
-    while open_ or engine.busy or waiting:
+    while inbox.open or engine.busy or waiting:
         idle = not engine.busy and not waiting
-        if idle and open_ and jobs.empty():
-            # Nothing to do: a moment to keep long prompts' caches on disk.
+        arrived = inbox.take(wait=False)
+        if idle and not arrived and inbox.open:
+            # Nothing to do: a moment to keep long prompts' caches on disk, then wait for work.
             engine.save_prompts()
-        try:
-            job = jobs.get(block=idle and open_)
-            while True:
-                if job is None:
-                    open_ = False
-                elif isinstance(job, Embed):
-                    outbox.put(embed_one(engine, job, cancellations))
-                    outbox.flush()
-                elif isinstance(job, Count):
-                    outbox.put(count_one(engine, job))
-                    outbox.flush()
-                else:
-                    waiting.append(job)
-                job = jobs.get_nowait()
-        except queue.Empty:
-            pass
+            arrived = inbox.take(wait=True)
+        for job in arrived:  # it grows: what came while an embedding ran
+            if isinstance(job, Embed):
+                arrived += inbox.take(wait=False)  # a Cancel for this one, say
+                outbox.put(embed_one(engine, job, cancellations))
+                outbox.flush()
+            elif isinstance(job, Count):
+                outbox.put(count_one(engine, job))
+                outbox.flush()
+            else:
+                waiting.append(job)
         for message in engine.cancel(cancellations.__contains__):
             outbox.put(message)
         for job in [j for j in waiting if j.id in cancellations]:
@@ -831,7 +865,7 @@ class Outbox:
 
 
 class Cancellations:
-    """Which jobs to stop, written by the reader thread and read between steps.
+    """Which jobs to stop, recorded as the :class:`Inbox` reads them and consulted between steps.
 
     Only jobs the runner has received and not finished can be cancelled, so a
     Cancel that arrives after its job ended is dropped instead of kept forever.

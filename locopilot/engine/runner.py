@@ -6,9 +6,10 @@ on stdout (see protocol.py, children.py). The first message is ``Load``; the run
 ``Ready`` or ``LoadFailed``. A llama.cpp crash kills only this process; the API
 process sees end-of-stream and fails the requests it had in flight.
 
-This module is the process: its pipes, the backend registration and a reader
-thread that turns frames into jobs and cancellations. The work itself is
-continuously batched by :func:`locopilot.engine.batching.serve`. stdout is
+This module is the process: its pipes and the backend registration. The work
+itself is continuously batched by :func:`locopilot.engine.batching.serve`, whose
+loop also reads the requests, between steps (no reader thread: nothing to hand a
+request over to, so an idle runner starts on one at once). stdout is
 reserved for frames: anything llama.cpp or Python prints to file descriptor 1
 is redirected to stderr (:func:`locopilot.children.prologue`).
 """
@@ -18,10 +19,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import queue
 import re
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,8 @@ import msgspec
 
 from locopilot.children import Receiver, Sender, prologue
 from locopilot.engine import offload, protocol
-from locopilot.engine.batching import Cancellations, Engine, serve
-from locopilot.engine.protocol import Cancel, Count, CpuBackend, Embed, Generate, GpuDevice, Load, LoadFailed, Probe
+from locopilot.engine.batching import Cancellations, Engine, Inbox, serve
+from locopilot.engine.protocol import CpuBackend, GpuDevice, Load, LoadFailed, Probe
 
 log = logging.getLogger("locopilot.runner")
 
@@ -284,24 +283,5 @@ def main() -> int:
         log.warning("%s", placed.reason)
     channel.send(msgspec.structs.replace(engine.ready(), gpu_layers=placed.on_gpu, offload=placed.reason))
 
-    jobs: queue.Queue[Generate | Embed | Count | None] = queue.Queue()
-    cancellations = Cancellations()
-
-    def read_requests() -> None:
-        try:
-            for request in requests:
-                match request:
-                    case Cancel(id=job_id):
-                        cancellations.cancel(job_id)
-                    case Generate() | Embed() | Count() as job:
-                        cancellations.begin(job.id)
-                        jobs.put(job)
-                    case Load():
-                        log.warning("ignoring a second load message")
-        finally:
-            cancellations.close()
-            jobs.put(None)
-
-    threading.Thread(target=read_requests, name="runner-reader", daemon=True).start()
-    serve(engine, jobs, channel.send_all, cancellations)
+    serve(engine, Inbox(requests.receive_all, Cancellations()), channel.send_all)
     return 0

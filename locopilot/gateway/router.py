@@ -71,7 +71,6 @@ PRIVACY_LEVELS: tuple[Privacy, ...] = ("local_only", "local_preferred", "any")
 BREAKER_THRESHOLD = 3
 BREAKER_COOLDOWN = 30.0
 MODELS_TTL = 30.0
-LOCAL_MODELS_TTL = 1.0
 PROBE_INTERVAL = 15.0
 PROBE_TIMEOUT = 5.0
 LATENCY_WEIGHT = 0.3
@@ -185,8 +184,8 @@ class ProviderState:
     """A provider and what the router knows of it.
 
     ``local_engine`` marks locopilot's own engine: it is asked for its models
-    every time (a file listing), is not probed, and keeps its health per model
-    itself, so no breaker trips on it.
+    every time (it keeps its folder's listing until the folder changes), is not
+    probed, and keeps its health per model itself, so no breaker trips on it.
     """
 
     provider: Provider
@@ -510,9 +509,8 @@ class Router:
         if state.configured_models:
             return list(state.configured_models)
         if state.local_engine:
-            # A folder listing; a second old is fresh enough and spares a scan per request.
-            if state.models is None or self.clock() - state.models_at > LOCAL_MODELS_TTL:
-                state.models, state.models_at = await state.provider.models(), self.clock()
+            # The folder's listing, which the provider keeps until the folder changes.
+            state.models, state.models_at = await state.provider.models(), self.clock()
             names = state.models
             default = [n for n in names if n == self.default_model]
             return default + [n for n in names if n != self.default_model]

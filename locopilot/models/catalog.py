@@ -144,6 +144,15 @@ class ModelCatalog:
         # The folders on the way are resolved; the name is kept.
         return path.parent.resolve() / path.name if SPLIT_RE.search(path.name) else path.resolve()
 
+    def stamp(self) -> tuple[int, int, int] | None:
+        """The folder's device, inode and modification time (ns), which a name added, removed or
+        renamed in it changes; None if it is missing. One stat: cheap enough for every request."""
+        try:
+            st = os.stat(self.models_dir)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns)
+
     def list(self) -> list[ModelEntry]:
         """All models, sorted by name. Files that fail to parse are listed with ``error`` set."""
         folder = self.models_dir.resolve()

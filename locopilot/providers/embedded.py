@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator
 
 import anyio
@@ -93,6 +94,17 @@ def generate_job(request: GenerationRequest) -> Generate:
     )
 
 
+LISTING_TTL = 30.0
+"""Seconds a listing of an unchanged models folder is kept (a file rewritten in place, or a link's
+target replaced, leaves the folder's own time as it was)."""
+UNSETTLED_TTL = 1.0
+"""Seconds a listing is kept while a file in the folder does not read as a model (one being copied
+in, say: it changes nothing in the folder when it is complete)."""
+SETTLE = 1.0
+"""A folder changed less than this many seconds before a listing is listed again on the next ask:
+its time comes from a coarse clock, so a second change soon after may leave it as it was."""
+
+
 class EmbeddedProvider:
     name = "embedded"
     locality: Locality = "local"
@@ -101,10 +113,29 @@ class EmbeddedProvider:
         self.manager = manager
         self.catalog = catalog
         self.queue_size = queue_size
+        # The last listing: the folder's stamp then, the names, until when (monotonic) it holds.
+        self._listing: tuple[tuple[int, int, int] | None, list[str], float] | None = None
 
     async def models(self) -> list[str]:
+        """The usable models in the folder. Listed again only when the folder changed (one stat here,
+        inline) or the listing is older than :data:`LISTING_TTL` (:data:`UNSETTLED_TTL` with a file
+        that is not a model yet, none right after a change): every routing plan asks, and a
+        listing runs in a thread."""
+        stamp = self.catalog.stamp()
+        now = time.monotonic()
+        if self._listing is not None and self._listing[0] == stamp and now < self._listing[2]:
+            return list(self._listing[1])
+        started = time.time()
         entries = await anyio.to_thread.run_sync(self.catalog.list)
-        return [entry.name for entry in entries if entry.error is None]
+        names = [entry.name for entry in entries if entry.error is None]
+        if stamp is None or started - stamp[2] / 1e9 < SETTLE:
+            ttl = 0.0
+        elif len(names) < len(entries):
+            ttl = UNSETTLED_TTL
+        else:
+            ttl = LISTING_TTL
+        self._listing = (stamp, names, now + ttl)
+        return list(names)
 
     async def aclose(self) -> None:
         await self.manager.aclose()
