@@ -103,7 +103,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Tra
 def test_training_reports_progress_and_the_loss_falls(trained: Trained) -> None:
     started, *progress, finished = trained.events
     assert isinstance(started, Started)
-    assert started.examples == 30 and started.trained_layers == 6 and started.validation_windows >= 1
+    assert started.examples == 30 and started.trained_layers == 6 and started.validation_examples == 3
+    assert 1 <= started.dataset_windows <= started.windows
     assert trained.finished == finished
     assert progress and all(isinstance(p, Progress) for p in progress)
     steps = [p.step for p in progress if isinstance(p, Progress)]
