@@ -20,7 +20,13 @@ from locopilot.errors import LocopilotError
 from locopilot.models.catalog import ModelCatalog
 from locopilot.training import jobfile
 from locopilot.training.adapters import FRAMEWORKS
-from locopilot.training.hyperparameters import DEFAULT_CONTEXT, DEFAULT_LORA_LEARNING_RATE, DEFAULT_LORA_RANK, FIELDS
+from locopilot.training.hyperparameters import (
+    DEFAULT_CONTEXT,
+    DEFAULT_LORA_LEARNING_RATE,
+    DEFAULT_LORA_RANK,
+    FIELDS,
+    GATE_THRESHOLDS,
+)
 from locopilot.training.spotcheck import SpotCheck
 from locopilot.training.trainer import Finished, TrainConfig
 
@@ -37,15 +43,18 @@ def base_model_path(model: str) -> Path:
         raise SystemExit(1) from exc
 
 
-#: Where a flag's ``auto`` differs between the built-in trainer and an external framework.
-AUTO_NOTES = {
+#: The options an external framework has no counterpart for: given with ``--framework``, they are refused.
+BUILTIN_ONLY = ("output_type", "weight_decay", "loss", "anchors", "checkpoint_steps", *GATE_THRESHOLDS)
+#: Where a flag differs between the built-in trainer and an external framework.
+NOTES = {
     "epochs": "auto: builtin, from the dataset's size; LoRA, 1.",
     "learning_rate": f"auto: builtin, from the model's size; LoRA, {DEFAULT_LORA_LEARNING_RATE:g}.",
     "layers": "auto: builtin, from the model's size; LoRA, 0.",
     "lora_rank": f"builtin: a base in the models folder; auto, from its size. LoRA: default {DEFAULT_LORA_RANK}.",
-    "output_type": "Built-in trainer only.",
-    "weight_decay": "Built-in trainer only.",
+    **dict.fromkeys(BUILTIN_ONLY, "Built-in trainer only."),
 }
+#: The gate's thresholds that read the spot check's answers.
+SPOT_CHECK_THRESHOLDS = ("min_recall", "max_spot_check_lost")
 
 
 @click.group(invoke_without_command=True)
@@ -59,7 +68,7 @@ AUTO_NOTES = {
     jobfile.TrainOptions,
     only=("base", "dataset", "framework", *FIELDS, "spot_check", "python"),
     aliases={"learning_rate": ("--lr",)},
-    notes=AUTO_NOTES,
+    notes=NOTES,
 )
 @click.option(
     "--dry-run", is_flag=True, help="External frameworks: write the config and print the command, run nothing."
@@ -119,6 +128,10 @@ def train(
     if not dataset.is_file():
         print_error(f"the dataset {dataset} is not a file")
         raise SystemExit(2)
+    if not options.builtin and (builtin_only := changed(options, BUILTIN_ONLY)):
+        raise click.UsageError(
+            f"{as_flags(builtin_only)}: built-in trainer only; --framework {options.framework} has no such setting"
+        )
     if on_server or remote is not None:
         if options.framework != "builtin" or dry_run:
             raise click.UsageError("--server and --remote run the built-in trainer, without --framework or --dry-run")
@@ -127,6 +140,17 @@ def train(
         _train_builtin(options, options.base, dataset)
     else:
         _train_external(options, options.base, dataset, dry_run=dry_run)
+
+
+def as_flags(names: list[str]) -> str:
+    """Option names as their flags: ``--min-recall, --loss``."""
+    return ", ".join(f"--{name.replace('_', '-')}" for name in names)
+
+
+def changed(options: jobfile.TrainOptions, names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` whose value in ``options`` is not the default."""
+    default = jobfile.TrainOptions()
+    return [name for name in names if getattr(options, name) != getattr(default, name)]
 
 
 def server_job(options: jobfile.TrainOptions, base: str, remote: str | None) -> dict[str, Any]:
@@ -144,17 +168,24 @@ def _train_builtin(options: jobfile.TrainOptions, base: str, dataset: Path) -> N
         raise click.UsageError(
             "--lora-rank with the built-in trainer needs --base to name a model in the models folder"
         )
+    thresholds = {name: getattr(options, name) for name in GATE_THRESHOLDS if getattr(options, name) is not None}
+    if not options.spot_check and (needing := [n for n in SPOT_CHECK_THRESHOLDS if n in thresholds]):
+        raise click.UsageError(f"{as_flags(needing)} read the spot check's answers: drop --no-spot-check")
     name = f"{base_path.stem if base.endswith('.gguf') else base}-ft-{secrets.token_hex(4)}"
     # The job's own folder: its F32 copies are removed even when the worker was killed.
     work_dir = settings.data_path / "training" / name
     work_dir.mkdir(parents=True, exist_ok=True)
     output = ModelCatalog(settings.models_path).path_for(name)
     output.parent.mkdir(parents=True, exist_ok=True)
+    # With a gate, the result waits in the held folder (as a server job's does) until it passes.
+    held = settings.data_path / "training" / "held" / output.name
+    if thresholds:
+        held.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     config = TrainConfig(
         **msgspec.structs.asdict(options.hyperparameters()),
         base_path=str(base_path.resolve()),
         dataset_path=str(dataset.resolve()),
-        output_path=str(output),
+        output_path=str(held if thresholds else output),
         work_dir=str(work_dir),
         threads=settings.threads,
         spot_check=options.spot_check,
@@ -178,6 +209,18 @@ def _train_builtin(options: jobfile.TrainOptions, base: str, dataset: Path) -> N
     )
     if finished.spot_check is not None:
         _print_spot_check(finished.spot_check)
+    if thresholds:
+        from locopilot.training.jobs import gate, move_into
+
+        if reasons := gate(thresholds, finished):
+            print_error(
+                "held back by the eval gate, not published as a model: "
+                + "; ".join(reasons)
+                + f". The result is kept at {held}"
+            )
+            raise SystemExit(1)
+        move_into(held, output)
+        console.print(f"the eval gate passed; {name} is in the models folder", highlight=False)
 
 
 def _print_spot_check(check: SpotCheck) -> None:

@@ -152,3 +152,5 @@ class Hyperparameters(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 
 FIELDS = Hyperparameters.__struct_fields__
+#: The eval gate's thresholds (locopilot.training.jobs.gate).
+GATE_THRESHOLDS = ("min_recall", "max_validation_loss", "max_spot_check_lost")

@@ -61,6 +61,7 @@ from locopilot.store.jobs import TrainingJob
 from locopilot.training import lineage
 from locopilot.training.hyperparameters import (
     DEFAULT_CONTEXT,
+    GATE_THRESHOLDS,
     FileId,
     Hyperparameters,
     ModelName,
@@ -553,7 +554,7 @@ class JobService:
         if reasons:
             held = self.work_root / "held" / f"{job.id}{source.suffix}"
             held.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _move_into(source, held)
+            move_into(source, held)
             result["gate"]["held_path"] = str(held)
             message = "held back by the eval gate, not published as a model: " + "; ".join(reasons)
             self._finish_sync(
@@ -585,7 +586,7 @@ class JobService:
         )
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         lineage.write(target, record)
-        _move_into(source, target)
+        move_into(source, target)
         self._finish_sync(
             job.id,
             "succeeded",
@@ -633,9 +634,6 @@ def finish(
 
 
 #: The eval gate's thresholds: a job's hyperparameters may set any of them.
-GATE_THRESHOLDS = ("min_recall", "max_validation_loss", "max_spot_check_lost")
-
-
 def gate(thresholds: dict[str, Any], finished: Finished) -> list[str]:
     """Why the result must not be published, by the job's thresholds; empty when it may be.
 
@@ -692,7 +690,7 @@ def resumable_jobs(settings: Settings) -> set[str]:
     return {folder.name for folder in root.iterdir() if checkpoint_step(folder) is not None}
 
 
-def _move_into(source: Path, target: Path) -> None:
+def move_into(source: Path, target: Path) -> None:
     """Rename ``source`` to ``target``, or copy it (to a hidden name first) across file systems."""
     try:
         os.replace(source, target)
