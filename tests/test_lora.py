@@ -1,4 +1,4 @@
-"""LoRA adapters: PEFT folders converted to GGUF LoRA, served beside their base, and merged.
+"""LoRA adapters: PEFT and MLX-LM folders converted to GGUF LoRA, served beside their base, and merged.
 
 The adapters are made here with numpy for SmolLM2-135M (a llama model: 30 blocks, 9 heads, 3 KV
 heads, width 576); Hugging Face's shapes for its projections follow from the GGUF's.
@@ -69,6 +69,29 @@ def peft_folder(
     return folder
 
 
+def mlx_folder(folder: Path, pairs: dict[str, tuple[np.ndarray, np.ndarray]], scale: float, **config: object) -> Path:
+    """An MLX-LM adapter folder for the same ``pairs`` (PEFT's lora_A, lora_B): MLX-LM's layer keeps
+    lora_a ``(n_in, r)`` and lora_b ``(r, n_out)`` and adds ``scale·(x·lora_a)·lora_b``; its
+    adapter_config.json is the training command's arguments."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, (a, b) in pairs.items():
+        block, module = key.split(".", 1)
+        tensors[f"model.layers.{block}.{module}.lora_a"] = a.T
+        tensors[f"model.layers.{block}.{module}.lora_b"] = b.T
+    write_safetensors(folder / peft.MLX_WEIGHTS, tensors)
+    rank = next(iter(pairs.values()))[0].shape[0]
+    body = {
+        "fine_tune_type": "lora",
+        "num_layers": 16,
+        "lora_parameters": {"rank": rank, "dropout": 0.0, "scale": scale},
+        "optimizer": "adam",
+        **config,
+    }
+    (folder / peft.CONFIG).write_text(json.dumps(body))
+    return folder
+
+
 def random_pairs(seed: int, size: float, blocks: range, r: int = 4) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     pairs = {}
@@ -130,8 +153,36 @@ def test_unconvertible_peft_adapters_are_refused(tmp_path: Path, smollm2_path: P
     wide = {"0.self_attn.q_proj": (np.zeros((4, 100), np.float32), np.zeros((WIDTH, 4), np.float32))}
     with pytest.raises(lora.AdapterError, match="base has"):
         peft.convert(peft_folder(tmp_path / "w", wide, r=4, alpha=8), smollm2_path, SMOL)
-    with pytest.raises(lora.AdapterError, match=r"no adapter_config\.json"):
+    with pytest.raises(
+        lora.AdapterError, match=r"neither adapter_model\.safetensors \(PEFT\) nor adapters\.safetensors"
+    ):
         peft.convert(tmp_path, smollm2_path, SMOL)
+
+
+def test_an_mlx_lm_adapter_converts_to_the_delta_of_the_same_peft_adapter(tmp_path: Path, smollm2_path: Path) -> None:
+    """MLX-LM's layout (transposed matrices, its scale not divided by the rank) gives the same GGUF
+    adapter as PEFT's folder for the same change, q/k permutation included."""
+    pairs = random_pairs(7, 0.1, range(2), r=4)
+    from_peft = peft.convert(peft_folder(tmp_path / "p", pairs, r=4, alpha=8), smollm2_path, SMOL)
+    from_mlx = peft.convert(mlx_folder(tmp_path / "m", pairs, scale=2.0), smollm2_path, SMOL)
+    assert set(from_mlx.pairs) == set(from_peft.pairs) and len(from_mlx.pairs) == 2 * len(SHAPES)
+    for name in from_peft.pairs:
+        np.testing.assert_allclose(from_mlx.delta(name), from_peft.delta(name), rtol=1e-6, atol=1e-9)
+    a, b = pairs["1.self_attn.v_proj"]
+    np.testing.assert_allclose(from_mlx.delta("blk.1.attn_v.weight"), 2.0 * b @ a, rtol=1e-5, atol=1e-7)
+
+
+def test_mlx_lm_adapters_that_are_not_lora_are_refused(tmp_path: Path, smollm2_path: Path) -> None:
+    pairs = random_pairs(8, 0.1, range(1))
+    with pytest.raises(lora.AdapterError, match="fine_tune_type 'dora'; only MLX-LM's LoRA adapters"):
+        peft.convert(mlx_folder(tmp_path / "d", pairs, scale=20.0, fine_tune_type="dora"), smollm2_path, SMOL)
+    folder = mlx_folder(tmp_path / "s", pairs, scale=20.0)
+    (folder / peft.CONFIG).write_text(json.dumps({"fine_tune_type": "lora", "lora_parameters": {"rank": 4}}))
+    with pytest.raises(lora.AdapterError, match=r"needs lora_parameters\.scale"):
+        peft.convert(folder, smollm2_path, SMOL)
+    (folder / peft.CONFIG).unlink()
+    with pytest.raises(lora.AdapterError, match=r"no adapter_config\.json: MLX-LM writes one"):
+        peft.convert(folder, smollm2_path, SMOL)
 
 
 def run_cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
@@ -148,7 +199,7 @@ F32 = "smol-f32"
 def lora_server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterator[Server]:
     """SmolLM2 (Q4_1) with adapters ``bent`` (a moderate change of blocks 20-29) and ``loud`` (a large
     change of every block), and SmolLM2 as F32 with ``tiny`` (a change of about 1e-6) and ``bent``; all
-    converted from PEFT folders through the CLI.
+    converted from PEFT folders through the CLI; and F32's ``bent-mlx``, ``bent`` from an MLX-LM folder.
 
     Close comparisons use the F32 base: with Q4_1 weights llama.cpp quantizes each matrix's input
     to 8 bits, so any change upstream, however small, can move a later input across a rounding
@@ -171,6 +222,10 @@ def lora_server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) ->
         folder = peft_folder(folders / f"{base}-{name}", random_pairs(seed, size, blocks), r=4, alpha=4)
         done = run_cli(running, "adapter", str(folder), "--base", base, "--name", f"{base}-{name}")
         assert done.returncode == 0, done.stderr
+    # The same change as F32's ``bent``, as MLX-LM writes it (its scale is PEFT's alpha / r).
+    folder = mlx_folder(folders / "mlx-bent", random_pairs(4, 0.3, range(20, 30)), scale=1.0)
+    done = run_cli(running, "adapter", str(folder), "--base", F32, "--name", f"{F32}-bent-mlx")
+    assert done.returncode == 0, done.stderr
     yield running
     running.stop()
 
@@ -209,6 +264,13 @@ def test_adapters_are_listed_with_their_base(lora_server: Server) -> None:
     for base, name in ((SMOL, "bent"), (SMOL, "loud"), (F32, "tiny"), (F32, "bent")):
         assert cards[f"{base}-{name}"]["adapter_of"] == base
     assert cards[SMOL].get("adapter_of") is None
+
+
+def test_an_mlx_lm_adapter_is_served_as_the_same_peft_adapter_is(lora_server: Server) -> None:
+    client = lora_server.client()
+    peft_made, mlx_made = first_logprobs(client, f"{F32}-bent"), first_logprobs(client, f"{F32}-bent-mlx")
+    assert max(abs(ours - theirs) for ours, theirs in zip(peft_made, mlx_made, strict=True)) < 1e-3
+    assert greedy(client, f"{F32}-bent-mlx") == greedy(client, f"{F32}-bent") != greedy(client, F32)
 
 
 def test_adapters_run_on_the_bases_runner(lora_server: Server) -> None:

@@ -190,8 +190,9 @@ def import_models(folder: Path, copy: bool, server: Choice) -> None:
 @click.option("--base", required=True, help="The model in the models folder the adapter was trained on.")
 @click.option("--name", required=True, help="The adapter's model name.")
 def add_adapter(folder: Path, base: str, name: str) -> None:
-    """Convert a PEFT LoRA adapter (adapter_config.json and adapter_model.safetensors, as Unsloth,
-    Axolotl and PEFT write them) to a GGUF LoRA adapter of BASE in the local models folder.
+    """Convert a LoRA adapter folder to a GGUF LoRA adapter of BASE in the local models folder:
+    PEFT's (adapter_config.json and adapter_model.safetensors, as Unsloth, Axolotl and PEFT write
+    them) or MLX-LM's (adapter_config.json and adapters.safetensors).
 
     The server serves it at once beside its base, on the base's runner.
     """

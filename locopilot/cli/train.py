@@ -300,7 +300,8 @@ def _train_external(options: jobfile.TrainOptions, base: str, dataset: Path, *, 
         print_error(str(exc))
         raise SystemExit(1) from exc
     console.print(
-        f"trained a LoRA adapter in {plan.adapter_dir}; locopilot serves GGUF only, so it is not in the models folder",
+        f"trained a LoRA adapter in {plan.adapter_dir}. To serve it beside a GGUF of the same base: "
+        f"locopilot models adapter {plan.adapter_dir} --base MODEL --name NAME",
         highlight=False,
     )
 

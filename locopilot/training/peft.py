@@ -1,11 +1,17 @@
-"""PEFT LoRA adapters (what Unsloth, Axolotl and Hugging Face PEFT write) to GGUF LoRA, without PyTorch.
+"""LoRA adapters that external frameworks write, to GGUF LoRA, without PyTorch: PEFT's (Unsloth,
+Axolotl, Hugging Face PEFT) and MLX-LM's.
 
 A PEFT adapter is a folder with ``adapter_config.json`` (``r``, ``lora_alpha``, ``use_rslora``,
 ``rank_pattern``/``alpha_pattern``, ...) and ``adapter_model.safetensors`` holding
 ``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`` (shape ``(r, n_in)``) and its
-``lora_B`` (``(n_out, r)``) for each adapted projection. The safetensors file is read here with
-numpy (:func:`read_safetensors`: an 8-byte little-endian header length, a JSON header naming
-each tensor's dtype, shape and byte range, then the bytes).
+``lora_B`` (``(n_out, r)``) for each adapted projection; the served weight is
+``W + scale·B·A``. MLX-LM's folder has its own ``adapter_config.json`` (its command's arguments:
+``fine_tune_type``, ``lora_parameters`` with ``rank`` and ``scale``) and ``adapters.safetensors``
+holding ``model.layers.N.self_attn.q_proj.lora_a`` (``(n_in, r)``) and ``lora_b`` (``(r, n_out)``):
+its layer computes ``x·W^T + scale·(x·lora_a)·lora_b``, so PEFT's A and B are ``lora_a^T`` and
+``lora_b^T``, with MLX-LM's ``scale`` as it is (not divided by the rank). The safetensors files
+are read here with numpy (:func:`read_safetensors`: an 8-byte little-endian header length, a
+JSON header naming each tensor's dtype, shape and byte range, then the bytes).
 
 Conversion, as llama.cpp's ``convert_lora_to_gguf.py`` does it:
 
@@ -17,8 +23,9 @@ Conversion, as llama.cpp's ``convert_lora_to_gguf.py`` does it:
   alphas from the patterns) is folded into ``lora_B`` and the GGUF says ``alpha = 0`` (llama.cpp's
   scale 1), so every module keeps its own scale exactly.
 
-Refused with a clear error: DoRA (``use_dora``), ``modules_to_save`` (full weights, not LoRA),
-embedding adapters, ``fan_in_fan_out``, and architectures whose conversion is not known here.
+Refused with a clear error: DoRA (``use_dora``; MLX-LM's ``fine_tune_type`` ``dora``),
+``modules_to_save`` and MLX-LM's ``full`` (full weights, not LoRA), embedding adapters,
+``fan_in_fan_out``, and architectures whose conversion is not known here.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ if TYPE_CHECKING:
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+MLX_WEIGHTS = "adapters.safetensors"
 #: A safetensors header larger than this is refused before it is read.
 MAX_HEADER = 64 * 1024 * 1024
 #: Hugging Face module (its last two names) -> GGUF tensor in block N.
@@ -55,6 +63,7 @@ MODULES = {
 #: Architectures converted here, and whether their q/k rows are permuted (convert_hf_to_gguf's LlamaModel).
 ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
 _NAME = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.weight$")
+_MLX_NAME = re.compile(r"^(?:model\.)?layers\.(\d+)\.(\w+\.\w+)\.lora_([ab])$")
 _DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
 
 
@@ -98,49 +107,86 @@ def permute(rows: np.ndarray, heads: int) -> np.ndarray:
 
 
 def convert(folder: Path, base: Path, base_name: str) -> Adapter:
-    """The PEFT adapter in ``folder`` as a GGUF LoRA :class:`Adapter` for the GGUF model ``base``
-    (named ``base_name`` in the models folder); AdapterError for what cannot be converted."""
+    """The adapter in ``folder`` (PEFT's or MLX-LM's) as a GGUF LoRA :class:`Adapter` for the GGUF
+    model ``base`` (named ``base_name`` in the models folder); AdapterError for what cannot be converted."""
     import gguf
 
-    config = _config(folder)
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise AdapterError(f"{folder} has no {WEIGHTS}")
+    if (folder / WEIGHTS).is_file():
+        pairs = _peft_pairs(folder)
+    elif (folder / MLX_WEIGHTS).is_file():
+        pairs = _mlx_pairs(folder)
+    else:
+        raise AdapterError(f"{folder} has neither {WEIGHTS} (PEFT) nor {MLX_WEIGHTS} (MLX-LM)")
     reader = gguf.GGUFReader(base)
     arch = str(_field(reader, "general.architecture"))
     if arch not in ARCHITECTURES:
         raise AdapterError(
-            f"converting PEFT adapters for {arch!r} models is not supported (only {sorted(ARCHITECTURES)})"
+            f"converting LoRA adapters for {arch!r} models is not supported (only {sorted(ARCHITECTURES)})"
         )
     heads = int(_field(reader, f"{arch}.attention.head_count"))
     kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv") or heads)
-    halves: dict[str, dict[str, np.ndarray]] = {}
-    for name, tensor in read_safetensors(weights).items():
-        match = _NAME.match(name)
-        if match is None or match[2] not in MODULES:
-            raise AdapterError(f"{WEIGHTS}: {name} is not a LoRA weight of a projection converted here")
-        block, module, half = match[1], match[2], match[3]
-        halves.setdefault(f"{block}.{module}", {})[half] = tensor
     adapter = Adapter(architecture=arch, base=base_name, alpha=0.0)
-    for key, pair in sorted(halves.items()):
-        if set(pair) != {"A", "B"}:
-            raise AdapterError(f"{WEIGHTS}: {key} has only lora_{next(iter(pair))}")
-        block, module = key.split(".", 1)
-        a, b = pair["A"], pair["B"]
-        b = b * _scale(config, f"model.layers.{block}.{module}", a.shape[0])
+    for (block, module), (a, b) in sorted(pairs.items()):
         if ARCHITECTURES[arch] and module == "self_attn.q_proj":
             b = permute(b, heads)
         elif ARCHITECTURES[arch] and module == "self_attn.k_proj":
             b = permute(b, kv_heads)
         adapter.pairs[f"blk.{block}.{MODULES[module]}.weight"] = (a, b)
     if not adapter.pairs:
-        raise AdapterError(f"{WEIGHTS} holds no LoRA weights")
+        raise AdapterError(f"{folder} holds no LoRA weights")
     check_fits(adapter, base)
     return adapter
 
 
+#: One adapted projection: (block, Hugging Face module) -> (A ``(r, n_in)``, B ``(n_out, r)`` with the scale folded in).
+Pairs = dict[tuple[str, str], tuple["np.ndarray", "np.ndarray"]]
+
+
+def _halves(weights: Path, pattern: re.Pattern[str]) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+    """The safetensors file's tensors by (block, module) and half (``A``/``B``, either case)."""
+    halves: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    for name, tensor in read_safetensors(weights).items():
+        match = pattern.match(name)
+        if match is None or match[2] not in MODULES:
+            raise AdapterError(f"{weights.name}: {name} is not a LoRA weight of a projection converted here")
+        halves.setdefault((match[1], match[2]), {})[match[3].upper()] = tensor
+    for (block, module), pair in halves.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"{weights.name}: layers.{block}.{module} has only one of its two LoRA matrices")
+    return halves
+
+
+def _peft_pairs(folder: Path) -> Pairs:
+    config = _config(folder)
+    return {
+        (block, module): (pair["A"], pair["B"] * _scale(config, f"model.layers.{block}.{module}", pair["A"].shape[0]))
+        for (block, module), pair in _halves(folder / WEIGHTS, _NAME).items()
+    }
+
+
+def _mlx_pairs(folder: Path) -> Pairs:
+    path = folder / CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise AdapterError(f"{folder} has no {CONFIG}: MLX-LM writes one beside {MLX_WEIGHTS}") from exc
+    except (ValueError, OSError) as exc:
+        raise AdapterError(f"{path} is not readable JSON: {exc}") from exc
+    kind = config.get("fine_tune_type", "lora") if isinstance(config, dict) else None
+    if kind != "lora":
+        raise AdapterError(f"{path}: fine_tune_type {kind!r}; only MLX-LM's LoRA adapters (lora) are converted")
+    scale = (config.get("lora_parameters") or {}).get("scale")
+    if not isinstance(scale, int | float):
+        raise AdapterError(f"{path}: needs lora_parameters.scale")
+    return {
+        key: (pair["A"].T.copy(), pair["B"].T * float(scale))
+        for key, pair in _halves(folder / MLX_WEIGHTS, _MLX_NAME).items()
+    }
+
+
 def import_folder(catalog: ModelCatalog, folder: Path, base: str, name: str) -> ModelEntry:
-    """Convert the PEFT adapter in ``folder`` for the model ``base`` and add it to the models folder as ``name``."""
+    """Convert the adapter in ``folder`` (PEFT's or MLX-LM's) for the model ``base`` and add it to
+    the models folder as ``name``."""
     target = catalog.path_for(name)
     if target.is_symlink() or target.exists():
         raise AdapterError(f"The model '{name}' already exists", param="name")
