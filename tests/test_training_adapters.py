@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -39,6 +40,7 @@ from locopilot.training.adapters.base import (
 )
 from locopilot.training.adapters.mlx_lm import MLXLM
 from locopilot.training.adapters.unsloth import SCRIPT, Unsloth
+from locopilot.training.peft import hf_pairs, read_safetensors
 from tests.conftest import ROOT
 from tests.test_cli import make_env
 from tests.test_training import facts_dataset
@@ -330,6 +332,23 @@ def test_mlx_lm_trains_a_lora_adapter_for_real(tmp_path: Path, tiny_model: Path)
         timeout=120,
     )
     assert set(config) <= set(json.loads(known.stdout)), set(config) - set(json.loads(known.stdout))
+    # locopilot reads the adapter as MLX-LM's own fuse applies it: the fused weights minus the base's.
+    fused = tmp_path / "fused"
+    fuse = ["fuse", "--model", str(tiny_model), "--adapter-path", str(out / "adapter"), "--save-path", str(fused)]
+    subprocess.run(
+        [python, "-m", "mlx_lm", *fuse],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    base, merged = read_safetensors(tiny_model / "model.safetensors"), read_safetensors(fused / "model.safetensors")
+    pairs = hf_pairs(out / "adapter")
+    assert len(pairs) == 7  # every projection of the one trained block
+    for (block, module), (a, b) in pairs.items():
+        name = f"model.layers.{block}.{module}.weight"
+        delta = merged[name] - base[name]
+        assert np.abs(delta).max() > 1e-6, name
+        np.testing.assert_allclose(b @ a, delta, rtol=0, atol=1e-7)
 
 
 @needs_torch

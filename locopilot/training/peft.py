@@ -111,12 +111,7 @@ def convert(folder: Path, base: Path, base_name: str) -> Adapter:
     model ``base`` (named ``base_name`` in the models folder); AdapterError for what cannot be converted."""
     import gguf
 
-    if (folder / WEIGHTS).is_file():
-        pairs = _peft_pairs(folder)
-    elif (folder / MLX_WEIGHTS).is_file():
-        pairs = _mlx_pairs(folder)
-    else:
-        raise AdapterError(f"{folder} has neither {WEIGHTS} (PEFT) nor {MLX_WEIGHTS} (MLX-LM)")
+    pairs = hf_pairs(folder)
     reader = gguf.GGUFReader(base)
     arch = str(_field(reader, "general.architecture"))
     if arch not in ARCHITECTURES:
@@ -140,6 +135,16 @@ def convert(folder: Path, base: Path, base_name: str) -> Adapter:
 
 #: One adapted projection: (block, Hugging Face module) -> (A ``(r, n_in)``, B ``(n_out, r)`` with the scale folded in).
 Pairs = dict[tuple[str, str], tuple["np.ndarray", "np.ndarray"]]
+
+
+def hf_pairs(folder: Path) -> Pairs:
+    """The adapter in ``folder`` (PEFT's or MLX-LM's) in Hugging Face's terms: each adapted
+    projection's change of its weight is ``B @ A``, the scale folded into B."""
+    if (folder / WEIGHTS).is_file():
+        return _peft_pairs(folder)
+    if (folder / MLX_WEIGHTS).is_file():
+        return _mlx_pairs(folder)
+    raise AdapterError(f"{folder} has neither {WEIGHTS} (PEFT) nor {MLX_WEIGHTS} (MLX-LM)")
 
 
 def _halves(weights: Path, pattern: re.Pattern[str]) -> dict[tuple[str, str], dict[str, np.ndarray]]:
