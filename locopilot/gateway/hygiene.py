@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 from litestar import Request
 from litestar.config.cors import CORSConfig
-from litestar.types import Receive, Scope
+from litestar.types import HTTPRequestEvent, Receive, ReceiveMessage, Scope
 
 from locopilot.errors import Forbidden, InvalidRequest
 from locopilot.settings import Settings
@@ -196,8 +196,33 @@ async def screen_request(scope: Scope, receive: Receive) -> None:
     """Screen an inference request's body (see :func:`screen`) before anything decodes it.
 
     The body is read through Litestar's Request, which keeps it for the handler and enforces
-    ``LOCOPILOT_MAX_BODY_BYTES`` (413) while reading.
+    ``LOCOPILOT_MAX_BODY_BYTES`` (413) while reading; :func:`until_length` saves it a receive.
     """
     if scope["method"] == "POST" and scope["path"] in SCREENED_PATHS:  # type: ignore[typeddict-item]
-        body = await Request[Any, Any, Any](scope, receive).body()
+        body = await Request[Any, Any, Any](scope, until_length(scope, receive)).body()
         screen(body)
+
+
+def until_length(scope: Scope, receive: Receive) -> Receive:
+    """``receive``, where the message that completes a body of the announced ``Content-Length`` is its last.
+
+    granian marks every piece of a body ``more_body: True`` and ends it with an empty message of its own,
+    which costs a reader one more receive, a round trip through the server's threads, per request. The
+    server has checked the length (a connection cannot carry more), so the last byte ends the body.
+    """
+    length = next((value for name, value in scope["headers"] if name == b"content-length"), None)
+    if length is None or not length.isdigit():
+        return receive
+    remaining = int(length)
+
+    async def receive_body() -> ReceiveMessage:
+        nonlocal remaining
+        message = await receive()
+        if message["type"] == "http.request" and message.get("more_body", False):
+            remaining -= len(message["body"])
+            if remaining <= 0:
+                last: HTTPRequestEvent = {"type": "http.request", "body": message["body"], "more_body": False}
+                return last
+        return message
+
+    return receive_body
