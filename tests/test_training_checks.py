@@ -43,13 +43,13 @@ def test_only_the_answer_is_trained(smollm2_path: Path) -> None:
     ]
 
 
-def test_windows_carry_the_mask_of_their_labels() -> None:
-    examples = [([1, 2, 3, 4], [False, False, True, True]), ([5, 6, 7, 8], [False, True, True, False])]
-    (window, *_) = windows(examples, 4)
-    assert window.tokens == [1, 2, 3, 4] and window.labels == [2, 3, 4, 5]
-    assert window.trained == [False, True, True, False]
-    window.relabel([20, 30, 40, 50])
-    assert window.labels == [20, 3, 4, 50]
+def test_windows_take_each_tokens_label() -> None:
+    # Each example: its tokens and each token's label (the token, or the base's prediction).
+    examples = [([1, 2, 3, 4], [1, 2, 3, 4]), ([5, 6, 7, 8], [5, 60, 70, 8])]
+    first, second = windows(examples, 4)
+    assert first.tokens == [1, 2, 3, 4] and first.labels == [2, 3, 4, 5]
+    # Half overlapping: the second starts half a window on.
+    assert second.tokens == [3, 4, 5, 6] and second.labels == [4, 5, 60, 70]
 
 
 class FakeSession:
