@@ -30,9 +30,10 @@ has the table):
   which recalled 11 of 16 held-out questions where 3 passes recalled 13 (README).
 - ``batch_size``: always 1 window per step; ``auto`` and 1 are the same.
 - **LoRA rank** (:func:`lora_rank`, for a job that publishes an adapter): :data:`LORA_RANK`
-  for a model up to :data:`SMALL_MODEL` weights, twice that beyond. The adapter is the
-  truncated SVD of what full-layer training changed, so the rank bounds how much of the
-  change it keeps; not yet measured against recall (bench/finetune_recall.py can).
+  for a model up to :data:`SMALL_MODEL` weights, twice that beyond. Training keeps each
+  trained matrix's change within that rank as it goes (the trainer's ``_Session.project``),
+  and the adapter is the final change; not yet measured against recall on the bench's
+  facts (bench/finetune_recall.py can, with ``lora_rank``).
 
 The job reports the values chosen (OpenAI's job object, locopilot's ``hyperparameters``).
 """

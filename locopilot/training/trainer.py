@@ -16,9 +16,12 @@
    the losses before (:meth:`_Session.evaluate`).
 4. Train in chunks of ``chunk_windows`` windows per ``llama_opt_epoch`` call, one optimizer step
    per window; between chunks the learning rate is updated, progress reported and
-   cancellation checked.
+   cancellation checked. A job that publishes a LoRA adapter (``lora_rank``) trains the
+   blocks' matrices only and cuts each one's change back to that rank between chunks
+   (:meth:`_Session.project`).
 5. Save with ``llama_model_save_to_file`` and export (:mod:`locopilot.training.export`):
-   quantize (Q8_0 by default) and copy the base's metadata back.
+   quantize (Q8_0 by default) and copy the base's metadata back; or, with ``lora_rank``,
+   extract the adapter (:func:`~locopilot.training.lora.extract`).
 6. Unless ``spot_check`` is off, ask the untrained base exported the same way and the
    result a few general questions (:mod:`locopilot.training.spotcheck`) and report both
    answers in Finished.
