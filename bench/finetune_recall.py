@@ -289,7 +289,7 @@ def run_one(client: openai.OpenAI, url: str, set_name: str, setting: tuple[str, 
         ok = recalled(answer, value)
         right += ok
         print(f"    {'+' if ok else '-'} {question!r} -> {answer!r}", file=sys.stderr)
-    print(f"    stages {result.get('stage_seconds')}", file=sys.stderr)
+    print(f"    stages {result.get('stage_seconds')}, CPU {result.get('stage_cpu_seconds')}", file=sys.stderr)
     check = result.get("spot_check") or {}
     own = check.get("recall") or {}
     for spot in check.get("answers", []):

@@ -12,7 +12,7 @@ import pytest
 from locopilot.training.jobs import gate
 from locopilot.training.spotcheck import Recall, RecallAnswer, SpotCheck, recalled
 from locopilot.training.tokenizer import ChatTokenizer
-from locopilot.training.trainer import Checkpoints, CheckpointState, Finished, windows
+from locopilot.training.trainer import Checkpoints, CheckpointState, Finished, low_rank, windows
 from tests.conftest import SMOL, Server
 
 
@@ -43,13 +43,29 @@ def test_only_the_answer_is_trained(smollm2_path: Path) -> None:
     ]
 
 
-def test_windows_carry_the_mask_of_their_labels() -> None:
-    examples = [([1, 2, 3, 4], [False, False, True, True]), ([5, 6, 7, 8], [False, True, True, False])]
-    (window, *_) = windows(examples, 4)
-    assert window.tokens == [1, 2, 3, 4] and window.labels == [2, 3, 4, 5]
-    assert window.trained == [False, True, True, False]
-    window.relabel([20, 30, 40, 50])
-    assert window.labels == [20, 3, 4, 50]
+def test_windows_take_each_tokens_label() -> None:
+    # Each example: its tokens and each token's label (the token, or the base's prediction).
+    examples = [([1, 2, 3, 4], [1, 2, 3, 4]), ([5, 6, 7, 8], [5, 60, 70, 8])]
+    first, second = windows(examples, 4)
+    assert first.tokens == [1, 2, 3, 4] and first.labels == [2, 3, 4, 5]
+    # Half overlapping: the second starts half a window on.
+    assert second.tokens == [3, 4, 5, 6] and second.labels == [4, 5, 60, 70]
+
+
+def test_low_rank_keeps_what_a_truncated_svd_keeps() -> None:
+    # A LoRA job cuts each trained matrix's change to its rank between chunks (trainer._Session.project).
+    import numpy as np
+
+    generator = np.random.default_rng(0)
+    u, v = generator.standard_normal((1536, 48)), generator.standard_normal((48, 576))
+    delta = ((u * np.exp(-np.arange(48) / 6)) @ v).astype(np.float32)
+    kept = low_rank(delta, 16, generator)
+    assert kept.shape == delta.shape and kept.dtype == np.float32
+    assert np.linalg.matrix_rank(kept) == 16
+    left, sigma, right = np.linalg.svd(delta, full_matrices=False)
+    best = (left[:, :16] * sigma[:16]) @ right[:16]
+    assert np.linalg.norm(delta - kept) <= 1.01 * np.linalg.norm(delta - best)
+    assert np.linalg.norm(delta - best) < 0.2 * np.linalg.norm(delta)  # a change worth keeping, mostly kept
 
 
 class FakeSession:

@@ -176,7 +176,9 @@ def test_auto_hyperparameters_are_chosen_and_reported(trained: Trained, smollm2_
     header = read_header(smollm2_path)
     hyper = trained.job.hyperparameters
     started = next(data["data"] for name, data in trained.events if data.get("message", "").startswith("Training "))
-    assert hyper.n_epochs == auto.epochs(started["windows"]) == started["epochs"]
+    # Counted over the dataset's own windows, the anchors' left out.
+    assert hyper.n_epochs == auto.epochs(started["dataset_windows"]) == started["epochs"]
+    assert 1 <= started["dataset_windows"] <= started["windows"]
     assert hyper.batch_size == 1 and hyper.learning_rate_multiplier == 1.0
     extra = hyper.model_extra or {}
     assert extra["learning_rate"] == pytest.approx(auto.learning_rate(header))

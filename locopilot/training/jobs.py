@@ -639,7 +639,8 @@ def gate(thresholds: dict[str, Any], finished: Finished) -> list[str]:
 
     - ``min_recall``: the share of held-out examples the result answers (the recall check,
       :mod:`locopilot.training.spotcheck`) must be at least this;
-    - ``max_validation_loss``: the validation loss after training at most this;
+    - ``max_validation_loss``: the validation loss after training (the held-out answers' tokens
+      only, :class:`~locopilot.training.trainer.Finished`) at most this;
     - ``max_spot_check_lost``: at most this many of the spot check's general answers lost.
 
     A threshold whose measure the job did not take (no held-out examples, spot check off) holds

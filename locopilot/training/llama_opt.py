@@ -109,6 +109,8 @@ def training_lib() -> TrainingLib:
     declare("ggml_get_data", p, p)
     declare("ggml_get_name", ctypes.c_char_p, p)
     declare("ggml_nelements", i64, p)
+    declare("ggml_nrows", i64, p)
+    declare("ggml_n_dims", ctypes.c_int, p)
 
     opt_init = ctypes.CFUNCTYPE(None, p, p, OptParams)(("llama_opt_init", llama))
     epoch_callback = p  # ggml_opt_epoch_callback; we pass NULL and report between chunks
