@@ -171,12 +171,7 @@ def _peft_pairs(folder: Path) -> Pairs:
 
 def _mlx_pairs(folder: Path) -> Pairs:
     path = folder / CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise AdapterError(f"{folder} has no {CONFIG}: MLX-LM writes one beside {MLX_WEIGHTS}") from exc
-    except (ValueError, OSError) as exc:
-        raise AdapterError(f"{path} is not readable JSON: {exc}") from exc
+    config = _read_config(folder, f"MLX-LM writes one beside {MLX_WEIGHTS}")
     kind = config.get("fine_tune_type", "lora") if isinstance(config, dict) else None
     if kind != "lora":
         raise AdapterError(f"{path}: fine_tune_type {kind!r}; only MLX-LM's LoRA adapters (lora) are converted")
@@ -199,14 +194,20 @@ def import_folder(catalog: ModelCatalog, folder: Path, base: str, name: str) -> 
     return catalog.get(name)
 
 
-def _config(folder: Path) -> dict[str, Any]:
+def _read_config(folder: Path, missing: str) -> Any:
+    """``folder``'s adapter_config.json, parsed; ``missing`` completes the error when there is none."""
     path = folder / CONFIG
     try:
-        config = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise AdapterError(f"{folder} has no {CONFIG}: not a PEFT adapter folder") from exc
+        raise AdapterError(f"{folder} has no {CONFIG}: {missing}") from exc
     except (ValueError, OSError) as exc:
         raise AdapterError(f"{path} is not readable JSON: {exc}") from exc
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG
+    config = _read_config(folder, "not a PEFT adapter folder")
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: only LoRA adapters (peft_type LORA) are converted")
     for key, why in (
