@@ -9,7 +9,7 @@ from typing import Any
 import openai
 import pytest
 
-from locopilot.training.jobs import gate
+from locopilot.training.publishing import gate
 from locopilot.training.spotcheck import Recall, RecallAnswer, SpotCheck, recalled
 from locopilot.training.tokenizer import ChatTokenizer
 from locopilot.training.trainer import Checkpoints, CheckpointState, Finished, low_rank, windows

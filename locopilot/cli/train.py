@@ -210,7 +210,7 @@ def _train_builtin(options: jobfile.TrainOptions, base: str, dataset: Path) -> N
     if finished.spot_check is not None:
         _print_spot_check(finished.spot_check)
     if thresholds:
-        from locopilot.training.jobs import gate, move_into
+        from locopilot.training.publishing import gate, move_into
 
         if reasons := gate(thresholds, finished):
             print_error(

@@ -125,7 +125,7 @@ class Hyperparameters(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     loss: Loss = "answers"
     anchors: Anchors = "builtin"
     checkpoint_steps: CheckpointSteps = DEFAULT_CHECKPOINT_STEPS
-    # The eval gate (locopilot.training.jobs.gate): a result that misses one is kept, not published.
+    # The eval gate (locopilot.training.publishing.gate): a result that misses one is kept, not published.
     min_recall: MinRecall | None = None
     max_validation_loss: MaxValidationLoss | None = None
     max_spot_check_lost: MaxSpotCheckLost | None = None
@@ -152,5 +152,5 @@ class Hyperparameters(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 
 FIELDS = Hyperparameters.__struct_fields__
-#: The eval gate's thresholds (locopilot.training.jobs.gate).
+#: The eval gate's thresholds (locopilot.training.publishing.gate).
 GATE_THRESHOLDS = ("min_recall", "max_validation_loss", "max_spot_check_lost")
