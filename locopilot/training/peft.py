@@ -162,7 +162,7 @@ def _halves(weights: Path, pattern: re.Pattern[str]) -> dict[tuple[str, str], di
 
 
 def _peft_pairs(folder: Path) -> Pairs:
-    config = _config(folder)
+    config = _peft_config(folder)
     return {
         (block, module): (pair["A"], pair["B"] * _scale(config, f"model.layers.{block}.{module}", pair["A"].shape[0]))
         for (block, module), pair in _halves(folder / WEIGHTS, _NAME).items()
@@ -172,10 +172,13 @@ def _peft_pairs(folder: Path) -> Pairs:
 def _mlx_pairs(folder: Path) -> Pairs:
     path = folder / CONFIG
     config = _read_config(folder, f"MLX-LM writes one beside {MLX_WEIGHTS}")
-    kind = config.get("fine_tune_type", "lora") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: not a JSON object")
+    kind = config.get("fine_tune_type", "lora")
     if kind != "lora":
         raise AdapterError(f"{path}: fine_tune_type {kind!r}; only MLX-LM's LoRA adapters (lora) are converted")
-    scale = (config.get("lora_parameters") or {}).get("scale")
+    parameters = config.get("lora_parameters")
+    scale = parameters.get("scale") if isinstance(parameters, dict) else None
     if not isinstance(scale, int | float):
         raise AdapterError(f"{path}: needs lora_parameters.scale")
     return {
@@ -205,7 +208,7 @@ def _read_config(folder: Path, missing: str) -> Any:
         raise AdapterError(f"{path} is not readable JSON: {exc}") from exc
 
 
-def _config(folder: Path) -> dict[str, Any]:
+def _peft_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG
     config = _read_config(folder, "not a PEFT adapter folder")
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
