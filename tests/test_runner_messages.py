@@ -11,8 +11,8 @@ import pytest
 
 from locopilot.children import AsyncReceiver, Codec, ProtocolError, Receiver, Sender
 from locopilot.engine import protocol
-from locopilot.engine.batching import Cancellations, Outbox
 from locopilot.engine.protocol import Delta, Done, FromRunner, Started, TokenLogprob
+from locopilot.engine.scheduling import Cancellations, Outbox
 from locopilot.engine.supervisor import _coalesced
 
 

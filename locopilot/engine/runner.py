@@ -7,7 +7,7 @@ on stdout (see protocol.py, children.py). The first message is ``Load``; the run
 process sees end-of-stream and fails the requests it had in flight.
 
 This module is the process: its pipes and the backend registration. The work
-itself is continuously batched by :func:`locopilot.engine.batching.serve`, whose
+itself is continuously batched by :func:`locopilot.engine.scheduling.serve`, whose
 loop also reads the requests, between steps (no reader thread: nothing to hand a
 request over to, so an idle runner starts on one at once). stdout is
 reserved for frames: anything llama.cpp or Python prints to file descriptor 1
@@ -28,8 +28,9 @@ import msgspec
 
 from locopilot.children import Receiver, Sender, prologue
 from locopilot.engine import offload, protocol
-from locopilot.engine.batching import Cancellations, Engine, Inbox, serve
+from locopilot.engine.batching import Engine
 from locopilot.engine.protocol import CpuBackend, GpuDevice, Load, LoadFailed, Probe
+from locopilot.engine.scheduling import Cancellations, Inbox, serve
 
 log = logging.getLogger("locopilot.runner")
 
