@@ -106,7 +106,16 @@ def show_command(job_id: str, url: str | None, key_file: Path | None) -> None:
     table.add_row("progress", f"{job.progress * 100:.0f}%")
     if job.fine_tuned_model:
         table.add_row("fine-tuned model", f"{job.fine_tuned_model} (sha256 {job.output_sha256})")
-    if job.result:
+    if job.hf_base:
+        table.add_row("trained by", f"{job.framework}, on {job.hf_base}")
+    if job.result and "adapted_tensors" in job.result:  # a framework's
+        result = job.result
+        table.add_row(
+            "result",
+            f"{job.framework} finished in {result['seconds']:.0f} s; a LoRA adapter of rank {result['lora_rank']} "
+            f"on {result['adapted_tensors']} tensors",
+        )
+    elif job.result:
         result = job.result
         table.add_row(
             "result",

@@ -13,6 +13,9 @@ fails (exit 2, a message on stderr) on anything they would refuse:
   Axolotl's YAML or the job file, then an adapter in ``output_dir``/``adapter_dir``.
 
 ``STANDIN_EXIT`` makes it fail after the checks with that status, as a crashed run would.
+``STANDIN_CONTROL`` names a JSON file read at each run, for a server's runs that differ:
+``{"exit": N}`` as STANDIN_EXIT; ``{"hang": PIDS_FILE}``: start a child (as a framework starts
+data loader workers), write both process ids to PIDS_FILE, and wait to be killed.
 Every command line it got is appended to ``STANDIN_LOG``.
 """
 
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -106,7 +111,14 @@ def main(argv: list[str]) -> None:
             unsloth(Path(script), Path(job_file))
         case _:
             fail(f"unexpected command line {argv}")
-    if code := int(os.environ.get("STANDIN_EXIT", "0")):
+    control_file = os.environ.get("STANDIN_CONTROL")
+    control = json.loads(Path(control_file).read_text()) if control_file and Path(control_file).is_file() else {}
+    if "hang" in control:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        Path(control["hang"]).write_text(json.dumps([os.getpid(), child.pid]))
+        print("standin: hanging until killed", file=sys.stderr, flush=True)
+        time.sleep(600)
+    if code := int(control.get("exit", os.environ.get("STANDIN_EXIT", "0"))):
         print("standin: failing as asked", file=sys.stderr)
         raise SystemExit(code)
 
