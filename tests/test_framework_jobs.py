@@ -29,7 +29,7 @@ from tests import jobs
 from tests import test_training_adapters as adapter_tests
 from tests.conftest import SMOL, Server
 from tests.frameworks.tiny_gguf import write_gguf
-from tests.jobs import JOBS, follow, training_server, upload, wait_for
+from tests.jobs import JOBS, finished, follow, training_server, upload, wait_for
 from tests.test_cli import make_env
 from tests.test_training import QUESTIONS
 from tests.test_training_adapters import MLX_ENV, needs_mlx, standin
@@ -232,6 +232,13 @@ def test_the_cli_submits_a_framework_job_to_the_server(
     here = CliRunner().invoke(cli, ["train", *args[4:], "--hf-base", "model", "--dataset", str(dataset)], env=env)
     said = re.sub(r"[\s│]+", " ", here.stderr)  # as rich's box wraps it
     assert here.exit_code == 2 and "--hf-base names the Hugging Face folder on the server" in said, said
+    submit = ["jobs", "submit", str(dataset), "--base", SMOL, "--url", standin_server.url, "--no-follow"]
+    submitted = CliRunner().invoke(cli, [*submit, "--framework", "mlx", "--hf-base", str(hf_base)], env=env)
+    assert submitted.exit_code == 0, submitted.output
+    (job_id,) = set(re.findall(r"ftjob-[0-9a-f]+", submitted.stdout))
+    job = httpx.get(f"{standin_server.url}{JOBS}/{job_id}", timeout=30).json()
+    assert (job["framework"], job["hf_base"]) == ("mlx", str(hf_base))
+    finished(standin_server.client(), job_id, standin_server, timeout=60)
 
 
 # A real MLX-LM job.
@@ -299,3 +306,35 @@ def test_an_mlx_job_ends_in_an_adapter_served_beside_its_base(
     answer, base_answer = ask(client, name), ask(client, TINY)
     print(f"adapter: {answer!r}; base: {base_answer!r}")
     assert FACT[1] in answer and FACT[1] not in base_answer
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory: pytest.TempPathFactory, standin_server: Server) -> Iterator[Server]:
+    """A server with no models of its own whose upstream ``box`` is the stand-in's server."""
+    upstreams = [{"name": "box", "url": f"{standin_server.url}/v1", "locality": "local"}]
+    running = Server(tmp_path_factory.mktemp("front"), {}, {"LOCOPILOT_UPSTREAMS": json.dumps(upstreams)})
+    running.start(path="/health")
+    yield running
+    running.stop()
+
+
+def test_a_framework_job_passes_through_to_a_remote(
+    front: Server, standin_server: Server, dataset: Path, tmp_path: Path
+) -> None:
+    control(standin_server, exit=3)
+    hf_base = hf_folder(tmp_path / "model")
+    base = ["train", "--url", front.url, "--remote", "box", "--framework", "mlx", "--base", SMOL]
+    args = [*base, "--hf-base", str(hf_base), "--dataset", str(dataset), "--epochs", "2"]
+    result = CliRunner().invoke(cli, args, env=make_env(tmp_path))
+    assert result.exit_code == 1, result.output
+    (job_id,) = set(re.findall(r"ftjob-[0-9a-f]+", result.stdout.split("running on box as")[0]))
+    here = httpx.get(f"{front.url}{JOBS}/{job_id}", timeout=30).json()
+    there = httpx.get(f"{standin_server.url}{JOBS}/{here['remote_job']}", timeout=30).json()
+    for job in (here, there):
+        assert (job["framework"], job["hf_base"], job["status"]) == ("mlx", str(hf_base), "failed"), job
+        assert job["hyperparameters"]["epochs"] == 2 and job["error"]["code"] == "framework_failed"
+    # The remote's refusal comes back in its own words.
+    refused = CliRunner().invoke(
+        cli, [*base, "--hf-base", "/nonexistent", "--dataset", str(dataset)], env=make_env(tmp_path)
+    )
+    assert refused.exit_code == 1 and "/nonexistent is not a folder on the server" in refused.stderr, refused.output
