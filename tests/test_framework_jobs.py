@@ -25,12 +25,14 @@ import pytest
 from click.testing import CliRunner
 
 from locopilot.cli import cli
+from locopilot.training import lora, peft
 from tests import jobs
 from tests import test_training_adapters as adapter_tests
 from tests.conftest import SMOL, Server
 from tests.frameworks.tiny_gguf import write_gguf
 from tests.jobs import JOBS, finished, follow, training_server, upload, wait_for
 from tests.test_cli import make_env
+from tests.test_lora import peft_folder, random_pairs
 from tests.test_training import QUESTIONS
 from tests.test_training_adapters import MLX_ENV, needs_mlx, standin
 
@@ -104,7 +106,7 @@ def test_a_framework_the_server_lacks_is_refused(
 
 
 def test_the_hugging_face_folder_is_checked_before_the_job_runs(
-    standin_client: openai.OpenAI, standin_file: Any, tmp_path: Path
+    standin_server: Server, standin_client: openai.OpenAI, standin_file: Any, tmp_path: Path, smollm2_path: Path
 ) -> None:
     no_weights = tmp_path / "no-weights"
     hf_folder(no_weights)
@@ -119,11 +121,18 @@ def test_the_hugging_face_folder_is_checked_before_the_job_runs(
         refused = refusal(standin_client, standin_file.id, framework="mlx", hf_base=hf_base)
         assert refused.status_code == 400 and refused.body["param"] == "hf_base", refused.message  # type: ignore[index]
         assert said in refused.message, refused.message
-    # The GGUF it is served beside must exist too, and not be an adapter itself.
+    # The GGUF it is served beside must exist too, and be a model, not an adapter.
     missing = refusal(
         standin_client, standin_file.id, model="nobody-has-this", framework="mlx", hf_base=str(no_weights)
     )
     assert missing.status_code == 404
+    folder = peft_folder(tmp_path / "peft", random_pairs(0, 0.1, range(29, 30)), r=4, alpha=4)
+    lora.write(standin_server.models_dir / "smol-adapter.gguf", peft.convert(folder, smollm2_path, SMOL))
+    adapter = refusal(
+        standin_client, standin_file.id, model="smol-adapter", framework="mlx", hf_base=str(hf_folder(tmp_path / "m"))
+    )
+    assert adapter.status_code == 400 and adapter.body["param"] == "model"  # type: ignore[index]
+    assert f"is a LoRA adapter of {SMOL}; name the base model" in adapter.message
     builtin = refusal(standin_client, standin_file.id, hf_base=str(hf_folder(tmp_path / "m")))
     assert builtin.status_code == 400 and "hf_base is for a job that names a framework" in builtin.message
 

@@ -82,8 +82,8 @@ def check_here(framework: str, hf_base: str, model: str, settings: Settings, cat
         )
     if entry.architecture not in peft.ARCHITECTURES:
         raise InvalidRequest(
-            f"The model '{model}' is a {entry.architecture} model; a framework's adapters are converted for "
-            f"{', '.join(sorted(peft.ARCHITECTURES))} models only",
+            f"The model '{model}' is a {entry.architecture or 'unknown'} model; a framework's adapters are "
+            f"converted for {', '.join(sorted(peft.ARCHITECTURES))} models only",
             param="model",
         )
     try:  # last: it runs the framework's Python

@@ -156,15 +156,15 @@ class _Running:
     """A job being run: its worker once started, and what has been asked of it."""
 
     job_id: str
-    worker: Any = None  # TrainingWorker, set by the thread that starts it
+    worker: Any = None  # TrainingWorker or a framework's FrameworkRun, set by the thread that starts it
     cancel_requested: bool = False
     stopping: bool = False  # the server is shutting down
     done: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def signal_stop(self) -> None:
-        """End the worker's input, on which it exits at once; kill it CANCEL_KILL_S later if it has not.
-        Blocks until it has exited."""
+        """End the worker's input, on which it exits at once (a framework: SIGTERM to its process
+        group); kill it CANCEL_KILL_S later if it has not. Blocks until it has exited."""
         with self.lock:
             worker = self.worker
         if worker is not None:
