@@ -189,6 +189,12 @@ def test_a_failing_framework_fails_the_job_with_its_exit_and_log(
     log_path = standin_server.data_dir / "training" / f"{job.id}.log"
     started = next(m for m in messages if m.startswith(f"Training a LoRA adapter of {hf_base} with mlx"))
     assert str(log_path) in started and "standin: failing as asked" in log_path.read_text()
+    # The steps it reported (11 examples, 1 held out, 2 epochs: 22 steps), as metrics events like the trainer's.
+    metrics = [data["data"] for name, data in events if name == "metrics"]
+    assert [(m["step"], m["total_steps"], m["train_loss"], m["tokens_per_s"]) for m in metrics] == [
+        (11, 22, 2.5, 1234.0),
+        (22, 22, 1.25, 1234.0),
+    ]
     tail = next(data for name, data in events if data.get("message", "").startswith("mlx exited with status 3"))
     assert tail["data"]["exit_status"] == 3 and tail["data"]["log_tail"][-1] == "standin: failing as asked"
     native = httpx.get(f"{standin_server.url}{JOBS}/{job.id}", timeout=30).json()
@@ -303,6 +309,8 @@ def test_an_mlx_job_ends_in_an_adapter_served_beside_its_base(
     done = client.fine_tuning.jobs.retrieve(job.id)
     print(f"\nMLX-LM job {job.id} in {time.monotonic() - started:.1f} s: {[data.get('message') for _, data in events]}")
     assert done.status == "succeeded", (done.error, mlx_server.log())
+    steps = [data["data"]["step"] for name, data in events if name == "metrics"]
+    assert steps == list(range(18, 361, 18)), steps  # MLX-LM's reports, every 360 // 20 steps
     name = done.fine_tuned_model
     assert name is not None and name.startswith(f"{TINY}-ft-")
     assert done.hyperparameters.n_epochs == 30 and done.hyperparameters.model_extra["lora_rank"] == 8

@@ -15,13 +15,17 @@ there, as ``locopilot doctor`` lists it; the folder; a GGUF base whose adapters 
 Running it is the job service's (:meth:`locopilot.training.jobs.JobService._run_framework`):
 :func:`plan` (the same planning as ``locopilot train --framework``), then
 :func:`locopilot.training.adapters.base.start` in a process group of its own, which a cancel
-stops whole; then :func:`convert` writes the framework's adapter (PEFT's or MLX-LM's) as a
+stops whole, its log read as it grows for the steps it reports (:class:`Reports`); then
+:func:`convert` writes the framework's adapter (PEFT's or MLX-LM's) as a
 GGUF LoRA adapter of ``model`` (:mod:`locopilot.training.peft`), published as ``BASE-ft-ID``.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+import msgspec
 
 from locopilot.errors import InvalidRequest
 from locopilot.models.catalog import ModelCatalog
@@ -29,7 +33,7 @@ from locopilot.settings import Settings
 from locopilot.store.jobs import TrainingJob
 from locopilot.training import lora, peft
 from locopilot.training.adapters import FRAMEWORKS
-from locopilot.training.adapters.base import FrameworkFailed, Plan, TrainingData
+from locopilot.training.adapters.base import FrameworkFailed, Plan, TrainingData, plain
 from locopilot.training.hyperparameters import Hyperparameters, builtin_only
 
 
@@ -124,3 +128,43 @@ def convert(plan: Plan, base_path: Path, base_name: str, target: Path) -> lora.A
     adapter = peft.convert(Path(plan.adapter_dir), base_path, base_name)
     lora.write(target, adapter)
     return adapter
+
+
+class Reported(msgspec.Struct, frozen=True):
+    """One step the framework reported in its output."""
+
+    step: int
+    loss: float
+    tokens_per_s: float
+
+
+class Reports:
+    """The steps a framework reports in its log (``plan.progress``), read as the log grows.
+
+    :meth:`read` returns those in the lines completed since the last call; a plan without a
+    ``progress`` pattern reports none.
+    """
+
+    def __init__(self, plan: Plan, log_path: Path) -> None:
+        self.pattern = None if plan.progress is None else re.compile(plan.progress)
+        self.log_path = log_path
+        self.offset = log_path.stat().st_size if log_path.exists() else 0
+        self.partial = b""
+
+    def read(self) -> list[Reported]:
+        if self.pattern is None:
+            return []
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return []
+        self.offset += len(chunk)
+        *lines, self.partial = (self.partial + chunk).split(b"\n")
+        found = []
+        for line in lines:
+            if match := self.pattern.match(plain(line.decode(errors="replace"))):
+                speed = match["tokens_per_s"].replace(",", "")
+                found.append(Reported(int(match["step"]), float(match["loss"]), float(speed)))
+        return found

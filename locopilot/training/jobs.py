@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import secrets
 import shutil
 import threading
@@ -68,6 +67,7 @@ from locopilot.store.files import StoredFile
 from locopilot.store.jobs import TrainingJob
 from locopilot.training import framework_jobs, lineage
 from locopilot.training.adapters import FRAMEWORKS
+from locopilot.training.adapters.base import plain
 from locopilot.training.hyperparameters import (
     BUILTIN_ONLY,
     DEFAULT_CONTEXT,
@@ -102,10 +102,11 @@ CANCEL_WAIT_S = CANCEL_KILL_S + 3.0
 FINE_TUNE_PURPOSE = "fine-tune"
 #: Lines of a framework's log kept in its job's last events.
 FRAMEWORK_LOG_TAIL = 20
+#: How often a framework's log is read for the steps it reports.
+FRAMEWORK_POLL_S = 1.0
 #: What a framework's job takes besides its base: the hyperparameters that are not built-in only.
 FRAMEWORK_FIELDS = tuple(name for name in FIELDS if name not in BUILTIN_ONLY and name != "seed")
 HFFolder = Annotated[str, Meta(min_length=1, max_length=4096)]
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class JobSpec(Hyperparameters, frozen=True, kw_only=True):
@@ -570,11 +571,13 @@ class JobService:
                 "framework": framework,
                 "examples": data.train_examples,
                 "validation_examples": data.valid_examples,
+                "steps": plan.steps,
                 "command": plan.argv,
                 "log_path": str(log_path),
             },
         )
         started = time.monotonic()
+        reports = framework_jobs.Reports(plan, log_path)
         with log_path.open("ab") as framework_log:
             try:
                 process = start(plan, work / "work", framework_log)
@@ -585,8 +588,12 @@ class JobService:
                 running.worker = process
             if running.cancel_requested or running.stopping:
                 running.signal_stop()
-            process.wait()
+            while process.wait(FRAMEWORK_POLL_S) is None:
+                for report in reports.read():
+                    self._framework_progress(job, report, plan.steps, time.monotonic() - started)
             code = process.stop(STOP_GRACE_S)  # what it left running in its group, too
+        for report in reports.read():
+            self._framework_progress(job, report, plan.steps, time.monotonic() - started)
         seconds = time.monotonic() - started
         tail = log_tail(log_path, FRAMEWORK_LOG_TAIL)
         ended = {"framework": framework, "exit_status": code, "seconds": round(seconds, 1), "log_tail": tail}
@@ -614,6 +621,23 @@ class JobService:
                 return
             result = ended | {"lora_rank": adapter.rank, "adapted_tensors": len(adapter.pairs)}
             self._publish_model(job, base_sha256, target, result)
+
+    def _framework_progress(
+        self, job: TrainingJob, report: framework_jobs.Reported, steps: int, elapsed: float
+    ) -> None:
+        """A step the framework reported, as a ``metrics`` event like the built-in trainer's."""
+        total = max(steps, report.step)
+        data = {
+            "step": report.step,
+            "total_steps": total,
+            "train_loss": report.loss,
+            "tokens_per_s": report.tokens_per_s,
+            "elapsed_s": elapsed,
+            "eta_s": elapsed / report.step * (total - report.step) if report.step else None,
+            "progress": report.step / total if total else 1.0,
+        }
+        store.update(self.db, job.id, progress=data["progress"])
+        self._event(job.id, f"Step {report.step}/{total}: training loss={report.loss:.4f}", type="metrics", data=data)
 
     def _record(self, job: TrainingJob, event: object) -> None:
         match event:
@@ -801,7 +825,7 @@ def log_tail(path: Path, lines: int = 1) -> list[str]:
     try:
         with path.open("rb") as f:
             f.seek(max(0, path.stat().st_size - 4096 * lines))
-            text = _ANSI_ESCAPE.sub("", f.read().decode(errors="replace"))
+            text = plain(f.read().decode(errors="replace"))
     except OSError:
         return []
     found = [line.strip() for line in text.splitlines() if line.strip()]

@@ -8,7 +8,8 @@ fails (exit 2, a message on stderr) on anything they would refuse:
   really find them;
 - ``-m mlx_lm lora --config FILE``: the YAML must have the keys ``mlx_lm lora`` needs, a
   ``data`` folder with ``train.jsonl`` of ``{"messages": [...]}`` lines and a local model;
-  writes ``adapters.safetensors`` and ``adapter_config.json`` to ``adapter_path``;
+  writes ``adapters.safetensors`` and ``adapter_config.json`` to ``adapter_path``, and two
+  rows of MLX-LM's report table (the middle step and the last) to stderr;
 - ``-m axolotl.cli.train FILE`` and ``SCRIPT JOB.json`` (Unsloth): the same checks on
   Axolotl's YAML or the job file, then an adapter in ``output_dir``/``adapter_dir``.
 
@@ -71,6 +72,12 @@ def mlx(args: list[str]) -> None:
     check_model(config["model"])
     examples = check_data(Path(config["data"]) / "train.jsonl")
     write_adapter(Path(config["adapter_path"]), config | {"examples_seen": examples})
+    # Two rows of mlx_lm lora's report table, as its console writes them (colors included).
+    print("  iter   train_loss     tok/s     tokens", file=sys.stderr)
+    for step, loss in ((max(1, config["iters"] // 2), 2.5), (config["iters"], 1.25)):
+        print(
+            f"  \x1b[38;5;244m{step:>4}\x1b[0m    \x1b[1;32m{loss:>5.3f} ▼\x1b[0m    1,234      0.5k", file=sys.stderr
+        )
 
 
 def axolotl(args: list[str]) -> None:

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -101,12 +102,25 @@ def layer_indices(job: ExternalJob) -> list[int] | None:
 
 class Plan(msgspec.Struct, frozen=True):
     """``files``: name (in the work folder) → text; ``argv[0]`` is the framework's Python;
-    ``env``: variables set for the command on top of :data:`QUIET_ENV`."""
+    ``env``: variables set for the command on top of :data:`QUIET_ENV`; ``steps``: the
+    optimizer steps it will run; ``progress``: a regular expression that a line of its output
+    (:func:`plain`) matches where it reports a step, with the groups ``step``, ``loss`` and
+    ``tokens_per_s`` (digits, maybe with thousands commas); None: its output is not read."""
 
     argv: list[str]
     files: dict[str, str]
     adapter_dir: str
     env: dict[str, str] = msgspec.field(default_factory=dict)
+    steps: int = 0
+    progress: str | None = None
+
+
+_TERMINAL_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """A framework's output without terminal escapes (MLX-LM's console writes colors even to a file)."""
+    return _TERMINAL_ESCAPE.sub("", text)
 
 
 #: Every framework run gets these: no usage reports leave the machine (Axolotl sends PostHog
