@@ -219,6 +219,34 @@ def test_a_cancel_ends_the_frameworks_process_group(
         wait_for(lambda pid=pid: not alive(pid), 10, f"process {pid} to end", standin_server)
 
 
+def test_a_stopped_server_ends_its_framework_and_fails_the_job(
+    tmp_path: Path, smollm2_path: Path, dataset: Path
+) -> None:
+    exe, env = standin(tmp_path, {"mlx_lm": "0.32.2"})
+    pids_file = tmp_path / "pids.json"
+    (tmp_path / "control.json").write_text(json.dumps({"hang": str(pids_file)}))
+    env |= {"STANDIN_CONTROL": str(tmp_path / "control.json"), "LOCOPILOT_TRAINING_PYTHON": str(exe)}
+    server = training_server(tmp_path, smollm2_path, **env).start()
+    try:
+        client = server.client()
+        job = client.fine_tuning.jobs.create(
+            model=SMOL,
+            training_file=upload(client, dataset).id,
+            extra_body={"framework": "mlx", "hf_base": str(hf_folder(tmp_path / "m"))},
+        )
+        pids = wait_for(lambda: pids_file.is_file() and json.loads(pids_file.read_text()), 60, "a pid", server)
+    finally:
+        assert server.stop() == 0
+    for pid in pids:  # the framework and its child end with the server
+        wait_for(lambda pid=pid: not alive(pid), 10, f"process {pid} to end", server)
+    server.start()
+    try:
+        ended = server.client().fine_tuning.jobs.retrieve(job.id)
+        assert ended.status == "failed" and ended.error is not None and ended.error.code == "interrupted"
+    finally:
+        server.stop()
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie, ended but not yet reaped by init, does not)."""
     try:
