@@ -4,7 +4,9 @@ real server with the OpenAI SDK.
 - Refused before anything runs, with OpenAI's error body: no framework Python on the server, the
   framework not installed there, a bad Hugging Face folder, the built-in trainer's options.
 - Run as a job against the stand-in Python (tests/frameworks/standin.py): a failing framework fails
-  the job with its exit status and log tail; a cancel ends the framework's whole process group.
+  the job with its exit status and log tail, the steps it reports become metrics events; a cancel,
+  or the server's stop, ends the framework's whole process group; `locopilot train --server`,
+  `--remote` and `locopilot jobs submit` send such a job.
 - Slow, where `just framework-envs` made MLX-LM's environment: a real MLX-LM job on a tiny Llama
   whose adapter is converted, served beside the tiny Llama's GGUF, and answers what it learned.
 """
@@ -52,13 +54,13 @@ def refusal(client: openai.OpenAI, training_file: str, **fields: Any) -> openai.
     """The error that creating a job with ``fields`` (``hyperparameters``, ``metadata``, ``model``;
     the rest as locopilot's fields) gets, checked to be in OpenAI's error shape."""
     known = {name: fields.pop(name) for name in ("hyperparameters", "metadata") if name in fields}
-    before = len(client.fine_tuning.jobs.list().data)
+    before = len(client.fine_tuning.jobs.list(limit=1000).data)
     with pytest.raises(openai.APIStatusError) as caught:
         client.fine_tuning.jobs.create(
             model=fields.pop("model", SMOL), training_file=training_file, extra_body=fields, **known
         )
     assert isinstance(caught.value.body, dict) and set(caught.value.body) >= {"message", "type", "param", "code"}
-    assert len(client.fine_tuning.jobs.list().data) == before, "no job was created"
+    assert len(client.fine_tuning.jobs.list(limit=1000).data) == before, "no job was created"
     return caught.value
 
 
