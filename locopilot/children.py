@@ -17,6 +17,11 @@ one msgpack-encoded message, a tagged msgspec Struct of the union its reader exp
 and exits), then kills what lingers (:meth:`Child.stop`, :meth:`AsyncChild.stop`). stderr
 is the child's log. A child starts with :func:`prologue`, which keeps its stdout for frames.
 
+An external training framework's command is not such a child: it is another program, speaking
+no frames and reading no input, so it runs in a process group of its own and is ended the same
+way in signals, SIGTERM to the group, a grace, then SIGKILL
+(:class:`locopilot.training.adapters.base.FrameworkRun`).
+
 Readers: :class:`Receiver` blocks on a file descriptor (optionally until a deadline) or polls it;
 :class:`AsyncReceiver` reads an anyio stream, as many messages at a time as have arrived.
 Both buffer what they read past a message for the next call, so nothing is read twice or lost.

@@ -174,6 +174,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             description=(
                 "Python interpreter of an environment with Unsloth, Axolotl or MLX-LM installed, used by "
                 "`locopilot train --framework` and listed by `locopilot doctor`. Default: `python3` on `PATH`. "
+                "The server's training jobs may name a framework only when this is set. "
                 "locopilot never imports those frameworks itself."
             )
         ),

@@ -12,6 +12,11 @@
   reports ``auto`` until the job starts, then the values chosen (``learning_rate`` and
   ``layers`` beside OpenAI's three).
 
+Both take ``framework`` and ``hf_base`` (locopilot's; ``extra_body`` in the SDK): an external
+framework trains a LoRA adapter of the base's Hugging Face folder on the server, published
+beside the GGUF ``model`` (:mod:`locopilot.training.framework_jobs`); its job reports the values
+the framework runs with from the start.
+
 The queue itself is :mod:`locopilot.training.jobs`.
 """
 
@@ -44,6 +49,7 @@ from locopilot.training.hyperparameters import (
     Context,
     Epochs,
     FileId,
+    Framework,
     HyperparameterInvalid,
     Layers,
     LearningRate,
@@ -61,7 +67,7 @@ from locopilot.training.hyperparameters import (
     ValidationSplit,
     WeightDecay,
 )
-from locopilot.training.jobs import JobService, JobSpec
+from locopilot.training.jobs import HFFolder, JobService, JobSpec
 
 #: OpenAI ``metadata`` keys read as the eval gate's thresholds (its values are strings), and their types.
 GATE_METADATA: dict[str, Any] = {
@@ -108,6 +114,7 @@ def job_info(job: TrainingJob) -> JobInfo:
         finished_at=job.finished_at,
         remote=job.remote,
         remote_job=job.remote_job,
+        hf_base=job.hf_base,
     )
 
 
@@ -283,6 +290,10 @@ class FineTuningJobRequest(msgspec.Struct, kw_only=True):
     validation_file: str | None = None
     remote: RemoteName | None = None
     """locopilot's: run the job on this upstream (another locopilot); ``extra_body`` in the SDK."""
+    framework: Framework = "builtin"
+    """locopilot's: an external framework trains a LoRA adapter of ``hf_base`` (``extra_body``)."""
+    hf_base: HFFolder | None = None
+    """locopilot's: with ``framework``, the base in Hugging Face form, a folder on the server."""
     metadata: dict[str, str] | None = None
     """OpenAI's; the keys of GATE_METADATA set the eval gate's thresholds."""
 
@@ -405,6 +416,8 @@ def spec_of(body: FineTuningJobRequest) -> JobSpec:
         "training_file": body.training_file,
         "seed": body.seed or 0,
         "remote": body.remote,
+        "framework": body.framework,
+        "hf_base": body.hf_base,
     }
     for name in Hyperparameters.__struct_fields__:
         value = getattr(hyper, name)

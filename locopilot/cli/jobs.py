@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import rich_click as click
@@ -27,7 +27,7 @@ from locopilot.cli.remote import answer, checked, located, open_client
 from locopilot.client import events, job_log_event
 from locopilot.errors import LocopilotError
 from locopilot.schemas.training import FileObject, JobInfo, JobList, LogEvent
-from locopilot.training.hyperparameters import Hyperparameters
+from locopilot.training.hyperparameters import Framework, Hyperparameters
 
 JOBS_PATH = "/v1/locopilot/training/jobs"
 STATUS_STYLES = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "dim"}
@@ -106,7 +106,16 @@ def show_command(job_id: str, url: str | None, key_file: Path | None) -> None:
     table.add_row("progress", f"{job.progress * 100:.0f}%")
     if job.fine_tuned_model:
         table.add_row("fine-tuned model", f"{job.fine_tuned_model} (sha256 {job.output_sha256})")
-    if job.result:
+    if job.hf_base:
+        table.add_row("trained by", f"{job.framework}, on {job.hf_base}")
+    if job.result and "adapted_tensors" in job.result:  # a framework's
+        result = job.result
+        table.add_row(
+            "result",
+            f"{job.framework} finished in {result['seconds']:.0f} s; a LoRA adapter of rank {result['lora_rank']} "
+            f"on {result['adapted_tensors']} tensors",
+        )
+    elif job.result:
         result = job.result
         table.add_row(
             "result",
@@ -179,6 +188,14 @@ def cancel_command(job_id: str, url: str | None, key_file: Path | None) -> None:
 @click.option("--base", "base", required=True, help="Base model: a model on the server.")
 @struct_options(Hyperparameters, aliases={"learning_rate": ("--lr",)})
 @click.option("--remote", help="Run it on this upstream of the server (another locopilot in LOCOPILOT_UPSTREAMS).")
+@click.option(
+    "--framework",
+    type=click.Choice(get_args(Framework)),
+    default="builtin",
+    show_default=True,
+    help="An external framework in the server's LOCOPILOT_TRAINING_PYTHON trains a LoRA adapter of --hf-base.",
+)
+@click.option("--hf-base", help="With --framework: the base in Hugging Face form, a folder on the server.")
 @click.option("--follow/--no-follow", default=True, show_default=True, help="Follow the job's log until it ends.")
 @url_option
 @key_option
@@ -189,6 +206,8 @@ def submit_command(
     dataset: Path,
     base: str,
     remote: str | None,
+    framework: str,
+    hf_base: str | None,
     follow: bool,
     url: str | None,
     key_file: Path | None,
@@ -202,6 +221,10 @@ def submit_command(
             body[name] = value
     if remote is not None:
         body["remote"] = remote
+    if framework != "builtin":
+        body["framework"] = framework
+    if hf_base is not None:
+        body["hf_base"] = hf_base
     submit(dataset, body, url=url, key_file=key_file, follow=follow)
 
 

@@ -19,13 +19,15 @@ from locopilot.cli.options import struct_options
 from locopilot.errors import LocopilotError
 from locopilot.models.catalog import ModelCatalog
 from locopilot.training import jobfile
-from locopilot.training.adapters import FRAMEWORKS
 from locopilot.training.hyperparameters import (
+    BUILTIN_ONLY,
     DEFAULT_CONTEXT,
     DEFAULT_LORA_LEARNING_RATE,
     DEFAULT_LORA_RANK,
     FIELDS,
     GATE_THRESHOLDS,
+    builtin_only,
+    lora_values,
 )
 from locopilot.training.spotcheck import SpotCheck
 from locopilot.training.trainer import Finished, TrainConfig
@@ -43,8 +45,6 @@ def base_model_path(model: str) -> Path:
         raise SystemExit(1) from exc
 
 
-#: The options an external framework has no counterpart for: given with ``--framework``, they are refused.
-BUILTIN_ONLY = ("output_type", "weight_decay", "loss", "anchors", "checkpoint_steps", *GATE_THRESHOLDS)
 #: Where a flag differs between the built-in trainer and an external framework.
 NOTES = {
     "epochs": "auto: builtin, from the dataset's size; LoRA, 1.",
@@ -66,7 +66,7 @@ SPOT_CHECK_THRESHOLDS = ("min_recall", "max_spot_check_lost")
 )
 @struct_options(
     jobfile.TrainOptions,
-    only=("base", "dataset", "framework", *FIELDS, "spot_check", "python"),
+    only=("base", "hf_base", "dataset", "framework", *FIELDS, "spot_check", "python"),
     aliases={"learning_rate": ("--lr",)},
     notes=NOTES,
 )
@@ -108,6 +108,8 @@ def train(
     hands the job to that framework instead (installed separately; see `locopilot doctor`).
     `--server` sends the job to the running server (BASE is a model there), `--remote NAME`
     through it to another locopilot; both then follow its log, as `locopilot jobs logs` does.
+    With a framework there, `--hf-base FOLDER` names the base in Hugging Face form on that server,
+    which the framework trains; its adapter is converted and served beside BASE as BASE-ft-ID.
     `locopilot train validate FILE` checks a dataset without training.
     """
     if ctx.invoked_subcommand is not None:
@@ -128,14 +130,24 @@ def train(
     if not dataset.is_file():
         print_error(f"the dataset {dataset} is not a file")
         raise SystemExit(2)
-    if not options.builtin and (builtin_only := changed(options, BUILTIN_ONLY)):
+    if not options.builtin and (refused := builtin_only(options)):
         raise click.UsageError(
-            f"{as_flags(builtin_only)}: built-in trainer only; --framework {options.framework} has no such setting"
+            f"{as_flags(refused)}: built-in trainer only; --framework {options.framework} has no such setting"
         )
     if on_server or remote is not None:
-        if options.framework != "builtin" or dry_run:
-            raise click.UsageError("--server and --remote run the built-in trainer, without --framework or --dry-run")
+        if dry_run:
+            raise click.UsageError("--dry-run is for a framework run here, not with --server or --remote")
+        if not options.builtin and options.hf_base is None:
+            raise click.UsageError(
+                f"--framework {options.framework} with --server or --remote trains the base in Hugging Face form: "
+                "give --hf-base FOLDER (a folder on the server) beside --base (its GGUF there)"
+            )
         submit(dataset, server_job(options, options.base, remote), url=url, key_file=key_file, follow=follow)
+    elif options.hf_base is not None:
+        raise click.UsageError(
+            "--hf-base names the Hugging Face folder on the server, with --server or --remote; "
+            "here --base names the model the framework trains"
+        )
     elif options.framework == "builtin":
         _train_builtin(options, options.base, dataset)
     else:
@@ -147,16 +159,18 @@ def as_flags(names: list[str]) -> str:
     return ", ".join(f"--{name.replace('_', '-')}" for name in names)
 
 
-def changed(options: jobfile.TrainOptions, names: tuple[str, ...]) -> list[str]:
-    """Those of ``names`` whose value in ``options`` is not the default."""
-    default = jobfile.TrainOptions()
-    return [name for name in names if getattr(options, name) != getattr(default, name)]
-
-
 def server_job(options: jobfile.TrainOptions, base: str, remote: str | None) -> dict[str, Any]:
     """The body of ``POST /v1/locopilot/training/jobs`` for these options (the server runs its
-    spot check always)."""
+    spot check always). A ``--hf-base`` that is a folder here is sent as its absolute path (the
+    server is usually this machine); anything else as given, for the server to judge."""
     job: dict[str, Any] = {"model": base, **msgspec.structs.asdict(options.hyperparameters())}
+    if not options.builtin:
+        assert options.hf_base is not None  # checked by the command
+        folder = Path(options.hf_base).expanduser()
+        job |= {
+            "framework": options.framework,
+            "hf_base": str(folder.resolve()) if folder.is_dir() else options.hf_base,
+        }
     return job if remote is None else job | {"remote": remote}
 
 
@@ -243,27 +257,17 @@ def _print_spot_check(check: SpotCheck) -> None:
 def _train_external(options: jobfile.TrainOptions, base: str, dataset: Path, *, dry_run: bool) -> None:
     from locopilot.training.adapters.base import FrameworkFailed, run
     from locopilot.training.datasets import DatasetInvalid
-    from locopilot.training.external import find_python, installed, plan_job
+    from locopilot.training.external import check_installed, find_python, plan_job
 
     settings = settings_or_exit()
     framework = options.framework
     try:
         python = find_python(options.python, settings.training_python)
-        if not dry_run and framework not in installed(python):
-            adapter = FRAMEWORKS[framework]
-            raise FrameworkFailed(
-                f"{adapter.distribution} is not installed for {python} (it needs {adapter.needs}); "
-                "see `locopilot doctor`, or give --python"
-            )
+        if not dry_run:
+            check_installed(framework, python, "see `locopilot doctor`, or give --python")
         name = f"{Path(base).name or 'model'}-{framework}-{secrets.token_hex(4)}"
         output_dir = settings.data_path / "training" / name
         work_dir = output_dir / "work"
-        epochs, learning_rate, layers = (
-            options.effective_epochs,
-            options.effective_learning_rate,
-            options.effective_layers,
-        )
-        assert epochs != "auto" and learning_rate != "auto" and layers != "auto"  # builtin only
         plan, data = plan_job(
             framework,
             base=base,
@@ -271,12 +275,9 @@ def _train_external(options: jobfile.TrainOptions, base: str, dataset: Path, *, 
             output_dir=output_dir,
             work_dir=work_dir,
             python=python,
-            epochs=epochs,
-            learning_rate=learning_rate,
+            **lora_values(options)._asdict(),
             optimizer=options.optimizer,
-            layers=layers,
             context=options.context,
-            lora_rank=options.effective_lora_rank,
             seed=options.seed,
             validation_split=options.validation_split,
         )

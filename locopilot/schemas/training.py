@@ -44,6 +44,7 @@ class JobInfo(msgspec.Struct, kw_only=True):
     object: Literal["locopilot.training.job"] = "locopilot.training.job"
     status: JobStatus
     framework: str
+    """``llama.cpp`` (the built-in trainer), or the external framework: ``unsloth``, ``axolotl``, ``mlx``."""
     model: str
     base_sha256: str | None
     training_file: str | None
@@ -62,6 +63,8 @@ class JobInfo(msgspec.Struct, kw_only=True):
     remote: str | None = None
     """The upstream that runs the job; null: this server."""
     remote_job: str | None = None
+    hf_base: str | None = None
+    """A framework's job: the base in Hugging Face form that it trained (a folder on the server)."""
 
 
 class JobList(msgspec.Struct):

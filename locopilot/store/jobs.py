@@ -29,12 +29,15 @@ EventType = Literal["message", "metrics"]
 
 class TrainingJob(msgspec.Struct, kw_only=True):
     """One row of ``training_jobs``. ``params`` are the trainer's hyperparameters; ``result``
-    the trainer's own report of a finished run (losses, tokens/s, peak memory)."""
+    the trainer's own report of a finished run (losses, tokens/s, peak memory). ``framework``:
+    ``llama.cpp`` (the built-in trainer) or the external framework that trains ``hf_base``, the
+    base in Hugging Face form (:mod:`locopilot.training.framework_jobs`)."""
 
     id: str
     status: JobStatus
     framework: str = "llama.cpp"
     base_model: str
+    hf_base: str | None = None
     base_sha256: str | None = None
     training_file: str | None = None
     dataset_path: str

@@ -210,6 +210,11 @@ def _create_responses(conn: apsw.Connection) -> None:
     )
 
 
+def _add_hf_base(conn: apsw.Connection) -> None:
+    # A job trained by an external framework: the base in Hugging Face form, a folder on the server.
+    conn.execute("ALTER TABLE training_jobs ADD COLUMN hf_base TEXT;")
+
+
 MIGRATIONS: list[Callable[[apsw.Connection], None]] = [
     _create_inference_logs_and_training_jobs,
     _add_routing_decisions,
@@ -219,6 +224,7 @@ MIGRATIONS: list[Callable[[apsw.Connection], None]] = [
     _add_training_service,
     _create_model_records,
     _create_responses,
+    _add_hf_base,
 ]
 
 

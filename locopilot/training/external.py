@@ -32,6 +32,32 @@ def installed(python: str) -> dict[str, str]:
     return {name: found[cls.module] for name, cls in FRAMEWORKS.items() if cls.module in found}
 
 
+def check_installed(framework: str, python: str, fix: str) -> str:
+    """The version of ``framework`` installed for ``python``; FrameworkFailed, ending with ``fix``
+    (what the user can do), when it is not there or ``python`` cannot be run."""
+    found = installed(python)
+    if framework not in found:
+        adapter = FRAMEWORKS[framework]
+        raise FrameworkFailed(f"{adapter.distribution} is not installed for {python} (it needs {adapter.needs}); {fix}")
+    return found[framework]
+
+
+def hf_folder(folder: str) -> Path:
+    """``folder`` as a local Hugging Face model folder: an absolute path to a folder with
+    ``config.json`` and safetensors weights (what a server job names, which must not be fetched).
+    Raises FrameworkFailed saying what is missing."""
+    path = Path(folder)
+    if not path.is_absolute():
+        raise FrameworkFailed(f"{folder} is not an absolute path")
+    if not path.is_dir():
+        raise FrameworkFailed(f"{folder} is not a folder on the server")
+    if not (path / "config.json").is_file():
+        raise FrameworkFailed(f"{folder} is not a Hugging Face model folder: it has no config.json")
+    if not any(path.glob("*.safetensors")):
+        raise FrameworkFailed(f"{folder} has no safetensors weights (*.safetensors)")
+    return path
+
+
 def base_model(base: str) -> str:
     """A local Hugging Face model folder as an absolute path; anything else (a repo id) as given."""
     path = Path(base).expanduser()

@@ -19,7 +19,7 @@ checked until :meth:`Hyperparameters.check`, which also checks the one rule acro
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import msgspec
 from msgspec import Meta
@@ -97,6 +97,9 @@ MaxSpotCheckLost = Annotated[
 ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
 FileId = Annotated[str, Meta(min_length=1, max_length=128)]
 RemoteName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+#: Who trains: ``builtin`` (llama.cpp, on the GGUF itself), or an external framework that trains LoRA
+#: on the model in Hugging Face form (:mod:`locopilot.training.adapters`).
+Framework = Literal["builtin", "unsloth", "axolotl", "mlx"]
 
 
 class HyperparameterInvalid(ValueError):
@@ -154,3 +157,33 @@ class Hyperparameters(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 FIELDS = Hyperparameters.__struct_fields__
 #: The eval gate's thresholds (locopilot.training.publishing.gate).
 GATE_THRESHOLDS = ("min_recall", "max_validation_loss", "max_spot_check_lost")
+#: The options an external framework has no counterpart for: a job that names a framework and sets
+#: one of them is refused (``locopilot train`` and the server alike).
+BUILTIN_ONLY = ("output_type", "weight_decay", "loss", "anchors", "checkpoint_steps", *GATE_THRESHOLDS)
+
+
+def builtin_only(hyper: Hyperparameters) -> list[str]:
+    """Those of :data:`BUILTIN_ONLY` that ``hyper`` sets to other than their defaults."""
+    default = Hyperparameters()
+    return [name for name in BUILTIN_ONLY if getattr(hyper, name) != getattr(default, name)]
+
+
+class LoraValues(NamedTuple):
+    """What an external framework trains with (:func:`lora_values`)."""
+
+    epochs: int
+    learning_rate: float
+    layers: int
+    lora_rank: int
+
+
+def lora_values(hyper: Hyperparameters) -> LoraValues:
+    """``hyper`` for an external framework: ``auto`` (and no rank) as LoRA's usual values
+    (``DEFAULT_LORA_*``; every block), the learning rate times the multiplier."""
+    rate = DEFAULT_LORA_LEARNING_RATE if hyper.learning_rate == "auto" else hyper.learning_rate
+    return LoraValues(
+        epochs=DEFAULT_LORA_EPOCHS if hyper.epochs == "auto" else hyper.epochs,
+        learning_rate=rate * hyper.learning_rate_multiplier,
+        layers=0 if hyper.layers == "auto" else hyper.layers,
+        lora_rank=hyper.lora_rank if isinstance(hyper.lora_rank, int) else DEFAULT_LORA_RANK,
+    )

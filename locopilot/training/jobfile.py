@@ -10,20 +10,12 @@ file's own folder, so a job file and its dataset can move together.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
-from locopilot.training.hyperparameters import (
-    DEFAULT_LORA_EPOCHS,
-    DEFAULT_LORA_LEARNING_RATE,
-    DEFAULT_LORA_RANK,
-    Auto,
-    Hyperparameters,
-)
-
-Framework = Literal["builtin", "unsloth", "axolotl", "mlx"]
+from locopilot.training.hyperparameters import Auto, Framework, Hyperparameters, lora_values
 
 
 class JobFileInvalid(ValueError):
@@ -39,6 +31,13 @@ class TrainOptions(Hyperparameters, frozen=True, kw_only=True):
     base: Annotated[
         str | None,
         Meta(description="Base model: a name in the models folder or a .gguf path (external: an HF repo or folder)."),
+    ] = None
+    hf_base: Annotated[
+        str | None,
+        Meta(
+            description="With --server and a framework: the base in Hugging Face form, a folder on the server "
+            "(BASE is its GGUF there, which serves the adapter)."
+        ),
     ] = None
     dataset: Annotated[str | None, Meta(description="JSONL dataset.")] = None
     framework: Annotated[
@@ -62,31 +61,20 @@ class TrainOptions(Hyperparameters, frozen=True, kw_only=True):
 
     @property
     def effective_epochs(self) -> int | Auto:
-        if isinstance(self.epochs, int) or self.builtin:
-            return self.epochs
-        return DEFAULT_LORA_EPOCHS
+        return self.epochs if self.builtin else lora_values(self).epochs
 
     @property
     def effective_learning_rate(self) -> float | Auto:
         """The built-in trainer's rule chooses (it changes the weights themselves); LoRA's usual rate
         otherwise; times the multiplier."""
-        if self.learning_rate == "auto":
-            if self.builtin:
-                return "auto"
-            return DEFAULT_LORA_LEARNING_RATE * self.learning_rate_multiplier
-        return self.learning_rate * self.learning_rate_multiplier
+        if self.builtin:
+            return "auto" if self.learning_rate == "auto" else self.learning_rate * self.learning_rate_multiplier
+        return lora_values(self).learning_rate
 
     @property
     def effective_layers(self) -> int | Auto:
         """The built-in trainer's rule chooses (memory, forgetting); LoRA is cheap on every block (0)."""
-        if isinstance(self.layers, int) or self.builtin:
-            return self.layers
-        return 0
-
-    @property
-    def effective_lora_rank(self) -> int:
-        """An external framework's adapter rank."""
-        return self.lora_rank if isinstance(self.lora_rank, int) else DEFAULT_LORA_RANK
+        return self.layers if self.builtin else lora_values(self).layers
 
 
 def _resolve(value: str | None, folder: Path, *, must_exist: bool) -> str | None:
@@ -121,6 +109,7 @@ def load(path: Path) -> TrainOptions:
         options,
         dataset=_resolve(options.dataset, folder, must_exist=False),
         base=_resolve(options.base, folder, must_exist=True),
+        hf_base=_resolve(options.hf_base, folder, must_exist=True),
         python=_resolve(options.python, folder, must_exist=True),
     )
 

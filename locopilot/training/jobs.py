@@ -17,6 +17,13 @@ A job's life, all of it in its ``training_jobs`` row and its events (:mod:`locop
    its input closed, on which it exits at once (killed :data:`CANCEL_KILL_S` seconds later if
    still there), and nothing is written.
 
+A job that names an external ``framework`` (:mod:`locopilot.training.framework_jobs`) is checked
+further at step 1, and at step 2 runs the framework's command instead of a worker, in a process
+group of its own that a cancel ends whole (SIGTERM, then SIGKILL :data:`CANCEL_KILL_S` later); its
+output goes to the job's log file, and its events say where that is, then how it ended (exit
+status, the log's last lines). Step 3 converts its adapter to a GGUF LoRA adapter of the base,
+published as a LoRA job's is. It has no checkpoints: a restart fails it (``interrupted``).
+
 Restarts. A running job saves its weights every ``checkpoint_steps`` steps into
 ``<data>/training/checkpoints/<job id>`` (:class:`~locopilot.training.trainer.Checkpoints`).
 At startup jobs still ``running`` that have a checkpoint are queued again and resume from it
@@ -41,11 +48,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
+from msgspec import Meta
 
 from locopilot.errors import InvalidRequest, LocopilotError, NotFound
 from locopilot.models.catalog import ModelCatalog
@@ -57,15 +65,22 @@ from locopilot.store import jobs as store
 from locopilot.store.db import Database
 from locopilot.store.files import StoredFile
 from locopilot.store.jobs import TrainingJob
-from locopilot.training import lineage
+from locopilot.training import framework_jobs, lineage
+from locopilot.training.adapters import FRAMEWORKS
+from locopilot.training.adapters.base import plain
 from locopilot.training.hyperparameters import (
+    BUILTIN_ONLY,
     DEFAULT_CONTEXT,
+    FIELDS,
     GATE_THRESHOLDS,
     FileId,
+    Framework,
     Hyperparameters,
     ModelName,
     RemoteName,
+    lora_values,
 )
+from locopilot.training.lora import AdapterError
 from locopilot.training.publishing import gate, move_into
 from locopilot.training.remote import Remotes
 from locopilot.training.trainer import (
@@ -85,6 +100,13 @@ CANCEL_KILL_S = 5.0
 #: How long a cancel request waits for a running job to stop before answering.
 CANCEL_WAIT_S = CANCEL_KILL_S + 3.0
 FINE_TUNE_PURPOSE = "fine-tune"
+#: Lines of a framework's log kept in its job's last events.
+FRAMEWORK_LOG_TAIL = 20
+#: How often a framework's log is read for the steps it reports.
+FRAMEWORK_POLL_S = 1.0
+#: What a framework's job takes besides its base: the hyperparameters that are not built-in only.
+FRAMEWORK_FIELDS = tuple(name for name in FIELDS if name not in BUILTIN_ONLY and name != "seed")
+HFFolder = Annotated[str, Meta(min_length=1, max_length=4096)]
 
 
 class JobSpec(Hyperparameters, frozen=True, kw_only=True):
@@ -101,9 +123,19 @@ class JobSpec(Hyperparameters, frozen=True, kw_only=True):
     """A file uploaded with ``purpose=fine-tune``."""
     remote: RemoteName | None = None
     """Run the job on this upstream (another locopilot, kind openai) instead of here."""
+    framework: Framework = "builtin"
+    """Who trains: the built-in trainer (llama.cpp), or an external framework in the server's
+    LOCOPILOT_TRAINING_PYTHON environment, which trains a LoRA adapter of ``hf_base``."""
+    hf_base: HFFolder | None = None
+    """With a framework: the base in Hugging Face form, a folder on the server (``config.json`` and
+    safetensors); ``model`` is its GGUF, beside which the adapter is served."""
 
     def params(self) -> dict[str, Any]:
-        """The hyperparameters as stored in the row and the lineage (the seed has a column of its own)."""
+        """The hyperparameters as stored in the row and the lineage (the seed has a column of its own).
+        A framework's: the values it runs with (:func:`lora_values`), and none of the built-in-only ones."""
+        if self.framework != "builtin":
+            values = lora_values(self)._asdict()
+            return values | {name: getattr(self, name) for name in FRAMEWORK_FIELDS if name not in values}
         params = msgspec.structs.asdict(self.hyperparameters())
         del params["seed"]
         if params["lora_rank"] is None:
@@ -125,15 +157,15 @@ class _Running:
     """A job being run: its worker once started, and what has been asked of it."""
 
     job_id: str
-    worker: Any = None  # TrainingWorker, set by the thread that starts it
+    worker: Any = None  # TrainingWorker or a framework's FrameworkRun, set by the thread that starts it
     cancel_requested: bool = False
     stopping: bool = False  # the server is shutting down
     done: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def signal_stop(self) -> None:
-        """End the worker's input, on which it exits at once; kill it CANCEL_KILL_S later if it has not.
-        Blocks until it has exited."""
+        """End the worker's input, on which it exits at once (a framework: SIGTERM to its process
+        group); kill it CANCEL_KILL_S later if it has not. Blocks until it has exited."""
         with self.lock:
             worker = self.worker
         if worker is not None:
@@ -218,6 +250,7 @@ class JobService:
             config.check()
         except TrainingRefused as exc:
             raise InvalidRequest(str(exc), param="hyperparameters") from exc
+        framework_jobs.check_request(spec.framework, spec.hf_base, spec)
         try:
             stored = await self.db.call(stored_files.get, spec.training_file)
         except NotFound as exc:
@@ -229,6 +262,11 @@ class JobService:
         if spec.remote is not None:
             return await self._submit_remote(spec, stored, key_id)
         await anyio.to_thread.run_sync(self._check_base, spec.model)
+        if spec.framework != "builtin":
+            assert spec.hf_base is not None  # check_request
+            await anyio.to_thread.run_sync(
+                framework_jobs.check_here, spec.framework, spec.hf_base, spec.model, self.settings, self.catalog
+            )
         job = self._queued(spec, stored, key_id)
         await self.db.call(store.insert, job)
         await self.db.call(store.add_event, job.id, job.created_at, f"Created fine-tuning job: {job.id}")
@@ -249,7 +287,9 @@ class JobService:
         return TrainingJob(
             id=new_job_id(),
             status="queued",
+            framework="llama.cpp" if spec.framework == "builtin" else spec.framework,
             base_model=spec.model,
+            hf_base=spec.hf_base,
             training_file=stored.id,
             dataset_path=stored.path,
             dataset_sha256=stored.sha256,
@@ -273,9 +313,16 @@ class JobService:
     async def _submit_remote(self, spec: JobSpec, stored: StoredFile, key_id: str | None) -> TrainingJob:
         """Create the job on the remote (see :mod:`locopilot.training.remote`) and mirror it here."""
         upstream = self._upstream(spec.remote or "")
-        body = {"model": spec.model, "seed": spec.seed, **spec.params()}
-        if body["weight_decay"] == 0.0:
-            del body["weight_decay"]  # a remote older than weight_decay in its schema refuses the name
+        body: dict[str, Any] = {"model": spec.model, "seed": spec.seed}
+        if spec.framework == "builtin":
+            body |= spec.params()
+            if body["weight_decay"] == 0.0:
+                del body["weight_decay"]  # a remote older than weight_decay in its schema refuses the name
+        else:
+            # As asked, for the remote to resolve and check (its own framework, its own folder).
+            asked = {name: getattr(spec, name) for name in FRAMEWORK_FIELDS}
+            body |= {"framework": spec.framework, "hf_base": spec.hf_base}
+            body |= {name: value for name, value in asked.items() if value is not None}
         answer = await self.remotes.submit(upstream, Path(stored.path), stored.filename, body)
         job = self._queued(spec, stored, key_id, upstream.name, answer.id)
         await self.db.call(store.insert, job)
@@ -419,9 +466,8 @@ class JobService:
         store.add_event(self.db, job_id, self.clock(), message, **kwargs)
 
     def _execute(self, job_id: str, running: _Running) -> None:
-        """Run the job's worker to the end and record how it ended. Blocks for the whole job."""
-        from locopilot.training.worker import Cancelled, Failed, TrainingWorker
-
+        """Run the job to the end (the built-in trainer's worker, or a framework) and record how it
+        ended. Blocks for the whole job."""
         job = store.get(self.db, job_id)
         work = self.work_root / "jobs" / job.id
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -434,6 +480,31 @@ class JobService:
             return
         store.update(self.db, job.id, base_sha256=base_sha256)
         self._event(job.id, "Fine-tuning job started")
+        if running.cancel_requested or running.stopping:  # before its worker started: none is
+            shutil.rmtree(work, ignore_errors=True)
+            if running.stopping:
+                if not self._requeue(job.id):
+                    self._interrupted(job.id)
+            else:
+                self._finish_sync(job.id, "cancelled")
+            return
+        try:
+            if job.framework in FRAMEWORKS:
+                self._run_framework(job, running, base_path, base_sha256, work)
+            else:
+                self._run_builtin(job, running, base_path, base_sha256, work)
+        except Exception as exc:
+            log.exception("training job %s failed", job.id)
+            self._finish_sync(job.id, "failed", error=f"{type(exc).__name__}: {exc}", code="internal")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            if store.get(self.db, job.id).final:
+                shutil.rmtree(self.checkpoint_dir(job.id), ignore_errors=True)
+
+    def _run_builtin(self, job: TrainingJob, running: _Running, base_path: Path, base_sha256: str, work: Path) -> None:
+        """The built-in trainer's worker, to its end."""
+        from locopilot.training.worker import Cancelled, Failed, TrainingWorker
+
         asked = {name: value for name, value in job.params.items() if name in Hyperparameters.__struct_fields__}
         if "chosen" in job.params:
             # Started before (a job resuming from its checkpoint): its params are the values it ran
@@ -447,49 +518,126 @@ class JobService:
         )
         log_path = self.work_root / f"{job.id}.log"
         last: object = None
-        if running.cancel_requested or running.stopping:  # before its worker started: none is
-            shutil.rmtree(work, ignore_errors=True)
-            if running.stopping:
-                if not self._requeue(job.id):
-                    self._interrupted(job.id)
-            else:
-                self._finish_sync(job.id, "cancelled")
-            return
+        with log_path.open("ab") as worker_log, TrainingWorker(config, stderr=worker_log) as worker:
+            with running.lock:
+                running.worker = worker
+            if running.cancel_requested or running.stopping:
+                running.signal_stop()
+            for event in worker.events():
+                last = event
+                self._record(job, event)
+            code = worker.process.wait()
+        if isinstance(last, Finished):
+            self._publish(job, base_sha256, last)
+        elif running.stopping:
+            if not self._requeue(job.id):
+                self._interrupted(job.id)
+        elif isinstance(last, Cancelled) or running.cancel_requested:
+            self._cancelled(job.id)
+        elif isinstance(last, Failed):
+            refused_dataset = last.refused and "dataset" in last.error
+            code_name = "invalid_training_file" if refused_dataset else "training_failed"
+            self._finish_sync(job.id, "failed", error=last.error, code=code_name)
+        else:
+            tail = log_tail(log_path)
+            message = f"the training worker ended with status {code} before finishing" + (
+                f": {tail[-1]}" if tail else ""
+            )
+            self._finish_sync(job.id, "failed", error=message, code="worker_died")
+
+    def _run_framework(
+        self, job: TrainingJob, running: _Running, base_path: Path, base_sha256: str, work: Path
+    ) -> None:
+        """The job's framework (see :mod:`locopilot.training.framework_jobs`), to its end: its
+        output in the job's log file, its adapter converted and published beside the base."""
+        from locopilot.training.adapters.base import STOP_GRACE_S, FrameworkFailed, start
+        from locopilot.training.datasets import DatasetInvalid
+
+        framework = job.framework
+        log_path = self.work_root / f"{job.id}.log"
         try:
-            with log_path.open("ab") as worker_log, TrainingWorker(config, stderr=worker_log) as worker:
-                with running.lock:
-                    running.worker = worker
-                if running.cancel_requested or running.stopping:
-                    running.signal_stop()
-                for event in worker.events():
-                    last = event
-                    self._record(job, event)
-                code = worker.process.wait()
-            if isinstance(last, Finished):
-                self._publish(job, base_sha256, last)
-            elif running.stopping:
-                if not self._requeue(job.id):
-                    self._interrupted(job.id)
-            elif isinstance(last, Cancelled) or running.cancel_requested:
-                self._finish_sync(job.id, "cancelled")
-                self._event(job.id, "The job was cancelled")
-            elif isinstance(last, Failed):
-                refused_dataset = last.refused and "dataset" in last.error
-                code_name = "invalid_training_file" if refused_dataset else "training_failed"
-                self._finish_sync(job.id, "failed", error=last.error, code=code_name)
-            else:
-                tail = _last_line(log_path)
-                message = f"the training worker ended with status {code} before finishing" + (
-                    f": {tail}" if tail else ""
-                )
-                self._finish_sync(job.id, "failed", error=message, code="worker_died")
-        except Exception as exc:
-            log.exception("training job %s failed", job.id)
-            self._finish_sync(job.id, "failed", error=f"{type(exc).__name__}: {exc}", code="internal")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-            if store.get(self.db, job.id).final:
-                shutil.rmtree(self.checkpoint_dir(job.id), ignore_errors=True)
+            plan, data = framework_jobs.plan(job, self.settings.training_python, work)
+        except DatasetInvalid as exc:
+            self._finish_sync(job.id, "failed", error=str(exc), code="invalid_training_file")
+            return
+        except FrameworkFailed as exc:
+            self._finish_sync(job.id, "failed", error=str(exc), code="training_failed")
+            return
+        self._event(
+            job.id,
+            f"Training a LoRA adapter of {job.hf_base} with {framework} on {data.train_examples} examples "
+            f"({data.valid_examples} held out); its output goes to {log_path}",
+            data={
+                "framework": framework,
+                "examples": data.train_examples,
+                "validation_examples": data.valid_examples,
+                "steps": plan.steps,
+                "command": plan.argv,
+                "log_path": str(log_path),
+            },
+        )
+        started = time.monotonic()
+        reports = framework_jobs.Reports(plan, log_path)
+        with log_path.open("ab") as framework_log:
+            try:
+                process = start(plan, work / "work", framework_log)
+            except FrameworkFailed as exc:
+                self._finish_sync(job.id, "failed", error=str(exc), code="training_failed")
+                return
+            with running.lock:
+                running.worker = process
+            if running.cancel_requested or running.stopping:
+                running.signal_stop()
+            while process.wait(FRAMEWORK_POLL_S) is None:
+                for report in reports.read():
+                    self._framework_progress(job, report, plan.steps, time.monotonic() - started)
+            code = process.stop(STOP_GRACE_S)  # what it left running in its group, too
+        for report in reports.read():
+            self._framework_progress(job, report, plan.steps, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        tail = log_tail(log_path, FRAMEWORK_LOG_TAIL)
+        ended = {"framework": framework, "exit_status": code, "seconds": round(seconds, 1), "log_tail": tail}
+        if running.stopping:
+            self._interrupted(job.id)
+        elif running.cancel_requested:
+            self._cancelled(job.id)
+        elif code != 0:
+            self._event(
+                job.id, f"{framework} exited with status {code} after {seconds:.0f} s", level="error", data=ended
+            )
+            error = f"{framework} exited with status {code}" + (f": {tail[-1]}" if tail else "")
+            self._finish_sync(job.id, "failed", error=error, code="framework_failed")
+        else:
+            self._event(
+                job.id,
+                f"{framework} finished in {seconds:.0f} s; converting its adapter for {job.base_model}",
+                data=ended,
+            )
+            target = work / "adapter.gguf"
+            try:
+                adapter = framework_jobs.convert(plan, base_path, job.base_model, target)
+            except AdapterError as exc:
+                self._finish_sync(job.id, "failed", error=exc.message, code="conversion_failed")
+                return
+            result = ended | {"lora_rank": adapter.rank, "adapted_tensors": len(adapter.pairs)}
+            self._publish_model(job, base_sha256, target, result)
+
+    def _framework_progress(
+        self, job: TrainingJob, report: framework_jobs.Reported, steps: int, elapsed: float
+    ) -> None:
+        """A step the framework reported, as a ``metrics`` event like the built-in trainer's."""
+        total = max(steps, report.step)
+        data = {
+            "step": report.step,
+            "total_steps": total,
+            "train_loss": report.loss,
+            "tokens_per_s": report.tokens_per_s,
+            "elapsed_s": elapsed,
+            "eta_s": elapsed / report.step * (total - report.step) if report.step else None,
+            "progress": report.step / total if total else 1.0,
+        }
+        store.update(self.db, job.id, progress=data["progress"])
+        self._event(job.id, f"Step {report.step}/{total}: training loss={report.loss:.4f}", type="metrics", data=data)
 
     def _record(self, job: TrainingJob, event: object) -> None:
         match event:
@@ -569,6 +717,20 @@ class JobService:
                 progress=1.0,
             )
             return
+        self._publish_model(job, base_sha256, source, result, sha256, finished.trained_tokens)
+
+    def _publish_model(
+        self,
+        job: TrainingJob,
+        base_sha256: str,
+        source: Path,
+        result: dict[str, Any],
+        sha256: str | None = None,
+        trained_tokens: int | None = None,
+    ) -> None:
+        """Move ``source`` (a model, or a LoRA adapter of the job's base) into the models folder as
+        ``<base>-ft-<id>`` with its lineage; the job succeeded with ``result``."""
+        sha256 = sha256 or lineage.sha256_file(source)
         name = output_name(job.base_model, job.id)
         target = self.catalog.path_for(name)
         base_lineage = lineage.read(self.catalog.path_for(job.base_model))
@@ -581,6 +743,7 @@ class JobService:
             dataset_sha256=job.dataset_sha256 or "",
             training_file=job.training_file,
             hyperparameters={**job.params, "seed": job.seed},
+            hf_base=job.hf_base,
             created_at=self.clock(),
             base_lineage=None if base_lineage is None else msgspec.structs.asdict(base_lineage),
         )
@@ -593,12 +756,16 @@ class JobService:
             output_model=name,
             output_path=str(target),
             output_sha256=sha256,
-            trained_tokens=finished.trained_tokens,
+            trained_tokens=trained_tokens,
             result=result,
             progress=1.0,
         )
         self._event(job.id, f"New fine-tuned model created: {name}", data=result)
         self._event(job.id, "The job has successfully completed")
+
+    def _cancelled(self, job_id: str) -> None:
+        self._finish_sync(job_id, "cancelled")
+        self._event(job_id, "The job was cancelled")
 
     def _interrupted(self, job_id: str) -> None:
         self._finish_sync(
@@ -652,12 +819,14 @@ def resumable_jobs(settings: Settings) -> set[str]:
     return {folder.name for folder in root.iterdir() if checkpoint_step(folder) is not None}
 
 
-def _last_line(path: Path) -> str:
-    """The log's last non-empty line (a llama.cpp abort message, a traceback's last line)."""
+def log_tail(path: Path, lines: int = 1) -> list[str]:
+    """The log's last ``lines`` non-empty lines (a llama.cpp abort message, a traceback's end), each
+    cut to 500 characters, without terminal colors (MLX-LM's console writes them even to a file)."""
     try:
         with path.open("rb") as f:
-            f.seek(max(0, path.stat().st_size - 4096))
-            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+            f.seek(max(0, path.stat().st_size - 4096 * lines))
+            text = plain(f.read().decode(errors="replace"))
     except OSError:
-        return ""
-    return lines[-1][:500] if lines else ""
+        return []
+    found = [line.strip() for line in text.splitlines() if line.strip()]
+    return [line[:500] for line in found[-lines:]]

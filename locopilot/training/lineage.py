@@ -30,6 +30,8 @@ class Lineage(msgspec.Struct, frozen=True, kw_only=True):
     dataset_sha256: str
     training_file: str | None = None
     hyperparameters: dict[str, Any] = msgspec.field(default_factory=dict)
+    hf_base: str | None = None
+    """An external framework's job: the base in Hugging Face form that it trained."""
     created_at: float
     base_lineage: dict[str, Any] | None = None
 

@@ -8,11 +8,15 @@ fails (exit 2, a message on stderr) on anything they would refuse:
   really find them;
 - ``-m mlx_lm lora --config FILE``: the YAML must have the keys ``mlx_lm lora`` needs, a
   ``data`` folder with ``train.jsonl`` of ``{"messages": [...]}`` lines and a local model;
-  writes ``adapters.safetensors`` and ``adapter_config.json`` to ``adapter_path``;
+  writes ``adapters.safetensors`` and ``adapter_config.json`` to ``adapter_path``, and two
+  rows of MLX-LM's report table (the middle step and the last) to stderr;
 - ``-m axolotl.cli.train FILE`` and ``SCRIPT JOB.json`` (Unsloth): the same checks on
   Axolotl's YAML or the job file, then an adapter in ``output_dir``/``adapter_dir``.
 
 ``STANDIN_EXIT`` makes it fail after the checks with that status, as a crashed run would.
+``STANDIN_CONTROL`` names a JSON file read at each run, for a server's runs that differ:
+``{"exit": N}`` as STANDIN_EXIT; ``{"hang": PIDS_FILE}``: start a child (as a framework starts
+data loader workers), write both process ids to PIDS_FILE, and wait to be killed.
 Every command line it got is appended to ``STANDIN_LOG``.
 """
 
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -66,6 +72,12 @@ def mlx(args: list[str]) -> None:
     check_model(config["model"])
     examples = check_data(Path(config["data"]) / "train.jsonl")
     write_adapter(Path(config["adapter_path"]), config | {"examples_seen": examples})
+    # Two rows of mlx_lm lora's report table, as its console writes them (colors included).
+    print("  iter   train_loss     tok/s     tokens", file=sys.stderr)
+    for step, loss in ((max(1, config["iters"] // 2), 2.5), (config["iters"], 1.25)):
+        print(
+            f"  \x1b[38;5;244m{step:>4}\x1b[0m    \x1b[1;32m{loss:>5.3f} ▼\x1b[0m    1,234      0.5k", file=sys.stderr
+        )
 
 
 def axolotl(args: list[str]) -> None:
@@ -106,7 +118,14 @@ def main(argv: list[str]) -> None:
             unsloth(Path(script), Path(job_file))
         case _:
             fail(f"unexpected command line {argv}")
-    if code := int(os.environ.get("STANDIN_EXIT", "0")):
+    control_file = os.environ.get("STANDIN_CONTROL")
+    control = json.loads(Path(control_file).read_text()) if control_file and Path(control_file).is_file() else {}
+    if "hang" in control:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        Path(control["hang"]).write_text(json.dumps([os.getpid(), child.pid]))
+        print("standin: hanging until killed", file=sys.stderr, flush=True)
+        time.sleep(600)
+    if code := int(control.get("exit", os.environ.get("STANDIN_EXIT", "0"))):
         print("standin: failing as asked", file=sys.stderr)
         raise SystemExit(code)
 

@@ -76,4 +76,5 @@ class Axolotl:
             files={CONFIG_NAME: yaml_text(config)},
             adapter_dir=job.adapter_dir,
             env={"AXOLOTL_DO_NOT_TRACK": "1"} | offline_env(job),
+            steps=job.steps,
         )

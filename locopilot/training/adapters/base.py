@@ -2,25 +2,30 @@
 
 An adapter (one module per framework) only *renders*: :meth:`TrainingFramework.plan` turns an
 :class:`ExternalJob` into a :class:`Plan` (the files to write, the command to run) and touches
-nothing. :func:`run` carries a plan out: it writes the files and runs the command as an
-argument list (never through a shell) with the framework's own Python, which is never
-locopilot's: the frameworks need PyTorch or MLX, and locopilot imports neither.
+nothing. :func:`start` (and :func:`run`, which waits) carries a plan out: it writes the files
+and runs the command as an argument list (never through a shell), in a process group of its
+own, with the framework's own Python, which is never locopilot's: the frameworks need PyTorch
+or MLX, and locopilot imports neither.
 
 The frameworks train Hugging Face models (safetensors and ``config.json``), not GGUF. The
 base is named the Hugging Face way (a repo id, fetched by the framework itself, or a local
 model folder), and the result is a LoRA adapter in ``<output>/adapter`` (MLX-LM:
-``adapters.safetensors``; Unsloth and Axolotl: PEFT's ``adapter_model.safetensors``).
-Serving it from locopilot needs a GGUF, which takes llama.cpp's ``convert_hf_to_gguf.py``:
-it is in the llama-cpp-python sdist (``vendor/llama.cpp``), not in its wheel, and needs
-PyTorch, so locopilot does not run it (see README, "External frameworks").
+``adapters.safetensors``; Unsloth and Axolotl: PEFT's ``adapter_model.safetensors``), which
+:mod:`locopilot.training.peft` converts to a GGUF LoRA adapter of the same base as a GGUF.
+That GGUF of the base takes llama.cpp's ``convert_hf_to_gguf.py``: it is in the
+llama-cpp-python sdist (``vendor/llama.cpp``), not in its wheel, and needs PyTorch, so
+locopilot does not run it (see README, "External frameworks").
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -97,12 +102,25 @@ def layer_indices(job: ExternalJob) -> list[int] | None:
 
 class Plan(msgspec.Struct, frozen=True):
     """``files``: name (in the work folder) → text; ``argv[0]`` is the framework's Python;
-    ``env``: variables set for the command on top of :data:`QUIET_ENV`."""
+    ``env``: variables set for the command on top of :data:`QUIET_ENV`; ``steps``: the
+    optimizer steps it will run; ``progress``: a regular expression that a line of its output
+    (:func:`plain`) matches where it reports a step, with the groups ``step``, ``loss`` and
+    ``tokens_per_s`` (digits, maybe with thousands commas); None: its output is not read."""
 
     argv: list[str]
     files: dict[str, str]
     adapter_dir: str
     env: dict[str, str] = msgspec.field(default_factory=dict)
+    steps: int = 0
+    progress: str | None = None
+
+
+_TERMINAL_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """A framework's output without terminal escapes (MLX-LM's console writes colors even to a file)."""
+    return _TERMINAL_ESCAPE.sub("", text)
 
 
 #: Every framework run gets these: no usage reports leave the machine (Axolotl sends PostHog
@@ -219,22 +237,73 @@ def _yaml_mapping(mapping: dict[str, object], indent: int, lines: list[str]) -> 
             lines.append(f"{pad}{json.dumps(key)}: {_yaml_scalar(value)}")
 
 
-def run(plan: Plan, work_dir: Path, log: IO[bytes]) -> None:
-    """Write the plan's files into ``work_dir`` and run its command there, output to ``log``.
+#: How long a framework's process group has to exit after SIGTERM before it is killed.
+STOP_GRACE_S = 5.0
+
+
+class FrameworkRun:
+    """A framework's command, running (:func:`start`) in a process group of its own, which
+    :meth:`stop` ends whole: the framework's own children (data loader workers, a launcher's
+    ranks) with it. The same shape as :class:`locopilot.children.Child`'s end: ask, wait
+    ``grace`` seconds, kill. Unlike locopilot's own children it reads no input, so a server
+    killed with SIGKILL cannot end it; it is not told about the server going away.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Its exit status, once it has exited; None when ``timeout`` seconds pass first."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, grace: float) -> int:
+        """SIGTERM to its process group, ``grace`` seconds for the leader to exit, then SIGKILL to
+        what is left of the group; the leader's exit status. Safe from another thread than the
+        one waiting, and after it has exited (whatever it left running in its group is ended)."""
+        self._signal(signal.SIGTERM)
+        code = self.wait(grace)
+        self._signal(signal.SIGKILL)
+        return self.process.wait() if code is None else code
+
+    def _signal(self, number: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the whole group is gone
+            os.killpg(self.process.pid, number)
+
+
+def start(plan: Plan, work_dir: Path, log: IO[bytes]) -> FrameworkRun:
+    """Write the plan's files into ``work_dir`` and start its command there, output to ``log``.
 
     The command is an argument list run without a shell; ``LOCOPILOT_*`` variables are not
-    passed on (they may hold keys). Raises FrameworkFailed.
+    passed on (they may hold keys). Raises FrameworkFailed when it cannot start.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     for name, text in plan.files.items():
         (work_dir / name).write_text(text, encoding="utf-8")
     env = foreign_environment() | QUIET_ENV | plan.env
     try:
-        code = subprocess.run(
-            plan.argv, cwd=work_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
-        ).returncode
+        process = subprocess.Popen(
+            plan.argv, cwd=work_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, process_group=0
+        )
     except OSError as exc:
         raise FrameworkFailed(f"cannot run {plan.argv[0]}: {exc.strerror or exc}") from exc
+    return FrameworkRun(process)
+
+
+def run(plan: Plan, work_dir: Path, log: IO[bytes]) -> None:
+    """:func:`start`, and wait for the command to end; Ctrl-C (or any exception while waiting)
+    stops its process group. Raises FrameworkFailed when it cannot start or exits non-zero."""
+    process = start(plan, work_dir, log)
+    try:
+        process.wait()
+    finally:
+        code = process.stop(STOP_GRACE_S)
     if code != 0:
         raise FrameworkFailed(f"{' '.join(plan.argv[:4])} ... exited with status {code}")
 

@@ -22,6 +22,9 @@ from typing import ClassVar
 from locopilot.training.adapters.base import ExternalJob, Plan, offline_env, yaml_text
 
 CONFIG_NAME = "mlx-lora.yaml"
+#: A training report in ``mlx_lm lora``'s output (0.32): a row of its table, ``iter``,
+#: ``train_loss`` and a trend arrow, ``tok/s``, ``tokens`` (``  18    5.752 ▼    1,711      0.5k``).
+PROGRESS = r"^\s*(?P<step>\d+)\s+(?P<loss>\d+\.\d+)\s+\S*\s+(?P<tokens_per_s>[\d,]+)\s+[\d.]+k\s*$"
 
 
 class MLXLM:
@@ -57,4 +60,6 @@ class MLXLM:
             files={CONFIG_NAME: yaml_text(config)},
             adapter_dir=job.adapter_dir,
             env=offline_env(job),
+            steps=job.steps,
+            progress=PROGRESS,
         )

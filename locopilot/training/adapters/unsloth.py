@@ -120,4 +120,5 @@ class Unsloth:
             files={SCRIPT_NAME: SCRIPT, JOB_NAME: json.dumps(values, indent=2) + "\n"},
             adapter_dir=job.adapter_dir,
             env=offline_env(job),
+            steps=job.steps,
         )
