@@ -33,6 +33,7 @@ from tests import test_training_adapters as adapter_tests
 from tests.conftest import SMOL, Server
 from tests.frameworks.tiny_gguf import write_gguf
 from tests.jobs import JOBS, finished, follow, training_server, upload, wait_for
+from tests.security.conftest import ADMIN_KEY, create_key
 from tests.test_cli import make_env
 from tests.test_lora import peft_folder, random_pairs
 from tests.test_training import QUESTIONS
@@ -163,6 +164,34 @@ def test_the_native_route_refuses_in_openais_shape(standin_server: Server, stand
     assert answer.status_code == 400
     error = answer.json()["error"]
     assert error["param"] == "hf_base" and "/nonexistent/model is not a folder on the server" in error["message"]
+
+
+def test_a_framework_job_needs_the_admin_scope(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, dataset: Path, tmp_path: Path
+) -> None:
+    """hf_base is any folder on the server: a key with the training scope alone may not name a
+    framework (403 in OpenAI's shape, nothing queued); the admin key gets past that to the folder's check."""
+    root = tmp_path_factory.mktemp("framework-scope")
+    exe, env = standin(root, {"mlx_lm": "0.32.2"})
+    env |= {"LOCOPILOT_TRAINING_PYTHON": str(exe), "LOCOPILOT_ADMIN_KEY": ADMIN_KEY}
+    running = training_server(root, smollm2_path, **env).start(path="/health")
+    try:
+        trainer = create_key(running, name="trainer", scopes=["training"])
+        with (
+            openai.OpenAI(base_url=f"{running.url}/v1", api_key=trainer.secret, max_retries=0, timeout=60) as client,
+            openai.OpenAI(base_url=f"{running.url}/v1", api_key=ADMIN_KEY, max_retries=0, timeout=60) as admin,
+        ):
+            uploaded = upload(client, dataset)
+            refused = refusal(client, uploaded.id, framework="mlx", hf_base=str(hf_folder(tmp_path / "m")))
+            assert refused.status_code == 403 and refused.body["param"] == "framework", refused.message  # type: ignore[index]
+            assert "needs a key with the admin scope" in refused.message
+            builtin = client.fine_tuning.jobs.create(model=SMOL, training_file=uploaded.id)  # the scope's own jobs
+            assert builtin.status == "queued"
+            client.fine_tuning.jobs.cancel(builtin.id)
+            past = refusal(admin, uploaded.id, framework="mlx", hf_base="/nonexistent/model")
+            assert past.status_code == 400 and past.body["param"] == "hf_base", past.message  # type: ignore[index]
+    finally:
+        running.stop()
 
 
 def test_a_failing_framework_fails_the_job_with_its_exit_and_log(

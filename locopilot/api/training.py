@@ -34,7 +34,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from msgspec import Meta
 
 from locopilot.api.responses import BODY, GUARDED, answers, json_response
-from locopilot.errors import InvalidModelName, InvalidRequest, ModelNotFound
+from locopilot.errors import Forbidden, InvalidModelName, InvalidRequest, ModelNotFound
 from locopilot.gateway.auth import principal_of
 from locopilot.gateway.shutdown import Shutdown
 from locopilot.schemas.openai import encoder
@@ -154,8 +154,7 @@ async def create_job(data: JobSpec, training: JobService, request: Request[Any, 
     """Queue a fine-tuning job of a model in the models folder on an uploaded dataset (with no ``remote`` and a
     base model this server lacks: on the least-busy upstream locopilot that has it)."""
     checked(data)
-    spec = await placed(training, data)
-    job = await training.submit(spec, principal_of(request).key_id)
+    job = await submitted(training, await placed(training, data), request)
     return json_response(job_info(job))
 
 
@@ -460,8 +459,21 @@ async def create_fine_tuning_job(
 ) -> Response[bytes]:
     """OpenAI's create: a job of a model in the models folder on an uploaded file (or, as for the native create,
     on the least-busy upstream locopilot that has it)."""
-    job = await training.submit(await placed(training, spec_of(data)), principal_of(request).key_id)
+    job = await submitted(training, await placed(training, spec_of(data)), request)
     return json_response(openai_job(job))
+
+
+async def submitted(training: JobService, spec: JobSpec, request: Request[Any, Any, Any]) -> TrainingJob:
+    """``spec`` queued for the request's principal. A job that names a framework needs the admin
+    scope (Forbidden otherwise): it has the server read ``hf_base``, a folder anywhere on it, and
+    run the framework's Python, both chosen by whoever configures the server."""
+    principal = principal_of(request)
+    if spec.framework != "builtin" and "admin" not in principal.scopes:
+        raise Forbidden(
+            "a job that names a framework trains hf_base, a folder on the server: it needs a key with the admin scope",
+            param="framework",
+        )
+    return await training.submit(spec, principal.key_id)
 
 
 @get("/v1/fine_tuning/jobs", responses=answers(FineTuningJobList, 200, *GUARDED, 400))
