@@ -46,10 +46,12 @@ def test_only_the_answer_is_trained(smollm2_path: Path) -> None:
 def test_windows_take_each_tokens_label() -> None:
     # Each example: its tokens and each token's label (the token, or the base's prediction).
     examples = [([1, 2, 3, 4], [1, 2, 3, 4]), ([5, 6, 7, 8], [5, 60, 70, 8])]
-    first, second = windows(examples, 4)
+    first, second, last = windows(examples, 4)
     assert first.tokens == [1, 2, 3, 4] and first.labels == [2, 3, 4, 5]
     # Half overlapping: the second starts half a window on.
     assert second.tokens == [3, 4, 5, 6] and second.labels == [4, 5, 60, 70]
+    # And one more ends where the examples end, so the last label (8) is trained too.
+    assert last.tokens == [4, 5, 6, 7] and last.labels == [5, 60, 70, 8]
 
 
 def test_low_rank_keeps_what_a_truncated_svd_keeps() -> None:

@@ -1,34 +1,36 @@
 """A general-knowledge spot check: did fine-tuning make the model forget what it knew?
 
 A few fixed questions, each with a word its answer must contain, are answered greedily by the
-untrained base and by the trained model, with the base's chat template. The trainer passes the
-base as it exports the result (F32, then the output type), so that only the training differs:
-the base file itself answers through other kernels, and SmolLM2's Q4_1 file and its untrained
-Q8_0 export answered "Which city is the capital of France?" differently (Paris; "Le Grand
-Château"). The held-out loss says how well the model learned the dataset; this says whether it
-still answers things the dataset never mentioned. It costs seconds: two small model loads and
-a few dozen tokens each.
+untrained base and by the trained model, with the base's chat template. The trainer asks them
+of the F32 weights it trains, in its evaluation context (``_Session.generate``): before
+training and after, so that only the training differs (the base file itself answers through
+other kernels: SmolLM2's Q4_1 file and an untrained Q8_0 export of it answered "Which city is
+the capital of France?" differently, Paris and "Le Grand Château"). All questions are decoded
+together, one sequence each, so a step costs about what one question's would. The held-out
+loss says how well the model learned the dataset; this says whether it still answers things
+the dataset never mentioned.
 
-The same load of the trained model also answers the recall check (:func:`recalled`): the
+The same pass over the trained weights also answers the recall check (:func:`recalled`): the
 questions of the examples the job held out for its validation loss, whose facts the job
 learned from the other examples; an answer counts when it has at least half the words of the
 held-out example's answer that its question does not already have. It is what the eval gate's
 ``min_recall`` compares with.
 
 The questions are ones SmolLM2-135M-Instruct (the default model) answers correctly at
-temperature 0, as Q4_1 and exported untrained to Q8_0. Its answers are sensitive to wording:
-"What is the capital city of France?" got "La femme de France".
+temperature 0, as Q4_1, exported untrained to Q8_0, and as F32. Its answers are sensitive to
+wording: "What is the capital city of France?" got "La femme de France".
 """
 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
+
+if TYPE_CHECKING:
+    from locopilot.training.tokenizer import ChatTokenizer
 
 #: (question, a word the right answer contains, compared case-insensitively). Each was checked
 #: on SmolLM2-135M-Instruct Q4_1 and its untrained Q8_0 export, greedy, 32 tokens; ones either
@@ -43,7 +45,6 @@ QUESTIONS: tuple[tuple[str, str], ...] = (
     ("What is the chemical symbol for water?", "H2O"),
 )
 MAX_TOKENS = 32
-CONTEXT = 256
 #: The recall check asks at most this many held-out questions, each answered in up to RECALL_TOKENS.
 MAX_RECALL = 8
 RECALL_TOKENS = 64
@@ -109,46 +110,16 @@ class SpotCheck(msgspec.Struct, frozen=True):
     recall: Recall | None = None
 
 
-def _answers(model_path: Path, prompts: list[tuple[list[int], int]], threads: int) -> list[str]:
-    """Greedy answers to ``(prompt tokens, max tokens)``."""
-    from llama_cpp import Llama
-
-    n_ctx = max(CONTEXT, *(len(tokens) + most for tokens, most in prompts))
-    llm: Any = Llama(
-        str(model_path), n_ctx=n_ctx, n_batch=CONTEXT, n_threads=threads, n_gpu_layers=0, seed=0, verbose=False
-    )
-    try:
-        out = []
-        for tokens, most in prompts:
-            # Greedy: temperature 0 makes llama-cpp-python sample the most likely token.
-            reply = llm.create_completion(tokens, max_tokens=most, temperature=0.0)
-            out.append(str(reply["choices"][0]["text"]).strip())
-        return out
-    finally:
-        llm.close()
+def prompts(tokenizer: ChatTokenizer) -> list[list[int]]:
+    """:data:`QUESTIONS` as prompts for the model whose ``tokenizer`` (chat template) it is."""
+    return [tokenizer.prompt([{"role": "user", "content": question}]) for question, _ in QUESTIONS]
 
 
-def spot_check(base: Path, trained: Path, *, threads: int, recall: Sequence[RecallItem] = ()) -> SpotCheck:
-    """Ask :data:`QUESTIONS` of both models (``base``: the untrained one, whose chat template is
-    used), and the first :data:`MAX_RECALL` of ``recall`` of the trained one. Raises
-    RuntimeError if either cannot be loaded."""
-    from locopilot.training.tokenizer import ChatTokenizer
-
-    started = time.monotonic()
-    tokenizer = ChatTokenizer(base)
-    try:
-        prompts = [tokenizer.prompt([{"role": "user", "content": question}]) for question, _ in QUESTIONS]
-    finally:
-        tokenizer.close()
-    try:
-        items = list(recall[:MAX_RECALL])
-        before = _answers(base, [(p, MAX_TOKENS) for p in prompts], threads)
-        after = _answers(
-            trained, [(p, MAX_TOKENS) for p in prompts] + [(i.prompt, RECALL_TOKENS) for i in items], threads
-        )
-        after, replies = after[: len(prompts)], after[len(prompts) :]
-    except ValueError as exc:  # llama-cpp-python raises ValueError when a load fails
-        raise RuntimeError(f"the spot check could not load a model: {exc}") from exc
+def spot_check(
+    before: Sequence[str], after: Sequence[str], seconds: float, recall: Sequence[tuple[RecallItem, str]] = ()
+) -> SpotCheck:
+    """The check from the base's answers to :data:`QUESTIONS` (``before``), the trained
+    model's (``after``), and the trained model's replies to held-out examples (``recall``)."""
     answers = [
         SpotAnswer(
             question=question,
@@ -167,14 +138,14 @@ def spot_check(base: Path, trained: Path, *, threads: int, recall: Sequence[Reca
         trained_correct=sum(a.trained_correct for a in answers),
         changed=sum(a.changed for a in answers),
         lost=sum(a.base_correct and not a.trained_correct for a in answers),
-        seconds=time.monotonic() - started,
-        recall=_recall(items, replies) if items else None,
+        seconds=seconds,
+        recall=_recall(recall) if recall else None,
     )
 
 
-def _recall(items: list[RecallItem], replies: list[str]) -> Recall:
+def _recall(replies: Sequence[tuple[RecallItem, str]]) -> Recall:
     answers = [
         RecallAnswer(item.question, item.answer, reply, recalled(reply, item.answer, item.question))
-        for item, reply in zip(items, replies, strict=True)
+        for item, reply in replies
     ]
     return Recall(answers=answers, recalled=sum(a.recalled for a in answers), asked=len(answers))

@@ -11,20 +11,21 @@
    (:func:`windows`).
 3. Convert the base to F32 (llama.cpp trains F32 tensors only) with ``llama_model_quantize``,
    load it without mmap (the weights are written), and ``llama_opt_init`` with a parameter
-   filter that marks only the last ``layers`` blocks trainable. One forward pass of the base
-   over each example labels the positions not trained with its own predictions and measures
-   the losses before (:meth:`_Session.evaluate`).
+   filter that marks only the last ``layers`` blocks trainable. Unless ``spot_check`` is off,
+   the base answers a few general questions (:mod:`locopilot.training.spotcheck`, generated
+   in a second, ordinary context on the same weights: :meth:`_Session.generate`). One
+   forward pass of the base over each example labels the positions not trained with its own
+   predictions and measures the losses before (:meth:`_Session.evaluate`).
 4. Train in chunks of ``chunk_windows`` windows per ``llama_opt_epoch`` call, one optimizer step
    per window; between chunks the learning rate is updated, progress reported and
    cancellation checked. A job that publishes a LoRA adapter (``lora_rank``) trains the
    blocks' matrices only and cuts each one's change back to that rank between chunks
    (:meth:`_Session.project`).
-5. Save with ``llama_model_save_to_file`` and export (:mod:`locopilot.training.export`):
+5. Measure the losses after; the trained weights answer the spot check's questions and the
+   held-out examples' (the recall check), reported with the base's answers in Finished.
+6. Save with ``llama_model_save_to_file`` and export (:mod:`locopilot.training.export`):
    quantize (Q8_0 by default) and copy the base's metadata back; or, with ``lora_rank``,
    extract the adapter (:func:`~locopilot.training.lora.extract`).
-6. Unless ``spot_check`` is off, ask the untrained base exported the same way and the
-   result a few general questions (:mod:`locopilot.training.spotcheck`) and report both
-   answers in Finished.
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ from msgspec import Meta
 
 from locopilot.models.gguf import ArrayInfo, GGUFHeader, read_header
 from locopilot.training.hyperparameters import MAX_LEARNING_RATE, HyperparameterInvalid, Hyperparameters
-from locopilot.training.spotcheck import RecallItem, SpotCheck
+from locopilot.training.spotcheck import MAX_RECALL, MAX_TOKENS, RECALL_TOKENS, RecallItem, SpotCheck, spot_check
 
-#: Examples evaluated in one batch, as separate sequences (:meth:`_Session.evaluate`).
-EVAL_SEQUENCES = 8
+#: Sequences evaluated or generated in one batch (:meth:`_Session.evaluate`, :meth:`_Session.generate`).
+EVAL_SEQUENCES = 16
+#: KV cells of the evaluation context at least: the spot check's questions and the recall
+#: check's prompts with their answers, generated together.
+EVAL_CELLS = 1024
 OUTPUT_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}  # enum llama_ftype
 
 
@@ -143,7 +147,8 @@ class Finished(msgspec.Struct, tag="finished"):
     cpu_seconds: float = 0.0
     """The worker's CPU time (user and system): on a shared machine, closer to the job's cost than ``seconds``."""
     stage_seconds: dict[str, float] = msgspec.field(default_factory=dict)
-    """Wall time of each part: prepare (dataset, F32 copy), loss_before, train, loss_after, export, ...."""
+    """Wall time of each part: prepare (dataset, F32 copy), spot_check_base (the base's answers),
+    relabel (labels and losses before), train, loss_after, spot_check, export (or extract)."""
     stage_cpu_seconds: dict[str, float] = msgspec.field(default_factory=dict)
     """The worker's CPU time in each part of ``stage_seconds``."""
 
@@ -240,10 +245,6 @@ def check_resources(header: GGUFHeader, config: TrainConfig) -> MemoryEstimate:
             f"but {available / gb:.2f} GB is available; train fewer layers or a smaller context"
         )
     disk = 2 * estimate.weights  # the F32 base and the F32 result
-    if config.spot_check:
-        # The untrained base exported for it: a quantized copy and the final file, each as
-        # large as the F32 weights for f32 output, half for f16, less for the rest.
-        disk += estimate.weights * (2 if config.output_type == "f32" else 1)
     free = shutil.disk_usage(config.work_dir).free
     if disk > free:
         raise TrainingRefused(
@@ -281,25 +282,27 @@ class Encoded(NamedTuple):
 
 def windows(examples: Sequence[tuple[list[int], list[int]]], context: int) -> list[Window]:
     """Windows of ``context`` tokens, half overlapping, over the examples' concatenation, like
-    llama.cpp's ``common_opt_dataset_init``; a concatenation shorter than one window is
-    repeated. Each example is its tokens and, aligned with them, each token's label (what the
-    position before it learns: the token itself, or the base's prediction there).
+    llama.cpp's ``common_opt_dataset_init``, and one more at the end for the tokens the last
+    whole stride leaves out; a concatenation shorter than one window is repeated. Each example
+    is its tokens and, aligned with them, each token's label (what the position before it
+    learns: the token itself, or the base's prediction there).
 
     Half overlapping, a token is in two windows of a pass, with different text before it.
     Windows that each started where an example starts (each example whole in one window of a
-    pass, 13 windows a pass instead of 22 on the bench's facts) recalled 5 of 16 held-out
-    questions where these recalled 13 (README)."""
+    pass, 13 windows a pass instead of 23 on the bench's facts) recalled 5 of 16 held-out
+    questions in 3 passes at a learning rate of 1e-4 where these recalled 13; at 1.5e-4, 11
+    (README)."""
     stream = [token for example in examples for token in example[0]]
     targets = [label for example in examples for label in example[1]]
     single, single_targets = list(stream), list(targets)
     while single and len(stream) <= context:
         stream.extend(single)
         targets.extend(single_targets)
-    stride = max(1, context // 2)
-    return [
-        Window(stream[start : start + context], targets[start + 1 : start + context + 1])
-        for start in range(0, len(stream) - context, stride)
-    ]
+    last = len(stream) - context - 1  # the last start whose labels are all in the stream
+    starts = list(range(0, last + 1, max(1, context // 2)))
+    if starts[-1] < last:
+        starts.append(last)
+    return [Window(stream[start : start + context], targets[start + 1 : start + context + 1]) for start in starts]
 
 
 def encoded_examples(config: TrainConfig) -> list[Encoded]:
@@ -395,58 +398,46 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def publish(
-    config: TrainConfig,
-    f32: Path,
-    trained: Path,
-    work: Path,
-    stage: Callable[[str], None],
-    recall: Sequence[RecallItem] = (),
-) -> SpotCheck | None:
+def publish(config: TrainConfig, f32: Path, trained: Path, stage: Callable[[str], None]) -> None:
     """Write the job's result to ``config.output_path``: an adapter extracted from the trained
-    weights (``lora_rank``) or the whole model in ``output_type``; then the spot check, if asked,
-    against the base in the same form. ``stage`` is told as each step ends."""
-    from locopilot.training.export import export
-
+    weights (``lora_rank``) or the whole model in ``output_type``. ``stage`` is told when it ends."""
     if isinstance(config.lora_rank, int):
         from locopilot.training import lora
 
         adapter = lora.extract(f32, trained, config.lora_rank, config.base_name)
         lora.write(Path(config.output_path), adapter)
         stage("extract")
-        if not config.spot_check:
-            return None
-        # The adapter on the F32 base is the F32 base with B·A added: asked against the F32 base.
-        merged = work / "merged-f32.gguf"
-        lora.merge(f32, adapter, merged, "f32")
-        stage("merge")
-        untrained, result = f32, merged
     else:
+        from locopilot.training.export import export
+
         export(trained, Path(config.base_path), Path(config.output_path), config.output_type, threads=config.threads)
         stage("export")
-        if not config.spot_check:
-            return None
-        # The base exported as the result was (F32, then output_type), untrained: asked
-        # the same questions, only the training differs. The base file itself answers
-        # with other kernels (Q4_1's, say) and differed even when nothing was learned.
-        untrained = work / "untrained.gguf"
-        export(f32, Path(config.base_path), untrained, config.output_type, threads=config.threads)
-        stage("export_untrained")
-        result = Path(config.output_path)
-    from locopilot.training.spotcheck import spot_check
 
-    # One thread fewer than the cores for one-token decode steps (see DESIGN.md); on a
-    # loaded machine, two threads meeting at a barrier every op were slower still.
-    threads = max(1, (config.threads or os.cpu_count() or 1) - 1)
-    check = spot_check(untrained, result, threads=threads, recall=recall)
-    stage("spot_check")
-    return check
+
+def spot_prompts(config: TrainConfig) -> list[list[int]]:
+    """The spot check's questions (:mod:`locopilot.training.spotcheck`) with the base's chat
+    template; none without ``spot_check``."""
+    from locopilot.engine.templates import TemplateError
+    from locopilot.training import spotcheck
+    from locopilot.training.tokenizer import ChatTokenizer
+
+    if not config.spot_check:
+        return []
+    try:
+        tokenizer = ChatTokenizer(Path(config.base_path))
+        try:
+            return spotcheck.prompts(tokenizer)
+        finally:
+            tokenizer.close()
+    except TemplateError as exc:
+        raise TrainingRefused(f"the base model's chat template fails: {exc}") from exc
 
 
 class CheckpointState(msgspec.Struct):
     """What a resumed job needs besides the weights: how far it got, the losses measured
     before training, and every training window's labels as the base labelled them, so that a
-    resumed job trains on exactly what it started with."""
+    resumed job trains on exactly what it started with; and the base's answers to the spot
+    check (``spot_seconds`` the time they took)."""
 
     step: int
     weights: str  # the file name, in the checkpoint folder
@@ -455,6 +446,8 @@ class CheckpointState(msgspec.Struct):
     loss_before: float
     validation_loss_before: float | None
     labels: list[list[int]]
+    spot_before: list[str] = msgspec.field(default_factory=list)
+    spot_seconds: float = 0.0
 
 
 def fingerprint(config: TrainConfig, training: list[Window], validation: Sequence[tuple[list[int], list[bool]]]) -> str:
@@ -464,7 +457,17 @@ def fingerprint(config: TrainConfig, training: list[Window], validation: Sequenc
     import hashlib
 
     digest = hashlib.sha256()
-    fields = ("epochs", "learning_rate", "optimizer", "weight_decay", "layers", "context", "chunk_windows", "seed")
+    fields = (
+        "epochs",
+        "learning_rate",
+        "optimizer",
+        "weight_decay",
+        "layers",
+        "context",
+        "chunk_windows",
+        "seed",
+        "spot_check",
+    )
     digest.update(msgspec.json.encode({name: getattr(config, name) for name in fields}))
     for tokens in (*(window.tokens for window in training), *(tokens for tokens, _ in validation)):
         digest.update(msgspec.json.encode(tokens))
@@ -549,6 +552,7 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
 
     header = read_header(Path(config.base_path))
     encoded = encoded_examples(config)
+    prompts = spot_prompts(config)
     rng = random.Random(config.seed)
     rng.shuffle(encoded)
     # Held out by example, so no validation token is ever in a training window.
@@ -597,6 +601,10 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
         start = f32 if resumed is None else resumed[1]
         with _Session(config, config.learning_rate, start, estimate.trained_layers, f32) as session:
             if resumed is None:
+                t = time.monotonic()
+                spot_before = session.generate([(tokens, MAX_TOKENS) for tokens in prompts])
+                spot_seconds = time.monotonic() - t
+                stage("spot_check_base")
                 # Before anything is trained: positions not trained take the base's own predictions.
                 loss_before, labelled = session.evaluate(mixed, predict=True)
                 training = windows(list(zip((tokens for tokens, _ in mixed), labelled, strict=True)), config.context)
@@ -608,6 +616,8 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
                     loss_before=loss_before or 0.0,
                     validation_loss_before=session.evaluate(validation)[0] if validation else None,
                     labels=[window.labels for window in training],
+                    spot_before=spot_before,
+                    spot_seconds=spot_seconds,
                 )
             else:
                 state = resumed[0]
@@ -620,9 +630,13 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
             loss_after = session.evaluate(own)[0] or 0.0
             val_after = session.evaluate(validation)[0] if validation else None
             stage("loss_after")
+            check = None
+            if prompts:
+                held_out = [RecallItem(e.question, e.prompt, e.answer) for e in encoded[:n_val]]
+                check = _spot_check(session, prompts, state, held_out)
+                stage("spot_check")
             session.save(trained)
-        held_out = [RecallItem(e.question, e.prompt, e.answer) for e in encoded[:n_val]]
-        check = publish(config, f32, trained, Path(work), stage, held_out)
+        publish(config, f32, trained, stage)
     finished = Finished(
         output_path=config.output_path,
         train_loss_before=state.loss_before,
@@ -640,6 +654,21 @@ def train(config: TrainConfig, report: Callable[[Event], None], cancelled: Calla
     )
     report(finished)
     return finished
+
+
+def _spot_check(
+    session: _Session, prompts: list[list[int]], state: CheckpointState, held_out: Sequence[RecallItem]
+) -> SpotCheck:
+    """The trained weights' answers to the spot check and to the first :data:`MAX_RECALL`
+    held-out examples, checked against the base's (``state.spot_before``)."""
+    started = time.monotonic()
+    items = held_out[:MAX_RECALL]
+    after = session.generate(
+        [(tokens, MAX_TOKENS) for tokens in prompts] + [(item.prompt, RECALL_TOKENS) for item in items]
+    )
+    seconds = state.spot_seconds + time.monotonic() - started
+    replies = list(zip(items, after[len(prompts) :], strict=True))
+    return spot_check(state.spot_before, after[: len(prompts)], seconds, replies)
 
 
 def _loop(
@@ -757,17 +786,23 @@ class _Session:
             raise RuntimeError("llama.cpp could not create a training context")
         # A second, ordinary context on the same weights, for logits (the optimizer's gives none).
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = config.context
+        params.n_ctx = max(EVAL_CELLS, config.context + RECALL_TOKENS)
+        params.n_batch = params.n_ubatch = config.context
         params.n_seq_max = EVAL_SEQUENCES
         params.kv_unified = True  # the sequences of a batch share the context's cells
-        params.n_threads = params.n_threads_batch = threads
+        # One thread fewer than the cores, as the spot check had: on 2 cores shared with other
+        # work (load ~12), forward passes of 256 tokens cost 3.4 times the CPU time on 2 threads
+        # (spinning at barriers) and took 2.5 times as long as on 1 (a training step did not).
+        params.n_threads = params.n_threads_batch = max(1, threads - 1)
         params.flash_attn_type = 0  # CPU flash attention is the slower one for whole prompts
         params.type_k = params.type_v = 0  # F32, as the weights
         self.eval_ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.eval_ctx:
             self.close()
             raise RuntimeError("llama.cpp could not create an evaluation context")
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.cells = llama_cpp.llama_n_ctx(self.eval_ctx)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         n_layer = llama_cpp.llama_model_n_layer(self.model)
         first = n_layer - trained_layers
         prefixes = tuple(f"blk.{i}." for i in range(first, n_layer))
@@ -905,7 +940,7 @@ class _Session:
         wanted = [[predict or trained[i + 1] for i in range(len(tokens) - 1)] for tokens, trained in examples]
         batch = self.llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
         try:
-            for group in self._groups([len(w) for w in wanted]):
+            for group in self._groups([len(w) for w in wanted], self.n_ctx):
                 rows = self._logits(batch, [(examples[j][0][:-1], wanted[j]) for j in group])
                 for j, logits in zip(group, rows, strict=True):
                     tokens, trained = examples[j]
@@ -929,13 +964,14 @@ class _Session:
             self.llama_cpp.llama_batch_free(batch)
         return (total / count if count else None), labelled
 
-    def _groups(self, lengths: list[int]) -> list[list[int]]:
-        """Consecutive indices, grouped so that each group's lengths fill at most one context
+    @staticmethod
+    def _groups(lengths: list[int], limit: int) -> list[list[int]]:
+        """Consecutive indices, grouped so that each group's lengths add up to at most ``limit``
         and :data:`EVAL_SEQUENCES` sequences: one decode each (many small ones cost more)."""
         groups: list[list[int]] = []
         used = 0
         for j, n in enumerate(lengths):
-            if not groups or used + n > self.n_ctx or len(groups[-1]) == EVAL_SEQUENCES:
+            if not groups or used + n > limit or len(groups[-1]) == EVAL_SEQUENCES:
                 groups.append([])
                 used = 0
             groups[-1].append(j)
@@ -966,6 +1002,74 @@ class _Session:
             return [np.zeros((0, self.n_vocab), dtype=np.float32) for _ in sequences]
         rows = np.ctypeslib.as_array(lc.llama_get_logits(self.eval_ctx), shape=(outputs, self.n_vocab)).copy()
         return np.split(rows, np.cumsum([sum(wanted) for _, wanted in sequences])[:-1])
+
+    def generate(self, prompts: Sequence[tuple[list[int], int]]) -> list[str]:
+        """Greedy answers to ``(prompt tokens, most tokens)`` from the weights as they are now,
+        decoded together in the evaluation context, a sequence each (a one-token step for
+        one question costs about as much as for all of them): each answer ends at an
+        end-of-generation token or after its most tokens."""
+        import numpy as np
+
+        lc = self.llama_cpp
+        answers: list[list[int]] = [[] for _ in prompts]
+        batch = lc.llama_batch_init(self.n_ctx, 0, 1)
+
+        def greedy(row: int) -> int:
+            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.eval_ctx, row), shape=(self.n_vocab,))
+            return int(logits.argmax())
+
+        def decode(entries: list[tuple[int, int, int, bool]]) -> None:
+            for n, (token, pos, seq, want) in enumerate(entries):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = token, pos, 1, want
+                batch.seq_id[n][0] = seq
+            batch.n_tokens = len(entries)
+            if lc.llama_decode(self.eval_ctx, batch) != 0:
+                raise RuntimeError("llama.cpp could not decode a spot-check question")
+
+        try:
+            for group in self._groups([len(tokens) + most for tokens, most in prompts], self.cells):
+                lc.llama_memory_clear(lc.llama_get_memory(self.eval_ctx), True)
+                following: dict[int, int] = {}  # sequence -> its next token, while it goes on
+                entries = [
+                    (token, i, seq, i == len(prompts[j][0]) - 1)
+                    for seq, j in enumerate(group)
+                    for i, token in enumerate(prompts[j][0])
+                ]
+                for start in range(0, len(entries), self.n_ctx):
+                    chunk = entries[start : start + self.n_ctx]
+                    decode(chunk)
+                    for row, (_, _, seq, want) in enumerate(chunk):
+                        if want:
+                            following[seq] = greedy(row)
+                while True:
+                    step = []
+                    for seq, token in list(following.items()):
+                        j = group[seq]
+                        if lc.llama_vocab_is_eog(self.vocab, token):
+                            del following[seq]
+                            continue
+                        answers[j].append(token)
+                        if len(answers[j]) >= prompts[j][1]:
+                            del following[seq]
+                            continue
+                        step.append((token, len(prompts[j][0]) + len(answers[j]) - 1, seq, True))
+                    if not step:
+                        break
+                    decode(step)
+                    for row, (_, _, seq, _) in enumerate(step):
+                        following[seq] = greedy(row)
+        finally:
+            lc.llama_batch_free(batch)
+        return [self._text(tokens) for tokens in answers]
+
+    def _text(self, tokens: list[int]) -> str:
+        """The tokens as text, special tokens left out, stripped (as llama-cpp-python's completions)."""
+        pieces = []
+        buffer = ctypes.create_string_buffer(256)
+        for token in tokens:
+            n = self.llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, False)
+            pieces.append(buffer.raw[: max(0, n)])
+        return b"".join(pieces).decode("utf-8", errors="replace").strip()
 
     def save(self, path: Path) -> None:
         self.llama_cpp.llama_model_save_to_file(self.model, str(path).encode())
