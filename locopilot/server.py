@@ -174,7 +174,7 @@ def serve(settings: Settings) -> None:
     Raises:
         ServeRefused: see :func:`check_exposure`; nothing has started.
     """
-    from granian.constants import Interfaces, Loops
+    from granian.constants import Interfaces
     from granian.log import LogLevels
 
     settings.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -190,9 +190,6 @@ def serve(settings: Settings) -> None:
         address=settings.host,
         port=settings.port,
         interface=Interfaces.ASGI,
-        # Named, not granian's "auto" (which falls back to asyncio's loop when uvloop does not
-        # import): a bundle that lost uvloop fails to start instead of serving slower.
-        loop=Loops.uvloop,
         workers=1,
         log_level=LogLevels(settings.log_level),
         log_dictconfig=logging_config(settings.log_level, resolve_format(settings.log_format)),
