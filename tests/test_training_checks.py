@@ -10,9 +10,10 @@ import openai
 import pytest
 
 from locopilot.training.publishing import gate
+from locopilot.training.session import low_rank
 from locopilot.training.spotcheck import Recall, RecallAnswer, SpotCheck, recalled
 from locopilot.training.tokenizer import ChatTokenizer
-from locopilot.training.trainer import Checkpoints, CheckpointState, Finished, low_rank, windows
+from locopilot.training.trainer import Checkpoints, CheckpointState, Finished, windows
 from tests.conftest import SMOL, Server
 
 
@@ -55,7 +56,7 @@ def test_windows_take_each_tokens_label() -> None:
 
 
 def test_low_rank_keeps_what_a_truncated_svd_keeps() -> None:
-    # A LoRA job cuts each trained matrix's change to its rank between chunks (trainer._Session.project).
+    # A LoRA job cuts each trained matrix's change to its rank between chunks (session.TrainingSession.project).
     import numpy as np
 
     generator = np.random.default_rng(0)

@@ -35,9 +35,10 @@ has the table):
 - ``batch_size``: always 1 window per step; ``auto`` and 1 are the same.
 - **LoRA rank** (:func:`lora_rank`, for a job that publishes an adapter): :data:`LORA_RANK`
   for a model up to :data:`SMALL_MODEL` weights, twice that beyond. Training keeps each
-  trained matrix's change within that rank as it goes (the trainer's ``_Session.project``),
-  and the adapter is the final change; not yet measured against recall on the bench's
-  facts (bench/finetune_recall.py can, with ``lora_rank``).
+  trained matrix's change within that rank as it goes
+  (:meth:`locopilot.training.session.TrainingSession.project`), and the adapter is the final
+  change; not yet measured against recall on the bench's facts (bench/finetune_recall.py can,
+  with ``lora_rank``).
 
 The job reports the values chosen (OpenAI's job object, locopilot's ``hyperparameters``).
 """

@@ -2,13 +2,14 @@
 
 A few fixed questions, each with a word its answer must contain, are answered greedily by the
 untrained base and by the trained model, with the base's chat template. The trainer asks them
-of the F32 weights it trains, in its evaluation context (``_Session.generate``): before
-training and after, so that only the training differs (the base file itself answers through
-other kernels: SmolLM2's Q4_1 file and an untrained Q8_0 export of it answered "Which city is
-the capital of France?" differently, Paris and "Le Grand Château"). All questions are decoded
-together, one sequence each, so a step costs about what one question's would. The held-out
-loss says how well the model learned the dataset; this says whether it still answers things
-the dataset never mentioned.
+of the F32 weights it trains, in its evaluation context
+(:meth:`locopilot.training.session.TrainingSession.generate`): before training and after, so
+that only the training differs (the base file itself answers through other kernels: SmolLM2's
+Q4_1 file and an untrained Q8_0 export of it answered "Which city is the capital of France?"
+differently, Paris and "Le Grand Château"). All questions are decoded together, one sequence
+each, so a step costs about what one question's would. The held-out loss says how well the
+model learned the dataset; this says whether it still answers things the dataset never
+mentioned.
 
 The same pass over the trained weights also answers the recall check (:func:`recalled`): the
 questions of the examples the job held out for its validation loss, whose facts the job
