@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from locopilot.engine.embedding import Embedder
 from locopilot.engine.kvdisk import DiskPromptCache, common_prefix
+from locopilot.engine.llama_batch import put
 from locopilot.engine.protocol import (
     CallDelta,
     Count,
@@ -541,11 +542,7 @@ class Engine:
 
         def add(slot: Slot, token: int, pos: int, logits: bool) -> None:
             nonlocal n
-            batch.token[n] = token
-            batch.pos[n] = pos
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = slot.seq_id
-            batch.logits[n] = logits
+            put(batch, n, token, pos, slot.seq_id, logits)
             if logits:
                 outputs.append((slot, n))
             n += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from locopilot.engine.llama_batch import put
 from locopilot.engine.protocol import RequestError
 
 MAX_SEQUENCES = 64
@@ -77,13 +78,9 @@ class Embedder:
         n = 0
         for seq_id, tokens in enumerate(group):
             for pos, token in enumerate(tokens):
-                batch.token[n] = token
-                batch.pos[n] = pos
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = seq_id
                 # Every token is an output: pooling reads them all, and llama.cpp warns
                 # (and overrides) when an embedding batch marks fewer.
-                batch.logits[n] = True
+                put(batch, n, token, pos, seq_id, True)
                 n += 1
         batch.n_tokens = n
         status = llama_cpp.llama_decode(ctx, batch)

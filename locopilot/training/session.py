@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from locopilot.engine.llama_batch import put
 from locopilot.training.spotcheck import RECALL_TOKENS
 
 if TYPE_CHECKING:
@@ -294,11 +295,7 @@ class TrainingSession:
         n = 0
         for seq, (tokens, wanted) in enumerate(sequences):
             for i, (token, want) in enumerate(zip(tokens, wanted, strict=True)):
-                batch.token[n] = token
-                batch.pos[n] = i
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = seq
-                batch.logits[n] = want
+                put(batch, n, token, i, seq, want)
                 n += 1
         batch.n_tokens = n
         if n and lc.llama_decode(self.eval_ctx, batch) != 0:
@@ -326,8 +323,7 @@ class TrainingSession:
 
         def decode(entries: list[tuple[int, int, int, bool]]) -> None:
             for n, (token, pos, seq, want) in enumerate(entries):
-                batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = token, pos, 1, want
-                batch.seq_id[n][0] = seq
+                put(batch, n, token, pos, seq, want)
             batch.n_tokens = len(entries)
             if lc.llama_decode(self.eval_ctx, batch) != 0:
                 raise RuntimeError("llama.cpp could not decode a spot-check question")
